@@ -1,0 +1,152 @@
+//! Length-prefixed framing of the byte stream.
+//!
+//! Every Noise message travels as a 2-byte big-endian length followed by that
+//! many bytes. [`FrameDecoder`] accepts the stream cut at any points and yields
+//! whole frames. Invariant: it never holds more than one frame
+//! ([`MAX_WIRE_FRAME`] bytes), and it grows its buffer only as far as the
+//! frames it is given need.
+
+/// Largest Noise message, hence largest frame body.
+pub const MAX_FRAME: usize = u16::MAX as usize;
+/// Bytes of the length prefix.
+pub const HEADER_LEN: usize = 2;
+/// Largest frame on the wire, prefix included.
+pub const MAX_WIRE_FRAME: usize = HEADER_LEN + MAX_FRAME;
+
+/// A message longer than a frame can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+pub struct FrameTooLarge(pub usize);
+
+/// Appends `body` to `out` as one frame.
+pub fn encode(body: &[u8], out: &mut Vec<u8>) -> Result<(), FrameTooLarge> {
+    let len = u16::try_from(body.len()).map_err(|_| FrameTooLarge(body.len()))?;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(body);
+    Ok(())
+}
+
+/// Incremental decoder of frames from a byte stream.
+///
+/// Feed bytes with [`push`](Self::push), then take complete frames with
+/// [`next_frame`](Self::next_frame) until it returns `None`; repeat while input
+/// remains. The buffer never exceeds [`MAX_WIRE_FRAME`] bytes, and when full it
+/// always holds a complete frame, so the loop always makes progress. Frames are
+/// handed out mutable so a transport can decrypt them in place.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    /// Start of the bytes not yet handed out.
+    start: usize,
+}
+
+impl FrameDecoder {
+    /// A decoder with nothing buffered.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Buffers as much of `input` as fits and returns how many bytes it took.
+    pub fn push(&mut self, input: &[u8]) -> usize {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let take = input.len().min(MAX_WIRE_FRAME - self.buf.len());
+        self.buf.extend_from_slice(input.get(..take).unwrap_or_default());
+        take
+    }
+
+    /// The next complete frame's body, if one is buffered.
+    pub fn next_frame(&mut self) -> Option<&mut [u8]> {
+        let pending = self.buf.get(self.start..)?;
+        let (len, _) = split_len(pending)?;
+        let begin = self.start + HEADER_LEN;
+        let end = begin + len;
+        if end > self.buf.len() {
+            return None;
+        }
+        self.start = end;
+        self.buf.get_mut(begin..end)
+    }
+
+    /// Bytes buffered and not yet handed out as a frame.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Hands back the buffered bytes (those after the last frame handed out),
+    /// for a new owner of the stream.
+    pub fn into_buffered(mut self) -> Vec<u8> {
+        self.buf.drain(..self.start);
+        self.buf
+    }
+}
+
+fn split_len(input: &[u8]) -> Option<(usize, &[u8])> {
+    let (head, rest) = input.split_first_chunk::<HEADER_LEN>()?;
+    Some((usize::from(u16::from_be_bytes(*head)), rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn decode_chunked(stream: &[u8], cuts: &[usize]) -> (Vec<Vec<u8>>, usize) {
+        let mut decoder = FrameDecoder::new();
+        let mut frames = Vec::new();
+        let mut start = 0;
+        let mut points: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+        points.push(stream.len());
+        points.sort_unstable();
+        for end in points {
+            let mut input = &stream[start..end];
+            while !input.is_empty() {
+                let taken = decoder.push(input);
+                input = &input[taken..];
+                while let Some(frame) = decoder.next_frame() {
+                    frames.push(frame.to_vec());
+                }
+            }
+            assert!(decoder.buffered() <= MAX_WIRE_FRAME);
+            start = end;
+        }
+        (frames, decoder.buffered())
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip_under_any_chunking(
+            bodies in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 0..20),
+            cuts in prop::collection::vec(any::<usize>(), 0..40),
+        ) {
+            let mut stream = Vec::new();
+            for body in &bodies {
+                encode(body, &mut stream).unwrap();
+            }
+            let (frames, left) = decode_chunked(&stream, &cuts);
+            prop_assert_eq!(frames, bodies);
+            prop_assert_eq!(left, 0);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(stream in prop::collection::vec(any::<u8>(), 0..2000),
+                                       cuts in prop::collection::vec(any::<usize>(), 0..10)) {
+            let (frames, left) = decode_chunked(&stream, &cuts);
+            let used: usize = frames.iter().map(|f| f.len() + HEADER_LEN).sum();
+            prop_assert_eq!(used + left, stream.len());
+        }
+    }
+
+    #[test]
+    fn largest_frame_fits_and_larger_is_refused() {
+        let mut out = Vec::new();
+        encode(&vec![1; MAX_FRAME], &mut out).unwrap();
+        assert_eq!(out.len(), MAX_WIRE_FRAME);
+        assert_eq!(encode(&vec![1; MAX_FRAME + 1], &mut out), Err(FrameTooLarge(MAX_FRAME + 1)));
+        let (frames, _) = decode_chunked(&out, &[1, 2, 3, 40_000]);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].len(), MAX_FRAME);
+    }
+}

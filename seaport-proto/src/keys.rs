@@ -1,0 +1,228 @@
+//! Identities: seeds, key pairs and public keys.
+//!
+//! A [`Seed`] is 32 secret bytes, written as 64 lowercase hex characters. It
+//! determines an ed25519 [`Keypair`]; the 32-byte ed25519 verifying key is the
+//! [`PublicKey`] users copy around. The Noise static key of the same identity is
+//! the X25519 form of that key pair, so whoever knows a `PublicKey` can open a
+//! Noise session to its holder without any other exchange.
+//!
+//! Invariants: a `PublicKey` always holds a valid (decompressible) ed25519
+//! point; secret material is never printed by `Debug`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+
+/// Why a seed or public key could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The text was not 64 characters long.
+    #[error("expected 64 hex characters, got {0}")]
+    Length(usize),
+    /// A character outside `0-9a-fA-F`.
+    #[error("invalid hex character {0:?} at position {1}")]
+    NotHex(char, usize),
+    /// 32 bytes that are not an ed25519 public key.
+    #[error("not a valid ed25519 public key")]
+    NotAPoint,
+}
+
+/// Decodes exactly 32 bytes from 64 hex characters.
+fn hex32(text: &str) -> Result<[u8; 32], KeyError> {
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() != 64 {
+        return Err(KeyError::Length(chars.len()));
+    }
+    let mut out = [0u8; 32];
+    for (i, (byte, pair)) in out.iter_mut().zip(chars.chunks_exact(2)).enumerate() {
+        let mut value = 0u8;
+        for (j, c) in pair.iter().enumerate() {
+            let digit = c.to_digit(16).ok_or(KeyError::NotHex(*c, 2 * i + j))?;
+            // to_digit(16) is < 16, so this fits in a u8.
+            value = (value << 4) | digit as u8;
+        }
+        *byte = value;
+    }
+    Ok(out)
+}
+
+fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
+    for b in bytes {
+        write!(f, "{b:02x}")?;
+    }
+    Ok(())
+}
+
+/// 32 secret bytes from which an identity is derived.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Seed([u8; 32]);
+
+impl Seed {
+    /// Wraps bytes the caller got from a random source (or a file).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Seed(bytes)
+    }
+
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The seed as 64 lowercase hex characters (secret: print only on request).
+    pub fn to_hex(&self) -> String {
+        struct Hex<'a>(&'a [u8]);
+        impl fmt::Display for Hex<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write_hex(f, self.0)
+            }
+        }
+        Hex(&self.0).to_string()
+    }
+}
+
+impl fmt::Debug for Seed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Seed(..)")
+    }
+}
+
+impl FromStr for Seed {
+    type Err = KeyError;
+    /// Accepts 64 hex characters, either case, surrounding white space ignored
+    /// (seed files usually end in a newline).
+    fn from_str(s: &str) -> Result<Self, KeyError> {
+        hex32(s.trim()).map(Seed)
+    }
+}
+
+/// An ed25519 public key: the name of a registry, service or proxy.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey([u8; 32]);
+
+impl PublicKey {
+    /// Checks that the bytes are an ed25519 point.
+    pub fn from_bytes(bytes: [u8; 32]) -> Result<Self, KeyError> {
+        VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::NotAPoint)?;
+        Ok(PublicKey(bytes))
+    }
+
+    /// The 32 bytes of the ed25519 verifying key.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The X25519 (Montgomery) form: the Noise static public key of this identity.
+    pub fn to_x25519(&self) -> [u8; 32] {
+        // from_bytes checked the point at construction.
+        match VerifyingKey::from_bytes(&self.0) {
+            Ok(key) => key.to_montgomery().to_bytes(),
+            Err(_) => [0; 32],
+        }
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_hex(f, &self.0)
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = KeyError;
+    fn from_str(s: &str) -> Result<Self, KeyError> {
+        PublicKey::from_bytes(hex32(s)?)
+    }
+}
+
+impl serde::Serialize for PublicKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bytes = <[u8; 32]>::deserialize(d)?;
+        PublicKey::from_bytes(bytes).map_err(serde::de::Error::custom)
+    }
+}
+
+/// An identity's secret and public halves, in ed25519 and X25519 form.
+#[derive(Clone)]
+pub struct Keypair {
+    signing: SigningKey,
+    public: PublicKey,
+}
+
+impl Keypair {
+    /// Derives the key pair of a seed.
+    pub fn from_seed(seed: &Seed) -> Self {
+        let signing = SigningKey::from_bytes(seed.as_bytes());
+        let public = PublicKey(signing.verifying_key().to_bytes());
+        Keypair { signing, public }
+    }
+
+    /// The public name of this identity.
+    pub fn public(&self) -> PublicKey {
+        self.public
+    }
+
+    /// The ed25519 signing key (for BEP44 records).
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.signing
+    }
+
+    /// The X25519 private scalar: this identity's Noise static secret.
+    pub(crate) fn x25519_secret(&self) -> [u8; 32] {
+        self.signing.to_scalar_bytes()
+    }
+}
+
+impl fmt::Debug for Keypair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Keypair({})", self.public)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_round_trips_through_hex() {
+        let seed = Seed::from_bytes([0xab; 32]);
+        let text = seed.to_hex();
+        assert_eq!(text.len(), 64);
+        assert_eq!(text, "ab".repeat(32));
+        assert_eq!(text.parse::<Seed>(), Ok(seed));
+        assert_eq!(format!("{:?}", Seed::from_bytes([1; 32])), "Seed(..)");
+    }
+
+    #[test]
+    fn bad_hex_says_what_is_wrong() {
+        assert_eq!("abc".parse::<Seed>(), Err(KeyError::Length(3)));
+        let mut text = "0".repeat(64);
+        text.replace_range(5..6, "g");
+        assert_eq!(text.parse::<Seed>(), Err(KeyError::NotHex('g', 5)));
+        let err = "é".repeat(64).parse::<PublicKey>().unwrap_err();
+        assert_eq!(err, KeyError::NotHex('é', 0));
+    }
+
+    #[test]
+    fn noise_key_is_the_montgomery_form_of_the_public_key() {
+        let pair = Keypair::from_seed(&Seed::from_bytes([7; 32]));
+        let secret = x25519_dalek::StaticSecret::from(pair.x25519_secret());
+        let derived = x25519_dalek::PublicKey::from(&secret);
+        assert_eq!(derived.to_bytes(), pair.public().to_x25519());
+        let shown = pair.public().to_string();
+        assert_eq!(shown.parse::<PublicKey>(), Ok(pair.public()));
+    }
+}

@@ -1,0 +1,6 @@
+//! seaport-proto: the sans-io core of seaport.
+pub mod frame;
+pub mod keys;
+pub mod noise;
+pub mod range;
+pub mod role;
