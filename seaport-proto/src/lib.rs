@@ -4,3 +4,7 @@ pub mod keys;
 pub mod noise;
 pub mod range;
 pub mod role;
+pub mod message;
+pub mod session;
+pub mod client;
+pub mod registry;

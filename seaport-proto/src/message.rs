@@ -1,0 +1,282 @@
+//! Control messages between services/proxies and the registry.
+//!
+//! One [`Message`] per transport frame, encoded with postcard. Decoding is
+//! strict: trailing bytes, unknown variants, invalid roles or queries and
+//! lists over their limits are errors, never partially accepted.
+//!
+//! Invariant: every message that [`Message::decode`] returns, and every one
+//! [`Message::encode`] accepts, fits in one frame and respects the limits below.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use crate::keys::PublicKey;
+use crate::noise::MAX_PLAINTEXT;
+use crate::role::{Role, RoleQuery};
+
+/// Most addresses one registration or instance carries.
+pub const MAX_ADDRS: usize = 8;
+/// Most instances in one answer; more are reported as `truncated`.
+pub const MAX_INSTANCES: usize = 256;
+/// Longest error text.
+pub const MAX_ERROR_TEXT: usize = 1024;
+
+/// A numeric error code (a number, so newer peers can add codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct ErrorCode(pub u16);
+
+impl ErrorCode {
+    /// The message could not be decoded or was not expected: the session ends.
+    pub const MALFORMED: ErrorCode = ErrorCode(1);
+    /// A per-session limit was reached; the request was refused.
+    pub const LIMIT: ErrorCode = ErrorCode(2);
+    /// The request names something that does not exist (unknown id).
+    pub const UNKNOWN: ErrorCode = ErrorCode(3);
+    /// The peer is too slow to read what it asked for: the session ends.
+    pub const SLOW: ErrorCode = ErrorCode(4);
+    /// Another session of the same identity took over: this one ends.
+    pub const SUPERSEDED: ErrorCode = ErrorCode(5);
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match *self {
+            ErrorCode::MALFORMED => "malformed",
+            ErrorCode::LIMIT => "limit",
+            ErrorCode::UNKNOWN => "unknown",
+            ErrorCode::SLOW => "slow",
+            ErrorCode::SUPERSEDED => "superseded",
+            _ => return write!(f, "code {}", self.0),
+        };
+        f.write_str(name)
+    }
+}
+
+/// One registered service instance, as lookups and watches report it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Instance {
+    /// The service's identity: what a proxy's tunnel handshake is checked against.
+    pub key: PublicKey,
+    /// Its role.
+    pub role: Role,
+    /// Where its tunnel port can be dialed, most likely first.
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// A control message.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Message {
+    /// Service → registry: offer `role` on tunnel `port` of the observed
+    /// address and at `addrs`. Re-using an `id` replaces that registration.
+    Register {
+        /// Chosen by the service, unique within its session.
+        id: u32,
+        /// What is offered.
+        role: Role,
+        /// The service's tunnel port.
+        port: u16,
+        /// Further addresses the service can be dialed at.
+        addrs: Vec<SocketAddr>,
+    },
+    /// Registry → service: registration `id` is live.
+    Registered {
+        /// The registration's id.
+        id: u32,
+    },
+    /// Service → registry: withdraw registration `id`.
+    Unregister {
+        /// The registration's id.
+        id: u32,
+    },
+    /// Proxy → registry: one answer with the instances matching `query`.
+    Lookup {
+        /// Echoed in the answer.
+        id: u32,
+        /// What to look for.
+        query: RoleQuery,
+    },
+    /// Proxy → registry: answer now, and again on every change of the matching set.
+    Watch {
+        /// Echoed in every answer; re-using one replaces that watch.
+        id: u32,
+        /// What to watch.
+        query: RoleQuery,
+    },
+    /// Proxy → registry: stop watch `id`.
+    Unwatch {
+        /// The watch's id.
+        id: u32,
+    },
+    /// Registry → proxy: the full matching set for lookup or watch `id`.
+    Instances {
+        /// The lookup's or watch's id.
+        id: u32,
+        /// The matching instances, oldest registration first.
+        instances: Vec<Instance>,
+        /// More matched than one message carries.
+        truncated: bool,
+    },
+    /// Keepalive request; any message counts as a sign of life.
+    Ping {
+        /// Echoed in the pong.
+        nonce: u64,
+    },
+    /// Keepalive answer.
+    Pong {
+        /// The ping's nonce.
+        nonce: u64,
+    },
+    /// Something went wrong with request `id` (or with the session).
+    Error {
+        /// The request it answers, if any.
+        id: Option<u32>,
+        /// What kind of error.
+        code: ErrorCode,
+        /// For people.
+        text: String,
+    },
+}
+
+/// Why a control message could not be decoded or encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MessageError {
+    /// Not a valid postcard encoding of a message (or an invalid role/query in it).
+    #[error("malformed control message: {0}")]
+    Malformed(String),
+    /// Bytes left after the message.
+    #[error("{0} unexpected bytes after the control message")]
+    TrailingBytes(usize),
+    /// A list or text over its limit.
+    #[error("control message over a limit: {0}")]
+    Limit(&'static str),
+    /// The encoding does not fit in one frame.
+    #[error("control message of {0} bytes does not fit in one frame")]
+    TooLarge(usize),
+}
+
+impl Message {
+    /// Decodes one message, strictly.
+    pub fn decode(bytes: &[u8]) -> Result<Message, MessageError> {
+        let (msg, rest): (Message, &[u8]) =
+            postcard::take_from_bytes(bytes).map_err(|e| MessageError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(MessageError::TrailingBytes(rest.len()));
+        }
+        msg.check_limits()?;
+        Ok(msg)
+    }
+
+    /// Appends the encoding to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), MessageError> {
+        self.check_limits()?;
+        let start = out.len();
+        let buf = std::mem::take(out);
+        *out = postcard::to_extend(self, buf).map_err(|e| MessageError::Malformed(e.to_string()))?;
+        let len = out.len() - start;
+        if len > MAX_PLAINTEXT {
+            out.truncate(start);
+            return Err(MessageError::TooLarge(len));
+        }
+        Ok(())
+    }
+
+    fn check_limits(&self) -> Result<(), MessageError> {
+        match self {
+            Message::Register { addrs, .. } if addrs.len() > MAX_ADDRS => Err(MessageError::Limit("addresses")),
+            Message::Instances { instances, .. } if instances.len() > MAX_INSTANCES => {
+                Err(MessageError::Limit("instances"))
+            }
+            Message::Instances { instances, .. } if instances.iter().any(|i| i.addrs.len() > MAX_ADDRS + 1) => {
+                Err(MessageError::Limit("instance addresses"))
+            }
+            Message::Error { text, .. } if text.len() > MAX_ERROR_TEXT => Err(MessageError::Limit("error text")),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{Keypair, Seed};
+    use proptest::prelude::*;
+
+    fn instance(n: u8) -> Instance {
+        Instance {
+            key: Keypair::from_seed(&Seed::from_bytes([n; 32])).public(),
+            role: Role::parse("couchdb@3.2.2").unwrap().with_tags(["eu"]).unwrap(),
+            addrs: vec!["127.0.0.1:4000".parse().unwrap(), "[::1]:4000".parse().unwrap()],
+        }
+    }
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Register {
+                id: 1,
+                role: Role::parse("@a/b@1.0.0-rc.1").unwrap(),
+                port: 9,
+                addrs: vec!["10.0.0.1:9".parse().unwrap()],
+            },
+            Message::Registered { id: 1 },
+            Message::Unregister { id: 1 },
+            Message::Lookup { id: 2, query: RoleQuery::parse("couchdb@3.x").unwrap() },
+            Message::Watch { id: 3, query: RoleQuery::parse("couchdb").unwrap() },
+            Message::Unwatch { id: 3 },
+            Message::Instances { id: 3, instances: vec![instance(1), instance(2)], truncated: false },
+            Message::Ping { nonce: u64::MAX },
+            Message::Pong { nonce: 0 },
+            Message::Error { id: None, code: ErrorCode::LIMIT, text: "too many".into() },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for msg in samples() {
+            let mut out = vec![0xAA];
+            msg.encode(&mut out).unwrap();
+            assert_eq!(out[0], 0xAA, "encode appends");
+            assert_eq!(Message::decode(&out[1..]), Ok(msg));
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_and_limits_are_refused() {
+        let mut out = Vec::new();
+        Message::Ping { nonce: 1 }.encode(&mut out).unwrap();
+        out.push(0);
+        assert_eq!(Message::decode(&out), Err(MessageError::TrailingBytes(1)));
+        let big = Message::Instances { id: 1, instances: vec![instance(1); MAX_INSTANCES + 1], truncated: false };
+        assert_eq!(big.encode(&mut Vec::new()), Err(MessageError::Limit("instances")));
+    }
+
+    #[test]
+    fn invalid_role_inside_a_message_is_refused() {
+        let mut out = Vec::new();
+        Message::Lookup { id: 1, query: RoleQuery::parse("db@1.x").unwrap() }.encode(&mut out).unwrap();
+        // Corrupt the range text "1.x" into "1.y".
+        let at = out.iter().rposition(|b| *b == b'x').unwrap();
+        out[at] = b'y';
+        assert!(matches!(Message::decode(&out), Err(MessageError::Malformed(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(msg) = Message::decode(&bytes) {
+                let mut out = Vec::new();
+                msg.encode(&mut out).unwrap();
+                prop_assert_eq!(Message::decode(&out), Ok(msg));
+            }
+        }
+
+        #[test]
+        fn mutated_messages_never_panic(which in 0usize..10, index in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut out = Vec::new();
+            samples()[which].encode(&mut out).unwrap();
+            let i = index.index(out.len());
+            out[i] = byte;
+            let _ = Message::decode(&out);
+        }
+    }
+}

@@ -1,0 +1,521 @@
+//! The registry state machine: control sessions, registrations, lookups and
+//! watches, for any number of peers.
+//!
+//! Registrations are soft state owned by the session that made them: they
+//! vanish when it ends, whether it closed, failed, went silent past the idle
+//! timeout, or was superseded by a newer session of the same identity (a
+//! service that reconnects before its old session was noticed dead). Every
+//! change to the registered set is pushed to each watch whose query it matches.
+//!
+//! Driving it (sans-io; see the crate docs for the general contract):
+//! - a new TCP connection: [`Registry::accept`], which may refuse when full;
+//! - bytes read: [`Registry::handle_input`]; the stream closed: [`Registry::handle_closed`];
+//! - a timer at [`Registry::poll_timeout`]: [`Registry::handle_timeout`];
+//! - after each of those: drain [`Registry::poll_transmit`] (bytes for one
+//!   session per call), then [`Registry::poll_event`]. A
+//!   [`RegistryEvent::SessionClosed`] tells the driver to close that stream
+//!   after writing what `poll_transmit` gave it.
+//!
+//! Bounds: sessions, registrations and watches per session, and bytes queued
+//! for a peer that does not read are all capped by [`RegistryConfig`].
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::keys::{Keypair, PublicKey};
+use crate::message::{ErrorCode, Instance, MAX_ADDRS, MAX_INSTANCES, Message};
+use crate::noise::{Intent, MAX_PLAINTEXT};
+use crate::role::{Role, RoleQuery};
+use crate::session::{Session, SessionError};
+
+/// Limits and timers of a registry.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// How long a peer may take to complete its handshake.
+    pub handshake_timeout: Duration,
+    /// A session silent this long is dead (clients ping well within it).
+    pub idle_timeout: Duration,
+    /// Most concurrent sessions, handshaking ones included.
+    pub max_sessions: usize,
+    /// Most registrations one session may hold.
+    pub max_registrations: usize,
+    /// Most watches one session may hold.
+    pub max_watches: usize,
+    /// Most bytes queued for a peer before it is dropped as too slow.
+    pub max_queued: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(15),
+            max_sessions: 10_000,
+            max_registrations: 64,
+            max_watches: 64,
+            max_queued: 1 << 20,
+        }
+    }
+}
+
+/// Identifies one control session (one TCP connection) for the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The stream was closed by the peer or the driver.
+    #[error("connection closed")]
+    Closed,
+    /// The session failed at the Noise layer (handshake, decryption, timeout).
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// Nothing heard within the idle timeout.
+    #[error("peer silent for {0:?}")]
+    Idle(Duration),
+    /// The peer sent something that is not a valid control message here.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The peer did not read what it was sent.
+    #[error("peer not reading: {0} bytes queued")]
+    Slow(usize),
+    /// A newer session of the same identity replaced this one.
+    #[error("superseded by a newer session of the same peer")]
+    Superseded,
+}
+
+/// What happened, for the driver's logs and stream management.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RegistryEvent {
+    /// A peer completed its handshake.
+    SessionOpened {
+        /// The session.
+        id: SessionId,
+        /// Its authenticated identity.
+        peer: PublicKey,
+    },
+    /// A session ended: close its stream once its last bytes are written.
+    SessionClosed {
+        /// The session.
+        id: SessionId,
+        /// Its identity, if the handshake completed.
+        peer: Option<PublicKey>,
+        /// Why.
+        reason: CloseReason,
+    },
+    /// An instance was registered (or re-registered).
+    Registered {
+        /// The service's identity.
+        peer: PublicKey,
+        /// Its role.
+        role: Role,
+    },
+    /// An instance was withdrawn, explicitly or with its session.
+    Unregistered {
+        /// The service's identity.
+        peer: PublicKey,
+        /// Its role.
+        role: Role,
+    },
+}
+
+/// The registry is full; the connection should be closed at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("registry is at its limit of {0} sessions")]
+pub struct Full(pub usize);
+
+struct Peer {
+    session: Session,
+    observed: SocketAddr,
+    last_heard: Instant,
+    /// Registration id → role name (the instance lives in `Registry::by_name`).
+    registrations: HashMap<u32, String>,
+    watches: HashMap<u32, RoleQuery>,
+    /// Already in `Registry::dirty`.
+    dirty: bool,
+}
+
+/// Key of one registration: owning session, then the service's id for it.
+type RegKey = (SessionId, u32);
+/// Key of one watch.
+type WatchKey = (SessionId, u32);
+
+/// The registry; see the module docs.
+pub struct Registry {
+    keypair: Keypair,
+    config: RegistryConfig,
+    next_id: u64,
+    peers: HashMap<SessionId, Peer>,
+    /// Established sessions by identity, to supersede stale ones.
+    by_key: HashMap<PublicKey, SessionId>,
+    /// Role name → registrations, in registration-key order (oldest session first).
+    by_name: HashMap<String, BTreeMap<RegKey, Instance>>,
+    /// Role name → watches whose query names it.
+    watchers: HashMap<String, HashSet<WatchKey>>,
+    /// Sessions with bytes to send, in the order they got them.
+    dirty: VecDeque<SessionId>,
+    /// Final bytes of sessions that were closed.
+    farewells: VecDeque<(SessionId, Vec<u8>)>,
+    events: VecDeque<RegistryEvent>,
+    next_sweep: Option<Instant>,
+}
+
+/// How often silent sessions are looked for: bounds detection to idle + this.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Registry {
+    /// A registry answering as `keypair`.
+    pub fn new(keypair: Keypair, config: RegistryConfig) -> Registry {
+        Registry {
+            keypair,
+            config,
+            next_id: 0,
+            peers: HashMap::new(),
+            by_key: HashMap::new(),
+            by_name: HashMap::new(),
+            watchers: HashMap::new(),
+            dirty: VecDeque::new(),
+            farewells: VecDeque::new(),
+            events: VecDeque::new(),
+            next_sweep: None,
+        }
+    }
+
+    /// The registry's identity.
+    pub fn public_key(&self) -> PublicKey {
+        self.keypair.public()
+    }
+
+    /// Sessions open now, handshaking ones included.
+    pub fn session_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Registered instances now.
+    pub fn instance_count(&self) -> usize {
+        self.by_name.values().map(BTreeMap::len).sum()
+    }
+
+    /// A new connection from `observed`; `entropy` seeds its handshake.
+    pub fn accept(&mut self, now: Instant, observed: SocketAddr, entropy: [u8; 32]) -> Result<SessionId, Full> {
+        if self.peers.len() >= self.config.max_sessions {
+            return Err(Full(self.config.max_sessions));
+        }
+        let session = Session::respond(now, &self.keypair, Intent::Control, entropy, self.config.handshake_timeout)
+            .map_err(|_| Full(self.config.max_sessions))?;
+        let id = SessionId(self.next_id);
+        self.next_id += 1;
+        self.peers.insert(
+            id,
+            Peer { session, observed, last_heard: now, registrations: HashMap::new(), watches: HashMap::new(), dirty: false },
+        );
+        self.next_sweep.get_or_insert(now + SWEEP_INTERVAL);
+        Ok(id)
+    }
+
+    /// Bytes read from session `id`'s stream.
+    pub fn handle_input(&mut self, now: Instant, id: SessionId, data: &[u8]) {
+        let Some(peer) = self.peers.get_mut(&id) else { return };
+        peer.last_heard = now;
+        let was_open = peer.session.is_established();
+        if let Err(e) = peer.session.handle_input(data) {
+            self.close(id, CloseReason::Session(e));
+            return;
+        }
+        if !was_open {
+            if let Some(key) = peer.session.remote() {
+                self.events.push_back(RegistryEvent::SessionOpened { id, peer: key });
+                if let Some(old) = self.by_key.insert(key, id) {
+                    self.send(old, &error(None, ErrorCode::SUPERSEDED, "a newer session of this identity took over"));
+                    self.close(old, CloseReason::Superseded);
+                }
+            }
+        }
+        self.mark_dirty(id);
+        while let Some(plain) = self.peers.get_mut(&id).and_then(|p| p.session.recv()) {
+            match Message::decode(&plain) {
+                Ok(msg) => self.handle_message(id, msg),
+                Err(e) => {
+                    self.send(id, &error(None, ErrorCode::MALFORMED, &e.to_string()));
+                    self.close(id, CloseReason::Protocol(e.to_string()));
+                }
+            }
+        }
+        self.check_queue(id);
+    }
+
+    /// Session `id`'s stream closed.
+    pub fn handle_closed(&mut self, id: SessionId) {
+        self.close(id, CloseReason::Closed);
+    }
+
+    /// Ends handshakes that took too long and sessions that went silent.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.next_sweep.is_some_and(|t| now < t) {
+            return;
+        }
+        let mut expired = Vec::new();
+        for (id, peer) in &mut self.peers {
+            if let Err(e) = peer.session.handle_timeout(now) {
+                expired.push((*id, CloseReason::Session(e)));
+            } else if now.saturating_duration_since(peer.last_heard) >= self.config.idle_timeout {
+                expired.push((*id, CloseReason::Idle(self.config.idle_timeout)));
+            }
+        }
+        expired.sort_by_key(|(id, _)| *id);
+        for (id, reason) in expired {
+            self.close(id, reason);
+        }
+        self.next_sweep = (!self.peers.is_empty()).then_some(now + SWEEP_INTERVAL);
+    }
+
+    /// When `handle_timeout` must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_sweep
+    }
+
+    /// Moves bytes for one session into `buf` and says which; `None` when
+    /// nothing is waiting.
+    pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> Option<SessionId> {
+        if let Some((id, bytes)) = self.farewells.pop_front() {
+            buf.extend_from_slice(&bytes);
+            return Some(id);
+        }
+        while let Some(id) = self.dirty.pop_front() {
+            if let Some(peer) = self.peers.get_mut(&id) {
+                peer.dirty = false;
+                if peer.session.poll_transmit(buf) {
+                    return Some(id);
+                }
+            }
+        }
+        None
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<RegistryEvent> {
+        self.events.pop_front()
+    }
+
+    /// All registered instances matching `query`, oldest first (at most
+    /// `limit`), and whether more matched.
+    pub fn lookup(&self, query: &RoleQuery, limit: usize) -> (Vec<Instance>, bool) {
+        let mut found = Vec::new();
+        let Some(regs) = self.by_name.get(query.name()) else { return (found, false) };
+        for instance in regs.values().filter(|i| query.matches(&i.role)) {
+            if found.len() == limit {
+                return (found, true);
+            }
+            found.push(instance.clone());
+        }
+        (found, false)
+    }
+
+    fn handle_message(&mut self, id: SessionId, msg: Message) {
+        let Some(peer) = self.peers.get_mut(&id) else { return };
+        let Some(key) = peer.session.remote() else { return };
+        match msg {
+            Message::Register { id: reg, role, port, addrs } => {
+                let replacing = peer.registrations.contains_key(&reg);
+                if !replacing && peer.registrations.len() >= self.config.max_registrations {
+                    let text = format!("at most {} registrations per session", self.config.max_registrations);
+                    self.send(id, &error(Some(reg), ErrorCode::LIMIT, &text));
+                    return;
+                }
+                let mut dialable = vec![SocketAddr::new(peer.observed.ip(), port)];
+                for addr in addrs {
+                    if !dialable.contains(&addr) && dialable.len() <= MAX_ADDRS {
+                        dialable.push(addr);
+                    }
+                }
+                if let Some(old_name) = peer.registrations.insert(reg, role.name().to_owned()) {
+                    self.remove_registration(id, reg, &old_name);
+                }
+                let instance = Instance { key, role: role.clone(), addrs: dialable };
+                self.by_name.entry(role.name().to_owned()).or_default().insert((id, reg), instance);
+                self.send(id, &Message::Registered { id: reg });
+                self.events.push_back(RegistryEvent::Registered { peer: key, role: role.clone() });
+                self.notify(role.name(), &role);
+            }
+            Message::Unregister { id: reg } => match peer.registrations.remove(&reg) {
+                Some(name) => self.remove_registration(id, reg, &name),
+                None => self.send(id, &error(Some(reg), ErrorCode::UNKNOWN, "no such registration")),
+            },
+            Message::Lookup { id: req, query } => {
+                let answer = self.answer(req, &query);
+                self.send(id, &answer);
+            }
+            Message::Watch { id: watch, query } => {
+                let replacing = peer.watches.contains_key(&watch);
+                if !replacing && peer.watches.len() >= self.config.max_watches {
+                    let text = format!("at most {} watches per session", self.config.max_watches);
+                    self.send(id, &error(Some(watch), ErrorCode::LIMIT, &text));
+                    return;
+                }
+                if let Some(old) = peer.watches.insert(watch, query.clone()) {
+                    self.unindex_watch(old.name(), (id, watch));
+                }
+                self.watchers.entry(query.name().to_owned()).or_default().insert((id, watch));
+                let answer = self.answer(watch, &query);
+                self.send(id, &answer);
+            }
+            Message::Unwatch { id: watch } => match peer.watches.remove(&watch) {
+                Some(query) => self.unindex_watch(query.name(), (id, watch)),
+                None => self.send(id, &error(Some(watch), ErrorCode::UNKNOWN, "no such watch")),
+            },
+            Message::Ping { nonce } => self.send(id, &Message::Pong { nonce }),
+            Message::Pong { .. } => {}
+            Message::Error { code, text, .. } => {
+                // A peer's complaint is worth a log line, not a reply.
+                self.events.push_back(RegistryEvent::SessionClosed {
+                    id,
+                    peer: Some(key),
+                    reason: CloseReason::Protocol(format!("peer reported {code}: {text}")),
+                });
+                self.drop_session(id);
+            }
+            other @ (Message::Registered { .. } | Message::Instances { .. }) => {
+                let text = format!("a registry does not accept {}", variant_name(&other));
+                self.send(id, &error(None, ErrorCode::MALFORMED, &text));
+                self.close(id, CloseReason::Protocol(text));
+            }
+        }
+    }
+
+    /// The answer to a lookup or watch, cut to what one frame carries.
+    fn answer(&self, id: u32, query: &RoleQuery) -> Message {
+        /// Bytes of an `Instances` message besides its list (tag, id, flag).
+        const ENVELOPE: usize = 16;
+        let (mut instances, mut truncated) = self.lookup(query, MAX_INSTANCES);
+        while postcard::to_allocvec(&instances).map_or(usize::MAX, |v| v.len()) > MAX_PLAINTEXT - ENVELOPE {
+            instances.truncate(instances.len() / 2);
+            truncated = true;
+        }
+        Message::Instances { id, instances, truncated }
+    }
+
+    fn remove_registration(&mut self, id: SessionId, reg: u32, name: &str) {
+        let Some(regs) = self.by_name.get_mut(name) else { return };
+        let Some(instance) = regs.remove(&(id, reg)) else { return };
+        if regs.is_empty() {
+            self.by_name.remove(name);
+        }
+        self.events.push_back(RegistryEvent::Unregistered { peer: instance.key, role: instance.role.clone() });
+        self.notify(name, &instance.role);
+    }
+
+    /// Pushes the new matching set to every watch that `changed` matches.
+    fn notify(&mut self, name: &str, changed: &Role) {
+        let Some(watchers) = self.watchers.get(name) else { return };
+        let mut targets: Vec<WatchKey> = watchers.iter().copied().collect();
+        targets.sort_unstable();
+        for (session, watch) in targets {
+            let Some(query) = self.peers.get(&session).and_then(|p| p.watches.get(&watch)) else { continue };
+            if query.matches(changed) {
+                let answer = self.answer(watch, &query.clone());
+                self.send(session, &answer);
+                self.check_queue(session);
+            }
+        }
+    }
+
+    fn unindex_watch(&mut self, name: &str, key: WatchKey) {
+        if let Some(set) = self.watchers.get_mut(name) {
+            set.remove(&key);
+            if set.is_empty() {
+                self.watchers.remove(name);
+            }
+        }
+    }
+
+    fn send(&mut self, id: SessionId, msg: &Message) {
+        let Some(peer) = self.peers.get_mut(&id) else { return };
+        let mut plain = Vec::new();
+        // Our own messages are within limits by construction; one that is
+        // not is dropped rather than sent half-formed.
+        if msg.encode(&mut plain).is_ok() && peer.session.send(&plain).is_ok() {
+            self.mark_dirty(id);
+        }
+    }
+
+    fn mark_dirty(&mut self, id: SessionId) {
+        if let Some(peer) = self.peers.get_mut(&id) {
+            if !std::mem::replace(&mut peer.dirty, true) {
+                self.dirty.push_back(id);
+            }
+        }
+    }
+
+    fn check_queue(&mut self, id: SessionId) {
+        let queued = self.peers.get(&id).map_or(0, |p| p.session.pending_transmit());
+        if queued > self.config.max_queued {
+            self.drop_silently(id, CloseReason::Slow(queued));
+        }
+    }
+
+    /// Ends a session, keeping its last bytes (an error message) for the driver.
+    fn close(&mut self, id: SessionId, reason: CloseReason) {
+        let Some(peer) = self.peers.get_mut(&id) else { return };
+        let mut last = Vec::new();
+        if peer.session.poll_transmit(&mut last) {
+            self.farewells.push_back((id, last));
+        }
+        self.events.push_back(RegistryEvent::SessionClosed { id, peer: peer.session.remote(), reason });
+        self.drop_session(id);
+    }
+
+    /// Ends a session without sending what is queued (it is not being read).
+    fn drop_silently(&mut self, id: SessionId, reason: CloseReason) {
+        let Some(peer) = self.peers.get(&id) else { return };
+        self.events.push_back(RegistryEvent::SessionClosed { id, peer: peer.session.remote(), reason });
+        self.drop_session(id);
+    }
+
+    fn drop_session(&mut self, id: SessionId) {
+        let Some(peer) = self.peers.remove(&id) else { return };
+        if let Some(key) = peer.session.remote() {
+            if self.by_key.get(&key) == Some(&id) {
+                self.by_key.remove(&key);
+            }
+        }
+        for (watch, query) in &peer.watches {
+            self.unindex_watch(query.name(), (id, *watch));
+        }
+        let mut regs: Vec<(u32, String)> = peer.registrations.into_iter().collect();
+        regs.sort_unstable();
+        for (reg, name) in regs {
+            self.remove_registration(id, reg, &name);
+        }
+    }
+}
+
+fn error(id: Option<u32>, code: ErrorCode, text: &str) -> Message {
+    let mut text = text.to_owned();
+    if text.len() > crate::message::MAX_ERROR_TEXT {
+        let mut cut = crate::message::MAX_ERROR_TEXT;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    Message::Error { id, code, text }
+}
+
+fn variant_name(msg: &Message) -> &'static str {
+    match msg {
+        Message::Register { .. } => "Register",
+        Message::Registered { .. } => "Registered",
+        Message::Unregister { .. } => "Unregister",
+        Message::Lookup { .. } => "Lookup",
+        Message::Watch { .. } => "Watch",
+        Message::Unwatch { .. } => "Unwatch",
+        Message::Instances { .. } => "Instances",
+        Message::Ping { .. } => "Ping",
+        Message::Pong { .. } => "Pong",
+        Message::Error { .. } => "Error",
+    }
+}

@@ -1,0 +1,260 @@
+//! A framed, encrypted session over one byte stream: the handshake, then
+//! sealed frames in both directions.
+//!
+//! [`Session`] is the building block of every state machine here: it turns
+//! the raw bytes a driver reads into authenticated plaintext messages, and
+//! plaintext into bytes to write. It knows nothing of what the messages mean.
+//!
+//! Contract: after `handle_input`/`handle_timeout`, take what `recv` returns
+//! until `None`, then drain `poll_transmit`. A returned error ends the session:
+//! the caller drops it and closes the stream. Buffers are bounded: the decoder
+//! holds at most one frame, and `recv` yields what one input produced.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::frame::FrameDecoder;
+use crate::keys::{Keypair, PublicKey};
+use crate::noise::{Initiator, Intent, NoiseError, Responder, Transport};
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// The handshake did not complete within its time limit.
+    #[error("handshake did not complete in time")]
+    HandshakeTimeout,
+    /// A handshake or transport message was refused.
+    #[error(transparent)]
+    Noise(#[from] NoiseError),
+    /// The initiator asked for something this responder does not serve.
+    #[error("peer asked for a {got:?} session, this endpoint serves {expected:?}")]
+    WrongIntent {
+        /// What it asked for.
+        got: Intent,
+        /// What is served here.
+        expected: Intent,
+    },
+    /// `send` before the handshake completed (a bug in the caller).
+    #[error("session is not established yet")]
+    NotEstablished,
+}
+
+enum Phase {
+    Initiating(Initiator),
+    Responding(Responder),
+    Open(Transport),
+    /// Transient state while a handshake step consumes the previous phase.
+    Failed,
+}
+
+/// One encrypted session; see the module docs for the call order.
+pub struct Session {
+    phase: Phase,
+    intent: Intent,
+    decoder: FrameDecoder,
+    transmit: Vec<u8>,
+    received: VecDeque<Vec<u8>>,
+    handshake_deadline: Option<Instant>,
+}
+
+impl Session {
+    /// Opens a session to `remote`; the first handshake message is ready in
+    /// `poll_transmit` at once.
+    pub fn initiate(
+        now: Instant,
+        local: &Keypair,
+        remote: &PublicKey,
+        intent: Intent,
+        entropy: [u8; 32],
+        handshake_timeout: Duration,
+    ) -> Result<Session, SessionError> {
+        let mut transmit = Vec::new();
+        let init = Initiator::start(local, remote, intent, entropy, &mut transmit)?;
+        Ok(Session {
+            phase: Phase::Initiating(init),
+            intent,
+            decoder: FrameDecoder::new(),
+            transmit,
+            received: VecDeque::new(),
+            handshake_deadline: Some(now + handshake_timeout),
+        })
+    }
+
+    /// Answers a session that a peer opens, if it asks for `intent`.
+    pub fn respond(
+        now: Instant,
+        local: &Keypair,
+        intent: Intent,
+        entropy: [u8; 32],
+        handshake_timeout: Duration,
+    ) -> Result<Session, SessionError> {
+        Ok(Session {
+            phase: Phase::Responding(Responder::new(local, entropy)?),
+            intent,
+            decoder: FrameDecoder::new(),
+            transmit: Vec::new(),
+            received: VecDeque::new(),
+            handshake_deadline: Some(now + handshake_timeout),
+        })
+    }
+
+    /// The authenticated peer, once the handshake is done.
+    pub fn remote(&self) -> Option<PublicKey> {
+        match &self.phase {
+            Phase::Open(t) => Some(t.remote()),
+            _ => None,
+        }
+    }
+
+    /// Whether the handshake is done.
+    pub fn is_established(&self) -> bool {
+        matches!(self.phase, Phase::Open(_))
+    }
+
+    /// What the session is for.
+    pub fn intent(&self) -> Intent {
+        self.intent
+    }
+
+    /// Feeds bytes read from the stream.
+    pub fn handle_input(&mut self, data: &[u8]) -> Result<(), SessionError> {
+        let mut input = data;
+        while !input.is_empty() {
+            let taken = self.decoder.push(input);
+            input = input.get(taken..).unwrap_or_default();
+            while let Some(frame) = self.decoder.next_frame() {
+                match &mut self.phase {
+                    Phase::Open(transport) => {
+                        let mut plain = Vec::new();
+                        transport.open(frame, &mut plain)?;
+                        self.received.push_back(plain);
+                    }
+                    phase => {
+                        let next = match std::mem::replace(phase, Phase::Failed) {
+                            Phase::Initiating(init) => init.finish(frame)?,
+                            Phase::Responding(resp) => {
+                                let (hello, transport) = resp.accept(frame, &mut self.transmit)?;
+                                if hello.intent != self.intent {
+                                    return Err(SessionError::WrongIntent { got: hello.intent, expected: self.intent });
+                                }
+                                transport
+                            }
+                            Phase::Open(_) | Phase::Failed => return Err(NoiseError::Decrypt.into()),
+                        };
+                        *phase = Phase::Open(next);
+                        self.handshake_deadline = None;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the handshake deadline.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), SessionError> {
+        match self.handshake_deadline {
+            Some(deadline) if now >= deadline => Err(SessionError::HandshakeTimeout),
+            _ => Ok(()),
+        }
+    }
+
+    /// When `handle_timeout` must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.handshake_deadline
+    }
+
+    /// The next received plaintext message.
+    pub fn recv(&mut self) -> Option<Vec<u8>> {
+        self.received.pop_front()
+    }
+
+    /// Seals one plaintext message (at most one frame) for sending.
+    pub fn send(&mut self, plaintext: &[u8]) -> Result<(), SessionError> {
+        match &mut self.phase {
+            Phase::Open(t) => Ok(t.seal(plaintext, &mut self.transmit)?),
+            _ => Err(SessionError::NotEstablished),
+        }
+    }
+
+    /// Moves the bytes waiting to be written into `buf`; false if there were none.
+    pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
+        if self.transmit.is_empty() {
+            return false;
+        }
+        buf.append(&mut self.transmit);
+        true
+    }
+
+    /// Bytes waiting in `poll_transmit`.
+    pub fn pending_transmit(&self) -> usize {
+        self.transmit.len()
+    }
+
+    /// Hands the established transport to a data pump, with any bytes already
+    /// read past the handshake. `None` before the handshake is done.
+    pub fn into_transport(self) -> Option<(Transport, Vec<u8>)> {
+        match self.phase {
+            Phase::Open(t) => Some((t, self.decoder.into_buffered())),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let phase = match &self.phase {
+            Phase::Initiating(_) => "initiating",
+            Phase::Responding(_) => "responding",
+            Phase::Open(_) => "open",
+            Phase::Failed => "failed",
+        };
+        write!(f, "Session({phase}, {:?}, remote {:?})", self.intent, self.remote())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::Seed;
+
+    fn pair(n: u8) -> Keypair {
+        Keypair::from_seed(&Seed::from_bytes([n; 32]))
+    }
+
+    #[test]
+    fn byte_at_a_time_handshake_and_messages() {
+        let now = Instant::now();
+        let t = Duration::from_secs(5);
+        let mut c = Session::initiate(now, &pair(1), &pair(2).public(), Intent::Control, [1; 32], t).unwrap();
+        let mut s = Session::respond(now, &pair(2), Intent::Control, [2; 32], t).unwrap();
+        let mut wire = Vec::new();
+        assert!(c.poll_transmit(&mut wire));
+        for b in &wire {
+            s.handle_input(std::slice::from_ref(b)).unwrap();
+        }
+        assert_eq!(s.remote(), Some(pair(1).public()));
+        wire.clear();
+        s.poll_transmit(&mut wire);
+        s.send(b"hello").unwrap();
+        s.poll_transmit(&mut wire);
+        c.handle_input(&wire).unwrap();
+        assert_eq!(c.remote(), Some(pair(2).public()));
+        assert_eq!(c.recv().as_deref(), Some(&b"hello"[..]));
+        assert_eq!(c.poll_timeout(), None);
+    }
+
+    #[test]
+    fn wrong_intent_and_timeout_end_the_session() {
+        let now = Instant::now();
+        let t = Duration::from_secs(5);
+        let mut c = Session::initiate(now, &pair(1), &pair(2).public(), Intent::Tunnel, [1; 32], t).unwrap();
+        let mut s = Session::respond(now, &pair(2), Intent::Control, [2; 32], t).unwrap();
+        let mut wire = Vec::new();
+        c.poll_transmit(&mut wire);
+        assert!(matches!(s.handle_input(&wire), Err(SessionError::WrongIntent { .. })));
+        assert_eq!(c.handle_timeout(now + t), Err(SessionError::HandshakeTimeout));
+        assert!(c.handle_timeout(now + t / 2).is_ok());
+        assert!(c.send(b"x").is_err());
+    }
+}

@@ -1,0 +1,273 @@
+//! Model-based test of the registry: random sequences of register,
+//! unregister, disconnect, lookup, watch and time passing, checked against a
+//! plain map of what should be registered.
+//!
+//! Each simulated peer talks to the real `Registry` through a real Noise
+//! session; after every step every lookup answer and the latest push of every
+//! watch must equal the model's matching set.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use seaport_proto::keys::{Keypair, PublicKey, Seed};
+use seaport_proto::message::{Instance, Message};
+use seaport_proto::noise::Intent;
+use seaport_proto::registry::{Registry, RegistryConfig, SessionId};
+use seaport_proto::role::{Role, RoleQuery};
+use seaport_proto::session::Session;
+
+const PEERS: usize = 3;
+const ROLES: [&str; 4] = ["db@1.0.0", "db@2.1.0", "web@1.0.0", "db@2.2.0-rc.1"];
+const QUERIES: [&str; 4] = ["db@2.x", "db", "web@^1", "db@>=1.0.0 <2.2.0"];
+
+#[derive(Debug, Clone)]
+enum Op {
+    Register { peer: usize, reg: u32, role: usize },
+    Unregister { peer: usize, reg: u32 },
+    Disconnect { peer: usize },
+    Lookup { peer: usize, query: usize },
+    Watch { peer: usize, watch: u32, query: usize },
+    Tick { seconds: u64, quiet: Option<usize> },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let peer = 0..PEERS;
+    prop_oneof![
+        (peer.clone(), 0u32..3, 0..ROLES.len()).prop_map(|(peer, reg, role)| Op::Register { peer, reg, role }),
+        (peer.clone(), 0u32..3).prop_map(|(peer, reg)| Op::Unregister { peer, reg }),
+        peer.clone().prop_map(|peer| Op::Disconnect { peer }),
+        (peer.clone(), 0..QUERIES.len()).prop_map(|(peer, query)| Op::Lookup { peer, query }),
+        (peer.clone(), 0u32..2, 0..QUERIES.len()).prop_map(|(peer, watch, query)| Op::Watch { peer, watch, query }),
+        (1u64..20, prop::option::of(peer)).prop_map(|(seconds, quiet)| Op::Tick { seconds, quiet }),
+    ]
+}
+
+struct Peer {
+    keypair: Keypair,
+    link: Option<(SessionId, Session)>,
+    /// Latest instance set pushed for each watch id (cleared on reconnect).
+    watches: HashMap<u32, Option<Vec<(PublicKey, String)>>>,
+    watch_queries: HashMap<u32, usize>,
+    lookups: Vec<Vec<(PublicKey, String)>>,
+    last_heard: Instant,
+}
+
+struct Harness {
+    now: Instant,
+    registry: Registry,
+    peers: Vec<Peer>,
+    entropy: u8,
+    /// The model: (peer, registration id) → role index.
+    model: BTreeMap<(usize, u32), usize>,
+}
+
+fn summary(instances: &[Instance]) -> Vec<(PublicKey, String)> {
+    let mut v: Vec<_> = instances.iter().map(|i| (i.key, i.role.to_string())).collect();
+    v.sort();
+    v
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let now = Instant::now();
+        let registry = Registry::new(Keypair::from_seed(&Seed::from_bytes([100; 32])), RegistryConfig::default());
+        let peers = (0..PEERS)
+            .map(|i| Peer {
+                keypair: Keypair::from_seed(&Seed::from_bytes([i as u8 + 1; 32])),
+                link: None,
+                watches: HashMap::new(),
+                watch_queries: HashMap::new(),
+                lookups: Vec::new(),
+                last_heard: now,
+            })
+            .collect();
+        Harness { now, registry, peers, entropy: 0, model: BTreeMap::new() }
+    }
+
+    fn next_entropy(&mut self) -> [u8; 32] {
+        self.entropy = self.entropy.wrapping_add(1);
+        [self.entropy; 32]
+    }
+
+    /// Moves bytes both ways until nothing is left.
+    fn pump(&mut self) {
+        for _ in 0..100 {
+            let mut moved = false;
+            for p in 0..PEERS {
+                let mut buf = Vec::new();
+                if let Some((id, session)) = &mut self.peers[p].link {
+                    if session.poll_transmit(&mut buf) {
+                        let id = *id;
+                        self.registry.handle_input(self.now, id, &buf);
+                        moved = true;
+                    }
+                }
+            }
+            loop {
+                let mut buf = Vec::new();
+                let Some(id) = self.registry.poll_transmit(&mut buf) else { break };
+                moved = true;
+                let Some(peer) = self.peers.iter_mut().find(|p| p.link.as_ref().is_some_and(|(s, _)| *s == id)) else {
+                    continue;
+                };
+                let (_, session) = peer.link.as_mut().unwrap();
+                session.handle_input(&buf).unwrap();
+                while let Some(plain) = session.recv() {
+                    match Message::decode(&plain).unwrap() {
+                        Message::Instances { id, instances, truncated } => {
+                            assert!(!truncated);
+                            if let Some(slot) = peer.watches.get_mut(&id) {
+                                *slot = Some(summary(&instances));
+                            } else {
+                                peer.lookups.push(summary(&instances));
+                            }
+                        }
+                        Message::Registered { .. } | Message::Pong { .. } => {}
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            }
+            while let Some(event) = self.registry.poll_event() {
+                if let seaport_proto::registry::RegistryEvent::SessionClosed { id, .. } = event {
+                    for peer in &mut self.peers {
+                        if peer.link.as_ref().is_some_and(|(s, _)| *s == id) {
+                            peer.link = None;
+                        }
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("livelock: bytes still moving after 100 rounds");
+    }
+
+    fn ensure_link(&mut self, p: usize) {
+        if self.peers[p].link.is_some() {
+            return;
+        }
+        let (e1, e2) = (self.next_entropy(), self.next_entropy());
+        let addr = format!("127.0.0.{}:5000", p + 1).parse().unwrap();
+        let id = self.registry.accept(self.now, addr, e1).unwrap();
+        let registry_key = self.registry.public_key();
+        let peer = &mut self.peers[p];
+        let session = Session::initiate(self.now, &peer.keypair, &registry_key, Intent::Control, e2, Duration::from_secs(10))
+            .unwrap();
+        peer.link = Some((id, session));
+        peer.watches.clear();
+        peer.watch_queries.clear();
+        self.pump();
+        assert!(self.peers[p].link.as_ref().unwrap().1.is_established());
+    }
+
+    fn send(&mut self, p: usize, msg: Message) {
+        self.ensure_link(p);
+        let mut plain = Vec::new();
+        msg.encode(&mut plain).unwrap();
+        self.peers[p].link.as_mut().unwrap().1.send(&plain).unwrap();
+        self.peers[p].last_heard = self.now;
+        self.pump();
+    }
+
+    fn expected(&self, query: usize) -> Vec<(PublicKey, String)> {
+        let q = RoleQuery::parse(QUERIES[query]).unwrap();
+        let mut v: Vec<_> = self
+            .model
+            .iter()
+            .map(|((p, _), r)| (self.peers[*p].keypair.public(), Role::parse(ROLES[*r]).unwrap()))
+            .filter(|(_, role)| q.matches(role))
+            .map(|(k, role)| (k, role.to_string()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn drop_peer(&mut self, p: usize) {
+        self.model.retain(|(owner, _), _| *owner != p);
+        self.peers[p].link = None;
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Register { peer, reg, role } => {
+                let role_v = Role::parse(ROLES[role]).unwrap();
+                self.send(peer, Message::Register { id: reg, role: role_v, port: 4000, addrs: vec![] });
+                self.model.insert((peer, reg), role);
+            }
+            Op::Unregister { peer, reg } => {
+                if self.model.remove(&(peer, reg)).is_some() {
+                    self.send(peer, Message::Unregister { id: reg });
+                }
+            }
+            Op::Disconnect { peer } => {
+                if let Some((id, _)) = self.peers[peer].link.take() {
+                    self.registry.handle_closed(id);
+                    self.drop_peer(peer);
+                    self.pump();
+                }
+            }
+            Op::Lookup { peer, query } => {
+                let q = RoleQuery::parse(QUERIES[query]).unwrap();
+                self.send(peer, Message::Lookup { id: 1000, query: q });
+                let got = self.peers[peer].lookups.pop().expect("lookup answered");
+                assert_eq!(got, self.expected(query), "lookup {}", QUERIES[query]);
+            }
+            Op::Watch { peer, watch, query } => {
+                self.ensure_link(peer);
+                self.peers[peer].watches.insert(watch, None);
+                self.peers[peer].watch_queries.insert(watch, query);
+                let q = RoleQuery::parse(QUERIES[query]).unwrap();
+                self.send(peer, Message::Watch { id: watch, query: q });
+            }
+            Op::Tick { seconds, quiet } => {
+                self.now += Duration::from_secs(seconds);
+                // Everyone but `quiet` shows a sign of life just before the deadline passes.
+                for p in 0..PEERS {
+                    if Some(p) != quiet && self.peers[p].link.is_some() {
+                        self.send(p, Message::Ping { nonce: 1 });
+                    }
+                }
+                self.registry.handle_timeout(self.now);
+                self.pump();
+                let idle = RegistryConfig::default().idle_timeout;
+                for p in 0..PEERS {
+                    let dead = self.now.duration_since(self.peers[p].last_heard) >= idle;
+                    if dead {
+                        assert!(self.peers[p].link.is_none(), "silent peer {p} still connected");
+                        self.drop_peer(p);
+                    }
+                }
+            }
+        }
+        self.check();
+    }
+
+    fn check(&self) {
+        let total: usize = self.model.len();
+        assert_eq!(self.registry.instance_count(), total, "instance count");
+        for peer in &self.peers {
+            if peer.link.is_none() {
+                continue;
+            }
+            for (watch, latest) in &peer.watches {
+                let query = peer.watch_queries[watch];
+                assert_eq!(latest.as_ref(), Some(&self.expected(query)), "watch {}", QUERIES[query]);
+            }
+        }
+        let connected: BTreeSet<usize> = (0..PEERS).filter(|p| self.peers[*p].link.is_some()).collect();
+        assert_eq!(self.registry.session_count(), connected.len());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #[test]
+    fn registry_matches_model(ops in prop::collection::vec(op(), 1..40)) {
+        let mut h = Harness::new();
+        for op in &ops {
+            h.apply(op);
+        }
+    }
+}
