@@ -109,7 +109,12 @@ impl Control {
 
     /// Feeds bytes; appends decoded messages to `inbox`. Returns whether the
     /// session became established with this input.
-    fn handle_input(&mut self, now: Instant, data: &[u8], inbox: &mut Vec<Message>) -> Result<bool, ClientError> {
+    fn handle_input(
+        &mut self,
+        now: Instant,
+        data: &[u8],
+        inbox: &mut Vec<Message>,
+    ) -> Result<bool, ClientError> {
         let Some(link) = &mut self.link else { return Ok(false) };
         let was = link.session.is_established();
         link.session.handle_input(data)?;
@@ -340,7 +345,12 @@ impl ServiceClient {
 
     fn register_all(&mut self) {
         for (id, role) in self.roles.iter().enumerate() {
-            let msg = Message::Register { id: id as u32, role: role.clone(), port: self.port, addrs: self.addrs.clone() };
+            let msg = Message::Register {
+                id: id as u32,
+                role: role.clone(),
+                port: self.port,
+                addrs: self.addrs.clone(),
+            };
             self.control.send(&msg);
         }
     }

@@ -1,10 +1,50 @@
-//! seaport-proto: the sans-io core of seaport.
+//! seaport-proto: a fully deterministic implementation of seaport's protocol
+//! logic. It contains no networking code, reads no clock and draws no
+//! randomness of its own: time comes in as an `Instant` argument, randomness
+//! as bytes the caller passes in. Two state machines can be wired together in
+//! memory and driven, byte for byte and with time advanced by hand, exactly as
+//! they run over TCP (`tests/world.rs` does).
+//!
+//! # Layers
+//! - [`keys`]: seeds, ed25519 identities and their X25519 (Noise) form.
+//! - [`frame`]: 2-byte length prefix; an incremental decoder for any chunking.
+//! - [`noise`]: Noise `IK` handshake (`Noise_IK_25519_AESGCM_SHA256`) and transport.
+//! - [`session`]: a framed, encrypted session over one stream.
+//! - [`message`]: the postcard-encoded control messages.
+//! - [`range`], [`role`]: npm version ranges; `Role` and `RoleQuery`.
+//! - [`registry`]: the registry state machine (many sessions).
+//! - [`client`]: the service and proxy state machines (one control session each).
+//!
+//! # The contract every state machine follows
+//! Each is fed input and asked for output, never the other way round:
+//! 1. Input: `handle_input(now, bytes)` for bytes read from a stream (the
+//!    registry also takes `accept` and `handle_closed`; clients `connect` and
+//!    `handle_disconnect`), and `handle_timeout(now)` once the time returned
+//!    by `poll_timeout()` has come.
+//! 2. After every input, drain `poll_transmit(&mut buf)` until it reports
+//!    nothing, writing the bytes to the stream it names; then drain
+//!    `poll_event()`; then ask `poll_timeout()` for the next deadline.
+//! 3. Bytes may be fed in any chunks; the result is the same.
+//!
+//! Nothing a peer sends can make these panic or buffer without bound: a bad
+//! frame, message or handshake ends that peer's session with a reason, and
+//! every queue has a cap stated where it is defined.
+//!
+//! The tunnel data path uses [`session::Session`] for its handshake and then
+//! [`noise::Transport`] directly: data frames carry 1 to
+//! [`noise::MAX_PLAINTEXT`] bytes and an empty frame marks end of stream, so
+//! half-close passes through.
+
+// Unit tests may panic freely; the non-test build of the crate is held to the
+// workspace's no-unwrap, no-indexing rule.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
+
+pub mod client;
 pub mod frame;
 pub mod keys;
+pub mod message;
 pub mod noise;
 pub mod range;
-pub mod role;
-pub mod message;
-pub mod session;
-pub mod client;
 pub mod registry;
+pub mod role;
+pub mod session;

@@ -183,14 +183,20 @@ impl Message {
 
     fn check_limits(&self) -> Result<(), MessageError> {
         match self {
-            Message::Register { addrs, .. } if addrs.len() > MAX_ADDRS => Err(MessageError::Limit("addresses")),
+            Message::Register { addrs, .. } if addrs.len() > MAX_ADDRS => {
+                Err(MessageError::Limit("addresses"))
+            }
             Message::Instances { instances, .. } if instances.len() > MAX_INSTANCES => {
                 Err(MessageError::Limit("instances"))
             }
-            Message::Instances { instances, .. } if instances.iter().any(|i| i.addrs.len() > MAX_ADDRS + 1) => {
+            Message::Instances { instances, .. }
+                if instances.iter().any(|i| i.addrs.len() > MAX_ADDRS + 1) =>
+            {
                 Err(MessageError::Limit("instance addresses"))
             }
-            Message::Error { text, .. } if text.len() > MAX_ERROR_TEXT => Err(MessageError::Limit("error text")),
+            Message::Error { text, .. } if text.len() > MAX_ERROR_TEXT => {
+                Err(MessageError::Limit("error text"))
+            }
             _ => Ok(()),
         }
     }
@@ -246,7 +252,8 @@ mod tests {
         Message::Ping { nonce: 1 }.encode(&mut out).unwrap();
         out.push(0);
         assert_eq!(Message::decode(&out), Err(MessageError::TrailingBytes(1)));
-        let big = Message::Instances { id: 1, instances: vec![instance(1); MAX_INSTANCES + 1], truncated: false };
+        let big =
+            Message::Instances { id: 1, instances: vec![instance(1); MAX_INSTANCES + 1], truncated: false };
         assert_eq!(big.encode(&mut Vec::new()), Err(MessageError::Limit("instances")));
     }
 

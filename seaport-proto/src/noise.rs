@@ -193,10 +193,7 @@ impl snow::resolvers::CryptoResolver for Resolver {
     fn resolve_hash(&self, choice: &snow::params::HashChoice) -> Option<Box<dyn snow::types::Hash>> {
         snow::resolvers::RingResolver.resolve_hash(choice)
     }
-    fn resolve_cipher(
-        &self,
-        choice: &snow::params::CipherChoice,
-    ) -> Option<Box<dyn snow::types::Cipher>> {
+    fn resolve_cipher(&self, choice: &snow::params::CipherChoice) -> Option<Box<dyn snow::types::Cipher>> {
         snow::resolvers::RingResolver.resolve_cipher(choice)
     }
 }
@@ -237,8 +234,7 @@ impl Initiator {
         let hello = Hello { version: PROTOCOL_VERSION, intent, key: local.public() };
         let mut msg = [0u8; 256];
         let len = state.write_message(&hello.encode(), &mut msg).map_err(state_err)?;
-        frame::encode(msg.get(..len).unwrap_or_default(), out)
-            .map_err(|e| NoiseError::TooLarge(e.0))?;
+        frame::encode(msg.get(..len).unwrap_or_default(), out).map_err(|e| NoiseError::TooLarge(e.0))?;
         Ok(Initiator { state, remote: *remote })
     }
 
@@ -279,8 +275,7 @@ impl Responder {
         }
         let mut msg = [0u8; 128];
         let len = self.state.write_message(&[], &mut msg).map_err(state_err)?;
-        frame::encode(msg.get(..len).unwrap_or_default(), out)
-            .map_err(|e| NoiseError::TooLarge(e.0))?;
+        frame::encode(msg.get(..len).unwrap_or_default(), out).map_err(|e| NoiseError::TooLarge(e.0))?;
         let state = self.state.into_transport_mode().map_err(state_err)?;
         Ok((hello, Transport { state, remote: hello.key }))
     }
@@ -451,7 +446,10 @@ mod tests {
         let mut wire = Vec::new();
         c.seal(&vec![9; MAX_PLAINTEXT], &mut wire).unwrap();
         assert_eq!(wire.len(), frame::MAX_WIRE_FRAME);
-        assert_eq!(c.seal(&vec![9; MAX_PLAINTEXT + 1], &mut wire), Err(NoiseError::TooLarge(MAX_PLAINTEXT + 1)));
+        assert_eq!(
+            c.seal(&vec![9; MAX_PLAINTEXT + 1], &mut wire),
+            Err(NoiseError::TooLarge(MAX_PLAINTEXT + 1))
+        );
         let mut out = Vec::new();
         s.open(&body(&wire), &mut out).unwrap();
         assert_eq!(out.len(), MAX_PLAINTEXT);

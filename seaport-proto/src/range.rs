@@ -43,9 +43,7 @@ pub fn parse_version(text: &str) -> Result<Version, RangeError> {
     if text.len() > MAX_LENGTH {
         return Err(RangeError::TooLong);
     }
-    full_plain(text.trim())
-        .and_then(|p| p.to_version())
-        .ok_or_else(|| RangeError::Version(text.to_owned()))
+    full_plain(text.trim()).and_then(|p| p.to_version()).ok_or_else(|| RangeError::Version(text.to_owned()))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,9 +78,7 @@ impl Comparator {
 
 /// SemVer precedence: build metadata does not count (unlike `Version`'s `Ord`).
 fn precedence(a: &Version, b: &Version) -> Ordering {
-    (a.major, a.minor, a.patch)
-        .cmp(&(b.major, b.minor, b.patch))
-        .then_with(|| a.pre.cmp(&b.pre))
+    (a.major, a.minor, a.patch).cmp(&(b.major, b.minor, b.patch)).then_with(|| a.pre.cmp(&b.pre))
 }
 
 /// A parsed npm range: alternatives (`||`) of comparator sets (all must hold).
@@ -139,9 +135,9 @@ fn set_matches(set: &[Comparator], v: &Version) -> bool {
     }
     // A prerelease satisfies only a set that names a prerelease of the same
     // major.minor.patch: `^1.2.3-beta` admits 1.2.3-rc but not 1.3.0-rc.
-    set.iter().filter_map(|c| c.version.as_ref()).any(|b| {
-        !b.pre.is_empty() && (b.major, b.minor, b.patch) == (v.major, v.minor, v.patch)
-    })
+    set.iter()
+        .filter_map(|c| c.version.as_ref())
+        .any(|b| !b.pre.is_empty() && (b.major, b.minor, b.patch) == (v.major, v.minor, v.patch))
 }
 
 /// node-semver's `parseRange` for one `||` alternative.
@@ -151,11 +147,8 @@ fn comparator_set(part: &str) -> Option<Vec<Comparator>> {
     let part = part.replace("~> ", "~").replace("~ ", "~").replace("^ ", "^");
     let rewritten: Vec<String> = part.split(' ').map(rewrite_comparator).collect();
     let joined = rewritten.join(" ");
-    let tokens: Vec<&str> = if joined.trim().is_empty() {
-        vec![""]
-    } else {
-        joined.split_whitespace().collect()
-    };
+    let tokens: Vec<&str> =
+        if joined.trim().is_empty() { vec![""] } else { joined.split_whitespace().collect() };
     tokens.into_iter().map(comparator).collect()
 }
 
@@ -372,8 +365,7 @@ fn tilde(token: &str) -> String {
 }
 
 fn xrange(token: &str) -> String {
-    let Some((op, r)) = operator_splits(token).find_map(|(op, rest)| Some((op, xrange_plain(rest)?)))
-    else {
+    let Some((op, r)) = operator_splits(token).find_map(|(op, rest)| Some((op, xrange_plain(rest)?))) else {
         return token.to_owned();
     };
     let (x_major, x_minor) = (is_x(r.major), is_x(r.major) || is_x(r.minor));

@@ -201,17 +201,30 @@ impl Registry {
     }
 
     /// A new connection from `observed`; `entropy` seeds its handshake.
-    pub fn accept(&mut self, now: Instant, observed: SocketAddr, entropy: [u8; 32]) -> Result<SessionId, Full> {
+    pub fn accept(
+        &mut self,
+        now: Instant,
+        observed: SocketAddr,
+        entropy: [u8; 32],
+    ) -> Result<SessionId, Full> {
         if self.peers.len() >= self.config.max_sessions {
             return Err(Full(self.config.max_sessions));
         }
-        let session = Session::respond(now, &self.keypair, Intent::Control, entropy, self.config.handshake_timeout)
-            .map_err(|_| Full(self.config.max_sessions))?;
+        let session =
+            Session::respond(now, &self.keypair, Intent::Control, entropy, self.config.handshake_timeout)
+                .map_err(|_| Full(self.config.max_sessions))?;
         let id = SessionId(self.next_id);
         self.next_id += 1;
         self.peers.insert(
             id,
-            Peer { session, observed, last_heard: now, registrations: HashMap::new(), watches: HashMap::new(), dirty: false },
+            Peer {
+                session,
+                observed,
+                last_heard: now,
+                registrations: HashMap::new(),
+                watches: HashMap::new(),
+                dirty: false,
+            },
         );
         self.next_sweep.get_or_insert(now + SWEEP_INTERVAL);
         Ok(id)
@@ -230,7 +243,10 @@ impl Registry {
             if let Some(key) = peer.session.remote() {
                 self.events.push_back(RegistryEvent::SessionOpened { id, peer: key });
                 if let Some(old) = self.by_key.insert(key, id) {
-                    self.send(old, &error(None, ErrorCode::SUPERSEDED, "a newer session of this identity took over"));
+                    self.send(
+                        old,
+                        &error(None, ErrorCode::SUPERSEDED, "a newer session of this identity took over"),
+                    );
                     self.close(old, CloseReason::Superseded);
                 }
             }
@@ -404,7 +420,8 @@ impl Registry {
         if regs.is_empty() {
             self.by_name.remove(name);
         }
-        self.events.push_back(RegistryEvent::Unregistered { peer: instance.key, role: instance.role.clone() });
+        self.events
+            .push_back(RegistryEvent::Unregistered { peer: instance.key, role: instance.role.clone() });
         self.notify(name, &instance.role);
     }
 

@@ -31,7 +31,9 @@ pub enum RoleError {
     #[error("{0:?} has no version: write NAME@VERSION, e.g. couchdb@3.2.2")]
     MissingVersion(String),
     /// A name that is empty, too long or has characters npm does not allow.
-    #[error("invalid role name {0:?}: use letters, digits, '.', '_', '-', '~' (optionally @scope/name), at most {MAX_NAME_LEN} characters")]
+    #[error(
+        "invalid role name {0:?}: use letters, digits, '.', '_', '-', '~' (optionally @scope/name), at most {MAX_NAME_LEN} characters"
+    )]
     Name(String),
     /// The version or range part.
     #[error(transparent)]

@@ -136,7 +136,10 @@ impl Session {
                             Phase::Responding(resp) => {
                                 let (hello, transport) = resp.accept(frame, &mut self.transmit)?;
                                 if hello.intent != self.intent {
-                                    return Err(SessionError::WrongIntent { got: hello.intent, expected: self.intent });
+                                    return Err(SessionError::WrongIntent {
+                                        got: hello.intent,
+                                        expected: self.intent,
+                                    });
                                 }
                                 transport
                             }

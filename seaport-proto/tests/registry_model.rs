@@ -6,6 +6,9 @@
 //! session; after every step every lookup answer and the latest push of every
 //! watch must equal the model's matching set.
 
+// Test code: a panic is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
@@ -34,11 +37,19 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let peer = 0..PEERS;
     prop_oneof![
-        (peer.clone(), 0u32..3, 0..ROLES.len()).prop_map(|(peer, reg, role)| Op::Register { peer, reg, role }),
+        (peer.clone(), 0u32..3, 0..ROLES.len()).prop_map(|(peer, reg, role)| Op::Register {
+            peer,
+            reg,
+            role
+        }),
         (peer.clone(), 0u32..3).prop_map(|(peer, reg)| Op::Unregister { peer, reg }),
         peer.clone().prop_map(|peer| Op::Disconnect { peer }),
         (peer.clone(), 0..QUERIES.len()).prop_map(|(peer, query)| Op::Lookup { peer, query }),
-        (peer.clone(), 0u32..2, 0..QUERIES.len()).prop_map(|(peer, watch, query)| Op::Watch { peer, watch, query }),
+        (peer.clone(), 0u32..2, 0..QUERIES.len()).prop_map(|(peer, watch, query)| Op::Watch {
+            peer,
+            watch,
+            query
+        }),
         (1u64..20, prop::option::of(peer)).prop_map(|(seconds, quiet)| Op::Tick { seconds, quiet }),
     ]
 }
@@ -71,7 +82,8 @@ fn summary(instances: &[Instance]) -> Vec<(PublicKey, String)> {
 impl Harness {
     fn new() -> Harness {
         let now = Instant::now();
-        let registry = Registry::new(Keypair::from_seed(&Seed::from_bytes([100; 32])), RegistryConfig::default());
+        let registry =
+            Registry::new(Keypair::from_seed(&Seed::from_bytes([100; 32])), RegistryConfig::default());
         let peers = (0..PEERS)
             .map(|i| Peer {
                 keypair: Keypair::from_seed(&Seed::from_bytes([i as u8 + 1; 32])),
@@ -108,7 +120,9 @@ impl Harness {
                 let mut buf = Vec::new();
                 let Some(id) = self.registry.poll_transmit(&mut buf) else { break };
                 moved = true;
-                let Some(peer) = self.peers.iter_mut().find(|p| p.link.as_ref().is_some_and(|(s, _)| *s == id)) else {
+                let Some(peer) =
+                    self.peers.iter_mut().find(|p| p.link.as_ref().is_some_and(|(s, _)| *s == id))
+                else {
                     continue;
                 };
                 let (_, session) = peer.link.as_mut().unwrap();
@@ -153,8 +167,15 @@ impl Harness {
         let id = self.registry.accept(self.now, addr, e1).unwrap();
         let registry_key = self.registry.public_key();
         let peer = &mut self.peers[p];
-        let session = Session::initiate(self.now, &peer.keypair, &registry_key, Intent::Control, e2, Duration::from_secs(10))
-            .unwrap();
+        let session = Session::initiate(
+            self.now,
+            &peer.keypair,
+            &registry_key,
+            Intent::Control,
+            e2,
+            Duration::from_secs(10),
+        )
+        .unwrap();
         peer.link = Some((id, session));
         peer.watches.clear();
         peer.watch_queries.clear();

@@ -4,6 +4,9 @@
 //! `seaport_proto::range`. The directory is found beside the project root, or at
 //! `SEAPORT_CONFORMANCE_DIR`; a missing directory fails the test.
 
+// Test code: a panic is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use std::path::PathBuf;
 
 use seaport_proto::range::{VersionRange, parse_version};
@@ -52,7 +55,13 @@ fn check_ranges(file: &str) {
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {} lines fail in {file}:\n{}", failures.len(), vectors.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} lines fail in {file}:\n{}",
+        failures.len(),
+        vectors.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
