@@ -175,6 +175,71 @@ fn send(link: &mut Link, msg: &Message) {
     }
 }
 
+/// What a driver needs of either client to keep its control session going.
+pub trait ControlClient {
+    /// The client's event type.
+    type Event: std::fmt::Debug;
+    /// A fresh stream to the registry is up: start the handshake.
+    fn connect(&mut self, now: Instant, entropy: [u8; 32]) -> Result<(), ClientError>;
+    /// Bytes read from the registry.
+    fn handle_input(&mut self, now: Instant, data: &[u8]);
+    /// The stream to the registry closed.
+    fn handle_disconnect(&mut self);
+    /// Timers: handshake deadline, keepalive, dead registry.
+    fn handle_timeout(&mut self, now: Instant);
+    /// When `handle_timeout` must next be called.
+    fn poll_timeout(&self) -> Option<Instant>;
+    /// Bytes to write to the registry; false if none.
+    fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool;
+    /// The next event.
+    fn poll_event(&mut self) -> Option<Self::Event>;
+    /// Whether `event` reports the session opened (the backoff can reset).
+    fn is_connected_event(event: &Self::Event) -> bool;
+    /// The reason, if `event` reports the session ended (reconnect after a backoff).
+    fn disconnect_reason(event: &Self::Event) -> Option<&ClientError>;
+}
+
+macro_rules! control_client {
+    ($client:ty, $event:ident) => {
+        impl ControlClient for $client {
+            type Event = $event;
+            fn connect(&mut self, now: Instant, entropy: [u8; 32]) -> Result<(), ClientError> {
+                <$client>::connect(self, now, entropy)
+            }
+            fn handle_input(&mut self, now: Instant, data: &[u8]) {
+                <$client>::handle_input(self, now, data)
+            }
+            fn handle_disconnect(&mut self) {
+                <$client>::handle_disconnect(self)
+            }
+            fn handle_timeout(&mut self, now: Instant) {
+                <$client>::handle_timeout(self, now)
+            }
+            fn poll_timeout(&self) -> Option<Instant> {
+                <$client>::poll_timeout(self)
+            }
+            fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
+                <$client>::poll_transmit(self, buf)
+            }
+            fn poll_event(&mut self) -> Option<$event> {
+                <$client>::poll_event(self)
+            }
+            fn is_connected_event(event: &$event) -> bool {
+                matches!(event, $event::Connected)
+            }
+            fn disconnect_reason(event: &$event) -> Option<&ClientError> {
+                match event {
+                    $event::Disconnected(reason) => Some(reason),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+control_client!(ServiceClient, ServiceEvent);
+control_client!(ProxyClient, ProxyEvent);
+
 /// Capped exponential backoff with jitter, for reconnecting.
 #[derive(Debug, Clone)]
 pub struct Backoff {

@@ -11,6 +11,8 @@
 //! own random source is never consulted. Invariant: a [`Transport`] exists only
 //! after both handshake messages were verified.
 
+use std::sync::Arc;
+
 use crate::frame::{self, MAX_FRAME};
 use crate::keys::{Keypair, PublicKey};
 
@@ -242,8 +244,8 @@ impl Initiator {
     pub fn finish(mut self, reply: &[u8]) -> Result<Transport, NoiseError> {
         let mut payload = [0u8; 64];
         self.state.read_message(reply, &mut payload).map_err(|_| NoiseError::Decrypt)?;
-        let state = self.state.into_transport_mode().map_err(state_err)?;
-        Ok(Transport { state, remote: self.remote })
+        let state = self.state.into_stateless_transport_mode().map_err(state_err)?;
+        Ok(Transport::new(state, self.remote))
     }
 }
 
@@ -276,18 +278,28 @@ impl Responder {
         let mut msg = [0u8; 128];
         let len = self.state.write_message(&[], &mut msg).map_err(state_err)?;
         frame::encode(msg.get(..len).unwrap_or_default(), out).map_err(|e| NoiseError::TooLarge(e.0))?;
-        let state = self.state.into_transport_mode().map_err(state_err)?;
-        Ok((hello, Transport { state, remote: hello.key }))
+        let state = self.state.into_stateless_transport_mode().map_err(state_err)?;
+        Ok((hello, Transport::new(state, hello.key)))
     }
 }
 
 /// An established session: seals and opens frames in order.
 pub struct Transport {
-    state: snow::TransportState,
+    sealer: Sealer,
+    opener: Opener,
     remote: PublicKey,
 }
 
 impl Transport {
+    fn new(state: snow::StatelessTransportState, remote: PublicKey) -> Transport {
+        let state = Arc::new(state);
+        Transport {
+            sealer: Sealer { state: state.clone(), nonce: 0 },
+            opener: Opener { state, nonce: 0 },
+            remote,
+        }
+    }
+
     /// The authenticated identity of the other end.
     pub fn remote(&self) -> PublicKey {
         self.remote
@@ -296,29 +308,65 @@ impl Transport {
     /// Seals `plaintext` (at most [`MAX_PLAINTEXT`] bytes) and appends it to
     /// `out` as one frame.
     pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), NoiseError> {
+        self.sealer.seal(plaintext, out)
+    }
+
+    /// Opens one frame body, appending its plaintext to `out`.
+    pub fn open(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), NoiseError> {
+        self.opener.open(body, out)
+    }
+
+    /// The two directions, to be driven independently (a tunnel pumps both at once).
+    pub fn split(self) -> (Sealer, Opener) {
+        (self.sealer, self.opener)
+    }
+}
+
+/// The sending half of a [`Transport`].
+pub struct Sealer {
+    state: Arc<snow::StatelessTransportState>,
+    nonce: u64,
+}
+
+impl Sealer {
+    /// Seals `plaintext` (at most [`MAX_PLAINTEXT`] bytes) and appends it to
+    /// `out` as one frame.
+    pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), NoiseError> {
         if plaintext.len() > MAX_PLAINTEXT {
             return Err(NoiseError::TooLarge(plaintext.len()));
         }
         let len = plaintext.len() + TAG_LEN;
         let start = out.len();
-        out.reserve(frame::HEADER_LEN + len);
         // len <= MAX_FRAME, checked above.
         out.extend_from_slice(&(len as u16).to_be_bytes());
         out.resize(start + frame::HEADER_LEN + len, 0);
         let body = out.get_mut(start + frame::HEADER_LEN..).unwrap_or_default();
-        self.state.write_message(plaintext, body).map_err(state_err)?;
+        if let Err(e) = self.state.write_message(self.nonce, plaintext, body) {
+            out.truncate(start);
+            return Err(state_err(e));
+        }
+        self.nonce += 1;
         Ok(())
     }
+}
 
-    /// Opens one frame body, appending its plaintext to `out`.
+/// The receiving half of a [`Transport`].
+pub struct Opener {
+    state: Arc<snow::StatelessTransportState>,
+    nonce: u64,
+}
+
+impl Opener {
+    /// Opens one frame body, appending its plaintext to `out`. Frames must be
+    /// opened in the order they were sealed.
     pub fn open(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), NoiseError> {
         let start = out.len();
-        let len = body.len().saturating_sub(TAG_LEN);
-        out.resize(start + len, 0);
+        out.resize(start + body.len().saturating_sub(TAG_LEN), 0);
         let dest = out.get_mut(start..).unwrap_or_default();
-        match self.state.read_message(body, dest) {
+        match self.state.read_message(self.nonce, body, dest) {
             Ok(n) => {
                 out.truncate(start + n);
+                self.nonce += 1;
                 Ok(())
             }
             Err(_) => {

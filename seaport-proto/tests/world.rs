@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use seaport_proto::client::{
-    Backoff, ClientConfig, ProxyClient, ProxyEvent, ServiceClient, ServiceEvent, Strategy,
-};
+use seaport_proto::client::{Backoff, ClientConfig, ControlClient, ProxyClient, ServiceClient, Strategy};
 use seaport_proto::keys::{Keypair, PublicKey, Seed};
 use seaport_proto::registry::{Registry, RegistryConfig, RegistryEvent, SessionId};
 use seaport_proto::role::{Role, RoleQuery};
@@ -32,59 +30,33 @@ trait Endpoint {
     fn drain_events(&mut self, log: &mut Vec<String>) -> bool;
 }
 
-impl Endpoint for ServiceClient {
+impl<C: ControlClient> Endpoint for C {
     fn connect(&mut self, now: Instant, entropy: [u8; 32]) {
-        ServiceClient::connect(self, now, entropy).unwrap();
+        ControlClient::connect(self, now, entropy).unwrap();
     }
     fn handle_input(&mut self, now: Instant, data: &[u8]) {
-        ServiceClient::handle_input(self, now, data);
+        ControlClient::handle_input(self, now, data);
     }
     fn handle_disconnect(&mut self) {
-        ServiceClient::handle_disconnect(self);
+        ControlClient::handle_disconnect(self);
     }
     fn handle_timeout(&mut self, now: Instant) {
-        ServiceClient::handle_timeout(self, now);
+        ControlClient::handle_timeout(self, now);
     }
     fn poll_timeout(&self) -> Option<Instant> {
-        ServiceClient::poll_timeout(self)
+        ControlClient::poll_timeout(self)
     }
     fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
-        ServiceClient::poll_transmit(self, buf)
+        ControlClient::poll_transmit(self, buf)
     }
     fn drain_events(&mut self, log: &mut Vec<String>) -> bool {
         let mut ended = false;
         while let Some(e) = self.poll_event() {
-            ended |= matches!(e, ServiceEvent::Disconnected(_));
-            log.push(format!("service: {e:?}"));
-        }
-        ended
-    }
-}
-
-impl Endpoint for ProxyClient {
-    fn connect(&mut self, now: Instant, entropy: [u8; 32]) {
-        ProxyClient::connect(self, now, entropy).unwrap();
-    }
-    fn handle_input(&mut self, now: Instant, data: &[u8]) {
-        ProxyClient::handle_input(self, now, data);
-    }
-    fn handle_disconnect(&mut self) {
-        ProxyClient::handle_disconnect(self);
-    }
-    fn handle_timeout(&mut self, now: Instant) {
-        ProxyClient::handle_timeout(self, now);
-    }
-    fn poll_timeout(&self) -> Option<Instant> {
-        ProxyClient::poll_timeout(self)
-    }
-    fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
-        ProxyClient::poll_transmit(self, buf)
-    }
-    fn drain_events(&mut self, log: &mut Vec<String>) -> bool {
-        let mut ended = false;
-        while let Some(e) = self.poll_event() {
-            ended |= matches!(e, ProxyEvent::Disconnected(_));
-            log.push(format!("proxy: {e:?}"));
+            ended |= C::disconnect_reason(&e).is_some();
+            log.push(format!(
+                "{}: {e:?}",
+                std::any::type_name::<C>().rsplit("::").next().unwrap_or("client")
+            ));
         }
         ended
     }
@@ -380,7 +352,7 @@ fn registry_restart_loses_nothing_that_matters() {
     assert_eq!(w.registry.instance_count(), 3);
     assert_eq!(w.registry.session_count(), 4);
     assert_eq!(keys(&proxy), vec![1, 2]);
-    let pushes = w.log.iter().filter(|l| l.starts_with("proxy: Instances")).count();
+    let pushes = w.log.iter().filter(|l| l.starts_with("ProxyClient: Instances")).count();
     assert!(pushes >= 2, "proxy re-watched after the restart");
 }
 
