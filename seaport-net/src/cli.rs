@@ -1,0 +1,91 @@
+//! What every binary's `main` shares: logging to stderr, argument parsers
+//! for durations and address lists, and the one-line fatal exit.
+//!
+//! Exit codes are part of the command-line contract: 0 after a clean
+//! shutdown, 1 on a fatal runtime error, 2 on a usage error (clap's own).
+
+use std::time::Duration;
+
+/// Logs go to stderr (stdout carries only the event lines); `RUST_LOG`
+/// filters them, `info` by default.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Prints `binary: message` on stderr and exits 1.
+pub fn fatal(binary: &str, message: impl std::fmt::Display) -> ! {
+    eprintln!("{binary}: {message}");
+    std::process::exit(1)
+}
+
+/// Prints one event line on stdout. Scripts read these, so each is flushed
+/// at once (Rust's stdout is line-buffered).
+pub fn event(line: impl std::fmt::Display) {
+    println!("{line}");
+}
+
+/// Parses `10`, `10s`, `500ms`, `2m` or `1.5s` as a duration (bare numbers are seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let value: f64 =
+        number.trim().parse().map_err(|_| format!("{text:?} is not a duration like 10s or 500ms"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use ms, s or m")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is not a valid duration"))
+}
+
+/// DHT bootstrap nodes, written `HOST:PORT,HOST:PORT`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bootstrap(pub Vec<String>);
+
+impl std::str::FromStr for Bootstrap {
+    type Err = String;
+    /// Splits the list, checking each entry has a port.
+    fn from_str(text: &str) -> Result<Bootstrap, String> {
+        let mut nodes = Vec::new();
+        for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            match entry.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                    nodes.push(entry.to_owned());
+                }
+                _ => return Err(format!("bootstrap node {entry:?} is not HOST:PORT")),
+            }
+        }
+        Ok(Bootstrap(nodes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1").is_err());
+    }
+
+    #[test]
+    fn bootstrap_lists() {
+        assert_eq!("a:1, b:2".parse(), Ok(Bootstrap(vec!["a:1".into(), "b:2".into()])));
+        assert!("a".parse::<Bootstrap>().is_err());
+    }
+}

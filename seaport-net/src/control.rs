@@ -1,0 +1,173 @@
+//! Runs a service's or proxy's control session on TCP: resolve, dial, drive
+//! the state machine, and reconnect with jittered, capped backoff after any
+//! failure (the first attempt included), until told to stop.
+//!
+//! The client sits behind a mutex shared with the rest of the process (the
+//! proxy chooses instances from it); the lock is never held across an await.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use seaport_proto::client::{Backoff, ControlClient};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::identity::{entropy, random_u64};
+use crate::target::{RegistryTarget, Resolver};
+
+/// First reconnect delay; doubles per failure.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(250);
+/// Longest reconnect delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long one TCP connect may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Locks, recovering from a panicked holder (the state machines stay consistent
+/// between calls, so a poisoned lock carries no half-done change).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Keeps `client` connected to `target` until `stop` turns true; `on_event`
+/// sees every event. On stop, whatever the client queued last (a service's
+/// unregistrations) is written before the stream is closed.
+pub async fn run_client<C, F>(
+    client: Arc<Mutex<C>>,
+    target: RegistryTarget,
+    resolver: Resolver,
+    mut on_event: F,
+    mut stop: watch::Receiver<bool>,
+) where
+    C: ControlClient + Send + 'static,
+    F: FnMut(&C::Event) + Send,
+{
+    let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match connect(&target, &resolver).await {
+            Ok(stream) => {
+                if drive(&client, stream, &mut on_event, &mut backoff, &mut stop).await {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!(registry = %target, "registry not reachable: {e}; retrying"),
+        }
+        let delay = backoff.next_delay(random_u64());
+        tracing::debug!(?delay, "reconnecting after a pause");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn connect(target: &RegistryTarget, resolver: &Resolver) -> Result<TcpStream, String> {
+    let addrs = resolver.resolve(target).await?;
+    let stream = dial_first(&addrs, CONNECT_TIMEOUT).await?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Connects to all `addrs` at once; the first to succeed wins, the rest are dropped.
+pub async fn dial_first(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, String> {
+    let mut attempts = tokio::task::JoinSet::new();
+    for addr in addrs.iter().copied() {
+        attempts.spawn(async move {
+            match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => Ok(stream),
+                Ok(Err(e)) => Err(format!("{addr}: {e}")),
+                Err(_) => Err(format!("{addr}: no answer in {timeout:?}")),
+            }
+        });
+    }
+    let mut errors = Vec::new();
+    while let Some(done) = attempts.join_next().await {
+        match done {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => errors.push(e),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if errors.is_empty() { Err("no address to dial".into()) } else { Err(errors.join("; ")) }
+}
+
+/// Drives one session; true if told to stop, false if the session ended.
+async fn drive<C, F>(
+    client: &Mutex<C>,
+    stream: TcpStream,
+    on_event: &mut F,
+    backoff: &mut Backoff,
+    stop: &mut watch::Receiver<bool>,
+) -> bool
+where
+    C: ControlClient,
+    F: FnMut(&C::Event),
+{
+    let (mut reader, mut writer) = stream.into_split();
+    let started = lock(client).connect(std::time::Instant::now(), entropy());
+    if let Err(e) = started {
+        tracing::warn!("cannot start a session: {e}");
+        return false;
+    }
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut out = Vec::new();
+    loop {
+        let (deadline, events) = {
+            let mut c = lock(client);
+            while c.poll_transmit(&mut out) {}
+            let events: Vec<C::Event> = std::iter::from_fn(|| c.poll_event()).collect();
+            (c.poll_timeout(), events)
+        };
+        let mut ended = false;
+        for event in &events {
+            if C::is_connected_event(event) {
+                backoff.reset();
+            }
+            if let Some(reason) = C::disconnect_reason(event) {
+                tracing::warn!("registry session ended: {reason}");
+                ended = true;
+            }
+            on_event(event);
+        }
+        if !out.is_empty() {
+            let written = writer.write_all(&out).await;
+            out.clear();
+            if written.is_err() {
+                lock(client).handle_disconnect();
+                continue;
+            }
+        }
+        if ended {
+            return false;
+        }
+        let sleep = deadline.map(|d| tokio::time::sleep_until(Instant::from_std(d)));
+        tokio::select! {
+            read = reader.read(&mut buf) => {
+                let mut c = lock(client);
+                match read {
+                    Ok(n) if n > 0 => c.handle_input(std::time::Instant::now(), buf.get(..n).unwrap_or_default()),
+                    _ => c.handle_disconnect(),
+                }
+            }
+            () = async { match sleep { Some(s) => s.await, None => std::future::pending().await } } => {
+                lock(client).handle_timeout(std::time::Instant::now());
+            }
+            _ = stop.changed() => {
+                {
+                    let mut c = lock(client);
+                    while c.poll_transmit(&mut out) {}
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = writer.write_all(&out).await;
+                    let _ = writer.shutdown().await;
+                }).await;
+                return true;
+            }
+        }
+    }
+}

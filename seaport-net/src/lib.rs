@@ -1,0 +1,25 @@
+//! seaport-net: the tokio glue shared by the seaport binaries, and the only
+//! crate that touches sockets, clocks, tasks, OS randomness and the DHT.
+//!
+//! - [`cli`]: what every binary's `main` shares: logging, durations, exits.
+//! - [`identity`]: seeds from flags, files or the environment; OS entropy.
+//! - [`target`]: the `KEY` / `KEY@HOST:PORT` registry argument and its resolution.
+//! - [`control`]: runs a service or proxy control session with reconnects.
+//! - [`registry`]: serves the registry state machine on a TCP listener.
+//! - [`tunnel`]: tunnel handshakes, parallel dialing, and the byte pump.
+//! - [`dht`]: publishing and resolving a registry's addresses on mainline.
+//! - [`signal`]: SIGINT/SIGTERM as a future.
+//!
+//! Each async driver is a pure adapter: every protocol decision is made by a
+//! seaport-proto state machine; this crate moves bytes and fires timers.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
+
+pub mod cli;
+pub mod control;
+pub mod dht;
+pub mod identity;
+pub mod registry;
+pub mod signal;
+pub mod target;
+pub mod tunnel;

@@ -1,0 +1,118 @@
+//! The `REGISTRY` argument: `KEY` (found through the DHT) or `KEY@HOST:PORT`
+//! (dialed directly; the key is still checked by the handshake).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use seaport_proto::keys::PublicKey;
+
+use crate::dht::Rendezvous;
+
+/// A registry as the user names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryTarget {
+    /// The registry's public key.
+    pub key: PublicKey,
+    /// `HOST:PORT` to dial instead of asking the DHT.
+    pub direct: Option<String>,
+}
+
+impl FromStr for RegistryTarget {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (key, direct) = match text.split_once('@') {
+            Some((key, addr)) => {
+                if addr
+                    .rsplit_once(':')
+                    .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+                {
+                    return Err(format!("{addr:?} is not HOST:PORT (e.g. 192.0.2.7:4500)"));
+                }
+                (key, Some(addr.to_owned()))
+            }
+            None => (text, None),
+        };
+        let key = key.parse::<PublicKey>().map_err(|e| {
+            format!(
+                "registry key {key:?} is not valid ({e}); copy the 64-character pubkey the registry printed"
+            )
+        })?;
+        Ok(RegistryTarget { key, direct })
+    }
+}
+
+impl fmt::Display for RegistryTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.direct {
+            Some(addr) => write!(f, "{}@{addr}", self.key),
+            None => write!(f, "{}", self.key),
+        }
+    }
+}
+
+/// Turns a target into addresses to dial.
+#[derive(Clone)]
+pub struct Resolver {
+    rendezvous: Option<Arc<Rendezvous>>,
+}
+
+impl Resolver {
+    /// A resolver that finds bare keys through `rendezvous` (None: bare keys fail).
+    pub fn new(rendezvous: Option<Arc<Rendezvous>>) -> Resolver {
+        Resolver { rendezvous }
+    }
+
+    /// A resolver for `target`: it starts a DHT node only when the key must be
+    /// looked up (a bare `KEY`), bootstrapping from `bootstrap` if given.
+    pub async fn for_target(target: &RegistryTarget, bootstrap: &[String]) -> Result<Resolver, String> {
+        if target.direct.is_some() {
+            return Ok(Resolver::new(None));
+        }
+        let node =
+            Rendezvous::client(bootstrap).await.map_err(|e| format!("cannot start the DHT node: {e}"))?;
+        Ok(Resolver::new(Some(Arc::new(node))))
+    }
+
+    /// The addresses at which the registry may be dialed now.
+    pub async fn resolve(&self, target: &RegistryTarget) -> Result<Vec<SocketAddr>, String> {
+        match &target.direct {
+            Some(addr) => {
+                let addrs: Vec<SocketAddr> = tokio::net::lookup_host(addr)
+                    .await
+                    .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+                    .collect();
+                if addrs.is_empty() { Err(format!("{addr} resolves to no address")) } else { Ok(addrs) }
+            }
+            None => match &self.rendezvous {
+                Some(dht) => dht.resolve(&target.key).await,
+                None => Err("no DHT to resolve a bare key; use KEY@HOST:PORT".into()),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "5b64a8956d8f2404c4f4b4e6f402ef439f610f7fe297718093641359130b0d45";
+
+    #[test]
+    fn parses_both_forms() {
+        let bare: RegistryTarget = KEY.parse().unwrap();
+        assert_eq!(bare.direct, None);
+        let direct: RegistryTarget = format!("{KEY}@127.0.0.1:4500").parse().unwrap();
+        assert_eq!(direct.direct.as_deref(), Some("127.0.0.1:4500"));
+        assert_eq!(direct.to_string(), format!("{KEY}@127.0.0.1:4500"));
+        let v6: RegistryTarget = format!("{KEY}@[::1]:4500").parse().unwrap();
+        assert_eq!(v6.direct.as_deref(), Some("[::1]:4500"));
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        assert!("abc".parse::<RegistryTarget>().unwrap_err().contains("64-character"));
+        assert!(format!("{KEY}@host").parse::<RegistryTarget>().unwrap_err().contains("HOST:PORT"));
+    }
+}

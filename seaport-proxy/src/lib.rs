@@ -1,0 +1,183 @@
+//! `seaport-proxy`: serves a role found in the registry on a local port. Each
+//! client connection gets a tunnel to one instance, chosen by the balance
+//! strategy, failing over to the next when dialing or the handshake fails.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use seaport_net::cli::{Bootstrap, event, parse_duration};
+use seaport_net::control::{lock, run_client};
+use seaport_net::identity::{load_seed, random_seed, random_u64};
+use seaport_net::target::{RegistryTarget, Resolver};
+use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, Strategy};
+use seaport_proto::keys::{Keypair, PublicKey};
+use seaport_proto::role::RoleQuery;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// Look a role up in the registry and serve it on a local port, as if the
+/// service ran here.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_help = "Example:\n  seaport-proxy 5b64a8...0d45 -p 5984 -r couchdb@3.x\n  curl http://127.0.0.1:5984/"
+)]
+pub struct Args {
+    /// The registry: KEY (found through the DHT) or KEY@HOST:PORT.
+    #[arg(env = "SEAPORT_REGISTRY", value_name = "REGISTRY")]
+    pub registry: RegistryTarget,
+    /// The local port to serve on.
+    #[arg(short, long, value_name = "PORT")]
+    pub port: u16,
+    /// The role and npm version range wanted, e.g. couchdb@3.x or couchdb@^3.2.0.
+    #[arg(short, long, value_name = "ROLE@RANGE", value_parser = |s: &str| RoleQuery::parse(s).map_err(|e| e.to_string()))]
+    pub role: RoleQuery,
+    /// The local address to bind the port on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    pub bind: std::net::IpAddr,
+    /// How to spread connections over instances: first, round-robin, random or hash.
+    #[arg(long, value_name = "STRATEGY", default_value = "round-robin")]
+    pub balance: Strategy,
+    /// How long a client waits for a first instance before it is closed.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// How long a failed instance is avoided.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub ban: Duration,
+    /// This proxy's seed (default: a fresh identity each start).
+    #[arg(long, env = "SEAPORT_SEED", hide_env_values = true, conflicts_with = "seed_file")]
+    pub seed: Option<String>,
+    /// Read the seed from this file instead.
+    #[arg(long, value_name = "FILE")]
+    pub seed_file: Option<PathBuf>,
+    /// Private DHT bootstrap nodes, HOST:PORT,... (for a bare KEY).
+    #[arg(long, env = "SEAPORT_BOOTSTRAP", value_name = "LIST")]
+    pub bootstrap: Option<Bootstrap>,
+    /// On SIGTERM, how long open connections may take to finish.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub drain: Duration,
+}
+
+/// Runs until SIGINT/SIGTERM; errors are one line for the user.
+pub async fn run(args: Args) -> Result<(), String> {
+    let seed = load_seed(args.seed.as_deref(), args.seed_file.as_deref()).map_err(|e| e.to_string())?;
+    let keypair = Keypair::from_seed(&seed.unwrap_or_else(random_seed));
+    let addr = SocketAddr::new(args.bind, args.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}; choose another -p port or --bind address"))?;
+    let resolver =
+        Resolver::for_target(&args.registry, &args.bootstrap.clone().unwrap_or_default().0).await?;
+    let config = ClientConfig::new(keypair.clone(), args.registry.key);
+    let client = Arc::new(Mutex::new(ProxyClient::new(config, args.role.clone(), args.balance, args.ban)));
+    // Bumped on every instance-set change, so waiting clients wake up.
+    let (changed_tx, changed) = watch::channel(0u64);
+    event(format!("connecting to registry {}", args.registry.key));
+    let (stop_tx, stop) = watch::channel(false);
+    let mut seen: HashSet<PublicKey> = HashSet::new();
+    let port = args.port;
+    let on_event = move |e: &ProxyEvent| match e {
+        ProxyEvent::Connected => event("connected to registry"),
+        ProxyEvent::Instances { instances, truncated } => {
+            for instance in instances {
+                if seen.insert(instance.key) {
+                    event(format!("found service {} {}", instance.key, instance.role));
+                    event(format!("proxy from {port} to p2p service {}", instance.key));
+                }
+            }
+            if instances.is_empty() {
+                tracing::warn!("no instance matches the query right now");
+            }
+            if *truncated {
+                tracing::warn!("more instances match than the registry sent");
+            }
+            changed_tx.send_modify(|n| *n += 1);
+        }
+        ProxyEvent::Refused { code, text, .. } => tracing::error!(%code, "registry refused: {text}"),
+        other => tracing::debug!(?other),
+    };
+    let control =
+        tokio::spawn(run_client(client.clone(), args.registry.clone(), resolver, on_event, stop.clone()));
+
+    let mut conns = tokio::task::JoinSet::new();
+    let shutdown = seaport_net::signal::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let (client, keypair, changed) = (client.clone(), keypair.clone(), changed.clone());
+                    let wait = args.connect_timeout;
+                    conns.spawn(async move {
+                        if let Err(e) = serve_client(stream, &client, &keypair, changed, wait).await {
+                            tracing::info!(%peer, "connection closed: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            () = &mut shutdown => break,
+        }
+    }
+    tracing::info!("shutting down: draining open connections");
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let _ = control.await;
+    if tokio::time::timeout(args.drain, async { while conns.join_next().await.is_some() {} }).await.is_err() {
+        tracing::warn!(open = conns.len(), "drain time over; closing open connections");
+    }
+    Ok(())
+}
+
+/// How long one tunnel attempt (connect and handshake) may take before the
+/// next instance is tried.
+const TUNNEL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One client connection: wait for an instance if none is known yet, then try
+/// instances in the strategy's order until a tunnel opens, and pump.
+async fn serve_client(
+    stream: TcpStream,
+    client: &Mutex<ProxyClient>,
+    keypair: &Keypair,
+    mut changed: watch::Receiver<u64>,
+    wait: Duration,
+) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let deadline = tokio::time::Instant::now() + wait;
+    let order = loop {
+        let order = lock(client).choose(std::time::Instant::now(), random_u64());
+        if !order.is_empty() {
+            break order;
+        }
+        match tokio::time::timeout_at(deadline, changed.changed()).await {
+            Ok(Ok(())) => {}
+            _ => return Err(format!("no instance found within {wait:?}")),
+        }
+    };
+    let mut failures = Vec::new();
+    for instance in order {
+        match seaport_net::tunnel::open(&instance, keypair, TUNNEL_TIMEOUT).await {
+            Ok(tunnel) => {
+                tracing::debug!(service = %instance.key, addr = %tunnel.addr, "tunnel open");
+                return seaport_net::tunnel::pump(stream, tunnel.stream, tunnel.transport, tunnel.leftover)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+            }
+            Err(e) => {
+                tracing::warn!(service = %instance.key, "instance failed, trying the next: {e}");
+                lock(client).report_failure(std::time::Instant::now(), instance.key);
+                failures.push(e.to_string());
+            }
+        }
+    }
+    Err(format!("every instance failed: {}", failures.join("; ")))
+}

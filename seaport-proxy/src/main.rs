@@ -1,0 +1,11 @@
+//! `seaport-proxy REGISTRY -p PORT -r ROLE@RANGE [--bind ADDR] [--balance STRATEGY]`
+use clap::Parser;
+
+#[tokio::main]
+async fn main() {
+    seaport_net::cli::init_logging();
+    let args = seaport_proxy::Args::parse();
+    if let Err(e) = seaport_proxy::run(args).await {
+        seaport_net::cli::fatal("seaport-proxy", e);
+    }
+}

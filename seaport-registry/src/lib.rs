@@ -1,0 +1,142 @@
+//! `seaport-registry`: serves the registry on TCP and, unless `--no-dht`,
+//! publishes its addresses in the DHT under its key.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use seaport_net::cli::{Bootstrap, event, parse_duration};
+use seaport_net::dht::{Rendezvous, publish_loop};
+use seaport_net::identity::{load_seed, random_seed};
+use seaport_proto::keys::Keypair;
+use seaport_proto::registry::{Registry, RegistryConfig, RegistryEvent};
+use tokio::sync::watch;
+
+/// Run a seaport registry. Services register roles with it; proxies look
+/// roles up. Everyone finds it by its public key alone.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_help = "Examples:\n  seaport-registry --seed-file registry.seed\n  seaport-registry --seed-file registry.seed --listen 0.0.0.0:4500 --dht-port 6881\n\nWithout a seed the registry makes an ephemeral key, new on every start."
+)]
+pub struct Args {
+    /// The registry's seed (64 hex characters), from `seaport-seed`.
+    #[arg(long, env = "SEAPORT_REGISTRY_SEED", hide_env_values = true, conflicts_with = "seed_file")]
+    pub seed: Option<String>,
+    /// Read the seed from this file instead (keeps it out of `ps`).
+    #[arg(long, value_name = "FILE")]
+    pub seed_file: Option<PathBuf>,
+    /// TCP address to listen on for services and proxies.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]
+    pub listen: SocketAddr,
+    /// Do not publish in the DHT (clients then need KEY@HOST:PORT).
+    #[arg(long, conflicts_with_all = ["dht_port", "bootstrap"])]
+    pub no_dht: bool,
+    /// Also run a DHT server node on this UDP port, for a private DHT
+    /// (clients use --bootstrap THISHOST:PORT).
+    #[arg(long, value_name = "PORT")]
+    pub dht_port: Option<u16>,
+    /// Private DHT bootstrap nodes, HOST:PORT,... (default: the public DHT).
+    #[arg(long, env = "SEAPORT_BOOTSTRAP", value_name = "LIST")]
+    pub bootstrap: Option<Bootstrap>,
+    /// How long a peer may take to complete its handshake.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// A session silent this long is dropped with its registrations.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Most concurrent sessions.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_sessions: usize,
+    /// Most registrations per session.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_registrations: usize,
+    /// Most watches per session.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_watches: usize,
+}
+
+/// Runs until SIGINT/SIGTERM; errors are one line for the user.
+pub async fn run(args: Args) -> Result<(), String> {
+    let seed = load_seed(args.seed.as_deref(), args.seed_file.as_deref()).map_err(|e| e.to_string())?;
+    let seed = seed.unwrap_or_else(|| {
+        eprintln!(
+            "seaport-registry: no --seed given: using an ephemeral key that changes on every start (make a lasting one with seaport-seed)"
+        );
+        random_seed()
+    });
+    let keypair = Keypair::from_seed(&seed);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}; choose another --listen address", args.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%local, "listening");
+
+    let (stop_tx, stop) = watch::channel(false);
+    if !args.no_dht {
+        let bootstrap = args.bootstrap.clone().unwrap_or_default().0;
+        let rendezvous = Rendezvous::registry(&bootstrap, args.dht_port)
+            .await
+            .map_err(|e| format!("cannot start the DHT node: {e} (is --dht-port in use?)"))?;
+        let addrs = dialable(local);
+        tokio::spawn(publish_loop(Arc::new(rendezvous), keypair.clone(), addrs, stop.clone()));
+    }
+
+    let config = RegistryConfig {
+        handshake_timeout: args.handshake_timeout,
+        idle_timeout: args.idle_timeout,
+        max_sessions: args.max_sessions,
+        max_registrations: args.max_registrations,
+        max_watches: args.max_watches,
+        ..RegistryConfig::default()
+    };
+    let registry = Registry::new(keypair.clone(), config);
+    event(format!("Registry listening. Connect with pubkey {}", keypair.public()));
+    let server = tokio::spawn(seaport_net::registry::serve(listener, registry, stop, log_event));
+    seaport_net::signal::shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    Ok(())
+}
+
+fn log_event(event: &RegistryEvent) {
+    match event {
+        RegistryEvent::SessionOpened { peer, .. } => tracing::debug!(%peer, "session opened"),
+        RegistryEvent::SessionClosed { peer: Some(peer), reason, .. } => {
+            tracing::info!(%peer, %reason, "session closed");
+        }
+        RegistryEvent::SessionClosed { peer: None, reason, .. } => {
+            tracing::debug!(%reason, "handshake failed")
+        }
+        RegistryEvent::Registered { peer, role } => tracing::info!(%peer, %role, "registered"),
+        RegistryEvent::Unregistered { peer, role } => tracing::info!(%peer, %role, "unregistered"),
+        _ => tracing::debug!(?event),
+    }
+}
+
+/// The addresses to publish for a listener: itself, or for a wildcard
+/// listener the host's primary address and loopback.
+fn dialable(local: SocketAddr) -> Vec<SocketAddr> {
+    if !local.ip().is_unspecified() {
+        return vec![local];
+    }
+    let mut addrs = Vec::new();
+    if let Some(ip) = primary_ip() {
+        addrs.push(SocketAddr::new(ip, local.port()));
+    }
+    addrs.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), local.port()));
+    addrs
+}
+
+/// The source address the host would use for the default route. Connecting
+/// a UDP socket only consults the routing table; no packet is sent. The
+/// target is a documentation address (RFC 5737) that nothing answers.
+fn primary_ip() -> Option<IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.1:9").ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_unspecified() && !ip.is_loopback()).then_some(ip)
+}

@@ -1,0 +1,11 @@
+//! `seaport-registry --seed SEED | --seed-file F [--listen ADDR] [--no-dht] [--dht-port N] [--bootstrap LIST]`
+use clap::Parser;
+
+#[tokio::main]
+async fn main() {
+    seaport_net::cli::init_logging();
+    let args = seaport_registry::Args::parse();
+    if let Err(e) = seaport_registry::run(args).await {
+        seaport_net::cli::fatal("seaport-registry", e);
+    }
+}

@@ -1,0 +1,137 @@
+//! `seaport-service`: answers tunnels to a local TCP backend and keeps its
+//! role registered with the registry.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use seaport_net::cli::{Bootstrap, event, parse_duration};
+use seaport_net::control::{lock, run_client};
+use seaport_net::identity::{load_seed, random_seed};
+use seaport_net::target::{RegistryTarget, Resolver};
+use seaport_proto::client::{ClientConfig, ServiceClient, ServiceEvent};
+use seaport_proto::keys::Keypair;
+use seaport_proto::role::Role;
+use tokio::sync::watch;
+
+/// Expose a local TCP port under a role: proxies anywhere that look the role
+/// up in the registry reach it through an encrypted tunnel.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_help = "Example:\n  seaport-service 5b64a8...0d45 -p 5984 -r couchdb@3.2.2\n  seaport-service 5b64a8...0d45@registry.lan:4500 -p 8080 -r web@1.4.0 --tag eu"
+)]
+pub struct Args {
+    /// The registry: KEY (found through the DHT) or KEY@HOST:PORT.
+    #[arg(env = "SEAPORT_REGISTRY", value_name = "REGISTRY")]
+    pub registry: RegistryTarget,
+    /// The local TCP port of the backend to expose.
+    #[arg(short, long, value_name = "PORT")]
+    pub port: u16,
+    /// The role and exact version offered, e.g. couchdb@3.2.2.
+    #[arg(short, long, value_name = "ROLE@VERSION", value_parser = |s: &str| Role::parse(s).map_err(|e| e.to_string()))]
+    pub role: Role,
+    /// The backend's host.
+    #[arg(long, value_name = "HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// A tag shown with lookups (repeatable).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+    /// TCP address for incoming tunnels.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]
+    pub listen: SocketAddr,
+    /// This service's seed (default: a fresh identity each start).
+    #[arg(long, env = "SEAPORT_SEED", hide_env_values = true, conflicts_with = "seed_file")]
+    pub seed: Option<String>,
+    /// Read the seed from this file instead.
+    #[arg(long, value_name = "FILE")]
+    pub seed_file: Option<PathBuf>,
+    /// Private DHT bootstrap nodes, HOST:PORT,... (for a bare KEY).
+    #[arg(long, env = "SEAPORT_BOOTSTRAP", value_name = "LIST")]
+    pub bootstrap: Option<Bootstrap>,
+    /// On SIGTERM, how long open tunnels may take to finish.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub drain: Duration,
+    /// How long a tunnel handshake and backend connect may take.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+}
+
+/// Runs until SIGINT/SIGTERM; errors are one line for the user.
+pub async fn run(args: Args) -> Result<(), String> {
+    let role = args.role.clone().with_tags(args.tags.clone()).map_err(|e| e.to_string())?;
+    let seed = load_seed(args.seed.as_deref(), args.seed_file.as_deref()).map_err(|e| e.to_string())?;
+    let keypair = Keypair::from_seed(&seed.unwrap_or_else(random_seed));
+    let backend = tokio::net::lookup_host((args.host.as_str(), args.port))
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("cannot resolve backend host {:?}", args.host))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen for tunnels on {}: {e}; choose another --listen", args.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    event(format!("started p2p service on {}", keypair.public()));
+
+    let resolver =
+        Resolver::for_target(&args.registry, &args.bootstrap.clone().unwrap_or_default().0).await?;
+    let reported = if local.ip().is_unspecified() { vec![] } else { vec![local] };
+    let config = ClientConfig::new(keypair.clone(), args.registry.key);
+    let client = Arc::new(Mutex::new(ServiceClient::new(config, vec![role], local.port(), reported)));
+    event(format!("connecting to registry {}", args.registry.key));
+    let (stop_tx, stop) = watch::channel(false);
+    let control =
+        tokio::spawn(run_client(client.clone(), args.registry.clone(), resolver, on_event, stop.clone()));
+
+    let mut tunnels = tokio::task::JoinSet::new();
+    let timeout = args.handshake_timeout;
+    let shutdown = seaport_net::signal::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let keypair = keypair.clone();
+                    tunnels.spawn(async move {
+                        match seaport_net::tunnel::serve_one(stream, &keypair, backend, timeout).await {
+                            Ok(moved) => tracing::debug!(%peer, ?moved, "tunnel closed"),
+                            Err(e) => tracing::info!(%peer, "tunnel ended: {e}"),
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = tunnels.join_next(), if !tunnels.is_empty() => {}
+            () = &mut shutdown => break,
+        }
+    }
+    // Unregister first, so no proxy picks us while we drain.
+    tracing::info!("shutting down: unregistering, then draining open tunnels");
+    lock(&client).set_available(false);
+    let _ = stop_tx.send(true);
+    let _ = control.await;
+    drop(listener);
+    let drained =
+        tokio::time::timeout(args.drain, async { while tunnels.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(open = tunnels.len(), "drain time over; closing open tunnels");
+    }
+    Ok(())
+}
+
+fn on_event(event: &ServiceEvent) {
+    match event {
+        ServiceEvent::Registered(role) => seaport_net::cli::event(format!("registered service {role}")),
+        ServiceEvent::Refused { role, code, text } => {
+            tracing::error!(%role, %code, "registry refused: {text}")
+        }
+        ServiceEvent::Connected => tracing::info!("connected to registry"),
+        ServiceEvent::Disconnected(_) => {}
+        other => tracing::debug!(?other),
+    }
+}
