@@ -62,11 +62,9 @@ pub async fn handshake(
         let mut buf = [0u8; 1024];
         let mut out = Vec::new();
         loop {
-            if reply || !session.is_established() {
-                if session.poll_transmit(&mut out) {
-                    stream.write_all(&out).await?;
-                    out.clear();
-                }
+            if (reply || !session.is_established()) && session.poll_transmit(&mut out) {
+                stream.write_all(&out).await?;
+                out.clear();
             }
             if session.is_established() {
                 return Ok(());

@@ -1,0 +1,367 @@
+//! The end-to-end harness: builds the real binaries once, runs them as child
+//! processes on 127.0.0.1 with free ports, reads their stdout event lines,
+//! and kills every process it started when its handle drops.
+//!
+//! Also small loopback backends: an HTTP server with a fixed body, and a
+//! "bulk" server that hashes what it receives or streams bytes it generates.
+
+// Test support: a panic is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// The workspace's target directory for this profile.
+fn target_dir() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    target.join("debug")
+}
+
+/// Path of a seaport binary, built (once per test process) with cargo.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .args(["build", "--quiet", "-p", "seaport-seed", "-p", "seaport-registry"])
+            .args(["-p", "seaport-service", "-p", "seaport-proxy"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+    });
+    let path = target_dir().join(name);
+    assert!(path.exists(), "{} missing after build", path.display());
+    path
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A UDP port that was free a moment ago.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running binary. Killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+fn collect(reader: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
+    thread::spawn(move || {
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { return };
+            into.lock().unwrap().push(line);
+        }
+    });
+}
+
+impl Proc {
+    /// Starts `name` with `args` and extra environment.
+    pub fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(bin(name));
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // Tests never reach the public DHT: clear inherited settings, then apply ours.
+        cmd.env_remove("SEAPORT_BOOTSTRAP").env_remove("SEAPORT_REGISTRY").env_remove("SEAPORT_SEED");
+        cmd.env_remove("SEAPORT_REGISTRY_SEED").env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn binary");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        collect(child.stdout.take().unwrap(), stdout.clone());
+        collect(child.stderr.take().unwrap(), stderr.clone());
+        Proc { name: name.into(), child, stdout, stderr }
+    }
+
+    /// Stdout lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Stderr lines so far.
+    pub fn errors(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for a stdout line containing `needle`; fails the test after `timeout`.
+    pub fn wait_line(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.lines().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no line with {needle:?} within {timeout:?}\nstdout: {:#?}\nstderr: {:#?}",
+                self.name,
+                self.lines(),
+                self.errors()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Counts stdout lines containing `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits for the process to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Give the reader threads a moment to take the last lines.
+                thread::sleep(Duration::from_millis(50));
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a signal (`TERM`, `INT`, `KILL`, `STOP`, `CONT`).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A new registry seed and its public key, from `seaport-seed --json`.
+pub fn new_seed() -> (String, String) {
+    let out = Command::new(bin("seaport-seed")).arg("--json").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let field = |name: &str| {
+        let start = text.find(&format!("\"{name}\": \"")).unwrap() + name.len() + 5;
+        text[start..start + 64].to_owned()
+    };
+    (field("seed"), field("pubkey"))
+}
+
+/// A registry on loopback, without DHT; `target` is `KEY@127.0.0.1:PORT`.
+pub struct Registry {
+    pub proc: Proc,
+    pub key: String,
+    pub target: String,
+}
+
+pub fn registry(extra: &[&str]) -> Registry {
+    let (seed, key) = new_seed();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["--listen", &listen, "--no-dht"];
+    args.extend_from_slice(extra);
+    let proc = Proc::start("seaport-registry", &args, &[("SEAPORT_REGISTRY_SEED", &seed)]);
+    proc.wait_line("Registry listening. Connect with pubkey", Duration::from_secs(20));
+    Registry { proc, target: format!("{key}@{listen}"), key }
+}
+
+/// A service for `role` in front of the backend on `port`.
+pub fn service(target: &str, port: u16, role: &str) -> Proc {
+    let p = Proc::start("seaport-service", &[target, "-p", &port.to_string(), "-r", role], &[]);
+    p.wait_line("registered service", Duration::from_secs(20));
+    p
+}
+
+/// A proxy for `query` on a free port, once it has found `services` instances.
+pub fn proxy(target: &str, query: &str, services: usize) -> (Proc, u16) {
+    let port = free_port();
+    let p = Proc::start("seaport-proxy", &[target, "-p", &port.to_string(), "-r", query], &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p.count("found service") < services {
+        assert!(
+            Instant::now() < deadline,
+            "proxy found {} of {services}: {:#?}",
+            p.count("found"),
+            p.errors()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    (p, port)
+}
+
+/// An HTTP/1.0 server on loopback that answers every request with `body`.
+/// Runs until the test process ends.
+pub fn http_backend(body: &str) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let body = body.to_owned();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let body = body.clone();
+            thread::spawn(move || {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let reply = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                let _ = stream.write_all(reply.as_bytes());
+            });
+        }
+    });
+    port
+}
+
+/// `GET /` over HTTP/1.0; returns status code and body.
+pub fn http_get(port: u16) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let status = reply.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// Deterministic bytes for bulk transfers (xorshift), `len` long.
+pub fn pattern(seed: u64, len: usize) -> impl Iterator<Item = Vec<u8>> {
+    let mut state = seed | 1;
+    let mut left = len;
+    std::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        let n = left.min(64 * 1024);
+        left -= n;
+        let mut chunk = Vec::with_capacity(n);
+        while chunk.len() < n {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.extend_from_slice(&state.to_le_bytes());
+        }
+        chunk.truncate(n);
+        Some(chunk)
+    })
+}
+
+/// The sha256 of `pattern(seed, len)`.
+pub fn pattern_sha256(seed: u64, len: usize) -> String {
+    let mut h = Sha256::new();
+    for chunk in pattern(seed, len) {
+        h.update(&chunk);
+    }
+    hex(&h.finalize())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A bulk backend. A client sends one command line:
+/// - `UP\n`, then data until it half-closes: the server answers the sha256 hex;
+/// - `DOWN SEED LEN\n`: the server sends `pattern(SEED, LEN)` and closes.
+pub fn bulk_backend() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            thread::spawn(move || serve_bulk(stream));
+        }
+    });
+    port
+}
+
+fn serve_bulk(stream: TcpStream) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut command = String::new();
+    if reader.read_line(&mut command).is_err() {
+        return;
+    }
+    let words: Vec<&str> = command.split_whitespace().collect();
+    match words.as_slice() {
+        ["UP"] => {
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => h.update(&buf[..n]),
+                    Err(_) => return,
+                }
+            }
+            let _ = writer.write_all(hex(&h.finalize()).as_bytes());
+        }
+        ["DOWN", seed, len] => {
+            for chunk in pattern(seed.parse().unwrap(), len.parse().unwrap()) {
+                if writer.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        }
+        _ => {}
+    }
+    let _ = writer.shutdown(Shutdown::Write);
+}
+
+/// Uploads `pattern(seed, len)` through `port`, half-closes, and returns the
+/// digest the backend reports.
+pub fn upload(port: u16, seed: u64, len: usize) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    stream.write_all(b"UP\n").unwrap();
+    for chunk in pattern(seed, len) {
+        stream.write_all(&chunk).unwrap();
+    }
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut digest = String::new();
+    stream.read_to_string(&mut digest).unwrap();
+    digest
+}
+
+/// Downloads `pattern(seed, len)` through `port`; returns (bytes, sha256).
+pub fn download(port: u16, seed: u64, len: usize) -> (usize, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    stream.write_all(format!("DOWN {seed} {len}\n").as_bytes()).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        match stream.read(&mut buf).unwrap() {
+            0 => break,
+            n => {
+                total += n;
+                h.update(&buf[..n]);
+            }
+        }
+    }
+    (total, hex(&h.finalize()))
+}
