@@ -18,6 +18,20 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// Raises the soft limit on open files to the hard limit: a registry or proxy
+/// holds one descriptor per peer, and the usual soft limit (1024) is far
+/// below what they are built to serve.
+pub fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit { current: limit.maximum, maximum: limit.maximum };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!("cannot raise the open-file limit: {e}");
+        }
+    }
+}
+
 /// Prints `binary: message` on stderr and exits 1.
 pub fn fatal(binary: &str, message: impl std::fmt::Display) -> ! {
     eprintln!("{binary}: {message}");

@@ -12,7 +12,7 @@ use std::time::Duration;
 use seaport_proto::client::{Backoff, ControlClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::identity::{entropy, random_u64};
@@ -21,7 +21,8 @@ use crate::target::{RegistryTarget, Resolver};
 /// First reconnect delay; doubles per failure.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(250);
 /// Longest reconnect delay.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Longest reconnect delay: a registry that comes back is found again within it.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long one TCP connect may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -32,14 +33,17 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Keeps `client` connected to `target` until `stop` turns true; `on_event`
-/// sees every event. On stop, whatever the client queued last (a service's
-/// unregistrations) is written before the stream is closed.
+/// sees every event. Whoever changes the client from outside (a service's
+/// backend health check) notifies `poke` so that what it queued is sent. On
+/// stop, whatever the client queued last (a service's unregistrations) is
+/// written before the stream is closed.
 pub async fn run_client<C, F>(
     client: Arc<Mutex<C>>,
     target: RegistryTarget,
     resolver: Resolver,
     mut on_event: F,
     mut stop: watch::Receiver<bool>,
+    poke: Arc<Notify>,
 ) where
     C: ControlClient + Send + 'static,
     F: FnMut(&C::Event) + Send,
@@ -51,7 +55,7 @@ pub async fn run_client<C, F>(
         }
         match connect(&target, &resolver).await {
             Ok(stream) => {
-                if drive(&client, stream, &mut on_event, &mut backoff, &mut stop).await {
+                if drive(&client, stream, &mut on_event, &mut backoff, &mut stop, &poke).await {
                     return;
                 }
             }
@@ -103,6 +107,7 @@ async fn drive<C, F>(
     on_event: &mut F,
     backoff: &mut Backoff,
     stop: &mut watch::Receiver<bool>,
+    poke: &Notify,
 ) -> bool
 where
     C: ControlClient,
@@ -157,6 +162,7 @@ where
             () = async { match sleep { Some(s) => s.await, None => std::future::pending().await } } => {
                 lock(client).handle_timeout(std::time::Instant::now());
             }
+            () = poke.notified() => {}
             _ = stop.changed() => {
                 {
                     let mut c = lock(client);

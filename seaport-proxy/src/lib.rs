@@ -89,6 +89,11 @@ pub async fn run(args: Args) -> Result<(), String> {
                     event(format!("proxy from {port} to p2p service {}", instance.key));
                 }
             }
+            let now: HashSet<PublicKey> = instances.iter().map(|i| i.key).collect();
+            for gone in seen.difference(&now) {
+                tracing::info!(service = %gone, "service gone from the registry");
+            }
+            seen = now;
             if instances.is_empty() {
                 tracing::warn!("no instance matches the query right now");
             }
@@ -100,8 +105,15 @@ pub async fn run(args: Args) -> Result<(), String> {
         ProxyEvent::Refused { code, text, .. } => tracing::error!(%code, "registry refused: {text}"),
         other => tracing::debug!(?other),
     };
-    let control =
-        tokio::spawn(run_client(client.clone(), args.registry.clone(), resolver, on_event, stop.clone()));
+    let poke = Arc::new(tokio::sync::Notify::new());
+    let control = tokio::spawn(run_client(
+        client.clone(),
+        args.registry.clone(),
+        resolver,
+        on_event,
+        stop.clone(),
+        poke,
+    ));
 
     let mut conns = tokio::task::JoinSet::new();
     let shutdown = seaport_net::signal::shutdown_signal();

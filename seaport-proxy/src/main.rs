@@ -4,6 +4,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() {
     seaport_net::cli::init_logging();
+    seaport_net::cli::raise_fd_limit();
     let args = seaport_proxy::Args::parse();
     if let Err(e) = seaport_proxy::run(args).await {
         seaport_net::cli::fatal("seaport-proxy", e);

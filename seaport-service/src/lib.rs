@@ -14,7 +14,8 @@ use seaport_net::target::{RegistryTarget, Resolver};
 use seaport_proto::client::{ClientConfig, ServiceClient, ServiceEvent};
 use seaport_proto::keys::Keypair;
 use seaport_proto::role::Role;
-use tokio::sync::watch;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, watch};
 
 /// Expose a local TCP port under a role: proxies anywhere that look the role
 /// up in the registry reach it through an encrypted tunnel.
@@ -54,6 +55,10 @@ pub struct Args {
     /// On SIGTERM, how long open tunnels may take to finish.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub drain: Duration,
+    /// How often the backend is checked (a TCP connect); while it is down
+    /// the role is withdrawn from the registry.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub check_interval: Duration,
     /// How long a tunnel handshake and backend connect may take.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
@@ -82,8 +87,16 @@ pub async fn run(args: Args) -> Result<(), String> {
     let client = Arc::new(Mutex::new(ServiceClient::new(config, vec![role], local.port(), reported)));
     event(format!("connecting to registry {}", args.registry.key));
     let (stop_tx, stop) = watch::channel(false);
-    let control =
-        tokio::spawn(run_client(client.clone(), args.registry.clone(), resolver, on_event, stop.clone()));
+    let poke = Arc::new(Notify::new());
+    let control = tokio::spawn(run_client(
+        client.clone(),
+        args.registry.clone(),
+        resolver,
+        on_event,
+        stop.clone(),
+        poke.clone(),
+    ));
+    let health = tokio::spawn(watch_backend(client.clone(), backend, args.check_interval, poke));
 
     let mut tunnels = tokio::task::JoinSet::new();
     let timeout = args.handshake_timeout;
@@ -112,6 +125,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     }
     // Unregister first, so no proxy picks us while we drain.
     tracing::info!("shutting down: unregistering, then draining open tunnels");
+    health.abort();
     lock(&client).set_available(false);
     let _ = stop_tx.send(true);
     let _ = control.await;
@@ -133,5 +147,33 @@ fn on_event(event: &ServiceEvent) {
         ServiceEvent::Connected => tracing::info!("connected to registry"),
         ServiceEvent::Disconnected(_) => {}
         other => tracing::debug!(?other),
+    }
+}
+
+/// Checks the backend every `every` with a TCP connect; withdraws the role
+/// while it is down and registers it again when it is back, so no proxy is
+/// sent to a service that cannot answer.
+async fn watch_backend(
+    client: Arc<Mutex<ServiceClient>>,
+    backend: SocketAddr,
+    every: Duration,
+    poke: Arc<Notify>,
+) {
+    let mut up = true;
+    loop {
+        let check =
+            tokio::time::timeout(every.max(Duration::from_secs(1)), TcpStream::connect(backend)).await;
+        let now_up = matches!(check, Ok(Ok(_)));
+        if now_up != up {
+            up = now_up;
+            if up {
+                tracing::info!(%backend, "backend is back: registering again");
+            } else {
+                tracing::warn!(%backend, "backend is down: withdrawing the registration");
+            }
+            lock(&client).set_available(up);
+            poke.notify_one();
+        }
+        tokio::time::sleep(every).await;
     }
 }
