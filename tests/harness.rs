@@ -71,17 +71,23 @@ fn collect(reader: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
 }
 
 impl Proc {
-    /// Starts `name` with `args` and extra environment.
+    /// Starts the seaport binary `name` with `args` and extra environment.
     pub fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut cmd = Command::new(bin(name));
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(args);
         // Tests never reach the public DHT: clear inherited settings, then apply ours.
         cmd.env_remove("SEAPORT_BOOTSTRAP").env_remove("SEAPORT_REGISTRY").env_remove("SEAPORT_SEED");
         cmd.env_remove("SEAPORT_REGISTRY_SEED").env("RUST_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn binary");
+        Proc::spawn(name, cmd)
+    }
+
+    /// Starts any command, with its output collected like a binary's.
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn process");
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         collect(child.stdout.take().unwrap(), stdout.clone());
@@ -115,6 +121,40 @@ impl Proc {
             );
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits for a stderr (log) line containing `needle`; fails the test after `timeout`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.errors().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no log line with {needle:?} within {timeout:?}\nstderr: {:#?}",
+                self.name,
+                self.errors()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Counts stderr (log) lines containing `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.errors().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
     /// Counts stdout lines containing `needle`.
@@ -155,6 +195,20 @@ impl Drop for Proc {
     }
 }
 
+/// A plain HTTP server in its own process (python3), stoppable and restartable
+/// on the same port, serving `dir`.
+pub fn python_http(port: u16, dir: &std::path::Path) -> Proc {
+    let mut cmd = Command::new("python3");
+    cmd.args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"]).arg(dir);
+    let p = Proc::spawn("python3 http.server", cmd);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "python3 http.server did not start");
+        thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
 /// A new registry seed and its public key, from `seaport-seed --json`.
 pub fn new_seed() -> (String, String) {
     let out = Command::new(bin("seaport-seed")).arg("--json").output().unwrap();
@@ -187,15 +241,31 @@ pub fn registry(extra: &[&str]) -> Registry {
 
 /// A service for `role` in front of the backend on `port`.
 pub fn service(target: &str, port: u16, role: &str) -> Proc {
-    let p = Proc::start("seaport-service", &[target, "-p", &port.to_string(), "-r", role], &[]);
+    service_with(target, port, role, &[])
+}
+
+/// A service with extra flags, once registered.
+pub fn service_with(target: &str, port: u16, role: &str, extra: &[&str]) -> Proc {
+    let port = port.to_string();
+    let mut args = vec![target, "-p", &port, "-r", role];
+    args.extend_from_slice(extra);
+    let p = Proc::start("seaport-service", &args, &[]);
     p.wait_line("registered service", Duration::from_secs(20));
     p
 }
 
 /// A proxy for `query` on a free port, once it has found `services` instances.
 pub fn proxy(target: &str, query: &str, services: usize) -> (Proc, u16) {
+    proxy_with(target, query, services, &[])
+}
+
+/// A proxy with extra flags, once it has found `services` instances.
+pub fn proxy_with(target: &str, query: &str, services: usize, extra: &[&str]) -> (Proc, u16) {
     let port = free_port();
-    let p = Proc::start("seaport-proxy", &[target, "-p", &port.to_string(), "-r", query], &[]);
+    let port_text = port.to_string();
+    let mut args = vec![target, "-p", &port_text, "-r", query];
+    args.extend_from_slice(extra);
+    let p = Proc::start("seaport-proxy", &args, &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while p.count("found service") < services {
         assert!(
@@ -236,16 +306,25 @@ pub fn http_backend(body: &str) -> u16 {
     port
 }
 
-/// `GET /` over HTTP/1.0; returns status code and body.
+/// `GET /` over HTTP/1.0; returns status code and body, or status 0 and the
+/// error when the connection failed or closed without an answer.
 pub fn http_get(port: u16) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    stream.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).unwrap();
-    let status = reply.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (status, body)
+    let attempt = || -> std::io::Result<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        stream.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply)?;
+        Ok(reply)
+    };
+    match attempt() {
+        Ok(reply) => {
+            let status = reply.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+            (status, body)
+        }
+        Err(e) => (0, e.to_string()),
+    }
 }
 
 /// Deterministic bytes for bulk transfers (xorshift), `len` long.

@@ -1,0 +1,221 @@
+//! Reliability with real processes on loopback: start in any order, services
+//! killed or frozen, failover without a failed request, registry restarts,
+//! backends going down, and graceful shutdown.
+
+// Test code: a panic is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use seaport_tests::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn any_start_order_works() {
+    let backend = http_backend("late registry");
+    let (seed, key) = new_seed();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let target = format!("{key}@{listen}");
+    // Service and proxy first: nothing listens at the registry's address yet.
+    let svc = Proc::start("seaport-service", &[&target, "-p", &backend.to_string(), "-r", "late@1.0.0"], &[]);
+    let port = free_port();
+    let proxy = Proc::start("seaport-proxy", &[&target, "-p", &port.to_string(), "-r", "late"], &[]);
+    svc.wait_log("registry not reachable", WAIT);
+    proxy.wait_log("registry not reachable", WAIT);
+    let _reg = Proc::start("seaport-registry", &["--seed", &seed, "--listen", &listen, "--no-dht"], &[]);
+    svc.wait_line("registered service late@1.0.0", WAIT);
+    proxy.wait_line("proxy from", WAIT);
+    assert_eq!(http_get(port), (200, "late registry".to_owned()));
+}
+
+#[test]
+fn killed_service_is_dropped_at_once() {
+    let backend = http_backend("x");
+    let reg = registry(&[]);
+    let svc = service(&reg.target, backend, "victim@1.0.0");
+    let (proxy, _) = proxy(&reg.target, "victim", 1);
+    svc.signal("KILL");
+    reg.proc.wait_log("unregistered", WAIT);
+    proxy.wait_log("service gone from the registry", WAIT);
+}
+
+#[test]
+fn frozen_service_is_dropped_within_the_idle_timeout() {
+    let backend = http_backend("x");
+    let reg = registry(&[]);
+    let svc = service(&reg.target, backend, "frozen@1.0.0");
+    let (proxy, _) = proxy(&reg.target, "frozen", 1);
+    let frozen_at = Instant::now();
+    svc.signal("STOP");
+    // Default idle timeout 15 s, swept every second; the deadline leaves room for a loaded machine.
+    reg.proc.wait_log("unregistered", Duration::from_secs(30));
+    let took = frozen_at.elapsed();
+    assert!(took >= Duration::from_secs(14), "dropped after {took:?}: before the idle timeout?");
+    proxy.wait_log("service gone from the registry", WAIT);
+    svc.signal("CONT");
+}
+
+#[test]
+fn failover_loses_no_request() {
+    let (a, b) = (http_backend("a"), http_backend("b"));
+    let reg = registry(&[]);
+    let sa = service(&reg.target, a, "ha@1.0.0");
+    let _sb = service(&reg.target, b, "ha@1.0.1");
+    let (_proxy, port) = proxy(&reg.target, "ha", 2);
+    let mut seen = HashSet::new();
+    for i in 0..200 {
+        if i == 100 {
+            assert_eq!(seen.len(), 2, "both instances served before the kill");
+            // Between requests, so no request is in flight on it; the proxy
+            // may not know yet, and must fail over on its own.
+            sa.signal("KILL");
+        }
+        let (status, body) = http_get(port);
+        assert_eq!(status, 200, "request {i} failed");
+        seen.insert(body);
+    }
+}
+
+#[test]
+fn registry_restart_keeps_tunnels_and_everyone_comes_back() {
+    let backend = bulk_backend();
+    let web = http_backend("still here");
+    let (seed, key) = new_seed();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let target = format!("{key}@{listen}");
+    let start_registry = || {
+        let p = Proc::start("seaport-registry", &["--seed", &seed, "--listen", &listen, "--no-dht"], &[]);
+        p.wait_line("Registry listening", WAIT);
+        p
+    };
+    let reg = start_registry();
+    let _bulk = service(&target, backend, "bulk@1.0.0");
+    let _web = service(&target, web, "web@1.0.0");
+    let (_pb, bulk_port) = proxy(&target, "bulk", 1);
+    let (_pw, web_port) = proxy(&target, "web", 1);
+
+    // A download that runs across the registry's death and return.
+    let len = 64 * 1024 * 1024;
+    let mut stream = TcpStream::connect(("127.0.0.1", bulk_port)).unwrap();
+    std::io::Write::write_all(&mut stream, format!("DOWN 5 {len}\n").as_bytes()).unwrap();
+    let mut first = vec![0u8; 1024 * 1024];
+    stream.read_exact(&mut first).unwrap();
+
+    reg.signal("KILL");
+    drop(reg);
+    // While it is gone, the proxy serves new connections from what it knew.
+    assert_eq!(http_get(web_port), (200, "still here".to_owned()));
+
+    let back = Instant::now();
+    let reg = start_registry();
+    let deadline = back + Duration::from_secs(10);
+    while reg.count_log("registered peer") < 2 {
+        assert!(Instant::now() < deadline, "services did not come back: {:#?}", reg.errors());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("services re-registered {:?} after the registry's return", back.elapsed());
+
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).unwrap();
+    first.extend_from_slice(&rest);
+    assert_eq!(first.len(), len);
+    assert_eq!(hex(&<sha2::Sha256 as sha2::Digest>::digest(&first)), pattern_sha256(5, len));
+    assert_eq!(http_get(web_port), (200, "still here".to_owned()));
+}
+
+#[test]
+fn registry_found_again_through_the_dht_on_a_new_port() {
+    let web = http_backend("moved");
+    let (seed, key) = new_seed();
+    let dht = free_udp_port().to_string();
+    let start_registry = || {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let p =
+            Proc::start("seaport-registry", &["--seed", &seed, "--listen", &listen, "--dht-port", &dht], &[]);
+        p.wait_line("Registry listening", WAIT);
+        p
+    };
+    let reg = start_registry();
+    let bootstrap = format!("127.0.0.1:{dht}");
+    let env = [("SEAPORT_BOOTSTRAP", bootstrap.as_str())];
+    let svc = Proc::start("seaport-service", &[&key, "-p", &web.to_string(), "-r", "moved@1.0.0"], &env);
+    svc.wait_line("registered service", WAIT);
+    let port = free_port();
+    let proxy = Proc::start("seaport-proxy", &[&key, "-p", &port.to_string(), "-r", "moved"], &env);
+    proxy.wait_line("proxy from", WAIT);
+
+    reg.signal("KILL");
+    drop(reg);
+    let reg = start_registry();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reg.count_log("registered peer") < 1 {
+        assert!(Instant::now() < deadline, "service did not find the moved registry: {:#?}", svc.errors());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(http_get(port), (200, "moved".to_owned()));
+}
+
+#[test]
+fn backend_down_withdraws_and_back_registers_again() {
+    let dir = std::env::temp_dir().join(format!("seaport-backend-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("index.html"), "backend up").unwrap();
+    let backend_port = free_port();
+    let backend = python_http(backend_port, &dir);
+    let reg = registry(&[]);
+    let svc = service_with(&reg.target, backend_port, "flaky@1.0.0", &["--check-interval", "200ms"]);
+    let (proxy, port) = proxy_with(&reg.target, "flaky", 1, &["--connect-timeout", "1s"]);
+    assert_eq!(http_get(port), (200, "backend up".to_owned()));
+
+    drop(backend);
+    svc.wait_log("backend is down", WAIT);
+    reg.proc.wait_log("unregistered", WAIT);
+    proxy.wait_log("service gone from the registry", WAIT);
+    // No instance: the client is closed after the connect timeout, never sent to the dead backend.
+    assert_eq!(http_get(port).0, 0);
+
+    let _backend = python_http(backend_port, &dir);
+    svc.wait_log("backend is back", WAIT);
+    let deadline = Instant::now() + WAIT;
+    while svc.count("registered service") < 2 {
+        assert!(Instant::now() < deadline, "not registered again: {:#?}", svc.lines());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proxy.wait_line("found service", WAIT);
+    let deadline = Instant::now() + WAIT;
+    while http_get(port).0 != 200 {
+        assert!(Instant::now() < deadline, "proxy did not use the instance again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sigterm_unregisters_first_and_drains_open_tunnels() {
+    let backend = bulk_backend();
+    let reg = registry(&[]);
+    let mut svc = service(&reg.target, backend, "drain@1.0.0");
+    let (mut proxy, port) = proxy(&reg.target, "drain", 1);
+    let len = 32 * 1024 * 1024;
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut stream, format!("DOWN 9 {len}\n").as_bytes()).unwrap();
+    let mut data = vec![0u8; 1024 * 1024];
+    stream.read_exact(&mut data).unwrap();
+
+    svc.signal("TERM");
+    reg.proc.wait_log("unregistered", WAIT);
+    // The open tunnel finishes although the service is shutting down.
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).unwrap();
+    data.extend_from_slice(&rest);
+    assert_eq!(data.len(), len);
+    assert_eq!(hex(&<sha2::Sha256 as sha2::Digest>::digest(&data)), pattern_sha256(9, len));
+    assert_eq!(svc.wait_exit(WAIT), Some(0), "{:#?}", svc.errors());
+
+    proxy.signal("INT");
+    assert_eq!(proxy.wait_exit(WAIT), Some(0), "{:#?}", proxy.errors());
+}
