@@ -4,7 +4,44 @@
 //! Exit codes are part of the command-line contract: 0 after a clean
 //! shutdown, 1 on a fatal runtime error, 2 on a usage error (clap's own).
 
+use std::path::PathBuf;
 use std::time::Duration;
+
+use seaport_proto::keys::Keypair;
+
+use crate::identity::{load_seed, random_seed};
+use crate::target::{RegistryTarget, Resolver};
+
+/// The arguments a service and a proxy share: which registry, who we are,
+/// and how to find the registry.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientArgs {
+    /// The registry: KEY (found through the DHT) or KEY@HOST:PORT.
+    #[arg(env = "SEAPORT_REGISTRY", value_name = "REGISTRY")]
+    pub registry: RegistryTarget,
+    /// This process's seed (default: a fresh identity each start).
+    #[arg(long, env = "SEAPORT_SEED", hide_env_values = true, conflicts_with = "seed_file")]
+    pub seed: Option<String>,
+    /// Read the seed from this file instead (keeps it out of `ps`).
+    #[arg(long, value_name = "FILE")]
+    pub seed_file: Option<PathBuf>,
+    /// Private DHT bootstrap nodes, HOST:PORT,... (for a bare KEY).
+    #[arg(long, env = "SEAPORT_BOOTSTRAP", value_name = "LIST")]
+    pub bootstrap: Option<Bootstrap>,
+}
+
+impl ClientArgs {
+    /// The identity: from `--seed`/`--seed-file`/`SEAPORT_SEED`, else fresh.
+    pub fn keypair(&self) -> Result<Keypair, String> {
+        let seed = load_seed(self.seed.as_deref(), self.seed_file.as_deref()).map_err(|e| e.to_string())?;
+        Ok(Keypair::from_seed(&seed.unwrap_or_else(random_seed)))
+    }
+
+    /// A resolver for the registry (a DHT node only for a bare key).
+    pub async fn resolver(&self) -> Result<Resolver, String> {
+        Resolver::for_target(&self.registry, &self.bootstrap.clone().unwrap_or_default().0).await
+    }
+}
 
 /// Logs go to stderr (stdout carries only the event lines); `RUST_LOG`
 /// filters them, `info` by default.

@@ -81,164 +81,196 @@ pub enum ClientError {
     Silent(Duration),
 }
 
-struct Link {
-    session: Session,
-    last_heard: Instant,
-    next_ping: Instant,
-    nonce: u64,
-}
+/// The machinery both clients share, kept out of the public API: the control
+/// link (handshake, keepalive, message framing) and the hooks through which
+/// [`ControlClient`]'s provided methods reach each client.
+mod sealed {
+    use super::*;
 
-/// The control session both clients share: handshake, keepalive, framing of messages.
-struct Control {
-    config: ClientConfig,
-    link: Option<Link>,
-}
-
-impl Control {
-    fn connect(&mut self, now: Instant, entropy: [u8; 32]) -> Result<(), ClientError> {
-        let c = &self.config;
-        let session =
-            Session::initiate(now, &c.keypair, &c.registry, Intent::Control, entropy, c.handshake_timeout)?;
-        self.link = Some(Link { session, last_heard: now, next_ping: now + c.keepalive, nonce: 0 });
-        Ok(())
+    /// One open control session and its keepalive state.
+    pub struct Link {
+        session: Session,
+        last_heard: Instant,
+        next_ping: Instant,
+        nonce: u64,
     }
 
-    fn is_established(&self) -> bool {
-        self.link.as_ref().is_some_and(|l| l.session.is_established())
+    /// A client's link to the registry: its configuration, and the session
+    /// while there is one (`None` between a disconnect and the next `connect`).
+    pub struct Control {
+        pub config: ClientConfig,
+        pub link: Option<Link>,
     }
 
-    /// Feeds bytes; appends decoded messages to `inbox`. Returns whether the
-    /// session became established with this input.
-    fn handle_input(
-        &mut self,
-        now: Instant,
-        data: &[u8],
-        inbox: &mut Vec<Message>,
-    ) -> Result<bool, ClientError> {
-        let Some(link) = &mut self.link else { return Ok(false) };
-        let was = link.session.is_established();
-        link.session.handle_input(data)?;
-        link.last_heard = now;
-        while let Some(plain) = link.session.recv() {
-            match Message::decode(&plain)? {
-                Message::Ping { nonce } => send(link, &Message::Pong { nonce }),
-                Message::Pong { .. } => {}
-                Message::Error { id: None, code, text } => return Err(ClientError::Refused { code, text }),
-                msg => inbox.push(msg),
+    impl Control {
+        pub fn connect(&mut self, now: Instant, entropy: [u8; 32]) -> Result<(), ClientError> {
+            let c = &self.config;
+            let session = Session::initiate(
+                now,
+                &c.keypair,
+                &c.registry,
+                Intent::Control,
+                entropy,
+                c.handshake_timeout,
+            )?;
+            self.link = Some(Link { session, last_heard: now, next_ping: now + c.keepalive, nonce: 0 });
+            Ok(())
+        }
+
+        pub fn is_established(&self) -> bool {
+            self.link.as_ref().is_some_and(|l| l.session.is_established())
+        }
+
+        /// Feeds bytes; appends decoded messages to `inbox`. Returns whether the
+        /// session became established with this input.
+        pub fn handle_input(
+            &mut self,
+            now: Instant,
+            data: &[u8],
+            inbox: &mut Vec<Message>,
+        ) -> Result<bool, ClientError> {
+            let Some(link) = &mut self.link else { return Ok(false) };
+            let was = link.session.is_established();
+            link.session.handle_input(data)?;
+            link.last_heard = now;
+            while let Some(plain) = link.session.recv() {
+                match Message::decode(&plain)? {
+                    Message::Ping { nonce } => send(link, &Message::Pong { nonce }),
+                    Message::Pong { .. } => {}
+                    Message::Error { id: None, code, text } => {
+                        return Err(ClientError::Refused { code, text });
+                    }
+                    msg => inbox.push(msg),
+                }
+            }
+            Ok(!was && link.session.is_established())
+        }
+
+        pub fn handle_timeout(&mut self, now: Instant) -> Result<(), ClientError> {
+            let Some(link) = &mut self.link else { return Ok(()) };
+            link.session.handle_timeout(now)?;
+            if !link.session.is_established() {
+                return Ok(());
+            }
+            if now.saturating_duration_since(link.last_heard) >= self.config.dead_after {
+                return Err(ClientError::Silent(self.config.dead_after));
+            }
+            if now >= link.next_ping {
+                link.nonce += 1;
+                let nonce = link.nonce;
+                send(link, &Message::Ping { nonce });
+                link.next_ping = now + self.config.keepalive;
+            }
+            Ok(())
+        }
+
+        pub fn poll_timeout(&self) -> Option<Instant> {
+            let link = self.link.as_ref()?;
+            match link.session.poll_timeout() {
+                Some(deadline) => Some(deadline),
+                None => Some(link.next_ping.min(link.last_heard + self.config.dead_after)),
             }
         }
-        Ok(!was && link.session.is_established())
-    }
 
-    fn handle_timeout(&mut self, now: Instant) -> Result<(), ClientError> {
-        let Some(link) = &mut self.link else { return Ok(()) };
-        link.session.handle_timeout(now)?;
-        if !link.session.is_established() {
-            return Ok(());
+        pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
+            self.link.as_mut().is_some_and(|l| l.session.poll_transmit(buf))
         }
-        if now.saturating_duration_since(link.last_heard) >= self.config.dead_after {
-            return Err(ClientError::Silent(self.config.dead_after));
-        }
-        if now >= link.next_ping {
-            link.nonce += 1;
-            let nonce = link.nonce;
-            send(link, &Message::Ping { nonce });
-            link.next_ping = now + self.config.keepalive;
-        }
-        Ok(())
-    }
 
-    fn poll_timeout(&self) -> Option<Instant> {
-        let link = self.link.as_ref()?;
-        match link.session.poll_timeout() {
-            Some(deadline) => Some(deadline),
-            None => Some(link.next_ping.min(link.last_heard + self.config.dead_after)),
+        pub fn send(&mut self, msg: &Message) {
+            if let Some(link) = &mut self.link {
+                send(link, msg);
+            }
         }
     }
 
-    fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
-        self.link.as_mut().is_some_and(|l| l.session.poll_transmit(buf))
+    fn send(link: &mut Link, msg: &Message) {
+        let mut plain = Vec::new();
+        // Client messages are small and within limits by construction.
+        if msg.encode(&mut plain).is_ok() {
+            let _ = link.session.send(&plain);
+        }
     }
 
-    fn send(&mut self, msg: &Message) {
-        if let Some(link) = &mut self.link {
-            send(link, msg);
-        }
+    /// What each client supplies; everything else comes from [`ControlClient`].
+    pub trait Controlled {
+        /// The client's control link.
+        fn control(&self) -> &Control;
+        /// The client's control link, mutably.
+        fn control_mut(&mut self) -> &mut Control;
+        /// The session just opened: (re)send what the client wants.
+        fn on_open(&mut self);
+        /// A message the link did not handle itself.
+        fn on_message(&mut self, msg: Message);
+        /// The session ended: forget it and report why.
+        fn on_disconnect(&mut self, reason: ClientError);
     }
 }
 
-fn send(link: &mut Link, msg: &Message) {
-    let mut plain = Vec::new();
-    // Client messages are small and within limits by construction.
-    if msg.encode(&mut plain).is_ok() {
-        let _ = link.session.send(&plain);
-    }
-}
+use sealed::{Control, Controlled};
 
 /// What a driver needs of either client to keep its control session going.
-pub trait ControlClient {
+/// The methods shared by both clients are provided here, once.
+pub trait ControlClient: Controlled {
     /// The client's event type.
     type Event: std::fmt::Debug;
-    /// A fresh stream to the registry is up: start the handshake.
-    fn connect(&mut self, now: Instant, entropy: [u8; 32]) -> Result<(), ClientError>;
-    /// Bytes read from the registry.
-    fn handle_input(&mut self, now: Instant, data: &[u8]);
-    /// The stream to the registry closed.
-    fn handle_disconnect(&mut self);
-    /// Timers: handshake deadline, keepalive, dead registry.
-    fn handle_timeout(&mut self, now: Instant);
-    /// When `handle_timeout` must next be called.
-    fn poll_timeout(&self) -> Option<Instant>;
-    /// Bytes to write to the registry; false if none.
-    fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool;
+
     /// The next event.
     fn poll_event(&mut self) -> Option<Self::Event>;
     /// Whether `event` reports the session opened (the backoff can reset).
     fn is_connected_event(event: &Self::Event) -> bool;
     /// The reason, if `event` reports the session ended (reconnect after a backoff).
     fn disconnect_reason(event: &Self::Event) -> Option<&ClientError>;
-}
 
-macro_rules! control_client {
-    ($client:ty, $event:ident) => {
-        impl ControlClient for $client {
-            type Event = $event;
-            fn connect(&mut self, now: Instant, entropy: [u8; 32]) -> Result<(), ClientError> {
-                <$client>::connect(self, now, entropy)
-            }
-            fn handle_input(&mut self, now: Instant, data: &[u8]) {
-                <$client>::handle_input(self, now, data)
-            }
-            fn handle_disconnect(&mut self) {
-                <$client>::handle_disconnect(self)
-            }
-            fn handle_timeout(&mut self, now: Instant) {
-                <$client>::handle_timeout(self, now)
-            }
-            fn poll_timeout(&self) -> Option<Instant> {
-                <$client>::poll_timeout(self)
-            }
-            fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
-                <$client>::poll_transmit(self, buf)
-            }
-            fn poll_event(&mut self) -> Option<$event> {
-                <$client>::poll_event(self)
-            }
-            fn is_connected_event(event: &$event) -> bool {
-                matches!(event, $event::Connected)
-            }
-            fn disconnect_reason(event: &$event) -> Option<&ClientError> {
-                match event {
-                    $event::Disconnected(reason) => Some(reason),
-                    _ => None,
+    /// A fresh stream to the registry is up: start the handshake.
+    fn connect(&mut self, now: Instant, entropy: [u8; 32]) -> Result<(), ClientError> {
+        self.control_mut().connect(now, entropy)
+    }
+
+    /// Whether the control session is established.
+    fn is_connected(&self) -> bool {
+        self.control().is_established()
+    }
+
+    /// Bytes read from the registry.
+    fn handle_input(&mut self, now: Instant, data: &[u8]) {
+        let mut inbox = Vec::new();
+        match self.control_mut().handle_input(now, data, &mut inbox) {
+            Ok(opened) => {
+                if opened {
+                    self.on_open();
+                }
+                for msg in inbox {
+                    self.on_message(msg);
                 }
             }
+            Err(e) => self.on_disconnect(e),
         }
-    };
-}
+    }
 
-control_client!(ServiceClient, ServiceEvent);
-control_client!(ProxyClient, ProxyEvent);
+    /// The stream to the registry closed.
+    fn handle_disconnect(&mut self) {
+        if self.control().link.is_some() {
+            self.on_disconnect(ClientError::Closed);
+        }
+    }
+
+    /// Timers: handshake deadline, keepalive, dead registry.
+    fn handle_timeout(&mut self, now: Instant) {
+        if let Err(e) = self.control_mut().handle_timeout(now) {
+            self.on_disconnect(e);
+        }
+    }
+
+    /// When `handle_timeout` must next be called.
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.control().poll_timeout()
+    }
+
+    /// Bytes to write to the registry; false if none.
+    fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
+        self.control_mut().poll_transmit(buf)
+    }
+}
 
 /// Capped exponential backoff with jitter, for reconnecting.
 #[derive(Debug, Clone)]
@@ -314,36 +346,7 @@ impl ServiceClient {
         }
     }
 
-    /// A fresh stream to the registry is up: start the handshake.
-    pub fn connect(&mut self, now: Instant, entropy: [u8; 32]) -> Result<(), ClientError> {
-        self.control.connect(now, entropy)
-    }
-
-    /// Whether the control session is established.
-    pub fn is_connected(&self) -> bool {
-        self.control.is_established()
-    }
-
-    /// Bytes read from the registry.
-    pub fn handle_input(&mut self, now: Instant, data: &[u8]) {
-        let mut inbox = Vec::new();
-        match self.control.handle_input(now, data, &mut inbox) {
-            Ok(opened) => {
-                if opened {
-                    self.events.push_back(ServiceEvent::Connected);
-                    if self.available {
-                        self.register_all();
-                    }
-                }
-                for msg in inbox {
-                    self.handle_message(msg);
-                }
-            }
-            Err(e) => self.disconnect(e),
-        }
-    }
-
-    fn handle_message(&mut self, msg: Message) {
+    fn handle_service_message(&mut self, msg: Message) {
         let role_of = |id: u32| usize::try_from(id).ok().and_then(|i| self.roles.get(i)).cloned();
         match msg {
             Message::Registered { id } => {
@@ -356,37 +359,8 @@ impl ServiceClient {
                     self.events.push_back(ServiceEvent::Refused { role, code, text });
                 }
             }
-            other => self.disconnect(ClientError::Unexpected(format!("{other:?}"))),
+            other => self.on_disconnect(ClientError::Unexpected(format!("{other:?}"))),
         }
-    }
-
-    /// The stream to the registry closed.
-    pub fn handle_disconnect(&mut self) {
-        if self.control.link.is_some() {
-            self.disconnect(ClientError::Closed);
-        }
-    }
-
-    /// Timers: handshake deadline, keepalive, dead registry.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        if let Err(e) = self.control.handle_timeout(now) {
-            self.disconnect(e);
-        }
-    }
-
-    /// When `handle_timeout` must next be called.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.control.poll_timeout()
-    }
-
-    /// Bytes to write to the registry; false if none.
-    pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
-        self.control.poll_transmit(buf)
-    }
-
-    /// The next event.
-    pub fn poll_event(&mut self) -> Option<ServiceEvent> {
-        self.events.pop_front()
     }
 
     /// The backend went down (`false`: withdraw every role) or came back
@@ -419,10 +393,43 @@ impl ServiceClient {
             self.control.send(&msg);
         }
     }
+}
 
-    fn disconnect(&mut self, reason: ClientError) {
+impl Controlled for ServiceClient {
+    fn control(&self) -> &Control {
+        &self.control
+    }
+    fn control_mut(&mut self) -> &mut Control {
+        &mut self.control
+    }
+    fn on_open(&mut self) {
+        self.events.push_back(ServiceEvent::Connected);
+        if self.available {
+            self.register_all();
+        }
+    }
+    fn on_message(&mut self, msg: Message) {
+        self.handle_service_message(msg);
+    }
+    fn on_disconnect(&mut self, reason: ClientError) {
         self.control.link = None;
         self.events.push_back(ServiceEvent::Disconnected(reason));
+    }
+}
+
+impl ControlClient for ServiceClient {
+    type Event = ServiceEvent;
+    fn poll_event(&mut self) -> Option<ServiceEvent> {
+        self.events.pop_front()
+    }
+    fn is_connected_event(event: &ServiceEvent) -> bool {
+        matches!(event, ServiceEvent::Connected)
+    }
+    fn disconnect_reason(event: &ServiceEvent) -> Option<&ClientError> {
+        match event {
+            ServiceEvent::Disconnected(reason) => Some(reason),
+            _ => None,
+        }
     }
 }
 
@@ -520,34 +527,7 @@ impl ProxyClient {
         }
     }
 
-    /// A fresh stream to the registry is up: start the handshake.
-    pub fn connect(&mut self, now: Instant, entropy: [u8; 32]) -> Result<(), ClientError> {
-        self.control.connect(now, entropy)
-    }
-
-    /// Whether the control session is established.
-    pub fn is_connected(&self) -> bool {
-        self.control.is_established()
-    }
-
-    /// Bytes read from the registry.
-    pub fn handle_input(&mut self, now: Instant, data: &[u8]) {
-        let mut inbox = Vec::new();
-        match self.control.handle_input(now, data, &mut inbox) {
-            Ok(opened) => {
-                if opened {
-                    self.events.push_back(ProxyEvent::Connected);
-                    self.control.send(&Message::Watch { id: WATCH_ID, query: self.query.clone() });
-                }
-                for msg in inbox {
-                    self.handle_message(msg);
-                }
-            }
-            Err(e) => self.disconnect(e),
-        }
-    }
-
-    fn handle_message(&mut self, msg: Message) {
+    fn handle_proxy_message(&mut self, msg: Message) {
         match msg {
             Message::Instances { id: WATCH_ID, instances, truncated } => {
                 // Only what we asked for: a confused registry cannot steer us elsewhere.
@@ -562,7 +542,7 @@ impl ProxyClient {
             Message::Error { id: Some(id), code, text } => {
                 self.events.push_back(ProxyEvent::Refused { id, code, text });
             }
-            other => self.disconnect(ClientError::Unexpected(format!("{other:?}"))),
+            other => self.on_disconnect(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
 
@@ -576,35 +556,6 @@ impl ProxyClient {
         self.next_lookup = self.next_lookup.checked_add(1).unwrap_or(WATCH_ID + 1);
         self.control.send(&Message::Lookup { id, query });
         Some(id)
-    }
-
-    /// The stream to the registry closed.
-    pub fn handle_disconnect(&mut self) {
-        if self.control.link.is_some() {
-            self.disconnect(ClientError::Closed);
-        }
-    }
-
-    /// Timers: handshake deadline, keepalive, dead registry.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        if let Err(e) = self.control.handle_timeout(now) {
-            self.disconnect(e);
-        }
-    }
-
-    /// When `handle_timeout` must next be called.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.control.poll_timeout()
-    }
-
-    /// Bytes to write to the registry; false if none.
-    pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
-        self.control.poll_transmit(buf)
-    }
-
-    /// The next event.
-    pub fn poll_event(&mut self) -> Option<ProxyEvent> {
-        self.events.pop_front()
     }
 
     /// The instances last reported (kept across registry reconnects).
@@ -642,10 +593,41 @@ impl ProxyClient {
     pub fn report_failure(&mut self, now: Instant, key: PublicKey) {
         self.banned.insert(key, now + self.ban);
     }
+}
 
-    fn disconnect(&mut self, reason: ClientError) {
+impl Controlled for ProxyClient {
+    fn control(&self) -> &Control {
+        &self.control
+    }
+    fn control_mut(&mut self) -> &mut Control {
+        &mut self.control
+    }
+    fn on_open(&mut self) {
+        self.events.push_back(ProxyEvent::Connected);
+        self.control.send(&Message::Watch { id: WATCH_ID, query: self.query.clone() });
+    }
+    fn on_message(&mut self, msg: Message) {
+        self.handle_proxy_message(msg);
+    }
+    fn on_disconnect(&mut self, reason: ClientError) {
         self.control.link = None;
         self.events.push_back(ProxyEvent::Disconnected(reason));
+    }
+}
+
+impl ControlClient for ProxyClient {
+    type Event = ProxyEvent;
+    fn poll_event(&mut self) -> Option<ProxyEvent> {
+        self.events.pop_front()
+    }
+    fn is_connected_event(event: &ProxyEvent) -> bool {
+        matches!(event, ProxyEvent::Connected)
+    }
+    fn disconnect_reason(event: &ProxyEvent) -> Option<&ClientError> {
+        match event {
+            ProxyEvent::Disconnected(reason) => Some(reason),
+            _ => None,
+        }
     }
 }
 

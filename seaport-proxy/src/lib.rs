@@ -4,15 +4,13 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use seaport_net::cli::{Bootstrap, event, parse_duration};
+use seaport_net::cli::{ClientArgs, event, parse_duration};
 use seaport_net::control::{lock, run_client};
-use seaport_net::identity::{load_seed, random_seed, random_u64};
-use seaport_net::target::{RegistryTarget, Resolver};
+use seaport_net::identity::random_u64;
 use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, Strategy};
 use seaport_proto::keys::{Keypair, PublicKey};
 use seaport_proto::role::RoleQuery;
@@ -27,9 +25,9 @@ use tokio::sync::watch;
     after_help = "Example:\n  seaport-proxy 5b64a8...0d45 -p 5984 -r couchdb@3.x\n  curl http://127.0.0.1:5984/"
 )]
 pub struct Args {
-    /// The registry: KEY (found through the DHT) or KEY@HOST:PORT.
-    #[arg(env = "SEAPORT_REGISTRY", value_name = "REGISTRY")]
-    pub registry: RegistryTarget,
+    /// Registry, identity and DHT options, shared with the other client binary.
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// The local port to serve on.
     #[arg(short, long, value_name = "PORT")]
     pub port: u16,
@@ -48,15 +46,6 @@ pub struct Args {
     /// How long a failed instance is avoided.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub ban: Duration,
-    /// This proxy's seed (default: a fresh identity each start).
-    #[arg(long, env = "SEAPORT_SEED", hide_env_values = true, conflicts_with = "seed_file")]
-    pub seed: Option<String>,
-    /// Read the seed from this file instead.
-    #[arg(long, value_name = "FILE")]
-    pub seed_file: Option<PathBuf>,
-    /// Private DHT bootstrap nodes, HOST:PORT,... (for a bare KEY).
-    #[arg(long, env = "SEAPORT_BOOTSTRAP", value_name = "LIST")]
-    pub bootstrap: Option<Bootstrap>,
     /// On SIGTERM, how long open connections may take to finish.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub drain: Duration,
@@ -64,19 +53,17 @@ pub struct Args {
 
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
 pub async fn run(args: Args) -> Result<(), String> {
-    let seed = load_seed(args.seed.as_deref(), args.seed_file.as_deref()).map_err(|e| e.to_string())?;
-    let keypair = Keypair::from_seed(&seed.unwrap_or_else(random_seed));
+    let keypair = args.client.keypair()?;
     let addr = SocketAddr::new(args.bind, args.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}; choose another -p port or --bind address"))?;
-    let resolver =
-        Resolver::for_target(&args.registry, &args.bootstrap.clone().unwrap_or_default().0).await?;
-    let config = ClientConfig::new(keypair.clone(), args.registry.key);
+    let resolver = args.client.resolver().await?;
+    let config = ClientConfig::new(keypair.clone(), args.client.registry.key);
     let client = Arc::new(Mutex::new(ProxyClient::new(config, args.role.clone(), args.balance, args.ban)));
     // Bumped on every instance-set change, so waiting clients wake up.
     let (changed_tx, changed) = watch::channel(0u64);
-    event(format!("connecting to registry {}", args.registry.key));
+    event(format!("connecting to registry {}", args.client.registry.key));
     let (stop_tx, stop) = watch::channel(false);
     let mut seen: HashSet<PublicKey> = HashSet::new();
     let port = args.port;
@@ -108,7 +95,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     let poke = Arc::new(tokio::sync::Notify::new());
     let control = tokio::spawn(run_client(
         client.clone(),
-        args.registry.clone(),
+        args.client.registry.clone(),
         resolver,
         on_event,
         stop.clone(),

@@ -2,17 +2,13 @@
 //! role registered with the registry.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use seaport_net::cli::{Bootstrap, event, parse_duration};
+use seaport_net::cli::{ClientArgs, event, parse_duration};
 use seaport_net::control::{lock, run_client};
-use seaport_net::identity::{load_seed, random_seed};
-use seaport_net::target::{RegistryTarget, Resolver};
 use seaport_proto::client::{ClientConfig, ServiceClient, ServiceEvent};
-use seaport_proto::keys::Keypair;
 use seaport_proto::role::Role;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
@@ -25,9 +21,9 @@ use tokio::sync::{Notify, watch};
     after_help = "Example:\n  seaport-service 5b64a8...0d45 -p 5984 -r couchdb@3.2.2\n  seaport-service 5b64a8...0d45@registry.lan:4500 -p 8080 -r web@1.4.0 --tag eu"
 )]
 pub struct Args {
-    /// The registry: KEY (found through the DHT) or KEY@HOST:PORT.
-    #[arg(env = "SEAPORT_REGISTRY", value_name = "REGISTRY")]
-    pub registry: RegistryTarget,
+    /// Registry, identity and DHT options, shared with the other client binary.
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// The local TCP port of the backend to expose.
     #[arg(short, long, value_name = "PORT")]
     pub port: u16,
@@ -43,15 +39,6 @@ pub struct Args {
     /// TCP address for incoming tunnels.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]
     pub listen: SocketAddr,
-    /// This service's seed (default: a fresh identity each start).
-    #[arg(long, env = "SEAPORT_SEED", hide_env_values = true, conflicts_with = "seed_file")]
-    pub seed: Option<String>,
-    /// Read the seed from this file instead.
-    #[arg(long, value_name = "FILE")]
-    pub seed_file: Option<PathBuf>,
-    /// Private DHT bootstrap nodes, HOST:PORT,... (for a bare KEY).
-    #[arg(long, env = "SEAPORT_BOOTSTRAP", value_name = "LIST")]
-    pub bootstrap: Option<Bootstrap>,
     /// On SIGTERM, how long open tunnels may take to finish.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub drain: Duration,
@@ -67,8 +54,7 @@ pub struct Args {
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
 pub async fn run(args: Args) -> Result<(), String> {
     let role = args.role.clone().with_tags(args.tags.clone()).map_err(|e| e.to_string())?;
-    let seed = load_seed(args.seed.as_deref(), args.seed_file.as_deref()).map_err(|e| e.to_string())?;
-    let keypair = Keypair::from_seed(&seed.unwrap_or_else(random_seed));
+    let keypair = args.client.keypair()?;
     let backend = tokio::net::lookup_host((args.host.as_str(), args.port))
         .await
         .ok()
@@ -80,17 +66,16 @@ pub async fn run(args: Args) -> Result<(), String> {
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     event(format!("started p2p service on {}", keypair.public()));
 
-    let resolver =
-        Resolver::for_target(&args.registry, &args.bootstrap.clone().unwrap_or_default().0).await?;
+    let resolver = args.client.resolver().await?;
     let reported = if local.ip().is_unspecified() { vec![] } else { vec![local] };
-    let config = ClientConfig::new(keypair.clone(), args.registry.key);
+    let config = ClientConfig::new(keypair.clone(), args.client.registry.key);
     let client = Arc::new(Mutex::new(ServiceClient::new(config, vec![role], local.port(), reported)));
-    event(format!("connecting to registry {}", args.registry.key));
+    event(format!("connecting to registry {}", args.client.registry.key));
     let (stop_tx, stop) = watch::channel(false);
     let poke = Arc::new(Notify::new());
     let control = tokio::spawn(run_client(
         client.clone(),
-        args.registry.clone(),
+        args.client.registry.clone(),
         resolver,
         on_event,
         stop.clone(),

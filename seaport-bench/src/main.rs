@@ -1,0 +1,333 @@
+//! seaport-bench: measures seaport against what a user would otherwise use,
+//! side by side in one run on loopback:
+//! - **direct**: straight to the backend (this machine's physical limit);
+//! - **relay**: two hops of a plain TCP relay (proxy + service's shape, no crypto);
+//! - **seaport**: through `seaport-proxy` and `seaport-service`.
+//!
+//! `cargo run --release -p seaport-bench -- [--quick] [--json]`. It builds the
+//! release binaries, starts every process itself, and prints a table with
+//! ratios. Figures are for comparison within one run, never absolute claims.
+
+// A benchmark driver: a failure to set up is fatal, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+
+mod measure;
+mod peers;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use peers::{Peer, free_port};
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmark seaport against a direct connection and a plain two-hop relay, on loopback")]
+struct Args {
+    /// A short run (64 MiB, fewer rounds, 1,000 idle connections): a smoke test, not figures.
+    #[arg(long)]
+    quick: bool,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Idle connections for the memory-per-connection figure.
+    #[arg(long)]
+    connections: Option<usize>,
+    #[command(subcommand)]
+    role: Option<Role>,
+}
+
+/// The processes this executable also plays.
+#[derive(Debug, Subcommand)]
+enum Role {
+    /// The sink/source/echo backend.
+    #[command(hide = true)]
+    Backend,
+    /// One plain relay hop to `to`.
+    #[command(hide = true)]
+    Relay { to: SocketAddr },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Better {
+    Higher,
+    Lower,
+}
+
+/// One line of the table.
+struct Row {
+    name: &'static str,
+    unit: &'static str,
+    better: Better,
+    direct: Option<f64>,
+    relay: Option<f64>,
+    seaport: Option<f64>,
+}
+
+fn main() {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    match args.role {
+        Some(Role::Backend) => runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            println!("listening {}", listener.local_addr().unwrap());
+            peers::serve_backend(listener).await;
+        }),
+        Some(Role::Relay { to }) => runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            println!("listening {}", listener.local_addr().unwrap());
+            peers::serve_relay(listener, to).await;
+        }),
+        None => {
+            let rows = runtime.block_on(run(&args));
+            if args.json { print_json(&rows) } else { print_table(&rows) }
+        }
+    }
+}
+
+/// Raises the open-file limit for this process and its children (10,000 idle
+/// tunnels take 20,000 descriptors in the proxy alone).
+fn raise_fd_limit(want: u64) -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let _ = setrlimit(Resource::Nofile, Rlimit { current: Some(want), maximum: Some(want) });
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current.is_none_or(|c| c < want) {
+        let hard = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, Rlimit { current: hard, maximum: hard });
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+fn listening(peer: &mut Peer) -> SocketAddr {
+    peer.wait_line("listening").rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+async fn run(args: &Args) -> Vec<Row> {
+    let quick = args.quick;
+    let bytes: u64 = if quick { 64 << 20 } else { 1 << 30 };
+    let rounds = if quick { 2_000 } else { 20_000 };
+    let fresh = if quick { 200 } else { 2_000 };
+    let mut idle = args.connections.unwrap_or(if quick { 1_000 } else { 10_000 });
+    let limit = raise_fd_limit(65_536);
+    if (idle as u64) * 2 + 512 > limit {
+        idle = ((limit.saturating_sub(512)) / 2) as usize;
+        eprintln!("open-file limit {limit}: measuring {idle} idle connections");
+    }
+
+    let bin = peers::build_binaries();
+    let me = std::env::current_exe().unwrap();
+    let mut backend = Peer::start("backend", &me, &["backend"]);
+    let backend_addr = listening(&mut backend);
+    let mut hop2 = Peer::start("relay hop 2", &me, &["relay", &backend_addr.to_string()]);
+    let hop2_addr = listening(&mut hop2);
+    let mut hop1 = Peer::start("relay hop 1", &me, &["relay", &hop2_addr.to_string()]);
+    let relay_addr = listening(&mut hop1);
+
+    let seed = "11".repeat(32);
+    let registry_listen = format!("127.0.0.1:{}", free_port());
+    let mut registry = Peer::start(
+        "registry",
+        &bin.join("seaport-registry"),
+        &["--seed", &seed, "--listen", &registry_listen, "--no-dht", "--max-registrations", "20000"],
+    );
+    let key_line = registry.wait_line("Connect with pubkey");
+    let key = key_line.rsplit(' ').next().unwrap().to_owned();
+    let target = format!("{key}@{registry_listen}");
+    let backend_port = backend_addr.port().to_string();
+    let mut service = Peer::start(
+        "service",
+        &bin.join("seaport-service"),
+        &[&target, "-p", &backend_port, "-r", "bench@1.0.0", "--listen", "127.0.0.1:0"],
+    );
+    service.wait_line("registered service");
+    let proxy_port = free_port();
+    let mut proxy = Peer::start(
+        "proxy",
+        &bin.join("seaport-proxy"),
+        &[&target, "-p", &proxy_port.to_string(), "-r", "bench"],
+    );
+    proxy.wait_line("proxy from");
+    let seaport_addr: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();
+    let targets = [backend_addr, relay_addr, seaport_addr];
+
+    // Warm up every path.
+    for addr in targets {
+        measure::new_connections(addr, 20).await.unwrap();
+    }
+
+    let mut rows = Vec::new();
+    let mut each = |name, unit, better, values: [f64; 3]| {
+        rows.push(Row {
+            name,
+            unit,
+            better,
+            direct: Some(values[0]),
+            relay: Some(values[1]),
+            seaport: Some(values[2]),
+        });
+    };
+
+    let mut up = [0.0; 3];
+    let mut down = [0.0; 3];
+    let mut peak = (0, 0);
+    for (i, addr) in targets.into_iter().enumerate() {
+        if i == 2 {
+            proxy.reset_peak();
+            service.reset_peak();
+        }
+        up[i] = measure::bulk_up(addr, bytes).await.unwrap();
+        down[i] = measure::bulk_down(addr, bytes).await.unwrap();
+        if i == 2 {
+            peak = (proxy.memory_kib().1, service.memory_kib().1);
+        }
+    }
+    let size = if quick { "64 MiB" } else { "1 GiB" };
+    each(Box::leak(format!("bulk upload, {size}").into_boxed_str()), "MB/s", Better::Higher, up);
+    each(Box::leak(format!("bulk download, {size}").into_boxed_str()), "MB/s", Better::Higher, down);
+
+    let mut p50 = [0.0; 3];
+    let mut p99 = [0.0; 3];
+    for (i, addr) in targets.into_iter().enumerate() {
+        let mut times = measure::request_response(addr, rounds).await.unwrap();
+        p50[i] = measure::percentile_us(&mut times, 50.0);
+        p99[i] = measure::percentile_us(&mut times, 99.0);
+    }
+    each("request/response 64 B, p50", "µs", Better::Lower, p50);
+    each("request/response 64 B, p99", "µs", Better::Lower, p99);
+
+    for (i, addr) in targets.into_iter().enumerate() {
+        let mut times = measure::new_connections(addr, fresh).await.unwrap();
+        p50[i] = measure::percentile_us(&mut times, 50.0);
+        p99[i] = measure::percentile_us(&mut times, 99.0);
+    }
+    each("new connection to first byte, p50", "µs", Better::Lower, p50);
+    each("new connection to first byte, p99", "µs", Better::Lower, p99);
+
+    // Idle connections: RSS per connection in each of the two middle processes.
+    let mut per_conn = [[f64::NAN; 2]; 3];
+    for (i, (addr, middle)) in
+        [(relay_addr, [&hop1, &hop2]), (seaport_addr, [&proxy, &service])].into_iter().enumerate()
+    {
+        let before = [middle[0].memory_kib().0, middle[1].memory_kib().0];
+        let open = measure::open_idle(addr, idle).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = [middle[0].memory_kib().0, middle[1].memory_kib().0];
+        for side in 0..2 {
+            per_conn[i + 1][side] = (after[side] as f64 - before[side] as f64) / idle as f64;
+        }
+        drop(open);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let idle_name = |side: &str| -> &'static str {
+        Box::leak(format!("idle connections ({idle}), RSS each: {side}").into_boxed_str())
+    };
+    rows.push(Row {
+        name: idle_name("proxy / hop 1"),
+        unit: "KiB",
+        better: Better::Lower,
+        direct: None,
+        relay: Some(per_conn[1][0]),
+        seaport: Some(per_conn[2][0]),
+    });
+    rows.push(Row {
+        name: idle_name("service / hop 2"),
+        unit: "KiB",
+        better: Better::Lower,
+        direct: None,
+        relay: Some(per_conn[1][1]),
+        seaport: Some(per_conn[2][1]),
+    });
+    rows.push(Row {
+        name: "peak RSS during bulk: proxy",
+        unit: "MB",
+        better: Better::Lower,
+        direct: None,
+        relay: None,
+        seaport: Some(peak.0 as f64 / 1024.0),
+    });
+    rows.push(Row {
+        name: "peak RSS during bulk: service",
+        unit: "MB",
+        better: Better::Lower,
+        direct: None,
+        relay: None,
+        seaport: Some(peak.1 as f64 / 1024.0),
+    });
+
+    let registry_addr: SocketAddr = registry_listen.parse().unwrap();
+    let registry_key = key.parse().unwrap();
+    let (instances, lookups) = if quick { (1_000, 5_000) } else { (10_000, 100_000) };
+    let rate =
+        measure::lookups_per_second(registry_addr, &registry_key, instances, lookups, 64).await.unwrap();
+    rows.push(Row {
+        name: Box::leak(format!("registry lookups, {instances} instances").into_boxed_str()),
+        unit: "/s",
+        better: Better::Higher,
+        direct: None,
+        relay: None,
+        seaport: Some(rate),
+    });
+    drop((backend, hop1, hop2, registry, service, proxy));
+    rows
+}
+
+fn fmt(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v.is_nan() => "-".into(),
+        Some(v) if v >= 100.0 => format!("{v:.0}"),
+        Some(v) => format!("{v:.2}"),
+        None => "-".into(),
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 && !a.is_nan() && !b.is_nan() => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "| {:<44} | {:>5} | {:>9} | {:>9} | {:>9} | {:>10} | {:>10} |",
+        "measure", "unit", "direct", "relay", "seaport", "vs direct", "vs relay"
+    );
+    println!("|{:-<46}|{:->7}|{:->11}|{:->11}|{:->11}|{:->12}|{:->12}|", "", "", "", "", "", "", "");
+    for r in rows {
+        let arrow = match r.better {
+            Better::Higher => "↑",
+            Better::Lower => "↓",
+        };
+        println!(
+            "| {:<44} | {:>5} | {:>9} | {:>9} | {:>9} | {:>10} | {:>10} |",
+            format!("{} {arrow}", r.name),
+            r.unit,
+            fmt(r.direct),
+            fmt(r.relay),
+            fmt(r.seaport),
+            ratio(r.seaport, r.direct),
+            ratio(r.seaport, r.relay)
+        );
+    }
+}
+
+fn print_json(rows: &[Row]) {
+    let num = |v: Option<f64>| match v {
+        Some(v) if v.is_finite() => format!("{v:.3}"),
+        _ => "null".into(),
+    };
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"measure\": \"{}\", \"unit\": \"{}\", \"higher_is_better\": {}, \"direct\": {}, \"relay\": {}, \"seaport\": {}}}",
+                r.name,
+                r.unit,
+                matches!(r.better, Better::Higher),
+                num(r.direct),
+                num(r.relay),
+                num(r.seaport)
+            )
+        })
+        .collect();
+    println!("[\n  {}\n]", items.join(",\n  "));
+}
