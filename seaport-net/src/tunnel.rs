@@ -12,13 +12,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use seaport_proto::frame::{FrameDecoder, MAX_WIRE_FRAME};
+use seaport_proto::frame::{FrameDecoder, HEADER_LEN, MAX_WIRE_FRAME};
 use seaport_proto::keys::{Keypair, PublicKey};
 use seaport_proto::message::Instance;
 use seaport_proto::noise::{Intent, MAX_PLAINTEXT, Opener, Sealer, Transport};
 use seaport_proto::session::{Session, SessionError};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::identity::entropy;
 
@@ -172,20 +173,49 @@ async fn pump_both(
     }
 }
 
-/// Plain bytes in, sealed frames out; an end of input becomes an end-of-stream frame.
+/// How long a direction may sit idle before it gives its buffer back.
+const IDLE_RELEASE: Duration = Duration::from_millis(100);
+
+/// Waits until `rd` is readable. While holding a buffer, waits at most
+/// [`IDLE_RELEASE`] and then reports idleness (`false`) so the caller can free
+/// it; an idle tunnel thus holds no data buffers at all.
+async fn wait_readable(rd: &OwnedReadHalf, holding: bool) -> std::io::Result<bool> {
+    if !holding {
+        rd.readable().await?;
+        return Ok(true);
+    }
+    match tokio::time::timeout(IDLE_RELEASE, rd.readable()).await {
+        Ok(ready) => ready.map(|()| true),
+        Err(_) => Ok(false),
+    }
+}
+
+/// Plain bytes in, sealed frames out; an end of input becomes an end-of-stream
+/// frame. Each frame is read into place behind its length prefix, sealed in
+/// place and written from the same buffer: no copy beyond the kernel's.
 async fn seal_loop(
-    mut rd: impl AsyncRead + Unpin,
-    mut wr: impl AsyncWrite + Unpin,
+    rd: OwnedReadHalf,
+    mut wr: OwnedWriteHalf,
     mut sealer: Sealer,
 ) -> Result<u64, TunnelError> {
-    let mut buf = vec![0u8; MAX_PLAINTEXT];
-    let mut frame = Vec::with_capacity(MAX_WIRE_FRAME);
+    let mut frame: Vec<u8> = Vec::new();
     let mut total = 0u64;
     loop {
-        let n = rd.read(&mut buf).await?;
-        frame.clear();
-        sealer.seal(buf.get(..n).unwrap_or_default(), &mut frame).map_err(|_| TunnelError::Corrupt)?;
-        wr.write_all(&frame).await?;
+        if !wait_readable(&rd, !frame.is_empty()).await? {
+            frame = Vec::new();
+            continue;
+        }
+        if frame.is_empty() {
+            frame = vec![0u8; MAX_WIRE_FRAME];
+        }
+        let room = frame.get_mut(HEADER_LEN..HEADER_LEN + MAX_PLAINTEXT).unwrap_or_default();
+        let n = match rd.try_read(room) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let len = sealer.seal_frame(&mut frame, n).map_err(|_| TunnelError::Corrupt)?;
+        wr.write_all(frame.get(..len).unwrap_or_default()).await?;
         total += n as u64;
         if n == 0 {
             wr.shutdown().await?;
@@ -194,40 +224,46 @@ async fn seal_loop(
     }
 }
 
-/// Sealed frames in, plain bytes out; the end-of-stream frame becomes a half-close.
+/// Sealed frames in, plain bytes out; the end-of-stream frame becomes a
+/// half-close. Bytes are read straight into the frame decoder, opened in place
+/// and written from there.
 async fn open_loop(
-    mut rd: impl AsyncRead + Unpin,
-    mut wr: impl AsyncWrite + Unpin,
+    rd: OwnedReadHalf,
+    mut wr: OwnedWriteHalf,
     mut opener: Opener,
     leftover: Vec<u8>,
 ) -> Result<u64, TunnelError> {
     let mut decoder = FrameDecoder::new();
-    let mut buf = vec![0u8; MAX_WIRE_FRAME];
-    let mut plain = Vec::with_capacity(MAX_PLAINTEXT);
     let mut total = 0u64;
-    let mut input = leftover;
+    let mut pending = leftover.as_slice();
     loop {
-        let mut rest = input.as_slice();
-        while !rest.is_empty() {
-            let taken = decoder.push(rest);
-            rest = rest.get(taken..).unwrap_or_default();
-            while let Some(frame) = decoder.next_frame() {
-                plain.clear();
-                opener.open(frame, &mut plain).map_err(|_| TunnelError::Corrupt)?;
-                if plain.is_empty() {
-                    wr.shutdown().await?;
-                    return Ok(total);
-                }
-                wr.write_all(&plain).await?;
-                total += plain.len() as u64;
+        // Frames already buffered first, then what the handshake left over.
+        while let Some(body) = decoder.next_frame() {
+            let plain = opener.open_in_place(body).map_err(|_| TunnelError::Corrupt)?;
+            if plain.is_empty() {
+                wr.shutdown().await?;
+                return Ok(total);
             }
+            wr.write_all(plain).await?;
+            total += plain.len() as u64;
         }
-        let n = rd.read(&mut buf).await?;
-        if n == 0 {
-            return Err(TunnelError::Truncated);
+        if !pending.is_empty() {
+            let taken = decoder.push(pending);
+            pending = pending.get(taken..).unwrap_or_default();
+            continue;
         }
-        input.clear();
-        input.extend_from_slice(buf.get(..n).unwrap_or_default());
+        // A partial frame must stay; only an empty buffer is given back when idle.
+        let releasable = decoder.holds_buffer() && decoder.buffered() == 0;
+        if !wait_readable(&rd, releasable).await? {
+            decoder.release();
+            continue;
+        }
+        match rd.try_read(decoder.spare_mut()) {
+            Ok(0) => return Err(TunnelError::Truncated),
+            Ok(n) => decoder.commit(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -13,6 +13,9 @@ pub const HEADER_LEN: usize = 2;
 /// Largest frame on the wire, prefix included.
 pub const MAX_WIRE_FRAME: usize = HEADER_LEN + MAX_FRAME;
 
+/// Smallest receive buffer the decoder allocates.
+const MIN_CHUNK: usize = 1024;
+
 /// A message longer than a frame can carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
@@ -28,42 +31,79 @@ pub fn encode(body: &[u8], out: &mut Vec<u8>) -> Result<(), FrameTooLarge> {
 
 /// Incremental decoder of frames from a byte stream.
 ///
-/// Feed bytes with [`push`](Self::push), then take complete frames with
-/// [`next_frame`](Self::next_frame) until it returns `None`; repeat while input
-/// remains. The buffer never exceeds [`MAX_WIRE_FRAME`] bytes, and when full it
-/// always holds a complete frame, so the loop always makes progress. Frames are
-/// handed out mutable so a transport can decrypt them in place.
+/// Feed bytes with [`push`](Self::push) (or read straight into
+/// [`spare_mut`](Self::spare_mut) and [`commit`](Self::commit)), then take
+/// complete frames with [`next_frame`](Self::next_frame) until it returns
+/// `None`; repeat while input remains. The buffer never exceeds
+/// [`MAX_WIRE_FRAME`] bytes, and when full it always holds a complete frame, so
+/// the loop always makes progress. Frames are handed out mutable so a
+/// transport can decrypt them in place. The buffer is allocated on first use
+/// and can be given back while idle with [`release`](Self::release).
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
+    /// Receive buffer, at most `MAX_WIRE_FRAME` bytes; grown on demand.
     buf: Vec<u8>,
     /// Start of the bytes not yet handed out.
     start: usize,
+    /// End of the bytes received.
+    end: usize,
 }
 
 impl FrameDecoder {
-    /// A decoder with nothing buffered.
+    /// A decoder with nothing buffered (and nothing allocated).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Buffers as much of `input` as fits and returns how many bytes it took.
-    pub fn push(&mut self, input: &[u8]) -> usize {
+    /// Room to receive into, after moving any partial frame to the front.
+    /// Never empty when the buffered bytes hold no complete frame (take those
+    /// with [`next_frame`](Self::next_frame) first). The buffer grows towards
+    /// what the current frame needs, but never to more than twice what has
+    /// arrived, so a peer that only announces a large frame costs little.
+    pub fn spare_mut(&mut self) -> &mut [u8] {
         if self.start > 0 {
-            self.buf.drain(..self.start);
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
             self.start = 0;
         }
-        let take = input.len().min(MAX_WIRE_FRAME - self.buf.len());
-        self.buf.extend_from_slice(input.get(..take).unwrap_or_default());
-        take
+        let pending = self.buf.get(..self.end).unwrap_or_default();
+        let frame_need = split_len(pending).map_or(HEADER_LEN, |(len, _)| HEADER_LEN + len);
+        let want = frame_need.min(MIN_CHUNK.max(2 * self.end)).max(MIN_CHUNK).min(MAX_WIRE_FRAME);
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
+        }
+        self.buf.get_mut(self.end..).unwrap_or_default()
+    }
+
+    /// Records that `n` bytes were written into [`spare_mut`](Self::spare_mut).
+    pub fn commit(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
+    }
+
+    /// Buffers as much of `input` as fits and returns how many bytes it took;
+    /// it stops short only when a complete frame is waiting to be taken.
+    pub fn push(&mut self, input: &[u8]) -> usize {
+        let mut taken = 0;
+        while let Some(rest) = input.get(taken..).filter(|r| !r.is_empty()) {
+            let spare = self.spare_mut();
+            let n = rest.len().min(spare.len());
+            if n == 0 {
+                break;
+            }
+            spare.get_mut(..n).unwrap_or_default().copy_from_slice(rest.get(..n).unwrap_or_default());
+            self.commit(n);
+            taken += n;
+        }
+        taken
     }
 
     /// The next complete frame's body, if one is buffered.
     pub fn next_frame(&mut self) -> Option<&mut [u8]> {
-        let pending = self.buf.get(self.start..)?;
+        let pending = self.buf.get(self.start..self.end)?;
         let (len, _) = split_len(pending)?;
         let begin = self.start + HEADER_LEN;
         let end = begin + len;
-        if end > self.buf.len() {
+        if end > self.end {
             return None;
         }
         self.start = end;
@@ -72,14 +112,25 @@ impl FrameDecoder {
 
     /// Bytes buffered and not yet handed out as a frame.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        self.end - self.start
+    }
+
+    /// Whether a receive buffer is allocated.
+    pub fn holds_buffer(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Frees the buffer if nothing is pending (an idle stream holds no memory).
+    pub fn release(&mut self) {
+        if self.start == self.end {
+            *self = FrameDecoder::default();
+        }
     }
 
     /// Hands back the buffered bytes (those after the last frame handed out),
     /// for a new owner of the stream.
-    pub fn into_buffered(mut self) -> Vec<u8> {
-        self.buf.drain(..self.start);
-        self.buf
+    pub fn into_buffered(self) -> Vec<u8> {
+        self.buf.get(self.start..self.end).unwrap_or_default().to_vec()
     }
 }
 

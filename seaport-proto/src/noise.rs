@@ -11,8 +11,6 @@
 //! own random source is never consulted. Invariant: a [`Transport`] exists only
 //! after both handshake messages were verified.
 
-use std::sync::Arc;
-
 use crate::frame::{self, MAX_FRAME};
 use crate::keys::{Keypair, PublicKey};
 
@@ -244,8 +242,7 @@ impl Initiator {
     pub fn finish(mut self, reply: &[u8]) -> Result<Transport, NoiseError> {
         let mut payload = [0u8; 64];
         self.state.read_message(reply, &mut payload).map_err(|_| NoiseError::Decrypt)?;
-        let state = self.state.into_stateless_transport_mode().map_err(state_err)?;
-        Ok(Transport::new(state, self.remote))
+        Transport::from_handshake(self.state, self.remote)
     }
 }
 
@@ -278,12 +275,17 @@ impl Responder {
         let mut msg = [0u8; 128];
         let len = self.state.write_message(&[], &mut msg).map_err(state_err)?;
         frame::encode(msg.get(..len).unwrap_or_default(), out).map_err(|e| NoiseError::TooLarge(e.0))?;
-        let state = self.state.into_stateless_transport_mode().map_err(state_err)?;
-        Ok((hello, Transport::new(state, hello.key)))
+        Ok((hello, Transport::from_handshake(self.state, hello.key)?))
     }
 }
 
 /// An established session: seals and opens frames in order.
+///
+/// Snow runs the handshake; the transport that follows is AES-256-GCM through
+/// ring directly, as Noise specifies it (key from the handshake's split, nonce
+/// 32 zero bits then the 64-bit big-endian message counter, empty associated
+/// data), so frames can be sealed and opened in place without the copies
+/// snow's API needs. A test checks it against snow's own transport.
 pub struct Transport {
     sealer: Sealer,
     opener: Opener,
@@ -291,13 +293,18 @@ pub struct Transport {
 }
 
 impl Transport {
-    fn new(state: snow::StatelessTransportState, remote: PublicKey) -> Transport {
-        let state = Arc::new(state);
-        Transport {
-            sealer: Sealer { state: state.clone(), nonce: 0 },
-            opener: Opener { state, nonce: 0 },
-            remote,
+    /// Builds both directions from the finished handshake's split keys.
+    fn from_handshake(mut state: snow::HandshakeState, remote: PublicKey) -> Result<Transport, NoiseError> {
+        if !state.is_handshake_finished() {
+            return Err(NoiseError::State("handshake not finished".into()));
         }
+        let (initiator_to_responder, responder_to_initiator) = state.dangerously_get_raw_split();
+        let (send, receive) = if state.is_initiator() {
+            (initiator_to_responder, responder_to_initiator)
+        } else {
+            (responder_to_initiator, initiator_to_responder)
+        };
+        Ok(Transport { sealer: Sealer::new(&send)?, opener: Opener::new(&receive)?, remote })
     }
 
     /// The authenticated identity of the other end.
@@ -322,56 +329,112 @@ impl Transport {
     }
 }
 
+fn aead_key(key: &[u8; 32]) -> Result<ring::aead::LessSafeKey, NoiseError> {
+    let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, key)
+        .map_err(|_| NoiseError::State("AES-256-GCM key rejected".into()))?;
+    Ok(ring::aead::LessSafeKey::new(key))
+}
+
+/// Noise's AESGCM nonce: 32 zero bits, then the counter big-endian.
+fn nonce(counter: u64) -> ring::aead::Nonce {
+    let mut bytes = [0u8; 12];
+    bytes[4..].copy_from_slice(&counter.to_be_bytes());
+    ring::aead::Nonce::assume_unique_for_key(bytes)
+}
+
 /// The sending half of a [`Transport`].
 pub struct Sealer {
-    state: Arc<snow::StatelessTransportState>,
-    nonce: u64,
+    key: ring::aead::LessSafeKey,
+    counter: u64,
 }
 
 impl Sealer {
+    fn new(key: &[u8; 32]) -> Result<Sealer, NoiseError> {
+        Ok(Sealer { key: aead_key(key)?, counter: 0 })
+    }
+
+    /// Seals in place the `len` plaintext bytes the caller put at
+    /// `frame[HEADER_LEN..]`, writing the length prefix and tag around them.
+    /// `frame` must hold `HEADER_LEN + len + TAG_LEN` bytes; returns that
+    /// length, the bytes to write.
+    pub fn seal_frame(&mut self, frame: &mut [u8], len: usize) -> Result<usize, NoiseError> {
+        if len > MAX_PLAINTEXT {
+            return Err(NoiseError::TooLarge(len));
+        }
+        let body = len + TAG_LEN;
+        let total = frame::HEADER_LEN + body;
+        let frame = frame.get_mut(..total).ok_or(NoiseError::TooLarge(total))?;
+        let (header, rest) = frame.split_at_mut(frame::HEADER_LEN);
+        let (plain, tag) = rest.split_at_mut(len);
+        // body <= MAX_FRAME, checked above.
+        header.copy_from_slice(&(body as u16).to_be_bytes());
+        let sealed = self
+            .key
+            .seal_in_place_separate_tag(nonce(self.counter), ring::aead::Aad::empty(), plain)
+            .map_err(|_| NoiseError::State("sealing failed".into()))?;
+        tag.copy_from_slice(sealed.as_ref());
+        self.counter += 1;
+        Ok(total)
+    }
+
     /// Seals `plaintext` (at most [`MAX_PLAINTEXT`] bytes) and appends it to
     /// `out` as one frame.
     pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), NoiseError> {
         if plaintext.len() > MAX_PLAINTEXT {
             return Err(NoiseError::TooLarge(plaintext.len()));
         }
-        let len = plaintext.len() + TAG_LEN;
         let start = out.len();
-        // len <= MAX_FRAME, checked above.
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-        out.resize(start + frame::HEADER_LEN + len, 0);
-        let body = out.get_mut(start + frame::HEADER_LEN..).unwrap_or_default();
-        if let Err(e) = self.state.write_message(self.nonce, plaintext, body) {
+        out.resize(start + frame::HEADER_LEN, 0);
+        out.extend_from_slice(plaintext);
+        out.resize(start + frame::HEADER_LEN + plaintext.len() + TAG_LEN, 0);
+        let frame = out.get_mut(start..).unwrap_or_default();
+        if let Err(e) = self.seal_frame(frame, plaintext.len()) {
             out.truncate(start);
-            return Err(state_err(e));
+            return Err(e);
         }
-        self.nonce += 1;
         Ok(())
     }
 }
 
 /// The receiving half of a [`Transport`].
 pub struct Opener {
-    state: Arc<snow::StatelessTransportState>,
-    nonce: u64,
+    key: ring::aead::LessSafeKey,
+    counter: u64,
 }
 
 impl Opener {
-    /// Opens one frame body, appending its plaintext to `out`. Frames must be
-    /// opened in the order they were sealed.
+    fn new(key: &[u8; 32]) -> Result<Opener, NoiseError> {
+        Ok(Opener { key: aead_key(key)?, counter: 0 })
+    }
+
+    /// Opens one frame body in place and returns its plaintext, a prefix of
+    /// `body`. Frames must be opened in the order they were sealed; a frame
+    /// that fails leaves the counter where it was.
+    pub fn open_in_place<'a>(&mut self, body: &'a mut [u8]) -> Result<&'a mut [u8], NoiseError> {
+        if body.len() < TAG_LEN {
+            return Err(NoiseError::Decrypt);
+        }
+        let plain = self
+            .key
+            .open_in_place(nonce(self.counter), ring::aead::Aad::empty(), body)
+            .map_err(|_| NoiseError::Decrypt)?;
+        self.counter += 1;
+        Ok(plain)
+    }
+
+    /// Opens one frame body, appending its plaintext to `out`.
     pub fn open(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), NoiseError> {
         let start = out.len();
-        out.resize(start + body.len().saturating_sub(TAG_LEN), 0);
-        let dest = out.get_mut(start..).unwrap_or_default();
-        match self.state.read_message(self.nonce, body, dest) {
-            Ok(n) => {
-                out.truncate(start + n);
-                self.nonce += 1;
+        out.extend_from_slice(body);
+        let opened = self.open_in_place(out.get_mut(start..).unwrap_or_default()).map(|p| p.len());
+        match opened {
+            Ok(len) => {
+                out.truncate(start + len);
                 Ok(())
             }
-            Err(_) => {
+            Err(e) => {
                 out.truncate(start);
-                Err(NoiseError::Decrypt)
+                Err(e)
             }
         }
     }
@@ -477,6 +540,38 @@ mod tests {
         fn arbitrary_first_message_is_refused(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
             let resp = Responder::new(&pair(2), [4; 32]).unwrap();
             prop_assert!(resp.accept(&bytes, &mut Vec::new()).is_err());
+        }
+    }
+
+    #[test]
+    fn transport_matches_snows_own() {
+        // A handshake in plain snow; one side then uses snow's transport, the
+        // other ours: each must read what the other sealed.
+        let (client, server) = (pair(1), pair(2));
+        let (cs, ss) = (client.x25519_secret(), server.x25519_secret());
+        let server_x = server.public().to_x25519();
+        let mut init =
+            builder(&cs, [1; 32]).unwrap().remote_public_key(&server_x).unwrap().build_initiator().unwrap();
+        let mut resp = builder(&ss, [2; 32]).unwrap().build_responder().unwrap();
+        let (mut m1, mut m2, mut scratch) = ([0u8; 256], [0u8; 256], [0u8; 256]);
+        let n = init.write_message(b"", &mut m1).unwrap();
+        resp.read_message(&m1[..n], &mut scratch).unwrap();
+        let n = resp.write_message(b"", &mut m2).unwrap();
+        init.read_message(&m2[..n], &mut scratch).unwrap();
+        let mut ours = Transport::from_handshake(init, server.public()).unwrap();
+        let mut theirs = resp.into_transport_mode().unwrap();
+        for round in 0..3u8 {
+            let msg = vec![round; 100 + usize::from(round)];
+            let mut wire = Vec::new();
+            ours.seal(&msg, &mut wire).unwrap();
+            let mut plain = [0u8; 512];
+            let n = theirs.read_message(&wire[2..], &mut plain).unwrap();
+            assert_eq!(&plain[..n], &msg[..]);
+            let mut sealed = [0u8; 512];
+            let n = theirs.write_message(&msg, &mut sealed).unwrap();
+            let mut out = Vec::new();
+            ours.open(&sealed[..n], &mut out).unwrap();
+            assert_eq!(out, msg);
         }
     }
 

@@ -151,6 +151,8 @@ impl Session {
                 }
             }
         }
+        // Control messages are small and arrive whole: an idle session holds no buffer.
+        self.decoder.release();
         Ok(())
     }
 
