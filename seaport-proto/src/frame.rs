@@ -68,7 +68,7 @@ impl FrameDecoder {
         }
         let pending = self.buf.get(..self.end).unwrap_or_default();
         let frame_need = split_len(pending).map_or(HEADER_LEN, |(len, _)| HEADER_LEN + len);
-        let want = frame_need.min(MIN_CHUNK.max(2 * self.end)).max(MIN_CHUNK).min(MAX_WIRE_FRAME);
+        let want = frame_need.min(MIN_CHUNK.max(2 * self.end)).clamp(MIN_CHUNK, MAX_WIRE_FRAME);
         if self.buf.len() < want {
             self.buf.resize(want, 0);
         }

@@ -41,9 +41,9 @@ pub enum SessionError {
 }
 
 enum Phase {
-    Initiating(Initiator),
-    Responding(Responder),
-    Open(Transport),
+    Initiating(Box<Initiator>),
+    Responding(Box<Responder>),
+    Open(Box<Transport>),
     /// Transient state while a handshake step consumes the previous phase.
     Failed,
 }
@@ -72,7 +72,7 @@ impl Session {
         let mut transmit = Vec::new();
         let init = Initiator::start(local, remote, intent, entropy, &mut transmit)?;
         Ok(Session {
-            phase: Phase::Initiating(init),
+            phase: Phase::Initiating(Box::new(init)),
             intent,
             decoder: FrameDecoder::new(),
             transmit,
@@ -90,7 +90,7 @@ impl Session {
         handshake_timeout: Duration,
     ) -> Result<Session, SessionError> {
         Ok(Session {
-            phase: Phase::Responding(Responder::new(local, entropy)?),
+            phase: Phase::Responding(Box::new(Responder::new(local, entropy)?)),
             intent,
             decoder: FrameDecoder::new(),
             transmit: Vec::new(),
@@ -145,7 +145,7 @@ impl Session {
                             }
                             Phase::Open(_) | Phase::Failed => return Err(NoiseError::Decrypt.into()),
                         };
-                        *phase = Phase::Open(next);
+                        *phase = Phase::Open(Box::new(next));
                         self.handshake_deadline = None;
                     }
                 }
@@ -200,7 +200,7 @@ impl Session {
     /// read past the handshake. `None` before the handshake is done.
     pub fn into_transport(self) -> Option<(Transport, Vec<u8>)> {
         match self.phase {
-            Phase::Open(t) => Some((t, self.decoder.into_buffered())),
+            Phase::Open(t) => Some((*t, self.decoder.into_buffered())),
             _ => None,
         }
     }
