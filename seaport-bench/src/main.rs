@@ -32,6 +32,12 @@ struct Args {
     /// Idle connections for the memory-per-connection figure.
     #[arg(long)]
     connections: Option<usize>,
+    /// Bytes per bulk transfer (default 1 GiB, 64 MiB with --quick).
+    #[arg(long)]
+    bytes: Option<u64>,
+    /// Only the bulk transfers (for profiling the data path with perf).
+    #[arg(long)]
+    bulk_only: bool,
     #[command(subcommand)]
     role: Option<Role>,
 }
@@ -103,7 +109,7 @@ fn listening(peer: &mut Peer) -> SocketAddr {
 
 async fn run(args: &Args) -> Vec<Row> {
     let quick = args.quick;
-    let bytes: u64 = if quick { 64 << 20 } else { 1 << 30 };
+    let bytes: u64 = args.bytes.unwrap_or(if quick { 64 << 20 } else { 1 << 30 });
     let rounds = if quick { 2_000 } else { 20_000 };
     let fresh = if quick { 200 } else { 2_000 };
     let mut idle = args.connections.unwrap_or(if quick { 1_000 } else { 10_000 });
@@ -180,9 +186,12 @@ async fn run(args: &Args) -> Vec<Row> {
             peak = (proxy.memory_kib().1, service.memory_kib().1);
         }
     }
-    let size = if quick { "64 MiB" } else { "1 GiB" };
+    let size = format!("{} MiB", bytes >> 20);
     each(Box::leak(format!("bulk upload, {size}").into_boxed_str()), "MB/s", Better::Higher, up);
     each(Box::leak(format!("bulk download, {size}").into_boxed_str()), "MB/s", Better::Higher, down);
+    if args.bulk_only {
+        return rows;
+    }
 
     let mut p50 = [0.0; 3];
     let mut p99 = [0.0; 3];

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use crate::keys::{Keypair, PublicKey};
 use crate::message::{ErrorCode, Instance, MAX_ADDRS, MAX_INSTANCES, Message};
-use crate::noise::{Intent, MAX_PLAINTEXT};
+use crate::noise::Intent;
 use crate::role::{Role, RoleQuery};
 use crate::session::{Session, SessionError};
 
@@ -363,7 +363,7 @@ impl Registry {
             },
             Message::Lookup { id: req, query } => {
                 let answer = self.answer(req, &query);
-                self.send(id, &answer);
+                self.send_plain(id, &answer);
             }
             Message::Watch { id: watch, query } => {
                 let replacing = peer.watches.contains_key(&watch);
@@ -377,7 +377,7 @@ impl Registry {
                 }
                 self.watchers.entry(query.name().to_owned()).or_default().insert((id, watch));
                 let answer = self.answer(watch, &query);
-                self.send(id, &answer);
+                self.send_plain(id, &answer);
             }
             Message::Unwatch { id: watch } => match peer.watches.remove(&watch) {
                 Some(query) => self.unindex_watch(query.name(), (id, watch)),
@@ -403,15 +403,26 @@ impl Registry {
     }
 
     /// The answer to a lookup or watch, cut to what one frame carries.
-    fn answer(&self, id: u32, query: &RoleQuery) -> Message {
-        /// Bytes of an `Instances` message besides its list (tag, id, flag).
-        const ENVELOPE: usize = 16;
+    /// The encoded answer to a lookup or watch, cut to what one frame carries.
+    fn answer(&self, id: u32, query: &RoleQuery) -> Vec<u8> {
         let (mut instances, mut truncated) = self.lookup(query, MAX_INSTANCES);
-        while postcard::to_allocvec(&instances).map_or(usize::MAX, |v| v.len()) > MAX_PLAINTEXT - ENVELOPE {
-            instances.truncate(instances.len() / 2);
-            truncated = true;
+        loop {
+            let msg = Message::Instances { id, instances, truncated };
+            let mut plain = Vec::new();
+            match msg.encode(&mut plain) {
+                Ok(()) => return plain,
+                // Only size can fail here: halve the list and say so.
+                Err(_) => {
+                    let Message::Instances { instances: mut list, .. } = msg else { return Vec::new() };
+                    if list.is_empty() {
+                        return Vec::new();
+                    }
+                    list.truncate(list.len() / 2);
+                    instances = list;
+                    truncated = true;
+                }
+            }
         }
-        Message::Instances { id, instances, truncated }
     }
 
     fn remove_registration(&mut self, id: SessionId, reg: u32, name: &str) {
@@ -433,8 +444,8 @@ impl Registry {
         for (session, watch) in targets {
             let Some(query) = self.peers.get(&session).and_then(|p| p.watches.get(&watch)) else { continue };
             if query.matches(changed) {
-                let answer = self.answer(watch, &query.clone());
-                self.send(session, &answer);
+                let answer = self.answer(watch, query);
+                self.send_plain(session, &answer);
                 self.check_queue(session);
             }
         }
@@ -450,11 +461,18 @@ impl Registry {
     }
 
     fn send(&mut self, id: SessionId, msg: &Message) {
-        let Some(peer) = self.peers.get_mut(&id) else { return };
         let mut plain = Vec::new();
         // Our own messages are within limits by construction; one that is
         // not is dropped rather than sent half-formed.
-        if msg.encode(&mut plain).is_ok() && peer.session.send(&plain).is_ok() {
+        if msg.encode(&mut plain).is_ok() {
+            self.send_plain(id, &plain);
+        }
+    }
+
+    /// Seals an encoded message for session `id`.
+    fn send_plain(&mut self, id: SessionId, plain: &[u8]) {
+        let Some(peer) = self.peers.get_mut(&id) else { return };
+        if !plain.is_empty() && peer.session.send(plain).is_ok() {
             self.mark_dirty(id);
         }
     }
