@@ -35,9 +35,10 @@ struct Args {
     /// Bytes per bulk transfer (default 1 GiB, 64 MiB with --quick).
     #[arg(long)]
     bytes: Option<u64>,
-    /// Only the bulk transfers (for profiling the data path with perf).
-    #[arg(long)]
-    bulk_only: bool,
+    /// Run only these parts, comma-separated: bulk, latency, connect, idle, lookups
+    /// (to profile one with perf).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     #[command(subcommand)]
     role: Option<Role>,
 }
@@ -61,12 +62,24 @@ enum Better {
 
 /// One line of the table.
 struct Row {
-    name: &'static str,
+    name: String,
     unit: &'static str,
     better: Better,
     direct: Option<f64>,
     relay: Option<f64>,
     seaport: Option<f64>,
+}
+
+impl Row {
+    /// A figure measured on all three paths.
+    fn all(name: String, unit: &'static str, better: Better, [direct, relay, seaport]: [f64; 3]) -> Row {
+        Row { name, unit, better, direct: Some(direct), relay: Some(relay), seaport: Some(seaport) }
+    }
+
+    /// A figure only seaport has (lower is better unless changed).
+    fn seaport(name: String, unit: &'static str, value: f64) -> Row {
+        Row { name, unit, better: Better::Lower, direct: None, relay: None, seaport: Some(value) }
+    }
 }
 
 fn main() {
@@ -160,121 +173,91 @@ async fn run(args: &Args) -> Vec<Row> {
         measure::new_connections(addr, 20).await.unwrap();
     }
 
+    let wants = |part: &str| args.only.is_empty() || args.only.iter().any(|o| o == part);
     let mut rows = Vec::new();
-    let mut each = |name, unit, better, values: [f64; 3]| {
+
+    if wants("bulk") {
+        let (mut up, mut down) = ([0.0; 3], [0.0; 3]);
+        let mut peak = (0, 0);
+        for (i, addr) in targets.into_iter().enumerate() {
+            if addr == seaport_addr {
+                proxy.reset_peak();
+                service.reset_peak();
+            }
+            up[i] = measure::bulk_up(addr, bytes).await.unwrap();
+            down[i] = measure::bulk_down(addr, bytes).await.unwrap();
+            if addr == seaport_addr {
+                peak = (proxy.memory_kib().1, service.memory_kib().1);
+            }
+        }
+        let size = bytes >> 20;
+        rows.push(Row::all(format!("bulk upload, {size} MiB"), "MB/s", Better::Higher, up));
+        rows.push(Row::all(format!("bulk download, {size} MiB"), "MB/s", Better::Higher, down));
+        rows.push(Row::seaport("peak RSS during bulk: proxy".into(), "MB", peak.0 as f64 / 1024.0));
+        rows.push(Row::seaport("peak RSS during bulk: service".into(), "MB", peak.1 as f64 / 1024.0));
+    }
+
+    if wants("latency") {
+        let (mut p50, mut p99) = ([0.0; 3], [0.0; 3]);
+        for (i, addr) in targets.into_iter().enumerate() {
+            let mut times = measure::request_response(addr, rounds).await.unwrap();
+            p50[i] = measure::percentile_us(&mut times, 50.0);
+            p99[i] = measure::percentile_us(&mut times, 99.0);
+        }
+        rows.push(Row::all("request/response 64 B, p50".into(), "µs", Better::Lower, p50));
+        rows.push(Row::all("request/response 64 B, p99".into(), "µs", Better::Lower, p99));
+    }
+
+    if wants("connect") {
+        let (mut p50, mut p99) = ([0.0; 3], [0.0; 3]);
+        for (i, addr) in targets.into_iter().enumerate() {
+            let mut times = measure::new_connections(addr, fresh).await.unwrap();
+            p50[i] = measure::percentile_us(&mut times, 50.0);
+            p99[i] = measure::percentile_us(&mut times, 99.0);
+        }
+        rows.push(Row::all("new connection to first byte, p50".into(), "µs", Better::Lower, p50));
+        rows.push(Row::all("new connection to first byte, p99".into(), "µs", Better::Lower, p99));
+    }
+
+    if wants("idle") {
+        // RSS per idle connection in each of the two middle processes.
+        let mut per_conn = [[f64::NAN; 2]; 2];
+        for (i, (addr, middle)) in
+            [(relay_addr, [&hop1, &hop2]), (seaport_addr, [&proxy, &service])].into_iter().enumerate()
+        {
+            let before = middle.map(|p| p.memory_kib().0);
+            let open = measure::open_idle(addr, idle).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let after = middle.map(|p| p.memory_kib().0);
+            for side in 0..2 {
+                per_conn[i][side] = (after[side] as f64 - before[side] as f64) / idle as f64;
+            }
+            drop(open);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        for (side, name) in ["proxy / hop 1", "service / hop 2"].into_iter().enumerate() {
+            rows.push(Row {
+                name: format!("idle connections ({idle}), RSS each: {name}"),
+                unit: "KiB",
+                better: Better::Lower,
+                direct: None,
+                relay: Some(per_conn[0][side]),
+                seaport: Some(per_conn[1][side]),
+            });
+        }
+    }
+
+    if wants("lookups") {
+        let registry_addr: SocketAddr = registry_listen.parse().unwrap();
+        let registry_key = key.parse().unwrap();
+        let (instances, lookups) = if quick { (1_000, 5_000) } else { (10_000, 100_000) };
+        let rate =
+            measure::lookups_per_second(registry_addr, &registry_key, instances, lookups, 64).await.unwrap();
         rows.push(Row {
-            name,
-            unit,
-            better,
-            direct: Some(values[0]),
-            relay: Some(values[1]),
-            seaport: Some(values[2]),
+            better: Better::Higher,
+            ..Row::seaport(format!("registry lookups, {instances} instances"), "/s", rate)
         });
-    };
-
-    let mut up = [0.0; 3];
-    let mut down = [0.0; 3];
-    let mut peak = (0, 0);
-    for (i, addr) in targets.into_iter().enumerate() {
-        if i == 2 {
-            proxy.reset_peak();
-            service.reset_peak();
-        }
-        up[i] = measure::bulk_up(addr, bytes).await.unwrap();
-        down[i] = measure::bulk_down(addr, bytes).await.unwrap();
-        if i == 2 {
-            peak = (proxy.memory_kib().1, service.memory_kib().1);
-        }
     }
-    let size = format!("{} MiB", bytes >> 20);
-    each(Box::leak(format!("bulk upload, {size}").into_boxed_str()), "MB/s", Better::Higher, up);
-    each(Box::leak(format!("bulk download, {size}").into_boxed_str()), "MB/s", Better::Higher, down);
-    if args.bulk_only {
-        return rows;
-    }
-
-    let mut p50 = [0.0; 3];
-    let mut p99 = [0.0; 3];
-    for (i, addr) in targets.into_iter().enumerate() {
-        let mut times = measure::request_response(addr, rounds).await.unwrap();
-        p50[i] = measure::percentile_us(&mut times, 50.0);
-        p99[i] = measure::percentile_us(&mut times, 99.0);
-    }
-    each("request/response 64 B, p50", "µs", Better::Lower, p50);
-    each("request/response 64 B, p99", "µs", Better::Lower, p99);
-
-    for (i, addr) in targets.into_iter().enumerate() {
-        let mut times = measure::new_connections(addr, fresh).await.unwrap();
-        p50[i] = measure::percentile_us(&mut times, 50.0);
-        p99[i] = measure::percentile_us(&mut times, 99.0);
-    }
-    each("new connection to first byte, p50", "µs", Better::Lower, p50);
-    each("new connection to first byte, p99", "µs", Better::Lower, p99);
-
-    // Idle connections: RSS per connection in each of the two middle processes.
-    let mut per_conn = [[f64::NAN; 2]; 3];
-    for (i, (addr, middle)) in
-        [(relay_addr, [&hop1, &hop2]), (seaport_addr, [&proxy, &service])].into_iter().enumerate()
-    {
-        let before = [middle[0].memory_kib().0, middle[1].memory_kib().0];
-        let open = measure::open_idle(addr, idle).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = [middle[0].memory_kib().0, middle[1].memory_kib().0];
-        for side in 0..2 {
-            per_conn[i + 1][side] = (after[side] as f64 - before[side] as f64) / idle as f64;
-        }
-        drop(open);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let idle_name = |side: &str| -> &'static str {
-        Box::leak(format!("idle connections ({idle}), RSS each: {side}").into_boxed_str())
-    };
-    rows.push(Row {
-        name: idle_name("proxy / hop 1"),
-        unit: "KiB",
-        better: Better::Lower,
-        direct: None,
-        relay: Some(per_conn[1][0]),
-        seaport: Some(per_conn[2][0]),
-    });
-    rows.push(Row {
-        name: idle_name("service / hop 2"),
-        unit: "KiB",
-        better: Better::Lower,
-        direct: None,
-        relay: Some(per_conn[1][1]),
-        seaport: Some(per_conn[2][1]),
-    });
-    rows.push(Row {
-        name: "peak RSS during bulk: proxy",
-        unit: "MB",
-        better: Better::Lower,
-        direct: None,
-        relay: None,
-        seaport: Some(peak.0 as f64 / 1024.0),
-    });
-    rows.push(Row {
-        name: "peak RSS during bulk: service",
-        unit: "MB",
-        better: Better::Lower,
-        direct: None,
-        relay: None,
-        seaport: Some(peak.1 as f64 / 1024.0),
-    });
-
-    let registry_addr: SocketAddr = registry_listen.parse().unwrap();
-    let registry_key = key.parse().unwrap();
-    let (instances, lookups) = if quick { (1_000, 5_000) } else { (10_000, 100_000) };
-    let rate =
-        measure::lookups_per_second(registry_addr, &registry_key, instances, lookups, 64).await.unwrap();
-    rows.push(Row {
-        name: Box::leak(format!("registry lookups, {instances} instances").into_boxed_str()),
-        unit: "/s",
-        better: Better::Higher,
-        direct: None,
-        relay: None,
-        seaport: Some(rate),
-    });
     drop((backend, hop1, hop2, registry, service, proxy));
     rows
 }

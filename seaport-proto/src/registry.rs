@@ -554,3 +554,98 @@ fn variant_name(msg: &Message) -> &'static str {
         Message::Error { .. } => "Error",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::Seed;
+
+    /// A registry and one established client session to it.
+    fn connected(config: RegistryConfig) -> (Registry, SessionId, Session, Instant) {
+        let now = Instant::now();
+        let mut registry = Registry::new(Keypair::from_seed(&Seed::from_bytes([1; 32])), config);
+        let client_keys = Keypair::from_seed(&Seed::from_bytes([2; 32]));
+        let id = registry.accept(now, "127.0.0.1:9".parse().unwrap(), [3; 32]).unwrap();
+        let mut client = Session::initiate(
+            now,
+            &client_keys,
+            &registry.public_key(),
+            Intent::Control,
+            [4; 32],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        exchange(&mut registry, id, &mut client, now);
+        assert!(client.is_established());
+        (registry, id, client, now)
+    }
+
+    /// Moves bytes both ways until quiet; returns what the client received.
+    fn exchange(registry: &mut Registry, id: SessionId, client: &mut Session, now: Instant) -> Vec<Message> {
+        let mut got = Vec::new();
+        loop {
+            let mut buf = Vec::new();
+            let sent = client.poll_transmit(&mut buf);
+            if sent {
+                registry.handle_input(now, id, &buf);
+            }
+            buf.clear();
+            let mut answered = false;
+            while let Some(to) = registry.poll_transmit(&mut buf) {
+                assert_eq!(to, id);
+                client.handle_input(&buf).unwrap();
+                buf.clear();
+                answered = true;
+            }
+            while let Some(plain) = client.recv() {
+                got.push(Message::decode(&plain).unwrap());
+            }
+            if !sent && !answered {
+                return got;
+            }
+        }
+    }
+
+    fn send(client: &mut Session, msg: &Message) {
+        let mut plain = Vec::new();
+        msg.encode(&mut plain).unwrap();
+        client.send(&plain).unwrap();
+    }
+
+    #[test]
+    fn an_answer_too_large_for_a_frame_is_cut_and_says_so() {
+        let config = RegistryConfig { max_registrations: 300, ..RegistryConfig::default() };
+        let (mut registry, id, mut client, now) = connected(config);
+        let tags: Vec<String> = (0..16).map(|i| format!("{i:02}{}", "t".repeat(62))).collect();
+        for reg in 0..300u32 {
+            let role = Role::parse(&format!("big@1.0.{reg}")).unwrap().with_tags(tags.clone()).unwrap();
+            send(&mut client, &Message::Register { id: reg, role, port: 1, addrs: vec![] });
+        }
+        let registered = exchange(&mut registry, id, &mut client, now);
+        assert_eq!(registered.len(), 300);
+        send(&mut client, &Message::Lookup { id: 7, query: RoleQuery::parse("big").unwrap() });
+        let answer = exchange(&mut registry, id, &mut client, now);
+        let [Message::Instances { id: 7, instances, truncated: true }] = answer.as_slice() else {
+            panic!("expected one truncated answer, got {answer:?}");
+        };
+        assert!(!instances.is_empty() && instances.len() < MAX_INSTANCES, "{} instances", instances.len());
+    }
+
+    #[test]
+    fn limits_refuse_without_ending_the_session() {
+        let config = RegistryConfig { max_registrations: 1, max_watches: 1, ..RegistryConfig::default() };
+        let (mut registry, id, mut client, now) = connected(config);
+        let role = Role::parse("db@1.0.0").unwrap();
+        send(&mut client, &Message::Register { id: 1, role: role.clone(), port: 1, addrs: vec![] });
+        send(&mut client, &Message::Register { id: 2, role, port: 1, addrs: vec![] });
+        let query = RoleQuery::parse("db").unwrap();
+        send(&mut client, &Message::Watch { id: 1, query: query.clone() });
+        send(&mut client, &Message::Watch { id: 2, query });
+        let got = exchange(&mut registry, id, &mut client, now);
+        let limits =
+            got.iter().filter(|m| matches!(m, Message::Error { code: ErrorCode::LIMIT, .. })).count();
+        assert_eq!(limits, 2, "{got:?}");
+        assert_eq!(registry.instance_count(), 1);
+        assert_eq!(registry.session_count(), 1);
+    }
+}
