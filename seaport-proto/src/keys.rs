@@ -112,6 +112,11 @@ impl PublicKey {
         Ok(PublicKey(bytes))
     }
 
+    /// Wraps bytes without checking they are a point (see the module docs).
+    pub(crate) fn from_bytes_unchecked(bytes: [u8; 32]) -> Self {
+        PublicKey(bytes)
+    }
+
     /// The 32 bytes of the ed25519 verifying key.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
@@ -156,7 +161,7 @@ impl serde::Serialize for PublicKey {
 impl<'de> serde::Deserialize<'de> for PublicKey {
     /// Not checked for being a point: see the module docs.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        <[u8; 32]>::deserialize(d).map(PublicKey)
+        <[u8; 32]>::deserialize(d).map(PublicKey::from_bytes_unchecked)
     }
 }
 
@@ -165,6 +170,8 @@ impl<'de> serde::Deserialize<'de> for PublicKey {
 pub struct Keypair {
     signing: SigningKey,
     public: PublicKey,
+    /// The X25519 secret and public key, derived once: every handshake needs them.
+    x25519: ([u8; 32], [u8; 32]),
 }
 
 impl Keypair {
@@ -172,7 +179,8 @@ impl Keypair {
     pub fn from_seed(seed: &Seed) -> Self {
         let signing = SigningKey::from_bytes(seed.as_bytes());
         let public = PublicKey(signing.verifying_key().to_bytes());
-        Keypair { signing, public }
+        let x25519 = (signing.to_scalar_bytes(), signing.verifying_key().to_montgomery().to_bytes());
+        Keypair { signing, public, x25519 }
     }
 
     /// The public name of this identity.
@@ -187,7 +195,12 @@ impl Keypair {
 
     /// The X25519 private scalar: this identity's Noise static secret.
     pub(crate) fn x25519_secret(&self) -> [u8; 32] {
-        self.signing.to_scalar_bytes()
+        self.x25519.0
+    }
+
+    /// The X25519 public key: this identity's Noise static public key.
+    pub(crate) fn x25519_public(&self) -> [u8; 32] {
+        self.x25519.1
     }
 }
 
@@ -227,6 +240,7 @@ mod tests {
         let secret = x25519_dalek::StaticSecret::from(pair.x25519_secret());
         let derived = x25519_dalek::PublicKey::from(&secret);
         assert_eq!(derived.to_bytes(), pair.public().to_x25519());
+        assert_eq!(derived.to_bytes(), pair.x25519_public());
         let shown = pair.public().to_string();
         assert_eq!(shown.parse::<PublicKey>(), Ok(pair.public()));
     }

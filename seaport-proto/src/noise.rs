@@ -74,8 +74,9 @@ impl Hello {
             _ => return Err(NoiseError::BadHello),
         };
         let key: [u8; 32] = key.try_into().map_err(|_| NoiseError::BadHello)?;
-        let key = PublicKey::from_bytes(key).map_err(|_| NoiseError::BadHello)?;
-        Ok(Hello { version, intent, key })
+        // Not checked here: the responder compares its X25519 form with the
+        // handshake's static key, which a non-point can never match.
+        Ok(Hello { version, intent, key: PublicKey::from_bytes_unchecked(key) })
     }
 }
 
@@ -107,6 +108,9 @@ pub enum NoiseError {
 /// and as random source only the 32 bytes the caller gave us.
 struct Resolver {
     entropy: [u8; 32],
+    /// The local static key pair, already derived, so snow's `set` need not
+    /// recompute the public half on every handshake.
+    local: ([u8; 32], [u8; 32]),
 }
 
 struct OneShotRandom(Option<[u8; 32]>);
@@ -124,17 +128,21 @@ impl snow::types::Random for OneShotRandom {
 }
 
 /// X25519 for snow over x25519-dalek; refuses low-order peer keys.
-#[derive(Default)]
 struct X25519 {
     secret: [u8; 32],
     public: [u8; 32],
+    /// A key pair whose public half is known already (the local static key).
+    known: ([u8; 32], [u8; 32]),
 }
 
 impl X25519 {
     fn set_secret(&mut self, secret: [u8; 32]) {
         self.secret = secret;
-        let key = x25519_dalek::StaticSecret::from(secret);
-        self.public = x25519_dalek::PublicKey::from(&key).to_bytes();
+        self.public = if secret == self.known.0 {
+            self.known.1
+        } else {
+            x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(secret)).to_bytes()
+        };
     }
 }
 
@@ -186,7 +194,9 @@ impl snow::resolvers::CryptoResolver for Resolver {
     }
     fn resolve_dh(&self, choice: &snow::params::DHChoice) -> Option<Box<dyn snow::types::Dh>> {
         match choice {
-            snow::params::DHChoice::Curve25519 => Some(Box::new(X25519::default())),
+            snow::params::DHChoice::Curve25519 => {
+                Some(Box::new(X25519 { secret: [0; 32], public: [0; 32], known: self.local }))
+            }
             _ => None,
         }
     }
@@ -202,9 +212,14 @@ fn state_err(e: snow::Error) -> NoiseError {
     NoiseError::State(e.to_string())
 }
 
-fn builder<'a>(local_secret: &'a [u8; 32], entropy: [u8; 32]) -> Result<snow::Builder<'a>, NoiseError> {
+fn builder<'a>(
+    local_secret: &'a [u8; 32],
+    local_public: [u8; 32],
+    entropy: [u8; 32],
+) -> Result<snow::Builder<'a>, NoiseError> {
     let params: snow::params::NoiseParams = NOISE_SUITE.parse().map_err(state_err)?;
-    snow::Builder::with_resolver(params, Box::new(Resolver { entropy }))
+    let resolver = Resolver { entropy, local: (*local_secret, local_public) };
+    snow::Builder::with_resolver(params, Box::new(resolver))
         .local_private_key(local_secret)
         .and_then(|b| b.prologue(PROLOGUE))
         .map_err(state_err)
@@ -227,7 +242,7 @@ impl Initiator {
     ) -> Result<Initiator, NoiseError> {
         let secret = local.x25519_secret();
         let remote_x = remote.to_x25519();
-        let mut state = builder(&secret, entropy)?
+        let mut state = builder(&secret, local.x25519_public(), entropy)?
             .remote_public_key(&remote_x)
             .and_then(|b| b.build_initiator())
             .map_err(state_err)?;
@@ -255,7 +270,7 @@ impl Responder {
     /// Prepares to answer a handshake as `local`.
     pub fn new(local: &Keypair, entropy: [u8; 32]) -> Result<Responder, NoiseError> {
         let secret = local.x25519_secret();
-        let state = builder(&secret, entropy)?.build_responder().map_err(state_err)?;
+        let state = builder(&secret, local.x25519_public(), entropy)?.build_responder().map_err(state_err)?;
         Ok(Responder { state })
     }
 
@@ -550,9 +565,13 @@ mod tests {
         let (client, server) = (pair(1), pair(2));
         let (cs, ss) = (client.x25519_secret(), server.x25519_secret());
         let server_x = server.public().to_x25519();
-        let mut init =
-            builder(&cs, [1; 32]).unwrap().remote_public_key(&server_x).unwrap().build_initiator().unwrap();
-        let mut resp = builder(&ss, [2; 32]).unwrap().build_responder().unwrap();
+        let mut init = builder(&cs, client.x25519_public(), [1; 32])
+            .unwrap()
+            .remote_public_key(&server_x)
+            .unwrap()
+            .build_initiator()
+            .unwrap();
+        let mut resp = builder(&ss, server.x25519_public(), [2; 32]).unwrap().build_responder().unwrap();
         let (mut m1, mut m2, mut scratch) = ([0u8; 256], [0u8; 256], [0u8; 256]);
         let n = init.write_message(b"", &mut m1).unwrap();
         resp.read_message(&m1[..n], &mut scratch).unwrap();
