@@ -155,6 +155,50 @@ pub enum MessageError {
     TooLarge(usize),
 }
 
+/// Postcard's index of [`Message::Instances`] (variants count from 0 in
+/// declaration order; a test pins it).
+const INSTANCES_VARIANT: u32 = 6;
+
+impl Instance {
+    /// The instance's encoding, for [`encode_instances`].
+    pub fn encode(&self) -> Vec<u8> {
+        // Encoding plain data into a Vec cannot fail.
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+}
+
+/// Appends the encoding of `Message::Instances { id, instances, truncated }`
+/// built from instances encoded beforehand with [`Instance::encode`], taking
+/// as many as fit in one frame (at most [`MAX_INSTANCES`]). A registry answers
+/// every lookup this way: the instances are encoded once, at registration,
+/// instead of once per answer. `truncated` is set when not all were taken.
+pub fn encode_instances<'a>(
+    id: u32,
+    encoded: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
+    truncated: bool,
+    out: &mut Vec<u8>,
+) {
+    // Room for the variant, id and length varints (5 bytes each at most) and the flag.
+    const ENVELOPE: usize = 16;
+    let mut count = 0;
+    let mut size = 0;
+    for item in encoded.clone().take(MAX_INSTANCES) {
+        if size + item.len() + ENVELOPE > MAX_PLAINTEXT {
+            break;
+        }
+        size += item.len();
+        count += 1;
+    }
+    let truncated = truncated || count < encoded.len();
+    // Three varints: the variant, the id and the list's length (count <= MAX_INSTANCES).
+    let header: postcard::Result<Vec<u8>> = postcard::to_allocvec(&(INSTANCES_VARIANT, id, count as u32));
+    out.extend_from_slice(&header.unwrap_or_default());
+    for item in encoded.take(count) {
+        out.extend_from_slice(item);
+    }
+    out.push(u8::from(truncated));
+}
+
 impl Message {
     /// Decodes one message, strictly.
     pub fn decode(bytes: &[u8]) -> Result<Message, MessageError> {
@@ -243,6 +287,41 @@ mod tests {
             msg.encode(&mut out).unwrap();
             assert_eq!(out[0], 0xAA, "encode appends");
             assert_eq!(Message::decode(&out[1..]), Ok(msg));
+        }
+    }
+
+    #[test]
+    fn pre_encoded_answers_match_the_message_encoding() {
+        let instances = vec![instance(1), instance(2), instance(3)];
+        let encoded: Vec<Vec<u8>> = instances.iter().map(Instance::encode).collect();
+        for truncated in [false, true] {
+            let mut fast = vec![0xAA];
+            encode_instances(300, encoded.iter().map(Vec::as_slice), truncated, &mut fast);
+            let mut slow = vec![0xAA];
+            Message::Instances { id: 300, instances: instances.clone(), truncated }
+                .encode(&mut slow)
+                .unwrap();
+            assert_eq!(fast, slow);
+        }
+        // More than a frame holds: cut, and flagged.
+        let big = instance(4).with_many_tags();
+        let one = big.encode();
+        let many = vec![one.as_slice(); MAX_INSTANCES];
+        let mut out = Vec::new();
+        encode_instances(1, many.iter().copied(), false, &mut out);
+        assert!(out.len() <= MAX_PLAINTEXT);
+        let Ok(Message::Instances { instances, truncated: true, .. }) = Message::decode(&out) else {
+            panic!("expected a truncated answer");
+        };
+        assert!(!instances.is_empty() && instances.len() < MAX_INSTANCES);
+    }
+
+    impl Instance {
+        fn with_many_tags(mut self) -> Instance {
+            // instance() has one tag already; fill the rest to the limit.
+            let tags: Vec<String> = (1..16).map(|i| format!("{i:02}{}", "t".repeat(62))).collect();
+            self.role = self.role.with_tags(tags).unwrap();
+            self
         }
     }
 

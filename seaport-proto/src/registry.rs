@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::keys::{Keypair, PublicKey};
-use crate::message::{ErrorCode, Instance, MAX_ADDRS, MAX_INSTANCES, Message};
+use crate::message::{ErrorCode, Instance, MAX_ADDRS, Message, encode_instances};
 use crate::noise::Intent;
 use crate::role::{Role, RoleQuery};
 use crate::session::{Session, SessionError};
@@ -139,6 +139,12 @@ struct Peer {
     dirty: bool,
 }
 
+/// One registered instance, with its wire encoding made once for all answers.
+struct Registered {
+    instance: Instance,
+    encoded: Vec<u8>,
+}
+
 /// Key of one registration: owning session, then the service's id for it.
 type RegKey = (SessionId, u32);
 /// Key of one watch.
@@ -153,7 +159,7 @@ pub struct Registry {
     /// Established sessions by identity, to supersede stale ones.
     by_key: HashMap<PublicKey, SessionId>,
     /// Role name → registrations, in registration-key order (oldest session first).
-    by_name: HashMap<String, BTreeMap<RegKey, Instance>>,
+    by_name: HashMap<String, BTreeMap<RegKey, Registered>>,
     /// Role name → watches whose query names it.
     watchers: HashMap<String, HashSet<WatchKey>>,
     /// Sessions with bytes to send, in the order they got them.
@@ -322,11 +328,11 @@ impl Registry {
     pub fn lookup(&self, query: &RoleQuery, limit: usize) -> (Vec<Instance>, bool) {
         let mut found = Vec::new();
         let Some(regs) = self.by_name.get(query.name()) else { return (found, false) };
-        for instance in regs.values().filter(|i| query.matches(&i.role)) {
+        for registered in regs.values().filter(|r| query.matches(&r.instance.role)) {
             if found.len() == limit {
                 return (found, true);
             }
-            found.push(instance.clone());
+            found.push(registered.instance.clone());
         }
         (found, false)
     }
@@ -352,7 +358,8 @@ impl Registry {
                     self.remove_registration(id, reg, &old_name);
                 }
                 let instance = Instance { key, role: role.clone(), addrs: dialable };
-                self.by_name.entry(role.name().to_owned()).or_default().insert((id, reg), instance);
+                let registered = Registered { encoded: instance.encode(), instance };
+                self.by_name.entry(role.name().to_owned()).or_default().insert((id, reg), registered);
                 self.send(id, &Message::Registered { id: reg });
                 self.events.push_back(RegistryEvent::Registered { peer: key, role: role.clone() });
                 self.notify(role.name(), &role);
@@ -405,29 +412,22 @@ impl Registry {
     /// The answer to a lookup or watch, cut to what one frame carries.
     /// The encoded answer to a lookup or watch, cut to what one frame carries.
     fn answer(&self, id: u32, query: &RoleQuery) -> Vec<u8> {
-        let (mut instances, mut truncated) = self.lookup(query, MAX_INSTANCES);
-        loop {
-            let msg = Message::Instances { id, instances, truncated };
-            let mut plain = Vec::new();
-            match msg.encode(&mut plain) {
-                Ok(()) => return plain,
-                // Only size can fail here: halve the list and say so.
-                Err(_) => {
-                    let Message::Instances { instances: mut list, .. } = msg else { return Vec::new() };
-                    if list.is_empty() {
-                        return Vec::new();
-                    }
-                    list.truncate(list.len() / 2);
-                    instances = list;
-                    truncated = true;
-                }
-            }
-        }
+        let matching: Vec<&[u8]> = self
+            .by_name
+            .get(query.name())
+            .into_iter()
+            .flat_map(BTreeMap::values)
+            .filter(|r| query.matches(&r.instance.role))
+            .map(|r| r.encoded.as_slice())
+            .collect();
+        let mut plain = Vec::new();
+        encode_instances(id, matching.iter().copied(), false, &mut plain);
+        plain
     }
 
     fn remove_registration(&mut self, id: SessionId, reg: u32, name: &str) {
         let Some(regs) = self.by_name.get_mut(name) else { return };
-        let Some(instance) = regs.remove(&(id, reg)) else { return };
+        let Some(Registered { instance, .. }) = regs.remove(&(id, reg)) else { return };
         if regs.is_empty() {
             self.by_name.remove(name);
         }
@@ -628,7 +628,11 @@ mod tests {
         let [Message::Instances { id: 7, instances, truncated: true }] = answer.as_slice() else {
             panic!("expected one truncated answer, got {answer:?}");
         };
-        assert!(!instances.is_empty() && instances.len() < MAX_INSTANCES, "{} instances", instances.len());
+        assert!(
+            !instances.is_empty() && instances.len() < crate::message::MAX_INSTANCES,
+            "{}",
+            instances.len()
+        );
     }
 
     #[test]
