@@ -29,6 +29,7 @@ fn target_dir() -> PathBuf {
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
+        raise_fd_limit();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -41,6 +42,14 @@ pub fn bin(name: &str) -> PathBuf {
     let path = target_dir().join(name);
     assert!(path.exists(), "{} missing after build", path.display());
     path
+}
+
+/// The hostile-input test holds over 2,000 sockets at once: lift the soft
+/// open-file limit to the hard one, as the binaries do for themselves.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let _ = setrlimit(Resource::Nofile, Rlimit { current: limit.maximum, maximum: limit.maximum });
 }
 
 /// A TCP port that was free a moment ago.
