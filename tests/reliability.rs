@@ -219,3 +219,29 @@ fn sigterm_unregisters_first_and_drains_open_tunnels() {
     proxy.signal("INT");
     assert_eq!(proxy.wait_exit(WAIT), Some(0), "{:#?}", proxy.errors());
 }
+
+#[test]
+fn standby_tunnels_serve_fail_over_and_retire_cleanly() {
+    let (a, b) = (http_backend("a"), http_backend("b"));
+    let reg = registry(&[]);
+    let sa = service(&reg.target, a, "warm@1.0.0");
+    let sb = service(&reg.target, b, "warm@1.0.1");
+    let (proxy, port) = proxy_with(&reg.target, "warm", 2, &["--standby", "1", "--standby-ttl", "1s"]);
+    let mut seen = HashSet::new();
+    for i in 0..60 {
+        if i == 30 {
+            assert_eq!(seen.len(), 2, "both instances served through standby tunnels");
+            // Its standby tunnel is now dead: the proxy must notice and fail over.
+            sa.signal("KILL");
+        }
+        let (status, body) = http_get(port);
+        assert_eq!(status, 200, "request {i} failed: {body}");
+        seen.insert(body);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Spares are replaced every second; each retired one ends as a finished
+    // tunnel, never a cut one.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(sb.count_log("cut off"), 0, "{:#?}", sb.errors());
+    assert_eq!(proxy.count_log("every instance failed"), 0, "{:#?}", proxy.errors());
+}

@@ -170,6 +170,15 @@ async fn run(args: &Args) -> Vec<Row> {
     );
     proxy.wait_line("proxy from");
     let seaport_addr: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();
+    // A second proxy with standby tunnels, for the new-connection figure.
+    let standby_port = free_port();
+    let mut standby_proxy = Peer::start(
+        "proxy --standby",
+        &bin.join("seaport-proxy"),
+        &[&target, "-p", &standby_port.to_string(), "-r", "bench", "--standby", "2"],
+    );
+    standby_proxy.wait_line("proxy from");
+    let standby_addr: SocketAddr = format!("127.0.0.1:{standby_port}").parse().unwrap();
     let targets = [backend_addr, relay_addr, seaport_addr];
 
     // Warm up every path.
@@ -221,6 +230,18 @@ async fn run(args: &Args) -> Vec<Row> {
         }
         rows.push(Row::all("new connection to first byte, p50".into(), "µs", Better::Lower, p50));
         rows.push(Row::all("new connection to first byte, p99".into(), "µs", Better::Lower, p99));
+        // Through a proxy with standby tunnels, one connection at a time with a
+        // short pause, so the spare taken is replaced before the next.
+        let mut times = Vec::with_capacity(fresh);
+        for _ in 0..fresh {
+            times.extend(measure::new_connections(standby_addr, 1).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for (p, direct, relay) in [(50.0, p50[0], p50[1]), (99.0, p99[0], p99[1])] {
+            let name = format!("new connection, proxy --standby 2, p{p}");
+            let value = measure::percentile_us(&mut times, p);
+            rows.push(Row::all(name, "µs", Better::Lower, [direct, relay, value]));
+        }
     }
 
     if wants("idle") {
@@ -262,7 +283,7 @@ async fn run(args: &Args) -> Vec<Row> {
             ..Row::seaport(format!("registry lookups, {instances} instances"), "/s", rate)
         });
     }
-    drop((backend, hop1, hop2, registry, service, proxy));
+    drop((backend, hop1, hop2, registry, service, proxy, standby_proxy));
     rows
 }
 

@@ -9,6 +9,7 @@
 //! - [`tunnel`]: tunnel handshakes, parallel dialing, and the byte pump.
 //! - [`dht`]: publishing and resolving a registry's addresses on mainline.
 //! - [`signal`]: SIGINT/SIGTERM as a future.
+//! - [`standby`]: a proxy's tunnels opened ahead of need.
 //!
 //! Each async driver is a pure adapter: every protocol decision is made by a
 //! seaport-proto state machine; this crate moves bytes and fires timers.
@@ -21,5 +22,6 @@ pub mod dht;
 pub mod identity;
 pub mod registry;
 pub mod signal;
+pub mod standby;
 pub mod target;
 pub mod tunnel;

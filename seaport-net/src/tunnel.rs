@@ -95,6 +95,25 @@ pub struct OpenTunnel {
     pub addr: SocketAddr,
 }
 
+impl OpenTunnel {
+    /// Ends an unused tunnel cleanly: an end-of-stream frame, then waits
+    /// (a second at most) for the service's own end before closing, so the
+    /// service sees a finished tunnel rather than a cut one.
+    pub async fn close(self) {
+        let (mut sealer, _) = self.transport.split();
+        let mut frame = Vec::new();
+        let mut stream = self.stream;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            if sealer.seal(&[], &mut frame).is_ok() && stream.write_all(&frame).await.is_ok() {
+                let _ = stream.shutdown().await;
+                let mut sink = [0u8; 1024];
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            }
+        })
+        .await;
+    }
+}
+
 /// Dials every address of `instance` at once and handshakes; the first to
 /// finish wins and the others are dropped.
 pub async fn open(

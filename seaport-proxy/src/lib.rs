@@ -11,6 +11,7 @@ use clap::Parser;
 use seaport_net::cli::{ClientArgs, event, parse_duration};
 use seaport_net::control::{lock, run_client};
 use seaport_net::identity::random_u64;
+use seaport_net::standby::Standby;
 use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, Strategy};
 use seaport_proto::keys::{Keypair, PublicKey};
 use seaport_proto::role::RoleQuery;
@@ -46,6 +47,15 @@ pub struct Args {
     /// How long a failed instance is avoided.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub ban: Duration,
+    /// Keep this many tunnels per instance open ahead of need, so a new
+    /// connection skips the handshake (costs a handshake and a backend
+    /// connection per instance per --standby-ttl while idle).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub standby: usize,
+    /// Longest a standby tunnel is kept before it is replaced; keep it below
+    /// the backend's idle timeout.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub standby_ttl: Duration,
     /// On SIGTERM, how long open connections may take to finish.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub drain: Duration,
@@ -102,6 +112,11 @@ pub async fn run(args: Args) -> Result<(), String> {
         poke,
     ));
 
+    let standby = (args.standby > 0).then(|| Standby::new(args.standby, args.standby_ttl));
+    let refill = standby
+        .clone()
+        .map(|pool| tokio::spawn(pool.keep_filled(client.clone(), keypair.clone(), changed.clone())));
+
     let mut conns = tokio::task::JoinSet::new();
     let shutdown = seaport_net::signal::shutdown_signal();
     tokio::pin!(shutdown);
@@ -110,9 +125,10 @@ pub async fn run(args: Args) -> Result<(), String> {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let (client, keypair, changed) = (client.clone(), keypair.clone(), changed.clone());
-                    let wait = args.connect_timeout;
+                    let (wait, standby) = (args.connect_timeout, standby.clone());
                     conns.spawn(async move {
-                        if let Err(e) = serve_client(stream, &client, &keypair, changed, wait).await {
+                        let served = serve_client(stream, &client, &keypair, standby.as_deref(), changed, wait);
+                        if let Err(e) = served.await {
                             tracing::info!(%peer, "connection closed: {e}");
                         }
                     });
@@ -128,6 +144,10 @@ pub async fn run(args: Args) -> Result<(), String> {
     }
     tracing::info!("shutting down: draining open connections");
     drop(listener);
+    if let Some(refill) = refill {
+        refill.abort();
+    }
+    drop(standby);
     let _ = stop_tx.send(true);
     let _ = control.await;
     if tokio::time::timeout(args.drain, async { while conns.join_next().await.is_some() {} }).await.is_err() {
@@ -146,6 +166,7 @@ async fn serve_client(
     stream: TcpStream,
     client: &Mutex<ProxyClient>,
     keypair: &Keypair,
+    standby: Option<&Standby>,
     mut changed: watch::Receiver<u64>,
     wait: Duration,
 ) -> Result<(), String> {
@@ -163,7 +184,15 @@ async fn serve_client(
     };
     let mut failures = Vec::new();
     for instance in order {
-        match seaport_net::tunnel::open(&instance, keypair, TUNNEL_TIMEOUT).await {
+        let ready = standby.and_then(|pool| pool.take(&instance.key));
+        let opened = match ready {
+            Some(tunnel) => {
+                tracing::debug!(service = %instance.key, "using a standby tunnel");
+                Ok(tunnel)
+            }
+            None => seaport_net::tunnel::open(&instance, keypair, TUNNEL_TIMEOUT).await,
+        };
+        match opened {
             Ok(tunnel) => {
                 tracing::debug!(service = %instance.key, addr = %tunnel.addr, "tunnel open");
                 return seaport_net::tunnel::pump(stream, tunnel.stream, tunnel.transport, tunnel.leftover)
