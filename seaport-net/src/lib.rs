@@ -8,6 +8,7 @@
 //! - [`registry`]: serves the registry state machine on a TCP listener.
 //! - [`tunnel`]: tunnel handshakes, parallel dialing, and the byte pump.
 //! - [`dht`]: publishing and resolving a registry's addresses on mainline.
+//! - [`serve`]: the accept loop and drain the service and proxy share.
 //! - [`signal`]: SIGINT/SIGTERM as a future.
 //! - [`standby`]: a proxy's tunnels opened ahead of need.
 //!
@@ -21,6 +22,7 @@ pub mod control;
 pub mod dht;
 pub mod identity;
 pub mod registry;
+pub mod serve;
 pub mod signal;
 pub mod standby;
 pub mod target;

@@ -11,6 +11,7 @@ use clap::Parser;
 use seaport_net::cli::{ClientArgs, event, parse_duration};
 use seaport_net::control::{lock, run_client};
 use seaport_net::identity::random_u64;
+use seaport_net::serve::{accept_until, drain};
 use seaport_net::standby::Standby;
 use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, Strategy};
 use seaport_proto::keys::{Keypair, PublicKey};
@@ -117,31 +118,18 @@ pub async fn run(args: Args) -> Result<(), String> {
         .clone()
         .map(|pool| tokio::spawn(pool.keep_filled(client.clone(), keypair.clone(), changed.clone())));
 
-    let mut conns = tokio::task::JoinSet::new();
-    let shutdown = seaport_net::signal::shutdown_signal();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let (client, keypair, changed) = (client.clone(), keypair.clone(), changed.clone());
-                    let (wait, standby) = (args.connect_timeout, standby.clone());
-                    conns.spawn(async move {
-                        let served = serve_client(stream, &client, &keypair, standby.as_deref(), changed, wait);
-                        if let Err(e) = served.await {
-                            tracing::info!(%peer, "connection closed: {e}");
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            () = &mut shutdown => break,
+    let wait = args.connect_timeout;
+    let conns = accept_until(&listener, seaport_net::signal::shutdown_signal(), |stream, peer| {
+        let (client, keypair, changed, standby) =
+            (client.clone(), keypair.clone(), changed.clone(), standby.clone());
+        async move {
+            let served = serve_client(stream, &client, &keypair, standby.as_deref(), changed, wait);
+            if let Err(e) = served.await {
+                tracing::info!(%peer, "connection closed: {e}");
+            }
         }
-    }
+    })
+    .await;
     tracing::info!("shutting down: draining open connections");
     drop(listener);
     if let Some(refill) = refill {
@@ -150,9 +138,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     drop(standby);
     let _ = stop_tx.send(true);
     let _ = control.await;
-    if tokio::time::timeout(args.drain, async { while conns.join_next().await.is_some() {} }).await.is_err() {
-        tracing::warn!(open = conns.len(), "drain time over; closing open connections");
-    }
+    drain(conns, args.drain).await;
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use seaport_net::cli::{ClientArgs, event, parse_duration};
 use seaport_net::control::{lock, run_client};
+use seaport_net::serve::{accept_until, drain};
 use seaport_proto::client::{ClientConfig, ServiceClient, ServiceEvent};
 use seaport_proto::role::Role;
 use tokio::net::TcpStream;
@@ -83,31 +84,17 @@ pub async fn run(args: Args) -> Result<(), String> {
     ));
     let health = tokio::spawn(watch_backend(client.clone(), backend, args.check_interval, poke));
 
-    let mut tunnels = tokio::task::JoinSet::new();
     let timeout = args.handshake_timeout;
-    let shutdown = seaport_net::signal::shutdown_signal();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let keypair = keypair.clone();
-                    tunnels.spawn(async move {
-                        match seaport_net::tunnel::serve_one(stream, &keypair, backend, timeout).await {
-                            Ok(moved) => tracing::debug!(%peer, ?moved, "tunnel closed"),
-                            Err(e) => tracing::info!(%peer, "tunnel ended: {e}"),
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(_) = tunnels.join_next(), if !tunnels.is_empty() => {}
-            () = &mut shutdown => break,
+    let tunnels = accept_until(&listener, seaport_net::signal::shutdown_signal(), |stream, peer| {
+        let keypair = keypair.clone();
+        async move {
+            match seaport_net::tunnel::serve_one(stream, &keypair, backend, timeout).await {
+                Ok(moved) => tracing::debug!(%peer, ?moved, "tunnel closed"),
+                Err(e) => tracing::info!(%peer, "tunnel ended: {e}"),
+            }
         }
-    }
+    })
+    .await;
     // Unregister first, so no proxy picks us while we drain.
     tracing::info!("shutting down: unregistering, then draining open tunnels");
     health.abort();
@@ -115,11 +102,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     let _ = stop_tx.send(true);
     let _ = control.await;
     drop(listener);
-    let drained =
-        tokio::time::timeout(args.drain, async { while tunnels.join_next().await.is_some() {} }).await;
-    if drained.is_err() {
-        tracing::warn!(open = tunnels.len(), "drain time over; closing open tunnels");
-    }
+    drain(tunnels, args.drain).await;
     Ok(())
 }
 

@@ -1,0 +1,47 @@
+//! The accept loop both the service and the proxy run: one task per
+//! connection until shutdown, then a bounded drain of the open ones.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+/// Accepts connections on `listener`, running `serve(stream, peer)` as a task
+/// for each, until `shutdown` resolves; returns the tasks still running. An
+/// accept error (out of descriptors, say) pauses briefly instead of spinning.
+pub async fn accept_until<S, F>(
+    listener: &TcpListener,
+    shutdown: impl Future<Output = ()>,
+    mut serve: S,
+) -> JoinSet<()>
+where
+    S: FnMut(TcpStream, SocketAddr) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut open = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    open.spawn(serve(stream, peer));
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = open.join_next(), if !open.is_empty() => {}
+            () = &mut shutdown => return open,
+        }
+    }
+}
+
+/// Lets the `open` connections finish for up to `limit`, then drops the rest.
+pub async fn drain(mut open: JoinSet<()>, limit: Duration) {
+    if tokio::time::timeout(limit, async { while open.join_next().await.is_some() {} }).await.is_err() {
+        tracing::warn!(open = open.len(), "drain time over; closing open connections");
+    }
+}
