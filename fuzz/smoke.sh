@@ -16,6 +16,6 @@ for target in $(cargo +nightly fuzz list); do
     echo "fuzz: $target FAILED (log and crashing input in fuzz/artifacts/$target*)"
     exit 1
   fi
-  grep -E '^#[0-9]+ +DONE' "$log" | tail -n 1 || true
+  grep -E '^(#[0-9]+ +DONE|Done [0-9]+ runs)' "$log" | tail -n 1 || true
 done
 echo "fuzz: all targets ran ${seconds}s without a crash"
