@@ -80,3 +80,14 @@ fn sigterm_exits_0_after_a_clean_shutdown() {
     svc.signal("TERM");
     assert_eq!(svc.wait_exit(Duration::from_secs(15)), Some(0), "{:#?}", svc.errors());
 }
+
+#[test]
+fn no_dht_ignores_an_exported_bootstrap_list() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let reg = Proc::start(
+        "seaport-registry",
+        &["--no-dht", "--listen", &listen],
+        &[("SEAPORT_BOOTSTRAP", "127.0.0.1:1")],
+    );
+    reg.wait_line("Registry listening", Duration::from_secs(20));
+}

@@ -236,11 +236,13 @@ async fn seal_loop(
             buf = vec![0u8; BATCH * MAX_WIRE_FRAME];
         }
         let read = {
-            let mut slots: Vec<std::io::IoSliceMut<'_>> = buf
-                .chunks_mut(MAX_WIRE_FRAME)
-                .filter_map(|frame| frame.get_mut(HEADER_LEN..HEADER_LEN + MAX_PLAINTEXT))
-                .map(std::io::IoSliceMut::new)
-                .collect();
+            let mut frames = buf.chunks_mut(MAX_WIRE_FRAME);
+            let mut slots: [std::io::IoSliceMut<'_>; BATCH] = std::array::from_fn(|_| {
+                let frame = frames.next().unwrap_or_default();
+                std::io::IoSliceMut::new(
+                    frame.get_mut(HEADER_LEN..HEADER_LEN + MAX_PLAINTEXT).unwrap_or_default(),
+                )
+            });
             rd.try_read_vectored(&mut slots)
         };
         let n = match read {

@@ -323,20 +323,6 @@ impl Registry {
         self.events.pop_front()
     }
 
-    /// All registered instances matching `query`, oldest first (at most
-    /// `limit`), and whether more matched.
-    pub fn lookup(&self, query: &RoleQuery, limit: usize) -> (Vec<Instance>, bool) {
-        let mut found = Vec::new();
-        let Some(regs) = self.by_name.get(query.name()) else { return (found, false) };
-        for registered in regs.values().filter(|r| query.matches(&r.instance.role)) {
-            if found.len() == limit {
-                return (found, true);
-            }
-            found.push(registered.instance.clone());
-        }
-        (found, false)
-    }
-
     fn handle_message(&mut self, id: SessionId, msg: Message) {
         let Some(peer) = self.peers.get_mut(&id) else { return };
         let Some(key) = peer.session.remote() else { return };
@@ -409,7 +395,6 @@ impl Registry {
         }
     }
 
-    /// The answer to a lookup or watch, cut to what one frame carries.
     /// The encoded answer to a lookup or watch, cut to what one frame carries.
     fn answer(&self, id: u32, query: &RoleQuery) -> Vec<u8> {
         let matching: Vec<&[u8]> = self

@@ -31,8 +31,9 @@ pub struct Args {
     /// TCP address to listen on for services and proxies.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]
     pub listen: SocketAddr,
-    /// Do not publish in the DHT (clients then need KEY@HOST:PORT).
-    #[arg(long, conflicts_with_all = ["dht_port", "bootstrap"])]
+    /// Do not publish in the DHT (clients then need KEY@HOST:PORT); any
+    /// --bootstrap / SEAPORT_BOOTSTRAP is then unused.
+    #[arg(long, conflicts_with = "dht_port")]
     pub no_dht: bool,
     /// Also run a DHT server node on this UDP port, for a private DHT
     /// (clients use --bootstrap THISHOST:PORT).
