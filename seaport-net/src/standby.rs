@@ -9,6 +9,13 @@
 //! leaves the registry are closed at once, so a draining service is not held.
 //! Costs: one handshake and one backend connection per instance per `ttl`
 //! while idle. Off unless asked for (`seaport-proxy --standby N`).
+//!
+//! A spare that passed its check can still belong to an instance that died a
+//! moment ago (the kernel has not yet delivered its FIN). So a client is not
+//! committed to a spare until the service has answered on it: [`probe`]
+//! forwards the client's first bytes and keeps a copy (at most
+//! [`REPLAY_CAP`]); a spare that ends before its first answer hands the copy
+//! to the next attempt, and the client sees nothing of the failure.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,12 +24,13 @@ use std::time::{Duration, Instant};
 
 use seaport_proto::client::ProxyClient;
 use seaport_proto::keys::{Keypair, PublicKey};
-use tokio::io::ReadBuf;
+use seaport_proto::noise::MAX_PLAINTEXT;
+use tokio::io::{AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 
 use crate::control::lock;
-use crate::tunnel::{self, OpenTunnel};
+use crate::tunnel::{self, OpenTunnel, TunnelError};
 
 /// How long opening one spare may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -127,5 +135,76 @@ fn still_open(stream: &TcpStream) -> bool {
         Poll::Pending => true,
         Poll::Ready(Ok(n)) => n > 0,
         Poll::Ready(Err(_)) => false,
+    }
+}
+
+/// The most client bytes kept for a replay: past this, the client is committed
+/// to its tunnel whether or not the service answered (a request that large is
+/// rare before an answer, and the copy must be bounded).
+pub const REPLAY_CAP: usize = MAX_PLAINTEXT;
+
+/// What [`probe`] found out about a tunnel.
+pub enum Probe {
+    /// The service answered (or the client is committed for another reason):
+    /// pump the tunnel.
+    Answered(OpenTunnel),
+    /// The tunnel ended before any answer: try another, replaying the copy.
+    Dead(TunnelError),
+    /// The client's own connection failed; nothing more to do.
+    ClientGone(std::io::Error),
+}
+
+/// Sends `replay` (the client bytes a dead tunnel took) into `tunnel`, then,
+/// for a `spare` tunnel, forwards the client's bytes and keeps a copy in
+/// `replay` until the service answers. A fresh tunnel needs no wait: its
+/// handshake completed only after the service reached its backend. The
+/// client's end of stream commits too, so that only the pump forwards it.
+pub async fn probe(client: &TcpStream, mut tunnel: OpenTunnel, replay: &mut Vec<u8>, spare: bool) -> Probe {
+    let mut sealed = Vec::new();
+    for chunk in replay.chunks(MAX_PLAINTEXT) {
+        if tunnel.transport.seal(chunk, &mut sealed).is_err() {
+            return Probe::Dead(TunnelError::Corrupt);
+        }
+    }
+    if let Err(e) = tunnel.stream.write_all(&sealed).await {
+        return Probe::Dead(e.into());
+    }
+    if !spare || !tunnel.leftover.is_empty() {
+        return Probe::Answered(tunnel);
+    }
+    let mut byte = [0u8; 1];
+    let mut chunk = vec![0u8; REPLAY_CAP];
+    loop {
+        if replay.len() >= REPLAY_CAP {
+            return Probe::Answered(tunnel);
+        }
+        tokio::select! {
+            peeked = tunnel.stream.peek(&mut byte) => return match peeked {
+                Ok(n) if n > 0 => Probe::Answered(tunnel),
+                Ok(_) => Probe::Dead(TunnelError::Truncated),
+                Err(e) => Probe::Dead(e.into()),
+            },
+            readable = client.readable() => {
+                if let Err(e) = readable {
+                    return Probe::ClientGone(e);
+                }
+                let room = chunk.get_mut(..REPLAY_CAP - replay.len()).unwrap_or_default();
+                let n = match client.try_read(room) {
+                    Ok(0) => return Probe::Answered(tunnel),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Probe::ClientGone(e),
+                };
+                let fresh = room.get(..n).unwrap_or_default();
+                sealed.clear();
+                if tunnel.transport.seal(fresh, &mut sealed).is_err() {
+                    return Probe::Dead(TunnelError::Corrupt);
+                }
+                replay.extend_from_slice(fresh);
+                if let Err(e) = tunnel.stream.write_all(&sealed).await {
+                    return Probe::Dead(e.into());
+                }
+            }
+        }
     }
 }

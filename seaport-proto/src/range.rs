@@ -6,7 +6,7 @@
 //! a range that names a prerelease of the same `major.minor.patch`. This module
 //! follows node-semver's own pipeline step by step (hyphen ranges, operator
 //! trimming, caret, tilde, x-range and star rewriting, then comparators) so that
-//! its corner cases come out the same; `../shared/conformance/semver` holds the
+//! its corner cases come out the same; `tests/conformance/semver` holds the
 //! vectors it is tested against.
 //!
 //! Invariant: a [`VersionRange`] holds only comparators over valid versions; a

@@ -1,8 +1,9 @@
-//! Every npm range-matching vector in `../shared/conformance/semver` must pass.
+//! Every npm range-matching vector in `tests/conformance/semver` must pass.
 //!
-//! The vectors were produced by node-semver itself; they are the oracle for
-//! `seaport_proto::range`. The directory is found beside the project root, or at
-//! `SEAPORT_CONFORMANCE_DIR`; a missing directory fails the test.
+//! The vectors were produced by node-semver itself (their README says how);
+//! they are the oracle for `seaport_proto::range`. They live in the repository
+//! so a clone alone passes its tests; `SEAPORT_CONFORMANCE_DIR` points the
+//! test at another copy (a newer set of vectors, say). A missing file fails.
 
 // Test code: a panic is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -16,7 +17,7 @@ use serde_json::Value;
 fn vectors_dir() -> PathBuf {
     match std::env::var_os("SEAPORT_CONFORMANCE_DIR") {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/semver"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/conformance/semver"),
     }
 }
 

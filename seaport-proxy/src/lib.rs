@@ -12,7 +12,7 @@ use seaport_net::cli::{ClientArgs, event, parse_duration};
 use seaport_net::control::{lock, run_client};
 use seaport_net::identity::random_u64;
 use seaport_net::serve::{accept_until, drain};
-use seaport_net::standby::Standby;
+use seaport_net::standby::{Probe, Standby, probe};
 use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, Strategy};
 use seaport_proto::keys::{Keypair, PublicKey};
 use seaport_proto::role::RoleQuery;
@@ -169,29 +169,41 @@ async fn serve_client(
         }
     };
     let mut failures = Vec::new();
+    // Client bytes sent into a standby tunnel that then died: the next
+    // attempt gets them first, so the client never notices.
+    let mut replay = Vec::new();
     for instance in order {
-        let ready = standby.and_then(|pool| pool.take(&instance.key));
-        let opened = match ready {
+        let spare = standby.and_then(|pool| pool.take(&instance.key));
+        let is_spare = spare.is_some();
+        let opened = match spare {
             Some(tunnel) => {
                 tracing::debug!(service = %instance.key, "using a standby tunnel");
                 Ok(tunnel)
             }
             None => seaport_net::tunnel::open(&instance, keypair, TUNNEL_TIMEOUT).await,
         };
-        match opened {
-            Ok(tunnel) => {
-                tracing::debug!(service = %instance.key, addr = %tunnel.addr, "tunnel open");
-                return seaport_net::tunnel::pump(stream, tunnel.stream, tunnel.transport, tunnel.leftover)
+        let failure = match opened {
+            Ok(tunnel) => match probe(&stream, tunnel, &mut replay, is_spare).await {
+                Probe::Answered(tunnel) => {
+                    tracing::debug!(service = %instance.key, addr = %tunnel.addr, "tunnel open");
+                    return seaport_net::tunnel::pump(
+                        stream,
+                        tunnel.stream,
+                        tunnel.transport,
+                        tunnel.leftover,
+                    )
                     .await
                     .map(|_| ())
                     .map_err(|e| e.to_string());
-            }
-            Err(e) => {
-                tracing::warn!(service = %instance.key, "instance failed, trying the next: {e}");
-                lock(client).report_failure(std::time::Instant::now(), instance.key);
-                failures.push(e.to_string());
-            }
-        }
+                }
+                Probe::Dead(e) => e,
+                Probe::ClientGone(e) => return Err(format!("client connection failed: {e}")),
+            },
+            Err(e) => e,
+        };
+        tracing::warn!(service = %instance.key, "instance failed, trying the next: {failure}");
+        lock(client).report_failure(std::time::Instant::now(), instance.key);
+        failures.push(failure.to_string());
     }
     Err(format!("every instance failed: {}", failures.join("; ")))
 }
