@@ -91,3 +91,110 @@ fn no_dht_ignores_an_exported_bootstrap_list() {
     );
     reg.wait_line("Registry listening", Duration::from_secs(20));
 }
+
+/// Runs `name` with `args` expecting a usage error: exit 2, clap's form, and
+/// every needle in the message.
+fn usage_error(name: &str, args: &[&str], needles: &[&str]) {
+    let (code, err) = run(name, args);
+    assert_eq!(code, Some(2), "{name} {args:?}: {err}");
+    assert!(err.starts_with("error: ") && err.contains("--help"), "{name} {args:?}: not clap's form: {err}");
+    for needle in needles {
+        assert!(err.contains(needle), "{name} {args:?}: {needle:?} missing from {err}");
+    }
+}
+
+#[test]
+fn values_that_cannot_work_are_refused_with_their_range() {
+    let (_, key) = new_seed();
+    let key = key.as_str();
+    let proxy = |extra: &[&'static str]| [&[key, "-p", "1", "-r", "db"][..], extra].concat();
+    let service = |extra: &[&'static str]| [&[key, "-r", "db@1.0.0"][..], extra].concat();
+    usage_error("seaport-proxy", &proxy(&["--standby-ttl", "0"]), &["--standby-ttl", "1s to 1h"]);
+    usage_error("seaport-proxy", &proxy(&["--dial-timeout", "0"]), &["100ms to 1m"]);
+    usage_error("seaport-proxy", &proxy(&["--standby", "1000"]), &["--standby"]);
+    usage_error("seaport-proxy", &proxy(&["--drain", "-1"]), &["cannot be negative"]);
+    usage_error("seaport-service", &service(&["-p", "0"]), &["--port", "1..=65535"]);
+    usage_error("seaport-service", &service(&["-p", "1", "--check-interval", "0"]), &["100ms to 1h"]);
+    usage_error("seaport-registry", &["--idle-timeout", "0"], &["10s to 1h"]);
+    usage_error("seaport-registry", &["--max-sessions", "0"], &["--max-sessions"]);
+    usage_error("seaport-registry", &["--handshake-timeout", "-5s"], &["cannot be negative"]);
+}
+
+#[test]
+fn every_usage_error_exits_2_in_one_form() {
+    let (_, key) = new_seed();
+    // A malformed seed, on the command line or in a file, is the user's mistake too.
+    usage_error("seaport-registry", &["--seed", "abc"], &["--seed", "64 hex"]);
+    usage_error("seaport-proxy", &[&key, "-p", "1", "-r", "db", "--seed", "abc"], &["--seed"]);
+    let missing = std::env::temp_dir().join("seaport-no-such-seed-file");
+    let missing = missing.to_str().unwrap();
+    usage_error("seaport-service", &[&key, "-p", "1", "-r", "db@1.0.0", "--seed-file", missing], &[missing]);
+    usage_error("seaport-proxy", &["not-a-key", "-p", "1", "-r", "db"], &["REGISTRY"]);
+}
+
+#[test]
+fn a_seed_file_made_by_seaport_seed_starts_a_registry() {
+    let dir = std::env::temp_dir().join(format!("seaport-seed-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("registry.seed");
+    let _ = std::fs::remove_file(&path);
+    let path_text = path.to_str().unwrap();
+    let out = Command::new(bin("seaport-seed")).args(["--seed-file", path_text]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text.lines().last().unwrap().rsplit(' ').next().unwrap().to_owned();
+    assert!(!text.contains(std::fs::read_to_string(&path).unwrap().trim()), "seed printed: {text}");
+    // Never overwritten: a second run refuses and keeps the first seed.
+    let (code, err) = run("seaport-seed", &["--seed-file", path_text]);
+    assert_eq!(code, Some(2), "{err}");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let reg =
+        Proc::start("seaport-registry", &["--seed-file", path_text, "--listen", &listen, "--no-dht"], &[]);
+    let line = reg.wait_line("Registry listening", Duration::from_secs(20));
+    assert!(line.ends_with(&key), "{line} should name {key}");
+    drop(reg);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn proxy_on_port_0_prints_the_port_it_bound_and_tags_show() {
+    let backend = http_backend("tagged");
+    let reg = registry(&[]);
+    let _svc = service_with(&reg.target, backend, "db@1.2.3", &["--tag", "eu", "--tag", "ssd"]);
+    let proxy = Proc::start("seaport-proxy", &[&reg.target, "-p", "0", "-r", "db@1"], &[]);
+    let found = proxy.wait_line("found service", Duration::from_secs(20));
+    assert!(found.ends_with("db@1.2.3 tags=eu,ssd"), "{found}");
+    let line = proxy.wait_line("proxy from", Duration::from_secs(20));
+    let port: u16 = line.split(' ').nth(2).unwrap().parse().unwrap();
+    assert_ne!(port, 0, "{line}");
+    assert_eq!(http_get(port), (200, "tagged".to_owned()));
+}
+
+#[test]
+fn a_wrong_registry_key_and_a_full_registry_are_told_apart() {
+    let reg = registry(&["--max-sessions", "1"]);
+    let (_, wrong) = new_seed();
+    let addr = reg.target.split_once('@').unwrap().1;
+    let lost = Proc::start("seaport-proxy", &[&format!("{wrong}@{addr}"), "-p", "0", "-r", "db"], &[]);
+    let line = lost.wait_log("registry key is probably wrong", Duration::from_secs(20));
+    assert!(line.contains("check the pubkey"), "{line}");
+    drop(lost);
+    // The one session slot taken, the next client hears "full", not "wrong key".
+    let _first = Proc::start("seaport-proxy", &[&reg.target, "-p", "0", "-r", "db"], &[]);
+    _first.wait_line("connected to registry", Duration::from_secs(20));
+    let second = Proc::start("seaport-proxy", &[&reg.target, "-p", "0", "-r", "db"], &[]);
+    second.wait_log("session limit", Duration::from_secs(20));
+    assert_eq!(second.count_log("probably wrong"), 0, "{:#?}", second.errors());
+}
+
+#[test]
+fn an_unreachable_dht_says_what_to_try() {
+    // A bootstrap node that does not exist: the bare key is never found.
+    let (_, key) = new_seed();
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let proxy = Proc::start("seaport-proxy", &[&key, "-p", "0", "-r", "db", "--bootstrap", &nowhere], &[]);
+    let hint = proxy.wait_log("still not found in the DHT", Duration::from_secs(60));
+    assert!(hint.contains(&format!("{key}@HOST:PORT")) && hint.contains("--bootstrap"), "{hint}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(proxy.count_log("still not found in the DHT"), 1, "said once");
+}

@@ -175,6 +175,10 @@ fn backend_down_withdraws_and_back_registers_again() {
     svc.wait_log("backend is down", WAIT);
     reg.proc.wait_log("unregistered", WAIT);
     proxy.wait_log("service gone from the registry", WAIT);
+    // Scripts see both changes on stdout, not only in the logs.
+    let withdrawn = svc.wait_line("withdrew service flaky@1.0.0", WAIT);
+    assert!(withdrawn.contains(&format!("backend 127.0.0.1:{backend_port} is down")), "{withdrawn}");
+    proxy.wait_line("lost service", WAIT);
     // No instance: the client is closed after the connect timeout, never sent to the dead backend.
     assert_eq!(http_get(port).0, 0);
 

@@ -2,7 +2,14 @@
 //! for durations and address lists, and the one-line fatal exit.
 //!
 //! Exit codes are part of the command-line contract: 0 after a clean
-//! shutdown, 1 on a fatal runtime error, 2 on a usage error (clap's own).
+//! shutdown, 1 on a fatal runtime error, 2 on a usage error. Every usage
+//! error, whether clap finds it or `run` does later (a seed file that does
+//! not parse, say), is printed in clap's one form: `error: ...`, the usage
+//! line, and a pointer to `--help`.
+//!
+//! Values that cannot work (a zero interval, a zero port to connect to, a
+//! negative duration) are refused at parse time with the allowed range,
+//! never accepted and then misbehaving.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,14 +33,15 @@ pub struct ClientArgs {
     #[arg(long, value_name = "FILE")]
     pub seed_file: Option<PathBuf>,
     /// Private DHT bootstrap nodes, HOST:PORT,... (for a bare KEY).
-    #[arg(long, env = "SEAPORT_BOOTSTRAP", value_name = "LIST")]
+    #[arg(long, env = "SEAPORT_BOOTSTRAP", hide_env_values = true, value_name = "LIST")]
     pub bootstrap: Option<Bootstrap>,
 }
 
 impl ClientArgs {
     /// The identity: from `--seed`/`--seed-file`/`SEAPORT_SEED`, else fresh.
-    pub fn keypair(&self) -> Result<Keypair, String> {
-        let seed = load_seed(self.seed.as_deref(), self.seed_file.as_deref()).map_err(|e| e.to_string())?;
+    pub fn keypair(&self) -> Result<Keypair, Failure> {
+        let seed = load_seed(self.seed.as_deref(), self.seed_file.as_deref())
+            .map_err(|e| Failure::Usage(e.to_string()))?;
         Ok(Keypair::from_seed(&seed.unwrap_or_else(random_seed)))
     }
 
@@ -69,21 +77,44 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// Why a binary stops with an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The user's mistake in arguments, files or environment: exit 2.
+    Usage(String),
+    /// Something failed at run time (a port in use, say): exit 1.
+    Runtime(String),
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure::Runtime(message)
+    }
+}
+
+/// Ends the process for `failure`: a usage error in clap's form (exit 2), a
+/// runtime error as `binary: message` (exit 1).
+pub fn exit_with<A: clap::CommandFactory>(binary: &str, failure: Failure) -> ! {
+    match failure {
+        Failure::Usage(message) => {
+            A::command().error(clap::error::ErrorKind::ValueValidation, message).exit()
+        }
+        Failure::Runtime(message) => fatal(binary, message),
+    }
+}
+
 /// Prints `binary: message` on stderr and exits 1.
 pub fn fatal(binary: &str, message: impl std::fmt::Display) -> ! {
     eprintln!("{binary}: {message}");
     std::process::exit(1)
 }
 
-/// Prints one event line on stdout. Scripts read these, so each is flushed
-/// at once (Rust's stdout is line-buffered).
-pub fn event(line: impl std::fmt::Display) {
-    println!("{line}");
-}
-
-/// Parses `10`, `10s`, `500ms`, `2m` or `1.5s` as a duration (bare numbers are seconds).
+/// Parses `10`, `10s`, `500ms`, `2m`, `1h` or `1.5s` as a duration (bare numbers are seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
+    if text.starts_with('-') {
+        return Err(format!("{text:?}: a duration cannot be negative"));
+    }
     let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
         Some(i) => text.split_at(i),
         None => (text, "s"),
@@ -94,9 +125,44 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => value / 1000.0,
         "s" => value,
         "m" => value * 60.0,
-        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use ms, s or m")),
+        "h" => value * 3600.0,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use ms, s, m or h")),
     };
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is not a valid duration"))
+}
+
+/// A minute, for duration bounds.
+pub const MINUTE: Duration = Duration::from_secs(60);
+/// An hour, for duration bounds.
+pub const HOUR: Duration = Duration::from_secs(3600);
+
+/// A parser for durations from `min` to `max` inclusive, for clap's
+/// `value_parser`; an error names the allowed range. Duration flags also set
+/// `allow_hyphen_values`, so that `-1` reaches the parser and is refused as
+/// negative rather than taken for a flag.
+pub fn duration_in(
+    min: Duration,
+    max: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |text| {
+        let value = parse_duration(text)?;
+        if value < min || value > max {
+            return Err(format!("{text:?} is out of range: use {} to {}", show(min), show(max)));
+        }
+        Ok(value)
+    }
+}
+
+/// A duration as the user would write it: `0s`, `500ms`, `10s`, `2m`.
+fn show(d: Duration) -> String {
+    if d.subsec_millis() != 0 || d.is_zero() {
+        return if d.is_zero() { "0s".into() } else { format!("{}ms", d.as_millis()) };
+    }
+    match d.as_secs() {
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
 }
 
 /// DHT bootstrap nodes, written `HOST:PORT,HOST:PORT`.
@@ -131,7 +197,18 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("-1").unwrap_err().contains("negative"));
+    }
+
+    #[test]
+    fn ranges_name_their_bounds() {
+        let ttl = duration_in(Duration::from_secs(1), Duration::from_secs(3600));
+        assert_eq!(ttl("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(ttl("1h"), Ok(Duration::from_secs(3600)));
+        let err = ttl("0").unwrap_err();
+        assert!(err.contains("1s to 1h"), "{err}");
+        let err = duration_in(Duration::from_millis(100), Duration::from_secs(60))("90s").unwrap_err();
+        assert!(err.contains("100ms to 1m"), "{err}");
     }
 
     #[test]

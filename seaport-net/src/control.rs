@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use seaport_proto::client::{Backoff, ControlClient};
+use seaport_proto::client::{Backoff, ClientError, ControlClient};
+use seaport_proto::session::SessionError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
@@ -20,11 +21,13 @@ use crate::target::{RegistryTarget, Resolver};
 
 /// First reconnect delay; doubles per failure.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(250);
-/// Longest reconnect delay.
 /// Longest reconnect delay: a registry that comes back is found again within it.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long one TCP connect may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a bare key may stay unfound in the DHT before the user is told,
+/// once, what to try instead.
+pub const DHT_HINT_AFTER: Duration = Duration::from_secs(20);
 
 /// Locks, recovering from a panicked holder (the state machines stay consistent
 /// between calls, so a poisoned lock carries no half-done change).
@@ -49,17 +52,42 @@ pub async fn run_client<C, F>(
     F: FnMut(&C::Event) + Send,
 {
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
+    // Since when a bare key has not been found in the DHT, and whether the
+    // user was told what to try: a walkthrough offline must not hang quietly.
+    let mut unresolved_since: Option<Instant> = None;
+    let mut hinted = false;
     loop {
         if *stop.borrow() {
             return;
         }
-        match connect(&target, &resolver).await {
-            Ok(stream) => {
-                if drive(&client, stream, &mut on_event, &mut backoff, &mut stop, &poke).await {
-                    return;
+        match resolver.resolve(&target).await {
+            Ok(addrs) => {
+                unresolved_since = None;
+                match dial_first(&addrs, CONNECT_TIMEOUT).await {
+                    Ok(stream) => {
+                        let _ = stream.set_nodelay(true);
+                        if drive(&client, stream, &mut on_event, &mut backoff, &mut stop, &poke).await {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::warn!(registry = %target, "registry not reachable: {e}; retrying"),
                 }
             }
-            Err(e) => tracing::warn!(registry = %target, "registry not reachable: {e}; retrying"),
+            Err(e) => {
+                tracing::warn!(registry = %target, "registry not reachable: {e}; retrying");
+                let since = *unresolved_since.get_or_insert_with(Instant::now);
+                if target.direct.is_none() && !hinted && since.elapsed() >= DHT_HINT_AFTER {
+                    hinted = true;
+                    tracing::error!(
+                        "registry {} still not found in the DHT after {}s: is this host online (the DHT needs UDP)? \
+                         Is the registry running, and with DHT? Without the public DHT, dial it directly as \
+                         {}@HOST:PORT, or use a private DHT with --bootstrap HOST:PORT",
+                        target.key,
+                        DHT_HINT_AFTER.as_secs(),
+                        target.key
+                    );
+                }
+            }
         }
         let delay = backoff.next_delay(random_u64());
         tracing::debug!(?delay, "reconnecting after a pause");
@@ -68,13 +96,6 @@ pub async fn run_client<C, F>(
             _ = stop.changed() => return,
         }
     }
-}
-
-async fn connect(target: &RegistryTarget, resolver: &Resolver) -> Result<TcpStream, String> {
-    let addrs = resolver.resolve(target).await?;
-    let stream = dial_first(&addrs, CONNECT_TIMEOUT).await?;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
 }
 
 /// Connects to all `addrs` at once; the first to succeed wins, the rest are dropped.
@@ -121,6 +142,7 @@ where
     }
     let mut buf = vec![0u8; 16 * 1024];
     let mut out = Vec::new();
+    let mut established = false;
     loop {
         let (deadline, events) = {
             let mut c = lock(client);
@@ -132,9 +154,19 @@ where
         for event in &events {
             if C::is_connected_event(event) {
                 backoff.reset();
+                established = true;
             }
             if let Some(reason) = C::disconnect_reason(event) {
-                tracing::warn!("registry session ended: {reason}");
+                match reason {
+                    ClientError::Closed if !established => tracing::error!(
+                        "the registry closed the connection during the handshake: the registry key is probably \
+                         wrong (a registry drops handshakes meant for another key); check the pubkey it printed"
+                    ),
+                    ClientError::Session(SessionError::Busy) => tracing::warn!(
+                        "the registry is at its session limit (its --max-sessions) and refused us; retrying"
+                    ),
+                    _ => tracing::warn!("registry session ended: {reason}"),
+                }
                 ended = true;
             }
             on_event(event);

@@ -27,6 +27,8 @@ use tokio::sync::watch;
 pub const SALT: &[u8] = b"seaport/1";
 /// BEP44 values are at most 1000 bytes.
 const MAX_VALUE: usize = 1000;
+/// How long publishing may fail before the user is told, once, what to try.
+pub const PUBLISH_HINT_AFTER: Duration = Duration::from_secs(30);
 /// How often the record is republished while nothing changes.
 pub const REFRESH: Duration = Duration::from_secs(15 * 60);
 
@@ -110,15 +112,33 @@ pub async fn publish_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut retry = Duration::from_millis(500);
+    // Since when publishing has failed, and whether the user was told what
+    // to try: an offline registry must not fail quietly for ever.
+    let mut failing_since: Option<tokio::time::Instant> = None;
+    let mut hinted = false;
     loop {
         let pause = match rendezvous.publish(&keypair, &addrs).await {
             Ok(()) => {
                 tracing::info!(addrs = %encode_addrs(&addrs), "published registry addresses in the DHT");
                 retry = Duration::from_millis(500);
+                failing_since = None;
                 REFRESH
             }
             Err(e) => {
                 tracing::warn!("DHT publish failed: {e}; retrying in {retry:?}");
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                if !hinted && since.elapsed() >= PUBLISH_HINT_AFTER {
+                    hinted = true;
+                    let port = addrs.first().map_or(0, SocketAddr::port);
+                    tracing::error!(
+                        "cannot publish in the DHT for {}s: is this host online (the DHT needs UDP)? Clients can \
+                         still dial this registry directly as {}@HOST:{port}; on a network without the public \
+                         DHT, run a private one (--dht-port N here, --bootstrap THISHOST:N on clients) or start \
+                         with --no-dht",
+                        PUBLISH_HINT_AFTER.as_secs(),
+                        keypair.public()
+                    );
+                }
                 let pause = retry;
                 retry = (retry * 2).min(Duration::from_secs(30));
                 pause

@@ -2,6 +2,7 @@
 //! crate that touches sockets, clocks, tasks, OS randomness and the DHT.
 //!
 //! - [`cli`]: what every binary's `main` shares: logging, durations, exits.
+//! - [`event`]: the stdout event lines, one type for every binary.
 //! - [`identity`]: seeds from flags, files or the environment; OS entropy.
 //! - [`target`]: the `KEY` / `KEY@HOST:PORT` registry argument and its resolution.
 //! - [`control`]: runs a service or proxy control session with reconnects.
@@ -20,6 +21,7 @@
 pub mod cli;
 pub mod control;
 pub mod dht;
+pub mod event;
 pub mod identity;
 pub mod registry;
 pub mod serve;

@@ -60,7 +60,12 @@ pub async fn serve(
                         tokio::spawn(write_loop(wr, rx));
                         connections.insert(id, Connection { queue, reader });
                     }
-                    Err(full) => tracing::warn!(%peer, "refusing connection: {full}"),
+                    Err(full) => {
+                        // An empty frame tells the client "full, not a wrong
+                        // key" (no Noise message is empty); best effort only.
+                        let _ = stream.try_write(&[0, 0]);
+                        tracing::warn!(%peer, "refusing connection: {full}");
+                    }
                 },
                 Err(e) => {
                     // Out of file descriptors and the like: pause rather than spin.

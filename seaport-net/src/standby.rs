@@ -32,9 +32,6 @@ use tokio::sync::{Notify, watch};
 use crate::control::lock;
 use crate::tunnel::{self, OpenTunnel, TunnelError};
 
-/// How long opening one spare may take.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
-
 struct Spare {
     opened: Instant,
     tunnel: OpenTunnel,
@@ -44,15 +41,24 @@ struct Spare {
 pub struct Standby {
     per_instance: usize,
     ttl: Duration,
+    /// How long opening one spare may take.
+    open_timeout: Duration,
     spares: Mutex<HashMap<PublicKey, Vec<Spare>>>,
     /// Wakes the refill loop when a spare was taken.
     taken: Notify,
 }
 
 impl Standby {
-    /// A pool keeping `per_instance` spares per instance, each at most `ttl` old.
-    pub fn new(per_instance: usize, ttl: Duration) -> Arc<Standby> {
-        Arc::new(Standby { per_instance, ttl, spares: Mutex::new(HashMap::new()), taken: Notify::new() })
+    /// A pool keeping `per_instance` spares per instance, each at most `ttl`
+    /// old, each opened within `open_timeout`.
+    pub fn new(per_instance: usize, ttl: Duration, open_timeout: Duration) -> Arc<Standby> {
+        Arc::new(Standby {
+            per_instance,
+            ttl,
+            open_timeout,
+            spares: Mutex::new(HashMap::new()),
+            taken: Notify::new(),
+        })
     }
 
     /// A ready tunnel to the instance `key`, if the pool has a live one.
@@ -101,7 +107,7 @@ impl Standby {
             for instance in &instances {
                 let have = lock(&self.spares).get(&instance.key).map_or(0, Vec::len);
                 for _ in have..self.per_instance {
-                    match tunnel::open(instance, &keypair, OPEN_TIMEOUT).await {
+                    match tunnel::open(instance, &keypair, self.open_timeout).await {
                         Ok(tunnel) => {
                             let spare = Spare { opened: Instant::now(), tunnel };
                             lock(&self.spares).entry(instance.key).or_default().push(spare);
@@ -147,7 +153,7 @@ pub const REPLAY_CAP: usize = MAX_PLAINTEXT;
 pub enum Probe {
     /// The service answered (or the client is committed for another reason):
     /// pump the tunnel.
-    Answered(OpenTunnel),
+    Answered(Box<OpenTunnel>),
     /// The tunnel ended before any answer: try another, replaying the copy.
     Dead(TunnelError),
     /// The client's own connection failed; nothing more to do.
@@ -170,17 +176,17 @@ pub async fn probe(client: &TcpStream, mut tunnel: OpenTunnel, replay: &mut Vec<
         return Probe::Dead(e.into());
     }
     if !spare || !tunnel.leftover.is_empty() {
-        return Probe::Answered(tunnel);
+        return Probe::Answered(Box::new(tunnel));
     }
     let mut byte = [0u8; 1];
     let mut chunk = vec![0u8; REPLAY_CAP];
     loop {
         if replay.len() >= REPLAY_CAP {
-            return Probe::Answered(tunnel);
+            return Probe::Answered(Box::new(tunnel));
         }
         tokio::select! {
             peeked = tunnel.stream.peek(&mut byte) => return match peeked {
-                Ok(n) if n > 0 => Probe::Answered(tunnel),
+                Ok(n) if n > 0 => Probe::Answered(Box::new(tunnel)),
                 Ok(_) => Probe::Dead(TunnelError::Truncated),
                 Err(e) => Probe::Dead(e.into()),
             },
@@ -190,7 +196,7 @@ pub async fn probe(client: &TcpStream, mut tunnel: OpenTunnel, replay: &mut Vec<
                 }
                 let room = chunk.get_mut(..REPLAY_CAP - replay.len()).unwrap_or_default();
                 let n = match client.try_read(room) {
-                    Ok(0) => return Probe::Answered(tunnel),
+                    Ok(0) => return Probe::Answered(Box::new(tunnel)),
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Probe::ClientGone(e),

@@ -35,6 +35,11 @@ pub enum SessionError {
         /// What is served here.
         expected: Intent,
     },
+    /// The responder refused the session for want of capacity before any
+    /// handshake: it answered with an empty frame (no Noise message is
+    /// empty) and closed. Not authenticated: it says only "try later".
+    #[error("the peer is at its session limit and refused the connection")]
+    Busy,
     /// `send` before the handshake completed (a bug in the caller).
     #[error("session is not established yet")]
     NotEstablished,
@@ -132,6 +137,7 @@ impl Session {
                     }
                     phase => {
                         let next = match std::mem::replace(phase, Phase::Failed) {
+                            Phase::Initiating(_) if frame.is_empty() => return Err(SessionError::Busy),
                             Phase::Initiating(init) => init.finish(frame)?,
                             Phase::Responding(resp) => {
                                 let (hello, transport) = resp.accept(frame, &mut self.transmit)?;
@@ -225,6 +231,17 @@ mod tests {
 
     fn pair(n: u8) -> Keypair {
         Keypair::from_seed(&Seed::from_bytes([n; 32]))
+    }
+
+    #[test]
+    fn an_empty_answer_to_a_hello_means_busy() {
+        let now = Instant::now();
+        let t = Duration::from_secs(5);
+        let mut c = Session::initiate(now, &pair(1), &pair(2).public(), Intent::Control, [1; 32], t).unwrap();
+        assert_eq!(c.handle_input(&[0, 0]).unwrap_err(), SessionError::Busy);
+        // Once established, an empty frame is just a frame that fails to open.
+        let mut s = Session::respond(now, &pair(2), Intent::Control, [2; 32], t).unwrap();
+        assert!(matches!(s.handle_input(&[0, 0]), Err(SessionError::Noise(_))));
     }
 
     #[test]

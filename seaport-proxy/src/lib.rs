@@ -2,20 +2,21 @@
 //! client connection gets a tunnel to one instance, chosen by the balance
 //! strategy, failing over to the next when dialing or the handshake fails.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use seaport_net::cli::{ClientArgs, event, parse_duration};
+use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
 use seaport_net::control::{lock, run_client};
+use seaport_net::event::{Event, emit};
 use seaport_net::identity::random_u64;
 use seaport_net::serve::{accept_until, drain};
 use seaport_net::standby::{Probe, Standby, probe};
 use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, Strategy};
 use seaport_proto::keys::{Keypair, PublicKey};
-use seaport_proto::role::RoleQuery;
+use seaport_proto::role::{Role, RoleQuery};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -30,7 +31,7 @@ pub struct Args {
     /// Registry, identity and DHT options, shared with the other client binary.
     #[command(flatten)]
     pub client: ClientArgs,
-    /// The local port to serve on.
+    /// The local port to serve on (0: any free port, printed on stdout).
     #[arg(short, long, value_name = "PORT")]
     pub port: u16,
     /// The role and npm version range wanted, e.g. couchdb@3.x or couchdb@^3.2.0.
@@ -42,56 +43,80 @@ pub struct Args {
     /// How to spread connections over instances: first, round-robin, random or hash.
     #[arg(long, value_name = "STRATEGY", default_value = "round-robin")]
     pub balance: Strategy,
-    /// How long a client waits for a first instance before it is closed.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    /// How long a client waits for a first instance before it is closed (0s to 1h).
+    #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
+          value_parser = duration_in(Duration::ZERO, HOUR))]
     pub connect_timeout: Duration,
-    /// How long a failed instance is avoided.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    /// How long one attempt to reach an instance (TCP connect and handshake)
+    /// may take before the next instance is tried (100ms to 1m). A frozen
+    /// instance costs a new client this long, once per --ban.
+    #[arg(long, value_name = "DURATION", default_value = "3s", allow_hyphen_values = true,
+          value_parser = duration_in(Duration::from_millis(100), MINUTE))]
+    pub dial_timeout: Duration,
+    /// How long a failed instance is avoided (0s to 1h).
+    #[arg(long, value_name = "DURATION", default_value = "30s", allow_hyphen_values = true,
+          value_parser = duration_in(Duration::ZERO, HOUR))]
     pub ban: Duration,
     /// Keep this many tunnels per instance open ahead of need, so a new
     /// connection skips the handshake (costs a handshake and a backend
-    /// connection per instance per --standby-ttl while idle).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub standby: usize,
+    /// connection per instance per --standby-ttl while idle; 0 to 64).
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=64))]
+    pub standby: u8,
     /// Longest a standby tunnel is kept before it is replaced; keep it below
-    /// the backend's idle timeout.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    /// the backend's idle timeout (1s to 1h).
+    #[arg(long, value_name = "DURATION", default_value = "5s", allow_hyphen_values = true,
+          value_parser = duration_in(Duration::from_secs(1), HOUR))]
     pub standby_ttl: Duration,
-    /// On SIGTERM, how long open connections may take to finish.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    /// On SIGTERM, how long open connections may take to finish (0s to 1h).
+    #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
+          value_parser = duration_in(Duration::ZERO, HOUR))]
     pub drain: Duration,
 }
 
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
-pub async fn run(args: Args) -> Result<(), String> {
+pub async fn run(args: Args) -> Result<(), Failure> {
     let keypair = args.client.keypair()?;
     let addr = SocketAddr::new(args.bind, args.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}; choose another -p port or --bind address"))?;
+    // With -p 0 the kernel picks the port: report that one, not 0.
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     let resolver = args.client.resolver().await?;
     let config = ClientConfig::new(keypair.clone(), args.client.registry.key);
     let client = Arc::new(Mutex::new(ProxyClient::new(config, args.role.clone(), args.balance, args.ban)));
     // Bumped on every instance-set change, so waiting clients wake up.
     let (changed_tx, changed) = watch::channel(0u64);
-    event(format!("connecting to registry {}", args.client.registry.key));
+    emit(&Event::Connecting { registry: args.client.registry.key });
     let (stop_tx, stop) = watch::channel(false);
-    let mut seen: HashSet<PublicKey> = HashSet::new();
-    let port = args.port;
+    let mut known: HashMap<PublicKey, Role> = HashMap::new();
+    let mut connected = false;
+    let query = args.role.clone();
     let on_event = move |e: &ProxyEvent| match e {
-        ProxyEvent::Connected => event("connected to registry"),
+        ProxyEvent::Connected => {
+            connected = true;
+            emit(&Event::Connected);
+        }
+        ProxyEvent::Disconnected(reason) => {
+            if std::mem::take(&mut connected) {
+                emit(&Event::Disconnected { reason: reason.to_string() });
+            }
+        }
         ProxyEvent::Instances { instances, truncated } => {
-            for instance in instances {
-                if seen.insert(instance.key) {
-                    event(format!("found service {} {}", instance.key, instance.role));
-                    event(format!("proxy from {port} to p2p service {}", instance.key));
+            let now: HashMap<PublicKey, Role> = instances.iter().map(|i| (i.key, i.role.clone())).collect();
+            for (key, role) in &known {
+                if !now.contains_key(key) {
+                    tracing::info!(service = %key, "service gone from the registry");
+                    emit(&Event::Lost { key: *key, role: role.clone() });
                 }
             }
-            let now: HashSet<PublicKey> = instances.iter().map(|i| i.key).collect();
-            for gone in seen.difference(&now) {
-                tracing::info!(service = %gone, "service gone from the registry");
+            for instance in instances {
+                if !known.contains_key(&instance.key) {
+                    emit(&Event::Found { key: instance.key, role: instance.role.clone() });
+                    emit(&Event::Serving { port, key: instance.key });
+                }
             }
-            seen = now;
+            known = now;
             if instances.is_empty() {
                 tracing::warn!("no instance matches the query right now");
             }
@@ -100,7 +125,10 @@ pub async fn run(args: Args) -> Result<(), String> {
             }
             changed_tx.send_modify(|n| *n += 1);
         }
-        ProxyEvent::Refused { code, text, .. } => tracing::error!(%code, "registry refused: {text}"),
+        ProxyEvent::Refused { code, text, .. } => {
+            tracing::error!(%code, "registry refused the lookup: {text}; asking again after the next reconnect");
+            emit(&Event::WatchRefused { query: query.clone(), text: text.clone() });
+        }
         other => tracing::debug!(?other),
     };
     let poke = Arc::new(tokio::sync::Notify::new());
@@ -113,17 +141,18 @@ pub async fn run(args: Args) -> Result<(), String> {
         poke,
     ));
 
-    let standby = (args.standby > 0).then(|| Standby::new(args.standby, args.standby_ttl));
+    let standby =
+        (args.standby > 0).then(|| Standby::new(args.standby.into(), args.standby_ttl, args.dial_timeout));
     let refill = standby
         .clone()
         .map(|pool| tokio::spawn(pool.keep_filled(client.clone(), keypair.clone(), changed.clone())));
 
-    let wait = args.connect_timeout;
+    let (wait, dial) = (args.connect_timeout, args.dial_timeout);
     let conns = accept_until(&listener, seaport_net::signal::shutdown_signal(), |stream, peer| {
         let (client, keypair, changed, standby) =
             (client.clone(), keypair.clone(), changed.clone(), standby.clone());
         async move {
-            let served = serve_client(stream, &client, &keypair, standby.as_deref(), changed, wait);
+            let served = serve_client(stream, &client, &keypair, standby.as_deref(), changed, wait, dial);
             if let Err(e) = served.await {
                 tracing::info!(%peer, "connection closed: {e}");
             }
@@ -142,10 +171,6 @@ pub async fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-/// How long one tunnel attempt (connect and handshake) may take before the
-/// next instance is tried.
-const TUNNEL_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// One client connection: wait for an instance if none is known yet, then try
 /// instances in the strategy's order until a tunnel opens, and pump.
 async fn serve_client(
@@ -155,6 +180,7 @@ async fn serve_client(
     standby: Option<&Standby>,
     mut changed: watch::Receiver<u64>,
     wait: Duration,
+    dial: Duration,
 ) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     let deadline = tokio::time::Instant::now() + wait;
@@ -180,7 +206,7 @@ async fn serve_client(
                 tracing::debug!(service = %instance.key, "using a standby tunnel");
                 Ok(tunnel)
             }
-            None => seaport_net::tunnel::open(&instance, keypair, TUNNEL_TIMEOUT).await,
+            None => seaport_net::tunnel::open(&instance, keypair, dial).await,
         };
         let failure = match opened {
             Ok(tunnel) => match probe(&stream, tunnel, &mut replay, is_spare).await {

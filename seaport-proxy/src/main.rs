@@ -7,6 +7,6 @@ async fn main() {
     seaport_net::cli::raise_fd_limit();
     let args = seaport_proxy::Args::parse();
     if let Err(e) = seaport_proxy::run(args).await {
-        seaport_net::cli::fatal("seaport-proxy", e);
+        seaport_net::cli::exit_with::<seaport_proxy::Args>("seaport-proxy", e);
     }
 }

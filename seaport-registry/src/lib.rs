@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use seaport_net::cli::{Bootstrap, event, parse_duration};
+use seaport_net::cli::{Bootstrap, Failure, HOUR, MINUTE, duration_in};
 use seaport_net::dht::{Rendezvous, publish_loop};
+use seaport_net::event::{Event, emit};
 use seaport_net::identity::{load_seed, random_seed};
 use seaport_proto::keys::Keypair;
 use seaport_proto::registry::{Registry, RegistryConfig, RegistryEvent};
@@ -36,32 +37,39 @@ pub struct Args {
     #[arg(long, conflicts_with = "dht_port")]
     pub no_dht: bool,
     /// Also run a DHT server node on this UDP port, for a private DHT
-    /// (clients use --bootstrap THISHOST:PORT).
-    #[arg(long, value_name = "PORT")]
+    /// (clients use --bootstrap THISHOST:PORT). The registry then runs a
+    /// second node on a random UDP port, bootstrapped from the first, that
+    /// publishes its record: a lone DHT node answers queries only after
+    /// 2-second timeouts, two that know each other answer at once.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub dht_port: Option<u16>,
     /// Private DHT bootstrap nodes, HOST:PORT,... (default: the public DHT).
-    #[arg(long, env = "SEAPORT_BOOTSTRAP", value_name = "LIST")]
+    #[arg(long, env = "SEAPORT_BOOTSTRAP", hide_env_values = true, value_name = "LIST")]
     pub bootstrap: Option<Bootstrap>,
-    /// How long a peer may take to complete its handshake.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    /// How long a peer may take to complete its handshake (100ms to 10m).
+    #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
+          value_parser = duration_in(Duration::from_millis(100), 10 * MINUTE))]
     pub handshake_timeout: Duration,
-    /// A session silent this long is dropped with its registrations.
-    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    /// A session silent this long is dropped with its registrations (10s to
+    /// 1h: services and proxies ping every 5s, so less would drop live ones).
+    #[arg(long, value_name = "DURATION", default_value = "15s", allow_hyphen_values = true,
+          value_parser = duration_in(Duration::from_secs(10), HOUR))]
     pub idle_timeout: Duration,
-    /// Most concurrent sessions.
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
-    pub max_sessions: usize,
-    /// Most registrations per session.
-    #[arg(long, value_name = "N", default_value_t = 64)]
-    pub max_registrations: usize,
-    /// Most watches per session.
-    #[arg(long, value_name = "N", default_value_t = 64)]
-    pub max_watches: usize,
+    /// Most concurrent sessions (1 or more).
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_sessions: u32,
+    /// Most registrations per session (1 or more).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_registrations: u32,
+    /// Most watches per session (1 or more).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_watches: u32,
 }
 
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
-pub async fn run(args: Args) -> Result<(), String> {
-    let seed = load_seed(args.seed.as_deref(), args.seed_file.as_deref()).map_err(|e| e.to_string())?;
+pub async fn run(args: Args) -> Result<(), Failure> {
+    let seed = load_seed(args.seed.as_deref(), args.seed_file.as_deref())
+        .map_err(|e| Failure::Usage(e.to_string()))?;
     let seed = seed.unwrap_or_else(|| {
         eprintln!(
             "seaport-registry: no --seed given: using an ephemeral key that changes on every start (make a lasting one with seaport-seed)"
@@ -88,13 +96,13 @@ pub async fn run(args: Args) -> Result<(), String> {
     let config = RegistryConfig {
         handshake_timeout: args.handshake_timeout,
         idle_timeout: args.idle_timeout,
-        max_sessions: args.max_sessions,
-        max_registrations: args.max_registrations,
-        max_watches: args.max_watches,
+        max_sessions: args.max_sessions as usize,
+        max_registrations: args.max_registrations as usize,
+        max_watches: args.max_watches as usize,
         ..RegistryConfig::default()
     };
     let registry = Registry::new(keypair.clone(), config);
-    event(format!("Registry listening. Connect with pubkey {}", keypair.public()));
+    emit(&Event::RegistryListening { key: keypair.public() });
     let server = tokio::spawn(seaport_net::registry::serve(listener, registry, stop, log_event));
     seaport_net::signal::shutdown_signal().await;
     tracing::info!("shutting down");

@@ -7,6 +7,6 @@ async fn main() {
     seaport_net::cli::raise_fd_limit();
     let args = seaport_registry::Args::parse();
     if let Err(e) = seaport_registry::run(args).await {
-        seaport_net::cli::fatal("seaport-registry", e);
+        seaport_net::cli::exit_with::<seaport_registry::Args>("seaport-registry", e);
     }
 }

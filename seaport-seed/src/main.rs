@@ -1,8 +1,14 @@
-//! `seaport-seed [--json]`
+//! `seaport-seed [--json] [--seed-file PATH]`
 use clap::Parser;
+use seaport_net::cli::{Failure, exit_with};
 
 fn main() {
     let args = seaport_seed::Args::parse();
     let seed = seaport_net::identity::random_seed();
-    seaport_net::cli::event(seaport_seed::render(&seed, args.json));
+    if let Some(path) = &args.seed_file {
+        if let Err(e) = seaport_seed::write_seed_file(path, &seed) {
+            exit_with::<seaport_seed::Args>("seaport-seed", Failure::Usage(e));
+        }
+    }
+    println!("{}", seaport_seed::render(&seed, args.seed_file.as_deref(), args.json));
 }

@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use seaport_net::cli::{ClientArgs, event, parse_duration};
+use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
 use seaport_net::control::{lock, run_client};
+use seaport_net::event::{Event, emit};
 use seaport_net::serve::{accept_until, drain};
 use seaport_proto::client::{ClientConfig, ServiceClient, ServiceEvent};
 use seaport_proto::role::Role;
@@ -26,7 +27,7 @@ pub struct Args {
     #[command(flatten)]
     pub client: ClientArgs,
     /// The local TCP port of the backend to expose.
-    #[arg(short, long, value_name = "PORT")]
+    #[arg(short, long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub port: u16,
     /// The role and exact version offered, e.g. couchdb@3.2.2.
     #[arg(short, long, value_name = "ROLE@VERSION", value_parser = |s: &str| Role::parse(s).map_err(|e| e.to_string()))]
@@ -40,21 +41,24 @@ pub struct Args {
     /// TCP address for incoming tunnels.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]
     pub listen: SocketAddr,
-    /// On SIGTERM, how long open tunnels may take to finish.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    /// On SIGTERM, how long open tunnels may take to finish (0s to 1h).
+    #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
+          value_parser = duration_in(Duration::ZERO, HOUR))]
     pub drain: Duration,
     /// How often the backend is checked (a TCP connect); while it is down
-    /// the role is withdrawn from the registry.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    /// the role is withdrawn from the registry (100ms to 1h).
+    #[arg(long, value_name = "DURATION", default_value = "2s", allow_hyphen_values = true,
+          value_parser = duration_in(Duration::from_millis(100), HOUR))]
     pub check_interval: Duration,
-    /// How long a tunnel handshake and backend connect may take.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    /// How long a tunnel handshake and backend connect may take (100ms to 10m).
+    #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
+          value_parser = duration_in(Duration::from_millis(100), 10 * MINUTE))]
     pub handshake_timeout: Duration,
 }
 
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
-pub async fn run(args: Args) -> Result<(), String> {
-    let role = args.role.clone().with_tags(args.tags.clone()).map_err(|e| e.to_string())?;
+pub async fn run(args: Args) -> Result<(), Failure> {
+    let role = args.role.clone().with_tags(args.tags.clone()).map_err(|e| Failure::Usage(e.to_string()))?;
     let keypair = args.client.keypair()?;
     let backend = tokio::net::lookup_host((args.host.as_str(), args.port))
         .await
@@ -65,24 +69,24 @@ pub async fn run(args: Args) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen for tunnels on {}: {e}; choose another --listen", args.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    event(format!("started p2p service on {}", keypair.public()));
+    emit(&Event::ServiceStarted { key: keypair.public() });
 
     let resolver = args.client.resolver().await?;
     let reported = if local.ip().is_unspecified() { vec![] } else { vec![local] };
     let config = ClientConfig::new(keypair.clone(), args.client.registry.key);
-    let client = Arc::new(Mutex::new(ServiceClient::new(config, vec![role], local.port(), reported)));
-    event(format!("connecting to registry {}", args.client.registry.key));
+    let client = Arc::new(Mutex::new(ServiceClient::new(config, vec![role.clone()], local.port(), reported)));
+    emit(&Event::Connecting { registry: args.client.registry.key });
     let (stop_tx, stop) = watch::channel(false);
     let poke = Arc::new(Notify::new());
     let control = tokio::spawn(run_client(
         client.clone(),
         args.client.registry.clone(),
         resolver,
-        on_event,
+        reporter(),
         stop.clone(),
         poke.clone(),
     ));
-    let health = tokio::spawn(watch_backend(client.clone(), backend, args.check_interval, poke));
+    let health = tokio::spawn(watch_backend(client.clone(), role, backend, args.check_interval, poke));
 
     let timeout = args.handshake_timeout;
     let tunnels = accept_until(&listener, seaport_net::signal::shutdown_signal(), |stream, peer| {
@@ -106,14 +110,25 @@ pub async fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-fn on_event(event: &ServiceEvent) {
-    match event {
-        ServiceEvent::Registered(role) => seaport_net::cli::event(format!("registered service {role}")),
+/// Turns the client's events into stdout lines and logs. A disconnect is
+/// reported once, and only after a session that was up.
+fn reporter() -> impl FnMut(&ServiceEvent) + Send {
+    let mut connected = false;
+    move |event| match event {
+        ServiceEvent::Registered(role) => emit(&Event::Registered { role: role.clone() }),
         ServiceEvent::Refused { role, code, text } => {
-            tracing::error!(%role, %code, "registry refused: {text}")
+            tracing::error!(%role, %code, "registry refused: {text}; asking again after the next reconnect");
+            emit(&Event::RegistrationRefused { role: role.clone(), text: text.clone() });
         }
-        ServiceEvent::Connected => tracing::info!("connected to registry"),
-        ServiceEvent::Disconnected(_) => {}
+        ServiceEvent::Connected => {
+            connected = true;
+            tracing::info!("connected to registry");
+        }
+        ServiceEvent::Disconnected(reason) => {
+            if std::mem::take(&mut connected) {
+                emit(&Event::Disconnected { reason: reason.to_string() });
+            }
+        }
         other => tracing::debug!(?other),
     }
 }
@@ -123,6 +138,7 @@ fn on_event(event: &ServiceEvent) {
 /// sent to a service that cannot answer.
 async fn watch_backend(
     client: Arc<Mutex<ServiceClient>>,
+    role: Role,
     backend: SocketAddr,
     every: Duration,
     poke: Arc<Notify>,
@@ -138,6 +154,8 @@ async fn watch_backend(
                 tracing::info!(%backend, "backend is back: registering again");
             } else {
                 tracing::warn!(%backend, "backend is down: withdrawing the registration");
+                let reason = format!("backend {backend} is down");
+                emit(&Event::Withdrawn { role: role.clone(), reason });
             }
             lock(&client).set_available(up);
             poke.notify_one();

@@ -7,6 +7,6 @@ async fn main() {
     seaport_net::cli::raise_fd_limit();
     let args = seaport_service::Args::parse();
     if let Err(e) = seaport_service::run(args).await {
-        seaport_net::cli::fatal("seaport-service", e);
+        seaport_net::cli::exit_with::<seaport_service::Args>("seaport-service", e);
     }
 }
