@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --quiet --release -p seaport-seed -p seaport-registry -p seaport-service -p seaport-proxy
+echo "building the binaries (the first build takes a few minutes)..."
+cargo build --release -p seaport-seed -p seaport-registry -p seaport-service -p seaport-proxy
 bin=target/release
 work=$(mktemp -d)
 pids=()
@@ -34,10 +35,8 @@ echo "Hello from the backend, through seaport." > "$work/site/index.html"
 python3 -m http.server "$backend_port" --bind 127.0.0.1 --directory "$work/site" >"$work/backend.log" 2>&1 &
 pids+=($!)
 
-echo "1. make a seed"
-"$bin/seaport-seed" --json > "$work/seed.json"
-key=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['pubkey'])" "$work/seed.json")
-python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['seed'])" "$work/seed.json" > "$work/registry.seed"
+echo "1. make a seed (written to a file only its owner can read)"
+key=$("$bin/seaport-seed" --seed-file "$work/registry.seed" | sed -n 's/.*connect with pubkey //p')
 echo "   pubkey $key"
 
 echo "2. start the registry, with its own DHT node on udp/$dht_port"

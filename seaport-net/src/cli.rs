@@ -24,7 +24,7 @@ use crate::target::{RegistryTarget, Resolver};
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientArgs {
     /// The registry: KEY (found through the DHT) or KEY@HOST:PORT.
-    #[arg(env = "SEAPORT_REGISTRY", value_name = "REGISTRY")]
+    #[arg(env = "SEAPORT_REGISTRY", hide_env_values = true, value_name = "REGISTRY")]
     pub registry: RegistryTarget,
     /// This process's seed (default: a fresh identity each start).
     #[arg(long, env = "SEAPORT_SEED", hide_env_values = true, conflicts_with = "seed_file")]
