@@ -134,7 +134,13 @@ mod sealed {
             link.session.handle_input(data)?;
             link.last_heard = now;
             while let Some(plain) = link.session.recv() {
-                match Message::decode(&plain)? {
+                let msg = match Message::decode(&plain) {
+                    Ok(msg) => msg,
+                    // A newer registry's message: nothing a client of this build needs.
+                    Err(MessageError::UnknownKind { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                match msg {
                     Message::Ping { nonce } => send(link, &Message::Pong { nonce }),
                     Message::Pong { .. } => {}
                     Message::Error { id: None, code, text } => {
@@ -657,6 +663,34 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay(7) < Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_newer_registrys_unknown_message_is_ignored() {
+        use crate::keys::Seed;
+        let now = Instant::now();
+        let registry_keys = Keypair::from_seed(&Seed::from_bytes([1; 32]));
+        let config =
+            ClientConfig::new(Keypair::from_seed(&Seed::from_bytes([2; 32])), registry_keys.public());
+        let role = Role::parse("db@1.0.0").unwrap();
+        let mut service = ServiceClient::new(config, vec![role.clone()], 1, vec![]);
+        service.connect(now, [3; 32]).unwrap();
+        let mut registry =
+            Session::respond(now, &registry_keys, Intent::Control, [4; 32], Duration::from_secs(5)).unwrap();
+        let mut wire = Vec::new();
+        service.poll_transmit(&mut wire);
+        registry.handle_input(&wire).unwrap();
+        // A push of a kind this client does not know, then the usual confirmation.
+        registry.send(&postcard::to_allocvec(&(77u32, 0u32, "news")).unwrap()).unwrap();
+        let mut plain = Vec::new();
+        Message::Registered { id: 0 }.encode(&mut plain).unwrap();
+        registry.send(&plain).unwrap();
+        wire.clear();
+        registry.poll_transmit(&mut wire);
+        service.handle_input(now, &wire);
+        let events: Vec<ServiceEvent> = std::iter::from_fn(|| service.poll_event()).collect();
+        assert_eq!(events, vec![ServiceEvent::Connected, ServiceEvent::Registered(role)]);
+        assert!(service.is_connected());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::keys::{Keypair, PublicKey};
-use crate::message::{ErrorCode, Instance, MAX_ADDRS, Message, encode_instances};
+use crate::message::{ErrorCode, Instance, MAX_ADDRS, Message, MessageError, encode_instances};
 use crate::noise::Intent;
 use crate::role::{Role, RoleQuery};
 use crate::session::{Session, SessionError};
@@ -261,6 +261,13 @@ impl Registry {
         while let Some(plain) = self.peers.get_mut(&id).and_then(|p| p.session.recv()) {
             match Message::decode(&plain) {
                 Ok(msg) => self.handle_message(id, msg),
+                // A newer peer's request: refuse that one, keep the session.
+                // Without a readable id it cannot be a request; ignore it.
+                Err(MessageError::UnknownKind { kind, id: Some(req) }) => {
+                    let text = format!("this registry does not know message kind {kind}");
+                    self.send(id, &error(Some(req), ErrorCode::UNSUPPORTED, &text));
+                }
+                Err(MessageError::UnknownKind { id: None, .. }) => {}
                 Err(e) => {
                     self.send(id, &error(None, ErrorCode::MALFORMED, &e.to_string()));
                     self.close(id, CloseReason::Protocol(e.to_string()));
@@ -388,7 +395,7 @@ impl Registry {
                 self.drop_session(id);
             }
             other @ (Message::Registered { .. } | Message::Instances { .. }) => {
-                let text = format!("a registry does not accept {}", variant_name(&other));
+                let text = format!("a registry does not accept {}", other.kind());
                 self.send(id, &error(None, ErrorCode::MALFORMED, &text));
                 self.close(id, CloseReason::Protocol(text));
             }
@@ -525,21 +532,6 @@ fn error(id: Option<u32>, code: ErrorCode, text: &str) -> Message {
     Message::Error { id, code, text }
 }
 
-fn variant_name(msg: &Message) -> &'static str {
-    match msg {
-        Message::Register { .. } => "Register",
-        Message::Registered { .. } => "Registered",
-        Message::Unregister { .. } => "Unregister",
-        Message::Lookup { .. } => "Lookup",
-        Message::Watch { .. } => "Watch",
-        Message::Unwatch { .. } => "Unwatch",
-        Message::Instances { .. } => "Instances",
-        Message::Ping { .. } => "Ping",
-        Message::Pong { .. } => "Pong",
-        Message::Error { .. } => "Error",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -618,6 +610,35 @@ mod tests {
             "{}",
             instances.len()
         );
+    }
+
+    #[test]
+    fn a_newer_peers_unknown_request_is_refused_and_the_session_goes_on() {
+        let (mut registry, id, mut client, now) = connected(RegistryConfig::default());
+        // Kind 40, request id 9, then fields this build cannot read.
+        let mut newer = postcard::to_allocvec(&(40u32, 9u32)).unwrap();
+        newer.extend_from_slice(b"\x03new");
+        client.send(&newer).unwrap();
+        let role = Role::parse("db@1.0.0").unwrap();
+        send(&mut client, &Message::Register { id: 1, role, port: 1, addrs: vec![] });
+        let got = exchange(&mut registry, id, &mut client, now);
+        assert!(
+            matches!(
+                &got[..],
+                [
+                    Message::Error { id: Some(9), code: ErrorCode::UNSUPPORTED, .. },
+                    Message::Registered { id: 1 }
+                ]
+            ),
+            "{got:?}"
+        );
+        assert_eq!(registry.session_count(), 1);
+        assert_eq!(registry.instance_count(), 1);
+        // A known kind that is malformed still ends the session.
+        client.send(&[3, 1]).unwrap();
+        let got = exchange(&mut registry, id, &mut client, now);
+        assert!(matches!(&got[..], [Message::Error { id: None, code: ErrorCode::MALFORMED, .. }]), "{got:?}");
+        assert_eq!(registry.session_count(), 0);
     }
 
     #[test]

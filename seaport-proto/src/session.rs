@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::frame::FrameDecoder;
 use crate::keys::{Keypair, PublicKey};
-use crate::noise::{Initiator, Intent, NoiseError, Responder, Transport};
+use crate::noise::{Capabilities, Initiator, Intent, NoiseError, Responder, Transport};
 
 /// Why a session ended.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,6 +56,8 @@ pub struct Session {
     transmit: Vec<u8>,
     received: VecDeque<Vec<u8>>,
     handshake_deadline: Option<Instant>,
+    /// What the peer said it supports in the handshake (none until then).
+    remote_capabilities: Capabilities,
 }
 
 impl Session {
@@ -78,6 +80,7 @@ impl Session {
             transmit,
             received: VecDeque::new(),
             handshake_deadline: Some(now + handshake_timeout),
+            remote_capabilities: Capabilities::NONE,
         })
     }
 
@@ -96,6 +99,7 @@ impl Session {
             transmit: Vec::new(),
             received: VecDeque::new(),
             handshake_deadline: Some(now + handshake_timeout),
+            remote_capabilities: Capabilities::NONE,
         })
     }
 
@@ -110,6 +114,12 @@ impl Session {
     /// Whether the handshake is done.
     pub fn is_established(&self) -> bool {
         matches!(self.phase, Phase::Open(_))
+    }
+
+    /// The optional features the peer advertised in the handshake; use one
+    /// only if [`crate::noise::CAPABILITIES`] has it too.
+    pub fn remote_capabilities(&self) -> Capabilities {
+        self.remote_capabilities
     }
 
     /// What the session is for.
@@ -132,7 +142,11 @@ impl Session {
                     }
                     phase => {
                         let next = match std::mem::replace(phase, Phase::Failed) {
-                            Phase::Initiating(init) => init.finish(frame)?,
+                            Phase::Initiating(init) => {
+                                let (capabilities, transport) = init.finish(frame)?;
+                                self.remote_capabilities = capabilities;
+                                transport
+                            }
                             Phase::Responding(resp) => {
                                 let (hello, transport) = resp.accept(frame, &mut self.transmit)?;
                                 if hello.intent != self.intent {
@@ -141,6 +155,7 @@ impl Session {
                                         expected: self.intent,
                                     });
                                 }
+                                self.remote_capabilities = hello.capabilities;
                                 transport
                             }
                             Phase::Open(_) | Phase::Failed => return Err(NoiseError::Decrypt.into()),
