@@ -12,7 +12,8 @@
 //! - [`session`]: a framed, encrypted session over one stream.
 //! - [`message`]: the postcard-encoded control messages.
 //! - [`range`], [`role`]: npm version ranges; `Role` and `RoleQuery`.
-//! - [`registry`]: the registry state machine (many sessions).
+//! - [`directory`]: the registry's index of instances and watches (no sessions).
+//! - [`registry`]: the registry state machine (many sessions), over a [`directory::Directory`].
 //! - [`client`]: the service and proxy state machines (one control session each).
 //!
 //! # The contract every state machine follows
@@ -68,6 +69,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 
 pub mod client;
+pub mod directory;
 pub mod frame;
 pub mod keys;
 pub mod message;
