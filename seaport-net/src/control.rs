@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use seaport_proto::client::{Backoff, ControlClient};
+use seaport_proto::client::{Backoff, RegistryClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
@@ -45,7 +45,7 @@ pub async fn run_client<C, F>(
     mut stop: watch::Receiver<bool>,
     poke: Arc<Notify>,
 ) where
-    C: ControlClient + Send + 'static,
+    C: RegistryClient + Send + 'static,
     F: FnMut(&C::Event) + Send,
 {
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
@@ -110,7 +110,7 @@ async fn drive<C, F>(
     poke: &Notify,
 ) -> bool
 where
-    C: ControlClient,
+    C: RegistryClient,
     F: FnMut(&C::Event),
 {
     let (mut reader, mut writer) = stream.into_split();
@@ -143,7 +143,7 @@ where
             let written = writer.write_all(&out).await;
             out.clear();
             if written.is_err() {
-                lock(client).handle_disconnect();
+                lock(client).handle_closed();
                 continue;
             }
         }
@@ -156,7 +156,7 @@ where
                 let mut c = lock(client);
                 match read {
                     Ok(n) if n > 0 => c.handle_input(std::time::Instant::now(), buf.get(..n).unwrap_or_default()),
-                    _ => c.handle_disconnect(),
+                    _ => c.handle_closed(),
                 }
             }
             () = async { match sleep { Some(s) => s.await, None => std::future::pending().await } } => {

@@ -14,14 +14,15 @@
 //! - [`range`], [`role`]: npm version ranges; `Role` and `RoleQuery`.
 //! - [`directory`]: the registry's index of instances and watches (no sessions).
 //! - [`registry`]: the registry state machine (many sessions), over a [`directory::Directory`].
-//! - [`client`]: the service and proxy state machines (one control session each).
+//! - [`client`]: the service and proxy state machines, each over one
+//!   [`client::ControlLink`] (its control session and keepalive).
 //!
 //! # The contract every state machine follows
 //! Each is fed input and asked for output, never the other way round:
-//! 1. Input: `handle_input(now, bytes)` for bytes read from a stream (the
-//!    registry also takes `accept` and `handle_closed`; clients `connect` and
-//!    `handle_disconnect`), and `handle_timeout(now)` once the time returned
-//!    by `poll_timeout()` has come.
+//! 1. Input: `handle_input(now, bytes)` for bytes read from a stream,
+//!    `handle_closed` when the stream closed (the registry also takes
+//!    `accept`; clients `connect`), and `handle_timeout(now)` once the time
+//!    returned by `poll_timeout()` has come.
 //! 2. After every input, drain `poll_transmit(&mut buf)` until it reports
 //!    nothing, writing the bytes to the stream it names; then drain
 //!    `poll_event()`; then ask `poll_timeout()` for the next deadline.

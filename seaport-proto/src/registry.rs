@@ -220,7 +220,7 @@ impl Registry {
         let Some(peer) = self.peers.get_mut(&id) else { return };
         peer.last_heard = now;
         let was_open = peer.session.is_established();
-        if let Err(e) = peer.session.handle_input(data) {
+        if let Err(e) = peer.session.handle_input(now, data) {
             self.close(id, CloseReason::Session(e));
             return;
         }
@@ -237,7 +237,7 @@ impl Registry {
             }
         }
         self.mark_dirty(id);
-        while let Some(plain) = self.peers.get_mut(&id).and_then(|p| p.session.recv()) {
+        while let Some(plain) = self.peers.get_mut(&id).and_then(|p| p.session.poll_event()) {
             match Message::decode(&plain) {
                 Ok(msg) => self.handle_message(id, msg),
                 // A newer peer's request: refuse that one, keep the session.
@@ -515,11 +515,11 @@ mod tests {
             let mut answered = false;
             while let Some(to) = registry.poll_transmit(&mut buf) {
                 assert_eq!(to, id);
-                client.handle_input(&buf).unwrap();
+                client.handle_input(now, &buf).unwrap();
                 buf.clear();
                 answered = true;
             }
-            while let Some(plain) = client.recv() {
+            while let Some(plain) = client.poll_event() {
                 got.push(Message::decode(&plain).unwrap());
             }
             if !sent && !answered {

@@ -5,10 +5,12 @@
 //! the raw bytes a driver reads into authenticated plaintext messages, and
 //! plaintext into bytes to write. It knows nothing of what the messages mean.
 //!
-//! Contract: after `handle_input`/`handle_timeout`, take what `recv` returns
-//! until `None`, then drain `poll_transmit`. A returned error ends the session:
-//! the caller drops it and closes the stream. Buffers are bounded: the decoder
-//! holds at most one frame, and `recv` yields what one input produced.
+//! Contract: after `handle_input`/`handle_timeout`, take what `poll_event`
+//! returns until `None`, then drain `poll_transmit`. A returned error ends the
+//! session: the caller drops it and closes the stream (messages that arrived
+//! before the failure in the same input are still in `poll_event`). Buffers
+//! are bounded: the decoder holds at most one frame, and `poll_event` yields
+//! what one input produced.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -127,8 +129,10 @@ impl Session {
         self.intent
     }
 
-    /// Feeds bytes read from the stream.
-    pub fn handle_input(&mut self, data: &[u8]) -> Result<(), SessionError> {
+    /// Feeds bytes read from the stream. Reading needs no clock (the
+    /// handshake deadline is checked in `handle_timeout`); `now` is taken so
+    /// that every state machine is fed the same way.
+    pub fn handle_input(&mut self, _now: Instant, data: &[u8]) -> Result<(), SessionError> {
         let mut input = data;
         while !input.is_empty() {
             let taken = self.decoder.push(input);
@@ -185,7 +189,7 @@ impl Session {
     }
 
     /// The next received plaintext message.
-    pub fn recv(&mut self) -> Option<Vec<u8>> {
+    pub fn poll_event(&mut self) -> Option<Vec<u8>> {
         self.received.pop_front()
     }
 
@@ -251,16 +255,16 @@ mod tests {
         let mut wire = Vec::new();
         assert!(c.poll_transmit(&mut wire));
         for b in &wire {
-            s.handle_input(std::slice::from_ref(b)).unwrap();
+            s.handle_input(now, std::slice::from_ref(b)).unwrap();
         }
         assert_eq!(s.remote(), Some(pair(1).public()));
         wire.clear();
         s.poll_transmit(&mut wire);
         s.send(b"hello").unwrap();
         s.poll_transmit(&mut wire);
-        c.handle_input(&wire).unwrap();
+        c.handle_input(now, &wire).unwrap();
         assert_eq!(c.remote(), Some(pair(2).public()));
-        assert_eq!(c.recv().as_deref(), Some(&b"hello"[..]));
+        assert_eq!(c.poll_event().as_deref(), Some(&b"hello"[..]));
         assert_eq!(c.poll_timeout(), None);
     }
 
@@ -272,7 +276,7 @@ mod tests {
         let mut s = Session::respond(now, &pair(2), Intent::Control, [2; 32], t).unwrap();
         let mut wire = Vec::new();
         c.poll_transmit(&mut wire);
-        assert!(matches!(s.handle_input(&wire), Err(SessionError::WrongIntent { .. })));
+        assert!(matches!(s.handle_input(now, &wire), Err(SessionError::WrongIntent { .. })));
         assert_eq!(c.handle_timeout(now + t), Err(SessionError::HandshakeTimeout));
         assert!(c.handle_timeout(now + t / 2).is_ok());
         assert!(c.send(b"x").is_err());

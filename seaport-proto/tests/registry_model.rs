@@ -129,8 +129,8 @@ impl Harness {
                     continue;
                 };
                 let (_, session) = peer.link.as_mut().unwrap();
-                session.handle_input(&buf).unwrap();
-                while let Some(plain) = session.recv() {
+                session.handle_input(self.now, &buf).unwrap();
+                while let Some(plain) = session.poll_event() {
                     match Message::decode(&plain).unwrap() {
                         Message::Instances { id, instances, truncated } => {
                             assert!(!truncated);
