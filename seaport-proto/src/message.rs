@@ -39,8 +39,9 @@ impl ErrorCode {
     pub const LIMIT: ErrorCode = ErrorCode(2);
     /// The request names something that does not exist (unknown id).
     pub const UNKNOWN: ErrorCode = ErrorCode(3);
-    /// The peer is too slow to read what it asked for: the session ends.
-    pub const SLOW: ErrorCode = ErrorCode(4);
+    // Code 4 ("slow") is retired, never to be reused: a peer that does not
+    // read its queue cannot read an error behind it either, so the registry
+    // drops a slow peer without a word (`CloseReason::Slow` says why, locally).
     /// Another session of the same identity took over: this one ends.
     pub const SUPERSEDED: ErrorCode = ErrorCode(5);
     /// The request is of a kind this peer does not know (it is older): that
@@ -54,7 +55,6 @@ impl fmt::Display for ErrorCode {
             ErrorCode::MALFORMED => "malformed",
             ErrorCode::LIMIT => "limit",
             ErrorCode::UNKNOWN => "unknown",
-            ErrorCode::SLOW => "slow",
             ErrorCode::SUPERSEDED => "superseded",
             ErrorCode::UNSUPPORTED => "unsupported",
             _ => return write!(f, "code {}", self.0),

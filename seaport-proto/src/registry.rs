@@ -77,9 +77,20 @@ pub enum CloseReason {
     /// Nothing heard within the idle timeout.
     #[error("peer silent for {0:?}")]
     Idle(Duration),
-    /// The peer sent something that is not a valid control message here.
-    #[error("protocol violation: {0}")]
-    Protocol(String),
+    /// The peer sent a control message that does not decode.
+    #[error("peer sent a malformed message: {0}")]
+    Malformed(#[source] MessageError),
+    /// The peer sent a kind of message that only a registry sends (named).
+    #[error("peer sent a {0} message, which only a registry sends")]
+    WrongDirection(&'static str),
+    /// The peer ended the session with an error of its own.
+    #[error("peer reported an error: {code}: {text}")]
+    PeerError {
+        /// Its code.
+        code: ErrorCode,
+        /// Its text.
+        text: String,
+    },
     /// The peer did not read what it was sent.
     #[error("peer not reading: {0} bytes queued")]
     Slow(usize),
@@ -249,7 +260,7 @@ impl Registry {
                 Err(MessageError::UnknownKind { id: None, .. }) => {}
                 Err(e) => {
                     self.send(id, &error(None, ErrorCode::MALFORMED, &e.to_string()));
-                    self.close(id, CloseReason::Protocol(e.to_string()));
+                    self.close(id, CloseReason::Malformed(e));
                 }
             }
         }
@@ -365,14 +376,14 @@ impl Registry {
                 self.events.push_back(RegistryEvent::SessionClosed {
                     id,
                     peer: Some(key),
-                    reason: CloseReason::Protocol(format!("peer reported {code}: {text}")),
+                    reason: CloseReason::PeerError { code, text },
                 });
                 self.drop_session(id);
             }
             other @ (Message::Registered { .. } | Message::Instances { .. }) => {
                 let text = format!("a registry does not accept {}", other.kind());
                 self.send(id, &error(None, ErrorCode::MALFORMED, &text));
-                self.close(id, CloseReason::Protocol(text));
+                self.close(id, CloseReason::WrongDirection(other.kind()));
             }
         }
     }
@@ -584,6 +595,39 @@ mod tests {
         let got = exchange(&mut registry, id, &mut client, now);
         assert!(matches!(&got[..], [Message::Error { id: None, code: ErrorCode::MALFORMED, .. }]), "{got:?}");
         assert_eq!(registry.session_count(), 0);
+    }
+
+    /// Why the registry closed the session, from its events.
+    fn close_reason(registry: &mut Registry) -> Option<CloseReason> {
+        std::iter::from_fn(|| registry.poll_event()).find_map(|e| match e {
+            RegistryEvent::SessionClosed { reason, .. } => Some(reason),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn close_reasons_say_what_the_peer_did() {
+        let (mut registry, id, mut client, now) = connected(RegistryConfig::default());
+        client.send(&[3, 1]).unwrap();
+        exchange(&mut registry, id, &mut client, now);
+        assert!(matches!(
+            close_reason(&mut registry),
+            Some(CloseReason::Malformed(MessageError::Malformed(_)))
+        ));
+
+        let (mut registry, id, mut client, now) = connected(RegistryConfig::default());
+        send(&mut client, &Message::Registered { id: 1 });
+        exchange(&mut registry, id, &mut client, now);
+        let reason = close_reason(&mut registry).unwrap();
+        assert_eq!(reason, CloseReason::WrongDirection("Registered"));
+        assert_eq!(reason.to_string(), "peer sent a Registered message, which only a registry sends");
+
+        let (mut registry, id, mut client, now) = connected(RegistryConfig::default());
+        send(&mut client, &Message::Error { id: None, code: ErrorCode::LIMIT, text: "bye".into() });
+        exchange(&mut registry, id, &mut client, now);
+        let reason = close_reason(&mut registry).unwrap();
+        assert_eq!(reason, CloseReason::PeerError { code: ErrorCode::LIMIT, text: "bye".into() });
+        assert_eq!(reason.to_string(), "peer reported an error: limit: bye");
     }
 
     #[test]
