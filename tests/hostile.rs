@@ -64,7 +64,7 @@ fn handshaken(addr: SocketAddr, remote: &PublicKey, intent: Intent) -> TcpStream
     while !s.is_established() {
         let n = stream.read(&mut buf).unwrap();
         assert!(n > 0, "server closed during a valid handshake");
-        s.handle_input(&buf[..n]).unwrap();
+        s.handle_input(Instant::now(), &buf[..n]).unwrap();
     }
     stream
 }

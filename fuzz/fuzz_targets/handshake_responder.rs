@@ -18,7 +18,7 @@ fuzz_target!(|input: (bool, u8, Vec<u8>)| {
         return;
     };
     for piece in bytes.chunks(usize::from(cut).max(1)) {
-        if session.handle_input(piece).is_err() {
+        if session.handle_input(now, piece).is_err() {
             return;
         }
     }

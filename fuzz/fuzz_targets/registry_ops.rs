@@ -119,11 +119,11 @@ fuzz_target!(|ops: Vec<Op>| {
         while let Some(id) = registry.poll_transmit(&mut buf) {
             for (sid, session) in links.values_mut() {
                 let Some(s) = session.as_mut().filter(|_| *sid == id) else { continue };
-                if s.handle_input(&buf).is_err() {
+                if s.handle_input(now, &buf).is_err() {
                     *session = None;
                     continue;
                 }
-                while let Some(plain) = s.recv() {
+                while let Some(plain) = s.poll_event() {
                     assert!(Message::decode(&plain).is_ok(), "registry sent an undecodable message");
                 }
             }

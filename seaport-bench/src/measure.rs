@@ -177,9 +177,9 @@ impl Control {
         if n == 0 {
             return Err("registry closed the session".into());
         }
-        self.session.handle_input(&self.buf[..n])?;
+        self.session.handle_input(std::time::Instant::now(), &self.buf[..n])?;
         let mut msgs = Vec::new();
-        while let Some(plain) = self.session.recv() {
+        while let Some(plain) = self.session.poll_event() {
             msgs.push(Message::decode(&plain)?);
         }
         Ok(msgs)

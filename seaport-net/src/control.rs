@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use seaport_proto::client::{Backoff, ClientError, ControlClient};
+use seaport_proto::client::{Backoff, ClientError, RegistryClient};
 use seaport_proto::session::SessionError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -48,7 +48,7 @@ pub async fn run_client<C, F>(
     mut stop: watch::Receiver<bool>,
     poke: Arc<Notify>,
 ) where
-    C: ControlClient + Send + 'static,
+    C: RegistryClient + Send + 'static,
     F: FnMut(&C::Event) + Send,
 {
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
@@ -131,7 +131,7 @@ async fn drive<C, F>(
     poke: &Notify,
 ) -> bool
 where
-    C: ControlClient,
+    C: RegistryClient,
     F: FnMut(&C::Event),
 {
     let (mut reader, mut writer) = stream.into_split();
@@ -175,7 +175,7 @@ where
             let written = writer.write_all(&out).await;
             out.clear();
             if written.is_err() {
-                lock(client).handle_disconnect();
+                lock(client).handle_closed();
                 continue;
             }
         }
@@ -188,7 +188,7 @@ where
                 let mut c = lock(client);
                 match read {
                     Ok(n) if n > 0 => c.handle_input(std::time::Instant::now(), buf.get(..n).unwrap_or_default()),
-                    _ => c.handle_disconnect(),
+                    _ => c.handle_closed(),
                 }
             }
             () = async { match sleep { Some(s) => s.await, None => std::future::pending().await } } => {

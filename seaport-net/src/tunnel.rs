@@ -77,7 +77,7 @@ pub async fn handshake(
             if n == 0 {
                 return Err(TunnelError::ClosedEarly);
             }
-            session.handle_input(buf.get(..n).unwrap_or_default())?;
+            session.handle_input(std::time::Instant::now(), buf.get(..n).unwrap_or_default())?;
         }
     };
     tokio::time::timeout(timeout, work).await.map_err(|_| TunnelError::Timeout(timeout))?

@@ -12,15 +12,17 @@
 //! - [`session`]: a framed, encrypted session over one stream.
 //! - [`message`]: the postcard-encoded control messages.
 //! - [`range`], [`role`]: npm version ranges; `Role` and `RoleQuery`.
-//! - [`registry`]: the registry state machine (many sessions).
-//! - [`client`]: the service and proxy state machines (one control session each).
+//! - [`directory`]: the registry's index of instances and watches (no sessions).
+//! - [`registry`]: the registry state machine (many sessions), over a [`directory::Directory`].
+//! - [`client`]: the service and proxy state machines, each over one
+//!   [`client::ControlLink`] (its control session and keepalive).
 //!
 //! # The contract every state machine follows
 //! Each is fed input and asked for output, never the other way round:
-//! 1. Input: `handle_input(now, bytes)` for bytes read from a stream (the
-//!    registry also takes `accept` and `handle_closed`; clients `connect` and
-//!    `handle_disconnect`), and `handle_timeout(now)` once the time returned
-//!    by `poll_timeout()` has come.
+//! 1. Input: `handle_input(now, bytes)` for bytes read from a stream,
+//!    `handle_closed` when the stream closed (the registry also takes
+//!    `accept`; clients `connect`), and `handle_timeout(now)` once the time
+//!    returned by `poll_timeout()` has come.
 //! 2. After every input, drain `poll_transmit(&mut buf)` until it reports
 //!    nothing, writing the bytes to the stream it names; then drain
 //!    `poll_event()`; then ask `poll_timeout()` for the next deadline.
@@ -29,6 +31,34 @@
 //! Nothing a peer sends can make these panic or buffer without bound: a bad
 //! frame, message or handshake ends that peer's session with a reason, and
 //! every queue has a cap stated where it is defined.
+//!
+//! # How the wire grows
+//! Two kinds of change, and only the second breaks anything:
+//! - **Compatible additions** keep [`noise::PROTOCOL_VERSION`]. Each side
+//!   advertises its optional features as [`noise::Capabilities`] bits in the
+//!   handshake (the initiator in its `Hello`, the responder in its reply),
+//!   and a feature is used on a session only when both set its bit
+//!   ([`session::Session::remote_capabilities`] against
+//!   [`noise::CAPABILITIES`]). Unknown bits are ignored, and so are bytes
+//!   after the fields a build knows in either handshake payload: a newer
+//!   peer adds fields at the end.
+//! - **A new message** is a new [`message::Message`] variant, appended after
+//!   the last one (postcard encodes the variant index, so never insert or
+//!   reorder), with a `u32` request id as its first field if it is a
+//!   request. An older peer decodes it as [`message::MessageError::UnknownKind`]
+//!   and answers a request with `Error { id, code: UNSUPPORTED }` and goes
+//!   on; the sender treats that as "not here" (a registry ignores unknown
+//!   messages that carry no id; a client ignores any unknown message). A
+//!   sender that needs the new message answered should first check a
+//!   capability bit that names it, and fall back otherwise. A new field in an
+//!   existing message is a new message. A new error code needs nothing:
+//!   codes are numbers, and unknown ones print as such.
+//! - **Breaking changes** (the cipher suite, the framing, the meaning of an
+//!   existing field) bump [`noise::PROTOCOL_VERSION`] and the prologue that
+//!   binds it: old and new peers then fail the handshake cleanly.
+//!
+//! A known message that does not decode (cut short, an invalid role, over a
+//! limit) is still malformed and ends the session.
 //!
 //! The tunnel data path uses [`session::Session`] for its handshake and then
 //! [`noise::Transport`] directly: data frames carry 1 to
@@ -40,6 +70,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 
 pub mod client;
+pub mod directory;
 pub mod frame;
 pub mod keys;
 pub mod message;

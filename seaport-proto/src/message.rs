@@ -1,8 +1,15 @@
 //! Control messages between services/proxies and the registry.
 //!
 //! One [`Message`] per transport frame, encoded with postcard. Decoding is
-//! strict: trailing bytes, unknown variants, invalid roles or queries and
-//! lists over their limits are errors, never partially accepted.
+//! strict: trailing bytes, invalid roles or queries and lists over their
+//! limits are errors, never partially accepted. A message of a kind this
+//! build does not know (a newer peer's) is its own outcome,
+//! [`MessageError::UnknownKind`], which carries the request id so the
+//! receiver can refuse that one request and keep the session.
+//!
+//! Wire rules that keep this possible: variants are only ever appended
+//! (postcard encodes the variant as its index), and every request's first
+//! field is its `u32` id.
 //!
 //! Invariant: every message that [`Message::decode`] returns, and every one
 //! [`Message::encode`] accepts, fits in one frame and respects the limits below.
@@ -32,10 +39,14 @@ impl ErrorCode {
     pub const LIMIT: ErrorCode = ErrorCode(2);
     /// The request names something that does not exist (unknown id).
     pub const UNKNOWN: ErrorCode = ErrorCode(3);
-    /// The peer is too slow to read what it asked for: the session ends.
-    pub const SLOW: ErrorCode = ErrorCode(4);
+    // Code 4 ("slow") is retired, never to be reused: a peer that does not
+    // read its queue cannot read an error behind it either, so the registry
+    // drops a slow peer without a word (`CloseReason::Slow` says why, locally).
     /// Another session of the same identity took over: this one ends.
     pub const SUPERSEDED: ErrorCode = ErrorCode(5);
+    /// The request is of a kind this peer does not know (it is older): that
+    /// request is refused, the session goes on.
+    pub const UNSUPPORTED: ErrorCode = ErrorCode(6);
 }
 
 impl fmt::Display for ErrorCode {
@@ -44,8 +55,8 @@ impl fmt::Display for ErrorCode {
             ErrorCode::MALFORMED => "malformed",
             ErrorCode::LIMIT => "limit",
             ErrorCode::UNKNOWN => "unknown",
-            ErrorCode::SLOW => "slow",
             ErrorCode::SUPERSEDED => "superseded",
+            ErrorCode::UNSUPPORTED => "unsupported",
             _ => return write!(f, "code {}", self.0),
         };
         f.write_str(name)
@@ -63,8 +74,10 @@ pub struct Instance {
     pub addrs: Vec<SocketAddr>,
 }
 
-/// A control message.
+/// A control message. Non-exhaustive: newer peers add kinds (appended, never
+/// inserted; see the crate docs, "How the wire grows").
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub enum Message {
     /// Service → registry: offer `role` on tunnel `port` of the observed
     /// address and at `addrs`. Re-using an `id` replaces that registration.
@@ -153,11 +166,24 @@ pub enum MessageError {
     /// The encoding does not fit in one frame.
     #[error("control message of {0} bytes does not fit in one frame")]
     TooLarge(usize),
+    /// A kind of message this build does not know (from a newer peer). Not
+    /// a broken message: a request of this kind is refused with
+    /// [`ErrorCode::UNSUPPORTED`], anything else is ignored.
+    #[error("control message of unknown kind {kind}")]
+    UnknownKind {
+        /// The variant index on the wire.
+        kind: u32,
+        /// The request's id, read from where every request has it.
+        id: Option<u32>,
+    },
 }
 
 /// Postcard's index of [`Message::Instances`] (variants count from 0 in
 /// declaration order; a test pins it).
 const INSTANCES_VARIANT: u32 = 6;
+/// How many kinds of message this build knows: variant indexes from here
+/// on are a newer peer's (a test pins it to the last variant).
+const KNOWN_KINDS: u32 = 10;
 
 impl Instance {
     /// The instance's encoding, for [`encode_instances`].
@@ -202,6 +228,14 @@ pub fn encode_instances<'a>(
 impl Message {
     /// Decodes one message, strictly.
     pub fn decode(bytes: &[u8]) -> Result<Message, MessageError> {
+        // The variant index comes first; postcard cannot tell an unknown one
+        // from a broken message, so it is looked at before postcard is asked.
+        if let Ok((kind, rest)) = postcard::take_from_bytes::<u32>(bytes) {
+            if kind >= KNOWN_KINDS {
+                let id = postcard::take_from_bytes::<u32>(rest).ok().map(|(id, _)| id);
+                return Err(MessageError::UnknownKind { kind, id });
+            }
+        }
         let (msg, rest): (Message, &[u8]) =
             postcard::take_from_bytes(bytes).map_err(|e| MessageError::Malformed(e.to_string()))?;
         if !rest.is_empty() {
@@ -223,6 +257,22 @@ impl Message {
             return Err(MessageError::TooLarge(len));
         }
         Ok(())
+    }
+
+    /// The kind's name, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Register { .. } => "Register",
+            Message::Registered { .. } => "Registered",
+            Message::Unregister { .. } => "Unregister",
+            Message::Lookup { .. } => "Lookup",
+            Message::Watch { .. } => "Watch",
+            Message::Unwatch { .. } => "Unwatch",
+            Message::Instances { .. } => "Instances",
+            Message::Ping { .. } => "Ping",
+            Message::Pong { .. } => "Pong",
+            Message::Error { .. } => "Error",
+        }
     }
 
     fn check_limits(&self) -> Result<(), MessageError> {
@@ -288,6 +338,32 @@ mod tests {
             assert_eq!(out[0], 0xAA, "encode appends");
             assert_eq!(Message::decode(&out[1..]), Ok(msg));
         }
+    }
+
+    #[test]
+    fn variant_indexes_are_pinned() {
+        let last = samples().pop().unwrap();
+        let mut out = Vec::new();
+        last.encode(&mut out).unwrap();
+        assert_eq!(u32::from(out[0]) + 1, KNOWN_KINDS, "Error is the last known kind");
+        let mut out = Vec::new();
+        Message::Instances { id: 0, instances: vec![], truncated: false }.encode(&mut out).unwrap();
+        assert_eq!(u32::from(out[0]), INSTANCES_VARIANT);
+    }
+
+    #[test]
+    fn a_newer_kind_is_unknown_not_malformed() {
+        // Kind 10 (one past the last), id 300, then fields we cannot read.
+        let mut newer = postcard::to_allocvec(&(KNOWN_KINDS, 300u32)).unwrap();
+        newer.extend_from_slice(b"\x05fresh");
+        assert_eq!(Message::decode(&newer), Err(MessageError::UnknownKind { kind: 10, id: Some(300) }));
+        let far = postcard::to_allocvec(&u32::MAX).unwrap();
+        assert_eq!(Message::decode(&far), Err(MessageError::UnknownKind { kind: u32::MAX, id: None }));
+        // A known kind cut short is still malformed.
+        let mut out = Vec::new();
+        Message::Lookup { id: 2, query: RoleQuery::parse("db").unwrap() }.encode(&mut out).unwrap();
+        out.truncate(out.len() - 1);
+        assert!(matches!(Message::decode(&out), Err(MessageError::Malformed(_))));
     }
 
     #[test]

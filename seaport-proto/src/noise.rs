@@ -22,13 +22,19 @@ pub const NOISE_SUITE: &str = "Noise_IK_25519_AESGCM_SHA256";
 pub const PROTOCOL_VERSION: u16 = 1;
 /// The prologue: a peer speaking another protocol or version fails the handshake.
 pub const PROLOGUE: &[u8] = b"seaport/1";
+/// Largest handshake message (either direction) and so, less its keys and
+/// tags, the room a handshake payload has to grow in.
+const MAX_HANDSHAKE: usize = 1024;
 /// Authentication tag added to each sealed message.
 pub const TAG_LEN: usize = 16;
 /// Most plaintext one transport frame carries.
 pub const MAX_PLAINTEXT: usize = MAX_FRAME - TAG_LEN;
 
-/// What the initiator opens the session for.
+/// What the initiator opens the session for. Non-exhaustive: a new kind of
+/// session is a new intent byte, refused (as a malformed hello) by peers that
+/// do not know it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Intent {
     /// A control session with a registry.
     Control,
@@ -36,7 +42,51 @@ pub enum Intent {
     Tunnel,
 }
 
+/// Optional features a peer supports, one bit each, exchanged in the
+/// handshake (the initiator's in its [`Hello`], the responder's in its reply).
+/// A feature is used on a session only when both sides set its bit
+/// ([`Capabilities::common`]); bits a peer does not know are ignored, so a
+/// newer peer can advertise more without an older one noticing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Capabilities(pub u64);
+
+impl Capabilities {
+    /// No optional feature.
+    pub const NONE: Capabilities = Capabilities(0);
+
+    /// Whether every bit of `other` is set here.
+    pub fn contains(self, other: Capabilities) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// What both sides support.
+    pub fn common(self, other: Capabilities) -> Capabilities {
+        Capabilities(self.0 & other.0)
+    }
+
+    /// Big-endian on the wire.
+    fn to_bytes(self) -> [u8; CAPS_LEN] {
+        self.0.to_be_bytes()
+    }
+
+    /// Reads the capability word at the start of `bytes`; a payload too short
+    /// to hold one (a peer from before capabilities) has none. Bytes after it
+    /// are a newer peer's and are ignored.
+    fn read(bytes: &[u8]) -> Capabilities {
+        bytes.first_chunk::<CAPS_LEN>().map_or(Capabilities::NONE, |b| Capabilities(u64::from_be_bytes(*b)))
+    }
+}
+
+/// What this build supports. No optional feature exists yet; the first one
+/// gets bit 0 (see the crate docs, "How the wire grows").
+pub const CAPABILITIES: Capabilities = Capabilities::NONE;
+
 /// The initiator's first handshake payload.
+///
+/// Layout: version (u16 BE), intent (u8), ed25519 key (32 bytes),
+/// capabilities (u64 BE), then anything a newer peer adds, which is ignored.
+/// A hello of exactly the first three fields (a build from before
+/// capabilities) is read as having none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
     /// Protocol version the initiator speaks.
@@ -45,38 +95,47 @@ pub struct Hello {
     pub intent: Intent,
     /// The initiator's ed25519 identity.
     pub key: PublicKey,
+    /// The initiator's optional features.
+    pub capabilities: Capabilities,
 }
 
-const HELLO_LEN: usize = 2 + 1 + 32;
+/// The fields every hello has: version, intent, key.
+const HELLO_BASE_LEN: usize = 2 + 1 + 32;
+const CAPS_LEN: usize = 8;
+const HELLO_LEN: usize = HELLO_BASE_LEN + CAPS_LEN;
 
 impl Hello {
     fn encode(&self) -> [u8; HELLO_LEN] {
         let mut out = [0u8; HELLO_LEN];
         let (version, rest) = out.split_at_mut(2);
         version.copy_from_slice(&self.version.to_be_bytes());
-        let (intent, key) = rest.split_at_mut(1);
+        let (intent, rest) = rest.split_at_mut(1);
         intent.copy_from_slice(&[match self.intent {
             Intent::Control => 1,
             Intent::Tunnel => 2,
         }]);
+        let (key, caps) = rest.split_at_mut(32);
         key.copy_from_slice(self.key.as_bytes());
+        caps.copy_from_slice(&self.capabilities.to_bytes());
         out
     }
 
+    /// Decodes the known fields strictly; what follows them is a newer
+    /// peer's business and is skipped.
     fn decode(bytes: &[u8]) -> Result<Hello, NoiseError> {
-        let bytes: &[u8; HELLO_LEN] = bytes.try_into().map_err(|_| NoiseError::BadHello)?;
         let (version, rest) = bytes.split_first_chunk::<2>().ok_or(NoiseError::BadHello)?;
-        let (intent, key) = rest.split_first().ok_or(NoiseError::BadHello)?;
+        let (intent, rest) = rest.split_first().ok_or(NoiseError::BadHello)?;
+        let (key, rest) = rest.split_first_chunk::<32>().ok_or(NoiseError::BadHello)?;
         let version = u16::from_be_bytes(*version);
         let intent = match intent {
             1 => Intent::Control,
             2 => Intent::Tunnel,
             _ => return Err(NoiseError::BadHello),
         };
-        let key: [u8; 32] = key.try_into().map_err(|_| NoiseError::BadHello)?;
         // Not checked here: the responder compares its X25519 form with the
         // handshake's static key, which a non-point can never match.
-        Ok(Hello { version, intent, key: PublicKey::from_bytes_unchecked(key) })
+        let key = PublicKey::from_bytes_unchecked(*key);
+        Ok(Hello { version, intent, key, capabilities: Capabilities::read(rest) })
     }
 }
 
@@ -242,22 +301,37 @@ impl Initiator {
     ) -> Result<Initiator, NoiseError> {
         let secret = local.x25519_secret();
         let remote_x = remote.to_x25519();
-        let mut state = builder(&secret, local.x25519_public(), entropy)?
+        let state = builder(&secret, local.x25519_public(), entropy)?
             .remote_public_key(&remote_x)
             .and_then(|b| b.build_initiator())
             .map_err(state_err)?;
-        let hello = Hello { version: PROTOCOL_VERSION, intent, key: local.public() };
-        let mut msg = [0u8; 256];
-        let len = state.write_message(&hello.encode(), &mut msg).map_err(state_err)?;
+        let hello =
+            Hello { version: PROTOCOL_VERSION, intent, key: local.public(), capabilities: CAPABILITIES };
+        Initiator::start_with_payload(state, *remote, &hello.encode(), out)
+    }
+
+    /// Writes `payload` as the first message; `start` passes our hello, tests a newer peer's.
+    fn start_with_payload(
+        mut state: snow::HandshakeState,
+        remote: PublicKey,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Initiator, NoiseError> {
+        let mut msg = [0u8; MAX_HANDSHAKE];
+        let len = state.write_message(payload, &mut msg).map_err(state_err)?;
         frame::encode(msg.get(..len).unwrap_or_default(), out).map_err(|e| NoiseError::TooLarge(e.0))?;
-        Ok(Initiator { state, remote: *remote })
+        Ok(Initiator { state, remote })
     }
 
     /// Reads the responder's reply (a frame body) and completes the handshake.
-    pub fn finish(mut self, reply: &[u8]) -> Result<Transport, NoiseError> {
-        let mut payload = [0u8; 64];
-        self.state.read_message(reply, &mut payload).map_err(|_| NoiseError::Decrypt)?;
-        Transport::from_handshake(self.state, self.remote)
+    /// The reply's payload carries the responder's [`Capabilities`] (none if
+    /// it is empty, as from a build before capabilities; anything after them
+    /// is ignored).
+    pub fn finish(mut self, reply: &[u8]) -> Result<(Capabilities, Transport), NoiseError> {
+        let mut payload = [0u8; MAX_HANDSHAKE];
+        let len = self.state.read_message(reply, &mut payload).map_err(|_| NoiseError::Decrypt)?;
+        let capabilities = Capabilities::read(payload.get(..len).unwrap_or_default());
+        Ok((capabilities, Transport::from_handshake(self.state, self.remote)?))
     }
 }
 
@@ -276,8 +350,18 @@ impl Responder {
 
     /// Reads the initiator's first message (a frame body), checks who sent it,
     /// appends the framed reply to `out` and completes the handshake.
-    pub fn accept(mut self, first: &[u8], out: &mut Vec<u8>) -> Result<(Hello, Transport), NoiseError> {
-        let mut payload = [0u8; 256];
+    pub fn accept(self, first: &[u8], out: &mut Vec<u8>) -> Result<(Hello, Transport), NoiseError> {
+        self.accept_with_payload(first, out, &CAPABILITIES.to_bytes())
+    }
+
+    /// `accept` answering with `reply` as payload; tests pass a newer peer's.
+    fn accept_with_payload(
+        mut self,
+        first: &[u8],
+        out: &mut Vec<u8>,
+        reply: &[u8],
+    ) -> Result<(Hello, Transport), NoiseError> {
+        let mut payload = [0u8; MAX_HANDSHAKE];
         let len = self.state.read_message(first, &mut payload).map_err(|_| NoiseError::Decrypt)?;
         let hello = Hello::decode(payload.get(..len).unwrap_or_default())?;
         if hello.version != PROTOCOL_VERSION {
@@ -287,8 +371,8 @@ impl Responder {
         if remote_static != hello.key.to_x25519() {
             return Err(NoiseError::IdentityMismatch);
         }
-        let mut msg = [0u8; 128];
-        let len = self.state.write_message(&[], &mut msg).map_err(state_err)?;
+        let mut msg = [0u8; MAX_HANDSHAKE];
+        let len = self.state.write_message(reply, &mut msg).map_err(state_err)?;
         frame::encode(msg.get(..len).unwrap_or_default(), out).map_err(|e| NoiseError::TooLarge(e.0))?;
         Ok((hello, Transport::from_handshake(self.state, hello.key)?))
     }
@@ -485,8 +569,98 @@ mod tests {
         let resp = Responder::new(&server, e2).unwrap();
         let mut reply = Vec::new();
         let (hello, server_t) = resp.accept(&body(&wire), &mut reply).unwrap();
-        let client_t = init.finish(&body(&reply)).unwrap();
+        let (caps, client_t) = init.finish(&body(&reply)).unwrap();
+        assert_eq!(caps, CAPABILITIES);
         (client_t, server_t, hello)
+    }
+
+    /// The first message of an initiator that sends `payload` as its hello.
+    fn first_message_with(client: &Keypair, server: &PublicKey, payload: &[u8]) -> (Initiator, Vec<u8>) {
+        let secret = client.x25519_secret();
+        let state = builder(&secret, client.x25519_public(), [7; 32])
+            .unwrap()
+            .remote_public_key(&server.to_x25519())
+            .unwrap()
+            .build_initiator()
+            .unwrap();
+        let mut wire = Vec::new();
+        let init = Initiator::start_with_payload(state, *server, payload, &mut wire).unwrap();
+        (init, body(&wire))
+    }
+
+    /// A hello as a peer encodes it: the known fields, then whatever `extra` it adds.
+    fn hello_bytes(client: &Keypair, caps: Option<u64>, extra: &[u8]) -> Vec<u8> {
+        let mut payload = PROTOCOL_VERSION.to_be_bytes().to_vec();
+        payload.push(1);
+        payload.extend_from_slice(client.public().as_bytes());
+        if let Some(caps) = caps {
+            payload.extend_from_slice(&caps.to_be_bytes());
+        }
+        payload.extend_from_slice(extra);
+        payload
+    }
+
+    #[test]
+    fn a_newer_initiator_with_unknown_capabilities_and_fields_is_accepted() {
+        let (client, server) = (pair(1), pair(2));
+        let newer = hello_bytes(&client, Some(1 << 63 | 1 << 5), b"a field from the future");
+        let (init, first) = first_message_with(&client, &server.public(), &newer);
+        let mut reply = Vec::new();
+        let (hello, _) = Responder::new(&server, [4; 32]).unwrap().accept(&first, &mut reply).unwrap();
+        assert_eq!(hello.intent, Intent::Control);
+        assert_eq!(hello.capabilities, Capabilities(1 << 63 | 1 << 5));
+        assert_eq!(hello.capabilities.common(CAPABILITIES), CAPABILITIES, "unknown bits are not used");
+        assert_eq!(init.finish(&body(&reply)).unwrap().0, CAPABILITIES);
+    }
+
+    #[test]
+    fn a_hello_from_before_capabilities_has_none() {
+        let (client, server) = (pair(1), pair(2));
+        let (_, first) = first_message_with(&client, &server.public(), &hello_bytes(&client, None, b""));
+        let (hello, _) = Responder::new(&server, [4; 32]).unwrap().accept(&first, &mut Vec::new()).unwrap();
+        assert_eq!(hello.capabilities, Capabilities::NONE);
+    }
+
+    #[test]
+    fn a_hello_cut_short_or_of_another_version_is_refused() {
+        let (client, server) = (pair(1), pair(2));
+        let full = hello_bytes(&client, Some(0), b"");
+        let (_, first) = first_message_with(&client, &server.public(), &full[..HELLO_BASE_LEN - 1]);
+        let refused = Responder::new(&server, [4; 32]).unwrap().accept(&first, &mut Vec::new());
+        assert_eq!(refused.unwrap_err(), NoiseError::BadHello);
+        let mut other = full;
+        other[..2].copy_from_slice(&(PROTOCOL_VERSION + 1).to_be_bytes());
+        let (_, first) = first_message_with(&client, &server.public(), &other);
+        let refused = Responder::new(&server, [4; 32]).unwrap().accept(&first, &mut Vec::new());
+        assert_eq!(refused.unwrap_err(), NoiseError::Version(PROTOCOL_VERSION + 1));
+    }
+
+    #[test]
+    fn a_newer_responder_with_unknown_capabilities_and_fields_is_accepted() {
+        let (client, server) = (pair(1), pair(2));
+        let mut wire = Vec::new();
+        let init = Initiator::start(&client, &server.public(), Intent::Control, [3; 32], &mut wire).unwrap();
+        let mut newer = (1u64 << 62).to_be_bytes().to_vec();
+        newer.extend_from_slice(b"more from the future");
+        let mut reply = Vec::new();
+        let resp = Responder::new(&server, [4; 32]).unwrap();
+        let (hello, mut server_t) = resp.accept_with_payload(&body(&wire), &mut reply, &newer).unwrap();
+        assert_eq!(hello.capabilities, CAPABILITIES);
+        let (caps, mut client_t) = init.finish(&body(&reply)).unwrap();
+        assert_eq!(caps, Capabilities(1 << 62));
+        // And from a responder before capabilities: an empty reply, no capabilities.
+        let mut wire = Vec::new();
+        let init = Initiator::start(&client, &server.public(), Intent::Control, [3; 32], &mut wire).unwrap();
+        let mut reply = Vec::new();
+        let resp = Responder::new(&server, [4; 32]).unwrap();
+        resp.accept_with_payload(&body(&wire), &mut reply, &[]).unwrap();
+        assert_eq!(init.finish(&body(&reply)).unwrap().0, Capabilities::NONE);
+        // The first session still carries data.
+        let mut sealed = Vec::new();
+        server_t.seal(b"ok", &mut sealed).unwrap();
+        let mut plain = Vec::new();
+        client_t.open(&body(&sealed), &mut plain).unwrap();
+        assert_eq!(plain, b"ok");
     }
 
     proptest! {

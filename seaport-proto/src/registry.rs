@@ -19,14 +19,15 @@
 //! Bounds: sessions, registrations and watches per session, and bytes queued
 //! for a peer that does not read are all capped by [`RegistryConfig`].
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::directory::Directory;
 use crate::keys::{Keypair, PublicKey};
-use crate::message::{ErrorCode, Instance, MAX_ADDRS, Message, encode_instances};
+use crate::message::{ErrorCode, Instance, MAX_ADDRS, Message, MessageError};
 use crate::noise::Intent;
-use crate::role::{Role, RoleQuery};
+use crate::role::Role;
 use crate::session::{Session, SessionError};
 
 /// Limits and timers of a registry.
@@ -76,9 +77,20 @@ pub enum CloseReason {
     /// Nothing heard within the idle timeout.
     #[error("peer silent for {0:?}")]
     Idle(Duration),
-    /// The peer sent something that is not a valid control message here.
-    #[error("protocol violation: {0}")]
-    Protocol(String),
+    /// The peer sent a control message that does not decode.
+    #[error("peer sent a malformed message: {0}")]
+    Malformed(#[source] MessageError),
+    /// The peer sent a kind of message that only a registry sends (named).
+    #[error("peer sent a {0} message, which only a registry sends")]
+    WrongDirection(&'static str),
+    /// The peer ended the session with an error of its own.
+    #[error("peer reported an error: {code}: {text}")]
+    PeerError {
+        /// Its code.
+        code: ErrorCode,
+        /// Its text.
+        text: String,
+    },
     /// The peer did not read what it was sent.
     #[error("peer not reading: {0} bytes queued")]
     Slow(usize),
@@ -132,23 +144,9 @@ struct Peer {
     session: Session,
     observed: SocketAddr,
     last_heard: Instant,
-    /// Registration id → role name (the instance lives in `Registry::by_name`).
-    registrations: HashMap<u32, String>,
-    watches: HashMap<u32, RoleQuery>,
     /// Already in `Registry::dirty`.
     dirty: bool,
 }
-
-/// One registered instance, with its wire encoding made once for all answers.
-struct Registered {
-    instance: Instance,
-    encoded: Vec<u8>,
-}
-
-/// Key of one registration: owning session, then the service's id for it.
-type RegKey = (SessionId, u32);
-/// Key of one watch.
-type WatchKey = (SessionId, u32);
 
 /// The registry; see the module docs.
 pub struct Registry {
@@ -158,10 +156,8 @@ pub struct Registry {
     peers: HashMap<SessionId, Peer>,
     /// Established sessions by identity, to supersede stale ones.
     by_key: HashMap<PublicKey, SessionId>,
-    /// Role name → registrations, in registration-key order (oldest session first).
-    by_name: HashMap<String, BTreeMap<RegKey, Registered>>,
-    /// Role name → watches whose query names it.
-    watchers: HashMap<String, HashSet<WatchKey>>,
+    /// Registrations and watches, owned by session.
+    directory: Directory,
     /// Sessions with bytes to send, in the order they got them.
     dirty: VecDeque<SessionId>,
     /// Final bytes of sessions that were closed.
@@ -182,8 +178,7 @@ impl Registry {
             next_id: 0,
             peers: HashMap::new(),
             by_key: HashMap::new(),
-            by_name: HashMap::new(),
-            watchers: HashMap::new(),
+            directory: Directory::new(),
             dirty: VecDeque::new(),
             farewells: VecDeque::new(),
             events: VecDeque::new(),
@@ -203,7 +198,12 @@ impl Registry {
 
     /// Registered instances now.
     pub fn instance_count(&self) -> usize {
-        self.by_name.values().map(BTreeMap::len).sum()
+        self.directory.instance_count()
+    }
+
+    /// What is registered and watched now.
+    pub fn directory(&self) -> &Directory {
+        &self.directory
     }
 
     /// A new connection from `observed`; `entropy` seeds its handshake.
@@ -221,17 +221,7 @@ impl Registry {
                 .map_err(|_| Full(self.config.max_sessions))?;
         let id = SessionId(self.next_id);
         self.next_id += 1;
-        self.peers.insert(
-            id,
-            Peer {
-                session,
-                observed,
-                last_heard: now,
-                registrations: HashMap::new(),
-                watches: HashMap::new(),
-                dirty: false,
-            },
-        );
+        self.peers.insert(id, Peer { session, observed, last_heard: now, dirty: false });
         self.next_sweep.get_or_insert(now + SWEEP_INTERVAL);
         Ok(id)
     }
@@ -241,7 +231,7 @@ impl Registry {
         let Some(peer) = self.peers.get_mut(&id) else { return };
         peer.last_heard = now;
         let was_open = peer.session.is_established();
-        if let Err(e) = peer.session.handle_input(data) {
+        if let Err(e) = peer.session.handle_input(now, data) {
             self.close(id, CloseReason::Session(e));
             return;
         }
@@ -258,12 +248,19 @@ impl Registry {
             }
         }
         self.mark_dirty(id);
-        while let Some(plain) = self.peers.get_mut(&id).and_then(|p| p.session.recv()) {
+        while let Some(plain) = self.peers.get_mut(&id).and_then(|p| p.session.poll_event()) {
             match Message::decode(&plain) {
                 Ok(msg) => self.handle_message(id, msg),
+                // A newer peer's request: refuse that one, keep the session.
+                // Without a readable id it cannot be a request; ignore it.
+                Err(MessageError::UnknownKind { kind, id: Some(req) }) => {
+                    let text = format!("this registry does not know message kind {kind}");
+                    self.send(id, &error(Some(req), ErrorCode::UNSUPPORTED, &text));
+                }
+                Err(MessageError::UnknownKind { id: None, .. }) => {}
                 Err(e) => {
                     self.send(id, &error(None, ErrorCode::MALFORMED, &e.to_string()));
-                    self.close(id, CloseReason::Protocol(e.to_string()));
+                    self.close(id, CloseReason::Malformed(e));
                 }
             }
         }
@@ -324,12 +321,12 @@ impl Registry {
     }
 
     fn handle_message(&mut self, id: SessionId, msg: Message) {
-        let Some(peer) = self.peers.get_mut(&id) else { return };
+        let Some(peer) = self.peers.get(&id) else { return };
         let Some(key) = peer.session.remote() else { return };
         match msg {
             Message::Register { id: reg, role, port, addrs } => {
-                let replacing = peer.registrations.contains_key(&reg);
-                if !replacing && peer.registrations.len() >= self.config.max_registrations {
+                let replacing = self.directory.has_registration((id, reg));
+                if !replacing && self.directory.registration_count(id) >= self.config.max_registrations {
                     let text = format!("at most {} registrations per session", self.config.max_registrations);
                     self.send(id, &error(Some(reg), ErrorCode::LIMIT, &text));
                     return;
@@ -340,42 +337,38 @@ impl Registry {
                         dialable.push(addr);
                     }
                 }
-                if let Some(old_name) = peer.registrations.insert(reg, role.name().to_owned()) {
-                    self.remove_registration(id, reg, &old_name);
-                }
-                let instance = Instance { key, role: role.clone(), addrs: dialable };
-                let registered = Registered { encoded: instance.encode(), instance };
-                self.by_name.entry(role.name().to_owned()).or_default().insert((id, reg), registered);
+                // The old registration goes first, so its watchers hear of both changes.
+                self.unregister(id, reg);
+                self.directory.register((id, reg), Instance { key, role: role.clone(), addrs: dialable });
                 self.send(id, &Message::Registered { id: reg });
                 self.events.push_back(RegistryEvent::Registered { peer: key, role: role.clone() });
-                self.notify(role.name(), &role);
+                self.notify(&role);
             }
-            Message::Unregister { id: reg } => match peer.registrations.remove(&reg) {
-                Some(name) => self.remove_registration(id, reg, &name),
-                None => self.send(id, &error(Some(reg), ErrorCode::UNKNOWN, "no such registration")),
-            },
+            Message::Unregister { id: reg } => {
+                if !self.unregister(id, reg) {
+                    self.send(id, &error(Some(reg), ErrorCode::UNKNOWN, "no such registration"));
+                }
+            }
             Message::Lookup { id: req, query } => {
-                let answer = self.answer(req, &query);
+                let answer = self.directory.answer(req, &query);
                 self.send_plain(id, &answer);
             }
             Message::Watch { id: watch, query } => {
-                let replacing = peer.watches.contains_key(&watch);
-                if !replacing && peer.watches.len() >= self.config.max_watches {
+                let replacing = self.directory.has_watch((id, watch));
+                if !replacing && self.directory.watch_count(id) >= self.config.max_watches {
                     let text = format!("at most {} watches per session", self.config.max_watches);
                     self.send(id, &error(Some(watch), ErrorCode::LIMIT, &text));
                     return;
                 }
-                if let Some(old) = peer.watches.insert(watch, query.clone()) {
-                    self.unindex_watch(old.name(), (id, watch));
-                }
-                self.watchers.entry(query.name().to_owned()).or_default().insert((id, watch));
-                let answer = self.answer(watch, &query);
+                let answer = self.directory.answer(watch, &query);
+                self.directory.watch((id, watch), query);
                 self.send_plain(id, &answer);
             }
-            Message::Unwatch { id: watch } => match peer.watches.remove(&watch) {
-                Some(query) => self.unindex_watch(query.name(), (id, watch)),
-                None => self.send(id, &error(Some(watch), ErrorCode::UNKNOWN, "no such watch")),
-            },
+            Message::Unwatch { id: watch } => {
+                if !self.directory.unwatch((id, watch)) {
+                    self.send(id, &error(Some(watch), ErrorCode::UNKNOWN, "no such watch"));
+                }
+            }
             Message::Ping { nonce } => self.send(id, &Message::Pong { nonce }),
             Message::Pong { .. } => {}
             Message::Error { code, text, .. } => {
@@ -383,65 +376,39 @@ impl Registry {
                 self.events.push_back(RegistryEvent::SessionClosed {
                     id,
                     peer: Some(key),
-                    reason: CloseReason::Protocol(format!("peer reported {code}: {text}")),
+                    reason: CloseReason::PeerError { code, text },
                 });
                 self.drop_session(id);
             }
             other @ (Message::Registered { .. } | Message::Instances { .. }) => {
-                let text = format!("a registry does not accept {}", variant_name(&other));
+                let text = format!("a registry does not accept {}", other.kind());
                 self.send(id, &error(None, ErrorCode::MALFORMED, &text));
-                self.close(id, CloseReason::Protocol(text));
+                self.close(id, CloseReason::WrongDirection(other.kind()));
             }
         }
     }
 
-    /// The encoded answer to a lookup or watch, cut to what one frame carries.
-    fn answer(&self, id: u32, query: &RoleQuery) -> Vec<u8> {
-        let matching: Vec<&[u8]> = self
-            .by_name
-            .get(query.name())
-            .into_iter()
-            .flat_map(BTreeMap::values)
-            .filter(|r| query.matches(&r.instance.role))
-            .map(|r| r.encoded.as_slice())
-            .collect();
-        let mut plain = Vec::new();
-        encode_instances(id, matching.iter().copied(), false, &mut plain);
-        plain
-    }
-
-    fn remove_registration(&mut self, id: SessionId, reg: u32, name: &str) {
-        let Some(regs) = self.by_name.get_mut(name) else { return };
-        let Some(Registered { instance, .. }) = regs.remove(&(id, reg)) else { return };
-        if regs.is_empty() {
-            self.by_name.remove(name);
-        }
+    /// Withdraws registration `reg` of session `id` and tells its watchers;
+    /// false if there was none.
+    fn unregister(&mut self, id: SessionId, reg: u32) -> bool {
+        let Some(instance) = self.directory.unregister((id, reg)) else { return false };
         self.events
             .push_back(RegistryEvent::Unregistered { peer: instance.key, role: instance.role.clone() });
-        self.notify(name, &instance.role);
+        self.notify(&instance.role);
+        true
     }
 
     /// Pushes the new matching set to every watch that `changed` matches.
-    fn notify(&mut self, name: &str, changed: &Role) {
-        let Some(watchers) = self.watchers.get(name) else { return };
-        let mut targets: Vec<WatchKey> = watchers.iter().copied().collect();
-        targets.sort_unstable();
-        for (session, watch) in targets {
-            let Some(query) = self.peers.get(&session).and_then(|p| p.watches.get(&watch)) else { continue };
-            if query.matches(changed) {
-                let answer = self.answer(watch, query);
-                self.send_plain(session, &answer);
-                self.check_queue(session);
-            }
-        }
-    }
-
-    fn unindex_watch(&mut self, name: &str, key: WatchKey) {
-        if let Some(set) = self.watchers.get_mut(name) {
-            set.remove(&key);
-            if set.is_empty() {
-                self.watchers.remove(name);
-            }
+    fn notify(&mut self, changed: &Role) {
+        let answers: Vec<(SessionId, Vec<u8>)> = self
+            .directory
+            .watchers_of(changed)
+            .into_iter()
+            .map(|((session, watch), query)| (session, self.directory.answer(watch, query)))
+            .collect();
+        for (session, answer) in answers {
+            self.send_plain(session, &answer);
+            self.check_queue(session);
         }
     }
 
@@ -502,13 +469,8 @@ impl Registry {
                 self.by_key.remove(&key);
             }
         }
-        for (watch, query) in &peer.watches {
-            self.unindex_watch(query.name(), (id, *watch));
-        }
-        let mut regs: Vec<(u32, String)> = peer.registrations.into_iter().collect();
-        regs.sort_unstable();
-        for (reg, name) in regs {
-            self.remove_registration(id, reg, &name);
+        for reg in self.directory.release(id) {
+            self.unregister(id, reg);
         }
     }
 }
@@ -525,25 +487,11 @@ fn error(id: Option<u32>, code: ErrorCode, text: &str) -> Message {
     Message::Error { id, code, text }
 }
 
-fn variant_name(msg: &Message) -> &'static str {
-    match msg {
-        Message::Register { .. } => "Register",
-        Message::Registered { .. } => "Registered",
-        Message::Unregister { .. } => "Unregister",
-        Message::Lookup { .. } => "Lookup",
-        Message::Watch { .. } => "Watch",
-        Message::Unwatch { .. } => "Unwatch",
-        Message::Instances { .. } => "Instances",
-        Message::Ping { .. } => "Ping",
-        Message::Pong { .. } => "Pong",
-        Message::Error { .. } => "Error",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::keys::Seed;
+    use crate::role::RoleQuery;
 
     /// A registry and one established client session to it.
     fn connected(config: RegistryConfig) -> (Registry, SessionId, Session, Instant) {
@@ -578,11 +526,11 @@ mod tests {
             let mut answered = false;
             while let Some(to) = registry.poll_transmit(&mut buf) {
                 assert_eq!(to, id);
-                client.handle_input(&buf).unwrap();
+                client.handle_input(now, &buf).unwrap();
                 buf.clear();
                 answered = true;
             }
-            while let Some(plain) = client.recv() {
+            while let Some(plain) = client.poll_event() {
                 got.push(Message::decode(&plain).unwrap());
             }
             if !sent && !answered {
@@ -618,6 +566,68 @@ mod tests {
             "{}",
             instances.len()
         );
+    }
+
+    #[test]
+    fn a_newer_peers_unknown_request_is_refused_and_the_session_goes_on() {
+        let (mut registry, id, mut client, now) = connected(RegistryConfig::default());
+        // Kind 40, request id 9, then fields this build cannot read.
+        let mut newer = postcard::to_allocvec(&(40u32, 9u32)).unwrap();
+        newer.extend_from_slice(b"\x03new");
+        client.send(&newer).unwrap();
+        let role = Role::parse("db@1.0.0").unwrap();
+        send(&mut client, &Message::Register { id: 1, role, port: 1, addrs: vec![] });
+        let got = exchange(&mut registry, id, &mut client, now);
+        assert!(
+            matches!(
+                &got[..],
+                [
+                    Message::Error { id: Some(9), code: ErrorCode::UNSUPPORTED, .. },
+                    Message::Registered { id: 1 }
+                ]
+            ),
+            "{got:?}"
+        );
+        assert_eq!(registry.session_count(), 1);
+        assert_eq!(registry.instance_count(), 1);
+        // A known kind that is malformed still ends the session.
+        client.send(&[3, 1]).unwrap();
+        let got = exchange(&mut registry, id, &mut client, now);
+        assert!(matches!(&got[..], [Message::Error { id: None, code: ErrorCode::MALFORMED, .. }]), "{got:?}");
+        assert_eq!(registry.session_count(), 0);
+    }
+
+    /// Why the registry closed the session, from its events.
+    fn close_reason(registry: &mut Registry) -> Option<CloseReason> {
+        std::iter::from_fn(|| registry.poll_event()).find_map(|e| match e {
+            RegistryEvent::SessionClosed { reason, .. } => Some(reason),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn close_reasons_say_what_the_peer_did() {
+        let (mut registry, id, mut client, now) = connected(RegistryConfig::default());
+        client.send(&[3, 1]).unwrap();
+        exchange(&mut registry, id, &mut client, now);
+        assert!(matches!(
+            close_reason(&mut registry),
+            Some(CloseReason::Malformed(MessageError::Malformed(_)))
+        ));
+
+        let (mut registry, id, mut client, now) = connected(RegistryConfig::default());
+        send(&mut client, &Message::Registered { id: 1 });
+        exchange(&mut registry, id, &mut client, now);
+        let reason = close_reason(&mut registry).unwrap();
+        assert_eq!(reason, CloseReason::WrongDirection("Registered"));
+        assert_eq!(reason.to_string(), "peer sent a Registered message, which only a registry sends");
+
+        let (mut registry, id, mut client, now) = connected(RegistryConfig::default());
+        send(&mut client, &Message::Error { id: None, code: ErrorCode::LIMIT, text: "bye".into() });
+        exchange(&mut registry, id, &mut client, now);
+        let reason = close_reason(&mut registry).unwrap();
+        assert_eq!(reason, CloseReason::PeerError { code: ErrorCode::LIMIT, text: "bye".into() });
+        assert_eq!(reason.to_string(), "peer reported an error: limit: bye");
     }
 
     #[test]

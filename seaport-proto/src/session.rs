@@ -5,17 +5,19 @@
 //! the raw bytes a driver reads into authenticated plaintext messages, and
 //! plaintext into bytes to write. It knows nothing of what the messages mean.
 //!
-//! Contract: after `handle_input`/`handle_timeout`, take what `recv` returns
-//! until `None`, then drain `poll_transmit`. A returned error ends the session:
-//! the caller drops it and closes the stream. Buffers are bounded: the decoder
-//! holds at most one frame, and `recv` yields what one input produced.
+//! Contract: after `handle_input`/`handle_timeout`, take what `poll_event`
+//! returns until `None`, then drain `poll_transmit`. A returned error ends the
+//! session: the caller drops it and closes the stream (messages that arrived
+//! before the failure in the same input are still in `poll_event`). Buffers
+//! are bounded: the decoder holds at most one frame, and `poll_event` yields
+//! what one input produced.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::frame::FrameDecoder;
 use crate::keys::{Keypair, PublicKey};
-use crate::noise::{Initiator, Intent, NoiseError, Responder, Transport};
+use crate::noise::{Capabilities, Initiator, Intent, NoiseError, Responder, Transport};
 
 /// Why a session ended.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,6 +63,8 @@ pub struct Session {
     transmit: Vec<u8>,
     received: VecDeque<Vec<u8>>,
     handshake_deadline: Option<Instant>,
+    /// What the peer said it supports in the handshake (none until then).
+    remote_capabilities: Capabilities,
 }
 
 impl Session {
@@ -83,6 +87,7 @@ impl Session {
             transmit,
             received: VecDeque::new(),
             handshake_deadline: Some(now + handshake_timeout),
+            remote_capabilities: Capabilities::NONE,
         })
     }
 
@@ -101,6 +106,7 @@ impl Session {
             transmit: Vec::new(),
             received: VecDeque::new(),
             handshake_deadline: Some(now + handshake_timeout),
+            remote_capabilities: Capabilities::NONE,
         })
     }
 
@@ -117,13 +123,21 @@ impl Session {
         matches!(self.phase, Phase::Open(_))
     }
 
+    /// The optional features the peer advertised in the handshake; use one
+    /// only if [`crate::noise::CAPABILITIES`] has it too.
+    pub fn remote_capabilities(&self) -> Capabilities {
+        self.remote_capabilities
+    }
+
     /// What the session is for.
     pub fn intent(&self) -> Intent {
         self.intent
     }
 
-    /// Feeds bytes read from the stream.
-    pub fn handle_input(&mut self, data: &[u8]) -> Result<(), SessionError> {
+    /// Feeds bytes read from the stream. Reading needs no clock (the
+    /// handshake deadline is checked in `handle_timeout`); `now` is taken so
+    /// that every state machine is fed the same way.
+    pub fn handle_input(&mut self, _now: Instant, data: &[u8]) -> Result<(), SessionError> {
         let mut input = data;
         while !input.is_empty() {
             let taken = self.decoder.push(input);
@@ -138,7 +152,11 @@ impl Session {
                     phase => {
                         let next = match std::mem::replace(phase, Phase::Failed) {
                             Phase::Initiating(_) if frame.is_empty() => return Err(SessionError::Busy),
-                            Phase::Initiating(init) => init.finish(frame)?,
+                            Phase::Initiating(init) => {
+                                let (capabilities, transport) = init.finish(frame)?;
+                                self.remote_capabilities = capabilities;
+                                transport
+                            }
                             Phase::Responding(resp) => {
                                 let (hello, transport) = resp.accept(frame, &mut self.transmit)?;
                                 if hello.intent != self.intent {
@@ -147,6 +165,7 @@ impl Session {
                                         expected: self.intent,
                                     });
                                 }
+                                self.remote_capabilities = hello.capabilities;
                                 transport
                             }
                             Phase::Open(_) | Phase::Failed => return Err(NoiseError::Decrypt.into()),
@@ -176,7 +195,7 @@ impl Session {
     }
 
     /// The next received plaintext message.
-    pub fn recv(&mut self) -> Option<Vec<u8>> {
+    pub fn poll_event(&mut self) -> Option<Vec<u8>> {
         self.received.pop_front()
     }
 
@@ -238,10 +257,10 @@ mod tests {
         let now = Instant::now();
         let t = Duration::from_secs(5);
         let mut c = Session::initiate(now, &pair(1), &pair(2).public(), Intent::Control, [1; 32], t).unwrap();
-        assert_eq!(c.handle_input(&[0, 0]).unwrap_err(), SessionError::Busy);
+        assert_eq!(c.handle_input(now, &[0, 0]).unwrap_err(), SessionError::Busy);
         // Once established, an empty frame is just a frame that fails to open.
         let mut s = Session::respond(now, &pair(2), Intent::Control, [2; 32], t).unwrap();
-        assert!(matches!(s.handle_input(&[0, 0]), Err(SessionError::Noise(_))));
+        assert!(matches!(s.handle_input(now, &[0, 0]), Err(SessionError::Noise(_))));
     }
 
     #[test]
@@ -253,16 +272,16 @@ mod tests {
         let mut wire = Vec::new();
         assert!(c.poll_transmit(&mut wire));
         for b in &wire {
-            s.handle_input(std::slice::from_ref(b)).unwrap();
+            s.handle_input(now, std::slice::from_ref(b)).unwrap();
         }
         assert_eq!(s.remote(), Some(pair(1).public()));
         wire.clear();
         s.poll_transmit(&mut wire);
         s.send(b"hello").unwrap();
         s.poll_transmit(&mut wire);
-        c.handle_input(&wire).unwrap();
+        c.handle_input(now, &wire).unwrap();
         assert_eq!(c.remote(), Some(pair(2).public()));
-        assert_eq!(c.recv().as_deref(), Some(&b"hello"[..]));
+        assert_eq!(c.poll_event().as_deref(), Some(&b"hello"[..]));
         assert_eq!(c.poll_timeout(), None);
     }
 
@@ -274,7 +293,7 @@ mod tests {
         let mut s = Session::respond(now, &pair(2), Intent::Control, [2; 32], t).unwrap();
         let mut wire = Vec::new();
         c.poll_transmit(&mut wire);
-        assert!(matches!(s.handle_input(&wire), Err(SessionError::WrongIntent { .. })));
+        assert!(matches!(s.handle_input(now, &wire), Err(SessionError::WrongIntent { .. })));
         assert_eq!(c.handle_timeout(now + t), Err(SessionError::HandshakeTimeout));
         assert!(c.handle_timeout(now + t / 2).is_ok());
         assert!(c.send(b"x").is_err());

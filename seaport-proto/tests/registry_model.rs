@@ -4,7 +4,9 @@
 //!
 //! Each simulated peer talks to the real `Registry` through a real Noise
 //! session; after every step every lookup answer and the latest push of every
-//! watch must equal the model's matching set.
+//! watch must equal the model's matching set. The same operations are also
+//! applied to a bare `Directory` (the registry's index, no sessions), which
+//! must agree with the model too.
 
 // Test code: a panic is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -13,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
+use seaport_proto::directory::Directory;
 use seaport_proto::keys::{Keypair, PublicKey, Seed};
 use seaport_proto::message::{Instance, Message};
 use seaport_proto::noise::Intent;
@@ -126,8 +129,8 @@ impl Harness {
                     continue;
                 };
                 let (_, session) = peer.link.as_mut().unwrap();
-                session.handle_input(&buf).unwrap();
-                while let Some(plain) = session.recv() {
+                session.handle_input(self.now, &buf).unwrap();
+                while let Some(plain) = session.poll_event() {
                     match Message::decode(&plain).unwrap() {
                         Message::Instances { id, instances, truncated } => {
                             assert!(!truncated);
@@ -268,6 +271,11 @@ impl Harness {
     fn check(&self) {
         let total: usize = self.model.len();
         assert_eq!(self.registry.instance_count(), total, "instance count");
+        for (query, text) in QUERIES.iter().enumerate() {
+            let q = RoleQuery::parse(text).unwrap();
+            let found: Vec<Instance> = self.registry.directory().matching(&q).cloned().collect();
+            assert_eq!(summary(&found), self.expected(query), "registry's directory, {text}");
+        }
         for peer in &self.peers {
             if peer.link.is_none() {
                 continue;
@@ -290,5 +298,85 @@ proptest! {
         for op in &ops {
             h.apply(op);
         }
+    }
+}
+
+/// The model, applied to a bare directory: owners stand in for sessions.
+fn check_directory(ops: &[Op]) {
+    let keys: Vec<PublicKey> =
+        (0..PEERS).map(|i| Keypair::from_seed(&Seed::from_bytes([i as u8 + 1; 32])).public()).collect();
+    let owner = |p: usize| SessionId(p as u64);
+    let mut directory = Directory::new();
+    let mut model: BTreeMap<(usize, u32), usize> = BTreeMap::new();
+    let mut watches: BTreeMap<(usize, u32), usize> = BTreeMap::new();
+    let expected = |model: &BTreeMap<(usize, u32), usize>, query: usize| {
+        let q = RoleQuery::parse(QUERIES[query]).unwrap();
+        let mut v: Vec<_> = model
+            .iter()
+            .map(|((p, _), r)| (keys[*p], Role::parse(ROLES[*r]).unwrap()))
+            .filter(|(_, role)| q.matches(role))
+            .map(|(k, role)| (k, role.to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    for op in ops {
+        match *op {
+            Op::Register { peer, reg, role } => {
+                let instance =
+                    Instance { key: keys[peer], role: Role::parse(ROLES[role]).unwrap(), addrs: vec![] };
+                let replaced = directory.register((owner(peer), reg), instance);
+                let old = model.insert((peer, reg), role);
+                assert_eq!(replaced.map(|i| i.role.to_string()), old.map(|r| ROLES[r].to_owned()));
+            }
+            Op::Unregister { peer, reg } => {
+                let removed = directory.unregister((owner(peer), reg));
+                assert_eq!(removed.is_some(), model.remove(&(peer, reg)).is_some());
+            }
+            Op::Disconnect { peer } | Op::Tick { quiet: Some(peer), .. } => {
+                for reg in directory.release(owner(peer)) {
+                    assert!(directory.unregister((owner(peer), reg)).is_some());
+                }
+                model.retain(|(p, _), _| *p != peer);
+                watches.retain(|(p, _), _| *p != peer);
+            }
+            Op::Lookup { query, .. } => {
+                let q = RoleQuery::parse(QUERIES[query]).unwrap();
+                let found: Vec<Instance> = directory.matching(&q).cloned().collect();
+                assert_eq!(summary(&found), expected(&model, query), "lookup {}", QUERIES[query]);
+            }
+            Op::Watch { peer, watch, query } => {
+                directory.watch((owner(peer), watch), RoleQuery::parse(QUERIES[query]).unwrap());
+                watches.insert((peer, watch), query);
+            }
+            Op::Tick { quiet: None, .. } => {}
+        }
+        assert_eq!(directory.instance_count(), model.len());
+        for peer in 0..PEERS {
+            let regs = model.keys().filter(|(p, _)| *p == peer).count();
+            assert_eq!(directory.registration_count(owner(peer)), regs);
+            let held = watches.keys().filter(|(p, _)| *p == peer).count();
+            assert_eq!(directory.watch_count(owner(peer)), held);
+        }
+        // A change to any role reaches exactly the watches whose query matches it.
+        for role in ROLES {
+            let role = Role::parse(role).unwrap();
+            let got: Vec<(usize, u32)> =
+                directory.watchers_of(&role).into_iter().map(|((o, w), _)| (o.0 as usize, w)).collect();
+            let want: Vec<(usize, u32)> = watches
+                .iter()
+                .filter(|(_, q)| RoleQuery::parse(QUERIES[**q]).unwrap().matches(&role))
+                .map(|(k, _)| *k)
+                .collect();
+            assert_eq!(got, want, "watchers of {role}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #[test]
+    fn directory_matches_model(ops in prop::collection::vec(op(), 1..60)) {
+        check_directory(&ops);
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use seaport_proto::client::{Backoff, ClientConfig, ControlClient, ProxyClient, ServiceClient, Strategy};
+use seaport_proto::client::{Backoff, ClientConfig, ProxyClient, RegistryClient, ServiceClient, Strategy};
 use seaport_proto::keys::{Keypair, PublicKey, Seed};
 use seaport_proto::registry::{Registry, RegistryConfig, RegistryEvent, SessionId};
 use seaport_proto::role::{Role, RoleQuery};
@@ -22,7 +22,7 @@ use seaport_proto::role::{Role, RoleQuery};
 trait Endpoint {
     fn connect(&mut self, now: Instant, entropy: [u8; 32]);
     fn handle_input(&mut self, now: Instant, data: &[u8]);
-    fn handle_disconnect(&mut self);
+    fn handle_closed(&mut self);
     fn handle_timeout(&mut self, now: Instant);
     fn poll_timeout(&self) -> Option<Instant>;
     fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool;
@@ -30,24 +30,24 @@ trait Endpoint {
     fn drain_events(&mut self, log: &mut Vec<String>) -> bool;
 }
 
-impl<C: ControlClient> Endpoint for C {
+impl<C: RegistryClient> Endpoint for C {
     fn connect(&mut self, now: Instant, entropy: [u8; 32]) {
-        ControlClient::connect(self, now, entropy).unwrap();
+        RegistryClient::connect(self, now, entropy).unwrap();
     }
     fn handle_input(&mut self, now: Instant, data: &[u8]) {
-        ControlClient::handle_input(self, now, data);
+        RegistryClient::handle_input(self, now, data);
     }
-    fn handle_disconnect(&mut self) {
-        ControlClient::handle_disconnect(self);
+    fn handle_closed(&mut self) {
+        RegistryClient::handle_closed(self);
     }
     fn handle_timeout(&mut self, now: Instant) {
-        ControlClient::handle_timeout(self, now);
+        RegistryClient::handle_timeout(self, now);
     }
     fn poll_timeout(&self) -> Option<Instant> {
-        ControlClient::poll_timeout(self)
+        RegistryClient::poll_timeout(self)
     }
     fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
-        ControlClient::poll_transmit(self, buf)
+        RegistryClient::poll_transmit(self, buf)
     }
     fn drain_events(&mut self, log: &mut Vec<String>) -> bool {
         let mut ended = false;
@@ -148,7 +148,7 @@ impl World {
                     if let Some(i) = self.node_of(id) {
                         // The driver closes the stream; the client sees EOF.
                         self.nodes[i].session = None;
-                        self.nodes[i].client.handle_disconnect();
+                        self.nodes[i].client.handle_closed();
                     }
                 }
             }
@@ -239,8 +239,8 @@ impl Endpoint for ProxyView {
     fn handle_input(&mut self, now: Instant, data: &[u8]) {
         Endpoint::handle_input(&mut *self.0.borrow_mut(), now, data);
     }
-    fn handle_disconnect(&mut self) {
-        Endpoint::handle_disconnect(&mut *self.0.borrow_mut());
+    fn handle_closed(&mut self) {
+        Endpoint::handle_closed(&mut *self.0.borrow_mut());
     }
     fn handle_timeout(&mut self, now: Instant) {
         Endpoint::handle_timeout(&mut *self.0.borrow_mut(), now);
@@ -342,7 +342,7 @@ fn registry_restart_loses_nothing_that_matters() {
     w.registry = Registry::new(w.registry_key.clone(), RegistryConfig::default());
     for i in 0..w.nodes.len() {
         w.nodes[i].session = None;
-        w.nodes[i].client.handle_disconnect();
+        w.nodes[i].client.handle_closed();
     }
     w.settle();
     // The proxy keeps what it knew while the registry is away.

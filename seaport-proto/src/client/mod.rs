@@ -1,0 +1,169 @@
+//! The two registry clients, [`ServiceClient`] (register roles, keep them
+//! registered) and [`ProxyClient`] (watch a query, choose instances), each
+//! composed of a [`ControlLink`] (the control session and its keepalive) and
+//! its own logic; [`Backoff`] paces reconnects and [`balance`] orders
+//! instances for a proxy.
+//!
+//! Driving either (sans-io, through [`RegistryClient`]): when the driver has
+//! a fresh TCP stream to the registry it calls `connect(now, entropy)`; bytes
+//! read go to `handle_input(now, bytes)`, a closed stream to
+//! `handle_closed()`, the timer at `poll_timeout()` to `handle_timeout(now)`;
+//! after each call it drains `poll_transmit(&mut buf)` and then
+//! `poll_event()`. A `Disconnected` event (exactly one per session) means:
+//! close the stream, wait [`Backoff::next_delay`], dial again and call
+//! `connect`. What the client wants (its roles, its query) survives
+//! reconnects: it registers and watches again by itself each time a session
+//! opens.
+//!
+//! Liveness: a ping goes out every `keepalive`; a registry silent for
+//! `dead_after` is dead. Both bounds come from [`ClientConfig`].
+
+use std::time::{Duration, Instant};
+
+use crate::keys::{Keypair, PublicKey};
+use crate::message::{ErrorCode, MessageError};
+use crate::session::SessionError;
+
+pub mod backoff;
+pub mod balance;
+pub mod control;
+pub mod proxy;
+pub mod service;
+
+pub use backoff::Backoff;
+pub use balance::Strategy;
+pub use control::{ControlEvent, ControlLink};
+pub use proxy::{ProxyClient, ProxyEvent};
+pub use service::{ServiceClient, ServiceEvent};
+
+/// Who to talk to and how patiently.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// This client's identity.
+    pub keypair: Keypair,
+    /// The registry's identity.
+    pub registry: PublicKey,
+    /// How long the handshake may take.
+    pub handshake_timeout: Duration,
+    /// How often to ping the registry.
+    pub keepalive: Duration,
+    /// A registry silent this long is considered gone.
+    pub dead_after: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults: 10 s handshake, ping every 5 s, dead after 15 s of silence.
+    pub fn new(keypair: Keypair, registry: PublicKey) -> ClientConfig {
+        ClientConfig {
+            keypair,
+            registry,
+            handshake_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(5),
+            dead_after: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Why a client's control session ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The stream closed.
+    #[error("connection to the registry closed")]
+    Closed,
+    /// Noise-level failure: wrong registry key, incompatible version, timeout, corruption.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// The registry sent something that is not a valid control message.
+    #[error(transparent)]
+    Message(#[from] MessageError),
+    /// The registry sent a kind of message a client does not expect (named).
+    #[error("unexpected {0} message from the registry")]
+    Unexpected(&'static str),
+    /// The registry ended the session with an error.
+    #[error("registry closed the session: {code}: {text}")]
+    Refused {
+        /// Its code.
+        code: ErrorCode,
+        /// Its text.
+        text: String,
+    },
+    /// No answer within `dead_after`.
+    #[error("registry silent for {0:?}")]
+    Silent(Duration),
+}
+
+/// How a client is composed, kept out of the public API: its control link,
+/// and where the link's events go.
+pub(crate) mod sealed {
+    use super::control::{ControlEvent, ControlLink};
+
+    /// Implemented by each client; [`super::RegistryClient`] builds on it.
+    pub trait Composed {
+        /// The client's control link.
+        fn control_link(&self) -> &ControlLink;
+        /// The client's control link, to drive it.
+        fn control_link_mut(&mut self) -> &mut ControlLink;
+        /// Interprets one event of the control link.
+        fn handle_control_event(&mut self, event: ControlEvent);
+    }
+}
+
+/// What a driver needs of either client to keep its control session going:
+/// the common vocabulary, provided once here over the client's control link.
+pub trait RegistryClient: sealed::Composed {
+    /// The client's event type.
+    type Event: std::fmt::Debug;
+
+    /// The next event.
+    fn poll_event(&mut self) -> Option<Self::Event>;
+    /// Whether `event` reports the session opened (the backoff can reset).
+    fn is_connected_event(event: &Self::Event) -> bool;
+    /// The reason, if `event` reports the session ended (reconnect after a backoff).
+    fn disconnect_reason(event: &Self::Event) -> Option<&ClientError>;
+
+    /// A fresh stream to the registry is up: start the handshake.
+    fn connect(&mut self, now: Instant, entropy: [u8; 32]) -> Result<(), ClientError> {
+        self.control_link_mut().connect(now, entropy)
+    }
+
+    /// Whether the control session is established.
+    fn is_connected(&self) -> bool {
+        self.control_link().is_established()
+    }
+
+    /// Bytes read from the registry.
+    fn handle_input(&mut self, now: Instant, data: &[u8]) {
+        self.control_link_mut().handle_input(now, data);
+        drain(self);
+    }
+
+    /// The stream to the registry closed.
+    fn handle_closed(&mut self) {
+        self.control_link_mut().handle_closed();
+        drain(self);
+    }
+
+    /// Timers: handshake deadline, keepalive, dead registry.
+    fn handle_timeout(&mut self, now: Instant) {
+        self.control_link_mut().handle_timeout(now);
+        drain(self);
+    }
+
+    /// When `handle_timeout` must next be called.
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.control_link().poll_timeout()
+    }
+
+    /// Bytes to write to the registry; false if none.
+    fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
+        self.control_link_mut().poll_transmit(buf)
+    }
+}
+
+/// Hands every event of the client's control link to the client, in order.
+fn drain<C: sealed::Composed + ?Sized>(client: &mut C) {
+    while let Some(event) = client.control_link_mut().poll_event() {
+        client.handle_control_event(event);
+    }
+}

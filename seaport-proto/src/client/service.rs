@@ -1,0 +1,234 @@
+//! The service side: keeps its roles registered while its backend is
+//! available, re-registering by itself each time a control session opens.
+//!
+//! Invariant: registration ids are indexes into the role list, so every
+//! answer from the registry maps back to the role it concerns.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use crate::client::control::{ControlEvent, ControlLink};
+use crate::client::{ClientConfig, ClientError, RegistryClient, sealed};
+use crate::message::{ErrorCode, Message};
+use crate::role::Role;
+
+/// What a service client reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServiceEvent {
+    /// The control session is open (registrations follow).
+    Connected,
+    /// The registry confirmed this role.
+    Registered(Role),
+    /// The registry refused this role.
+    Refused {
+        /// The role.
+        role: Role,
+        /// Why.
+        code: ErrorCode,
+        /// Why, for people.
+        text: String,
+    },
+    /// The session ended; reconnect after a backoff.
+    Disconnected(ClientError),
+}
+
+/// The service side; see the module docs.
+pub struct ServiceClient {
+    control_link: ControlLink,
+    roles: Vec<Role>,
+    port: u16,
+    addrs: Vec<SocketAddr>,
+    available: bool,
+    events: VecDeque<ServiceEvent>,
+}
+
+impl ServiceClient {
+    /// A service offering `roles` on tunnel `port` (and at `addrs`).
+    pub fn new(config: ClientConfig, roles: Vec<Role>, port: u16, addrs: Vec<SocketAddr>) -> ServiceClient {
+        ServiceClient {
+            control_link: ControlLink::new(config),
+            roles,
+            port,
+            addrs,
+            available: true,
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The backend went down (`false`: withdraw every role) or came back
+    /// (`true`: register again). Also the first step of a clean shutdown.
+    pub fn set_available(&mut self, available: bool) {
+        if available == self.available {
+            return;
+        }
+        self.available = available;
+        if !self.control_link.is_established() {
+            return;
+        }
+        if available {
+            self.register_all();
+        } else {
+            for id in 0..self.roles.len() {
+                self.control_link.send(&Message::Unregister { id: id as u32 });
+            }
+        }
+    }
+
+    fn register_all(&mut self) {
+        for (id, role) in self.roles.iter().enumerate() {
+            let msg = Message::Register {
+                id: id as u32,
+                role: role.clone(),
+                port: self.port,
+                addrs: self.addrs.clone(),
+            };
+            self.control_link.send(&msg);
+        }
+    }
+
+    fn handle_message(&mut self, msg: Message) {
+        let role_of = |id: u32| usize::try_from(id).ok().and_then(|i| self.roles.get(i)).cloned();
+        match msg {
+            Message::Registered { id } => {
+                if let Some(role) = role_of(id) {
+                    self.events.push_back(ServiceEvent::Registered(role));
+                }
+            }
+            Message::Error { id: Some(id), code, text } => {
+                if let Some(role) = role_of(id) {
+                    self.events.push_back(ServiceEvent::Refused { role, code, text });
+                }
+            }
+            other => self.control_link.fail(ClientError::Unexpected(other.kind())),
+        }
+    }
+}
+
+impl sealed::Composed for ServiceClient {
+    fn control_link(&self) -> &ControlLink {
+        &self.control_link
+    }
+    fn control_link_mut(&mut self) -> &mut ControlLink {
+        &mut self.control_link
+    }
+    fn handle_control_event(&mut self, event: ControlEvent) {
+        match event {
+            ControlEvent::Opened => {
+                self.events.push_back(ServiceEvent::Connected);
+                if self.available {
+                    self.register_all();
+                }
+            }
+            ControlEvent::Message(msg) => self.handle_message(msg),
+            ControlEvent::Closed(reason) => self.events.push_back(ServiceEvent::Disconnected(reason)),
+        }
+    }
+}
+
+impl RegistryClient for ServiceClient {
+    type Event = ServiceEvent;
+    fn poll_event(&mut self) -> Option<ServiceEvent> {
+        self.events.pop_front()
+    }
+    fn is_connected_event(event: &ServiceEvent) -> bool {
+        matches!(event, ServiceEvent::Connected)
+    }
+    fn disconnect_reason(event: &ServiceEvent) -> Option<&ClientError> {
+        match event {
+            ServiceEvent::Disconnected(reason) => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::keys::{Keypair, Seed};
+    use crate::noise::Intent;
+    use crate::session::Session;
+
+    /// A service client whose session to a hand-driven registry session is open.
+    fn open_service() -> (ServiceClient, Session, Role, Instant) {
+        let now = Instant::now();
+        let registry_keys = Keypair::from_seed(&Seed::from_bytes([1; 32]));
+        let config =
+            ClientConfig::new(Keypair::from_seed(&Seed::from_bytes([2; 32])), registry_keys.public());
+        let role = Role::parse("db@1.0.0").unwrap();
+        let mut service = ServiceClient::new(config, vec![role.clone()], 1, vec![]);
+        service.connect(now, [3; 32]).unwrap();
+        let mut registry =
+            Session::respond(now, &registry_keys, Intent::Control, [4; 32], Duration::from_secs(5)).unwrap();
+        let mut wire = Vec::new();
+        service.poll_transmit(&mut wire);
+        registry.handle_input(now, &wire).unwrap();
+        (service, registry, role, now)
+    }
+
+    /// Delivers `plains` from the registry to the service in one read; returns its events.
+    fn deliver(
+        service: &mut ServiceClient,
+        registry: &mut Session,
+        now: Instant,
+        plains: &[Vec<u8>],
+    ) -> Vec<ServiceEvent> {
+        for plain in plains {
+            registry.send(plain).unwrap();
+        }
+        let mut wire = Vec::new();
+        registry.poll_transmit(&mut wire);
+        service.handle_input(now, &wire);
+        std::iter::from_fn(|| service.poll_event()).collect()
+    }
+
+    fn encoded(msg: &Message) -> Vec<u8> {
+        let mut plain = Vec::new();
+        msg.encode(&mut plain).unwrap();
+        plain
+    }
+
+    #[test]
+    fn a_newer_registrys_unknown_message_is_ignored() {
+        let (mut service, mut registry, role, now) = open_service();
+        // A push of a kind this client does not know, then the usual confirmation.
+        let newer = postcard::to_allocvec(&(77u32, 0u32, "news")).unwrap();
+        let events =
+            deliver(&mut service, &mut registry, now, &[newer, encoded(&Message::Registered { id: 0 })]);
+        assert_eq!(events, vec![ServiceEvent::Connected, ServiceEvent::Registered(role)]);
+        assert!(service.is_connected());
+    }
+
+    #[test]
+    fn two_unexpected_messages_in_one_read_end_the_session_once() {
+        let (mut service, mut registry, _, now) = open_service();
+        let push = encoded(&Message::Instances { id: 0, instances: vec![], truncated: false });
+        let events = deliver(&mut service, &mut registry, now, &[push.clone(), push]);
+        assert_eq!(
+            events,
+            vec![ServiceEvent::Connected, ServiceEvent::Disconnected(ClientError::Unexpected("Instances"))]
+        );
+        // Nor does the stream closing afterwards report a second end.
+        service.handle_closed();
+        assert_eq!(service.poll_event(), None);
+    }
+
+    #[test]
+    fn a_session_error_keeps_what_came_before_it_in_the_same_read() {
+        let (mut service, mut registry, role, now) = open_service();
+        let refusal = Message::Error { id: None, code: ErrorCode::SUPERSEDED, text: "newer session".into() };
+        let plains = [encoded(&Message::Registered { id: 0 }), encoded(&refusal)];
+        let events = deliver(&mut service, &mut registry, now, &plains);
+        let refused = ClientError::Refused { code: ErrorCode::SUPERSEDED, text: "newer session".into() };
+        assert_eq!(
+            events,
+            vec![
+                ServiceEvent::Connected,
+                ServiceEvent::Registered(role),
+                ServiceEvent::Disconnected(refused)
+            ]
+        );
+    }
+}
