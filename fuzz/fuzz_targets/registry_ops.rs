@@ -1,27 +1,37 @@
-//! Sequences of registry operations from several peers: real sessions that
-//! send well-formed or garbage messages, raw garbage connections, closes and
-//! time passing. The registry must never panic, and its bookkeeping must
-//! agree with itself after every step.
+//! Sequences of registry operations from several peers: sessions that send
+//! well-formed or garbage messages, raw garbage on fresh or open
+//! connections, closes and time passing, over the shared harness
+//! (`seaport_proto::testing`). The registry must never panic, and its
+//! bookkeeping must agree with itself after every step.
+//!
+//! Speed: sessions open through the `testing` feature's handshake shortcut,
+//! and keys are derived once per process, so a run does no X25519 of its own
+//! (a real handshake costs milliseconds under coverage instrumentation and
+//! was nearly all of each run). Handshakes themselves are fuzzed by
+//! `handshake_responder`; the shortcut enters the registry's code where a
+//! completed handshake does.
 #![no_main]
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use seaport_proto::keys::{Keypair, Seed};
+use seaport_proto::keys::Keypair;
 use seaport_proto::message::Message;
-use seaport_proto::noise::Intent;
-use seaport_proto::registry::{Registry, RegistryConfig, RegistryEvent, SessionId};
+use seaport_proto::registry::{Registry, RegistryConfig};
 use seaport_proto::role::{Role, RoleQuery};
-use seaport_proto::session::Session;
+use seaport_proto::testing::{Chunker, Net, RawPeer, keypair};
 
 const ROLES: [&str; 3] = ["db@1.0.0", "db@2.0.0", "web@1.2.3"];
 const QUERIES: [&str; 3] = ["db", "db@2.x", "web@^1"];
+/// Peer slots; two slots share each identity, so sessions supersede each other.
+const SLOTS: usize = 8;
 
 #[derive(Arbitrary, Debug)]
 enum Op {
     Open { peer: u8 },
+    Connect { peer: u8 },
     Register { peer: u8, id: u8, role: u8 },
     Unregister { peer: u8, id: u8 },
     Lookup { peer: u8, query: u8 },
@@ -33,109 +43,77 @@ enum Op {
     Tick { seconds: u8 },
 }
 
+/// The registry's key and the peers' four identities, derived once.
+fn keys() -> &'static (Keypair, Vec<Keypair>) {
+    static KEYS: OnceLock<(Keypair, Vec<Keypair>)> = OnceLock::new();
+    KEYS.get_or_init(|| (keypair(9), (0..4).map(keypair).collect()))
+}
+
+fn message(op: &Op) -> Option<Message> {
+    let role = |r: u8| Role::parse(ROLES[usize::from(r) % ROLES.len()]).unwrap();
+    let query = |q: u8| RoleQuery::parse(QUERIES[usize::from(q) % QUERIES.len()]).unwrap();
+    Some(match *op {
+        Op::Register { id, role: r, .. } => {
+            Message::Register { id: u32::from(id), role: role(r), port: 1, addrs: vec![] }
+        }
+        Op::Unregister { id, .. } => Message::Unregister { id: u32::from(id) },
+        Op::Lookup { query: q, .. } => Message::Lookup { id: 0, query: query(q) },
+        Op::Watch { id, query: q, .. } => Message::Watch { id: u32::from(id), query: query(q) },
+        Op::Unwatch { id, .. } => Message::Unwatch { id: u32::from(id) },
+        _ => return None,
+    })
+}
+
 fuzz_target!(|ops: Vec<Op>| {
-    let mut now = Instant::now();
+    let (registry_key, peer_keys) = keys();
     let config = RegistryConfig { max_sessions: 8, max_registrations: 2, max_watches: 2, ..Default::default() };
-    let mut registry = Registry::new(Keypair::from_seed(&Seed::from_bytes([9; 32])), config);
-    let registry_key = registry.public_key();
-    let mut links: HashMap<u8, (SessionId, Option<Session>)> = HashMap::new();
-    let mut entropy = 0u8;
+    let mut net = Net::new(Registry::new(registry_key.clone(), config), Chunker::whole());
+    for _ in 0..SLOTS {
+        net.add(RawPeer::new());
+    }
     for op in ops.into_iter().take(256) {
-        entropy = entropy.wrapping_add(1);
-        let msg = match &op {
-            Op::Register { id, role, .. } => Some(Message::Register {
-                id: u32::from(*id),
-                role: Role::parse(ROLES[usize::from(*role) % ROLES.len()]).unwrap(),
-                port: 1,
-                addrs: vec![],
-            }),
-            Op::Unregister { id, .. } => Some(Message::Unregister { id: u32::from(*id) }),
-            Op::Lookup { query, .. } => Some(Message::Lookup {
-                id: 0,
-                query: RoleQuery::parse(QUERIES[usize::from(*query) % QUERIES.len()]).unwrap(),
-            }),
-            Op::Watch { id, query, .. } => Some(Message::Watch {
-                id: u32::from(*id),
-                query: RoleQuery::parse(QUERIES[usize::from(*query) % QUERIES.len()]).unwrap(),
-            }),
-            Op::Unwatch { id, .. } => Some(Message::Unwatch { id: u32::from(*id) }),
-            _ => None,
-        };
+        let msg = message(&op);
         match op {
             Op::Open { peer } => {
-                let Ok(id) = registry.accept(now, "127.0.0.1:1".parse().unwrap(), [entropy; 32]) else { continue };
-                let keys = Keypair::from_seed(&Seed::from_bytes([peer % 4; 32]));
-                let mut session =
-                    Session::initiate(now, &keys, &registry_key, Intent::Control, [entropy; 32], Duration::from_secs(5))
-                        .unwrap();
-                let mut hello = Vec::new();
-                session.poll_transmit(&mut hello);
-                registry.handle_input(now, id, &hello);
-                if let Some((old, _)) = links.insert(peer, (id, Some(session))) {
-                    registry.handle_closed(old);
-                }
+                let slot = usize::from(peer) % SLOTS;
+                net.connect_established(slot, &peer_keys[slot % 4]);
+            }
+            Op::Connect { peer } => {
+                let slot = usize::from(peer) % SLOTS;
+                net.close(slot);
+                net.accept(slot);
             }
             Op::Raw { peer, bytes } => {
-                if let Some((id, _)) = links.get(&peer) {
-                    registry.handle_input(now, *id, &bytes);
+                if let Some(id) = net.peers[usize::from(peer) % SLOTS].session {
+                    net.registry.handle_input(net.now, id, &bytes);
                 }
             }
             Op::Sealed { peer, bytes } => {
-                if let Some((id, Some(session))) = links.get_mut(&peer) {
-                    if session.send(&bytes).is_ok() {
-                        let mut out = Vec::new();
-                        session.poll_transmit(&mut out);
-                        registry.handle_input(now, *id, &out);
-                    }
-                }
+                net.peers[usize::from(peer) % SLOTS].peer.send_plain(&bytes);
             }
-            Op::Close { peer } => {
-                if let Some((id, _)) = links.remove(&peer) {
-                    registry.handle_closed(id);
-                }
-            }
+            Op::Close { peer } => net.close(usize::from(peer) % SLOTS),
             Op::Tick { seconds } => {
-                now += Duration::from_secs(u64::from(seconds % 20));
-                registry.handle_timeout(now);
+                let now = net.now + Duration::from_secs(u64::from(seconds % 20));
+                net.advance(now);
             }
             Op::Register { peer, .. }
             | Op::Unregister { peer, .. }
             | Op::Lookup { peer, .. }
             | Op::Watch { peer, .. }
             | Op::Unwatch { peer, .. } => {
-                if let (Some((id, Some(session))), Some(msg)) = (links.get_mut(&peer), msg) {
-                    let mut plain = Vec::new();
-                    msg.encode(&mut plain).unwrap();
-                    if session.send(&plain).is_ok() {
-                        let mut out = Vec::new();
-                        session.poll_transmit(&mut out);
-                        registry.handle_input(now, *id, &out);
-                    }
+                if let Some(msg) = msg {
+                    net.peers[usize::from(peer) % SLOTS].peer.send(&msg);
                 }
             }
         }
-        // Deliver the registry's answers; a peer whose session broke stops sealing.
-        let mut buf = Vec::new();
-        while let Some(id) = registry.poll_transmit(&mut buf) {
-            for (sid, session) in links.values_mut() {
-                let Some(s) = session.as_mut().filter(|_| *sid == id) else { continue };
-                if s.handle_input(now, &buf).is_err() {
-                    *session = None;
-                    continue;
-                }
-                while let Some(plain) = s.poll_event() {
-                    assert!(Message::decode(&plain).is_ok(), "registry sent an undecodable message");
-                }
-            }
-            buf.clear();
-        }
-        while let Some(event) = registry.poll_event() {
-            if let RegistryEvent::SessionClosed { id, .. } = event {
-                links.retain(|_, (sid, _)| *sid != id);
+        net.pump();
+        for slot in &mut net.peers {
+            for got in slot.peer.inbox.drain(..) {
+                assert!(got.is_ok(), "registry sent an undecodable message: {got:?}");
             }
         }
-        assert!(registry.session_count() <= 8);
-        assert!(registry.instance_count() <= 2 * registry.session_count());
+        assert!(net.registry.session_count() <= 8);
+        assert!(net.registry.instance_count() <= 2 * net.registry.session_count());
+        assert_eq!(net.registry.directory().instance_count(), net.registry.instance_count());
     }
 });
-

@@ -14,6 +14,8 @@
 //! - [`range`], [`role`]: npm version ranges; `Role` and `RoleQuery`.
 //! - [`directory`]: the registry's index of instances and watches (no sessions).
 //! - [`registry`]: the registry state machine (many sessions), over a [`directory::Directory`].
+//! - `testing` (feature `testing`): the in-memory harness every test and the
+//!   registry fuzz target share.
 //! - [`client`]: the service and proxy state machines, each over one
 //!   [`client::ControlLink`] (its control session and keepalive).
 //!
@@ -79,3 +81,5 @@ pub mod range;
 pub mod registry;
 pub mod role;
 pub mod session;
+#[cfg(feature = "testing")]
+pub mod testing;

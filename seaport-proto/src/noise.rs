@@ -406,6 +406,28 @@ impl Transport {
         Ok(Transport { sealer: Sealer::new(&send)?, opener: Opener::new(&receive)?, remote })
     }
 
+    /// Both ends of a transport keyed by `k1` one way and `k2` the other,
+    /// without a handshake: for the `testing` feature's shortcut only.
+    #[cfg(feature = "testing")]
+    pub(crate) fn pair_for_testing(
+        a: PublicKey,
+        b: PublicKey,
+        k1: [u8; 32],
+        k2: [u8; 32],
+    ) -> (Transport, Transport) {
+        fn transport(
+            send: &[u8; 32],
+            receive: &[u8; 32],
+            remote: PublicKey,
+        ) -> Result<Transport, NoiseError> {
+            Ok(Transport { sealer: Sealer::new(send)?, opener: Opener::new(receive)?, remote })
+        }
+        let pair = transport(&k1, &k2, b).and_then(|ta| Ok((ta, transport(&k2, &k1, a)?)));
+        // AES-256-GCM accepts any 32-byte key, so this cannot fail.
+        #[allow(clippy::expect_used)]
+        pair.expect("AES-256-GCM takes any 32-byte key")
+    }
+
     /// The authenticated identity of the other end.
     pub fn remote(&self) -> PublicKey {
         self.remote

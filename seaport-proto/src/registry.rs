@@ -219,6 +219,13 @@ impl Registry {
         let session =
             Session::respond(now, &self.keypair, Intent::Control, entropy, self.config.handshake_timeout)
                 .map_err(|_| Full(self.config.max_sessions))?;
+        self.insert(now, observed, session)
+    }
+
+    fn insert(&mut self, now: Instant, observed: SocketAddr, session: Session) -> Result<SessionId, Full> {
+        if self.peers.len() >= self.config.max_sessions {
+            return Err(Full(self.config.max_sessions));
+        }
         let id = SessionId(self.next_id);
         self.next_id += 1;
         self.peers.insert(id, Peer { session, observed, last_heard: now, dirty: false });
@@ -237,14 +244,7 @@ impl Registry {
         }
         if !was_open {
             if let Some(key) = peer.session.remote() {
-                self.events.push_back(RegistryEvent::SessionOpened { id, peer: key });
-                if let Some(old) = self.by_key.insert(key, id) {
-                    self.send(
-                        old,
-                        &error(None, ErrorCode::SUPERSEDED, "a newer session of this identity took over"),
-                    );
-                    self.close(old, CloseReason::Superseded);
-                }
+                self.opened(id, key);
             }
         }
         self.mark_dirty(id);
@@ -265,6 +265,34 @@ impl Registry {
             }
         }
         self.check_queue(id);
+    }
+
+    /// Session `id` completed its handshake as `key`: it supersedes any older
+    /// session of the same identity.
+    fn opened(&mut self, id: SessionId, key: PublicKey) {
+        self.events.push_back(RegistryEvent::SessionOpened { id, peer: key });
+        if let Some(old) = self.by_key.insert(key, id) {
+            self.send(old, &error(None, ErrorCode::SUPERSEDED, "a newer session of this identity took over"));
+            self.close(old, CloseReason::Superseded);
+        }
+    }
+
+    /// Test and fuzz shortcut: a new connection whose session is open at
+    /// once, as `peer`, with no handshake (no X25519 at all). Returns the
+    /// peer's end of the session. The peer's identity is taken on trust, so
+    /// this exists only with the `testing` feature, never in a real build.
+    #[cfg(feature = "testing")]
+    pub fn accept_established(
+        &mut self,
+        now: Instant,
+        observed: SocketAddr,
+        peer: &Keypair,
+        entropy: [u8; 32],
+    ) -> Result<(SessionId, Session), Full> {
+        let (ours, theirs) = Session::established_pair(&self.keypair, peer, Intent::Control, entropy);
+        let id = self.insert(now, observed, ours)?;
+        self.opened(id, peer.public());
+        Ok((id, theirs))
     }
 
     /// Session `id`'s stream closed.
@@ -490,74 +518,49 @@ fn error(id: Option<u32>, code: ErrorCode, text: &str) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::Seed;
     use crate::role::RoleQuery;
+    use crate::testing::{Chunker, Net, RawPeer, keypair};
 
-    /// A registry and one established client session to it.
-    fn connected(config: RegistryConfig) -> (Registry, SessionId, Session, Instant) {
-        let now = Instant::now();
-        let mut registry = Registry::new(Keypair::from_seed(&Seed::from_bytes([1; 32])), config);
-        let client_keys = Keypair::from_seed(&Seed::from_bytes([2; 32]));
-        let id = registry.accept(now, "127.0.0.1:9".parse().unwrap(), [3; 32]).unwrap();
-        let mut client = Session::initiate(
-            now,
-            &client_keys,
-            &registry.public_key(),
-            Intent::Control,
-            [4; 32],
-            Duration::from_secs(5),
-        )
-        .unwrap();
-        exchange(&mut registry, id, &mut client, now);
-        assert!(client.is_established());
-        (registry, id, client, now)
+    /// A registry and one raw peer with an established session to it.
+    fn connected(config: RegistryConfig) -> Net<RawPeer> {
+        let mut net = Net::new(Registry::new(keypair(1), config), Chunker::whole());
+        net.add(RawPeer::new());
+        net.connect(0, &keypair(2));
+        assert!(net.peers[0].peer.is_established());
+        net
     }
 
-    /// Moves bytes both ways until quiet; returns what the client received.
-    fn exchange(registry: &mut Registry, id: SessionId, client: &mut Session, now: Instant) -> Vec<Message> {
-        let mut got = Vec::new();
-        loop {
-            let mut buf = Vec::new();
-            let sent = client.poll_transmit(&mut buf);
-            if sent {
-                registry.handle_input(now, id, &buf);
-            }
-            buf.clear();
-            let mut answered = false;
-            while let Some(to) = registry.poll_transmit(&mut buf) {
-                assert_eq!(to, id);
-                client.handle_input(now, &buf).unwrap();
-                buf.clear();
-                answered = true;
-            }
-            while let Some(plain) = client.poll_event() {
-                got.push(Message::decode(&plain).unwrap());
-            }
-            if !sent && !answered {
-                return got;
-            }
+    /// Sends `msgs` from the peer, pumps, and returns what came back.
+    fn exchange(net: &mut Net<RawPeer>, msgs: &[Message]) -> Vec<Message> {
+        for msg in msgs {
+            assert!(net.peers[0].peer.send(msg));
         }
+        net.pump();
+        net.peers[0].peer.take_messages()
     }
 
-    fn send(client: &mut Session, msg: &Message) {
-        let mut plain = Vec::new();
-        msg.encode(&mut plain).unwrap();
-        client.send(&plain).unwrap();
+    /// Why the registry closed the last session it closed.
+    fn close_reason(net: &Net<RawPeer>) -> Option<CloseReason> {
+        net.events.iter().rev().find_map(|e| match e {
+            RegistryEvent::SessionClosed { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
     }
 
     #[test]
     fn an_answer_too_large_for_a_frame_is_cut_and_says_so() {
         let config = RegistryConfig { max_registrations: 300, ..RegistryConfig::default() };
-        let (mut registry, id, mut client, now) = connected(config);
+        let mut net = connected(config);
         let tags: Vec<String> = (0..16).map(|i| format!("{i:02}{}", "t".repeat(62))).collect();
-        for reg in 0..300u32 {
-            let role = Role::parse(&format!("big@1.0.{reg}")).unwrap().with_tags(tags.clone()).unwrap();
-            send(&mut client, &Message::Register { id: reg, role, port: 1, addrs: vec![] });
-        }
-        let registered = exchange(&mut registry, id, &mut client, now);
-        assert_eq!(registered.len(), 300);
-        send(&mut client, &Message::Lookup { id: 7, query: RoleQuery::parse("big").unwrap() });
-        let answer = exchange(&mut registry, id, &mut client, now);
+        let registrations: Vec<Message> = (0..300u32)
+            .map(|reg| {
+                let role = Role::parse(&format!("big@1.0.{reg}")).unwrap().with_tags(tags.clone()).unwrap();
+                Message::Register { id: reg, role, port: 1, addrs: vec![] }
+            })
+            .collect();
+        assert_eq!(exchange(&mut net, &registrations).len(), 300);
+        let answer =
+            exchange(&mut net, &[Message::Lookup { id: 7, query: RoleQuery::parse("big").unwrap() }]);
         let [Message::Instances { id: 7, instances, truncated: true }] = answer.as_slice() else {
             panic!("expected one truncated answer, got {answer:?}");
         };
@@ -570,14 +573,13 @@ mod tests {
 
     #[test]
     fn a_newer_peers_unknown_request_is_refused_and_the_session_goes_on() {
-        let (mut registry, id, mut client, now) = connected(RegistryConfig::default());
+        let mut net = connected(RegistryConfig::default());
         // Kind 40, request id 9, then fields this build cannot read.
         let mut newer = postcard::to_allocvec(&(40u32, 9u32)).unwrap();
         newer.extend_from_slice(b"\x03new");
-        client.send(&newer).unwrap();
+        assert!(net.peers[0].peer.send_plain(&newer));
         let role = Role::parse("db@1.0.0").unwrap();
-        send(&mut client, &Message::Register { id: 1, role, port: 1, addrs: vec![] });
-        let got = exchange(&mut registry, id, &mut client, now);
+        let got = exchange(&mut net, &[Message::Register { id: 1, role, port: 1, addrs: vec![] }]);
         assert!(
             matches!(
                 &got[..],
@@ -588,44 +590,31 @@ mod tests {
             ),
             "{got:?}"
         );
-        assert_eq!(registry.session_count(), 1);
-        assert_eq!(registry.instance_count(), 1);
+        assert_eq!(net.registry.session_count(), 1);
+        assert_eq!(net.registry.instance_count(), 1);
         // A known kind that is malformed still ends the session.
-        client.send(&[3, 1]).unwrap();
-        let got = exchange(&mut registry, id, &mut client, now);
+        assert!(net.peers[0].peer.send_plain(&[3, 1]));
+        let got = exchange(&mut net, &[]);
         assert!(matches!(&got[..], [Message::Error { id: None, code: ErrorCode::MALFORMED, .. }]), "{got:?}");
-        assert_eq!(registry.session_count(), 0);
-    }
-
-    /// Why the registry closed the session, from its events.
-    fn close_reason(registry: &mut Registry) -> Option<CloseReason> {
-        std::iter::from_fn(|| registry.poll_event()).find_map(|e| match e {
-            RegistryEvent::SessionClosed { reason, .. } => Some(reason),
-            _ => None,
-        })
+        assert_eq!(net.registry.session_count(), 0);
     }
 
     #[test]
     fn close_reasons_say_what_the_peer_did() {
-        let (mut registry, id, mut client, now) = connected(RegistryConfig::default());
-        client.send(&[3, 1]).unwrap();
-        exchange(&mut registry, id, &mut client, now);
-        assert!(matches!(
-            close_reason(&mut registry),
-            Some(CloseReason::Malformed(MessageError::Malformed(_)))
-        ));
+        let mut net = connected(RegistryConfig::default());
+        assert!(net.peers[0].peer.send_plain(&[3, 1]));
+        exchange(&mut net, &[]);
+        assert!(matches!(close_reason(&net), Some(CloseReason::Malformed(MessageError::Malformed(_)))));
 
-        let (mut registry, id, mut client, now) = connected(RegistryConfig::default());
-        send(&mut client, &Message::Registered { id: 1 });
-        exchange(&mut registry, id, &mut client, now);
-        let reason = close_reason(&mut registry).unwrap();
+        let mut net = connected(RegistryConfig::default());
+        exchange(&mut net, &[Message::Registered { id: 1 }]);
+        let reason = close_reason(&net).unwrap();
         assert_eq!(reason, CloseReason::WrongDirection("Registered"));
         assert_eq!(reason.to_string(), "peer sent a Registered message, which only a registry sends");
 
-        let (mut registry, id, mut client, now) = connected(RegistryConfig::default());
-        send(&mut client, &Message::Error { id: None, code: ErrorCode::LIMIT, text: "bye".into() });
-        exchange(&mut registry, id, &mut client, now);
-        let reason = close_reason(&mut registry).unwrap();
+        let mut net = connected(RegistryConfig::default());
+        exchange(&mut net, &[Message::Error { id: None, code: ErrorCode::LIMIT, text: "bye".into() }]);
+        let reason = close_reason(&net).unwrap();
         assert_eq!(reason, CloseReason::PeerError { code: ErrorCode::LIMIT, text: "bye".into() });
         assert_eq!(reason.to_string(), "peer reported an error: limit: bye");
     }
@@ -633,18 +622,37 @@ mod tests {
     #[test]
     fn limits_refuse_without_ending_the_session() {
         let config = RegistryConfig { max_registrations: 1, max_watches: 1, ..RegistryConfig::default() };
-        let (mut registry, id, mut client, now) = connected(config);
+        let mut net = connected(config);
         let role = Role::parse("db@1.0.0").unwrap();
-        send(&mut client, &Message::Register { id: 1, role: role.clone(), port: 1, addrs: vec![] });
-        send(&mut client, &Message::Register { id: 2, role, port: 1, addrs: vec![] });
         let query = RoleQuery::parse("db").unwrap();
-        send(&mut client, &Message::Watch { id: 1, query: query.clone() });
-        send(&mut client, &Message::Watch { id: 2, query });
-        let got = exchange(&mut registry, id, &mut client, now);
+        let got = exchange(
+            &mut net,
+            &[
+                Message::Register { id: 1, role: role.clone(), port: 1, addrs: vec![] },
+                Message::Register { id: 2, role, port: 1, addrs: vec![] },
+                Message::Watch { id: 1, query: query.clone() },
+                Message::Watch { id: 2, query },
+            ],
+        );
         let limits =
             got.iter().filter(|m| matches!(m, Message::Error { code: ErrorCode::LIMIT, .. })).count();
         assert_eq!(limits, 2, "{got:?}");
-        assert_eq!(registry.instance_count(), 1);
-        assert_eq!(registry.session_count(), 1);
+        assert_eq!(net.registry.instance_count(), 1);
+        assert_eq!(net.registry.session_count(), 1);
+    }
+
+    #[test]
+    fn the_testing_shortcut_opens_a_session_like_a_handshake_does() {
+        let mut net = connected(RegistryConfig::default());
+        net.add(RawPeer::new());
+        net.connect_established(1, &keypair(3));
+        let opened = net.events.iter().filter(|e| matches!(e, RegistryEvent::SessionOpened { .. })).count();
+        assert_eq!(opened, 2);
+        let got = net.exchange(1, &Message::Ping { nonce: 5 });
+        assert_eq!(got, vec![Message::Pong { nonce: 5 }]);
+        // Same identity as peer 0: it supersedes that session.
+        net.connect_established(1, &keypair(2));
+        assert_eq!(close_reason(&net), Some(CloseReason::Superseded));
+        assert_eq!(net.registry.session_count(), 1);
     }
 }

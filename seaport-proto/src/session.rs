@@ -110,6 +110,33 @@ impl Session {
         })
     }
 
+    /// Two ends of a session that is open from the start, `a` as `first`'s
+    /// end and `b`'s as the second, keyed from `entropy`, with no handshake.
+    /// For tests and fuzzing only: identities are taken on trust.
+    #[cfg(feature = "testing")]
+    pub(crate) fn established_pair(
+        a: &Keypair,
+        b: &Keypair,
+        intent: Intent,
+        entropy: [u8; 32],
+    ) -> (Session, Session) {
+        let mut other = entropy;
+        if let Some(first) = other.first_mut() {
+            *first ^= 0xff;
+        }
+        let end = |transport: Transport| Session {
+            phase: Phase::Open(Box::new(transport)),
+            intent,
+            decoder: FrameDecoder::new(),
+            transmit: Vec::new(),
+            received: VecDeque::new(),
+            handshake_deadline: None,
+            remote_capabilities: crate::noise::CAPABILITIES,
+        };
+        let (ta, tb) = Transport::pair_for_testing(a.public(), b.public(), entropy, other);
+        (end(ta), end(tb))
+    }
+
     /// The authenticated peer, once the handshake is done.
     pub fn remote(&self) -> Option<PublicKey> {
         match &self.phase {

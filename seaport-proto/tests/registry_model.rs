@@ -3,7 +3,7 @@
 //! plain map of what should be registered.
 //!
 //! Each simulated peer talks to the real `Registry` through a real Noise
-//! session; after every step every lookup answer and the latest push of every
+//! session, over the shared harness (`seaport_proto::testing`); after every step every lookup answer and the latest push of every
 //! watch must equal the model's matching set. The same operations are also
 //! applied to a bare `Directory` (the registry's index, no sessions), which
 //! must agree with the model too.
@@ -16,12 +16,11 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use seaport_proto::directory::Directory;
-use seaport_proto::keys::{Keypair, PublicKey, Seed};
+use seaport_proto::keys::{Keypair, PublicKey};
 use seaport_proto::message::{Instance, Message};
-use seaport_proto::noise::Intent;
 use seaport_proto::registry::{Registry, RegistryConfig, SessionId};
 use seaport_proto::role::{Role, RoleQuery};
-use seaport_proto::session::Session;
+use seaport_proto::testing::{Chunker, Net, RawPeer, keypair};
 
 const PEERS: usize = 3;
 const ROLES: [&str; 4] = ["db@1.0.0", "db@2.1.0", "web@1.0.0", "db@2.2.0-rc.1"];
@@ -57,9 +56,9 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// What the model test remembers of one peer; its session is in the net.
 struct Peer {
     keypair: Keypair,
-    link: Option<(SessionId, Session)>,
     /// Latest instance set pushed for each watch id (cleared on reconnect).
     watches: HashMap<u32, Option<Vec<(PublicKey, String)>>>,
     watch_queries: HashMap<u32, usize>,
@@ -68,10 +67,8 @@ struct Peer {
 }
 
 struct Harness {
-    now: Instant,
-    registry: Registry,
+    net: Net<RawPeer>,
     peers: Vec<Peer>,
-    entropy: u8,
     /// The model: (peer, registration id) → role index.
     model: BTreeMap<(usize, u32), usize>,
 }
@@ -84,114 +81,62 @@ fn summary(instances: &[Instance]) -> Vec<(PublicKey, String)> {
 
 impl Harness {
     fn new() -> Harness {
-        let now = Instant::now();
-        let registry =
-            Registry::new(Keypair::from_seed(&Seed::from_bytes([100; 32])), RegistryConfig::default());
+        let registry = Registry::new(keypair(100), RegistryConfig::default());
+        let mut net = Net::new(registry, Chunker::whole());
         let peers = (0..PEERS)
-            .map(|i| Peer {
-                keypair: Keypair::from_seed(&Seed::from_bytes([i as u8 + 1; 32])),
-                link: None,
-                watches: HashMap::new(),
-                watch_queries: HashMap::new(),
-                lookups: Vec::new(),
-                last_heard: now,
+            .map(|i| {
+                net.add(RawPeer::new());
+                Peer {
+                    keypair: keypair(i as u8 + 1),
+                    watches: HashMap::new(),
+                    watch_queries: HashMap::new(),
+                    lookups: Vec::new(),
+                    last_heard: net.now,
+                }
             })
             .collect();
-        Harness { now, registry, peers, entropy: 0, model: BTreeMap::new() }
+        Harness { net, peers, model: BTreeMap::new() }
     }
 
-    fn next_entropy(&mut self) -> [u8; 32] {
-        self.entropy = self.entropy.wrapping_add(1);
-        [self.entropy; 32]
+    fn connected(&self, p: usize) -> bool {
+        self.net.peers[p].session.is_some()
     }
 
-    /// Moves bytes both ways until nothing is left.
+    /// Moves bytes both ways until nothing is left, then files what each peer got.
     fn pump(&mut self) {
-        for _ in 0..100 {
-            let mut moved = false;
-            for p in 0..PEERS {
-                let mut buf = Vec::new();
-                if let Some((id, session)) = &mut self.peers[p].link {
-                    if session.poll_transmit(&mut buf) {
-                        let id = *id;
-                        self.registry.handle_input(self.now, id, &buf);
-                        moved = true;
-                    }
-                }
-            }
-            loop {
-                let mut buf = Vec::new();
-                let Some(id) = self.registry.poll_transmit(&mut buf) else { break };
-                moved = true;
-                let Some(peer) =
-                    self.peers.iter_mut().find(|p| p.link.as_ref().is_some_and(|(s, _)| *s == id))
-                else {
-                    continue;
-                };
-                let (_, session) = peer.link.as_mut().unwrap();
-                session.handle_input(self.now, &buf).unwrap();
-                while let Some(plain) = session.poll_event() {
-                    match Message::decode(&plain).unwrap() {
-                        Message::Instances { id, instances, truncated } => {
-                            assert!(!truncated);
-                            if let Some(slot) = peer.watches.get_mut(&id) {
-                                *slot = Some(summary(&instances));
-                            } else {
-                                peer.lookups.push(summary(&instances));
-                            }
-                        }
-                        Message::Registered { .. } | Message::Pong { .. } => {}
-                        other => panic!("unexpected {other:?}"),
-                    }
-                }
-            }
-            while let Some(event) = self.registry.poll_event() {
-                if let seaport_proto::registry::RegistryEvent::SessionClosed { id, .. } = event {
-                    for peer in &mut self.peers {
-                        if peer.link.as_ref().is_some_and(|(s, _)| *s == id) {
-                            peer.link = None;
+        self.net.pump();
+        for (p, peer) in self.peers.iter_mut().enumerate() {
+            for msg in self.net.peers[p].peer.take_messages() {
+                match msg {
+                    Message::Instances { id, instances, truncated } => {
+                        assert!(!truncated);
+                        if let Some(slot) = peer.watches.get_mut(&id) {
+                            *slot = Some(summary(&instances));
+                        } else {
+                            peer.lookups.push(summary(&instances));
                         }
                     }
+                    Message::Registered { .. } | Message::Pong { .. } => {}
+                    other => panic!("unexpected {other:?}"),
                 }
-            }
-            if !moved {
-                return;
             }
         }
-        panic!("livelock: bytes still moving after 100 rounds");
     }
 
     fn ensure_link(&mut self, p: usize) {
-        if self.peers[p].link.is_some() {
+        if self.connected(p) {
             return;
         }
-        let (e1, e2) = (self.next_entropy(), self.next_entropy());
-        let addr = format!("127.0.0.{}:5000", p + 1).parse().unwrap();
-        let id = self.registry.accept(self.now, addr, e1).unwrap();
-        let registry_key = self.registry.public_key();
-        let peer = &mut self.peers[p];
-        let session = Session::initiate(
-            self.now,
-            &peer.keypair,
-            &registry_key,
-            Intent::Control,
-            e2,
-            Duration::from_secs(10),
-        )
-        .unwrap();
-        peer.link = Some((id, session));
-        peer.watches.clear();
-        peer.watch_queries.clear();
-        self.pump();
-        assert!(self.peers[p].link.as_ref().unwrap().1.is_established());
+        self.peers[p].watches.clear();
+        self.peers[p].watch_queries.clear();
+        self.net.connect(p, &self.peers[p].keypair);
+        assert!(self.net.peers[p].peer.is_established());
     }
 
     fn send(&mut self, p: usize, msg: Message) {
         self.ensure_link(p);
-        let mut plain = Vec::new();
-        msg.encode(&mut plain).unwrap();
-        self.peers[p].link.as_mut().unwrap().1.send(&plain).unwrap();
-        self.peers[p].last_heard = self.now;
+        assert!(self.net.peers[p].peer.send(&msg));
+        self.peers[p].last_heard = self.net.now;
         self.pump();
     }
 
@@ -210,7 +155,6 @@ impl Harness {
 
     fn drop_peer(&mut self, p: usize) {
         self.model.retain(|(owner, _), _| *owner != p);
-        self.peers[p].link = None;
     }
 
     fn apply(&mut self, op: &Op) {
@@ -226,8 +170,8 @@ impl Harness {
                 }
             }
             Op::Disconnect { peer } => {
-                if let Some((id, _)) = self.peers[peer].link.take() {
-                    self.registry.handle_closed(id);
+                if self.connected(peer) {
+                    self.net.close(peer);
                     self.drop_peer(peer);
                     self.pump();
                 }
@@ -246,20 +190,21 @@ impl Harness {
                 self.send(peer, Message::Watch { id: watch, query: q });
             }
             Op::Tick { seconds, quiet } => {
-                self.now += Duration::from_secs(seconds);
+                self.net.now += Duration::from_secs(seconds);
                 // Everyone but `quiet` shows a sign of life just before the deadline passes.
                 for p in 0..PEERS {
-                    if Some(p) != quiet && self.peers[p].link.is_some() {
+                    if Some(p) != quiet && self.connected(p) {
                         self.send(p, Message::Ping { nonce: 1 });
                     }
                 }
-                self.registry.handle_timeout(self.now);
+                let now = self.net.now;
+                self.net.advance(now);
                 self.pump();
                 let idle = RegistryConfig::default().idle_timeout;
                 for p in 0..PEERS {
-                    let dead = self.now.duration_since(self.peers[p].last_heard) >= idle;
+                    let dead = now.duration_since(self.peers[p].last_heard) >= idle;
                     if dead {
-                        assert!(self.peers[p].link.is_none(), "silent peer {p} still connected");
+                        assert!(!self.connected(p), "silent peer {p} still connected");
                         self.drop_peer(p);
                     }
                 }
@@ -270,14 +215,14 @@ impl Harness {
 
     fn check(&self) {
         let total: usize = self.model.len();
-        assert_eq!(self.registry.instance_count(), total, "instance count");
+        assert_eq!(self.net.registry.instance_count(), total, "instance count");
         for (query, text) in QUERIES.iter().enumerate() {
             let q = RoleQuery::parse(text).unwrap();
-            let found: Vec<Instance> = self.registry.directory().matching(&q).cloned().collect();
+            let found: Vec<Instance> = self.net.registry.directory().matching(&q).cloned().collect();
             assert_eq!(summary(&found), self.expected(query), "registry's directory, {text}");
         }
-        for peer in &self.peers {
-            if peer.link.is_none() {
+        for (p, peer) in self.peers.iter().enumerate() {
+            if !self.connected(p) {
                 continue;
             }
             for (watch, latest) in &peer.watches {
@@ -285,8 +230,8 @@ impl Harness {
                 assert_eq!(latest.as_ref(), Some(&self.expected(query)), "watch {}", QUERIES[query]);
             }
         }
-        let connected: BTreeSet<usize> = (0..PEERS).filter(|p| self.peers[*p].link.is_some()).collect();
-        assert_eq!(self.registry.session_count(), connected.len());
+        let connected: BTreeSet<usize> = (0..PEERS).filter(|p| self.connected(*p)).collect();
+        assert_eq!(self.net.registry.session_count(), connected.len());
     }
 }
 
@@ -303,8 +248,7 @@ proptest! {
 
 /// The model, applied to a bare directory: owners stand in for sessions.
 fn check_directory(ops: &[Op]) {
-    let keys: Vec<PublicKey> =
-        (0..PEERS).map(|i| Keypair::from_seed(&Seed::from_bytes([i as u8 + 1; 32])).public()).collect();
+    let keys: Vec<PublicKey> = (0..PEERS).map(|i| keypair(i as u8 + 1).public()).collect();
     let owner = |p: usize| SessionId(p as u64);
     let mut directory = Directory::new();
     let mut model: BTreeMap<(usize, u32), usize> = BTreeMap::new();

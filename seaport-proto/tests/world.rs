@@ -1,6 +1,6 @@
-//! An in-memory world: one registry, two services and a proxy exchanging real
-//! encrypted bytes through the state machines, over links that cut the byte
-//! stream at random points, with one virtual clock.
+//! An in-memory world: one registry, services and a proxy exchanging real
+//! encrypted bytes through the state machines, over streams cut at random
+//! points, with one virtual clock (the shared harness, `seaport_proto::testing`).
 //!
 //! Scenarios: the proxy finds both services; a service that goes silent is
 //! dropped and the proxy's watch reports it; the registry restarts and
@@ -11,252 +11,167 @@
 
 use std::time::{Duration, Instant};
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use seaport_proto::client::{Backoff, ClientConfig, ProxyClient, RegistryClient, ServiceClient, Strategy};
-use seaport_proto::keys::{Keypair, PublicKey, Seed};
-use seaport_proto::registry::{Registry, RegistryConfig, RegistryEvent, SessionId};
+use seaport_proto::client::{
+    Backoff, ClientConfig, ClientError, ProxyClient, ProxyEvent, RegistryClient, ServiceClient, ServiceEvent,
+    Strategy,
+};
+use seaport_proto::keys::{Keypair, PublicKey};
+use seaport_proto::noise::NoiseError;
+use seaport_proto::registry::{CloseReason, Registry, RegistryConfig, RegistryEvent};
 use seaport_proto::role::{Role, RoleQuery};
+use seaport_proto::session::SessionError;
+use seaport_proto::testing::{Chunker, Client, Net, Peer, keypair};
 
-/// What the world needs of a client, whatever its kind.
-trait Endpoint {
-    fn connect(&mut self, now: Instant, entropy: [u8; 32]);
-    fn handle_input(&mut self, now: Instant, data: &[u8]);
-    fn handle_closed(&mut self);
-    fn handle_timeout(&mut self, now: Instant);
-    fn poll_timeout(&self) -> Option<Instant>;
-    fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool;
-    /// Drains events; true if the session ended (the driver must reconnect).
-    fn drain_events(&mut self, log: &mut Vec<String>) -> bool;
+/// A client of the world, whatever its kind.
+enum Node {
+    Service(Client<ServiceClient>),
+    Proxy(Client<ProxyClient>),
 }
 
-impl<C: RegistryClient> Endpoint for C {
+impl Node {
+    fn peer(&mut self) -> &mut dyn Peer {
+        match self {
+            Node::Service(c) => c,
+            Node::Proxy(c) => c,
+        }
+    }
+    fn peer_ref(&self) -> &dyn Peer {
+        match self {
+            Node::Service(c) => c,
+            Node::Proxy(c) => c,
+        }
+    }
     fn connect(&mut self, now: Instant, entropy: [u8; 32]) {
-        RegistryClient::connect(self, now, entropy).unwrap();
+        match self {
+            Node::Service(c) => c.client.connect(now, entropy),
+            Node::Proxy(c) => c.client.connect(now, entropy),
+        }
+        .unwrap();
+    }
+    /// Whether any event from index `from` on reports its session open; and
+    /// how many events there are.
+    fn connected_since(&self, from: usize) -> (bool, usize) {
+        match self {
+            Node::Service(c) => {
+                (c.events.iter().skip(from).any(|e| matches!(e, ServiceEvent::Connected)), c.events.len())
+            }
+            Node::Proxy(c) => {
+                (c.events.iter().skip(from).any(|e| matches!(e, ProxyEvent::Connected)), c.events.len())
+            }
+        }
+    }
+}
+
+impl Peer for Node {
+    fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
+        self.peer().poll_transmit(buf)
     }
     fn handle_input(&mut self, now: Instant, data: &[u8]) {
-        RegistryClient::handle_input(self, now, data);
+        self.peer().handle_input(now, data);
     }
     fn handle_closed(&mut self) {
-        RegistryClient::handle_closed(self);
+        self.peer().handle_closed();
     }
     fn handle_timeout(&mut self, now: Instant) {
-        RegistryClient::handle_timeout(self, now);
+        self.peer().handle_timeout(now);
     }
     fn poll_timeout(&self) -> Option<Instant> {
-        RegistryClient::poll_timeout(self)
+        self.peer_ref().poll_timeout()
     }
-    fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
-        RegistryClient::poll_transmit(self, buf)
-    }
-    fn drain_events(&mut self, log: &mut Vec<String>) -> bool {
-        let mut ended = false;
-        while let Some(e) = self.poll_event() {
-            ended |= C::disconnect_reason(&e).is_some();
-            log.push(format!(
-                "{}: {e:?}",
-                std::any::type_name::<C>().rsplit("::").next().unwrap_or("client")
-            ));
-        }
-        ended
+    fn take_ended(&mut self) -> bool {
+        self.peer().take_ended()
     }
 }
 
-/// One client's connection state in the world.
-struct Node {
-    client: Box<dyn Endpoint>,
-    session: Option<SessionId>,
-    /// Frozen nodes neither send nor receive (a process under SIGSTOP).
-    frozen: bool,
+/// A node's reconnect schedule, kept beside the net.
+struct Redial {
     backoff: Backoff,
-    reconnect_at: Option<Instant>,
+    at: Option<Instant>,
+    /// Events already looked at for `Connected`.
+    seen: usize,
 }
 
 struct World {
-    now: Instant,
-    rng: ChaCha8Rng,
     registry_key: Keypair,
-    registry: Registry,
-    nodes: Vec<Node>,
-    log: Vec<String>,
+    net: Net<Node>,
+    redial: Vec<Redial>,
 }
 
 impl World {
-    fn entropy(&mut self) -> [u8; 32] {
-        self.rng.random()
-    }
-
-    /// Feeds `data` to a receiver in random pieces.
-    fn chunks(&mut self, data: &[u8]) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        let mut rest = data;
-        while !rest.is_empty() {
-            let n = self.rng.random_range(1..=rest.len().min(97));
-            out.push(rest[..n].to_vec());
-            rest = &rest[n..];
-        }
-        out
-    }
-
     fn dial(&mut self, i: usize) {
-        let (e1, e2) = (self.entropy(), self.entropy());
-        let addr = format!("127.0.0.{}:4000", i + 2).parse().unwrap();
-        let id = self.registry.accept(self.now, addr, e1).unwrap();
-        let node = &mut self.nodes[i];
-        node.session = Some(id);
-        node.reconnect_at = None;
-        node.client.connect(self.now, e2);
+        self.net.accept(i).expect("registry has room");
+        self.redial[i].at = None;
+        let entropy = self.net.chunker.entropy();
+        let now = self.net.now;
+        self.net.peers[i].peer.connect(now, entropy);
     }
 
-    fn node_of(&self, id: SessionId) -> Option<usize> {
-        self.nodes.iter().position(|n| n.session == Some(id))
-    }
-
-    /// Delivers every queued byte, handles events, until quiet.
+    /// Delivers every queued byte; schedules a redial for each node whose session ended.
     fn settle(&mut self) {
-        for _ in 0..1000 {
-            let mut moved = false;
-            for i in 0..self.nodes.len() {
-                let Some(id) = self.nodes[i].session else { continue };
-                if self.nodes[i].frozen {
-                    continue;
-                }
-                let mut buf = Vec::new();
-                if self.nodes[i].client.poll_transmit(&mut buf) {
-                    moved = true;
-                    for piece in self.chunks(&buf) {
-                        self.registry.handle_input(self.now, id, &piece);
-                    }
-                }
+        self.net.pump();
+        for i in 0..self.net.peers.len() {
+            let node = &mut self.net.peers[i];
+            if node.session.is_none() && self.redial[i].at.is_none() && !node.frozen {
+                let delay = self.redial[i].backoff.next_delay(self.net.chunker.next_u64());
+                self.redial[i].at = Some(self.net.now + delay);
             }
-            loop {
-                let mut buf = Vec::new();
-                let Some(id) = self.registry.poll_transmit(&mut buf) else { break };
-                moved = true;
-                let Some(i) = self.node_of(id) else { continue };
-                if self.nodes[i].frozen {
-                    continue;
-                }
-                for piece in self.chunks(&buf) {
-                    let now = self.now;
-                    self.nodes[i].client.handle_input(now, &piece);
-                }
-            }
-            while let Some(event) = self.registry.poll_event() {
-                self.log.push(format!("registry: {event:?}"));
-                if let RegistryEvent::SessionClosed { id, .. } = event {
-                    if let Some(i) = self.node_of(id) {
-                        // The driver closes the stream; the client sees EOF.
-                        self.nodes[i].session = None;
-                        self.nodes[i].client.handle_closed();
-                    }
-                }
-            }
-            for i in 0..self.nodes.len() {
-                let mut log = Vec::new();
-                if self.nodes[i].client.drain_events(&mut log) {
-                    moved = true;
-                    if let Some(id) = self.nodes[i].session.take() {
-                        self.registry.handle_closed(id);
-                    }
-                    let r = self.rng.random();
-                    let delay = self.nodes[i].backoff.next_delay(r);
-                    self.nodes[i].reconnect_at = Some(self.now + delay);
-                }
-                if log.iter().any(|l| l.contains("Connected")) {
-                    self.nodes[i].backoff.reset();
-                }
-                self.log.extend(log);
-            }
-            if !moved {
-                return;
+            let (connected, seen) = node.peer.connected_since(self.redial[i].seen);
+            self.redial[i].seen = seen;
+            if connected {
+                self.redial[i].backoff.reset();
             }
         }
-        panic!("livelock: the world did not settle");
     }
 
     /// Runs the world until `now + span`, firing timers and reconnects on the way.
     fn run_for(&mut self, span: Duration) {
-        let until = self.now + span;
+        let until = self.net.now + span;
         for _ in 0..100_000 {
             self.settle();
-            let mut next = self.registry.poll_timeout();
-            for n in &self.nodes {
-                let t = if n.frozen { None } else { n.client.poll_timeout().or(n.reconnect_at) };
-                next = match (next, t) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-            }
+            let redials = self.redial.iter().filter_map(|r| r.at);
+            let next = self.net.poll_timeout().into_iter().chain(redials).min();
             let Some(next) = next.filter(|t| *t <= until) else {
-                self.now = until;
+                self.net.now = until;
                 return;
             };
-            self.now = self.now.max(next);
-            self.registry.handle_timeout(self.now);
-            for i in 0..self.nodes.len() {
-                if self.nodes[i].frozen {
-                    continue;
-                }
-                if self.nodes[i].reconnect_at.is_some_and(|t| t <= self.now) {
+            self.net.now = self.net.now.max(next);
+            for i in 0..self.net.peers.len() {
+                if !self.net.peers[i].frozen && self.redial[i].at.is_some_and(|t| t <= self.net.now) {
                     self.dial(i);
                 }
-                let now = self.now;
-                self.nodes[i].client.handle_timeout(now);
             }
+            let now = self.net.now;
+            self.net.advance(now);
         }
         panic!("timers did not converge");
     }
-}
 
-fn keypair(n: u8) -> Keypair {
-    Keypair::from_seed(&Seed::from_bytes([n; 32]))
+    fn proxy(&self) -> &Client<ProxyClient> {
+        self.net
+            .peers
+            .iter()
+            .find_map(|p| match &p.peer {
+                Node::Proxy(c) => Some(c),
+                Node::Service(_) => None,
+            })
+            .unwrap()
+    }
+
+    fn service(&self, i: usize) -> &Client<ServiceClient> {
+        match &self.net.peers[i].peer {
+            Node::Service(c) => c,
+            Node::Proxy(_) => panic!("node {i} is the proxy"),
+        }
+    }
 }
 
 fn service(registry: PublicKey, n: u8, role: &str) -> Node {
     let config = ClientConfig::new(keypair(n), registry);
     let client = ServiceClient::new(config, vec![Role::parse(role).unwrap()], 7000 + u16::from(n), vec![]);
-    node(Box::new(client))
+    Node::Service(Client::new(client))
 }
 
-fn node(client: Box<dyn Endpoint>) -> Node {
-    Node {
-        client,
-        session: None,
-        frozen: false,
-        backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
-        reconnect_at: None,
-    }
-}
-
-/// The proxy's current instance keys, read through a shared handle.
-struct ProxyView(std::rc::Rc<std::cell::RefCell<ProxyClient>>);
-
-impl Endpoint for ProxyView {
-    fn connect(&mut self, now: Instant, entropy: [u8; 32]) {
-        Endpoint::connect(&mut *self.0.borrow_mut(), now, entropy);
-    }
-    fn handle_input(&mut self, now: Instant, data: &[u8]) {
-        Endpoint::handle_input(&mut *self.0.borrow_mut(), now, data);
-    }
-    fn handle_closed(&mut self) {
-        Endpoint::handle_closed(&mut *self.0.borrow_mut());
-    }
-    fn handle_timeout(&mut self, now: Instant) {
-        Endpoint::handle_timeout(&mut *self.0.borrow_mut(), now);
-    }
-    fn poll_timeout(&self) -> Option<Instant> {
-        Endpoint::poll_timeout(&*self.0.borrow())
-    }
-    fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
-        Endpoint::poll_transmit(&mut *self.0.borrow_mut(), buf)
-    }
-    fn drain_events(&mut self, log: &mut Vec<String>) -> bool {
-        Endpoint::drain_events(&mut *self.0.borrow_mut(), log)
-    }
-}
-
-fn world(seed: u64) -> (World, std::rc::Rc<std::cell::RefCell<ProxyClient>>) {
+fn world(seed: u64) -> World {
     let registry_key = keypair(50);
     let registry = Registry::new(registry_key.clone(), RegistryConfig::default());
     let reg = registry_key.public();
@@ -266,30 +181,30 @@ fn world(seed: u64) -> (World, std::rc::Rc<std::cell::RefCell<ProxyClient>>) {
         Strategy::RoundRobin,
         Duration::from_secs(5),
     );
-    let proxy = std::rc::Rc::new(std::cell::RefCell::new(proxy));
-    let nodes = vec![
-        service(reg, 1, "couchdb@3.2.2"),
-        service(reg, 2, "couchdb@3.3.0"),
-        service(reg, 3, "couchdb@4.0.0"),
-        node(Box::new(ProxyView(proxy.clone()))),
-    ];
-    let mut w = World {
-        now: Instant::now(),
-        rng: ChaCha8Rng::seed_from_u64(seed),
-        registry_key,
-        registry,
-        nodes,
-        log: Vec::new(),
-    };
-    for i in 0..w.nodes.len() {
+    let mut net = Net::new(registry, Chunker::seeded(seed));
+    net.add(service(reg, 1, "couchdb@3.2.2"));
+    net.add(service(reg, 2, "couchdb@3.3.0"));
+    net.add(service(reg, 3, "couchdb@4.0.0"));
+    net.add(Node::Proxy(Client::new(proxy)));
+    let redial = (0..net.peers.len())
+        .map(|_| Redial {
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
+            at: None,
+            seen: 0,
+        })
+        .collect();
+    let mut w = World { registry_key, net, redial };
+    for i in 0..w.net.peers.len() {
         w.dial(i);
     }
-    (w, proxy)
+    w
 }
 
-fn keys(proxy: &std::rc::Rc<std::cell::RefCell<ProxyClient>>) -> Vec<u8> {
-    let mut ids: Vec<u8> = proxy
-        .borrow()
+/// The proxy's current instances, as the service numbers they belong to.
+fn keys(w: &World) -> Vec<u8> {
+    let mut ids: Vec<u8> = w
+        .proxy()
+        .client
         .instances()
         .iter()
         .map(|i| (1..=3).find(|n| keypair(*n).public() == i.key).unwrap())
@@ -298,76 +213,120 @@ fn keys(proxy: &std::rc::Rc<std::cell::RefCell<ProxyClient>>) -> Vec<u8> {
     ids
 }
 
+fn proxy_mut(w: &mut World) -> &mut ProxyClient {
+    w.net
+        .peers
+        .iter_mut()
+        .find_map(|p| match &mut p.peer {
+            Node::Proxy(c) => Some(&mut c.client),
+            Node::Service(_) => None,
+        })
+        .unwrap()
+}
+
 #[test]
 fn proxy_finds_both_matching_services() {
     for seed in 0..8 {
-        let (mut w, proxy) = world(seed);
+        let mut w = world(seed);
         w.run_for(Duration::from_secs(1));
-        assert_eq!(keys(&proxy), vec![1, 2], "seed {seed}: {:#?}", w.log);
-        assert_eq!(w.registry.instance_count(), 3);
+        assert_eq!(keys(&w), vec![1, 2], "seed {seed}: {:#?}", w.net.events);
+        assert_eq!(w.net.registry.instance_count(), 3);
         // Round-robin spreads new connections over both, failover order lists both.
-        let now = w.now;
-        let first: Vec<PublicKey> = (0..4).map(|_| proxy.borrow_mut().choose(now, 0)[0].key).collect();
+        let now = w.net.now;
+        let proxy = proxy_mut(&mut w);
+        let first: Vec<PublicKey> = (0..4).map(|_| proxy.choose(now, 0)[0].key).collect();
         assert_eq!(first[0], first[2]);
         assert_ne!(first[0], first[1]);
         // A failure bans that instance for a while.
-        proxy.borrow_mut().report_failure(now, first[0]);
-        assert_eq!(proxy.borrow_mut().choose(now, 0)[0].key, first[1]);
-        assert_eq!(proxy.borrow_mut().choose(now, 0)[1].key, first[0], "banned one is last resort");
+        proxy.report_failure(now, first[0]);
+        assert_eq!(proxy.choose(now, 0)[0].key, first[1]);
+        assert_eq!(proxy.choose(now, 0)[1].key, first[0], "banned one is last resort");
     }
 }
 
 #[test]
 fn silent_service_is_dropped_and_the_watch_says_so() {
-    let (mut w, proxy) = world(42);
+    let mut w = world(42);
     w.run_for(Duration::from_secs(1));
-    assert_eq!(keys(&proxy), vec![1, 2]);
-    w.nodes[0].frozen = true;
+    assert_eq!(keys(&w), vec![1, 2]);
+    w.net.peers[0].frozen = true;
     // Keepalive 5 s, idle timeout 15 s, sweep every second: gone within 17 s.
     w.run_for(Duration::from_secs(17));
-    assert_eq!(keys(&proxy), vec![2], "{:#?}", &w.log[w.log.len().saturating_sub(20)..]);
-    assert_eq!(w.registry.instance_count(), 2);
+    assert_eq!(keys(&w), vec![2], "{:#?}", &w.net.events[w.net.events.len().saturating_sub(20)..]);
+    assert_eq!(w.net.registry.instance_count(), 2);
+    let idle = w.net.events.iter().any(|e| {
+        matches!(e, RegistryEvent::SessionClosed { peer: Some(k), reason: CloseReason::Idle(_), .. } if *k == keypair(1).public())
+    });
+    assert!(idle, "the registry dropped the silent service as idle");
     // It thaws, notices its session is gone, reconnects and registers again.
-    w.nodes[0].frozen = false;
+    w.net.peers[0].frozen = false;
     w.run_for(Duration::from_secs(30));
-    assert_eq!(keys(&proxy), vec![1, 2]);
+    assert_eq!(keys(&w), vec![1, 2]);
+    let registered = w.service(0).events.iter().filter(|e| matches!(e, ServiceEvent::Registered(_))).count();
+    assert_eq!(registered, 2, "{:?}", w.service(0).events);
 }
 
 #[test]
 fn registry_restart_loses_nothing_that_matters() {
-    let (mut w, proxy) = world(7);
+    let mut w = world(7);
     w.run_for(Duration::from_secs(1));
-    assert_eq!(keys(&proxy), vec![1, 2]);
+    assert_eq!(keys(&w), vec![1, 2]);
+    let pushes_before = w.proxy().events.iter().filter(|e| matches!(e, ProxyEvent::Instances { .. })).count();
     // The registry dies: every stream closes; it comes back empty, same key.
-    w.registry = Registry::new(w.registry_key.clone(), RegistryConfig::default());
-    for i in 0..w.nodes.len() {
-        w.nodes[i].session = None;
-        w.nodes[i].client.handle_closed();
+    w.net.registry = Registry::new(w.registry_key.clone(), RegistryConfig::default());
+    for i in 0..w.net.peers.len() {
+        w.net.peers[i].session = None;
+        w.net.peers[i].peer.handle_closed();
     }
     w.settle();
     // The proxy keeps what it knew while the registry is away.
-    assert_eq!(keys(&proxy), vec![1, 2]);
+    assert_eq!(keys(&w), vec![1, 2]);
+    assert!(w.proxy().events.contains(&ProxyEvent::Disconnected(ClientError::Closed)));
     // Within a reconnect delay everyone is back.
     w.run_for(Duration::from_secs(2));
-    assert_eq!(w.registry.instance_count(), 3);
-    assert_eq!(w.registry.session_count(), 4);
-    assert_eq!(keys(&proxy), vec![1, 2]);
-    let pushes = w.log.iter().filter(|l| l.starts_with("ProxyClient: Instances")).count();
-    assert!(pushes >= 2, "proxy re-watched after the restart");
+    assert_eq!(w.net.registry.instance_count(), 3);
+    assert_eq!(w.net.registry.session_count(), 4);
+    assert_eq!(keys(&w), vec![1, 2]);
+    let pushes = w.proxy().events.iter().filter(|e| matches!(e, ProxyEvent::Instances { .. })).count();
+    assert!(pushes > pushes_before, "proxy re-watched after the restart");
 }
 
 #[test]
 fn wrong_registry_key_never_connects() {
-    let (mut w, _) = world(3);
-    let other = keypair(77).public();
-    let config = ClientConfig::new(keypair(4), other);
+    let mut w = world(3);
+    let config = ClientConfig::new(keypair(4), keypair(77).public());
     let svc = ServiceClient::new(config, vec![Role::parse("x@1.0.0").unwrap()], 1, vec![]);
-    w.nodes.push(node(Box::new(svc)));
-    let i = w.nodes.len() - 1;
+    let i = w.net.add(Node::Service(Client::new(svc)));
+    w.redial.push(Redial {
+        backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
+        at: None,
+        seen: 0,
+    });
     w.dial(i);
     w.run_for(Duration::from_secs(3));
-    let refused = w.log.iter().filter(|l| l.contains("SessionClosed") && l.contains("Decrypt")).count();
-    assert!(refused >= 2, "registry refuses every attempt, and the service keeps trying: {:#?}", w.log);
-    assert!(!w.log.iter().any(|l| l.contains("Registered(Role(x@")), "never registered");
-    assert_eq!(w.registry.instance_count(), 3);
+    let refused = w
+        .net
+        .events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                RegistryEvent::SessionClosed {
+                    peer: None,
+                    reason: CloseReason::Session(SessionError::Noise(NoiseError::Decrypt)),
+                    ..
+                }
+            )
+        })
+        .count();
+    assert!(
+        refused >= 2,
+        "registry refuses every attempt, and the service keeps trying: {:#?}",
+        w.net.events
+    );
+    assert!(
+        !w.service(i).events.iter().any(|e| matches!(e, ServiceEvent::Registered(_))),
+        "never registered"
+    );
+    assert_eq!(w.net.registry.instance_count(), 3);
 }

@@ -24,6 +24,42 @@ use crate::keys::{Keypair, PublicKey};
 use crate::message::{ErrorCode, MessageError};
 use crate::session::SessionError;
 
+/// The glue every client has alike: its `control_link` field is its link,
+/// its events queue in `events`, its event type has `Connected` and
+/// `Disconnected(ClientError)`, and its `apply_control_event` interprets the
+/// link's events.
+macro_rules! registry_client {
+    ($client:ident, $event:ident) => {
+        impl $crate::client::sealed::Composed for $client {
+            fn control_link(&self) -> &ControlLink {
+                &self.control_link
+            }
+            fn control_link_mut(&mut self) -> &mut ControlLink {
+                &mut self.control_link
+            }
+            fn handle_control_event(&mut self, event: ControlEvent) {
+                self.apply_control_event(event);
+            }
+        }
+
+        impl $crate::client::RegistryClient for $client {
+            type Event = $event;
+            fn poll_event(&mut self) -> Option<$event> {
+                self.events.pop_front()
+            }
+            fn is_connected_event(event: &$event) -> bool {
+                matches!(event, $event::Connected)
+            }
+            fn disconnect_reason(event: &$event) -> Option<&ClientError> {
+                match event {
+                    $event::Disconnected(reason) => Some(reason),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
 pub mod backoff;
 pub mod balance;
 pub mod control;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::client::balance::{Balancer, Strategy};
 use crate::client::control::{ControlEvent, ControlLink};
-use crate::client::{ClientConfig, ClientError, RegistryClient, sealed};
+use crate::client::{ClientConfig, ClientError};
 use crate::keys::PublicKey;
 use crate::message::{ErrorCode, Instance, Message};
 use crate::role::RoleQuery;
@@ -123,16 +123,9 @@ impl ProxyClient {
             other => self.control_link.fail(ClientError::Unexpected(other.kind())),
         }
     }
-}
 
-impl sealed::Composed for ProxyClient {
-    fn control_link(&self) -> &ControlLink {
-        &self.control_link
-    }
-    fn control_link_mut(&mut self) -> &mut ControlLink {
-        &mut self.control_link
-    }
-    fn handle_control_event(&mut self, event: ControlEvent) {
+    /// Interprets one event of the control link.
+    fn apply_control_event(&mut self, event: ControlEvent) {
         match event {
             ControlEvent::Opened => {
                 self.events.push_back(ProxyEvent::Connected);
@@ -144,18 +137,4 @@ impl sealed::Composed for ProxyClient {
     }
 }
 
-impl RegistryClient for ProxyClient {
-    type Event = ProxyEvent;
-    fn poll_event(&mut self) -> Option<ProxyEvent> {
-        self.events.pop_front()
-    }
-    fn is_connected_event(event: &ProxyEvent) -> bool {
-        matches!(event, ProxyEvent::Connected)
-    }
-    fn disconnect_reason(event: &ProxyEvent) -> Option<&ClientError> {
-        match event {
-            ProxyEvent::Disconnected(reason) => Some(reason),
-            _ => None,
-        }
-    }
-}
+registry_client!(ProxyClient, ProxyEvent);

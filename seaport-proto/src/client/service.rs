@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use crate::client::control::{ControlEvent, ControlLink};
-use crate::client::{ClientConfig, ClientError, RegistryClient, sealed};
+use crate::client::{ClientConfig, ClientError};
 use crate::message::{ErrorCode, Message};
 use crate::role::Role;
 
@@ -103,16 +103,9 @@ impl ServiceClient {
             other => self.control_link.fail(ClientError::Unexpected(other.kind())),
         }
     }
-}
 
-impl sealed::Composed for ServiceClient {
-    fn control_link(&self) -> &ControlLink {
-        &self.control_link
-    }
-    fn control_link_mut(&mut self) -> &mut ControlLink {
-        &mut self.control_link
-    }
-    fn handle_control_event(&mut self, event: ControlEvent) {
+    /// Interprets one event of the control link.
+    fn apply_control_event(&mut self, event: ControlEvent) {
         match event {
             ControlEvent::Opened => {
                 self.events.push_back(ServiceEvent::Connected);
@@ -126,27 +119,14 @@ impl sealed::Composed for ServiceClient {
     }
 }
 
-impl RegistryClient for ServiceClient {
-    type Event = ServiceEvent;
-    fn poll_event(&mut self) -> Option<ServiceEvent> {
-        self.events.pop_front()
-    }
-    fn is_connected_event(event: &ServiceEvent) -> bool {
-        matches!(event, ServiceEvent::Connected)
-    }
-    fn disconnect_reason(event: &ServiceEvent) -> Option<&ClientError> {
-        match event {
-            ServiceEvent::Disconnected(reason) => Some(reason),
-            _ => None,
-        }
-    }
-}
+registry_client!(ServiceClient, ServiceEvent);
 
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+    use crate::client::RegistryClient;
     use crate::keys::{Keypair, Seed};
     use crate::noise::Intent;
     use crate::session::Session;
