@@ -5,7 +5,6 @@
 //! The client sits behind a mutex shared with the rest of the process (the
 //! proxy chooses instances from it); the lock is never held across an await.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -15,9 +14,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
+use tracing::Instrument;
 
+use crate::dial::{self, race};
+use crate::event::{Event, emit};
 use crate::identity::{entropy, random_u64};
-use crate::target::{RegistryTarget, Resolver};
+use crate::target::{RegistryTarget, ResolveError, Resolver};
 
 /// First reconnect delay; doubles per failure.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(250);
@@ -33,6 +35,52 @@ pub const DHT_HINT_AFTER: Duration = Duration::from_secs(20);
 /// between calls, so a poisoned lock carries no half-done change).
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A control session in a task of its own: what a service and a proxy both
+/// start, and stop last (after their own listeners), so that whatever the
+/// client queued on the way out (a service's unregistrations) is sent.
+pub struct ControlTask {
+    stop: watch::Sender<bool>,
+    poke: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ControlTask {
+    /// Says `connecting to registry KEY` and starts keeping `client`
+    /// connected to `target` (see [`run_client`]).
+    pub fn spawn<C, F>(
+        client: Arc<Mutex<C>>,
+        target: RegistryTarget,
+        resolver: Resolver,
+        on_event: F,
+    ) -> ControlTask
+    where
+        C: RegistryClient + Send + 'static,
+        C::Event: Send,
+        F: FnMut(&C::Event) + Send + 'static,
+    {
+        emit(&Event::Connecting { registry: target.key });
+        let (stop, stopped) = watch::channel(false);
+        let poke = Arc::new(Notify::new());
+        let span = tracing::info_span!("registry", key = %target.key);
+        let task = tokio::spawn(
+            run_client(client, target, resolver, on_event, stopped, poke.clone()).instrument(span),
+        );
+        ControlTask { stop, poke, task }
+    }
+
+    /// What to notify after changing the client from outside, so that what
+    /// it queued is sent.
+    pub fn poke(&self) -> Arc<Notify> {
+        self.poke.clone()
+    }
+
+    /// Sends what the client queued last, closes the session and waits for the task.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
 }
 
 /// Keeps `client` connected to `target` until `stop` turns true; `on_event`
@@ -63,9 +111,8 @@ pub async fn run_client<C, F>(
         match resolver.resolve(&target).await {
             Ok(addrs) => {
                 unresolved_since = None;
-                match dial_first(&addrs, CONNECT_TIMEOUT).await {
-                    Ok(stream) => {
-                        let _ = stream.set_nodelay(true);
+                match race(&addrs, |addr| dial::connect(addr, CONNECT_TIMEOUT)).await {
+                    Ok((_, stream)) => {
                         if drive(&client, stream, &mut on_event, &mut backoff, &mut stop, &poke).await {
                             return;
                         }
@@ -76,7 +123,8 @@ pub async fn run_client<C, F>(
             Err(e) => {
                 tracing::warn!(registry = %target, "registry not reachable: {e}; retrying");
                 let since = *unresolved_since.get_or_insert_with(Instant::now);
-                if target.direct.is_none() && !hinted && since.elapsed() >= DHT_HINT_AFTER {
+                let in_dht = matches!(e, ResolveError::NotInDht(_) | ResolveError::EmptyRecord(_));
+                if in_dht && !hinted && since.elapsed() >= DHT_HINT_AFTER {
                     hinted = true;
                     tracing::error!(
                         "registry {} still not found in the DHT after {}s: is this host online (the DHT needs UDP)? \
@@ -98,29 +146,6 @@ pub async fn run_client<C, F>(
     }
 }
 
-/// Connects to all `addrs` at once; the first to succeed wins, the rest are dropped.
-pub async fn dial_first(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, String> {
-    let mut attempts = tokio::task::JoinSet::new();
-    for addr in addrs.iter().copied() {
-        attempts.spawn(async move {
-            match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => Ok(stream),
-                Ok(Err(e)) => Err(format!("{addr}: {e}")),
-                Err(_) => Err(format!("{addr}: no answer in {timeout:?}")),
-            }
-        });
-    }
-    let mut errors = Vec::new();
-    while let Some(done) = attempts.join_next().await {
-        match done {
-            Ok(Ok(stream)) => return Ok(stream),
-            Ok(Err(e)) => errors.push(e),
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
-    if errors.is_empty() { Err("no address to dial".into()) } else { Err(errors.join("; ")) }
-}
-
 /// Drives one session; true if told to stop, false if the session ended.
 async fn drive<C, F>(
     client: &Mutex<C>,
@@ -135,7 +160,7 @@ where
     F: FnMut(&C::Event),
 {
     let (mut reader, mut writer) = stream.into_split();
-    let started = lock(client).connect(std::time::Instant::now(), entropy());
+    let started = lock(client).connect(crate::clock::now(), entropy());
     if let Err(e) = started {
         tracing::warn!("cannot start a session: {e}");
         return false;
@@ -187,12 +212,12 @@ where
             read = reader.read(&mut buf) => {
                 let mut c = lock(client);
                 match read {
-                    Ok(n) if n > 0 => c.handle_input(std::time::Instant::now(), buf.get(..n).unwrap_or_default()),
+                    Ok(n) if n > 0 => c.handle_input(crate::clock::now(), buf.get(..n).unwrap_or_default()),
                     _ => c.handle_closed(),
                 }
             }
             () = async { match sleep { Some(s) => s.await, None => std::future::pending().await } } => {
-                lock(client).handle_timeout(std::time::Instant::now());
+                lock(client).handle_timeout(crate::clock::now());
             }
             () = poke.notified() => {}
             _ = stop.changed() => {

@@ -23,6 +23,8 @@ use mainline::{Dht, MutableItem};
 use seaport_proto::keys::{Keypair, PublicKey};
 use tokio::sync::watch;
 
+use crate::target::ResolveError;
+
 /// Salt of seaport's records, so they never collide with other uses of a key.
 pub const SALT: &[u8] = b"seaport/1";
 /// BEP44 values are at most 1000 bytes.
@@ -79,16 +81,15 @@ impl Rendezvous {
     }
 
     /// The addresses the registry `key` published last.
-    pub async fn resolve(&self, key: &PublicKey) -> Result<Vec<SocketAddr>, String> {
+    pub async fn resolve(&self, key: &PublicKey) -> Result<Vec<SocketAddr>, ResolveError> {
         let item = self
             .node
             .get_mutable_most_recent(key.as_bytes(), Some(SALT))
             .await
-            .ok_or_else(|| format!("registry {key} not found in the DHT (yet)"))?;
-        let text = std::str::from_utf8(item.value()).map_err(|_| "DHT record is not text".to_owned())?;
-        let addrs = decode_addrs(text);
+            .ok_or(ResolveError::NotInDht(*key))?;
+        let addrs = std::str::from_utf8(item.value()).map(decode_addrs).unwrap_or_default();
         if addrs.is_empty() {
-            return Err(format!("DHT record for {key} lists no address"));
+            return Err(ResolveError::EmptyRecord(*key));
         }
         Ok(addrs)
     }

@@ -1,12 +1,14 @@
 //! seaport-net: the tokio glue shared by the seaport binaries, and the only
 //! crate that touches sockets, clocks, tasks, OS randomness and the DHT.
 //!
+//! - [`clock`]: the one place time is read (tokio's clock).
 //! - [`cli`]: what every binary's `main` shares: logging, durations, exits.
 //! - [`event`]: the stdout event lines, one type for every binary.
 //! - [`identity`]: seeds from flags, files or the environment; OS entropy.
 //! - [`target`]: the `KEY` / `KEY@HOST:PORT` registry argument and its resolution.
 //! - [`control`]: runs a service or proxy control session with reconnects.
 //! - [`registry`]: serves the registry state machine on a TCP listener.
+//! - [`dial`]: racing a peer's addresses; dial errors.
 //! - [`tunnel`]: tunnel handshakes, parallel dialing, and the byte pump.
 //! - [`dht`]: publishing and resolving a registry's addresses on mainline.
 //! - [`serve`]: the accept loop and drain the service and proxy share.
@@ -19,8 +21,10 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 
 pub mod cli;
+pub mod clock;
 pub mod control;
 pub mod dht;
+pub mod dial;
 pub mod event;
 pub mod identity;
 pub mod registry;

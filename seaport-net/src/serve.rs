@@ -1,5 +1,7 @@
 //! The accept loop both the service and the proxy run: one task per
-//! connection until shutdown, then a bounded drain of the open ones.
+//! connection until shutdown, then a bounded drain of the open ones. Each
+//! task runs in a `conn` span naming the peer's address, and its peer's key
+//! (`peer_key`) once a handshake has told it.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -7,6 +9,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 /// Accepts connections on `listener`, running `serve(stream, peer)` as a task
 /// for each, until `shutdown` resolves; returns the tasks still running. An
@@ -26,7 +29,8 @@ where
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    open.spawn(serve(stream, peer));
+                    let span = tracing::info_span!("conn", %peer, peer_key = tracing::field::Empty);
+                    open.spawn(serve(stream, peer).instrument(span));
                 }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
@@ -44,4 +48,9 @@ pub async fn drain(mut open: JoinSet<()>, limit: Duration) {
     if tokio::time::timeout(limit, async { while open.join_next().await.is_some() {} }).await.is_err() {
         tracing::warn!(open = open.len(), "drain time over; closing open connections");
     }
+}
+
+/// Names the peer's key in the current connection's span (see the module docs).
+pub fn record_peer_key(key: &seaport_proto::keys::PublicKey) {
+    tracing::Span::current().record("peer_key", tracing::field::display(key));
 }

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use seaport_proto::client::ProxyClient;
 use seaport_proto::keys::{Keypair, PublicKey};
@@ -28,6 +28,7 @@ use seaport_proto::noise::MAX_PLAINTEXT;
 use tokio::io::{AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
 use crate::control::lock;
 use crate::tunnel::{self, OpenTunnel, TunnelError};

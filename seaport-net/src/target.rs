@@ -52,6 +52,32 @@ impl fmt::Display for RegistryTarget {
     }
 }
 
+/// Why a registry's addresses could not be had.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResolveError {
+    /// `HOST` of `KEY@HOST:PORT` did not resolve.
+    #[error("cannot resolve {host}: {error}")]
+    Lookup {
+        /// The `HOST:PORT` given.
+        host: String,
+        /// The resolver's error.
+        error: std::io::Error,
+    },
+    /// `HOST` resolved to nothing.
+    #[error("{0} resolves to no address")]
+    NoAddress(String),
+    /// No DHT node has a record for the key (yet).
+    #[error("registry {0} not found in the DHT (yet)")]
+    NotInDht(PublicKey),
+    /// The record found lists no address this build can parse.
+    #[error("the DHT record for {0} lists no address")]
+    EmptyRecord(PublicKey),
+    /// A bare key, but no DHT node was started.
+    #[error("no DHT to resolve a bare key; use KEY@HOST:PORT")]
+    NoDht,
+}
+
 /// Turns a target into addresses to dial.
 #[derive(Clone)]
 pub struct Resolver {
@@ -76,18 +102,18 @@ impl Resolver {
     }
 
     /// The addresses at which the registry may be dialed now.
-    pub async fn resolve(&self, target: &RegistryTarget) -> Result<Vec<SocketAddr>, String> {
+    pub async fn resolve(&self, target: &RegistryTarget) -> Result<Vec<SocketAddr>, ResolveError> {
         match &target.direct {
-            Some(addr) => {
-                let addrs: Vec<SocketAddr> = tokio::net::lookup_host(addr)
+            Some(host) => {
+                let addrs: Vec<SocketAddr> = tokio::net::lookup_host(host)
                     .await
-                    .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+                    .map_err(|error| ResolveError::Lookup { host: host.clone(), error })?
                     .collect();
-                if addrs.is_empty() { Err(format!("{addr} resolves to no address")) } else { Ok(addrs) }
+                if addrs.is_empty() { Err(ResolveError::NoAddress(host.clone())) } else { Ok(addrs) }
             }
             None => match &self.rendezvous {
                 Some(dht) => dht.resolve(&target.key).await,
-                None => Err("no DHT to resolve a bare key; use KEY@HOST:PORT".into()),
+                None => Err(ResolveError::NoDht),
             },
         }
     }

@@ -24,6 +24,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
+use crate::clock;
+use crate::dial::{self, DialError, Unreachable, race};
 use crate::identity::entropy;
 
 /// Why a tunnel could not be opened or ended badly.
@@ -48,9 +50,12 @@ pub enum TunnelError {
     /// The sealed stream ended without an end-of-stream frame.
     #[error("tunnel cut off before end of stream")]
     Truncated,
-    /// No address of any instance could be reached.
-    #[error("no instance reachable: {0}")]
-    Unreachable(String),
+    /// The TCP connect failed.
+    #[error("{0}")]
+    Dial(#[from] DialError),
+    /// No address of the instance could be reached, each for its own cause.
+    #[error("no address reachable: {0}")]
+    Unreachable(Unreachable<TunnelError>),
 }
 
 /// Runs `session`'s handshake on `stream`. With `reply` false the responder's
@@ -77,7 +82,7 @@ pub async fn handshake(
             if n == 0 {
                 return Err(TunnelError::ClosedEarly);
             }
-            session.handle_input(std::time::Instant::now(), buf.get(..n).unwrap_or_default())?;
+            session.handle_input(clock::now(), buf.get(..n).unwrap_or_default())?;
         }
     };
     tokio::time::timeout(timeout, work).await.map_err(|_| TunnelError::Timeout(timeout))?
@@ -114,41 +119,26 @@ impl OpenTunnel {
     }
 }
 
-/// Dials every address of `instance` at once and handshakes; the first to
-/// finish wins and the others are dropped.
+/// Dials every address of `instance` at once and handshakes; the first
+/// handshake to finish wins and the others are dropped.
 pub async fn open(
     instance: &Instance,
     local: &Keypair,
     timeout: Duration,
 ) -> Result<OpenTunnel, TunnelError> {
-    let mut attempts = tokio::task::JoinSet::new();
-    for addr in instance.addrs.iter().copied() {
-        let (local, remote) = (local.clone(), instance.key);
-        attempts.spawn(async move { open_one(addr, &local, &remote, timeout).await.map_err(|e| (addr, e)) });
-    }
-    let mut errors = Vec::new();
-    while let Some(done) = attempts.join_next().await {
-        match done {
-            Ok(Ok(tunnel)) => return Ok(tunnel),
-            Ok(Err((addr, e))) => errors.push(format!("{addr}: {e}")),
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
-    Err(TunnelError::Unreachable(errors.join("; ")))
+    let remote = instance.key;
+    let attempt = |addr| open_one(addr, local.clone(), remote, timeout);
+    race(&instance.addrs, attempt).await.map(|(_, tunnel)| tunnel).map_err(TunnelError::Unreachable)
 }
 
 async fn open_one(
     addr: SocketAddr,
-    local: &Keypair,
-    remote: &PublicKey,
+    local: Keypair,
+    remote: PublicKey,
     timeout: Duration,
 ) -> Result<OpenTunnel, TunnelError> {
-    let mut stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| TunnelError::Timeout(timeout))??;
-    let _ = stream.set_nodelay(true);
-    let mut session =
-        Session::initiate(std::time::Instant::now(), local, remote, Intent::Tunnel, entropy(), timeout)?;
+    let mut stream = dial::connect(addr, timeout).await?;
+    let mut session = Session::initiate(clock::now(), &local, &remote, Intent::Tunnel, entropy(), timeout)?;
     handshake(&mut stream, &mut session, true, timeout).await?;
     let (transport, leftover) = session.into_transport().ok_or(TunnelError::ClosedEarly)?;
     Ok(OpenTunnel { stream, transport, leftover, addr })
@@ -323,8 +313,11 @@ pub async fn serve_one(
     timeout: Duration,
 ) -> Result<Moved, TunnelError> {
     let _ = stream.set_nodelay(true);
-    let mut session = Session::respond(std::time::Instant::now(), local, Intent::Tunnel, entropy(), timeout)?;
+    let mut session = Session::respond(clock::now(), local, Intent::Tunnel, entropy(), timeout)?;
     handshake(&mut stream, &mut session, false, timeout).await?;
+    if let Some(key) = session.remote() {
+        crate::serve::record_peer_key(&key);
+    }
     let backend = tokio::time::timeout(timeout, TcpStream::connect(backend))
         .await
         .map_err(|_| TunnelError::Timeout(timeout))??;

@@ -146,6 +146,10 @@ struct Peer {
     last_heard: Instant,
     /// Already in `Registry::dirty`.
     dirty: bool,
+    /// Bytes handed to the driver by `poll_transmit` and not yet reported
+    /// written ([`Registry::handle_written`]): with what the session still
+    /// holds, what this peer has not read. The one slow-peer measure.
+    unwritten: usize,
 }
 
 /// The registry; see the module docs.
@@ -228,7 +232,7 @@ impl Registry {
         }
         let id = SessionId(self.next_id);
         self.next_id += 1;
-        self.peers.insert(id, Peer { session, observed, last_heard: now, dirty: false });
+        self.peers.insert(id, Peer { session, observed, last_heard: now, dirty: false, unwritten: 0 });
         self.next_sweep.get_or_insert(now + SWEEP_INTERVAL);
         Ok(id)
     }
@@ -335,12 +339,24 @@ impl Registry {
         while let Some(id) = self.dirty.pop_front() {
             if let Some(peer) = self.peers.get_mut(&id) {
                 peer.dirty = false;
+                let before = buf.len();
                 if peer.session.poll_transmit(buf) {
+                    peer.unwritten = peer.unwritten.saturating_add(buf.len().saturating_sub(before));
                     return Some(id);
                 }
             }
         }
         None
+    }
+
+    /// The driver wrote `n` bytes of what [`Registry::poll_transmit`] gave for
+    /// session `id` to its stream. A driver that never calls this makes every
+    /// peer look slow once `max_queued` bytes went out; one that calls it
+    /// when the bytes were handed to the kernel gets the intended measure.
+    pub fn handle_written(&mut self, id: SessionId, n: usize) {
+        if let Some(peer) = self.peers.get_mut(&id) {
+            peer.unwritten = peer.unwritten.saturating_sub(n);
+        }
     }
 
     /// The next event.
@@ -466,7 +482,8 @@ impl Registry {
     }
 
     fn check_queue(&mut self, id: SessionId) {
-        let queued = self.peers.get(&id).map_or(0, |p| p.session.pending_transmit());
+        let queued =
+            self.peers.get(&id).map_or(0, |p| p.session.pending_transmit().saturating_add(p.unwritten));
         if queued > self.config.max_queued {
             self.drop_silently(id, CloseReason::Slow(queued));
         }

@@ -298,6 +298,9 @@ impl<P: Peer> Net<P> {
         while let Some(id) = self.registry.poll_transmit(&mut buf) {
             moved = true;
             if let Some(i) = self.index_of(id).filter(|i| !self.peers[*i].frozen) {
+                // A frozen peer reads nothing: its bytes stay unwritten, as
+                // they would in a full socket buffer.
+                self.registry.handle_written(id, buf.len());
                 for piece in self.chunker.split(&buf) {
                     self.peers[i].peer.handle_input(self.now, piece);
                 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
-use seaport_net::control::{lock, run_client};
+use seaport_net::control::{ControlTask, lock};
 use seaport_net::event::{Event, emit};
 use seaport_net::identity::random_u64;
 use seaport_net::serve::{accept_until, drain};
@@ -87,8 +87,6 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let client = Arc::new(Mutex::new(ProxyClient::new(config, args.role.clone(), args.balance, args.ban)));
     // Bumped on every instance-set change, so waiting clients wake up.
     let (changed_tx, changed) = watch::channel(0u64);
-    emit(&Event::Connecting { registry: args.client.registry.key });
-    let (stop_tx, stop) = watch::channel(false);
     let mut known: HashMap<PublicKey, Role> = HashMap::new();
     let mut connected = false;
     let query = args.role.clone();
@@ -131,15 +129,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         }
         other => tracing::debug!(?other),
     };
-    let poke = Arc::new(tokio::sync::Notify::new());
-    let control = tokio::spawn(run_client(
-        client.clone(),
-        args.client.registry.clone(),
-        resolver,
-        on_event,
-        stop.clone(),
-        poke,
-    ));
+    let control = ControlTask::spawn(client.clone(), args.client.registry.clone(), resolver, on_event);
 
     let standby =
         (args.standby > 0).then(|| Standby::new(args.standby.into(), args.standby_ttl, args.dial_timeout));
@@ -165,8 +155,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         refill.abort();
     }
     drop(standby);
-    let _ = stop_tx.send(true);
-    let _ = control.await;
+    control.stop().await;
     drain(conns, args.drain).await;
     Ok(())
 }
@@ -185,7 +174,7 @@ async fn serve_client(
     let _ = stream.set_nodelay(true);
     let deadline = tokio::time::Instant::now() + wait;
     let order = loop {
-        let order = lock(client).choose(std::time::Instant::now(), random_u64());
+        let order = lock(client).choose(seaport_net::clock::now(), random_u64());
         if !order.is_empty() {
             break order;
         }
@@ -212,15 +201,13 @@ async fn serve_client(
             Ok(tunnel) => match probe(&stream, tunnel, &mut replay, is_spare).await {
                 Probe::Answered(tunnel) => {
                     tracing::debug!(service = %instance.key, addr = %tunnel.addr, "tunnel open");
-                    return seaport_net::tunnel::pump(
-                        stream,
-                        tunnel.stream,
-                        tunnel.transport,
-                        tunnel.leftover,
-                    )
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string());
+                    seaport_net::serve::record_peer_key(&instance.key);
+                    let moved =
+                        seaport_net::tunnel::pump(stream, tunnel.stream, tunnel.transport, tunnel.leftover)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    tracing::debug!(sent = moved.sealed, received = moved.opened, "connection closed");
+                    return Ok(());
                 }
                 Probe::Dead(e) => e,
                 Probe::ClientGone(e) => return Err(format!("client connection failed: {e}")),
@@ -228,7 +215,7 @@ async fn serve_client(
             Err(e) => e,
         };
         tracing::warn!(service = %instance.key, "instance failed, trying the next: {failure}");
-        lock(client).report_failure(std::time::Instant::now(), instance.key);
+        lock(client).report_failure(seaport_net::clock::now(), instance.key);
         failures.push(failure.to_string());
     }
     Err(format!("every instance failed: {}", failures.join("; ")))

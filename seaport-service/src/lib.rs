@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
-use seaport_net::control::{lock, run_client};
+use seaport_net::control::{ControlTask, lock};
 use seaport_net::event::{Event, emit};
 use seaport_net::serve::{accept_until, drain};
 use seaport_proto::client::{ClientConfig, ServiceClient, ServiceEvent};
 use seaport_proto::role::Role;
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 /// Expose a local TCP port under a role: proxies anywhere that look the role
 /// up in the registry reach it through an encrypted tunnel.
@@ -75,18 +75,9 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let reported = if local.ip().is_unspecified() { vec![] } else { vec![local] };
     let config = ClientConfig::new(keypair.clone(), args.client.registry.key);
     let client = Arc::new(Mutex::new(ServiceClient::new(config, vec![role.clone()], local.port(), reported)));
-    emit(&Event::Connecting { registry: args.client.registry.key });
-    let (stop_tx, stop) = watch::channel(false);
-    let poke = Arc::new(Notify::new());
-    let control = tokio::spawn(run_client(
-        client.clone(),
-        args.client.registry.clone(),
-        resolver,
-        reporter(),
-        stop.clone(),
-        poke.clone(),
-    ));
-    let health = tokio::spawn(watch_backend(client.clone(), role, backend, args.check_interval, poke));
+    let control = ControlTask::spawn(client.clone(), args.client.registry.clone(), resolver, reporter());
+    let health =
+        tokio::spawn(watch_backend(client.clone(), role, backend, args.check_interval, control.poke()));
 
     let timeout = args.handshake_timeout;
     let tunnels = accept_until(&listener, seaport_net::signal::shutdown_signal(), |stream, peer| {
@@ -103,8 +94,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     tracing::info!("shutting down: unregistering, then draining open tunnels");
     health.abort();
     lock(&client).set_available(false);
-    let _ = stop_tx.send(true);
-    let _ = control.await;
+    control.stop().await;
     drop(listener);
     drain(tunnels, args.drain).await;
     Ok(())
