@@ -15,10 +15,13 @@
 //! - [`directory`]: the registry's index of instances and watches (no sessions).
 //! - [`registry`]: the registry state machine (many sessions), over a [`directory::Directory`].
 //! - [`client`]: the service and proxy state machines (one control session each).
+//! - [`link`]: streams multiplexed on one proxy–service session (frames,
+//!   credit windows, fair scheduling, keepalive).
 //!
 //! # The contract every state machine follows
 //! Each is fed input and asked for output, never the other way round:
-//! 1. Input: `handle_input(now, bytes)` for bytes read from a stream (the
+//! 1. Input: `handle_input(now, bytes)` for bytes read from a stream (a
+//!    [`link::Link`] takes one decrypted frame: `handle_frame(now, frame)`; the
 //!    registry also takes `accept` and `handle_closed`; clients `connect` and
 //!    `handle_disconnect`), and `handle_timeout(now)` once the time returned
 //!    by `poll_timeout()` has come.
@@ -72,6 +75,7 @@ pub mod client;
 pub mod directory;
 pub mod frame;
 pub mod keys;
+pub mod link;
 pub mod message;
 pub mod noise;
 pub mod range;
