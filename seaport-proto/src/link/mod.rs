@@ -535,6 +535,19 @@ impl Link {
         self.unconsumed as usize
     }
 
+    /// Bytes this end may still send on the link as a whole (all streams).
+    pub fn link_credit(&self) -> usize {
+        self.send_credit as usize
+    }
+
+    /// Bytes consumed (or dropped with their stream) and not yet credited
+    /// back to the peer: under half the link window. With nothing in flight
+    /// and nothing buffered, the peer's [`Link::link_credit`] plus this is
+    /// the link window: no credit is ever lost.
+    pub fn credit_owed(&self) -> usize {
+        self.pending as usize
+    }
+
     /// Whether the link has ended.
     pub fn is_closed(&self) -> bool {
         self.closed
