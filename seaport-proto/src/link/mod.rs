@@ -829,6 +829,19 @@ impl Link {
         Ok(s)
     }
 
+    /// A stream whose sending side the driver may act on: accepted, not ended.
+    fn sending(&mut self, id: StreamId) -> Result<&mut Stream, StreamError> {
+        self.check_open()?;
+        let s = self.streams.get_mut(&id.get()).ok_or(StreamError::Unknown(id))?;
+        if s.sent_end {
+            return Err(StreamError::Ended(id));
+        }
+        if !s.accepted {
+            return Err(StreamError::NotAccepted(id));
+        }
+        Ok(s)
+    }
+
     fn check_open(&self) -> Result<(), StreamError> {
         if self.closed { Err(StreamError::LinkClosed) } else { Ok(()) }
     }
@@ -856,14 +869,7 @@ impl Link {
     /// The driver has bytes for `id`: queue it for [`Link::next_send`]
     /// (once; calling again while queued changes nothing).
     pub fn want_send(&mut self, id: StreamId) -> Result<(), StreamError> {
-        self.check_open()?;
-        let s = self.streams.get_mut(&id.get()).ok_or(StreamError::Unknown(id))?;
-        if s.sent_end {
-            return Err(StreamError::Ended(id));
-        }
-        if !s.accepted {
-            return Err(StreamError::NotAccepted(id));
-        }
+        let s = self.sending(id)?;
         s.wants_send = true;
         if !s.queued {
             s.queued = true;
@@ -898,38 +904,29 @@ impl Link {
     /// debits the credit. Returns [`HEADER_LEN`]. `len` must be 1 to the
     /// credit; the fairness cap is advice, not checked.
     pub fn data_header(&mut self, id: StreamId, len: usize, out: &mut [u8]) -> Result<usize, StreamError> {
-        self.check_open()?;
         let link = self.send_credit;
-        let s = self.streams.get_mut(&id.get()).ok_or(StreamError::Unknown(id))?;
-        if s.sent_end {
-            return Err(StreamError::Ended(id));
-        }
-        if !s.sendable() {
+        let s = self.sending(id)?;
+        if s.accept_unsent {
             return Err(StreamError::NotAccepted(id));
         }
         let credit = (s.send_credit.min(link) as usize).min(MAX_DATA);
         let n = u32::try_from(len).ok().filter(|n| *n > 0 && len <= credit);
         let n = n.ok_or(StreamError::NoCredit { id, len, credit })?;
         wire::write_data_header(id, out).ok_or(StreamError::BufferTooSmall)?;
+        // n <= credit <= both credits, checked above.
         s.send_credit -= n;
-        self.send_credit -= n;
-        if s.send_credit == 0 || self.send_credit == 0 {
+        let link = link - n;
+        if s.send_credit == 0 || link == 0 {
             s.blocked = true;
         }
+        self.send_credit = link;
         Ok(HEADER_LEN)
     }
 
     /// The sending side of `id` is done (the client or backend sent EOF):
     /// `END` goes out next, after the data already sealed.
     pub fn end(&mut self, id: StreamId) -> Result<(), StreamError> {
-        self.check_open()?;
-        let s = self.streams.get_mut(&id.get()).ok_or(StreamError::Unknown(id))?;
-        if s.sent_end {
-            return Err(StreamError::Ended(id));
-        }
-        if !s.accepted {
-            return Err(StreamError::NotAccepted(id));
-        }
+        let s = self.sending(id)?;
         s.sent_end = true;
         s.wants_send = false;
         s.blocked = false;
