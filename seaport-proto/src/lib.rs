@@ -18,10 +18,13 @@
 //!   registry fuzz target share.
 //! - [`client`]: the service and proxy state machines, each over one
 //!   [`client::ControlLink`] (its control session and keepalive).
+//! - [`link`]: streams multiplexed on one proxy–service session (frames,
+//!   credit windows, fair scheduling, keepalive).
 //!
 //! # The contract every state machine follows
 //! Each is fed input and asked for output, never the other way round:
-//! 1. Input: `handle_input(now, bytes)` for bytes read from a stream,
+//! 1. Input: `handle_input(now, bytes)` for bytes read from a stream (a
+//!    [`link::Link`] takes one decrypted frame: `handle_frame(now, frame)`),
 //!    `handle_closed` when the stream closed (the registry also takes
 //!    `accept`; clients `connect`), and `handle_timeout(now)` once the time
 //!    returned by `poll_timeout()` has come.
@@ -75,6 +78,7 @@ pub mod client;
 pub mod directory;
 pub mod frame;
 pub mod keys;
+pub mod link;
 pub mod message;
 pub mod noise;
 pub mod range;

@@ -40,6 +40,9 @@ pub enum Intent {
     Control,
     /// A byte tunnel to a service's backend.
     Tunnel,
+    /// A link to a service: many streams multiplexed on one session
+    /// ([`crate::link`]).
+    Link,
 }
 
 /// Optional features a peer supports, one bit each, exchanged in the
@@ -113,6 +116,7 @@ impl Hello {
         intent.copy_from_slice(&[match self.intent {
             Intent::Control => 1,
             Intent::Tunnel => 2,
+            Intent::Link => 3,
         }]);
         let (key, caps) = rest.split_at_mut(32);
         key.copy_from_slice(self.key.as_bytes());
@@ -130,6 +134,7 @@ impl Hello {
         let intent = match intent {
             1 => Intent::Control,
             2 => Intent::Tunnel,
+            3 => Intent::Link,
             _ => return Err(NoiseError::BadHello),
         };
         // Not checked here: the responder compares its X25519 form with the
@@ -633,6 +638,19 @@ mod tests {
         assert_eq!(hello.capabilities, Capabilities(1 << 63 | 1 << 5));
         assert_eq!(hello.capabilities.common(CAPABILITIES), CAPABILITIES, "unknown bits are not used");
         assert_eq!(init.finish(&body(&reply)).unwrap().0, CAPABILITIES);
+    }
+
+    #[test]
+    fn every_intent_survives_the_hello() {
+        for intent in [Intent::Control, Intent::Tunnel, Intent::Link] {
+            let hello = Hello {
+                version: PROTOCOL_VERSION,
+                intent,
+                key: pair(1).public(),
+                capabilities: CAPABILITIES,
+            };
+            assert_eq!(Hello::decode(&hello.encode()), Ok(hello));
+        }
     }
 
     #[test]

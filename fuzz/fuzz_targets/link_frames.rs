@@ -1,0 +1,163 @@
+//! A link fed arbitrary frames (raw bytes, and well-formed frames with
+//! arbitrary fields, which reach deeper than random bytes) interleaved with
+//! arbitrary driver operations and time passing. It must never panic, never
+//! hold more than its link window or its stream cap, send only frames that
+//! decode, and free every stream once closed.
+#![no_main]
+
+use std::time::{Duration, Instant};
+
+use arbitrary::Arbitrary;
+use libfuzzer_sys::fuzz_target;
+use seaport_proto::link::{
+    Frame, HEADER_LEN, Incoming, Link, LinkConfig, LinkEvent, MAX_DATA, Reason, Side, StreamId,
+};
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    Raw(Vec<u8>),
+    Open { id: u8, window: u32 },
+    Accept { id: u8, window: u32 },
+    Data { id: u8, len: u16 },
+    End { id: u8 },
+    Reset { id: u8, reason: u8 },
+    Window { id: u8, increment: u32 },
+    Ping { nonce: u64 },
+    Pong { nonce: u64 },
+    GoAway { reason: u8 },
+    // Driver operations.
+    LocalOpen,
+    LocalAccept { id: u8 },
+    LocalRefuse { id: u8 },
+    Send { id: u8, len: u16 },
+    Schedule { id: u8 },
+    NextSend,
+    LocalEnd { id: u8 },
+    LocalReset { id: u8 },
+    Consume { id: u8, n: u16 },
+    LocalGoAway,
+    Closed,
+    Tick { millis: u16 },
+}
+
+fuzz_target!(|input: (bool, u8, Vec<Op>)| {
+    let (proxy, shape, ops) = input;
+    let side = if proxy { Side::Proxy } else { Side::Service };
+    let config = LinkConfig {
+        max_streams: usize::from(shape % 8),
+        initial_stream_window: 1 + u32::from(shape) * 97,
+        max_stream_window: 4096,
+        link_window: 0,
+        max_frame_shared: 100,
+        max_frame_alone: 1000,
+        keepalive: Duration::from_secs(1),
+        dead_after: Duration::from_secs(3),
+    };
+    let mut now = Instant::now();
+    let mut link = Link::new(side, config, now);
+    let window = link.config().link_window as usize;
+    let payload = vec![0x5a; MAX_DATA];
+    let mut frame = Vec::new();
+    let mut out = vec![0; HEADER_LEN + MAX_DATA];
+    for op in ops.into_iter().take(512) {
+        let id = |n: u8| StreamId::new(u32::from(n));
+        let peer = match &op {
+            Op::Open { id: n, window } => Some(Frame::Open { id: id(*n), window: *window }),
+            Op::Accept { id: n, window } => Some(Frame::Accept { id: id(*n), window: *window }),
+            Op::Data { id: n, len } => {
+                let len = usize::from(*len).clamp(1, MAX_DATA);
+                Some(Frame::Data { id: id(*n), bytes: &payload[..len] })
+            }
+            Op::End { id: n } => Some(Frame::End { id: id(*n) }),
+            Op::Reset { id: n, reason } => {
+                Some(Frame::Reset { id: id(*n), reason: Reason(u32::from(*reason)) })
+            }
+            Op::Window { id: n, increment } => Some(Frame::Window { id: id(*n), increment: *increment }),
+            Op::Ping { nonce } => Some(Frame::Ping { nonce: *nonce }),
+            Op::Pong { nonce } => Some(Frame::Pong { nonce: *nonce }),
+            Op::GoAway { reason } => Some(Frame::GoAway { reason: Reason(u32::from(reason % 3)) }),
+            _ => None,
+        };
+        if let Some(f) = peer {
+            frame.clear();
+            f.encode(&mut frame);
+        }
+        match op {
+            Op::Raw(bytes) => feed(&mut link, now, &bytes),
+            Op::Open { .. }
+            | Op::Accept { .. }
+            | Op::Data { .. }
+            | Op::End { .. }
+            | Op::Reset { .. }
+            | Op::Window { .. }
+            | Op::Ping { .. }
+            | Op::Pong { .. }
+            | Op::GoAway { .. } => feed(&mut link, now, &frame),
+            Op::LocalOpen => drop(link.open(now)),
+            Op::LocalAccept { id: n } => drop(link.accept(id(n))),
+            Op::LocalRefuse { id: n } => drop(link.refuse(id(n), Reason::REFUSED)),
+            Op::Send { id: n, len } => {
+                let credit = link.send_credit(id(n));
+                let len = usize::from(len);
+                let result = link.data_header(id(n), len, &mut out);
+                // What send_credit promised (fairness aside) is always accepted.
+                assert!(len == 0 || len > credit || result.is_ok() || credit == 0, "{result:?}");
+                if let Ok(header) = result {
+                    assert_eq!(
+                        Frame::decode(&out[..header + len]).map(|f| f.kind()).ok(),
+                        Some(seaport_proto::link::FrameKind::Data)
+                    );
+                }
+            }
+            Op::Schedule { id: n } => drop(link.want_send(id(n))),
+            Op::NextSend => {
+                if let Some((sid, credit)) = link.next_send() {
+                    assert!(credit > 0 && credit <= 1000);
+                    link.data_header(sid, credit, &mut out).unwrap();
+                }
+            }
+            Op::LocalEnd { id: n } => drop(link.end(id(n))),
+            Op::LocalReset { id: n } => drop(link.reset(id(n), Reason::CANCELLED)),
+            Op::Consume { id: n, n: k } => drop(link.consumed(now, id(n), usize::from(k))),
+            Op::LocalGoAway => link.go_away(),
+            Op::Closed => link.handle_closed(),
+            Op::Tick { millis } => {
+                now += Duration::from_millis(u64::from(millis));
+                if link.poll_timeout().is_some_and(|t| t <= now) {
+                    link.handle_timeout(now);
+                }
+            }
+        }
+        // The driver's duty: drain what the link wants to send, then its events.
+        let mut sent = Vec::new();
+        let mut frames = 0;
+        while link.poll_transmit(&mut sent) {
+            let f = Frame::decode(&sent).expect("the link sent a frame that does not decode");
+            assert!(!matches!(f, Frame::Data { .. }), "data from poll_transmit");
+            sent.clear();
+            frames += 1;
+            assert!(frames <= 4096 + 16, "control queue grew without bound");
+        }
+        while let Some(event) = link.poll_event() {
+            if let LinkEvent::Closed { .. } = event {
+                assert!(link.is_closed());
+            }
+        }
+        assert!(link.buffered() <= window);
+        assert!(link.stream_count() <= link.config().max_streams);
+        if link.is_closed() {
+            assert_eq!(link.stream_count(), 0);
+            assert_eq!(link.buffered(), 0);
+        }
+    }
+});
+
+/// Hands one frame to the link; data is consumed at once half the time.
+fn feed(link: &mut Link, now: Instant, frame: &[u8]) {
+    if let Ok(Some(Incoming::Data { id, bytes })) = link.handle_frame(now, frame) {
+        assert!(!bytes.is_empty());
+        if bytes.len() % 2 == 0 {
+            link.consumed(now, id, bytes.len()).unwrap();
+        }
+    }
+}

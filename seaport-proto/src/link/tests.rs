@@ -1,0 +1,567 @@
+//! Each rule of the link on its own: what a peer may not do and what
+//! happens when it does, and the bookkeeping of one stream's life.
+
+use super::*;
+
+fn t0() -> Instant {
+    Instant::now()
+}
+
+fn frame(f: Frame<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    f.encode(&mut out);
+    out
+}
+
+/// Everything `link` wants to send, decoded.
+fn sent(link: &mut Link) -> Vec<Frame<'static>> {
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    while link.poll_transmit(&mut buf) {
+        let f = Frame::decode(&buf).unwrap();
+        out.push(match f {
+            Frame::Data { .. } => panic!("data from poll_transmit"),
+            Frame::Open { id, window } => Frame::Open { id, window },
+            Frame::Accept { id, window } => Frame::Accept { id, window },
+            Frame::End { id } => Frame::End { id },
+            Frame::Reset { id, reason } => Frame::Reset { id, reason },
+            Frame::Window { id, increment } => Frame::Window { id, increment },
+            Frame::Ping { nonce } => Frame::Ping { nonce },
+            Frame::Pong { nonce } => Frame::Pong { nonce },
+            Frame::GoAway { reason } => Frame::GoAway { reason },
+        });
+        buf.clear();
+    }
+    out
+}
+
+fn events(link: &mut Link) -> Vec<LinkEvent> {
+    std::iter::from_fn(|| link.poll_event()).collect()
+}
+
+fn small() -> LinkConfig {
+    LinkConfig {
+        max_streams: 2,
+        initial_stream_window: 100,
+        max_stream_window: 100,
+        link_window: INITIAL_LINK_WINDOW,
+        ..LinkConfig::default()
+    }
+}
+
+/// A service link (start-up frames drained) with stream 1 opened by the
+/// proxy, accepted, with `window` bytes of credit to send.
+fn service_with_stream(now: Instant, window: u32) -> Link {
+    let mut s = Link::new(Side::Service, small(), now);
+    sent(&mut s);
+    s.handle_frame(now, &frame(Frame::Open { id: StreamId::new(1), window })).unwrap();
+    assert_eq!(events(&mut s), [LinkEvent::Opened { id: StreamId::new(1) }]);
+    s.accept(StreamId::new(1)).unwrap();
+    assert_eq!(sent(&mut s), [Frame::Accept { id: StreamId::new(1), window: 100 }]);
+    s
+}
+
+fn data(id: u32, len: usize) -> Vec<u8> {
+    frame(Frame::Data { id: StreamId::new(id), bytes: &vec![7; len] })
+}
+
+/// Asserts `bytes` ends the link with `error`, resets every stream and says so to the peer.
+fn fails(link: &mut Link, bytes: &[u8], error: LinkError) {
+    let now = t0();
+    let streams = link.stream_count();
+    events(link);
+    assert_eq!(link.handle_frame(now, bytes), Err(error.clone()));
+    let got = events(link);
+    let (last, resets) = got.split_last().unwrap();
+    assert_eq!(last, &LinkEvent::Closed { error: error.clone() });
+    assert_eq!(resets.len(), streams);
+    assert!(resets.iter().all(|e| matches!(e, LinkEvent::Reset { reason: Reason::LINK_LOST, .. })));
+    let goaway: Vec<_> = error.wire_reason().map(|reason| Frame::GoAway { reason }).into_iter().collect();
+    assert_eq!(sent(link), goaway);
+    assert!(link.is_closed() && link.stream_count() == 0 && link.buffered() == 0);
+    assert_eq!(link.poll_timeout(), None);
+    // Frames after the end are ignored; operations are refused.
+    assert_eq!(link.handle_frame(now, &data(1, 1)), Ok(None));
+    assert_eq!(link.want_send(StreamId::new(1)), Err(StreamError::LinkClosed));
+}
+
+#[test]
+fn stream_state_is_small() {
+    assert!(std::mem::size_of::<Stream>() <= 48, "{}", std::mem::size_of::<Stream>());
+}
+
+#[test]
+fn a_new_link_raises_its_window_and_pings() {
+    let now = t0();
+    let mut link = Link::new(Side::Proxy, LinkConfig::default(), now);
+    assert_eq!(
+        sent(&mut link),
+        [
+            Frame::Window { id: StreamId::LINK, increment: 16 * 1024 * 1024 - INITIAL_LINK_WINDOW },
+            Frame::Ping { nonce: 1 }
+        ]
+    );
+    assert_eq!(link.poll_timeout(), Some(now + Duration::from_secs(10)));
+    link.handle_frame(now + Duration::from_millis(30), &frame(Frame::Pong { nonce: 1 })).unwrap();
+    assert_eq!(link.rtt(), Some(Duration::from_millis(30)));
+    // A pong that answers nothing changes nothing.
+    link.handle_frame(now + Duration::from_millis(90), &frame(Frame::Pong { nonce: 1 })).unwrap();
+    assert_eq!(link.rtt(), Some(Duration::from_millis(30)));
+}
+
+#[test]
+fn pings_are_answered_once_however_many_come() {
+    let now = t0();
+    let mut link = Link::new(Side::Service, small(), now);
+    sent(&mut link);
+    for nonce in 0..1000 {
+        link.handle_frame(now, &frame(Frame::Ping { nonce })).unwrap();
+    }
+    assert_eq!(sent(&mut link), [Frame::Pong { nonce: 999 }]);
+}
+
+#[test]
+fn a_full_stream_life_frees_its_state() {
+    let now = t0();
+    let id = StreamId::new(1);
+    let mut s = service_with_stream(now, 50);
+    // Data in, consumed; end both ways.
+    assert_eq!(s.handle_frame(now, &data(1, 30)), Ok(Some(Incoming::Data { id, bytes: &[7; 30] })));
+    assert_eq!(s.buffered(), 30);
+    let mut buf = vec![0; HEADER_LEN + 50];
+    assert_eq!(s.send_credit(id), 50);
+    assert_eq!(s.data_header(id, 50, &mut buf), Ok(HEADER_LEN));
+    assert_eq!(Frame::decode(&buf), Ok(Frame::Data { id, bytes: &[0; 50] }));
+    assert_eq!(s.send_credit(id), 0);
+    s.end(id).unwrap();
+    s.handle_frame(now, &frame(Frame::End { id })).unwrap();
+    assert_eq!(events(&mut s), [LinkEvent::End { id }]);
+    assert_eq!(s.stream_count(), 1, "30 bytes not consumed yet");
+    s.consumed(now, id, 30).unwrap();
+    assert_eq!(s.stream_count(), 0);
+    assert_eq!(s.buffered(), 0);
+    assert_eq!(sent(&mut s), [Frame::End { id }], "no window update for an ended direction");
+    // Late frames for the stream are ignored; a consume for it is a stale call.
+    s.handle_frame(now, &frame(Frame::Window { id, increment: 5 })).unwrap();
+    s.handle_frame(now, &frame(Frame::Reset { id, reason: Reason::CANCELLED })).unwrap();
+    assert_eq!(events(&mut s), []);
+    assert_eq!(s.consumed(now, id, 1), Err(StreamError::Unknown(id)));
+}
+
+#[test]
+fn windows_are_returned_in_half_window_batches_and_grow_when_drained_fast() {
+    let now = t0();
+    let id = StreamId::new(1);
+    let mut config = small();
+    config.max_stream_window = 400;
+    let mut s = Link::new(Side::Service, config, now);
+    sent(&mut s);
+    s.handle_frame(now, &frame(Frame::Open { id, window: 0 })).unwrap();
+    s.accept(id).unwrap();
+    sent(&mut s);
+    s.handle_frame(now, &data(1, 100)).unwrap();
+    assert!(matches!(s.handle_frame(now, &data(1, 1)), Err(LinkError::StreamWindowExceeded { .. })));
+
+    let mut s = Link::new(Side::Service, LinkConfig { max_stream_window: 400, ..small() }, now);
+    sent(&mut s);
+    s.handle_frame(now, &frame(Frame::Open { id, window: 0 })).unwrap();
+    s.accept(id).unwrap();
+    sent(&mut s);
+    s.handle_frame(now, &data(1, 100)).unwrap();
+    s.consumed(now, id, 49).unwrap();
+    assert_eq!(sent(&mut s), []);
+    // Half the window consumed within two RTTs of the start: the window doubles.
+    s.consumed(now, id, 1).unwrap();
+    assert_eq!(sent(&mut s), [Frame::Window { id, increment: 150 }]);
+    s.handle_frame(now, &data(1, 150)).unwrap();
+    // Slowly consumed: the window stays at 200.
+    let later = now + Duration::from_secs(5);
+    s.consumed(later, id, 100).unwrap();
+    assert_eq!(sent(&mut s), [Frame::Window { id, increment: 100 }]);
+    s.handle_frame(later, &data(1, 100)).unwrap();
+    assert_eq!(s.buffered(), 200);
+    assert!(matches!(
+        s.handle_frame(later, &data(1, 1)),
+        Err(LinkError::StreamWindowExceeded { len: 1, allowed: 0, .. })
+    ));
+}
+
+#[test]
+fn link_credit_is_returned_for_data_on_forgotten_streams() {
+    let now = t0();
+    let id = StreamId::new(1);
+    let mut s = service_with_stream(now, 50);
+    s.handle_frame(now, &data(1, 60)).unwrap();
+    // Reset with 60 bytes unconsumed: they count as consumed for the link.
+    s.reset(id, Reason::BACKEND_ERROR).unwrap();
+    assert_eq!(s.buffered(), 0);
+    // Data that crossed the reset.
+    for _ in 0..(INITIAL_LINK_WINDOW as usize / 2 - 60) / 100 {
+        assert_eq!(s.handle_frame(now, &data(1, 100)), Ok(None));
+    }
+    assert_eq!(sent(&mut s), [Frame::Reset { id, reason: Reason::BACKEND_ERROR }]);
+    s.handle_frame(now, &data(1, 100)).unwrap();
+    let update = sent(&mut s);
+    assert!(
+        matches!(update[..], [Frame::Window { id: StreamId::LINK, increment }] if increment >= INITIAL_LINK_WINDOW / 2)
+    );
+}
+
+#[test]
+fn the_link_window_bounds_what_a_peer_can_make_us_buffer() {
+    let now = t0();
+    let mut config = small();
+    config.max_streams = 100;
+    config.initial_stream_window = 60_000;
+    config.max_stream_window = 60_000;
+    let mut s = Link::new(Side::Service, config, now);
+    for n in 1..=2 {
+        s.handle_frame(now, &frame(Frame::Open { id: StreamId::new(n), window: 0 })).unwrap();
+        s.accept(StreamId::new(n)).unwrap();
+    }
+    sent(&mut s);
+    for _ in 0..6 {
+        s.handle_frame(now, &data(1, 10_000)).unwrap();
+    }
+    s.handle_frame(now, &data(2, 5536)).unwrap();
+    assert_eq!(s.buffered(), INITIAL_LINK_WINDOW as usize);
+    fails(&mut s, &data(2, 1), LinkError::LinkWindowExceeded { len: 1, allowed: 0 });
+}
+
+#[test]
+fn protocol_violations_end_the_link() {
+    let now = t0();
+    let id = StreamId::new(1);
+    let kind_data = FrameKind::Data;
+    let cases: Vec<(Side, Vec<Vec<u8>>, LinkError)> = vec![
+        (Side::Service, vec![vec![0x42, 0, 0, 0, 1]], LinkError::Malformed(FrameError::UnknownType(0x42))),
+        (Side::Proxy, vec![frame(Frame::Open { id, window: 1 })], LinkError::WrongDirection(FrameKind::Open)),
+        (
+            Side::Service,
+            vec![frame(Frame::Accept { id, window: 1 })],
+            LinkError::WrongDirection(FrameKind::Accept),
+        ),
+        (
+            Side::Service,
+            vec![
+                frame(Frame::Open { id: StreamId::new(5), window: 1 }),
+                frame(Frame::Open { id, window: 1 }),
+            ],
+            LinkError::StreamIdReused(id),
+        ),
+        (
+            Side::Service,
+            vec![frame(Frame::Open { id, window: 1 }), frame(Frame::Open { id, window: 1 })],
+            LinkError::StreamIdReused(id),
+        ),
+        (Side::Service, vec![data(1, 1)], LinkError::UnknownStream { id, kind: kind_data }),
+        (
+            Side::Proxy,
+            vec![frame(Frame::Window { id, increment: 1 })],
+            LinkError::UnknownStream { id, kind: FrameKind::Window },
+        ),
+        (
+            Side::Proxy,
+            vec![frame(Frame::Reset { id, reason: Reason::REFUSED })],
+            LinkError::UnknownStream { id, kind: FrameKind::Reset },
+        ),
+        (
+            Side::Service,
+            vec![frame(Frame::Open { id, window: 1 }), data(1, 1)],
+            LinkError::Unexpected { id, kind: kind_data, when: "before ACCEPT" },
+        ),
+        (
+            Side::Service,
+            vec![frame(Frame::Open { id, window: 1 }), frame(Frame::End { id })],
+            LinkError::Unexpected { id, kind: FrameKind::End, when: "before ACCEPT" },
+        ),
+        (
+            Side::Service,
+            vec![frame(Frame::Open { id, window: MAX_WINDOW }), frame(Frame::Window { id, increment: 1 })],
+            LinkError::CreditOverflow(id),
+        ),
+        (
+            Side::Service,
+            vec![frame(Frame::Window { id: StreamId::LINK, increment: MAX_WINDOW })],
+            LinkError::CreditOverflow(StreamId::LINK),
+        ),
+        (
+            Side::Service,
+            vec![frame(Frame::GoAway { reason: Reason::PROTOCOL })],
+            LinkError::PeerAborted(Reason::PROTOCOL),
+        ),
+    ];
+    for (side, frames, error) in cases {
+        let mut link = Link::new(side, small(), now);
+        sent(&mut link);
+        let (last, before) = frames.split_last().unwrap();
+        for f in before {
+            link.handle_frame(now, f).unwrap();
+        }
+        fails(&mut link, last, error);
+    }
+}
+
+#[test]
+fn stream_state_violations_end_the_link() {
+    let now = t0();
+    let id = StreamId::new(1);
+    let mut s = service_with_stream(now, 10);
+    s.handle_frame(now, &frame(Frame::End { id })).unwrap();
+    fails(&mut s, &data(1, 1), LinkError::Unexpected { id, kind: FrameKind::Data, when: "after END" });
+
+    let mut s = service_with_stream(now, 10);
+    s.handle_frame(now, &frame(Frame::End { id })).unwrap();
+    fails(
+        &mut s,
+        &frame(Frame::End { id }),
+        LinkError::Unexpected { id, kind: FrameKind::End, when: "after END" },
+    );
+
+    let mut p = Link::new(Side::Proxy, small(), now);
+    let id = p.open(now).unwrap();
+    fails(&mut p, &data(1, 1), LinkError::Unexpected { id, kind: FrameKind::Data, when: "before ACCEPT" });
+
+    let mut p = Link::new(Side::Proxy, small(), now);
+    p.open(now).unwrap();
+    p.handle_frame(now, &frame(Frame::Accept { id, window: 1 })).unwrap();
+    fails(
+        &mut p,
+        &frame(Frame::Accept { id, window: 1 }),
+        LinkError::Unexpected { id, kind: FrameKind::Accept, when: "after ACCEPT" },
+    );
+}
+
+#[test]
+fn opens_beyond_the_limit_or_after_go_away_are_reset_not_fatal() {
+    let now = t0();
+    let mut s = Link::new(Side::Service, small(), now);
+    sent(&mut s);
+    for n in 1..=3 {
+        s.handle_frame(now, &frame(Frame::Open { id: StreamId::new(n), window: 1 })).unwrap();
+    }
+    assert_eq!(s.stream_count(), 2);
+    assert_eq!(sent(&mut s), [Frame::Reset { id: StreamId::new(3), reason: Reason::STREAM_LIMIT }]);
+    // Data crossing that reset is dropped quietly.
+    assert_eq!(s.handle_frame(now, &data(3, 10)), Ok(None));
+    s.go_away();
+    s.handle_frame(now, &frame(Frame::Open { id: StreamId::new(4), window: 1 })).unwrap();
+    assert_eq!(
+        sent(&mut s),
+        [
+            Frame::GoAway { reason: Reason::NO_ERROR },
+            Frame::Reset { id: StreamId::new(4), reason: Reason::GOING_AWAY }
+        ]
+    );
+    // Drained once the open streams are gone.
+    s.refuse(StreamId::new(1), Reason::REFUSED).unwrap();
+    assert!(!events(&mut s).contains(&LinkEvent::Drained));
+    s.refuse(StreamId::new(2), Reason::UNREACHABLE).unwrap();
+    assert_eq!(events(&mut s).last(), Some(&LinkEvent::Drained));
+    assert!(!s.is_closed());
+}
+
+#[test]
+fn a_peer_that_opens_without_reading_is_cut_off() {
+    let now = t0();
+    let mut s = Link::new(Side::Service, LinkConfig { max_streams: 0, ..small() }, now);
+    sent(&mut s);
+    let mut result = Ok(());
+    for n in 1..=CONTROL_BACKLOG as u32 + 1 {
+        result = s.handle_frame(now, &frame(Frame::Open { id: StreamId::new(n), window: 1 })).map(|_| ());
+        if result.is_err() {
+            break;
+        }
+    }
+    assert_eq!(result, Err(LinkError::Flooded));
+    assert_eq!(s.stream_count(), 0);
+}
+
+#[test]
+fn proxy_sees_refusal_before_accept_and_reset_after() {
+    let now = t0();
+    let mut p = Link::new(Side::Proxy, small(), now);
+    sent(&mut p);
+    let a = p.open(now).unwrap();
+    let b = p.open(now).unwrap();
+    assert_eq!((a, b), (StreamId::new(1), StreamId::new(2)));
+    assert_eq!(p.open(now), Err(StreamError::StreamLimit));
+    assert_eq!(sent(&mut p), [Frame::Open { id: a, window: 100 }, Frame::Open { id: b, window: 100 }]);
+    assert_eq!(p.send_credit(a), 0);
+    assert_eq!(p.want_send(a), Err(StreamError::NotAccepted(a)));
+    assert_eq!(p.data_header(a, 1, &mut [0; 8]), Err(StreamError::NotAccepted(a)));
+    assert_eq!(p.end(a), Err(StreamError::NotAccepted(a)));
+    assert_eq!(p.accept(a), Err(StreamError::WrongSide));
+    p.handle_frame(now, &frame(Frame::Reset { id: a, reason: Reason::REFUSED })).unwrap();
+    p.handle_frame(now, &frame(Frame::Accept { id: b, window: 10 })).unwrap();
+    p.handle_frame(now, &frame(Frame::Reset { id: b, reason: Reason::BACKEND_ERROR })).unwrap();
+    assert_eq!(
+        events(&mut p),
+        [
+            LinkEvent::Refused { id: a, reason: Reason::REFUSED },
+            LinkEvent::Accepted { id: b },
+            LinkEvent::Reset { id: b, reason: Reason::BACKEND_ERROR }
+        ]
+    );
+    // Ids are never reused.
+    assert_eq!(p.open(now), Ok(StreamId::new(3)));
+    // The service's go-away stops opens.
+    p.handle_frame(now, &frame(Frame::GoAway { reason: Reason::NO_ERROR })).unwrap();
+    assert_eq!(p.open(now), Err(StreamError::GoingAway));
+    assert_eq!(events(&mut p), [LinkEvent::GoAway]);
+    p.reset(StreamId::new(3), Reason::CANCELLED).unwrap();
+    assert_eq!(events(&mut p), [LinkEvent::Drained]);
+}
+
+#[test]
+fn misuse_is_an_error_value_and_changes_nothing() {
+    let now = t0();
+    let id = StreamId::new(1);
+    let mut s = service_with_stream(now, 10);
+    assert_eq!(s.open(now), Err(StreamError::WrongSide));
+    assert_eq!(s.accept(id), Err(StreamError::AlreadyAccepted(id)));
+    assert_eq!(s.refuse(id, Reason::REFUSED), Err(StreamError::AlreadyAccepted(id)));
+    assert_eq!(s.accept(StreamId::new(9)), Err(StreamError::Unknown(StreamId::new(9))));
+    assert_eq!(s.data_header(id, 11, &mut [0; 32]), Err(StreamError::NoCredit { id, len: 11, credit: 10 }));
+    assert_eq!(s.data_header(id, 0, &mut [0; 32]), Err(StreamError::NoCredit { id, len: 0, credit: 10 }));
+    assert_eq!(s.data_header(id, 1, &mut [0; 4]), Err(StreamError::BufferTooSmall));
+    assert_eq!(s.consumed(now, id, 1), Err(StreamError::OverConsumed { id, n: 1, unconsumed: 0 }));
+    assert_eq!(s.send_credit(id), 10);
+    s.end(id).unwrap();
+    assert_eq!(s.end(id), Err(StreamError::Ended(id)));
+    assert_eq!(s.want_send(id), Err(StreamError::Ended(id)));
+    assert_eq!(s.data_header(id, 1, &mut [0; 32]), Err(StreamError::Ended(id)));
+    assert_eq!(s.send_credit(id), 0);
+    s.reset(id, Reason::CANCELLED).unwrap();
+    assert_eq!(s.reset(id, Reason::CANCELLED), Err(StreamError::Unknown(id)));
+}
+
+#[test]
+fn accepted_stream_sends_only_once_accept_is_out_and_wakes_on_credit() {
+    let now = t0();
+    let id = StreamId::new(1);
+    let mut s = Link::new(Side::Service, small(), now);
+    sent(&mut s);
+    s.handle_frame(now, &frame(Frame::Open { id, window: 10 })).unwrap();
+    s.accept(id).unwrap();
+    s.want_send(id).unwrap();
+    assert_eq!(s.next_send(), None, "ACCEPT not transmitted yet");
+    assert_eq!(s.data_header(id, 1, &mut [0; 8]), Err(StreamError::NotAccepted(id)));
+    sent(&mut s);
+    assert_eq!(events(&mut s), [LinkEvent::Opened { id }, LinkEvent::Writable { id }]);
+    assert_eq!(s.next_send(), Some((id, 10)));
+    s.data_header(id, 10, &mut [0; 8]).unwrap();
+    s.want_send(id).unwrap();
+    assert_eq!(s.next_send(), None);
+    s.handle_frame(now, &frame(Frame::Window { id, increment: 4 })).unwrap();
+    assert_eq!(events(&mut s), [LinkEvent::Writable { id }]);
+    assert_eq!(s.next_send(), Some((id, 4)));
+}
+
+#[test]
+fn streams_blocked_on_the_link_window_wake_when_it_opens() {
+    let now = t0();
+    let mut config = small();
+    config.initial_stream_window = MAX_WINDOW;
+    let mut p = Link::new(Side::Proxy, config, now);
+    let (a, b) = (p.open(now).unwrap(), p.open(now).unwrap());
+    for id in [a, b] {
+        p.handle_frame(now, &frame(Frame::Accept { id, window: MAX_WINDOW })).unwrap();
+    }
+    let mut buf = vec![0; HEADER_LEN];
+    let mut total = 0;
+    while let Some(credit) = Some(p.send_credit(a)).filter(|c| *c > 0) {
+        p.data_header(a, credit, &mut buf).unwrap();
+        total += credit;
+    }
+    assert_eq!(total, INITIAL_LINK_WINDOW as usize);
+    assert_eq!(p.send_credit(b), 0);
+    events(&mut p);
+    p.handle_frame(now, &frame(Frame::Window { id: StreamId::LINK, increment: 100 })).unwrap();
+    assert_eq!(events(&mut p), [LinkEvent::Writable { id: a }, LinkEvent::Writable { id: b }]);
+}
+
+#[test]
+fn round_robin_caps_frames_while_others_wait() {
+    let now = t0();
+    let mut p = Link::new(Side::Proxy, LinkConfig::default(), now);
+    let ids: Vec<_> = (0..3).map(|_| p.open(now).unwrap()).collect();
+    for &id in &ids {
+        p.handle_frame(now, &frame(Frame::Accept { id, window: MAX_WINDOW })).unwrap();
+    }
+    p.handle_frame(now, &frame(Frame::Window { id: StreamId::LINK, increment: 1 << 30 })).unwrap();
+    p.want_send(ids[0]).unwrap();
+    assert_eq!(p.next_send(), Some((ids[0], MAX_DATA)), "alone: a full frame");
+    for &id in &ids {
+        p.want_send(id).unwrap();
+    }
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        let (id, credit) = p.next_send().unwrap();
+        order.push(id);
+        p.data_header(id, credit, &mut [0; HEADER_LEN]).unwrap();
+        p.want_send(id).unwrap();
+        assert!(credit <= 16 * 1024);
+    }
+    assert_eq!(order, [ids[0], ids[1], ids[2], ids[0], ids[1], ids[2]]);
+}
+
+#[test]
+fn silence_kills_the_link_and_resets_its_streams() {
+    let now = t0();
+    let mut p = Link::new(Side::Proxy, LinkConfig::default(), now);
+    let id = p.open(now).unwrap();
+    sent(&mut p);
+    let mut at = now;
+    let mut pings = 0;
+    while let Some(deadline) = p.poll_timeout() {
+        at = deadline;
+        p.handle_timeout(at);
+        pings += sent(&mut p).len();
+    }
+    assert_eq!(at, now + Duration::from_secs(30));
+    assert_eq!(pings, 2, "pings at 10 s and 20 s");
+    assert_eq!(
+        events(&mut p),
+        [
+            LinkEvent::Reset { id, reason: Reason::LINK_LOST },
+            LinkEvent::Closed { error: LinkError::Silent(Duration::from_secs(30)) }
+        ]
+    );
+    assert_eq!(p.open(now), Err(StreamError::LinkClosed));
+}
+
+#[test]
+fn a_closed_transport_resets_every_stream() {
+    let now = t0();
+    let mut p = Link::new(Side::Proxy, LinkConfig::default(), now);
+    let ids: Vec<_> = (0..3).map(|_| p.open(now).unwrap()).collect();
+    sent(&mut p);
+    p.handle_closed();
+    let mut expected: Vec<_> =
+        ids.iter().map(|&id| LinkEvent::Reset { id, reason: Reason::LINK_LOST }).collect();
+    expected.push(LinkEvent::Closed { error: LinkError::Closed });
+    assert_eq!(events(&mut p), expected);
+    assert_eq!(sent(&mut p), [], "nothing to say on a closed transport");
+}
+
+#[test]
+fn config_is_clamped() {
+    let now = t0();
+    let config = LinkConfig {
+        initial_stream_window: 0,
+        max_stream_window: 0,
+        link_window: 1,
+        max_frame_alone: usize::MAX,
+        max_frame_shared: usize::MAX,
+        keepalive: Duration::ZERO,
+        dead_after: Duration::MAX,
+        ..LinkConfig::default()
+    };
+    let link = Link::new(Side::Proxy, config, now);
+    let c = link.config();
+    assert_eq!((c.initial_stream_window, c.max_stream_window, c.link_window), (1, 1, INITIAL_LINK_WINDOW));
+    assert_eq!((c.max_frame_alone, c.max_frame_shared), (MAX_DATA, MAX_DATA));
+    assert_eq!(c.keepalive, Duration::from_millis(1));
+    assert_eq!(c.dead_after, MAX_INTERVAL);
+}
