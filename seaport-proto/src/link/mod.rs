@@ -461,7 +461,8 @@ pub struct Link {
     unconsumed: u32,
     /// Link bytes consumed (or discarded) and not yet credited back.
     pending: u32,
-    /// Streams waiting to send, round robin; each at most once (`queued`).
+    /// Streams waiting to send, round robin; each live stream at most once
+    /// (`queued`), and no forgotten one.
     ready: VecDeque<u32>,
     /// Control frames to send, in order. Never `Data`.
     control: VecDeque<Frame<'static>>,
@@ -1026,6 +1027,10 @@ impl Link {
     /// their link credit goes back to the peer.
     fn forget(&mut self, id: StreamId) {
         if let Some(s) = self.streams.remove(&id.get()) {
+            if s.queued {
+                // Keeps the ready queue no longer than the live streams.
+                self.ready.retain(|r| *r != id.get());
+            }
             self.unconsumed -= s.unconsumed;
             self.pending += s.unconsumed;
             self.maybe_update_link();

@@ -504,6 +504,10 @@ fn round_robin_caps_frames_while_others_wait() {
         assert!(credit <= 16 * 1024);
     }
     assert_eq!(order, [ids[0], ids[1], ids[2], ids[0], ids[1], ids[2]]);
+    // A reset stream leaves the rotation at once.
+    p.reset(ids[0], Reason::CANCELLED).unwrap();
+    assert_eq!(p.ready.len(), 2);
+    assert_eq!(p.next_send().map(|(id, _)| id), Some(ids[1]));
 }
 
 #[test]
