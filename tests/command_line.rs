@@ -109,9 +109,8 @@ fn values_that_cannot_work_are_refused_with_their_range() {
     let key = key.as_str();
     let proxy = |extra: &[&'static str]| [&[key, "-p", "1", "-r", "db"][..], extra].concat();
     let service = |extra: &[&'static str]| [&[key, "-r", "db@1.0.0"][..], extra].concat();
-    usage_error("seaport-proxy", &proxy(&["--standby-ttl", "0"]), &["--standby-ttl", "1s to 1h"]);
+    usage_error("seaport-proxy", &proxy(&["--connect-timeout", "2h"]), &["--connect-timeout", "0s to 1h"]);
     usage_error("seaport-proxy", &proxy(&["--dial-timeout", "0"]), &["100ms to 1m"]);
-    usage_error("seaport-proxy", &proxy(&["--standby", "1000"]), &["--standby"]);
     usage_error("seaport-proxy", &proxy(&["--drain", "-1"]), &["cannot be negative"]);
     usage_error("seaport-service", &service(&["-p", "0"]), &["--port", "1..=65535"]);
     usage_error("seaport-service", &service(&["-p", "1", "--check-interval", "0"]), &["100ms to 1h"]);

@@ -187,7 +187,7 @@ fn bad_peers_are_dropped_and_good_ones_unaffected() {
     };
 
     let at_registry = thread::spawn(move || attack(registry_addr, registry_key, Intent::Control));
-    let at_service = attack(listen.parse().unwrap(), service_key, Intent::Tunnel);
+    let at_service = attack(listen.parse().unwrap(), service_key, Intent::Link);
     let at_registry = at_registry.join().unwrap();
     stop.store(true, Ordering::Relaxed);
     legit.join().unwrap();

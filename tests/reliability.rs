@@ -225,17 +225,17 @@ fn sigterm_unregisters_first_and_drains_open_tunnels() {
 }
 
 #[test]
-fn standby_tunnels_serve_fail_over_and_retire_cleanly() {
+fn links_fail_over_when_an_instance_dies() {
     let (a, b) = (http_backend("a"), http_backend("b"));
     let reg = registry(&[]);
     let sa = service(&reg.target, a, "warm@1.0.0");
     let sb = service(&reg.target, b, "warm@1.0.1");
-    let (proxy, port) = proxy_with(&reg.target, "warm", 2, &["--standby", "1", "--standby-ttl", "1s"]);
+    let (proxy, port) = proxy(&reg.target, "warm", 2);
     let mut seen = HashSet::new();
     for i in 0..60 {
         if i == 30 {
-            assert_eq!(seen.len(), 2, "both instances served through standby tunnels");
-            // Its standby tunnel is now dead: the proxy must notice and fail over.
+            assert_eq!(seen.len(), 2, "both instances served over their links");
+            // Its link is now dead: the proxy must notice and fail over.
             sa.signal("KILL");
         }
         let (status, body) = http_get(port);
@@ -243,9 +243,9 @@ fn standby_tunnels_serve_fail_over_and_retire_cleanly() {
         seen.insert(body);
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Spares are replaced every second; each retired one ends as a finished
-    // tunnel, never a cut one.
-    std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(sb.count_log("cut off"), 0, "{:#?}", sb.errors());
+    // One link per instance, reused by every request: the survivor saw one.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(proxy.count_log("via direct"), 2, "{:#?}", proxy.errors());
+    assert_eq!(sb.count_log("link ended"), 0, "{:#?}", sb.errors());
     assert_eq!(proxy.count_log("every instance failed"), 0, "{:#?}", proxy.errors());
 }

@@ -10,9 +10,9 @@ use seaport_proto::noise::Intent;
 use seaport_proto::session::Session;
 
 fuzz_target!(|input: (bool, u8, Vec<u8>)| {
-    let (tunnel, cut, bytes) = input;
+    let (link, cut, bytes) = input;
     let local = Keypair::from_seed(&Seed::from_bytes([7; 32]));
-    let intent = if tunnel { Intent::Tunnel } else { Intent::Control };
+    let intent = if link { Intent::Link } else { Intent::Control };
     let now = Instant::now();
     let Ok(mut session) = Session::respond(now, &local, intent, [1; 32], Duration::from_secs(1)) else {
         return;

@@ -107,7 +107,8 @@ fn main() {
 }
 
 /// Raises the open-file limit for this process and its children (10,000 idle
-/// tunnels take 20,000 descriptors in the proxy alone).
+/// client connections take 10,000 descriptors in the proxy, as many in the
+/// service for their backend connections).
 fn raise_fd_limit(want: u64) -> u64 {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let _ = setrlimit(Resource::Nofile, Rlimit { current: Some(want), maximum: Some(want) });
@@ -170,15 +171,6 @@ async fn run(args: &Args) -> Vec<Row> {
     );
     proxy.wait_line("proxy from");
     let seaport_addr: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();
-    // A second proxy with standby tunnels, for the new-connection figure.
-    let standby_port = free_port();
-    let mut standby_proxy = Peer::start(
-        "proxy --standby",
-        &bin.join("seaport-proxy"),
-        &[&target, "-p", &standby_port.to_string(), "-r", "bench", "--standby", "2"],
-    );
-    standby_proxy.wait_line("proxy from");
-    let standby_addr: SocketAddr = format!("127.0.0.1:{standby_port}").parse().unwrap();
     let targets = [backend_addr, relay_addr, seaport_addr];
 
     // Warm up every path.
@@ -230,18 +222,6 @@ async fn run(args: &Args) -> Vec<Row> {
         }
         rows.push(Row::all("new connection to first byte, p50".into(), "µs", Better::Lower, p50));
         rows.push(Row::all("new connection to first byte, p99".into(), "µs", Better::Lower, p99));
-        // Through a proxy with standby tunnels, one connection at a time with a
-        // short pause, so the spare taken is replaced before the next.
-        let mut times = Vec::with_capacity(fresh);
-        for _ in 0..fresh {
-            times.extend(measure::new_connections(standby_addr, 1).await.unwrap());
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        for (p, direct, relay) in [(50.0, p50[0], p50[1]), (99.0, p99[0], p99[1])] {
-            let name = format!("new connection, proxy --standby 2, p{p}");
-            let value = measure::percentile_us(&mut times, p);
-            rows.push(Row::all(name, "µs", Better::Lower, [direct, relay, value]));
-        }
     }
 
     if wants("idle") {
@@ -283,7 +263,7 @@ async fn run(args: &Args) -> Vec<Row> {
             ..Row::seaport(format!("registry lookups, {instances} instances"), "/s", rate)
         });
     }
-    drop((backend, hop1, hop2, registry, service, proxy, standby_proxy));
+    drop((backend, hop1, hop2, registry, service, proxy));
     rows
 }
 

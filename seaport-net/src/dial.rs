@@ -1,7 +1,7 @@
 //! Racing a peer's addresses: every address is tried at once, the first
 //! attempt to finish wins, the others are dropped (which cancels them). Both
 //! the control session (TCP connect to the registry, then its handshake) and
-//! tunnels (connect and handshake to a service) go through [`race`], so an
+//! links (connect and handshake to a service) go through [`race`], so an
 //! address that accepts TCP but cannot complete a handshake never beats one
 //! that can.
 //!

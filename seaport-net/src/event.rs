@@ -20,7 +20,7 @@ pub enum Event {
         /// Its public key, the name clients use.
         key: PublicKey,
     },
-    /// A service's identity is known and its tunnel port is open.
+    /// A service's identity is known and its link port is open.
     ServiceStarted {
         /// The service's public key.
         key: PublicKey,

@@ -4,16 +4,16 @@
 //! - [`clock`]: the one place time is read (tokio's clock).
 //! - [`cli`]: what every binary's `main` shares: logging, durations, exits.
 //! - [`event`]: the stdout event lines, one type for every binary.
+//! - [`handshake`]: a data session's Noise handshake on a TCP stream.
 //! - [`identity`]: seeds from flags, files or the environment; OS entropy.
 //! - [`target`]: the `KEY` / `KEY@HOST:PORT` registry argument and its resolution.
 //! - [`control`]: runs a service or proxy control session with reconnects.
+//! - [`link`]: links (many streams over one Noise session) on tokio; a proxy's link pool.
 //! - [`registry`]: serves the registry state machine on a TCP listener.
 //! - [`dial`]: racing a peer's addresses; dial errors.
-//! - [`tunnel`]: tunnel handshakes, parallel dialing, and the byte pump.
 //! - [`dht`]: publishing and resolving a registry's addresses on mainline.
 //! - [`serve`]: the accept loop and drain the service and proxy share.
 //! - [`signal`]: SIGINT/SIGTERM as a future.
-//! - [`standby`]: a proxy's tunnels opened ahead of need.
 //!
 //! Each async driver is a pure adapter: every protocol decision is made by a
 //! seaport-proto state machine; this crate moves bytes and fires timers.
@@ -26,10 +26,10 @@ pub mod control;
 pub mod dht;
 pub mod dial;
 pub mod event;
+pub mod handshake;
 pub mod identity;
+pub mod link;
 pub mod registry;
 pub mod serve;
 pub mod signal;
-pub mod standby;
 pub mod target;
-pub mod tunnel;

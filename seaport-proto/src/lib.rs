@@ -65,10 +65,10 @@
 //! A known message that does not decode (cut short, an invalid role, over a
 //! limit) is still malformed and ends the session.
 //!
-//! The tunnel data path uses [`session::Session`] for its handshake and then
-//! [`noise::Transport`] directly: data frames carry 1 to
-//! [`noise::MAX_PLAINTEXT`] bytes and an empty frame marks end of stream, so
-//! half-close passes through.
+//! The data path, a [`link`], uses [`session::Session`] for its handshake
+//! only: once established, a data session opens no frame itself and hands
+//! its [`noise::Transport`] and every byte read past the handshake to the
+//! link driver, which carries one [`link::Link`] frame per Noise message.
 
 // Unit tests may panic freely; the non-test build of the crate is held to the
 // workspace's no-unwrap, no-indexing rule.

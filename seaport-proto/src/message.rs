@@ -66,11 +66,11 @@ impl fmt::Display for ErrorCode {
 /// One registered service instance, as lookups and watches report it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Instance {
-    /// The service's identity: what a proxy's tunnel handshake is checked against.
+    /// The service's identity: what a proxy's link handshake is checked against.
     pub key: PublicKey,
     /// Its role.
     pub role: Role,
-    /// Where its tunnel port can be dialed, most likely first.
+    /// Where its link port can be dialed, most likely first.
     pub addrs: Vec<SocketAddr>,
 }
 
@@ -79,14 +79,14 @@ pub struct Instance {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum Message {
-    /// Service → registry: offer `role` on tunnel `port` of the observed
+    /// Service → registry: offer `role` on link `port` of the observed
     /// address and at `addrs`. Re-using an `id` replaces that registration.
     Register {
         /// Chosen by the service, unique within its session.
         id: u32,
         /// What is offered.
         role: Role,
-        /// The service's tunnel port.
+        /// The service's link port.
         port: u16,
         /// Further addresses the service can be dialed at.
         addrs: Vec<SocketAddr>,

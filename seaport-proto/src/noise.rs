@@ -38,8 +38,8 @@ pub const MAX_PLAINTEXT: usize = MAX_FRAME - TAG_LEN;
 pub enum Intent {
     /// A control session with a registry.
     Control,
-    /// A byte tunnel to a service's backend.
-    Tunnel,
+    // Intent byte 2 was the one-connection-per-stream tunnel that links
+    // replaced; it is not reused, so such a peer is refused as unknown.
     /// A link to a service: many streams multiplexed on one session
     /// ([`crate::link`]).
     Link,
@@ -115,7 +115,6 @@ impl Hello {
         let (intent, rest) = rest.split_at_mut(1);
         intent.copy_from_slice(&[match self.intent {
             Intent::Control => 1,
-            Intent::Tunnel => 2,
             Intent::Link => 3,
         }]);
         let (key, caps) = rest.split_at_mut(32);
@@ -133,7 +132,6 @@ impl Hello {
         let version = u16::from_be_bytes(*version);
         let intent = match intent {
             1 => Intent::Control,
-            2 => Intent::Tunnel,
             3 => Intent::Link,
             _ => return Err(NoiseError::BadHello),
         };
@@ -449,7 +447,7 @@ impl Transport {
         self.opener.open(body, out)
     }
 
-    /// The two directions, to be driven independently (a tunnel pumps both at once).
+    /// The two directions, to be driven independently (a link driver reads and writes at once).
     pub fn split(self) -> (Sealer, Opener) {
         (self.sealer, self.opener)
     }
@@ -592,7 +590,7 @@ mod tests {
     fn handshake(e1: [u8; 32], e2: [u8; 32]) -> (Transport, Transport, Hello) {
         let (client, server) = (pair(1), pair(2));
         let mut wire = Vec::new();
-        let init = Initiator::start(&client, &server.public(), Intent::Tunnel, e1, &mut wire).unwrap();
+        let init = Initiator::start(&client, &server.public(), Intent::Link, e1, &mut wire).unwrap();
         let resp = Responder::new(&server, e2).unwrap();
         let mut reply = Vec::new();
         let (hello, server_t) = resp.accept(&body(&wire), &mut reply).unwrap();
@@ -642,7 +640,7 @@ mod tests {
 
     #[test]
     fn every_intent_survives_the_hello() {
-        for intent in [Intent::Control, Intent::Tunnel, Intent::Link] {
+        for intent in [Intent::Control, Intent::Link] {
             let hello = Hello {
                 version: PROTOCOL_VERSION,
                 intent,
@@ -709,7 +707,7 @@ mod tests {
                        msgs in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..200), 1..8)) {
             let (mut c, mut s, hello) = handshake(e1, e2);
             prop_assert_eq!(hello.key, pair(1).public());
-            prop_assert_eq!(hello.intent, Intent::Tunnel);
+            prop_assert_eq!(hello.intent, Intent::Link);
             prop_assert_eq!(c.remote(), pair(2).public());
             prop_assert_eq!(s.remote(), pair(1).public());
             for m in &msgs {

@@ -65,6 +65,9 @@ pub struct Session {
     handshake_deadline: Option<Instant>,
     /// What the peer said it supports in the handshake (none until then).
     remote_capabilities: Capabilities,
+    /// Bytes that came after the handshake on a data session (a link), kept undecoded for the pump that takes the transport over:
+    /// only a control session opens frames itself.
+    after_handshake: Vec<u8>,
 }
 
 impl Session {
@@ -88,6 +91,7 @@ impl Session {
             received: VecDeque::new(),
             handshake_deadline: Some(now + handshake_timeout),
             remote_capabilities: Capabilities::NONE,
+            after_handshake: Vec::new(),
         })
     }
 
@@ -107,6 +111,7 @@ impl Session {
             received: VecDeque::new(),
             handshake_deadline: Some(now + handshake_timeout),
             remote_capabilities: Capabilities::NONE,
+            after_handshake: Vec::new(),
         })
     }
 
@@ -132,6 +137,7 @@ impl Session {
             received: VecDeque::new(),
             handshake_deadline: None,
             remote_capabilities: crate::noise::CAPABILITIES,
+            after_handshake: Vec::new(),
         };
         let (ta, tb) = Transport::pair_for_testing(a.public(), b.public(), entropy, other);
         (end(ta), end(tb))
@@ -167,9 +173,15 @@ impl Session {
     pub fn handle_input(&mut self, _now: Instant, data: &[u8]) -> Result<(), SessionError> {
         let mut input = data;
         while !input.is_empty() {
+            if self.hands_over() {
+                self.after_handshake.extend_from_slice(input);
+                break;
+            }
             let taken = self.decoder.push(input);
             input = input.get(taken..).unwrap_or_default();
-            while let Some(frame) = self.decoder.next_frame() {
+            while !self.hands_over()
+                && let Some(frame) = self.decoder.next_frame()
+            {
                 match &mut self.phase {
                     Phase::Open(transport) => {
                         let mut plain = Vec::new();
@@ -248,11 +260,23 @@ impl Session {
         self.transmit.len()
     }
 
+    /// Whether this is a data session whose handshake is done: its frames
+    /// are left for the pump that takes the transport over.
+    fn hands_over(&self) -> bool {
+        self.intent != Intent::Control && matches!(self.phase, Phase::Open(_))
+    }
+
     /// Hands the established transport to a data pump, with any bytes already
-    /// read past the handshake. `None` before the handshake is done.
+    /// read past the handshake, still sealed (a data session never opens a
+    /// frame after its handshake, so none is lost in between). `None` before
+    /// the handshake is done.
     pub fn into_transport(self) -> Option<(Transport, Vec<u8>)> {
         match self.phase {
-            Phase::Open(t) => Some((*t, self.decoder.into_buffered())),
+            Phase::Open(t) => {
+                let mut leftover = self.decoder.into_buffered();
+                leftover.extend_from_slice(&self.after_handshake);
+                Some((*t, leftover))
+            }
             _ => None,
         }
     }
@@ -277,6 +301,30 @@ mod tests {
 
     fn pair(n: u8) -> Keypair {
         Keypair::from_seed(&Seed::from_bytes([n; 32]))
+    }
+
+    #[test]
+    fn a_data_session_hands_over_frames_that_came_with_the_handshake() {
+        let now = Instant::now();
+        let t = Duration::from_secs(5);
+        let mut c = Session::initiate(now, &pair(1), &pair(2).public(), Intent::Link, [1; 32], t).unwrap();
+        let mut s = Session::respond(now, &pair(2), Intent::Link, [2; 32], t).unwrap();
+        let mut wire = Vec::new();
+        c.poll_transmit(&mut wire);
+        s.handle_input(now, &wire).unwrap();
+        wire.clear();
+        s.poll_transmit(&mut wire);
+        // The responder's first transport frame rides in the same read as its reply.
+        let (mut theirs, _) = s.into_transport().unwrap();
+        theirs.seal(b"first frame", &mut wire).unwrap();
+        c.handle_input(now, &wire).unwrap();
+        assert_eq!(c.poll_event(), None, "a data session opens no frame itself");
+        let (mut ours, leftover) = c.into_transport().unwrap();
+        let mut decoder = crate::frame::FrameDecoder::new();
+        decoder.push(&leftover);
+        let mut plain = Vec::new();
+        ours.open(decoder.next_frame().unwrap(), &mut plain).unwrap();
+        assert_eq!(plain, b"first frame");
     }
 
     #[test]
@@ -316,7 +364,7 @@ mod tests {
     fn wrong_intent_and_timeout_end_the_session() {
         let now = Instant::now();
         let t = Duration::from_secs(5);
-        let mut c = Session::initiate(now, &pair(1), &pair(2).public(), Intent::Tunnel, [1; 32], t).unwrap();
+        let mut c = Session::initiate(now, &pair(1), &pair(2).public(), Intent::Link, [1; 32], t).unwrap();
         let mut s = Session::respond(now, &pair(2), Intent::Control, [2; 32], t).unwrap();
         let mut wire = Vec::new();
         c.poll_transmit(&mut wire);

@@ -1,6 +1,8 @@
 //! `seaport-proxy`: serves a role found in the registry on a local port. Each
-//! client connection gets a tunnel to one instance, chosen by the balance
-//! strategy, failing over to the next when dialing or the handshake fails.
+//! client connection is a stream on the link to one instance (one link per
+//! instance, opened on first need and reused), chosen by the balance
+//! strategy, failing over to the next instance until one's service has
+//! reached its backend.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,10 +14,11 @@ use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
 use seaport_net::control::{ControlTask, lock};
 use seaport_net::event::{Event, emit};
 use seaport_net::identity::random_u64;
+use seaport_net::link::Links;
 use seaport_net::serve::{accept_until, drain};
-use seaport_net::standby::{Probe, Standby, probe};
 use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, Strategy};
-use seaport_proto::keys::{Keypair, PublicKey};
+use seaport_proto::keys::PublicKey;
+use seaport_proto::link::LinkConfig;
 use seaport_proto::role::{Role, RoleQuery};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -57,16 +60,6 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "30s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::ZERO, HOUR))]
     pub ban: Duration,
-    /// Keep this many tunnels per instance open ahead of need, so a new
-    /// connection skips the handshake (costs a handshake and a backend
-    /// connection per instance per --standby-ttl while idle; 0 to 64).
-    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=64))]
-    pub standby: u8,
-    /// Longest a standby tunnel is kept before it is replaced; keep it below
-    /// the backend's idle timeout (1s to 1h).
-    #[arg(long, value_name = "DURATION", default_value = "5s", allow_hyphen_values = true,
-          value_parser = duration_in(Duration::from_secs(1), HOUR))]
-    pub standby_ttl: Duration,
     /// On SIGTERM, how long open connections may take to finish (0s to 1h).
     #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::ZERO, HOUR))]
@@ -87,6 +80,8 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let client = Arc::new(Mutex::new(ProxyClient::new(config, args.role.clone(), args.balance, args.ban)));
     // Bumped on every instance-set change, so waiting clients wake up.
     let (changed_tx, changed) = watch::channel(0u64);
+    let links = Arc::new(Links::new(keypair.clone(), LinkConfig::default(), args.dial_timeout));
+    let links_view = links.clone();
     let mut known: HashMap<PublicKey, Role> = HashMap::new();
     let mut connected = false;
     let query = args.role.clone();
@@ -115,6 +110,8 @@ pub async fn run(args: Args) -> Result<(), Failure> {
                 }
             }
             known = now;
+            // Links of instances that left go away: their streams finish.
+            links_view.retain(&known.keys().copied().collect::<Vec<_>>());
             if instances.is_empty() {
                 tracing::warn!("no instance matches the query right now");
             }
@@ -131,18 +128,11 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     };
     let control = ControlTask::spawn(client.clone(), args.client.registry.clone(), resolver, on_event);
 
-    let standby =
-        (args.standby > 0).then(|| Standby::new(args.standby.into(), args.standby_ttl, args.dial_timeout));
-    let refill = standby
-        .clone()
-        .map(|pool| tokio::spawn(pool.keep_filled(client.clone(), keypair.clone(), changed.clone())));
-
     let (wait, dial) = (args.connect_timeout, args.dial_timeout);
     let conns = accept_until(&listener, seaport_net::signal::shutdown_signal(), |stream, peer| {
-        let (client, keypair, changed, standby) =
-            (client.clone(), keypair.clone(), changed.clone(), standby.clone());
+        let (client, links, changed) = (client.clone(), links.clone(), changed.clone());
         async move {
-            let served = serve_client(stream, &client, &keypair, standby.as_deref(), changed, wait, dial);
+            let served = serve_client(stream, &client, &links, changed, wait, dial);
             if let Err(e) = served.await {
                 tracing::info!(%peer, "connection closed: {e}");
             }
@@ -151,22 +141,21 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     .await;
     tracing::info!("shutting down: draining open connections");
     drop(listener);
-    if let Some(refill) = refill {
-        refill.abort();
-    }
-    drop(standby);
+    links.go_away_all();
     control.stop().await;
     drain(conns, args.drain).await;
     Ok(())
 }
 
 /// One client connection: wait for an instance if none is known yet, then try
-/// instances in the strategy's order until a tunnel opens, and pump.
+/// instances in the strategy's order until one accepts a stream on its link
+/// (the service has reached its backend), and carry it. Nothing of the
+/// client's is read before that, so any instance may fail without the
+/// client seeing it.
 async fn serve_client(
     stream: TcpStream,
     client: &Mutex<ProxyClient>,
-    keypair: &Keypair,
-    standby: Option<&Standby>,
+    links: &Links,
     mut changed: watch::Receiver<u64>,
     wait: Duration,
     dial: Duration,
@@ -183,40 +172,26 @@ async fn serve_client(
             _ => return Err(format!("no instance found within {wait:?}")),
         }
     };
+    let socket = Arc::new(stream);
     let mut failures = Vec::new();
-    // Client bytes sent into a standby tunnel that then died: the next
-    // attempt gets them first, so the client never notices.
-    let mut replay = Vec::new();
     for instance in order {
-        let spare = standby.and_then(|pool| pool.take(&instance.key));
-        let is_spare = spare.is_some();
-        let opened = match spare {
-            Some(tunnel) => {
-                tracing::debug!(service = %instance.key, "using a standby tunnel");
-                Ok(tunnel)
+        let opened = match links.get(&instance).await {
+            Ok(link) => link.open(socket.clone(), dial).await.map(|id| (link, id)).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match opened {
+            Ok((link, id)) => {
+                seaport_net::serve::record_peer_key(&instance.key);
+                let moved = link.run(id).await.map_err(|e| e.to_string())?;
+                tracing::debug!(sent = moved.sent, received = moved.received, "connection closed");
+                return Ok(());
             }
-            None => seaport_net::tunnel::open(&instance, keypair, dial).await,
-        };
-        let failure = match opened {
-            Ok(tunnel) => match probe(&stream, tunnel, &mut replay, is_spare).await {
-                Probe::Answered(tunnel) => {
-                    tracing::debug!(service = %instance.key, addr = %tunnel.addr, "tunnel open");
-                    seaport_net::serve::record_peer_key(&instance.key);
-                    let moved =
-                        seaport_net::tunnel::pump(stream, tunnel.stream, tunnel.transport, tunnel.leftover)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    tracing::debug!(sent = moved.sealed, received = moved.opened, "connection closed");
-                    return Ok(());
-                }
-                Probe::Dead(e) => e,
-                Probe::ClientGone(e) => return Err(format!("client connection failed: {e}")),
-            },
-            Err(e) => e,
-        };
-        tracing::warn!(service = %instance.key, "instance failed, trying the next: {failure}");
-        lock(client).report_failure(seaport_net::clock::now(), instance.key);
-        failures.push(failure.to_string());
+            Err(failure) => {
+                tracing::warn!(service = %instance.key, "instance failed, trying the next: {failure}");
+                lock(client).report_failure(seaport_net::clock::now(), instance.key);
+                failures.push(failure);
+            }
+        }
     }
     Err(format!("every instance failed: {}", failures.join("; ")))
 }

@@ -1,5 +1,6 @@
-//! `seaport-service`: answers tunnels to a local TCP backend and keeps its
-//! role registered with the registry.
+//! `seaport-service`: answers links from proxies, connects each of their
+//! streams to a local TCP backend, and keeps its role registered with the
+//! registry.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -9,14 +10,16 @@ use clap::Parser;
 use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
 use seaport_net::control::{ControlTask, lock};
 use seaport_net::event::{Event, emit};
+use seaport_net::link::{self, Backend};
 use seaport_net::serve::{accept_until, drain};
 use seaport_proto::client::{ClientConfig, ServiceClient, ServiceEvent};
+use seaport_proto::link::LinkConfig;
 use seaport_proto::role::Role;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 /// Expose a local TCP port under a role: proxies anywhere that look the role
-/// up in the registry reach it through an encrypted tunnel.
+/// up in the registry reach it over an encrypted link.
 #[derive(Debug, Parser)]
 #[command(
     version,
@@ -38,10 +41,10 @@ pub struct Args {
     /// A tag shown with lookups (repeatable).
     #[arg(long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,
-    /// TCP address for incoming tunnels.
+    /// TCP address for incoming links.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]
     pub listen: SocketAddr,
-    /// On SIGTERM, how long open tunnels may take to finish (0s to 1h).
+    /// On SIGTERM, how long open streams may take to finish (0s to 1h).
     #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::ZERO, HOUR))]
     pub drain: Duration,
@@ -50,7 +53,7 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "2s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::from_millis(100), HOUR))]
     pub check_interval: Duration,
-    /// How long a tunnel handshake and backend connect may take (100ms to 10m).
+    /// How long a link handshake, and a stream's backend connect, may take (100ms to 10m).
     #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::from_millis(100), 10 * MINUTE))]
     pub handshake_timeout: Duration,
@@ -67,7 +70,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         .ok_or_else(|| format!("cannot resolve backend host {:?}", args.host))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .map_err(|e| format!("cannot listen for tunnels on {}: {e}; choose another --listen", args.listen))?;
+        .map_err(|e| format!("cannot listen for links on {}: {e}; choose another --listen", args.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     emit(&Event::ServiceStarted { key: keypair.public() });
 
@@ -80,23 +83,28 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         tokio::spawn(watch_backend(client.clone(), role, backend, args.check_interval, control.poke()));
 
     let timeout = args.handshake_timeout;
-    let tunnels = accept_until(&listener, seaport_net::signal::shutdown_signal(), |stream, peer| {
-        let keypair = keypair.clone();
+    let backend = Backend { addr: backend, connect_timeout: timeout };
+    // Turns true on shutdown: every link goes away, its open streams finish.
+    let (drain_tx, draining) = watch::channel(false);
+    let links = accept_until(&listener, seaport_net::signal::shutdown_signal(), |stream, peer| {
+        let (keypair, draining) = (keypair.clone(), draining.clone());
         async move {
-            match seaport_net::tunnel::serve_one(stream, &keypair, backend, timeout).await {
-                Ok(moved) => tracing::debug!(%peer, ?moved, "tunnel closed"),
-                Err(e) => tracing::info!(%peer, "tunnel ended: {e}"),
+            let served = link::serve(stream, &keypair, backend, timeout, LinkConfig::default(), draining);
+            match served.await {
+                Ok(()) => tracing::debug!(%peer, "link closed"),
+                Err(e) => tracing::info!(%peer, "link ended: {e}"),
             }
         }
     })
     .await;
     // Unregister first, so no proxy picks us while we drain.
-    tracing::info!("shutting down: unregistering, then draining open tunnels");
+    tracing::info!("shutting down: unregistering, then draining open links");
     health.abort();
     lock(&client).set_available(false);
     control.stop().await;
     drop(listener);
-    drain(tunnels, args.drain).await;
+    let _ = drain_tx.send(true);
+    drain(links, args.drain).await;
     Ok(())
 }
 

@@ -44,7 +44,7 @@ pub struct ServiceClient {
 }
 
 impl ServiceClient {
-    /// A service offering `roles` on tunnel `port` (and at `addrs`).
+    /// A service offering `roles` on link `port` (and at `addrs`).
     pub fn new(config: ClientConfig, roles: Vec<Role>, port: u16, addrs: Vec<SocketAddr>) -> ServiceClient {
         ServiceClient {
             control_link: ControlLink::new(config),

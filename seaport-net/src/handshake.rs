@@ -1,0 +1,68 @@
+//! The Noise handshake of a data session (a link) on a TCP stream, with its
+//! deadline, and the errors of opening one.
+//!
+//! The handshake reads in small pieces and stops as soon as the session is
+//! established; whatever arrived after it stays sealed in the session
+//! (`Session::into_transport`) for the link driver, so no frame is lost
+//! between the two owners of the stream.
+
+use std::time::Duration;
+
+use seaport_proto::session::{Session, SessionError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::clock;
+use crate::dial::{DialError, Unreachable};
+
+/// Why a link could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// Socket-level failure.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The handshake failed (wrong key, version, intent, corruption).
+    #[error("handshake failed: {0}")]
+    Session(#[from] SessionError),
+    /// The handshake did not finish in time.
+    #[error("handshake timed out after {0:?}")]
+    Timeout(Duration),
+    /// The peer closed before the handshake finished.
+    #[error("peer closed the connection during the handshake")]
+    ClosedEarly,
+    /// The TCP connect failed.
+    #[error("{0}")]
+    Dial(#[from] DialError),
+    /// No address of the instance could be reached, each for its own cause.
+    #[error("no address reachable: {0}")]
+    Unreachable(Unreachable<HandshakeError>),
+}
+
+/// Runs `session`'s handshake on `stream` within `timeout`, writing what the
+/// session has to say (the first message, or the responder's reply).
+pub async fn handshake(
+    stream: &mut TcpStream,
+    session: &mut Session,
+    timeout: Duration,
+) -> Result<(), HandshakeError> {
+    let work = async {
+        let mut buf = [0u8; 1024];
+        let mut out = Vec::new();
+        loop {
+            if session.poll_transmit(&mut out) {
+                stream.write_all(&out).await?;
+                out.clear();
+            }
+            if session.is_established() {
+                return Ok(());
+            }
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Err(HandshakeError::ClosedEarly);
+            }
+            session.handle_input(clock::now(), buf.get(..n).unwrap_or_default())?;
+        }
+    };
+    tokio::time::timeout(timeout, work).await.map_err(|_| HandshakeError::Timeout(timeout))?
+}

@@ -1,0 +1,817 @@
+//! Links on tokio: one Noise session per proxy–service pair carrying many
+//! streams, driven by [`seaport_proto::link::Link`]. Every protocol decision
+//! (credit, fairness, stream lifecycle, keepalive, go-away) is the state
+//! machine's; this module moves bytes between sockets and fires its timer.
+//!
+//! # Tasks
+//! A link runs in one driver task ([`LinkHandle::dial`] spawns it on the
+//! proxy, [`serve`] is it on the service) that joins a **reader** (link socket
+//! → frames → stream sockets) and a **writer** (frames and stream bytes →
+//! link socket). Each stream has a task of its own that only waits: for its
+//! socket to become readable (then asks the link for a turn to send), for
+//! its socket to take bytes it could not take at once, or for the link's
+//! word (end, reset, credit). The proxy's stream tasks are its client
+//! connections; the service's are spawned by the driver and owned by it.
+//!
+//! # No copies, bounded buffers
+//! - Receive: a frame is opened in place in the reader's decoder buffer and
+//!   its payload written straight to the stream's socket (non-blocking).
+//!   Only what the socket does not take is copied, into that stream's
+//!   `pending` buffer, which the stream's credit window bounds; it is freed
+//!   once written.
+//! - Send: the writer reads a stream's socket straight into the frame slot
+//!   of its batch buffer, after room for the headers, and seals in place. The
+//!   batch holds at most [`BATCH`] bytes and is freed while the link is idle.
+//!
+//! The state lock is a `std` mutex, held only for non-blocking work (socket
+//! `try_read`/`try_write`, state machine calls), never across an await.
+//!
+//! # Invariants
+//! - Frames are sealed in exactly the order they are written: only the
+//!   writer seals, one batch at a time.
+//! - A stream whose link is lost is reset (its socket closed with RST), never
+//!   ended cleanly, so a client sees a cut transfer as cut.
+//! - A service connects its backend before it accepts a stream, so a proxy
+//!   can fail over before its client saw a byte.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use seaport_proto::frame::{self, FrameDecoder, MAX_WIRE_FRAME};
+use seaport_proto::keys::{Keypair, PublicKey};
+use seaport_proto::link::{self as proto, Incoming, Link, LinkConfig, LinkEvent, Reason, Side, StreamId};
+use seaport_proto::message::Instance;
+use seaport_proto::noise::{Intent, Opener, Sealer, TAG_LEN};
+use seaport_proto::session::Session;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::clock;
+use crate::dial::{self, race};
+use crate::handshake::{HandshakeError, handshake};
+use crate::identity::entropy;
+
+/// Most bytes the writer gathers before one write to the link socket.
+const BATCH: usize = 4 * MAX_WIRE_FRAME;
+/// How long the reader and the writer keep their buffers while idle.
+const IDLE_RELEASE: Duration = Duration::from_millis(100);
+
+/// Bytes one stream moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// From the stream's socket into the link.
+    pub sent: u64,
+    /// From the link to the stream's socket.
+    pub received: u64,
+}
+
+/// Why a stream could not be opened on a link.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The service could not reach its backend, or refused for another reason
+    /// before anything reached a backend: another instance may be tried.
+    #[error("the service refused the stream: {0}")]
+    Refused(Reason),
+    /// The link cannot open streams (closed, going away, at its stream limit).
+    #[error("the link cannot open a stream: {0}")]
+    Link(#[from] proto::StreamError),
+    /// The link ended while the stream was being opened.
+    #[error("the link ended before the service answered")]
+    Lost,
+    /// No answer in time.
+    #[error("no answer from the service in {0:?}")]
+    Timeout(Duration),
+}
+
+/// How a stream ended badly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamEnd {
+    /// Reset by the peer, or because the link was lost.
+    #[error("stream reset: {0}")]
+    Reset(Reason),
+    /// Our own socket failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One stream as the driver sees it.
+struct Slot {
+    socket: Arc<TcpStream>,
+    wake: Arc<Notify>,
+    /// Proxy: where the service's answer to `OPEN` goes.
+    answer: Option<oneshot::Sender<Result<(), Reason>>>,
+    /// Received bytes the socket has not taken yet.
+    pending: Vec<u8>,
+    /// The stream asked for a turn to send and the writer has not read yet.
+    read_requested: bool,
+    /// The socket reached EOF and `END` was sent.
+    sent_end: bool,
+    /// The peer's `END` arrived.
+    recv_end: bool,
+    /// The stream was reset; the task closes its socket with RST.
+    reset: Option<Reason>,
+    moved: Moved,
+}
+
+impl Slot {
+    fn new(socket: Arc<TcpStream>) -> Slot {
+        Slot {
+            socket,
+            wake: Arc::new(Notify::new()),
+            answer: None,
+            pending: Vec::new(),
+            read_requested: false,
+            sent_end: false,
+            recv_end: false,
+            reset: None,
+            moved: Moved::default(),
+        }
+    }
+}
+
+struct State {
+    link: Link,
+    streams: HashMap<StreamId, Slot>,
+    /// Service: streams opened by the proxy, for the driver to connect.
+    opened: Vec<StreamId>,
+    /// The link ended; no stream can be opened.
+    closed: bool,
+    /// A `GOAWAY` went either way: no new streams.
+    going_away: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the writer: frames to send, or streams waiting for a turn.
+    work: Notify,
+    /// Wakes the service driver: streams were opened.
+    opened: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// After a change from outside the writer: react to the link's events and
+/// wake the writer for the frames the change queued.
+fn changed(state: &mut State, shared: &Shared) {
+    dispatch(state, shared);
+    shared.work.notify_one();
+}
+
+/// Reacts to what the link says: wakes streams and answers opens. Called
+/// with the lock held. The writer calls this directly (waking itself would spin).
+fn dispatch(state: &mut State, shared: &Shared) {
+    while let Some(event) = state.link.poll_event() {
+        match event {
+            LinkEvent::Opened { id } => {
+                state.opened.push(id);
+                shared.opened.notify_one();
+            }
+            LinkEvent::Accepted { id } => {
+                if let Some(answer) = state.streams.get_mut(&id).and_then(|s| s.answer.take()) {
+                    let _ = answer.send(Ok(()));
+                }
+            }
+            LinkEvent::Refused { id, reason } => {
+                if let Some(mut slot) = state.streams.remove(&id)
+                    && let Some(answer) = slot.answer.take()
+                {
+                    let _ = answer.send(Err(reason));
+                }
+            }
+            LinkEvent::End { id } => {
+                if let Some(slot) = state.streams.get_mut(&id) {
+                    slot.recv_end = true;
+                    slot.wake.notify_one();
+                }
+            }
+            LinkEvent::Reset { id, reason } => {
+                let unanswered = state.streams.get(&id).is_some_and(|s| s.answer.is_some());
+                if unanswered {
+                    // No task carries it yet: the opener hears "lost" as its
+                    // answer's sender drops with the slot.
+                    state.streams.remove(&id);
+                } else if let Some(slot) = state.streams.get_mut(&id) {
+                    slot.reset = Some(reason);
+                    slot.pending = Vec::new();
+                    slot.wake.notify_one();
+                }
+            }
+            LinkEvent::Writable { id } => {
+                if let Some(slot) = state.streams.get(&id) {
+                    slot.wake.notify_one();
+                }
+            }
+            LinkEvent::GoAway => state.going_away = true,
+            // Nothing left to carry: the writer closes its side, the peer
+            // answers with its own end, and the reader ends on it.
+            LinkEvent::Drained => state.closed = true,
+            LinkEvent::Closed { error } => {
+                tracing::debug!("link closed: {error}");
+                state.closed = true;
+            }
+            other => tracing::debug!(?other, "link event"),
+        }
+    }
+}
+
+/// A live link seen from the proxy: open streams on it while it is usable.
+#[derive(Clone)]
+pub struct LinkHandle {
+    shared: Arc<Shared>,
+    /// The service's key.
+    pub remote: PublicKey,
+    /// The address the link runs over.
+    pub addr: SocketAddr,
+    /// Aborts the driver when the last handle goes.
+    _driver: Arc<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl LinkHandle {
+    /// Dials every address of `instance` at once and runs the link handshake
+    /// on each; the first to finish carries the link.
+    pub async fn dial(
+        instance: &Instance,
+        local: &Keypair,
+        timeout: Duration,
+        config: LinkConfig,
+    ) -> Result<LinkHandle, HandshakeError> {
+        let remote = instance.key;
+        let attempt = |addr| handshake_link(addr, local.clone(), remote, timeout);
+        let (addr, (stream, session)) =
+            race(&instance.addrs, attempt).await.map_err(HandshakeError::Unreachable)?;
+        let (transport, leftover) = session.into_transport().ok_or(HandshakeError::ClosedEarly)?;
+        let (sealer, opener) = transport.split();
+        let shared = new_shared(Side::Proxy, config);
+        let span = tracing::info_span!("link", service = %remote, %addr);
+        let driver =
+            tokio::spawn(drive(shared.clone(), stream, sealer, opener, leftover, None).instrument(span));
+        Ok(LinkHandle { shared, remote, addr, _driver: Arc::new(AbortOnDrop(driver.abort_handle())) })
+    }
+
+    /// Whether new streams may go on this link.
+    pub fn is_usable(&self) -> bool {
+        let state = self.shared.lock();
+        !state.closed && !state.going_away
+    }
+
+    /// Streams open on the link.
+    pub fn stream_count(&self) -> usize {
+        self.shared.lock().link.stream_count()
+    }
+
+    /// Opens a stream for `client` and waits (at most `timeout`) until the
+    /// service reached its backend. Nothing of the client's is read before.
+    pub async fn open(&self, client: Arc<TcpStream>, timeout: Duration) -> Result<StreamId, OpenError> {
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut state = self.shared.lock();
+            if state.closed {
+                return Err(OpenError::Lost);
+            }
+            let id = state.link.open(clock::now())?;
+            let mut slot = Slot::new(client);
+            slot.answer = Some(tx);
+            state.streams.insert(id, slot);
+            changed(&mut state, &self.shared);
+            id
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(()))) => Ok(id),
+            Ok(Ok(Err(reason))) => Err(OpenError::Refused(reason)),
+            Ok(Err(_)) => Err(OpenError::Lost),
+            Err(_) => {
+                let mut state = self.shared.lock();
+                let _ = state.link.reset(id, Reason::CANCELLED);
+                state.streams.remove(&id);
+                changed(&mut state, &self.shared);
+                Err(OpenError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Carries the accepted stream `id` until both directions ended or it
+    /// was reset.
+    pub async fn run(&self, id: StreamId) -> Result<Moved, StreamEnd> {
+        run_stream(&self.shared, id).await
+    }
+
+    /// No new streams; open ones finish (link rotation, drain).
+    pub fn go_away(&self) {
+        let mut state = self.shared.lock();
+        state.link.go_away();
+        state.going_away = true;
+        changed(&mut state, &self.shared);
+    }
+}
+
+/// A proxy's links: at most one per service instance, opened on first need,
+/// reused by every stream, replaced once it dies or goes away.
+pub struct Links {
+    keypair: Keypair,
+    config: LinkConfig,
+    dial_timeout: Duration,
+    /// Per instance, the link; its async lock makes concurrent first
+    /// connections wait for one dial instead of dialing each.
+    links: Mutex<HashMap<PublicKey, Arc<tokio::sync::Mutex<Option<LinkHandle>>>>>,
+}
+
+impl Links {
+    /// No links yet; each will be dialed as `keypair` within `dial_timeout`.
+    pub fn new(keypair: Keypair, config: LinkConfig, dial_timeout: Duration) -> Links {
+        Links { keypair, config, dial_timeout, links: Mutex::new(HashMap::new()) }
+    }
+
+    /// A usable link to `instance`, dialed now if there is none.
+    pub async fn get(&self, instance: &Instance) -> Result<LinkHandle, HandshakeError> {
+        let cell = self
+            .links
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(instance.key)
+            .or_default()
+            .clone();
+        let mut current = cell.lock().await;
+        if let Some(link) = current.as_ref().filter(|l| l.is_usable()) {
+            return Ok(link.clone());
+        }
+        let link = LinkHandle::dial(instance, &self.keypair, self.dial_timeout, self.config.clone()).await?;
+        tracing::info!(service = %instance.key, addr = %link.addr, "link to {} via direct {}", instance.key, link.addr);
+        *current = Some(link.clone());
+        Ok(link)
+    }
+
+    /// Lets the links of instances not in `keys` go away: their open
+    /// streams finish, new ones go elsewhere.
+    pub fn retain(&self, keys: &[PublicKey]) {
+        let gone: Vec<_> = {
+            let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+            let gone = links.keys().filter(|k| !keys.contains(k)).copied().collect::<Vec<_>>();
+            gone.iter().filter_map(|k| links.remove(k)).collect()
+        };
+        for cell in gone {
+            if let Ok(current) = cell.try_lock()
+                && let Some(link) = current.as_ref()
+            {
+                link.go_away();
+            }
+        }
+    }
+
+    /// Every link goes away (shutdown): open streams finish.
+    pub fn go_away_all(&self) {
+        self.retain(&[]);
+    }
+}
+
+fn new_shared(side: Side, config: LinkConfig) -> Arc<Shared> {
+    let state = State {
+        link: Link::new(side, config, clock::now()),
+        streams: HashMap::new(),
+        opened: Vec::new(),
+        closed: false,
+        going_away: false,
+    };
+    Arc::new(Shared { state: Mutex::new(state), work: Notify::new(), opened: Notify::new() })
+}
+
+async fn handshake_link(
+    addr: SocketAddr,
+    local: Keypair,
+    remote: PublicKey,
+    timeout: Duration,
+) -> Result<(TcpStream, Session), HandshakeError> {
+    let mut stream = dial::connect(addr, timeout).await?;
+    let mut session = Session::initiate(clock::now(), &local, &remote, Intent::Link, entropy(), timeout)?;
+    handshake(&mut stream, &mut session, timeout).await?;
+    Ok((stream, session))
+}
+
+/// What a service needs to connect the streams of its links.
+#[derive(Debug, Clone, Copy)]
+pub struct Backend {
+    /// The backend's address.
+    pub addr: SocketAddr,
+    /// How long connecting to it may take before the stream is refused.
+    pub connect_timeout: Duration,
+}
+
+/// Serves one link on the service side: the handshake (the proxy must ask for
+/// a link), then streams to `backend` until the link ends or `drain` fires,
+/// after which no new stream is accepted and open ones finish.
+pub async fn serve(
+    mut stream: TcpStream,
+    local: &Keypair,
+    backend: Backend,
+    timeout: Duration,
+    config: LinkConfig,
+    drain: watch::Receiver<bool>,
+) -> Result<(), HandshakeError> {
+    let _ = stream.set_nodelay(true);
+    let mut session = Session::respond(clock::now(), local, Intent::Link, entropy(), timeout)?;
+    handshake(&mut stream, &mut session, timeout).await?;
+    if let Some(key) = session.remote() {
+        crate::serve::record_peer_key(&key);
+    }
+    let (transport, leftover) = session.into_transport().ok_or(HandshakeError::ClosedEarly)?;
+    let (sealer, opener) = transport.split();
+    let shared = new_shared(Side::Service, config);
+    drive(shared, stream, sealer, opener, leftover, Some((backend, drain))).await;
+    Ok(())
+}
+
+/// One link's driver: reader and writer, and on a service the stream tasks.
+async fn drive(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    sealer: Sealer,
+    opener: Opener,
+    leftover: Vec<u8>,
+    mut service: Option<(Backend, watch::Receiver<bool>)>,
+) {
+    let (rd, wr) = stream.into_split();
+    let mut streams = JoinSet::new();
+    let reader = read_loop(&shared, rd, opener, leftover);
+    let writer = write_loop(&shared, wr, sealer);
+    tokio::pin!(reader, writer);
+    let (mut reading, mut writing) = (true, true);
+    while reading || writing {
+        tokio::select! {
+            () = &mut reader, if reading => reading = false,
+            () = &mut writer, if writing => writing = false,
+            () = shared.opened.notified(), if service.is_some() => {
+                let opened = std::mem::take(&mut shared.lock().opened);
+                if let Some((backend, _)) = &service {
+                    for id in opened {
+                        let span = tracing::info_span!("stream", id = id.get());
+                        streams.spawn(connect_stream(shared.clone(), id, *backend).instrument(span));
+                    }
+                }
+            }
+            () = draining(&mut service) => {
+                let mut state = shared.lock();
+                state.link.go_away();
+                state.going_away = true;
+                changed(&mut state, &shared);
+            }
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+    // The link is gone: its streams were reset and finish at once.
+    while streams.join_next().await.is_some() {}
+}
+
+/// Resolves once the service starts to drain, then never again (the link
+/// goes away once).
+async fn draining(service: &mut Option<(Backend, watch::Receiver<bool>)>) {
+    match service {
+        Some((_, drain)) if !*drain.borrow() => {
+            if drain.wait_for(|d| *d).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// Service: connects the backend for stream `id`, accepts or refuses it, and
+/// carries it.
+async fn connect_stream(shared: Arc<Shared>, id: StreamId, backend: Backend) {
+    let connected = dial::connect(backend.addr, backend.connect_timeout).await;
+    let socket = {
+        let mut state = shared.lock();
+        let socket = match connected {
+            Ok(socket) => match state.link.accept(id) {
+                Ok(()) => {
+                    let socket = Arc::new(socket);
+                    state.streams.insert(id, Slot::new(socket.clone()));
+                    Some(socket)
+                }
+                Err(e) => {
+                    tracing::debug!("stream gone before its backend answered: {e}");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::info!(backend = %backend.addr, "cannot reach the backend: {e}");
+                let _ = state.link.refuse(id, Reason::REFUSED);
+                None
+            }
+        };
+        changed(&mut state, &shared);
+        socket
+    };
+    if socket.is_some() {
+        match run_stream(&shared, id).await {
+            Ok(moved) => tracing::debug!(sent = moved.sent, received = moved.received, "stream closed"),
+            Err(e) => tracing::debug!("stream ended: {e}"),
+        }
+    }
+}
+
+/// The stream's waiting: asks for turns to send when its socket is readable,
+/// writes what its socket could not take at once, half-closes after the
+/// peer's end, and closes with RST on a reset.
+async fn run_stream(shared: &Shared, id: StreamId) -> Result<Moved, StreamEnd> {
+    let (socket, wake) = match shared.lock().streams.get(&id) {
+        Some(slot) => (slot.socket.clone(), slot.wake.clone()),
+        None => return Err(StreamEnd::Reset(Reason::CANCELLED)),
+    };
+    let mut shut_write = false;
+    loop {
+        let (want_read, has_pending) = {
+            let mut state = shared.lock();
+            let State { link, streams, .. } = &mut *state;
+            let Some(slot) = streams.get_mut(&id) else { return Err(StreamEnd::Reset(Reason::CANCELLED)) };
+            if let Some(reason) = slot.reset {
+                streams.remove(&id);
+                drop(state);
+                let _ = socket.set_zero_linger();
+                return Err(StreamEnd::Reset(reason));
+            }
+            if slot.recv_end && slot.pending.is_empty() && !shut_write {
+                shut_write = true;
+                let _ = socket2::SockRef::from(&*socket).shutdown(std::net::Shutdown::Write);
+            }
+            if slot.sent_end && shut_write {
+                let moved = slot.moved;
+                streams.remove(&id);
+                return Ok(moved);
+            }
+            let credit = link.send_credit(id);
+            let want_read = !slot.read_requested && !slot.sent_end && credit > 0;
+            tracing::trace!(%id, want_read, credit, requested = slot.read_requested, pending = slot.pending.len(), "stream waits");
+            (want_read, !slot.pending.is_empty())
+        };
+        tokio::select! {
+            ready = socket.readable(), if want_read => {
+                ready?;
+                let mut state = shared.lock();
+                // Refused while the stream cannot send yet (its ACCEPT not
+                // out): it is told `Writable` when it can.
+                let queued = state.link.want_send(id).is_ok();
+                if let Some(slot) = state.streams.get_mut(&id) {
+                    slot.read_requested = queued;
+                }
+                drop(state);
+                shared.work.notify_one();
+            }
+            ready = socket.writable(), if has_pending => {
+                ready?;
+                let mut state = shared.lock();
+                let State { link, streams, .. } = &mut *state;
+                if let Some(slot) = streams.get_mut(&id) {
+                    match slot.socket.try_write(&slot.pending) {
+                        Ok(n) => {
+                            slot.pending.drain(..n);
+                            if slot.pending.is_empty() {
+                                slot.pending = Vec::new();
+                            }
+                            slot.moved.received += n as u64;
+                            let _ = link.consumed(clock::now(), id, n);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => {
+                            let _ = link.reset(id, Reason::CANCELLED);
+                            streams.remove(&id);
+                            changed(&mut state, shared);
+                            return Err(e.into());
+                        }
+                    }
+                }
+                changed(&mut state, shared);
+            }
+            () = wake.notified() => {}
+        }
+    }
+}
+
+/// Link socket in, frames to the state machine, data to stream sockets.
+async fn read_loop(shared: &Shared, rd: OwnedReadHalf, mut opener: Opener, leftover: Vec<u8>) {
+    let mut decoder = FrameDecoder::new();
+    let mut pending = leftover.as_slice();
+    loop {
+        while let Some(body) = decoder.next_frame() {
+            let Ok(plain) = opener.open_in_place(body) else {
+                tracing::info!("link data failed to authenticate");
+                close(shared);
+                return;
+            };
+            let mut state = shared.lock();
+            let State { link, streams, .. } = &mut *state;
+            match link.handle_frame(clock::now(), plain) {
+                Ok(Some(Incoming::Data { id, bytes })) => deliver(link, streams, id, bytes),
+                Ok(_) => {}
+                Err(e) => tracing::info!("link ended: {e}"),
+            }
+            changed(&mut state, shared);
+            if state.closed {
+                return;
+            }
+        }
+        if !pending.is_empty() {
+            let taken = decoder.push(pending);
+            pending = pending.get(taken..).unwrap_or_default();
+            continue;
+        }
+        let deadline = shared.lock().link.poll_timeout().map(tokio::time::Instant::from_std);
+        // An idle link holds no read buffer (a partial frame must stay).
+        let releasable = decoder.holds_buffer() && decoder.buffered() == 0;
+        tokio::select! {
+            () = tokio::time::sleep(IDLE_RELEASE), if releasable => decoder.release(),
+            ready = rd.readable() => {
+                if ready.is_err() {
+                    close(shared);
+                    return;
+                }
+                match rd.try_read(decoder.spare_mut()) {
+                    Ok(0) => {
+                        close(shared);
+                        return;
+                    }
+                    Ok(n) => decoder.commit(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        close(shared);
+                        return;
+                    }
+                }
+            }
+            () = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                let mut state = shared.lock();
+                state.link.handle_timeout(clock::now());
+                changed(&mut state, shared);
+                if state.closed {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Tells the link its transport is gone; every stream is reset.
+fn close(shared: &Shared) {
+    let mut state = shared.lock();
+    state.link.handle_closed();
+    changed(&mut state, shared);
+    state.closed = true;
+}
+
+/// Bytes for stream `id`: straight to its socket if it takes them, the rest
+/// kept (bounded by the stream's window) for the stream task to write.
+fn deliver(link: &mut Link, streams: &mut HashMap<StreamId, Slot>, id: StreamId, bytes: &[u8]) {
+    let Some(slot) = streams.get_mut(&id) else {
+        // A stream we already dropped: its credit goes back at once.
+        let _ = link.consumed(clock::now(), id, bytes.len());
+        return;
+    };
+    let written = if slot.pending.is_empty() {
+        match slot.socket.try_write(bytes) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(_) => {
+                let _ = link.reset(id, Reason::CANCELLED);
+                slot.reset = Some(Reason::CANCELLED);
+                slot.wake.notify_one();
+                return;
+            }
+        }
+    } else {
+        0
+    };
+    if written > 0 {
+        slot.moved.received += written as u64;
+        let _ = link.consumed(clock::now(), id, written);
+    }
+    if let Some(rest) = bytes.get(written..).filter(|r| !r.is_empty()) {
+        slot.pending.extend_from_slice(rest);
+        slot.wake.notify_one();
+    }
+}
+
+/// Frames out: control frames from the state machine, and data read from the
+/// streams whose turn it is, sealed in place and written in batches.
+async fn write_loop(shared: &Shared, mut wr: OwnedWriteHalf, mut sealer: Sealer) {
+    use tokio::io::AsyncWriteExt;
+    let mut batch: Vec<u8> = Vec::new();
+    let mut plain = Vec::new();
+    loop {
+        let closed = fill(shared, &mut sealer, &mut batch, &mut plain);
+        if !batch.is_empty() {
+            if wr.write_all(&batch).await.is_err() {
+                close(shared);
+                return;
+            }
+            batch.clear();
+            continue;
+        }
+        if closed {
+            let _ = wr.shutdown().await;
+            return;
+        }
+        if batch.capacity() > 0 {
+            if tokio::time::timeout(IDLE_RELEASE, shared.work.notified()).await.is_err() {
+                batch = Vec::new();
+            }
+        } else {
+            shared.work.notified().await;
+        }
+    }
+}
+
+/// Gathers what is ready to send into `batch`, sealed. Returns whether the
+/// link is closed (nothing more will come).
+fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Vec<u8>, plain: &mut Vec<u8>) -> bool {
+    let mut state = shared.lock();
+    let State { link, streams, closed, .. } = &mut *state;
+    let mut wakes = Vec::new();
+    loop {
+        let mut progressed = false;
+        while batch.len() < BATCH && link.poll_transmit(plain) {
+            if sealer.seal(plain, batch).is_err() {
+                tracing::error!("cannot seal a link frame");
+            }
+            plain.clear();
+            progressed = true;
+        }
+        while batch.len() < BATCH {
+            let Some((id, credit)) = link.next_send() else { break };
+            tracing::trace!(%id, credit, "turn to send");
+            progressed = true;
+            let Some(slot) = streams.get_mut(&id) else { continue };
+            let start = batch.len();
+            let body = frame::HEADER_LEN + proto::HEADER_LEN;
+            batch.resize(start + body + credit + TAG_LEN, 0);
+            let read =
+                slot.socket.try_read(batch.get_mut(start + body..start + body + credit).unwrap_or_default());
+            match read {
+                Ok(0) => {
+                    batch.truncate(start);
+                    slot.read_requested = false;
+                    slot.sent_end = true;
+                    let _ = link.end(id);
+                    wakes.push(slot.wake.clone());
+                }
+                Ok(n) => {
+                    let frame = batch.get_mut(start..).unwrap_or_default();
+                    let header = frame.get_mut(frame::HEADER_LEN..).unwrap_or_default();
+                    let sealed = link
+                        .data_header(id, n, header)
+                        .ok()
+                        .and_then(|_| sealer.seal_frame(frame, proto::HEADER_LEN + n).ok());
+                    match sealed {
+                        Some(len) => {
+                            batch.truncate(start + len);
+                            slot.moved.sent += n as u64;
+                            // The socket may hold more: back of the queue.
+                            let _ = link.want_send(id);
+                        }
+                        None => {
+                            batch.truncate(start);
+                            tracing::error!("cannot frame data for stream {id}");
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    batch.truncate(start);
+                    slot.read_requested = false;
+                    wakes.push(slot.wake.clone());
+                }
+                Err(_) => {
+                    batch.truncate(start);
+                    let _ = link.reset(id, Reason::CANCELLED);
+                    slot.reset = Some(Reason::CANCELLED);
+                    wakes.push(slot.wake.clone());
+                }
+            }
+        }
+        if !progressed || batch.len() >= BATCH {
+            break;
+        }
+    }
+    let closed = *closed;
+    dispatch(&mut state, shared);
+    drop(state);
+    for wake in wakes {
+        wake.notify_one();
+    }
+    closed
+}
