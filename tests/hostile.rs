@@ -1,7 +1,8 @@
-//! Hostile input against the registry's port and a service's tunnel port,
+//! Hostile input against the registry's port and a service's link port,
 //! while a legitimate proxy keeps making requests that must all succeed:
 //! random bytes, a 65535-byte length prefix and nothing more, truncated and
-//! wrong-key handshakes, garbage after a valid handshake, 1,000 silent
+//! wrong-key handshakes, garbage after a valid handshake, authentic frames
+//! that make no sense inside a valid session, 1,000 silent
 //! connections and a peer sending one byte a second. Every bad peer must be
 //! dropped within a bounded time and the registry's memory must stay bounded.
 
@@ -55,6 +56,11 @@ fn first_message(remote: &PublicKey, intent: Intent) -> Vec<u8> {
 
 /// A completed handshake to `remote` on a blocking stream.
 fn handshaken(addr: SocketAddr, remote: &PublicKey, intent: Intent) -> TcpStream {
+    established(addr, remote, intent).0
+}
+
+/// A completed handshake to `remote`, with the session to seal frames in.
+fn established(addr: SocketAddr, remote: &PublicKey, intent: Intent) -> (TcpStream, Session) {
     let mut stream = TcpStream::connect(addr).unwrap();
     let mut s = Session::initiate(Instant::now(), &keypair(2), remote, intent, [8; 32], HANDSHAKE).unwrap();
     let mut out = Vec::new();
@@ -66,13 +72,13 @@ fn handshaken(addr: SocketAddr, remote: &PublicKey, intent: Intent) -> TcpStream
         assert!(n > 0, "server closed during a valid handshake");
         s.handle_input(Instant::now(), &buf[..n]).unwrap();
     }
-    stream
+    (stream, s)
 }
 
 /// Runs every attack on `addr` at once; returns the names of those not dropped in time.
 fn attack(addr: SocketAddr, key: PublicKey, intent: Intent) -> Vec<String> {
     type Attack = Box<dyn FnOnce() -> bool + Send>;
-    let attacks: Vec<(&str, Attack)> = vec![
+    let mut attacks: Vec<(&str, Attack)> = vec![
         (
             "random bytes",
             Box::new(move || {
@@ -142,6 +148,20 @@ fn attack(addr: SocketAddr, key: PublicKey, intent: Intent) -> Vec<String> {
             }),
         ),
     ];
+    if intent == Intent::Link {
+        attacks.push((
+            "authentic frames that make no sense (data on a stream never opened)",
+            Box::new(move || {
+                let (mut s, session) = established(addr, &key, intent);
+                let (mut transport, _) = session.into_transport().unwrap();
+                let mut sealed = Vec::new();
+                // A link DATA frame (type 3) on stream 9, which was never opened.
+                transport.seal(&[3, 0, 0, 0, 9, 1, 2, 3], &mut sealed).unwrap();
+                s.write_all(&sealed).unwrap();
+                closed_within(&mut s, DROPPED_WITHIN)
+            }),
+        ));
+    }
     let threads: Vec<_> = attacks.into_iter().map(|(name, f)| (name, thread::spawn(f))).collect();
     threads.into_iter().filter_map(|(name, t)| (!t.join().unwrap()).then(|| name.to_owned())).collect()
 }
@@ -151,8 +171,8 @@ fn bad_peers_are_dropped_and_good_ones_unaffected() {
     let backend = http_backend("steady");
     let timeout = "2s";
     let reg = registry(&["--handshake-timeout", timeout]);
-    let tunnel_port = free_port();
-    let listen = format!("127.0.0.1:{tunnel_port}");
+    let link_port = free_port();
+    let listen = format!("127.0.0.1:{link_port}");
     let svc = service_with(
         &reg.target,
         backend,
