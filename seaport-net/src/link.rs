@@ -87,6 +87,9 @@ pub enum OpenError {
     /// No answer in time.
     #[error("no answer from the service in {0:?}")]
     Timeout(Duration),
+    /// No link to the service could be opened.
+    #[error(transparent)]
+    Dial(#[from] HandshakeError),
 }
 
 /// How a stream ended badly.
@@ -323,15 +326,20 @@ impl LinkHandle {
     }
 }
 
-/// A proxy's links: at most one per service instance, opened on first need,
-/// reused by every stream, replaced once it dies or goes away.
+/// Most links a proxy keeps to one instance; each carries up to
+/// `LinkConfig::max_streams` streams, so this bounds the streams too.
+pub const MAX_LINKS_PER_INSTANCE: usize = 64;
+
+/// A proxy's links: one per service instance, opened on first need and
+/// reused by every stream; another only while every one is at its stream
+/// limit; replaced once dead or going away.
 pub struct Links {
     keypair: Keypair,
     config: LinkConfig,
     dial_timeout: Duration,
-    /// Per instance, the link; its async lock makes concurrent first
+    /// Per instance, its links; the async lock makes concurrent first
     /// connections wait for one dial instead of dialing each.
-    links: Mutex<HashMap<PublicKey, Arc<tokio::sync::Mutex<Option<LinkHandle>>>>>,
+    links: Mutex<HashMap<PublicKey, Arc<tokio::sync::Mutex<Vec<LinkHandle>>>>>,
 }
 
 impl Links {
@@ -340,8 +348,28 @@ impl Links {
         Links { keypair, config, dial_timeout, links: Mutex::new(HashMap::new()) }
     }
 
-    /// A usable link to `instance`, dialed now if there is none.
-    pub async fn get(&self, instance: &Instance) -> Result<LinkHandle, HandshakeError> {
+    /// Opens a stream for `client` on a link to `instance` and waits (at most
+    /// `timeout`) for the service to accept it.
+    pub async fn open(
+        &self,
+        instance: &Instance,
+        client: Arc<TcpStream>,
+        timeout: Duration,
+    ) -> Result<(LinkHandle, StreamId), OpenError> {
+        // A link found with room can fill up before our open lands: try once more.
+        for _ in 0..2 {
+            let link = self.get(instance).await?;
+            match link.open(client.clone(), timeout).await {
+                Err(OpenError::Link(proto::StreamError::StreamLimit)) => continue,
+                opened => return opened.map(|id| (link, id)),
+            }
+        }
+        Err(OpenError::Link(proto::StreamError::StreamLimit))
+    }
+
+    /// The least loaded usable link to `instance` with room for a stream,
+    /// dialed now if there is none.
+    async fn get(&self, instance: &Instance) -> Result<LinkHandle, HandshakeError> {
         let cell = self
             .links
             .lock()
@@ -349,13 +377,19 @@ impl Links {
             .entry(instance.key)
             .or_default()
             .clone();
-        let mut current = cell.lock().await;
-        if let Some(link) = current.as_ref().filter(|l| l.is_usable()) {
+        let mut links = cell.lock().await;
+        // A dead or departing link keeps running for its streams, which hold it.
+        links.retain(LinkHandle::is_usable);
+        let least = links.iter().min_by_key(|l| l.stream_count());
+        if let Some(link) = least.filter(|l| l.stream_count() < self.config.max_streams) {
+            return Ok(link.clone());
+        }
+        if let Some(link) = least.filter(|_| links.len() >= MAX_LINKS_PER_INSTANCE) {
             return Ok(link.clone());
         }
         let link = LinkHandle::dial(instance, &self.keypair, self.dial_timeout, self.config.clone()).await?;
-        tracing::info!(service = %instance.key, addr = %link.addr, "link to {} via direct {}", instance.key, link.addr);
-        *current = Some(link.clone());
+        tracing::info!(service = %instance.key, "link to {} via direct {}", instance.key, link.addr);
+        links.push(link.clone());
         Ok(link)
     }
 
@@ -368,10 +402,9 @@ impl Links {
             gone.iter().filter_map(|k| links.remove(k)).collect()
         };
         for cell in gone {
-            if let Ok(current) = cell.try_lock()
-                && let Some(link) = current.as_ref()
-            {
-                link.go_away();
+            // A dial in progress holds the lock; its link goes when its streams end.
+            if let Ok(links) = cell.try_lock() {
+                links.iter().for_each(LinkHandle::go_away);
             }
         }
     }

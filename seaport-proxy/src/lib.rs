@@ -175,11 +175,7 @@ async fn serve_client(
     let socket = Arc::new(stream);
     let mut failures = Vec::new();
     for instance in order {
-        let opened = match links.get(&instance).await {
-            Ok(link) => link.open(socket.clone(), dial).await.map(|id| (link, id)).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match opened {
+        match links.open(&instance, socket.clone(), dial).await {
             Ok((link, id)) => {
                 seaport_net::serve::record_peer_key(&instance.key);
                 let moved = link.run(id).await.map_err(|e| e.to_string())?;
@@ -189,7 +185,7 @@ async fn serve_client(
             Err(failure) => {
                 tracing::warn!(service = %instance.key, "instance failed, trying the next: {failure}");
                 lock(client).report_failure(seaport_net::clock::now(), instance.key);
-                failures.push(failure);
+                failures.push(failure.to_string());
             }
         }
     }
