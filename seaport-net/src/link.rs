@@ -494,6 +494,15 @@ async fn drive(
                 let opened = std::mem::take(&mut shared.lock().opened);
                 if let Some((backend, _)) = &service {
                     for id in opened {
+                        // A stream reset while its backend connect is under way
+                        // leaves the link's count but not this task's: cap the
+                        // tasks too, or OPEN+RESET floods would pile up connects.
+                        if streams.len() >= shared.lock().link.config().max_streams {
+                            let mut state = shared.lock();
+                            let _ = state.link.refuse(id, Reason::STREAM_LIMIT);
+                            changed(&mut state, &shared);
+                            continue;
+                        }
                         let span = tracing::info_span!("stream", id = id.get());
                         streams.spawn(connect_stream(shared.clone(), id, *backend).instrument(span));
                     }
@@ -596,7 +605,10 @@ async fn run_stream(shared: &Shared, id: StreamId) -> Result<Moved, StreamEnd> {
         };
         tokio::select! {
             ready = socket.readable(), if want_read => {
-                ready?;
+                if let Err(e) = ready {
+                    abandon(shared, id);
+                    return Err(e.into());
+                }
                 let mut state = shared.lock();
                 // Refused while the stream cannot send yet (its ACCEPT not
                 // out): it is told `Writable` when it can.
@@ -608,7 +620,10 @@ async fn run_stream(shared: &Shared, id: StreamId) -> Result<Moved, StreamEnd> {
                 shared.work.notify_one();
             }
             ready = socket.writable(), if has_pending => {
-                ready?;
+                if let Err(e) = ready {
+                    abandon(shared, id);
+                    return Err(e.into());
+                }
                 let mut state = shared.lock();
                 let State { link, streams, .. } = &mut *state;
                 if let Some(slot) = streams.get_mut(&id) {
@@ -635,6 +650,15 @@ async fn run_stream(shared: &Shared, id: StreamId) -> Result<Moved, StreamEnd> {
             () = wake.notified() => {}
         }
     }
+}
+
+/// Our side of stream `id` failed: reset it and forget its slot, so it holds
+/// neither a stream slot nor credit.
+fn abandon(shared: &Shared, id: StreamId) {
+    let mut state = shared.lock();
+    let _ = state.link.reset(id, Reason::CANCELLED);
+    state.streams.remove(&id);
+    changed(&mut state, shared);
 }
 
 /// Link socket in, frames to the state machine, data to stream sockets.
@@ -746,10 +770,13 @@ async fn write_loop(shared: &Shared, mut wr: OwnedWriteHalf, mut sealer: Sealer)
     use tokio::io::AsyncWriteExt;
     let mut batch: Vec<u8> = Vec::new();
     let mut plain = Vec::new();
+    // A peer that stops reading must not hold the link for ever.
+    let stuck_after = shared.lock().link.config().dead_after;
     loop {
         let closed = fill(shared, &mut sealer, &mut batch, &mut plain);
         if !batch.is_empty() {
-            if wr.write_all(&batch).await.is_err() {
+            let written = tokio::time::timeout(stuck_after, wr.write_all(&batch)).await;
+            if !matches!(written, Ok(Ok(()))) {
                 close(shared);
                 return;
             }
