@@ -111,6 +111,7 @@ fn values_that_cannot_work_are_refused_with_their_range() {
     let service = |extra: &[&'static str]| [&[key, "-r", "db@1.0.0"][..], extra].concat();
     usage_error("seaport-proxy", &proxy(&["--connect-timeout", "2h"]), &["--connect-timeout", "0s to 1h"]);
     usage_error("seaport-proxy", &proxy(&["--dial-timeout", "0"]), &["100ms to 1m"]);
+    usage_error("seaport-proxy", &proxy(&["--threads", "0"]), &["--threads", "1..=256"]);
     usage_error("seaport-proxy", &proxy(&["--drain", "-1"]), &["cannot be negative"]);
     usage_error("seaport-service", &service(&["-p", "0"]), &["--port", "1..=65535"]);
     usage_error("seaport-service", &service(&["-p", "1", "--check-interval", "0"]), &["100ms to 1h"]);
@@ -160,7 +161,8 @@ fn proxy_on_port_0_prints_the_port_it_bound_and_tags_show() {
     let backend = http_backend("tagged");
     let reg = registry(&[]);
     let _svc = service_with(&reg.target, backend, "db@1.2.3", &["--tag", "eu", "--tag", "ssd"]);
-    let proxy = Proc::start("seaport-proxy", &[&reg.target, "-p", "0", "-r", "db@1"], &[]);
+    // A pool of workers instead of the default single event loop: same behaviour.
+    let proxy = Proc::start("seaport-proxy", &[&reg.target, "-p", "0", "-r", "db@1", "--threads", "2"], &[]);
     let found = proxy.wait_line("found service", Duration::from_secs(20));
     assert!(found.ends_with("db@1.2.3 tags=eu,ssd"), "{found}");
     let line = proxy.wait_line("proxy from", Duration::from_secs(20));

@@ -35,6 +35,11 @@ pub struct ClientArgs {
     /// Private DHT bootstrap nodes, HOST:PORT,... (for a bare KEY).
     #[arg(long, env = "SEAPORT_BOOTSTRAP", hide_env_values = true, value_name = "LIST")]
     pub bootstrap: Option<Bootstrap>,
+    /// Worker threads (1 to 256). One event loop is fastest while a core is
+    /// enough (no hand-offs between threads: see BENCHMARKS.md); give more
+    /// to spread many busy connections over more cores.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: u16,
 }
 
 impl ClientArgs {
@@ -49,6 +54,19 @@ impl ClientArgs {
     pub async fn resolver(&self) -> Result<Resolver, String> {
         Resolver::for_target(&self.registry, &self.bootstrap.clone().unwrap_or_default().0).await
     }
+}
+
+/// The runtime a binary runs on: one event loop on the calling thread for
+/// `threads == 1`, else a pool of that many workers.
+pub fn runtime(threads: u16) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut pool = tokio::runtime::Builder::new_multi_thread();
+        pool.worker_threads(usize::from(threads));
+        pool
+    };
+    builder.enable_all().build()
 }
 
 /// Logs go to stderr (stdout carries only the event lines); `RUST_LOG`

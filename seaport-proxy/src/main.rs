@@ -1,12 +1,15 @@
 //! `seaport-proxy REGISTRY -p PORT -r ROLE@RANGE [--bind ADDR] [--balance STRATEGY]`
 use clap::Parser;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     seaport_net::cli::init_logging();
     seaport_net::cli::raise_fd_limit();
     let args = seaport_proxy::Args::parse();
-    if let Err(e) = seaport_proxy::run(args).await {
+    let runtime = match seaport_net::cli::runtime(args.client.threads) {
+        Ok(runtime) => runtime,
+        Err(e) => seaport_net::cli::fatal("seaport-proxy", format!("cannot start the runtime: {e}")),
+    };
+    if let Err(e) = runtime.block_on(seaport_proxy::run(args)) {
         seaport_net::cli::exit_with::<seaport_proxy::Args>("seaport-proxy", e);
     }
 }

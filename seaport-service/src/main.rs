@@ -1,12 +1,15 @@
 //! `seaport-service REGISTRY -p PORT -r ROLE@VERSION [--host H] [--tag T]... [--seed SEED | --seed-file F]`
 use clap::Parser;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     seaport_net::cli::init_logging();
     seaport_net::cli::raise_fd_limit();
     let args = seaport_service::Args::parse();
-    if let Err(e) = seaport_service::run(args).await {
+    let runtime = match seaport_net::cli::runtime(args.client.threads) {
+        Ok(runtime) => runtime,
+        Err(e) => seaport_net::cli::fatal("seaport-service", format!("cannot start the runtime: {e}")),
+    };
+    if let Err(e) = runtime.block_on(seaport_service::run(args)) {
         seaport_net::cli::exit_with::<seaport_service::Args>("seaport-service", e);
     }
 }
