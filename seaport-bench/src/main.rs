@@ -38,8 +38,8 @@ struct Args {
     /// Rounds of the bulk transfers (median reported; default 3, 1 with --quick).
     #[arg(long)]
     repeat: Option<usize>,
-    /// Run only these parts, comma-separated: bulk, latency, connect, idle, lookups
-    /// (to profile one with perf).
+    /// Run only these parts, comma-separated: bulk, latency, connect, hol,
+    /// fair, idle, lookups (to profile one with perf).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     #[command(subcommand)]
@@ -171,6 +171,16 @@ async fn run(args: &Args) -> Vec<Row> {
     );
     proxy.wait_line("proxy from");
     let seaport_addr: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();
+    // A second proxy, so a second link to the same service, for the
+    // head-of-line figure's baseline.
+    let other_port = free_port();
+    let mut other_proxy = Peer::start(
+        "second proxy",
+        &bin.join("seaport-proxy"),
+        &[&target, "-p", &other_port.to_string(), "-r", "bench"],
+    );
+    other_proxy.wait_line("proxy from");
+    let other_addr: SocketAddr = format!("127.0.0.1:{other_port}").parse().unwrap();
     let targets = [backend_addr, relay_addr, seaport_addr];
 
     // Warm up every path.
@@ -224,6 +234,36 @@ async fn run(args: &Args) -> Vec<Row> {
         rows.push(Row::all("new connection to first byte, p99".into(), "µs", Better::Lower, p99));
     }
 
+    if wants("hol") {
+        // A request behind a bulk transfer on the same link, against the same
+        // request while the bulk transfer runs on another link: same CPU load,
+        // only the sharing differs.
+        let mut p50 = [0.0; 2];
+        for (i, (bulk, request)) in
+            [(seaport_addr, seaport_addr), (other_addr, seaport_addr)].into_iter().enumerate()
+        {
+            measure::new_connections(request, 5).await.unwrap();
+            let load = measure::background_download(bulk);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut times = measure::request_response(request, rounds / 4).await.unwrap();
+            load.abort();
+            p50[i] = measure::percentile_us(&mut times, 50.0);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        rows.push(Row::seaport("request/response p50 beside bulk, same link".into(), "µs", p50[0]));
+        rows.push(Row::seaport("request/response p50 beside bulk, other link".into(), "µs", p50[1]));
+        rows.push(Row::seaport("  same link / other link".into(), "×", p50[0] / p50[1]));
+    }
+
+    if wants("fair") {
+        let shares = measure::two_downloads(seaport_addr, bytes / 2).await.unwrap();
+        let low = shares[0].min(shares[1]) * 100.0;
+        rows.push(Row {
+            better: Better::Higher,
+            ..Row::seaport("two bulk streams on one link: smaller share".into(), "%", low)
+        });
+    }
+
     if wants("idle") {
         // RSS per idle connection in each of the two middle processes.
         let mut per_conn = [[f64::NAN; 2]; 2];
@@ -263,7 +303,7 @@ async fn run(args: &Args) -> Vec<Row> {
             ..Row::seaport(format!("registry lookups, {instances} instances"), "/s", rate)
         });
     }
-    drop((backend, hop1, hop2, registry, service, proxy));
+    drop((backend, hop1, hop2, registry, service, proxy, other_proxy));
     rows
 }
 

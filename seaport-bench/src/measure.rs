@@ -1,6 +1,8 @@
 //! The measurements, each against one address (direct, relay or proxy):
 //! bulk throughput, request/response latency, new-connection latency, idle
-//! connections held open, and registry lookups.
+//! connections held open, registry lookups; and for links, a download that
+//! runs until stopped (load beside a latency figure) and two downloads at once
+//! (how a link shares itself).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -66,6 +68,51 @@ pub async fn bulk_down(addr: SocketAddr, bytes: u64) -> Result<f64> {
 }
 
 /// `rounds` round trips of 64 bytes on one connection; the latency of each.
+/// Downloads from the source at `addr` until the returned handle is aborted
+/// (or dropped with its runtime): steady bulk load on that path.
+pub fn background_download(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let _ = bulk_down(addr, u64::MAX / 2).await;
+    })
+}
+
+/// Two downloads of `bytes` each through `addr` at once; returns the share of
+/// the bytes each had received when the first one finished (0.5 each is fair).
+pub async fn two_downloads(addr: SocketAddr, bytes: u64) -> Result<[f64; 2]> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let counts = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut stream = connect(addr).await?;
+        let mut request = vec![b'D'];
+        request.extend_from_slice(&bytes.to_le_bytes());
+        stream.write_all(&request).await?;
+        streams.push(stream);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (mut stream, count) in streams.into_iter().zip(counts.clone()) {
+        tasks.spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                count.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        });
+    }
+    // The first to finish ends the comparison; the other is cut off.
+    tasks.join_next().await;
+    let got = counts.map(|c| c.load(Ordering::Relaxed) as f64);
+    tasks.abort_all();
+    let total = got[0] + got[1];
+    if total == 0.0 {
+        return Err("no bytes received".into());
+    }
+    Ok(got.map(|g| g / total))
+}
+
 pub async fn request_response(addr: SocketAddr, rounds: usize) -> Result<Vec<Duration>> {
     let mut stream = connect(addr).await?;
     stream.write_all(b"E").await?;
