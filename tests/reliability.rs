@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 use std::collections::HashSet;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -248,4 +248,31 @@ fn links_fail_over_when_an_instance_dies() {
     assert_eq!(proxy.count_log("via direct"), 2, "{:#?}", proxy.errors());
     assert_eq!(sb.count_log("link ended"), 0, "{:#?}", sb.errors());
     assert_eq!(proxy.count_log("every instance failed"), 0, "{:#?}", proxy.errors());
+}
+
+#[test]
+fn a_stream_cut_mid_transfer_reaches_the_client_as_a_reset() {
+    let backend = bulk_backend();
+    let reg = registry(&[]);
+    let svc = service(&reg.target, backend, "bulk@1.0.0");
+    let (_proxy, port) = proxy(&reg.target, "bulk", 1);
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.write_all(format!("DOWN 1 {}\n", 1u64 << 40).as_bytes()).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    while got < 1 << 20 {
+        got += stream.read(&mut buf).unwrap();
+    }
+    // The service dies mid-transfer: its link is lost, and the stream with it.
+    svc.signal("KILL");
+    let ended = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(_) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    let err = ended.expect_err("a cut transfer must not look like a clean end");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
