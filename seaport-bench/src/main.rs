@@ -39,7 +39,9 @@ struct Args {
     #[arg(long)]
     repeat: Option<usize>,
     /// Run only these parts, comma-separated: bulk, latency, connect, hol,
-    /// fair, idle, lookups (to profile one with perf).
+    /// fair, redis, idle, lookups (to profile one with perf). `redis` needs
+    /// redis-server and redis-benchmark (Debian's redis-server, redis-tools)
+    /// and is skipped with a note without them.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     #[command(subcommand)]
@@ -264,6 +266,16 @@ async fn run(args: &Args) -> Vec<Row> {
         });
     }
 
+    if wants("redis") {
+        match redis_connections(&bin, &me, &target, quick) {
+            Ok(rates) => {
+                let name = "new connections/s, redis-benchmark -k 0 -c 50".into();
+                rows.push(Row::all(name, "/s", Better::Higher, rates));
+            }
+            Err(why) => eprintln!("redis part skipped: {why}"),
+        }
+    }
+
     if wants("idle") {
         // RSS per idle connection in each of the two middle processes.
         let mut per_conn = [[f64::NAN; 2]; 2];
@@ -305,6 +317,65 @@ async fn run(args: &Args) -> Vec<Row> {
     }
     drop((backend, hop1, hop2, registry, service, proxy, other_proxy));
     rows
+}
+
+/// New connections per second with a real client: `redis-benchmark -k 0`
+/// (a new connection per request, 50 at once) against redis-server directly,
+/// through two relay hops, and through a seaport service and proxy.
+fn redis_connections(
+    bin: &std::path::Path,
+    me: &std::path::Path,
+    target: &str,
+    quick: bool,
+) -> Result<[f64; 3], String> {
+    let found = |tool: &str| std::process::Command::new(tool).arg("--version").output().is_ok();
+    if !found("redis-server") || !found("redis-benchmark") {
+        return Err(
+            "redis-server or redis-benchmark not installed (Debian: redis-server, redis-tools)".into()
+        );
+    }
+    let port = free_port().to_string();
+    let mut redis = Peer::start(
+        "redis-server",
+        std::path::Path::new("redis-server"),
+        &["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+    );
+    redis.wait_line("Ready to accept connections");
+    let redis_addr = format!("127.0.0.1:{port}");
+    let mut hop2 = Peer::start("redis relay hop 2", me, &["relay", &redis_addr]);
+    let hop2_addr = listening(&mut hop2);
+    let mut hop1 = Peer::start("redis relay hop 1", me, &["relay", &hop2_addr.to_string()]);
+    let relay_addr = listening(&mut hop1);
+    let mut service = Peer::start(
+        "redis service",
+        &bin.join("seaport-service"),
+        &[target, "-p", &port, "-r", "redis@7.0.15", "--listen", "127.0.0.1:0"],
+    );
+    service.wait_line("registered service");
+    let proxy_port = free_port().to_string();
+    let mut proxy =
+        Peer::start("redis proxy", &bin.join("seaport-proxy"), &[target, "-p", &proxy_port, "-r", "redis@7"]);
+    proxy.wait_line("proxy from");
+    let requests = if quick { "2000" } else { "20000" };
+    let mut rates = [0.0; 3];
+    for (i, port) in [port.clone(), relay_addr.port().to_string(), proxy_port.clone()].iter().enumerate() {
+        let out = std::process::Command::new("redis-benchmark")
+            .args(["-h", "127.0.0.1", "-p", port, "-k", "0", "-c", "50", "-n", requests, "-t", "ping", "-q"])
+            .output()
+            .map_err(|e| format!("redis-benchmark: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "PING_INLINE: 12345.67 requests per second, p50=..." (the last of
+        // the lines redis-benchmark rewrites in place with \r).
+        let rate = text
+            .split(['\r', '\n'])
+            .filter(|l| l.contains("requests per second"))
+            .filter_map(|l| l.split(": ").nth(1)?.split(' ').next()?.parse::<f64>().ok())
+            .next()
+            .ok_or_else(|| format!("no rate in redis-benchmark's output: {text}"))?;
+        rates[i] = rate;
+    }
+    drop((redis, hop1, hop2, service, proxy));
+    Ok(rates)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
