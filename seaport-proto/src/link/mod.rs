@@ -851,7 +851,10 @@ impl Link {
     /// stream's credit, the link's credit and the fairness cap. 0 means
     /// wait for [`LinkEvent::Writable`] (also 0 for a stream that cannot send).
     pub fn send_credit(&mut self, id: StreamId) -> usize {
-        let others_waiting = self.ready.iter().any(|r| *r != id.get());
+        // `ready` holds each queued stream once: count instead of scanning, so
+        // waking many streams (a link credit update) costs O(1) each.
+        let queued = self.streams.get(&id.get()).is_some_and(|s| s.queued);
+        let others_waiting = self.ready.len() > usize::from(queued);
         self.credit(id.get(), others_waiting)
     }
 
