@@ -199,3 +199,65 @@ fn an_unreachable_dht_says_what_to_try() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(proxy.count_log("still not found in the DHT"), 1, "said once");
 }
+
+/// Every stdout line of `proc` so far, parsed as one JSON object each.
+fn json_events(proc: &Proc) -> Vec<serde_json::Value> {
+    proc.lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect()
+}
+
+fn names(events: &[serde_json::Value]) -> Vec<String> {
+    events.iter().map(|e| e["event"].as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn json_events_follow_the_walkthrough() {
+    let (seed, key) = new_seed();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let reg = Proc::start(
+        "seaport-registry",
+        &["--listen", &listen, "--no-dht", "--json"],
+        &[("SEAPORT_REGISTRY_SEED", &seed)],
+    );
+    reg.wait_line("\"event\":\"registry_listening\"", Duration::from_secs(20));
+    let target = format!("{key}@{listen}");
+    let backend = http_backend("json");
+    let port = backend.to_string();
+    let mut svc = Proc::start(
+        "seaport-service",
+        &[&target, "-p", &port, "-r", "db@1.0.0", "--tag", "eu", "--json"],
+        &[],
+    );
+    svc.wait_line("\"event\":\"registered\"", Duration::from_secs(20));
+    let proxy = Proc::start("seaport-proxy", &[&target, "-p", "0", "-r", "db", "--json"], &[]);
+    let serving = proxy.wait_line("\"event\":\"serving\"", Duration::from_secs(20));
+    let serving: serde_json::Value = serde_json::from_str(&serving).unwrap();
+    let proxy_port = serving["port"].as_u64().unwrap() as u16;
+    assert_eq!(http_get(proxy_port), (200, "json".to_owned()));
+    proxy.wait_line("\"event\":\"link_up\"", Duration::from_secs(20));
+
+    svc.signal("TERM");
+    assert_eq!(svc.wait_exit(Duration::from_secs(20)), Some(0), "{:#?}", svc.errors());
+    proxy.wait_line("\"event\":\"instance_lost\"", Duration::from_secs(20));
+
+    let events = json_events(&svc);
+    assert_eq!(
+        names(&events),
+        ["service_started", "registry_connecting", "registered", "draining", "stopped"],
+        "{events:#?}"
+    );
+    assert_eq!(events[2]["role"], "db@1.0.0");
+    assert_eq!(events[2]["tags"], serde_json::json!(["eu"]));
+    for event in json_events(&proxy).iter().chain(&events).chain(&json_events(&reg)) {
+        let ts = event["ts"].as_str().unwrap();
+        assert!(ts.len() == 24 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "{ts}");
+    }
+    let proxy_names = names(&json_events(&proxy));
+    for expected in
+        ["registry_connecting", "registry_connected", "instance_found", "serving", "link_up", "instance_lost"]
+    {
+        assert!(proxy_names.iter().any(|n| n == expected), "{expected} missing from {proxy_names:?}");
+    }
+}

@@ -40,6 +40,10 @@ pub struct ClientArgs {
     /// to spread many busy connections over more cores.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: u16,
+    /// Print events as JSON objects, one a line (`ts`, `event`, fields; see
+    /// README), instead of the text lines.
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl ClientArgs {

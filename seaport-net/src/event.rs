@@ -1,12 +1,19 @@
-//! The events a binary reports on stdout: one type for all four binaries,
-//! whose `Display` is the command-line contract (one line per event, stable:
-//! scripts read them). Logs, with their detail, go to stderr through
-//! `tracing`; stdout carries only these lines.
+//! The events a binary reports on stdout: one type for the registry, the
+//! service and the proxy. As text (the default), `Display` is the
+//! command-line contract: one line per event, stable, scripts read them. With
+//! `--json` ([`use_json`]), every event is one JSON object a line with `ts`
+//! (RFC 3339, UTC), `event` (its name, [`Event::name`]) and its fields; a few
+//! events (links, draining, stopped) exist only there, so the text lines stay
+//! exactly as they were. Logs, with their detail, go to stderr through
+//! `tracing`; stdout carries only events.
 //!
 //! Invariant: every state change a script would act on has a variant here, and
 //! nothing in the registry, service or proxy prints to stdout except [`emit`].
 
 use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use seaport_proto::keys::PublicKey;
 use seaport_proto::role::{Role, RoleQuery};
@@ -87,6 +94,133 @@ pub enum Event {
         /// Its role.
         role: Role,
     },
+    /// A proxy opened a link to an instance (JSON only).
+    LinkUp {
+        /// The instance's key.
+        key: PublicKey,
+        /// How the link was reached: `direct` (the only path so far).
+        path: &'static str,
+        /// The address it runs over.
+        addr: SocketAddr,
+    },
+    /// A proxy's link to an instance ended (JSON only).
+    LinkDown {
+        /// The instance's key.
+        key: PublicKey,
+        /// Why, for people.
+        reason: String,
+    },
+    /// Shutdown began: no new connections, open ones finish (JSON only).
+    Draining,
+    /// The process is about to exit 0 (JSON only).
+    Stopped,
+}
+
+impl Event {
+    /// The event's stable name: the `event` field of its JSON form.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::RegistryListening { .. } => "registry_listening",
+            Event::ServiceStarted { .. } => "service_started",
+            Event::Connecting { .. } => "registry_connecting",
+            Event::Connected => "registry_connected",
+            Event::Disconnected { .. } => "registry_lost",
+            Event::Registered { .. } => "registered",
+            Event::Withdrawn { .. } => "withdrawn",
+            Event::RegistrationRefused { .. } => "registration_refused",
+            Event::WatchRefused { .. } => "lookup_refused",
+            Event::Found { .. } => "instance_found",
+            Event::Serving { .. } => "serving",
+            Event::Lost { .. } => "instance_lost",
+            Event::LinkUp { .. } => "link_up",
+            Event::LinkDown { .. } => "link_down",
+            Event::Draining => "draining",
+            Event::Stopped => "stopped",
+        }
+    }
+
+    /// Whether the event has a text line (the others are JSON only).
+    pub fn has_text(&self) -> bool {
+        !matches!(self, Event::LinkUp { .. } | Event::LinkDown { .. } | Event::Draining | Event::Stopped)
+    }
+
+    /// The event as one JSON object: `ts`, `event`, then its fields (keys as
+    /// 64 hex characters, roles as `name@version` with `tags` apart).
+    pub fn to_json(&self, at: SystemTime) -> String {
+        use serde_json::{Value, json};
+        let role_fields = |role: &Role| vec![("role", json!(role.to_string())), ("tags", json!(role.tags()))];
+        let fields: Vec<(&str, Value)> = match self {
+            Event::RegistryListening { key } | Event::ServiceStarted { key } => {
+                vec![("key", json!(key.to_string()))]
+            }
+            Event::Connecting { registry } => vec![("registry", json!(registry.to_string()))],
+            Event::Connected | Event::Draining | Event::Stopped => vec![],
+            Event::Disconnected { reason } => vec![("reason", json!(reason))],
+            Event::Registered { role } => role_fields(role),
+            Event::Withdrawn { role, reason } => {
+                [role_fields(role), vec![("reason", json!(reason))]].concat()
+            }
+            Event::RegistrationRefused { role, text } => {
+                [role_fields(role), vec![("text", json!(text))]].concat()
+            }
+            Event::WatchRefused { query, text } => {
+                vec![("query", json!(query.to_string())), ("text", json!(text))]
+            }
+            Event::Found { key, role } | Event::Lost { key, role } => {
+                [vec![("key", json!(key.to_string()))], role_fields(role)].concat()
+            }
+            Event::Serving { port, key } => vec![("port", json!(port)), ("key", json!(key.to_string()))],
+            Event::LinkUp { key, path, addr } => {
+                vec![
+                    ("key", json!(key.to_string())),
+                    ("path", json!(path)),
+                    ("addr", json!(addr.to_string())),
+                ]
+            }
+            Event::LinkDown { key, reason } => {
+                vec![("key", json!(key.to_string())), ("reason", json!(reason))]
+            }
+        };
+        let mut object = serde_json::Map::new();
+        object.insert("ts".into(), json!(rfc3339(at)));
+        object.insert("event".into(), json!(self.name()));
+        for (name, value) in fields {
+            object.insert(name.into(), value);
+        }
+        Value::Object(object).to_string()
+    }
+}
+
+/// `2026-12-02T13:52:45.123Z` for `at` (UTC, milliseconds).
+fn rfc3339(at: SystemTime) -> String {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        since.subsec_millis()
+    )
+}
+
+/// Whether [`emit`] prints JSON.
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Makes [`emit`] print JSON objects instead of text lines (`--json`).
+pub fn use_json(on: bool) {
+    JSON.store(on, Ordering::Relaxed);
 }
 
 impl fmt::Display for Event {
@@ -110,14 +244,23 @@ impl fmt::Display for Event {
             }
             Event::Serving { port, key } => write!(f, "proxy from {port} to p2p service {key}"),
             Event::Lost { key, role } => write!(f, "lost service {key} {role}"),
+            Event::LinkUp { key, path, addr } => write!(f, "link to {key} via {path} {addr}"),
+            Event::LinkDown { key, reason } => write!(f, "link to {key} down: {reason}"),
+            Event::Draining => f.write_str("draining"),
+            Event::Stopped => f.write_str("stopped"),
         }
     }
 }
 
-/// Prints `event` as one line on stdout. Scripts read these, so each is
-/// flushed at once (Rust's stdout is line-buffered).
+/// Prints `event` as one line on stdout: its text line, or with `--json` its
+/// JSON object. Scripts read these, so each is flushed at once (Rust's
+/// stdout is line-buffered).
 pub fn emit(event: &Event) {
-    println!("{event}");
+    if JSON.load(Ordering::Relaxed) {
+        println!("{}", event.to_json(SystemTime::now()));
+    } else if event.has_text() {
+        println!("{event}");
+    }
 }
 
 #[cfg(test)]
@@ -144,5 +287,24 @@ mod tests {
             format!("proxy from 6000 to p2p service {key}")
         );
         assert_eq!(Event::Lost { key, role }.to_string(), format!("lost service {key} couchdb@3.2.2"));
+    }
+
+    #[test]
+    fn json_names_the_event_and_its_fields() {
+        let key = Keypair::from_seed(&Seed::from_bytes([7; 32])).public();
+        let role = Role::parse("couchdb@3.2.2").unwrap().with_tags(["eu"]).unwrap();
+        let at = UNIX_EPOCH + std::time::Duration::from_millis(1_764_683_565_123);
+        let json: serde_json::Value = serde_json::from_str(&Event::Found { key, role }.to_json(at)).unwrap();
+        assert_eq!(json["ts"], "2025-12-02T13:52:45.123Z");
+        assert_eq!(json["event"], "instance_found");
+        assert_eq!(json["key"], key.to_string());
+        assert_eq!(json["role"], "couchdb@3.2.2");
+        assert_eq!(json["tags"], serde_json::json!(["eu"]));
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + std::time::Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00.000Z"
+        );
+        assert!(!Event::Stopped.has_text() && Event::Connected.has_text());
     }
 }

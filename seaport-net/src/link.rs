@@ -53,6 +53,7 @@ use tracing::Instrument;
 
 use crate::clock;
 use crate::dial::{self, race};
+use crate::event::{Event, emit};
 use crate::handshake::{HandshakeError, handshake};
 use crate::identity::entropy;
 
@@ -148,6 +149,8 @@ struct State {
     closed: bool,
     /// A `GOAWAY` went either way: no new streams.
     going_away: bool,
+    /// Why the link ended, once it has.
+    close_reason: Option<String>,
 }
 
 struct Shared {
@@ -221,6 +224,7 @@ fn dispatch(state: &mut State, shared: &Shared) {
             LinkEvent::Drained => state.closed = true,
             LinkEvent::Closed { error } => {
                 tracing::debug!("link closed: {error}");
+                state.close_reason = Some(error.to_string());
                 state.closed = true;
             }
             other => tracing::debug!(?other, "link event"),
@@ -265,8 +269,15 @@ impl LinkHandle {
         let (sealer, opener) = transport.split();
         let shared = new_shared(Side::Proxy, config);
         let span = tracing::info_span!("link", service = %remote, %addr);
-        let driver =
-            tokio::spawn(drive(shared.clone(), stream, sealer, opener, leftover, None).instrument(span));
+        let ended = shared.clone();
+        let driver = tokio::spawn(
+            async move {
+                drive(ended.clone(), stream, sealer, opener, leftover, None).await;
+                let reason = ended.lock().close_reason.take().unwrap_or_else(|| "closed".into());
+                emit(&Event::LinkDown { key: remote, reason });
+            }
+            .instrument(span),
+        );
         Ok(LinkHandle { shared, remote, addr, _driver: Arc::new(AbortOnDrop(driver.abort_handle())) })
     }
 
@@ -389,6 +400,7 @@ impl Links {
         }
         let link = LinkHandle::dial(instance, &self.keypair, self.dial_timeout, self.config.clone()).await?;
         tracing::info!(service = %instance.key, "link to {} via direct {}", instance.key, link.addr);
+        emit(&Event::LinkUp { key: instance.key, path: "direct", addr: link.addr });
         links.push(link.clone());
         Ok(link)
     }
@@ -422,6 +434,7 @@ fn new_shared(side: Side, config: LinkConfig) -> Arc<Shared> {
         opened: Vec::new(),
         closed: false,
         going_away: false,
+        close_reason: None,
     };
     Arc::new(Shared { state: Mutex::new(state), work: Notify::new(), opened: Notify::new() })
 }

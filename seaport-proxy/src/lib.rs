@@ -68,6 +68,7 @@ pub struct Args {
 
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
 pub async fn run(args: Args) -> Result<(), Failure> {
+    seaport_net::event::use_json(args.client.json);
     let keypair = args.client.keypair()?;
     let addr = SocketAddr::new(args.bind, args.port);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -140,10 +141,12 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     })
     .await;
     tracing::info!("shutting down: draining open connections");
+    emit(&Event::Draining);
     drop(listener);
     links.go_away_all();
     control.stop().await;
     drain(conns, args.drain).await;
+    emit(&Event::Stopped);
     Ok(())
 }
 

@@ -32,6 +32,10 @@ pub struct Args {
     /// TCP address to listen on for services and proxies.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:0")]
     pub listen: SocketAddr,
+    /// Print events as JSON objects, one a line (`ts`, `event`, fields; see
+    /// README), instead of the text lines.
+    #[arg(long)]
+    pub json: bool,
     /// Do not publish in the DHT (clients then need KEY@HOST:PORT); any
     /// --bootstrap / SEAPORT_BOOTSTRAP is then unused.
     #[arg(long, conflicts_with = "dht_port")]
@@ -68,6 +72,7 @@ pub struct Args {
 
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
 pub async fn run(args: Args) -> Result<(), Failure> {
+    seaport_net::event::use_json(args.json);
     let seed = load_seed(args.seed.as_deref(), args.seed_file.as_deref())
         .map_err(|e| Failure::Usage(e.to_string()))?;
     let seed = seed.unwrap_or_else(|| {
@@ -108,6 +113,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = server.await;
+    emit(&Event::Stopped);
     Ok(())
 }
 

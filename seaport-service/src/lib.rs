@@ -61,6 +61,7 @@ pub struct Args {
 
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
 pub async fn run(args: Args) -> Result<(), Failure> {
+    seaport_net::event::use_json(args.client.json);
     let role = args.role.clone().with_tags(args.tags.clone()).map_err(|e| Failure::Usage(e.to_string()))?;
     let keypair = args.client.keypair()?;
     let backend = tokio::net::lookup_host((args.host.as_str(), args.port))
@@ -99,12 +100,14 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     .await;
     // Unregister first, so no proxy picks us while we drain.
     tracing::info!("shutting down: unregistering, then draining open links");
+    emit(&Event::Draining);
     health.abort();
     lock(&client).set_available(false);
     control.stop().await;
     drop(listener);
     let _ = drain_tx.send(true);
     drain(links, args.drain).await;
+    emit(&Event::Stopped);
     Ok(())
 }
 
