@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use seaport_proto::keys::PublicKey;
 use seaport_proto::session::{Session, SessionError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -28,6 +29,9 @@ pub enum HandshakeError {
     /// The handshake did not finish in time.
     #[error("handshake timed out after {0:?}")]
     Timeout(Duration),
+    /// The peer's key is not allowed here (`--allow`).
+    #[error("{0} is not allowed to connect (--allow)")]
+    NotAllowed(PublicKey),
     /// The peer closed before the handshake finished.
     #[error("peer closed the connection during the handshake")]
     ClosedEarly,
@@ -40,11 +44,14 @@ pub enum HandshakeError {
 }
 
 /// Runs `session`'s handshake on `stream` within `timeout`, writing what the
-/// session has to say (the first message, or the responder's reply).
+/// session has to say (the first message, or the responder's reply). A
+/// responder answers only a peer that `admit` accepts, once the peer's first
+/// message has told who it is.
 pub async fn handshake(
     stream: &mut TcpStream,
     session: &mut Session,
     timeout: Duration,
+    admit: &(dyn Fn(&PublicKey) -> bool + Sync),
 ) -> Result<(), HandshakeError> {
     let work = async {
         let mut buf = [0u8; 1024];
@@ -62,6 +69,9 @@ pub async fn handshake(
                 return Err(HandshakeError::ClosedEarly);
             }
             session.handle_input(clock::now(), buf.get(..n).unwrap_or_default())?;
+            if let Some(key) = session.remote().filter(|key| !admit(key)) {
+                return Err(HandshakeError::NotAllowed(key));
+            }
         }
     };
     tokio::time::timeout(timeout, work).await.map_err(|_| HandshakeError::Timeout(timeout))?

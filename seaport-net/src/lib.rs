@@ -1,6 +1,7 @@
 //! seaport-net: the tokio glue shared by the seaport binaries, and the only
 //! crate that touches sockets, clocks, tasks, OS randomness and the DHT.
 //!
+//! - [`allow`]: which proxy keys may open links to a service.
 //! - [`clock`]: the one place time is read (tokio's clock).
 //! - [`cli`]: what every binary's `main` shares: logging, durations, exits.
 //! - [`event`]: the stdout event lines, one type for every binary.
@@ -20,6 +21,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 
+pub mod allow;
 pub mod cli;
 pub mod clock;
 pub mod control;

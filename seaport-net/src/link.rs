@@ -51,6 +51,7 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::allow::AllowList;
 use crate::clock;
 use crate::dial::{self, race};
 use crate::event::{Event, emit};
@@ -447,7 +448,8 @@ async fn handshake_link(
 ) -> Result<(TcpStream, Session), HandshakeError> {
     let mut stream = dial::connect(addr, timeout).await?;
     let mut session = Session::initiate(clock::now(), &local, &remote, Intent::Link, entropy(), timeout)?;
-    handshake(&mut stream, &mut session, timeout).await?;
+    // The service's key was checked by the handshake itself.
+    handshake(&mut stream, &mut session, timeout, &|_| true).await?;
     Ok((stream, session))
 }
 
@@ -461,7 +463,7 @@ pub struct Backend {
 }
 
 /// Serves one link on the service side: the handshake (the proxy must ask for
-/// a link), then streams to `backend` until the link ends or `drain` fires,
+/// a link, with a key `allow` admits), then streams to `backend` until the link ends or `drain` fires,
 /// after which no new stream is accepted and open ones finish.
 pub async fn serve(
     mut stream: TcpStream,
@@ -470,10 +472,11 @@ pub async fn serve(
     timeout: Duration,
     config: LinkConfig,
     drain: watch::Receiver<bool>,
+    allow: &AllowList,
 ) -> Result<(), HandshakeError> {
     let _ = stream.set_nodelay(true);
     let mut session = Session::respond(clock::now(), local, Intent::Link, entropy(), timeout)?;
-    handshake(&mut stream, &mut session, timeout).await?;
+    handshake(&mut stream, &mut session, timeout, &|key| allow.admits(key)).await?;
     if let Some(key) = session.remote() {
         crate::serve::record_peer_key(&key);
     }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
+use seaport_net::allow::AllowList;
 use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
 use seaport_net::control::{ControlTask, lock};
 use seaport_net::event::{Event, emit};
@@ -19,6 +20,7 @@ use seaport_net::serve::{accept_until, drain};
 use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, Strategy};
 use seaport_proto::keys::PublicKey;
 use seaport_proto::link::LinkConfig;
+use seaport_proto::message::Instance;
 use seaport_proto::role::{Role, RoleQuery};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -50,6 +52,10 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::ZERO, HOUR))]
     pub connect_timeout: Duration,
+    /// Use only the instance with this service key (repeatable), whatever
+    /// the registry answers: pins the services this proxy trusts.
+    #[arg(long = "service-key", value_name = "KEY", value_parser = |s: &str| s.parse::<PublicKey>().map_err(|e| e.to_string()))]
+    pub service_keys: Vec<PublicKey>,
     /// How long one attempt to reach an instance (TCP connect and handshake)
     /// may take before the next instance is tried (100ms to 1m). A frozen
     /// instance costs a new client this long, once per --ban.
@@ -82,6 +88,8 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     // Bumped on every instance-set change, so waiting clients wake up.
     let (changed_tx, changed) = watch::channel(0u64);
     let links = Arc::new(Links::new(keypair.clone(), LinkConfig::default(), args.dial_timeout));
+    let pinned = Arc::new(AllowList::new(args.service_keys.clone(), None).map_err(Failure::Usage)?);
+    let pinned_view = pinned.clone();
     let links_view = links.clone();
     let mut known: HashMap<PublicKey, Role> = HashMap::new();
     let mut connected = false;
@@ -97,6 +105,8 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             }
         }
         ProxyEvent::Instances { instances, truncated } => {
+            // With --service-key, the others do not exist for this proxy.
+            let instances: Vec<&Instance> = instances.iter().filter(|i| pinned_view.admits(&i.key)).collect();
             let now: HashMap<PublicKey, Role> = instances.iter().map(|i| (i.key, i.role.clone())).collect();
             for (key, role) in &known {
                 if !now.contains_key(key) {
@@ -104,7 +114,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
                     emit(&Event::Lost { key: *key, role: role.clone() });
                 }
             }
-            for instance in instances {
+            for instance in &instances {
                 if !known.contains_key(&instance.key) {
                     emit(&Event::Found { key: instance.key, role: instance.role.clone() });
                     emit(&Event::Serving { port, key: instance.key });
@@ -131,9 +141,10 @@ pub async fn run(args: Args) -> Result<(), Failure> {
 
     let (wait, dial) = (args.connect_timeout, args.dial_timeout);
     let conns = accept_until(&listener, seaport_net::signal::shutdown_signal(), |stream, peer| {
-        let (client, links, changed) = (client.clone(), links.clone(), changed.clone());
+        let (client, links, changed, pinned) =
+            (client.clone(), links.clone(), changed.clone(), pinned.clone());
         async move {
-            let served = serve_client(stream, &client, &links, changed, wait, dial);
+            let served = serve_client(stream, &client, &links, &pinned, changed, wait, dial);
             if let Err(e) = served.await {
                 tracing::info!(%peer, "connection closed: {e}");
             }
@@ -159,6 +170,7 @@ async fn serve_client(
     stream: TcpStream,
     client: &Mutex<ProxyClient>,
     links: &Links,
+    pinned: &AllowList,
     mut changed: watch::Receiver<u64>,
     wait: Duration,
     dial: Duration,
@@ -166,7 +178,8 @@ async fn serve_client(
     let _ = stream.set_nodelay(true);
     let deadline = tokio::time::Instant::now() + wait;
     let order = loop {
-        let order = lock(client).choose(seaport_net::clock::now(), random_u64());
+        let mut order = lock(client).choose(seaport_net::clock::now(), random_u64());
+        order.retain(|i| pinned.admits(&i.key));
         if !order.is_empty() {
             break order;
         }

@@ -7,12 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
+use seaport_net::allow::AllowList;
 use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
 use seaport_net::control::{ControlTask, lock};
 use seaport_net::event::{Event, emit};
 use seaport_net::link::{self, Backend};
 use seaport_net::serve::{accept_until, drain};
 use seaport_proto::client::{ClientConfig, ServiceClient, ServiceEvent};
+use seaport_proto::keys::PublicKey;
 use seaport_proto::link::LinkConfig;
 use seaport_proto::role::Role;
 use tokio::net::TcpStream;
@@ -53,6 +55,14 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "2s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::from_millis(100), HOUR))]
     pub check_interval: Duration,
+    /// Accept links only from this proxy key (repeatable; default: any proxy
+    /// that knows this service's key). See also --allow-file.
+    #[arg(long = "allow", value_name = "KEY", value_parser = |s: &str| s.parse::<PublicKey>().map_err(|e| e.to_string()))]
+    pub allow: Vec<PublicKey>,
+    /// Accept links only from the keys in this file (one a line, `#`
+    /// comments), with any --allow keys; reread on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub allow_file: Option<std::path::PathBuf>,
     /// How long a link handshake, and a stream's backend connect, may take (100ms to 10m).
     #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::from_millis(100), 10 * MINUTE))]
@@ -64,6 +74,11 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     seaport_net::event::use_json(args.client.json);
     let role = args.role.clone().with_tags(args.tags.clone()).map_err(|e| Failure::Usage(e.to_string()))?;
     let keypair = args.client.keypair()?;
+    let allow =
+        Arc::new(AllowList::new(args.allow.clone(), args.allow_file.clone()).map_err(Failure::Usage)?);
+    if allow.is_open() {
+        tracing::info!("any proxy that knows this service's key may connect (restrict with --allow)");
+    }
     let backend = tokio::net::lookup_host((args.host.as_str(), args.port))
         .await
         .ok()
@@ -87,10 +102,18 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let backend = Backend { addr: backend, connect_timeout: timeout };
     // Turns true on shutdown: every link goes away, its open streams finish.
     let (drain_tx, draining) = watch::channel(false);
+    let reloads = tokio::spawn(seaport_net::signal::on_hangup({
+        let allow = allow.clone();
+        move || match allow.reload() {
+            Ok(n) => tracing::info!("allow list reread: {n} keys"),
+            Err(e) => tracing::error!("allow list not reread, the old one stays: {e}"),
+        }
+    }));
     let links = accept_until(&listener, seaport_net::signal::shutdown_signal(), |stream, peer| {
-        let (keypair, draining) = (keypair.clone(), draining.clone());
+        let (keypair, draining, allow) = (keypair.clone(), draining.clone(), allow.clone());
         async move {
-            let served = link::serve(stream, &keypair, backend, timeout, LinkConfig::default(), draining);
+            let served =
+                link::serve(stream, &keypair, backend, timeout, LinkConfig::default(), draining, &allow);
             match served.await {
                 Ok(()) => tracing::debug!(%peer, "link closed"),
                 Err(e) => tracing::info!(%peer, "link ended: {e}"),
@@ -102,6 +125,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     tracing::info!("shutting down: unregistering, then draining open links");
     emit(&Event::Draining);
     health.abort();
+    reloads.abort();
     lock(&client).set_available(false);
     control.stop().await;
     drop(listener);
