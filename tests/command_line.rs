@@ -261,3 +261,30 @@ fn json_events_follow_the_walkthrough() {
         assert!(proxy_names.iter().any(|n| n == expected), "{expected} missing from {proxy_names:?}");
     }
 }
+
+#[test]
+fn systemd_hears_ready_once_the_proxy_serves_and_stopping_on_sigterm() {
+    use std::os::unix::net::UnixDatagram;
+    let path = std::env::temp_dir().join(format!("seaport-notify-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let systemd = UnixDatagram::bind(&path).unwrap();
+    systemd.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let backend = http_backend("ready");
+    let reg = registry(&[]);
+    let _svc = service(&reg.target, backend, "ready@1.0.0");
+    let mut proxy = Proc::start(
+        "seaport-proxy",
+        &[&reg.target, "-p", "0", "-r", "ready"],
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 64];
+    let n = systemd.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    // Ready only once serving: the serving line was printed before.
+    proxy.wait_line("proxy from", Duration::from_secs(5));
+    proxy.signal("TERM");
+    let n = systemd.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)), Some(0));
+    std::fs::remove_file(&path).unwrap();
+}

@@ -10,6 +10,7 @@
 //! - [`target`]: the `KEY` / `KEY@HOST:PORT` registry argument and its resolution.
 //! - [`control`]: runs a service or proxy control session with reconnects.
 //! - [`link`]: links (many streams over one Noise session) on tokio; a proxy's link pool.
+//! - [`notify`]: readiness for systemd (`READY=1`, `STOPPING=1`).
 //! - [`registry`]: serves the registry state machine on a TCP listener.
 //! - [`dial`]: racing a peer's addresses; dial errors.
 //! - [`dht`]: publishing and resolving a registry's addresses on mainline.
@@ -31,6 +32,7 @@ pub mod event;
 pub mod handshake;
 pub mod identity;
 pub mod link;
+pub mod notify;
 pub mod registry;
 pub mod serve;
 pub mod signal;

@@ -118,6 +118,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
                 if !known.contains_key(&instance.key) {
                     emit(&Event::Found { key: instance.key, role: instance.role.clone() });
                     emit(&Event::Serving { port, key: instance.key });
+                    seaport_net::notify::ready();
                 }
             }
             known = now;
@@ -153,6 +154,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     .await;
     tracing::info!("shutting down: draining open connections");
     emit(&Event::Draining);
+    seaport_net::notify::stopping();
     drop(listener);
     links.go_away_all();
     control.stop().await;

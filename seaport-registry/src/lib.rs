@@ -108,9 +108,11 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     };
     let registry = Registry::new(keypair.clone(), config);
     emit(&Event::RegistryListening { key: keypair.public() });
+    seaport_net::notify::ready();
     let server = tokio::spawn(seaport_net::registry::serve(listener, registry, stop, log_event));
     seaport_net::signal::shutdown_signal().await;
     tracing::info!("shutting down");
+    seaport_net::notify::stopping();
     let _ = stop_tx.send(true);
     let _ = server.await;
     emit(&Event::Stopped);

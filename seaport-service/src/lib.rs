@@ -124,6 +124,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     // Unregister first, so no proxy picks us while we drain.
     tracing::info!("shutting down: unregistering, then draining open links");
     emit(&Event::Draining);
+    seaport_net::notify::stopping();
     health.abort();
     reloads.abort();
     lock(&client).set_available(false);
@@ -140,7 +141,10 @@ pub async fn run(args: Args) -> Result<(), Failure> {
 fn reporter() -> impl FnMut(&ServiceEvent) + Send {
     let mut connected = false;
     move |event| match event {
-        ServiceEvent::Registered(role) => emit(&Event::Registered { role: role.clone() }),
+        ServiceEvent::Registered(role) => {
+            emit(&Event::Registered { role: role.clone() });
+            seaport_net::notify::ready();
+        }
         ServiceEvent::Refused { role, code, text } => {
             tracing::error!(%role, %code, "registry refused: {text}; asking again after the next reconnect");
             emit(&Event::RegistrationRefused { role: role.clone(), text: text.clone() });
