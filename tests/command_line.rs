@@ -152,6 +152,17 @@ fn a_seed_file_made_by_seaport_seed_starts_a_registry() {
         Proc::start("seaport-registry", &["--seed-file", path_text, "--listen", &listen, "--no-dht"], &[]);
     let line = reg.wait_line("Registry listening", Duration::from_secs(20));
     assert!(line.ends_with(&key), "{line} should name {key}");
+    assert_eq!(reg.count_log("can be read by others"), 0, "{:#?}", reg.errors());
+    drop(reg);
+    // Readable by others: it still works, with a warning, as ssh does.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let reg =
+        Proc::start("seaport-registry", &["--seed-file", path_text, "--listen", &listen, "--no-dht"], &[]);
+    reg.wait_line("Registry listening", Duration::from_secs(20));
+    let warning = reg.wait_log("can be read by others", Duration::from_secs(5));
+    assert!(warning.contains("chmod 600"), "{warning}");
     drop(reg);
     std::fs::remove_dir_all(&dir).unwrap();
 }

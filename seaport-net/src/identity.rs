@@ -57,6 +57,25 @@ pub fn random_seed() -> Seed {
     Seed::from_bytes(entropy())
 }
 
+/// Warns, as ssh does for private keys, when others may read a seed file:
+/// the seed is the identity.
+fn warn_if_exposed(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                "seed file {} can be read by others (mode {:o}); make it private: chmod 600 {}",
+                path.display(),
+                meta.permissions().mode() & 0o777,
+                path.display()
+            );
+        }
+    }
+}
+
 /// The seed given by `--seed` (already including its env fallback, via clap)
 /// or `--seed-file`; `None` if neither.
 pub fn load_seed(seed: Option<&str>, seed_file: Option<&Path>) -> Result<Option<Seed>, SeedError> {
@@ -66,6 +85,7 @@ pub fn load_seed(seed: Option<&str>, seed_file: Option<&Path>) -> Result<Option<
             text.parse().map(Some).map_err(|error| SeedError::Invalid { source_name: "--seed".into(), error })
         }
         (None, Some(path)) => {
+            warn_if_exposed(path);
             let text = std::fs::read_to_string(path)
                 .map_err(|error| SeedError::File { path: path.display().to_string(), error })?;
             text.parse()

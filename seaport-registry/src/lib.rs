@@ -135,17 +135,18 @@ fn log_event(event: &RegistryEvent) {
 }
 
 /// The addresses to publish for a listener: itself, or for a wildcard
-/// listener the host's primary address and loopback.
+/// listener the host's primary address (loopback on a host without one).
 fn dialable(local: SocketAddr) -> Vec<SocketAddr> {
     if !local.ip().is_unspecified() {
         return vec![local];
     }
-    let mut addrs = Vec::new();
-    if let Some(ip) = primary_ip() {
-        addrs.push(SocketAddr::new(ip, local.port()));
+    // Loopback only when the host has no other address: a record in the
+    // (public) DHT should name addresses another host can dial, and a client
+    // on this host reaches the primary address as well.
+    match primary_ip() {
+        Some(ip) => vec![SocketAddr::new(ip, local.port())],
+        None => vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), local.port())],
     }
-    addrs.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), local.port()));
-    addrs
 }
 
 /// The source address the host would use for the default route. Connecting
