@@ -299,3 +299,19 @@ fn systemd_hears_ready_once_the_proxy_serves_and_stopping_on_sigterm() {
     assert_eq!(proxy.wait_exit(Duration::from_secs(20)), Some(0));
     std::fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn every_binary_prints_its_completions_without_other_arguments() {
+    for name in ["seaport-seed", "seaport-registry", "seaport-service", "seaport-proxy"] {
+        let out = Command::new(bin(name))
+            .args(["--completions", "bash"])
+            .env_remove("SEAPORT_REGISTRY")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(script.contains("complete") && script.contains("--json"), "{name}: {script}");
+    }
+    let (code, err) = run("seaport-proxy", &["--completions", "tcsh"]);
+    assert_eq!(code, Some(2), "{err}");
+}

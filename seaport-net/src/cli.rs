@@ -44,6 +44,10 @@ pub struct ClientArgs {
     /// README), instead of the text lines.
     #[arg(long)]
     pub json: bool,
+    /// Print a completion script for this shell (bash, zsh, fish, elvish,
+    /// powershell) and exit, e.g. `... --completions bash > /etc/bash_completion.d/seaport-proxy`.
+    #[arg(long, value_name = "SHELL", exclusive = true)]
+    pub completions: Option<clap_complete::Shell>,
 }
 
 impl ClientArgs {
@@ -123,6 +127,24 @@ pub fn exit_with<A: clap::CommandFactory>(binary: &str, failure: Failure) -> ! {
         }
         Failure::Runtime(message) => fatal(binary, message),
     }
+}
+
+/// The shell of a `--completions SHELL` (or `--completions=SHELL`) in argv,
+/// looked for before clap parses: a binary whose REGISTRY argument is
+/// required must still print its completions without one.
+pub fn completions_requested() -> Option<clap_complete::Shell> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let value = args.iter().enumerate().find_map(|(i, arg)| match arg.strip_prefix("--completions") {
+        Some("") => args.get(i + 1).cloned(),
+        Some(rest) => rest.strip_prefix('=').map(str::to_owned),
+        None => None,
+    })?;
+    <clap_complete::Shell as clap::ValueEnum>::from_str(&value, true).ok()
+}
+
+/// Prints the completion script of `A` (the binary `name`) for `shell`.
+pub fn print_completions<A: clap::CommandFactory>(shell: clap_complete::Shell, name: &str) {
+    clap_complete::generate(shell, &mut A::command(), name, &mut std::io::stdout());
 }
 
 /// Prints `binary: message` on stderr and exits 1.

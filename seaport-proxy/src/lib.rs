@@ -30,7 +30,7 @@ use tokio::sync::watch;
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Example:\n  seaport-proxy 5b64a8...0d45 -p 5984 -r couchdb@3.x\n  curl http://127.0.0.1:5984/"
+    after_help = "Example (REGKEY: the 64-character key the registry printed):\n  seaport-proxy REGKEY -p 6000 -r couchdb@3.x\n  curl http://127.0.0.1:6000/"
 )]
 pub struct Args {
     /// Registry, identity and DHT options, shared with the other client binary.
@@ -52,7 +52,7 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::ZERO, HOUR))]
     pub connect_timeout: Duration,
-    /// Use only the instance with this service key (repeatable), whatever
+    /// Use only instances whose key is one of these (repeatable), whatever
     /// the registry answers: pins the services this proxy trusts.
     #[arg(long = "service-key", value_name = "KEY", value_parser = |s: &str| s.parse::<PublicKey>().map_err(|e| e.to_string()))]
     pub service_keys: Vec<PublicKey>,

@@ -36,6 +36,10 @@ pub struct Args {
     /// README), instead of the text lines.
     #[arg(long)]
     pub json: bool,
+    /// Print a completion script for this shell (bash, zsh, fish, elvish,
+    /// powershell) and exit.
+    #[arg(long, value_name = "SHELL", exclusive = true)]
+    pub completions: Option<clap_complete::Shell>,
     /// Do not publish in the DHT (clients then need KEY@HOST:PORT); any
     /// --bootstrap / SEAPORT_BOOTSTRAP is then unused.
     #[arg(long, conflicts_with = "dht_port")]

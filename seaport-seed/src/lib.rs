@@ -23,6 +23,10 @@ pub struct Args {
     /// overwritten) instead of printing it.
     #[arg(long, value_name = "PATH")]
     pub seed_file: Option<PathBuf>,
+    /// Print a completion script for this shell (bash, zsh, fish, elvish,
+    /// powershell) and exit.
+    #[arg(long, value_name = "SHELL", exclusive = true)]
+    pub completions: Option<clap_complete::Shell>,
 }
 
 /// The lines to print for `seed`; `file` is where it was written, if it was.

@@ -4,6 +4,9 @@ use seaport_net::cli::{Failure, exit_with};
 
 fn main() {
     let args = seaport_seed::Args::parse();
+    if let Some(shell) = args.completions {
+        return seaport_net::cli::print_completions::<seaport_seed::Args>(shell, "seaport-seed");
+    }
     let seed = seaport_net::identity::random_seed();
     if let Some(path) = &args.seed_file {
         if let Err(e) = seaport_seed::write_seed_file(path, &seed) {

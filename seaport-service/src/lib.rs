@@ -55,8 +55,9 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "2s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::from_millis(100), HOUR))]
     pub check_interval: Duration,
-    /// Accept links only from this proxy key (repeatable; default: any proxy
-    /// that knows this service's key). See also --allow-file.
+    /// Accept links only from this proxy key (repeatable; default: any
+    /// proxy, since the registry tells this service's key to anyone who looks
+    /// its role up). See also --allow-file.
     #[arg(long = "allow", value_name = "KEY", value_parser = |s: &str| s.parse::<PublicKey>().map_err(|e| e.to_string()))]
     pub allow: Vec<PublicKey>,
     /// Accept links only from the keys in this file (one a line, `#`

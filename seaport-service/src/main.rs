@@ -4,6 +4,9 @@ use clap::Parser;
 fn main() {
     seaport_net::cli::init_logging();
     seaport_net::cli::raise_fd_limit();
+    if let Some(shell) = seaport_net::cli::completions_requested() {
+        return seaport_net::cli::print_completions::<seaport_service::Args>(shell, "seaport-service");
+    }
     let args = seaport_service::Args::parse();
     let runtime = match seaport_net::cli::runtime(args.client.threads) {
         Ok(runtime) => runtime,
