@@ -59,9 +59,16 @@ fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
     Ok(())
 }
 
-/// 32 secret bytes from which an identity is derived.
+/// 32 secret bytes from which an identity is derived. Wiped from memory
+/// when dropped.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Seed([u8; 32]);
+
+impl Drop for Seed {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
 
 impl Seed {
     /// Wraps bytes the caller got from a random source (or a file).
@@ -165,13 +172,21 @@ impl<'de> serde::Deserialize<'de> for PublicKey {
     }
 }
 
-/// An identity's secret and public halves, in ed25519 and X25519 form.
+/// An identity's secret and public halves, in ed25519 and X25519 form. The
+/// secrets are wiped from memory when dropped (the signing key by
+/// ed25519-dalek, the X25519 scalar here).
 #[derive(Clone)]
 pub struct Keypair {
     signing: SigningKey,
     public: PublicKey,
     /// The X25519 secret and public key, derived once: every handshake needs them.
     x25519: ([u8; 32], [u8; 32]),
+}
+
+impl Drop for Keypair {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.x25519.0);
+    }
 }
 
 impl Keypair {
@@ -213,6 +228,14 @@ impl fmt::Debug for Keypair {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_are_wiped_on_drop() {
+        // Plain byte arrays need no drop: these types do only because they
+        // zeroize what they hold.
+        assert!(std::mem::needs_drop::<Seed>());
+        assert!(std::mem::needs_drop::<Keypair>());
+    }
 
     #[test]
     fn seed_round_trips_through_hex() {
