@@ -614,9 +614,7 @@ async fn run_stream(shared: &Shared, id: StreamId) -> Result<Moved, StreamEnd> {
                 streams.remove(&id);
                 return Ok(moved);
             }
-            let credit = link.send_credit(id);
-            let want_read = !slot.read_requested && !slot.sent_end && credit > 0;
-            tracing::trace!(%id, want_read, credit, requested = slot.read_requested, pending = slot.pending.len(), "stream waits");
+            let want_read = !slot.read_requested && !slot.sent_end && link.send_credit(id) > 0;
             (want_read, !slot.pending.is_empty())
         };
         tokio::select! {
@@ -830,7 +828,6 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Vec<u8>, plain: &mut V
         }
         while batch.len() < BATCH {
             let Some((id, credit)) = link.next_send() else { break };
-            tracing::trace!(%id, credit, "turn to send");
             progressed = true;
             let Some(slot) = streams.get_mut(&id) else { continue };
             let start = batch.len();
