@@ -20,6 +20,9 @@
 //!   [`client::ControlLink`] (its control session and keepalive).
 //! - [`link`]: streams multiplexed on one proxy–service session (frames,
 //!   credit windows, fair scheduling, keepalive).
+//! - [`meet`]: meetings the registry arranges between a proxy and a service
+//!   that cannot dial each other: tickets, the meet connection's frames, and
+//!   the registry's bounds (for hole punching and relaying).
 //!
 //! # The contract every state machine follows
 //! Each is fed input and asked for output, never the other way round:
@@ -79,6 +82,7 @@ pub mod directory;
 pub mod frame;
 pub mod keys;
 pub mod link;
+pub mod meet;
 pub mod message;
 pub mod noise;
 pub mod range;

@@ -18,6 +18,7 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use crate::keys::PublicKey;
+use crate::meet::Ticket;
 use crate::noise::MAX_PLAINTEXT;
 use crate::role::{Role, RoleQuery};
 
@@ -148,6 +149,32 @@ pub enum Message {
         /// For people.
         text: String,
     },
+    /// Proxy → registry: arrange a meeting with the service whose key is
+    /// `service`, to punch a path to it or relay through the registry
+    /// ([`crate::meet`]). Only to a registry whose reply advertised
+    /// [`crate::noise::Capabilities::MEET`].
+    Meet {
+        /// Echoed in the answer.
+        id: u32,
+        /// The service's identity (it must be registered now).
+        service: PublicKey,
+    },
+    /// Registry → proxy: meeting `id` is arranged; connect with `ticket`.
+    MeetReady {
+        /// The request's id.
+        id: u32,
+        /// What admits the proxy's meet connection.
+        ticket: Ticket,
+    },
+    /// Registry → service: proxy `proxy` wants to meet; connect with
+    /// `ticket`. Sent only to services that advertised
+    /// [`crate::noise::Capabilities::MEET`].
+    MeetOffer {
+        /// What admits the service's meet connection.
+        ticket: Ticket,
+        /// Who asked (the key its link handshake will carry).
+        proxy: PublicKey,
+    },
 }
 
 /// Why a control message could not be decoded or encoded.
@@ -183,7 +210,7 @@ pub enum MessageError {
 const INSTANCES_VARIANT: u32 = 6;
 /// How many kinds of message this build knows: variant indexes from here
 /// on are a newer peer's (a test pins it to the last variant).
-const KNOWN_KINDS: u32 = 10;
+const KNOWN_KINDS: u32 = 13;
 
 impl Instance {
     /// The instance's encoding, for [`encode_instances`].
@@ -272,6 +299,9 @@ impl Message {
             Message::Ping { .. } => "Ping",
             Message::Pong { .. } => "Pong",
             Message::Error { .. } => "Error",
+            Message::Meet { .. } => "Meet",
+            Message::MeetReady { .. } => "MeetReady",
+            Message::MeetOffer { .. } => "MeetOffer",
         }
     }
 
@@ -327,6 +357,9 @@ mod tests {
             Message::Ping { nonce: u64::MAX },
             Message::Pong { nonce: 0 },
             Message::Error { id: None, code: ErrorCode::LIMIT, text: "too many".into() },
+            Message::Meet { id: 4, service: instance(1).key },
+            Message::MeetReady { id: 4, ticket: crate::meet::Ticket([3; 16]) },
+            Message::MeetOffer { ticket: crate::meet::Ticket([3; 16]), proxy: instance(2).key },
         ]
     }
 
@@ -345,7 +378,7 @@ mod tests {
         let last = samples().pop().unwrap();
         let mut out = Vec::new();
         last.encode(&mut out).unwrap();
-        assert_eq!(u32::from(out[0]) + 1, KNOWN_KINDS, "Error is the last known kind");
+        assert_eq!(u32::from(out[0]) + 1, KNOWN_KINDS, "MeetOffer is the last known kind");
         let mut out = Vec::new();
         Message::Instances { id: 0, instances: vec![], truncated: false }.encode(&mut out).unwrap();
         assert_eq!(u32::from(out[0]), INSTANCES_VARIANT);
@@ -353,10 +386,10 @@ mod tests {
 
     #[test]
     fn a_newer_kind_is_unknown_not_malformed() {
-        // Kind 10 (one past the last), id 300, then fields we cannot read.
+        // Kind 13 (one past the last), id 300, then fields we cannot read.
         let mut newer = postcard::to_allocvec(&(KNOWN_KINDS, 300u32)).unwrap();
         newer.extend_from_slice(b"\x05fresh");
-        assert_eq!(Message::decode(&newer), Err(MessageError::UnknownKind { kind: 10, id: Some(300) }));
+        assert_eq!(Message::decode(&newer), Err(MessageError::UnknownKind { kind: KNOWN_KINDS, id: Some(300) }));
         let far = postcard::to_allocvec(&u32::MAX).unwrap();
         assert_eq!(Message::decode(&far), Err(MessageError::UnknownKind { kind: u32::MAX, id: None }));
         // A known kind cut short is still malformed.
@@ -433,7 +466,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_messages_never_panic(which in 0usize..10, index in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        fn mutated_messages_never_panic(which in 0usize..13, index in any::<prop::sample::Index>(), byte in any::<u8>()) {
             let mut out = Vec::new();
             samples()[which].encode(&mut out).unwrap();
             let i = index.index(out.len());

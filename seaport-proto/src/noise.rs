@@ -59,6 +59,9 @@ pub struct Capabilities(pub u64);
 impl Capabilities {
     /// No optional feature.
     pub const NONE: Capabilities = Capabilities(0);
+    /// Bit 0: meetings ([`crate::meet`]): a registry arranges them, a
+    /// service answers `MeetOffer`s.
+    pub const MEET: Capabilities = Capabilities(1);
 
     /// Whether every bit of `other` is set here.
     pub fn contains(self, other: Capabilities) -> bool {
@@ -83,9 +86,8 @@ impl Capabilities {
     }
 }
 
-/// What this build supports. No optional feature exists yet; the first one
-/// gets bit 0 (see the crate docs, "How the wire grows").
-pub const CAPABILITIES: Capabilities = Capabilities::NONE;
+/// What this build supports (see the crate docs, "How the wire grows").
+pub const CAPABILITIES: Capabilities = Capabilities::MEET;
 
 /// The initiator's first handshake payload.
 ///
@@ -631,12 +633,12 @@ mod tests {
     #[test]
     fn a_newer_initiator_with_unknown_capabilities_and_fields_is_accepted() {
         let (client, server) = (pair(1), pair(2));
-        let newer = hello_bytes(&client, Some(1 << 63 | 1 << 5), b"a field from the future");
+        let newer = hello_bytes(&client, Some(1 << 63 | 1 << 5 | CAPABILITIES.0), b"a field from the future");
         let (init, first) = first_message_with(&client, &server.public(), &newer);
         let mut reply = Vec::new();
         let (hello, _) = Responder::new(&server, [4; 32]).unwrap().accept(&first, &mut reply).unwrap();
         assert_eq!(hello.intent, Intent::Control);
-        assert_eq!(hello.capabilities, Capabilities(1 << 63 | 1 << 5));
+        assert_eq!(hello.capabilities, Capabilities(1 << 63 | 1 << 5 | CAPABILITIES.0));
         assert_eq!(hello.capabilities.common(CAPABILITIES), CAPABILITIES, "unknown bits are not used");
         assert_eq!(init.finish(&body(&reply)).unwrap().0, CAPABILITIES);
     }

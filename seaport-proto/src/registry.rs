@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 
 use crate::directory::Directory;
 use crate::keys::{Keypair, PublicKey};
+use crate::meet::{Arrival, ArrivalError, MeetConfig, MeetSide, Meetings, Ticket};
 use crate::message::{ErrorCode, Instance, MAX_ADDRS, Message, MessageError};
-use crate::noise::Intent;
+use crate::noise::{Capabilities, Intent};
 use crate::role::Role;
 use crate::session::{Session, SessionError};
 
@@ -45,6 +46,8 @@ pub struct RegistryConfig {
     pub max_watches: usize,
     /// Most bytes queued for a peer before it is dropped as too slow.
     pub max_queued: usize,
+    /// Bounds on meetings (hole punching and relays, [`crate::meet`]).
+    pub meet: MeetConfig,
 }
 
 impl Default for RegistryConfig {
@@ -56,6 +59,7 @@ impl Default for RegistryConfig {
             max_registrations: 64,
             max_watches: 64,
             max_queued: 1 << 20,
+            meet: MeetConfig::default(),
         }
     }
 }
@@ -133,6 +137,13 @@ pub enum RegistryEvent {
         /// Its role.
         role: Role,
     },
+    /// A meeting was arranged: both sides have the ticket.
+    MeetArranged {
+        /// Who asked.
+        proxy: PublicKey,
+        /// Whom it wants to reach.
+        service: PublicKey,
+    },
 }
 
 /// The registry is full; the connection should be closed at once.
@@ -162,6 +173,8 @@ pub struct Registry {
     by_key: HashMap<PublicKey, SessionId>,
     /// Registrations and watches, owned by session.
     directory: Directory,
+    /// Meetings waiting for their meet connections.
+    meetings: Meetings,
     /// Sessions with bytes to send, in the order they got them.
     dirty: VecDeque<SessionId>,
     /// Final bytes of sessions that were closed.
@@ -177,6 +190,7 @@ impl Registry {
     /// A registry answering as `keypair`.
     pub fn new(keypair: Keypair, config: RegistryConfig) -> Registry {
         Registry {
+            meetings: Meetings::new(&keypair, config.meet.clone()),
             keypair,
             config,
             next_id: 0,
@@ -208,6 +222,18 @@ impl Registry {
     /// What is registered and watched now.
     pub fn directory(&self) -> &Directory {
         &self.directory
+    }
+
+    /// Mixes fresh randomness into meeting tickets (once, at start), so they
+    /// differ from one run to the next.
+    pub fn mix_entropy(&mut self, entropy: [u8; 32]) {
+        self.meetings.mix_entropy(entropy);
+    }
+
+    /// A meet connection arrived with `ticket` as `side` (its first frame
+    /// was a [`crate::meet::MeetHello`]); see [`Meetings::arrive`].
+    pub fn arrive(&mut self, now: Instant, ticket: Ticket, side: MeetSide) -> Result<Arrival, ArrivalError> {
+        self.meetings.arrive(now, ticket, side)
     }
 
     /// A new connection from `observed`; `entropy` seeds its handshake.
@@ -254,7 +280,7 @@ impl Registry {
         self.mark_dirty(id);
         while let Some(plain) = self.peers.get_mut(&id).and_then(|p| p.session.poll_event()) {
             match Message::decode(&plain) {
-                Ok(msg) => self.handle_message(id, msg),
+                Ok(msg) => self.handle_message(now, id, msg),
                 // A newer peer's request: refuse that one, keep the session.
                 // Without a readable id it cannot be a request; ignore it.
                 Err(MessageError::UnknownKind { kind, id: Some(req) }) => {
@@ -321,6 +347,7 @@ impl Registry {
         for (id, reason) in expired {
             self.close(id, reason);
         }
+        self.meetings.expire(now);
         self.next_sweep = (!self.peers.is_empty()).then_some(now + SWEEP_INTERVAL);
     }
 
@@ -364,7 +391,7 @@ impl Registry {
         self.events.pop_front()
     }
 
-    fn handle_message(&mut self, id: SessionId, msg: Message) {
+    fn handle_message(&mut self, now: Instant, id: SessionId, msg: Message) {
         let Some(peer) = self.peers.get(&id) else { return };
         let Some(key) = peer.session.remote() else { return };
         match msg {
@@ -413,6 +440,7 @@ impl Registry {
                     self.send(id, &error(Some(watch), ErrorCode::UNKNOWN, "no such watch"));
                 }
             }
+            Message::Meet { id: req, service } => self.meet(now, id, key, req, service),
             Message::Ping { nonce } => self.send(id, &Message::Pong { nonce }),
             Message::Pong { .. } => {}
             Message::Error { code, text, .. } => {
@@ -424,11 +452,41 @@ impl Registry {
                 });
                 self.drop_session(id);
             }
-            other @ (Message::Registered { .. } | Message::Instances { .. }) => {
+            other @ (Message::Registered { .. }
+            | Message::Instances { .. }
+            | Message::MeetReady { .. }
+            | Message::MeetOffer { .. }) => {
                 let text = format!("a registry does not accept {}", other.kind());
                 self.send(id, &error(None, ErrorCode::MALFORMED, &text));
                 self.close(id, CloseReason::WrongDirection(other.kind()));
             }
+        }
+    }
+
+    /// Proxy `key` (session `id`) asks, as request `req`, to meet `service`:
+    /// only a service registered now, whose build can meet, within the
+    /// asker's budget ([`Meetings::open`]).
+    fn meet(&mut self, now: Instant, id: SessionId, key: PublicKey, req: u32, service: PublicKey) {
+        let target = self.by_key.get(&service).copied().filter(|s| self.directory.registration_count(*s) > 0);
+        let Some(target) = target else {
+            self.send(id, &error(Some(req), ErrorCode::UNKNOWN, &format!("no service {service} is registered")));
+            return;
+        };
+        let can_meet =
+            self.peers.get(&target).is_some_and(|p| p.session.remote_capabilities().contains(Capabilities::MEET));
+        if !can_meet {
+            let text = format!("service {service} runs a build that cannot meet");
+            self.send(id, &error(Some(req), ErrorCode::UNSUPPORTED, &text));
+            return;
+        }
+        match self.meetings.open(now, id, target) {
+            Ok(ticket) => {
+                self.send(id, &Message::MeetReady { id: req, ticket });
+                self.send(target, &Message::MeetOffer { ticket, proxy: key });
+                self.check_queue(target);
+                self.events.push_back(RegistryEvent::MeetArranged { proxy: key, service });
+            }
+            Err(refusal) => self.send(id, &error(Some(req), ErrorCode::LIMIT, &refusal.to_string())),
         }
     }
 
@@ -517,6 +575,7 @@ impl Registry {
         for reg in self.directory.release(id) {
             self.unregister(id, reg);
         }
+        self.meetings.release(id);
     }
 }
 
@@ -671,5 +730,53 @@ mod tests {
         net.connect_established(1, &keypair(2));
         assert_eq!(close_reason(&net), Some(CloseReason::Superseded));
         assert_eq!(net.registry.session_count(), 1);
+    }
+
+    #[test]
+    fn a_meeting_is_arranged_only_with_a_registered_service_and_within_budget() {
+        let config = RegistryConfig {
+            meet: MeetConfig { burst: 2, per_session: 2, ..MeetConfig::default() },
+            ..RegistryConfig::default()
+        };
+        let mut net = connected(config);
+        let service = keypair(2);
+        net.add(RawPeer::new());
+        net.connect(1, &keypair(3));
+        let proxy = keypair(3).public();
+        // Not registered yet: unknown.
+        let got = net.exchange(1, &Message::Meet { id: 1, service: service.public() });
+        assert!(matches!(&got[..], [Message::Error { id: Some(1), code: ErrorCode::UNKNOWN, .. }]), "{got:?}");
+        let role = Role::parse("db@1.0.0").unwrap();
+        exchange(&mut net, &[Message::Register { id: 1, role, port: 1, addrs: vec![] }]);
+
+        let got = net.exchange(1, &Message::Meet { id: 2, service: service.public() });
+        let [Message::MeetReady { id: 2, ticket }] = got[..] else { panic!("{got:?}") };
+        let offered = net.peers[0].peer.take_messages();
+        assert_eq!(offered, vec![Message::MeetOffer { ticket, proxy }], "the service hears who asked");
+        assert!(net.events.iter().any(|e| matches!(e, RegistryEvent::MeetArranged { .. })));
+
+        // Both sides arrive; the meeting is then used up.
+        let now = net.now;
+        assert!(matches!(net.registry.arrive(now, ticket, MeetSide::Proxy), Ok(Arrival::First { .. })));
+        assert_eq!(net.registry.arrive(now, ticket, MeetSide::Service), Ok(Arrival::Second));
+        assert_eq!(net.registry.arrive(now, ticket, MeetSide::Service), Err(ArrivalError::Unknown));
+
+        // The budget: one more, then refused, and the session goes on.
+        let got = net.exchange(1, &Message::Meet { id: 3, service: service.public() });
+        let [Message::MeetReady { id: 3, ticket: waiting }] = got[..] else { panic!("{got:?}") };
+        let got = net.exchange(1, &Message::Meet { id: 4, service: service.public() });
+        assert!(matches!(&got[..], [Message::Error { id: Some(4), code: ErrorCode::LIMIT, .. }]), "{got:?}");
+        assert_eq!(net.registry.session_count(), 2);
+
+        // A meeting goes with the service's session.
+        net.close(0);
+        assert_eq!(net.registry.arrive(now, waiting, MeetSide::Proxy), Err(ArrivalError::Unknown));
+    }
+
+    #[test]
+    fn only_a_registry_sends_meeting_answers_and_offers() {
+        let mut net = connected(RegistryConfig::default());
+        exchange(&mut net, &[Message::MeetOffer { ticket: Ticket([1; 16]), proxy: keypair(9).public() }]);
+        assert_eq!(close_reason(&net), Some(CloseReason::WrongDirection("MeetOffer")));
     }
 }

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use crate::client::{ClientConfig, ClientError};
 use crate::message::{Message, MessageError};
-use crate::noise::Intent;
+use crate::noise::{Capabilities, Intent};
 use crate::session::Session;
 
 /// What a control link reports to the client that owns it.
@@ -69,6 +69,11 @@ impl ControlLink {
     /// Whether a session is open (handshake done).
     pub fn is_established(&self) -> bool {
         self.open.as_ref().is_some_and(|o| o.session.is_established())
+    }
+
+    /// What the registry advertised in its handshake reply (none before).
+    pub fn remote_capabilities(&self) -> Capabilities {
+        self.open.as_ref().map_or(Capabilities::NONE, |o| o.session.remote_capabilities())
     }
 
     /// Whether a session exists, established or still handshaking.

@@ -26,8 +26,9 @@ use crate::session::SessionError;
 
 /// The glue every client has alike: its `control_link` field is its link,
 /// its events queue in `events`, its event type has `Connected` and
-/// `Disconnected(ClientError)`, and its `apply_control_event` interprets the
-/// link's events.
+/// `Disconnected(ClientError)`, its `apply_control_event` interprets the
+/// link's events and its `apply_local_addr` takes the local address of the
+/// stream to the registry.
 macro_rules! registry_client {
     ($client:ident, $event:ident) => {
         impl $crate::client::sealed::Composed for $client {
@@ -39,6 +40,9 @@ macro_rules! registry_client {
             }
             fn handle_control_event(&mut self, event: ControlEvent) {
                 self.apply_control_event(event);
+            }
+            fn handle_local_addr(&mut self, local: std::net::SocketAddr) {
+                self.apply_local_addr(local);
             }
         }
 
@@ -142,6 +146,8 @@ pub(crate) mod sealed {
         fn control_link_mut(&mut self) -> &mut ControlLink;
         /// Interprets one event of the control link.
         fn handle_control_event(&mut self, event: ControlEvent);
+        /// The local address of the stream to the registry.
+        fn handle_local_addr(&mut self, local: std::net::SocketAddr);
     }
 }
 
@@ -161,6 +167,14 @@ pub trait RegistryClient: sealed::Composed {
     /// A fresh stream to the registry is up: start the handshake.
     fn connect(&mut self, now: Instant, entropy: [u8; 32]) -> Result<(), ClientError> {
         self.control_link_mut().connect(now, entropy)
+    }
+
+    /// The fresh stream's local address (call before `connect`): the
+    /// address this host reaches the registry from, which a service reports
+    /// as one of its own when it listens on every interface, so that a proxy
+    /// on its LAN dials it directly.
+    fn set_local_addr(&mut self, local: std::net::SocketAddr) {
+        self.handle_local_addr(local);
     }
 
     /// Whether the control session is established.

@@ -4,14 +4,16 @@
 //! Invariant: the instance set only ever holds instances that match the
 //! proxy's own query, whatever the registry sends.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::client::balance::{Balancer, Strategy};
 use crate::client::control::{ControlEvent, ControlLink};
 use crate::client::{ClientConfig, ClientError};
 use crate::keys::PublicKey;
+use crate::meet::Ticket;
 use crate::message::{ErrorCode, Instance, Message};
+use crate::noise::Capabilities;
 use crate::role::RoleQuery;
 
 /// What a proxy client reports.
@@ -45,9 +47,27 @@ pub enum ProxyEvent {
         /// Why, for people.
         text: String,
     },
+    /// The answer to a [`ProxyClient::meet`]: connect with `ticket`.
+    MeetReady {
+        /// The request's id.
+        id: u32,
+        /// What admits the meet connection.
+        ticket: Ticket,
+    },
+    /// The registry refused a [`ProxyClient::meet`], or the session ended
+    /// before it answered.
+    MeetRefused {
+        /// The request's id.
+        id: u32,
+        /// Why, for people.
+        text: String,
+    },
     /// The session ended; reconnect after a backoff. Known instances stay.
     Disconnected(ClientError),
 }
+
+/// Most meetings a proxy asks for at once (the registry has its own cap).
+pub const MAX_PENDING_MEETS: usize = 64;
 
 /// The watch id a proxy uses for its own query; lookups count from 1.
 const WATCH_ID: u32 = 0;
@@ -59,6 +79,8 @@ pub struct ProxyClient {
     balancer: Balancer,
     instances: Vec<Instance>,
     next_lookup: u32,
+    /// Meet requests the registry has not answered yet.
+    meets: HashSet<u32>,
     events: VecDeque<ProxyEvent>,
 }
 
@@ -72,6 +94,7 @@ impl ProxyClient {
             balancer,
             instances: Vec::new(),
             next_lookup: WATCH_ID + 1,
+            meets: HashSet::new(),
             events: VecDeque::new(),
         }
     }
@@ -82,10 +105,31 @@ impl ProxyClient {
         if !self.control_link.is_established() {
             return None;
         }
-        let id = self.next_lookup;
-        self.next_lookup = self.next_lookup.checked_add(1).unwrap_or(WATCH_ID + 1);
+        let id = self.next_request_id();
         self.control_link.send(&Message::Lookup { id, query });
         Some(id)
+    }
+
+    /// Asks the registry to arrange a meeting with the service `service`
+    /// ([`crate::meet`]); the answer comes as [`ProxyEvent::MeetReady`] or
+    /// [`ProxyEvent::MeetRefused`] with the returned id. `None` when not
+    /// connected, when the registry cannot meet, or with
+    /// [`MAX_PENDING_MEETS`] unanswered.
+    pub fn meet(&mut self, service: PublicKey) -> Option<u32> {
+        let can_meet = self.control_link.remote_capabilities().contains(Capabilities::MEET);
+        if !self.control_link.is_established() || !can_meet || self.meets.len() >= MAX_PENDING_MEETS {
+            return None;
+        }
+        let id = self.next_request_id();
+        self.meets.insert(id);
+        self.control_link.send(&Message::Meet { id, service });
+        Some(id)
+    }
+
+    fn next_request_id(&mut self) -> u32 {
+        let id = self.next_lookup;
+        self.next_lookup = self.next_lookup.checked_add(1).unwrap_or(WATCH_ID + 1);
+        id
     }
 
     /// The instances last reported (kept across registry reconnects).
@@ -117,12 +161,24 @@ impl ProxyClient {
             Message::Instances { id, instances, truncated } => {
                 self.events.push_back(ProxyEvent::LookupResult { id, instances, truncated });
             }
+            Message::MeetReady { id, ticket } if self.meets.remove(&id) => {
+                self.events.push_back(ProxyEvent::MeetReady { id, ticket });
+            }
+            // An answer to a meeting given up on (the session ended) is old news.
+            Message::MeetReady { .. } => {}
+            Message::Error { id: Some(id), text, .. } if self.meets.remove(&id) => {
+                self.events.push_back(ProxyEvent::MeetRefused { id, text });
+            }
             Message::Error { id: Some(id), code, text } => {
                 self.events.push_back(ProxyEvent::Refused { id, code, text });
             }
             other => self.control_link.fail(ClientError::Unexpected(other.kind())),
         }
     }
+
+    /// A proxy reports no addresses: where its control session comes from
+    /// does not matter to it.
+    fn apply_local_addr(&mut self, _local: std::net::SocketAddr) {}
 
     /// Interprets one event of the control link.
     fn apply_control_event(&mut self, event: ControlEvent) {
@@ -132,7 +188,13 @@ impl ProxyClient {
                 self.control_link.send(&Message::Watch { id: WATCH_ID, query: self.query.clone() });
             }
             ControlEvent::Message(msg) => self.handle_message(msg),
-            ControlEvent::Closed(reason) => self.events.push_back(ProxyEvent::Disconnected(reason)),
+            ControlEvent::Closed(reason) => {
+                // Unanswered meetings will not be answered on a new session.
+                for id in std::mem::take(&mut self.meets) {
+                    self.events.push_back(ProxyEvent::MeetRefused { id, text: reason.to_string() });
+                }
+                self.events.push_back(ProxyEvent::Disconnected(reason));
+            }
         }
     }
 }

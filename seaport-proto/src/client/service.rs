@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 
 use crate::client::control::{ControlEvent, ControlLink};
 use crate::client::{ClientConfig, ClientError};
-use crate::message::{ErrorCode, Message};
+use crate::keys::PublicKey;
+use crate::meet::Ticket;
+use crate::message::{ErrorCode, MAX_ADDRS, Message};
 use crate::role::Role;
 
 /// What a service client reports.
@@ -29,6 +31,14 @@ pub enum ServiceEvent {
         /// Why, for people.
         text: String,
     },
+    /// A proxy wants to meet (it could not dial us): connect to the
+    /// registry with `ticket` ([`crate::meet`]).
+    MeetOffer {
+        /// What admits the meet connection.
+        ticket: Ticket,
+        /// Who asked.
+        proxy: PublicKey,
+    },
     /// The session ended; reconnect after a backoff.
     Disconnected(ClientError),
 }
@@ -39,6 +49,11 @@ pub struct ServiceClient {
     roles: Vec<Role>,
     port: u16,
     addrs: Vec<SocketAddr>,
+    /// Whether the link port listens on every interface, so that the
+    /// address toward the registry is one of ours too.
+    every_interface: bool,
+    /// That address, with the link port, once known.
+    route_addr: Option<SocketAddr>,
     available: bool,
     events: VecDeque<ServiceEvent>,
 }
@@ -51,9 +66,29 @@ impl ServiceClient {
             roles,
             port,
             addrs,
+            every_interface: false,
+            route_addr: None,
             available: true,
             events: VecDeque::new(),
         }
+    }
+
+    /// The link port listens on every interface (0.0.0.0 or ::): report,
+    /// besides `addrs`, the address this host reaches the registry from
+    /// (a LAN address behind a NAT), with the link port.
+    pub fn listening_on_every_interface(mut self) -> ServiceClient {
+        self.every_interface = true;
+        self
+    }
+
+    /// What this service reports besides the address the registry observes.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs = self.addrs.clone();
+        if let Some(route) = self.route_addr.filter(|a| !addrs.contains(a)) {
+            addrs.insert(0, route);
+        }
+        addrs.truncate(MAX_ADDRS);
+        addrs
     }
 
     /// The backend went down (`false`: withdraw every role) or came back
@@ -81,7 +116,7 @@ impl ServiceClient {
                 id: id as u32,
                 role: role.clone(),
                 port: self.port,
-                addrs: self.addrs.clone(),
+                addrs: self.addrs(),
             };
             self.control_link.send(&msg);
         }
@@ -100,8 +135,17 @@ impl ServiceClient {
                     self.events.push_back(ServiceEvent::Refused { role, code, text });
                 }
             }
+            Message::MeetOffer { ticket, proxy } => {
+                self.events.push_back(ServiceEvent::MeetOffer { ticket, proxy });
+            }
             other => self.control_link.fail(ClientError::Unexpected(other.kind())),
         }
+    }
+
+    fn apply_local_addr(&mut self, local: SocketAddr) {
+        // Loopback is what the registry observes anyway when it is on this
+        // host; any other address is news only for a wildcard listener.
+        self.route_addr = self.every_interface.then(|| SocketAddr::new(local.ip(), self.port));
     }
 
     /// Interprets one event of the control link.
