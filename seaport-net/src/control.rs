@@ -5,6 +5,7 @@
 //! The client sits behind a mutex shared with the rest of the process (the
 //! proxy chooses instances from it); the lock is never held across an await.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -43,6 +44,7 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct ControlTask {
     stop: watch::Sender<bool>,
     poke: Arc<Notify>,
+    registry: watch::Receiver<Option<SocketAddr>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -62,12 +64,18 @@ impl ControlTask {
     {
         emit(&Event::Connecting { registry: target.key });
         let (stop, stopped) = watch::channel(false);
+        let (registry_tx, registry) = watch::channel(None);
         let poke = Arc::new(Notify::new());
         let span = tracing::info_span!("registry", key = %target.key);
-        let task = tokio::spawn(
-            run_client(client, target, resolver, on_event, stopped, poke.clone()).instrument(span),
-        );
-        ControlTask { stop, poke, task }
+        let session = Session { stop: stopped, poke: poke.clone(), registry: registry_tx };
+        let task = tokio::spawn(run_client(client, target, resolver, on_event, session).instrument(span));
+        ControlTask { stop, poke, registry, task }
+    }
+
+    /// The registry's address while a session with it is open, `None`
+    /// between sessions: where meet connections go.
+    pub fn registry_addr(&self) -> watch::Receiver<Option<SocketAddr>> {
+        self.registry.clone()
     }
 
     /// What to notify after changing the client from outside, so that what
@@ -83,22 +91,31 @@ impl ControlTask {
     }
 }
 
-/// Keeps `client` connected to `target` until `stop` turns true; `on_event`
-/// sees every event. Whoever changes the client from outside (a service's
-/// backend health check) notifies `poke` so that what it queued is sent. On
-/// stop, whatever the client queued last (a service's unregistrations) is
-/// written before the stream is closed.
+/// How [`run_client`] is steered and what it reports besides events.
+pub struct Session {
+    /// Turns true to stop.
+    pub stop: watch::Receiver<bool>,
+    /// Whoever changes the client from outside (a service's backend health
+    /// check) notifies this so that what it queued is sent.
+    pub poke: Arc<Notify>,
+    /// Set to the registry's address while a session is open.
+    pub registry: watch::Sender<Option<SocketAddr>>,
+}
+
+/// Keeps `client` connected to `target` until `session.stop` turns true;
+/// `on_event` sees every event. On stop, whatever the client queued last (a
+/// service's unregistrations) is written before the stream is closed.
 pub async fn run_client<C, F>(
     client: Arc<Mutex<C>>,
     target: RegistryTarget,
     resolver: Resolver,
     mut on_event: F,
-    mut stop: watch::Receiver<bool>,
-    poke: Arc<Notify>,
+    session: Session,
 ) where
     C: RegistryClient + Send + 'static,
     F: FnMut(&C::Event) + Send,
 {
+    let Session { mut stop, poke, registry } = session;
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
     // Since when a bare key has not been found in the DHT, and whether the
     // user was told what to try: a walkthrough offline must not hang quietly.
@@ -112,8 +129,19 @@ pub async fn run_client<C, F>(
             Ok(addrs) => {
                 unresolved_since = None;
                 match race(&addrs, |addr| dial::connect(addr, CONNECT_TIMEOUT)).await {
-                    Ok((_, stream)) => {
-                        if drive(&client, stream, &mut on_event, &mut backoff, &mut stop, &poke).await {
+                    Ok((addr, stream)) => {
+                        let ends = drive(
+                            &client,
+                            stream,
+                            &mut on_event,
+                            &mut backoff,
+                            &mut stop,
+                            &poke,
+                            (&registry, addr),
+                        );
+                        let stopped = ends.await;
+                        registry.send_replace(None);
+                        if stopped {
                             return;
                         }
                     }
@@ -154,11 +182,15 @@ async fn drive<C, F>(
     backoff: &mut Backoff,
     stop: &mut watch::Receiver<bool>,
     poke: &Notify,
+    (registry, addr): (&watch::Sender<Option<SocketAddr>>, SocketAddr),
 ) -> bool
 where
     C: RegistryClient,
     F: FnMut(&C::Event),
 {
+    if let Ok(local) = stream.local_addr() {
+        lock(client).set_local_addr(local);
+    }
     let (mut reader, mut writer) = stream.into_split();
     let started = lock(client).connect(crate::clock::now(), entropy());
     if let Err(e) = started {
@@ -180,6 +212,7 @@ where
             if C::is_connected_event(event) {
                 backoff.reset();
                 established = true;
+                registry.send_replace(Some(addr));
             }
             if let Some(reason) = C::disconnect_reason(event) {
                 match reason {

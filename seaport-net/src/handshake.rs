@@ -41,6 +41,28 @@ pub enum HandshakeError {
     /// No address of the instance could be reached, each for its own cause.
     #[error("no address reachable: {0}")]
     Unreachable(Unreachable<HandshakeError>),
+    /// No meeting through the registry (refused, not connected, timed out).
+    #[error("no meeting: {0}")]
+    NoMeeting(String),
+    /// The meeting's connection failed.
+    #[error(transparent)]
+    Meet(#[from] crate::meet::MeetError),
+    /// A meeting came together but neither punching nor relaying worked.
+    #[error("punching: {punch}; relaying: {relay}")]
+    Meeting {
+        /// Why punching failed.
+        punch: Box<HandshakeError>,
+        /// Why relaying failed.
+        relay: Box<HandshakeError>,
+    },
+    /// No path at all: neither directly nor through the registry.
+    #[error("{direct}; through the registry: {meeting}")]
+    NoPath {
+        /// Why the direct addresses failed.
+        direct: Box<HandshakeError>,
+        /// Why the meeting failed.
+        meeting: Box<HandshakeError>,
+    },
 }
 
 /// Runs `session`'s handshake on `stream` within `timeout`, writing what the

@@ -10,6 +10,8 @@
 //! - [`target`]: the `KEY` / `KEY@HOST:PORT` registry argument and its resolution.
 //! - [`control`]: runs a service or proxy control session with reconnects.
 //! - [`link`]: links (many streams over one Noise session) on tokio; a proxy's link pool.
+//! - [`meet`]: meet connections: joining, punching, and the registry's pairing and relay.
+//! - [`reach`]: which path a link takes (direct, punched, relayed); a service's meetings.
 //! - [`notify`]: readiness for systemd (`READY=1`, `STOPPING=1`).
 //! - [`registry`]: serves the registry state machine on a TCP listener.
 //! - [`dial`]: racing a peer's addresses; dial errors.
@@ -32,7 +34,9 @@ pub mod event;
 pub mod handshake;
 pub mod identity;
 pub mod link;
+pub mod meet;
 pub mod notify;
+pub mod reach;
 pub mod registry;
 pub mod serve;
 pub mod signal;

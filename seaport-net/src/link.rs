@@ -4,7 +4,7 @@
 //! machine's; this module moves bytes between sockets and fires its timer.
 //!
 //! # Tasks
-//! A link runs in one driver task ([`LinkHandle::dial`] spawns it on the
+//! A link runs in one driver task ([`LinkHandle::start`] spawns it on the
 //! proxy, [`serve`] is it on the service) that joins a **reader** (link socket
 //! → frames → stream sockets) and a **writer** (frames and stream bytes →
 //! link socket). Each stream has a task of its own that only waits: for its
@@ -53,10 +53,11 @@ use tracing::Instrument;
 
 use crate::allow::AllowList;
 use crate::clock;
-use crate::dial::{self, race};
+use crate::dial;
 use crate::event::{Event, emit};
 use crate::handshake::{HandshakeError, handshake};
 use crate::identity::entropy;
+use crate::reach::{self, Introducer, Path, PathMemo};
 
 /// Most bytes the writer gathers before one write to the link socket.
 const BATCH: usize = 4 * MAX_WIRE_FRAME;
@@ -239,8 +240,10 @@ pub struct LinkHandle {
     shared: Arc<Shared>,
     /// The service's key.
     pub remote: PublicKey,
-    /// The address the link runs over.
+    /// The address the link runs over (the registry's, for a relayed link).
     pub addr: SocketAddr,
+    /// How the link reached the service.
+    pub path: Path,
     /// Aborts the driver when the last handle goes.
     _driver: Arc<AbortOnDrop>,
 }
@@ -254,22 +257,20 @@ impl Drop for AbortOnDrop {
 }
 
 impl LinkHandle {
-    /// Dials every address of `instance` at once and runs the link handshake
-    /// on each; the first to finish carries the link.
-    pub async fn dial(
-        instance: &Instance,
-        local: &Keypair,
-        timeout: Duration,
+    /// Starts the driver of a link whose handshake (as initiator, with
+    /// `remote`) completed on `stream`, which runs over `addr` by `path`.
+    pub fn start(
+        stream: TcpStream,
+        session: Session,
+        remote: PublicKey,
+        addr: SocketAddr,
+        path: Path,
         config: LinkConfig,
     ) -> Result<LinkHandle, HandshakeError> {
-        let remote = instance.key;
-        let attempt = |addr| handshake_link(addr, local.clone(), remote, timeout);
-        let (addr, (stream, session)) =
-            race(&instance.addrs, attempt).await.map_err(HandshakeError::Unreachable)?;
         let (transport, leftover) = session.into_transport().ok_or(HandshakeError::ClosedEarly)?;
         let (sealer, opener) = transport.split();
         let shared = new_shared(Side::Proxy, config);
-        let span = tracing::info_span!("link", service = %remote, %addr);
+        let span = tracing::info_span!("link", service = %remote, %path, %addr);
         let ended = shared.clone();
         let driver = tokio::spawn(
             async move {
@@ -279,7 +280,7 @@ impl LinkHandle {
             }
             .instrument(span),
         );
-        Ok(LinkHandle { shared, remote, addr, _driver: Arc::new(AbortOnDrop(driver.abort_handle())) })
+        Ok(LinkHandle { shared, remote, addr, path, _driver: Arc::new(AbortOnDrop(driver.abort_handle())) })
     }
 
     /// Whether new streams may go on this link.
@@ -349,6 +350,10 @@ pub struct Links {
     keypair: Keypair,
     config: LinkConfig,
     dial_timeout: Duration,
+    /// Meetings through the registry, for services no direct path reaches.
+    introducer: Option<Introducer>,
+    /// What path worked last, per service.
+    memo: PathMemo,
     /// Per instance, its links; the async lock makes concurrent first
     /// connections wait for one dial instead of dialing each.
     links: Mutex<HashMap<PublicKey, Arc<tokio::sync::Mutex<Vec<LinkHandle>>>>>,
@@ -357,7 +362,20 @@ pub struct Links {
 impl Links {
     /// No links yet; each will be dialed as `keypair` within `dial_timeout`.
     pub fn new(keypair: Keypair, config: LinkConfig, dial_timeout: Duration) -> Links {
-        Links { keypair, config, dial_timeout, links: Mutex::new(HashMap::new()) }
+        Links {
+            keypair,
+            config,
+            dial_timeout,
+            introducer: None,
+            memo: PathMemo::default(),
+            links: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Also reaches services through meetings (punched or relayed paths).
+    pub fn with_introducer(mut self, introducer: Introducer) -> Links {
+        self.introducer = Some(introducer);
+        self
     }
 
     /// Opens a stream for `client` on a link to `instance` and waits (at most
@@ -399,9 +417,21 @@ impl Links {
         if let Some(link) = least.filter(|_| links.len() >= MAX_LINKS_PER_INSTANCE) {
             return Ok(link.clone());
         }
-        let link = LinkHandle::dial(instance, &self.keypair, self.dial_timeout, self.config.clone()).await?;
-        tracing::info!(service = %instance.key, "link to {} via direct {}", instance.key, link.addr);
-        emit(&Event::LinkUp { key: instance.key, path: "direct", addr: link.addr });
+        let last = self.memo.get(&instance.key);
+        let introducer = self.introducer.as_ref();
+        let reached = reach::establish(instance, &self.keypair, self.dial_timeout, introducer, last).await?;
+        let (path, addr) = (reached.path, reached.addr);
+        let link = LinkHandle::start(
+            reached.stream,
+            reached.session,
+            instance.key,
+            addr,
+            path,
+            self.config.clone(),
+        )?;
+        self.memo.set(instance.key, path);
+        tracing::info!(service = %instance.key, "link to {} via {path} {addr}", instance.key);
+        emit(&Event::LinkUp { key: instance.key, path: path.name(), addr });
         links.push(link.clone());
         Ok(link)
     }
@@ -410,6 +440,7 @@ impl Links {
     /// streams finish, new ones go elsewhere.
     pub fn retain(&self, keys: &[PublicKey]) {
         let gone: Vec<_> = {
+            self.memo.retain(keys);
             let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
             let gone = links.keys().filter(|k| !keys.contains(k)).copied().collect::<Vec<_>>();
             gone.iter().filter_map(|k| links.remove(k)).collect()
@@ -440,14 +471,16 @@ fn new_shared(side: Side, config: LinkConfig) -> Arc<Shared> {
     Arc::new(Shared { state: Mutex::new(state), work: Notify::new(), opened: Notify::new() })
 }
 
-async fn handshake_link(
-    addr: SocketAddr,
-    local: Keypair,
+/// Runs a link handshake as initiator, with `remote`, on `stream` (dialed
+/// directly, punched or relayed: each path is authenticated alike).
+pub async fn initiate(
+    mut stream: TcpStream,
+    local: &Keypair,
     remote: PublicKey,
     timeout: Duration,
 ) -> Result<(TcpStream, Session), HandshakeError> {
-    let mut stream = dial::connect(addr, timeout).await?;
-    let mut session = Session::initiate(clock::now(), &local, &remote, Intent::Link, entropy(), timeout)?;
+    let _ = stream.set_nodelay(true);
+    let mut session = Session::initiate(clock::now(), local, &remote, Intent::Link, entropy(), timeout)?;
     // The service's key was checked by the handshake itself.
     handshake(&mut stream, &mut session, timeout, &|_| true).await?;
     Ok((stream, session))

@@ -1,4 +1,6 @@
-//! Serves the registry state machine on a TCP listener.
+//! Serves the registry state machine on a TCP listener, and on the same
+//! port the meet connections it arranged ([`crate::meet`]): a connection's
+//! first frame says which it is.
 //!
 //! One task owns the [`Registry`]; each connection has a reader task feeding
 //! it bytes through a bounded channel and a writer task draining its queue.
@@ -9,17 +11,46 @@
 //! belongs to the server's `JoinSet` and ends with it.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use seaport_proto::meet::{Arrival, MeetSide, Ticket};
 use seaport_proto::registry::{Registry, RegistryEvent, SessionId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, watch};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tracing::Instrument;
 
 use crate::identity::entropy;
+use crate::meet::{Greeting, RelayCounters, greet, pair};
+
+/// How the registry relays for the meetings it arranged.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// Splice the two sides of a meeting (`--no-relay` turns it off: then
+    /// meetings only exchange addresses for punching).
+    pub enabled: bool,
+    /// Most relays at once (`--max-relays`); a meeting beyond it is not relayed.
+    pub max: usize,
+    /// A relay idle this long ends.
+    pub idle: Duration,
+    /// How long a new connection may take to send its first frame.
+    pub greeting_timeout: Duration,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        RelayOptions {
+            enabled: true,
+            max: 64,
+            idle: crate::meet::RELAY_IDLE,
+            greeting_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// Read size per connection.
 const READ_CHUNK: usize = 8 * 1024;
@@ -41,23 +72,47 @@ struct Connection {
     reader: AbortHandle,
 }
 
-/// Serves `registry` on `listener` until `stop` turns true; `on_event` sees
-/// every registry event (for logs).
+/// Most new connections waiting to send their first frame; more wait in
+/// the listener's backlog.
+const MAX_GREETING: usize = 1024;
+
+/// Serves `registry` on `listener` until `stop` turns true, relaying as
+/// `relay` says; `on_event` sees every registry event (for logs). The
+/// relays' byte counts go to `counters`.
 pub async fn serve(
     listener: TcpListener,
     mut registry: Registry,
+    relay: RelayOptions,
+    counters: Arc<RelayCounters>,
     mut stop: watch::Receiver<bool>,
     mut on_event: impl FnMut(&RegistryEvent),
 ) {
+    registry.mix_entropy(entropy());
     let (input_tx, mut input_rx) = mpsc::channel::<Input>(1024);
     let mut connections: HashMap<SessionId, Connection> = HashMap::new();
     let mut tasks = JoinSet::new();
+    // New connections until their first frame tells what they are.
+    let mut greeting = JoinSet::new();
+    // First sides of meetings, waiting for the second.
+    let mut waiting: HashMap<Ticket, oneshot::Sender<(TcpStream, SocketAddr)>> = HashMap::new();
+    let relays = Arc::new(Semaphore::new(relay.max));
     let mut buf = Vec::new();
     loop {
         let deadline = registry.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => match registry.accept(crate::clock::now(), peer, entropy()) {
+            accepted = listener.accept(), if greeting.len() < MAX_GREETING => match accepted {
+                Ok((mut stream, peer)) => {
+                    let timeout = relay.greeting_timeout;
+                    greeting.spawn(async move { (greet(&mut stream, timeout).await, stream, peer) });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(Ok((greeted, stream, peer))) = greeting.join_next(), if !greeting.is_empty() => match greeted {
+                Ok(Greeting::Session(first)) => match registry.accept(crate::clock::now(), peer, entropy()) {
                     Ok(id) => {
                         let _ = stream.set_nodelay(true);
                         let (rd, wr) = stream.into_split();
@@ -67,6 +122,7 @@ pub async fn serve(
                             tasks.spawn(read_loop(id, rd, input_tx.clone()).instrument(span.clone()));
                         tasks.spawn(write_loop(id, wr, rx, input_tx.clone()).instrument(span));
                         connections.insert(id, Connection { queue, reader });
+                        registry.handle_input(crate::clock::now(), id, &first);
                     }
                     Err(full) => {
                         // An empty frame tells the client "full, not a wrong
@@ -75,11 +131,41 @@ pub async fn serve(
                         tracing::warn!(%peer, "refusing connection: {full}");
                     }
                 },
-                Err(e) => {
-                    // Out of file descriptors and the like: pause rather than spin.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                Ok(Greeting::Meet(hello)) => match registry.arrive(crate::clock::now(), hello.ticket, hello.side) {
+                    Ok(Arrival::First { until }) => {
+                        let (tx, rx) = oneshot::channel();
+                        waiting.retain(|_, tx| !tx.is_closed());
+                        waiting.insert(hello.ticket, tx);
+                        let (relay, relays, counters) = (relay.clone(), relays.clone(), counters.clone());
+                        let span = tracing::info_span!("meeting", ?hello.ticket);
+                        tasks.spawn(async move {
+                            let until = tokio::time::Instant::from_std(until);
+                            let Ok(Ok(other)) = tokio::time::timeout_at(until, rx).await else {
+                                tracing::debug!("the other side did not come");
+                                return;
+                            };
+                            let (proxy, service) = match hello.side {
+                                MeetSide::Proxy => ((stream, peer), other),
+                                MeetSide::Service => (other, (stream, peer)),
+                            };
+                            let permit = relays.try_acquire_owned().ok().filter(|_| relay.enabled);
+                            if relay.enabled && permit.is_none() {
+                                tracing::warn!("not relaying: {} relays open (--max-relays)", relay.max);
+                            }
+                            if let Err(e) = pair(proxy, service, permit.is_some(), relay.idle, counters).await {
+                                tracing::debug!("meeting ended: {e}");
+                            }
+                            drop(permit);
+                        }.instrument(span));
+                    }
+                    Ok(Arrival::Second) => {
+                        if let Some(tx) = waiting.remove(&hello.ticket) {
+                            let _ = tx.send((stream, peer));
+                        }
+                    }
+                    Err(e) => tracing::debug!(%peer, "meet connection refused: {e}"),
+                },
+                Err(e) => tracing::debug!(%peer, "connection closed before its first frame: {e}"),
             },
             Some(input) = input_rx.recv() => match input {
                 Input::Data(id, bytes) => registry.handle_input(crate::clock::now(), id, &bytes),

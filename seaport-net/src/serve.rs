@@ -8,14 +8,18 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-/// Accepts connections on `listener`, running `serve(stream, peer)` as a task
-/// for each, until `shutdown` resolves; returns the tasks still running. An
-/// accept error (out of descriptors, say) pauses briefly instead of spinning.
+/// Accepts connections on `listener`, and takes those that arrive on `more`
+/// (a service's punched and relayed links), running `serve(stream, peer)` as
+/// a task for each, until `shutdown` resolves; returns the tasks still
+/// running. An accept error (out of descriptors, say) pauses briefly
+/// instead of spinning.
 pub async fn accept_until<S, F>(
     listener: &TcpListener,
+    mut more: Option<mpsc::Receiver<(TcpStream, SocketAddr)>>,
     shutdown: impl Future<Output = ()>,
     mut serve: S,
 ) -> JoinSet<()>
@@ -37,6 +41,10 @@ where
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
+            Some((stream, peer)) = async { match &mut more { Some(more) => more.recv().await, None => None } } => {
+                let span = tracing::info_span!("conn", %peer, peer_key = tracing::field::Empty);
+                open.spawn(serve(stream, peer).instrument(span));
+            }
             Some(_) = open.join_next(), if !open.is_empty() => {}
             () = &mut shutdown => return open,
         }

@@ -288,13 +288,20 @@ impl Meetings {
 
     /// Arranges a meeting between `proxy` (the asker) and `service`, both
     /// sessions; the ticket goes to both.
-    pub fn open(&mut self, now: Instant, proxy: SessionId, service: SessionId) -> Result<Ticket, MeetRefusal> {
+    pub fn open(
+        &mut self,
+        now: Instant,
+        proxy: SessionId,
+        service: SessionId,
+    ) -> Result<Ticket, MeetRefusal> {
         self.expire(now);
         let config = &self.config;
         let bucket = self.buckets.entry(proxy).or_insert(Bucket { tokens: config.burst, updated: now });
-        let earned = now.saturating_duration_since(bucket.updated).as_nanos() / config.refill.as_nanos().max(1);
+        let earned =
+            now.saturating_duration_since(bucket.updated).as_nanos() / config.refill.as_nanos().max(1);
         if earned > 0 {
-            bucket.tokens = u32::try_from(earned).unwrap_or(u32::MAX).saturating_add(bucket.tokens).min(config.burst);
+            bucket.tokens =
+                u32::try_from(earned).unwrap_or(u32::MAX).saturating_add(bucket.tokens).min(config.burst);
             bucket.updated = now;
         }
         if bucket.tokens == 0 {
@@ -383,7 +390,10 @@ mod tests {
         let mut meetings = Meetings::new(&keypair(1), MeetConfig::default());
         let (p, s) = (SessionId(1), SessionId(2));
         let ticket = meetings.open(now, p, s).unwrap();
-        assert_eq!(meetings.arrive(now, Ticket([0; TICKET_LEN]), MeetSide::Proxy), Err(ArrivalError::Unknown));
+        assert_eq!(
+            meetings.arrive(now, Ticket([0; TICKET_LEN]), MeetSide::Proxy),
+            Err(ArrivalError::Unknown)
+        );
         assert!(matches!(meetings.arrive(now, ticket, MeetSide::Service), Ok(Arrival::First { .. })));
         assert_eq!(meetings.arrive(now, ticket, MeetSide::Service), Err(ArrivalError::Duplicate));
         assert_eq!(meetings.arrive(now, ticket, MeetSide::Proxy), Ok(Arrival::Second));

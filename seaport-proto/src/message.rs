@@ -389,7 +389,10 @@ mod tests {
         // Kind 13 (one past the last), id 300, then fields we cannot read.
         let mut newer = postcard::to_allocvec(&(KNOWN_KINDS, 300u32)).unwrap();
         newer.extend_from_slice(b"\x05fresh");
-        assert_eq!(Message::decode(&newer), Err(MessageError::UnknownKind { kind: KNOWN_KINDS, id: Some(300) }));
+        assert_eq!(
+            Message::decode(&newer),
+            Err(MessageError::UnknownKind { kind: KNOWN_KINDS, id: Some(300) })
+        );
         let far = postcard::to_allocvec(&u32::MAX).unwrap();
         assert_eq!(Message::decode(&far), Err(MessageError::UnknownKind { kind: u32::MAX, id: None }));
         // A known kind cut short is still malformed.

@@ -469,11 +469,16 @@ impl Registry {
     fn meet(&mut self, now: Instant, id: SessionId, key: PublicKey, req: u32, service: PublicKey) {
         let target = self.by_key.get(&service).copied().filter(|s| self.directory.registration_count(*s) > 0);
         let Some(target) = target else {
-            self.send(id, &error(Some(req), ErrorCode::UNKNOWN, &format!("no service {service} is registered")));
+            self.send(
+                id,
+                &error(Some(req), ErrorCode::UNKNOWN, &format!("no service {service} is registered")),
+            );
             return;
         };
-        let can_meet =
-            self.peers.get(&target).is_some_and(|p| p.session.remote_capabilities().contains(Capabilities::MEET));
+        let can_meet = self
+            .peers
+            .get(&target)
+            .is_some_and(|p| p.session.remote_capabilities().contains(Capabilities::MEET));
         if !can_meet {
             let text = format!("service {service} runs a build that cannot meet");
             self.send(id, &error(Some(req), ErrorCode::UNSUPPORTED, &text));
@@ -745,7 +750,10 @@ mod tests {
         let proxy = keypair(3).public();
         // Not registered yet: unknown.
         let got = net.exchange(1, &Message::Meet { id: 1, service: service.public() });
-        assert!(matches!(&got[..], [Message::Error { id: Some(1), code: ErrorCode::UNKNOWN, .. }]), "{got:?}");
+        assert!(
+            matches!(&got[..], [Message::Error { id: Some(1), code: ErrorCode::UNKNOWN, .. }]),
+            "{got:?}"
+        );
         let role = Role::parse("db@1.0.0").unwrap();
         exchange(&mut net, &[Message::Register { id: 1, role, port: 1, addrs: vec![] }]);
 

@@ -16,6 +16,7 @@ use seaport_net::control::{ControlTask, lock};
 use seaport_net::event::{Event, emit};
 use seaport_net::identity::random_u64;
 use seaport_net::link::Links;
+use seaport_net::reach::Introducer;
 use seaport_net::serve::{accept_until, drain};
 use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, Strategy};
 use seaport_proto::keys::PublicKey;
@@ -23,7 +24,7 @@ use seaport_proto::link::LinkConfig;
 use seaport_proto::message::Instance;
 use seaport_proto::role::{Role, RoleQuery};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// Look a role up in the registry and serve it on a local port, as if the
 /// service ran here.
@@ -87,10 +88,13 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let client = Arc::new(Mutex::new(ProxyClient::new(config, args.role.clone(), args.balance, args.ban)));
     // Bumped on every instance-set change, so waiting clients wake up.
     let (changed_tx, changed) = watch::channel(0u64);
-    let links = Arc::new(Links::new(keypair.clone(), LinkConfig::default(), args.dial_timeout));
+    // The registry's answers to meeting requests, for the introducer below.
+    let (answers_tx, answers) = mpsc::unbounded_channel();
     let pinned = Arc::new(AllowList::new(args.service_keys.clone(), None).map_err(Failure::Usage)?);
     let pinned_view = pinned.clone();
-    let links_view = links.clone();
+    // Filled once the control task exists: the event handler needs it first.
+    let links_cell: Arc<std::sync::OnceLock<Arc<Links>>> = Arc::default();
+    let links_view = links_cell.clone();
     let mut known: HashMap<PublicKey, Role> = HashMap::new();
     let mut connected = false;
     let query = args.role.clone();
@@ -123,7 +127,9 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             }
             known = now;
             // Links of instances that left go away: their streams finish.
-            links_view.retain(&known.keys().copied().collect::<Vec<_>>());
+            if let Some(links) = links_view.get() {
+                links.retain(&known.keys().copied().collect::<Vec<_>>());
+            }
             if instances.is_empty() {
                 tracing::warn!("no instance matches the query right now");
             }
@@ -132,6 +138,12 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             }
             changed_tx.send_modify(|n| *n += 1);
         }
+        ProxyEvent::MeetReady { id, ticket } => {
+            let _ = answers_tx.send((*id, Ok(*ticket)));
+        }
+        ProxyEvent::MeetRefused { id, text } => {
+            let _ = answers_tx.send((*id, Err(text.clone())));
+        }
         ProxyEvent::Refused { code, text, .. } => {
             tracing::error!(%code, "registry refused the lookup: {text}; asking again after the next reconnect");
             emit(&Event::WatchRefused { query: query.clone(), text: text.clone() });
@@ -139,9 +151,14 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         other => tracing::debug!(?other),
     };
     let control = ControlTask::spawn(client.clone(), args.client.registry.clone(), resolver, on_event);
+    let introducer = Introducer::new(client.clone(), control.poke(), control.registry_addr(), answers);
+    let links = Arc::new(
+        Links::new(keypair.clone(), LinkConfig::default(), args.dial_timeout).with_introducer(introducer),
+    );
+    let _ = links_cell.set(links.clone());
 
     let (wait, dial) = (args.connect_timeout, args.dial_timeout);
-    let conns = accept_until(&listener, seaport_net::signal::shutdown_signal(), |stream, peer| {
+    let conns = accept_until(&listener, None, seaport_net::signal::shutdown_signal(), |stream, peer| {
         let (client, links, changed, pinned) =
             (client.clone(), links.clone(), changed.clone(), pinned.clone());
         async move {

@@ -4,6 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use clap::Parser;
@@ -11,6 +12,8 @@ use seaport_net::cli::{Bootstrap, Failure, HOUR, MINUTE, duration_in};
 use seaport_net::dht::{Rendezvous, publish_loop};
 use seaport_net::event::{Event, emit};
 use seaport_net::identity::{load_seed, random_seed};
+use seaport_net::meet::RelayCounters;
+use seaport_net::registry::RelayOptions;
 use seaport_proto::keys::Keypair;
 use seaport_proto::registry::{Registry, RegistryConfig, RegistryEvent};
 use tokio::sync::watch;
@@ -72,6 +75,17 @@ pub struct Args {
     /// Most watches per session (1 or more).
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_watches: u32,
+    /// Most links relayed at once (1 or more). When a proxy and a service
+    /// reach each other neither directly nor by hole punching (a symmetric
+    /// NAT, a strict firewall), this registry splices their link: both dial
+    /// out to it, and it carries their end-to-end encrypted bytes, which it
+    /// cannot read. Each relay holds 32 KiB of buffers.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_relays: u32,
+    /// Never relay links; meetings then only help proxies and services punch
+    /// through their NATs, and a pair that cannot punch cannot connect.
+    #[arg(long, conflicts_with = "max_relays")]
+    pub no_relay: bool,
 }
 
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
@@ -111,14 +125,35 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         ..RegistryConfig::default()
     };
     let registry = Registry::new(keypair.clone(), config);
+    let relay = RelayOptions {
+        enabled: !args.no_relay,
+        max: args.max_relays as usize,
+        greeting_timeout: args.handshake_timeout,
+        ..RelayOptions::default()
+    };
+    if args.no_relay {
+        tracing::info!(
+            "relaying is off (--no-relay): proxies and services that cannot punch through their NATs cannot connect"
+        );
+    }
     emit(&Event::RegistryListening { key: keypair.public() });
     seaport_net::notify::ready();
-    let server = tokio::spawn(seaport_net::registry::serve(listener, registry, stop, log_event));
+    let counters = Arc::new(RelayCounters::default());
+    let server = tokio::spawn(seaport_net::registry::serve(
+        listener,
+        registry,
+        relay,
+        counters.clone(),
+        stop,
+        log_event,
+    ));
     seaport_net::signal::shutdown_signal().await;
     tracing::info!("shutting down");
     seaport_net::notify::stopping();
     let _ = stop_tx.send(true);
     let _ = server.await;
+    let relayed = counters.to_service.load(Ordering::Relaxed) + counters.to_proxy.load(Ordering::Relaxed);
+    tracing::info!(relays = counters.opened.load(Ordering::Relaxed), bytes = relayed, "relayed in all");
     emit(&Event::Stopped);
     Ok(())
 }
@@ -134,6 +169,9 @@ fn log_event(event: &RegistryEvent) {
         }
         RegistryEvent::Registered { peer, role } => tracing::info!(%peer, %role, "registered"),
         RegistryEvent::Unregistered { peer, role } => tracing::info!(%peer, %role, "unregistered"),
+        RegistryEvent::MeetArranged { proxy, service } => {
+            tracing::info!(%proxy, %service, "meeting arranged")
+        }
         _ => tracing::debug!(?event),
     }
 }

@@ -12,13 +12,15 @@ use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
 use seaport_net::control::{ControlTask, lock};
 use seaport_net::event::{Event, emit};
 use seaport_net::link::{self, Backend};
+use seaport_net::reach;
 use seaport_net::serve::{accept_until, drain};
 use seaport_proto::client::{ClientConfig, ServiceClient, ServiceEvent};
 use seaport_proto::keys::PublicKey;
 use seaport_proto::link::LinkConfig;
+use seaport_proto::meet::Ticket;
 use seaport_proto::role::Role;
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 /// Expose a local TCP port under a role: proxies anywhere that look the role
 /// up in the registry reach it over an encrypted link.
@@ -94,8 +96,19 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let resolver = args.client.resolver().await?;
     let reported = if local.ip().is_unspecified() { vec![] } else { vec![local] };
     let config = ClientConfig::new(keypair.clone(), args.client.registry.key);
-    let client = Arc::new(Mutex::new(ServiceClient::new(config, vec![role.clone()], local.port(), reported)));
-    let control = ControlTask::spawn(client.clone(), args.client.registry.clone(), resolver, reporter());
+    let mut service = ServiceClient::new(config, vec![role.clone()], local.port(), reported);
+    if local.ip().is_unspecified() {
+        service = service.listening_on_every_interface();
+    }
+    let client = Arc::new(Mutex::new(service));
+    // Meetings the registry offers (a proxy that cannot dial us), and the
+    // punched or relayed streams they yield, which are served as links.
+    let (offers_tx, offers) = mpsc::channel(reach::MAX_MEETINGS);
+    let (met_tx, met) = mpsc::channel(reach::MAX_MEETINGS);
+    let control =
+        ControlTask::spawn(client.clone(), args.client.registry.clone(), resolver, reporter(offers_tx));
+    let meetings =
+        tokio::spawn(reach::answer_meetings(offers, control.registry_addr(), allow.clone(), met_tx));
     let health =
         tokio::spawn(watch_backend(client.clone(), role, backend, args.check_interval, control.poke()));
 
@@ -110,7 +123,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             Err(e) => tracing::error!("allow list not reread, the old one stays: {e}"),
         }
     }));
-    let links = accept_until(&listener, seaport_net::signal::shutdown_signal(), |stream, peer| {
+    let links = accept_until(&listener, Some(met), seaport_net::signal::shutdown_signal(), |stream, peer| {
         let (keypair, draining, allow) = (keypair.clone(), draining.clone(), allow.clone());
         async move {
             let served =
@@ -128,6 +141,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     seaport_net::notify::stopping();
     health.abort();
     reloads.abort();
+    meetings.abort();
     lock(&client).set_available(false);
     control.stop().await;
     drop(listener);
@@ -139,9 +153,14 @@ pub async fn run(args: Args) -> Result<(), Failure> {
 
 /// Turns the client's events into stdout lines and logs. A disconnect is
 /// reported once, and only after a session that was up.
-fn reporter() -> impl FnMut(&ServiceEvent) + Send {
+fn reporter(offers: mpsc::Sender<(Ticket, PublicKey)>) -> impl FnMut(&ServiceEvent) + Send {
     let mut connected = false;
     move |event| match event {
+        ServiceEvent::MeetOffer { ticket, proxy } => {
+            if offers.try_send((*ticket, *proxy)).is_err() {
+                tracing::warn!(%proxy, "too many meetings under way: this offer is let go");
+            }
+        }
         ServiceEvent::Registered(role) => {
             emit(&Event::Registered { role: role.clone() });
             seaport_net::notify::ready();

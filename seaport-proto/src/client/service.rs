@@ -112,12 +112,8 @@ impl ServiceClient {
 
     fn register_all(&mut self) {
         for (id, role) in self.roles.iter().enumerate() {
-            let msg = Message::Register {
-                id: id as u32,
-                role: role.clone(),
-                port: self.port,
-                addrs: self.addrs(),
-            };
+            let msg =
+                Message::Register { id: id as u32, role: role.clone(), port: self.port, addrs: self.addrs() };
             self.control_link.send(&msg);
         }
     }

@@ -1,0 +1,267 @@
+//! Meet connections on TCP ([`seaport_proto::meet`] has the exchange and
+//! its bounds): a client joins a meeting and punches from the same local
+//! port; the registry tells the two sides apart from handshakes, pairs them
+//! and relays.
+//!
+//! Invariants:
+//! - A client reads exactly the registry's one [`MeetPeer`] frame from a
+//!   meet connection and nothing more, so every byte after it (a relayed
+//!   link's handshake) is left for the link.
+//! - A relay holds two fixed buffers ([`RELAY_BUFFER`] each way), never
+//!   more, and ends after [`RELAY_IDLE`] without a byte either way (a live
+//!   link pings every 10 s).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use seaport_proto::meet::{HELLO_LEN, MeetHello, MeetPeer, PEER_MAX_LEN};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
+
+/// How long one punching connect may wait before it is tried again: the
+/// kernel resends a SYN only after a second, and the peer's SYN should have
+/// opened its NAT by then.
+const PUNCH_ATTEMPT: Duration = Duration::from_millis(1000);
+/// Pause between punching connects that failed at once (a NAT that answers
+/// with RST), so a refusing peer is not hammered.
+const PUNCH_PAUSE: Duration = Duration::from_millis(50);
+/// Bytes a relay buffers in each direction.
+pub const RELAY_BUFFER: usize = 16 * 1024;
+/// A relay with no byte either way for this long ends.
+pub const RELAY_IDLE: Duration = Duration::from_secs(60);
+
+/// Why joining a meeting failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MeetError {
+    /// Socket-level failure.
+    #[error("meet connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The registry closed the meet connection before the other side came.
+    #[error("the registry closed the meeting (the other side did not come, or the ticket was refused)")]
+    Closed,
+    /// The registry's answer was not a peer frame.
+    #[error("the registry sent something that is not a meeting answer")]
+    Garbled,
+    /// No answer in time.
+    #[error("no meeting within {0:?}")]
+    Timeout(Duration),
+}
+
+/// One side's meet connection, once the registry paired it.
+#[derive(Debug)]
+pub struct Joined {
+    /// The meet connection: the relay, when `peer.relaying`.
+    pub stream: TcpStream,
+    /// Its local address, which the punch reuses.
+    pub local: SocketAddr,
+    /// The other side, as the registry saw it.
+    pub peer: MeetPeer,
+}
+
+/// A TCP socket for `local` that other sockets may bind too (SO_REUSEADDR
+/// and SO_REUSEPORT): the meet connection and the punches share one port,
+/// so the NAT maps both to the one external port the registry observed.
+fn shared_port(local: SocketAddr) -> std::io::Result<TcpSocket> {
+    let socket = if local.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(local)?;
+    Ok(socket)
+}
+
+/// Joins a meeting at `registry` (the address of the control session):
+/// connects from a fresh shared port, says `hello`, and waits until the
+/// registry pairs us with the other side, at most `timeout`.
+pub async fn join(registry: SocketAddr, hello: MeetHello, timeout: Duration) -> Result<Joined, MeetError> {
+    let work = async {
+        let any = if registry.is_ipv4() {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        };
+        let mut stream = shared_port(SocketAddr::new(any, 0))?.connect(registry).await?;
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr()?;
+        let mut frame = Vec::with_capacity(2 + HELLO_LEN);
+        // A hello is far below the frame limit.
+        let _ = seaport_proto::frame::encode(&hello.encode(), &mut frame);
+        stream.write_all(&frame).await?;
+        let mut len = [0u8; 2];
+        read_exact_or_closed(&mut stream, &mut len).await?;
+        let len = usize::from(u16::from_be_bytes(len));
+        if len > PEER_MAX_LEN {
+            return Err(MeetError::Garbled);
+        }
+        let mut body = [0u8; PEER_MAX_LEN];
+        let body = body.get_mut(..len).ok_or(MeetError::Garbled)?;
+        read_exact_or_closed(&mut stream, body).await?;
+        let peer = MeetPeer::decode(body).ok_or(MeetError::Garbled)?;
+        Ok(Joined { stream, local, peer })
+    };
+    tokio::time::timeout(timeout, work).await.map_err(|_| MeetError::Timeout(timeout))?
+}
+
+async fn read_exact_or_closed(stream: &mut TcpStream, buf: &mut [u8]) -> Result<(), MeetError> {
+    match stream.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(MeetError::Closed),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Punches a TCP path to `peer` from `local` (the meet connection's own
+/// address): connects again and again until a connect succeeds (through
+/// cone NATs the two sides' SYNs cross: a simultaneous open) or `deadline`.
+pub async fn punch(local: SocketAddr, peer: SocketAddr, deadline: Instant) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::TimedOut, "no punched path before the deadline");
+    while Instant::now() < deadline {
+        let attempt_ends = (Instant::now() + PUNCH_ATTEMPT).min(deadline);
+        let started = Instant::now();
+        match tokio::time::timeout_at(attempt_ends, shared_port(local)?.connect(peer)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last = e,
+            Err(_) => continue,
+        }
+        // Refused at once: wait a little, the peer's NAT may open any moment.
+        if started.elapsed() < PUNCH_PAUSE {
+            tokio::time::sleep_until((started + PUNCH_PAUSE).min(deadline)).await;
+        }
+    }
+    Err(last)
+}
+
+/// What a registry's new connection turned out to be, from its first frame.
+pub enum Greeting {
+    /// A meet connection.
+    Meet(MeetHello),
+    /// Anything else (a control handshake): these bytes were read already
+    /// and belong to it.
+    Session(Vec<u8>),
+}
+
+/// Reads as much of a new connection as tells a meet connection from a
+/// handshake: the 2-byte frame length, and only for a hello-sized frame
+/// its body too.
+pub async fn greet(stream: &mut TcpStream, timeout: Duration) -> std::io::Result<Greeting> {
+    let work = async {
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len).await?;
+        if usize::from(u16::from_be_bytes(len)) != HELLO_LEN {
+            return Ok(Greeting::Session(len.to_vec()));
+        }
+        let mut body = [0u8; HELLO_LEN];
+        stream.read_exact(&mut body).await?;
+        Ok(match MeetHello::decode(&body) {
+            Some(hello) => Greeting::Meet(hello),
+            None => Greeting::Session([&len[..], &body[..]].concat()),
+        })
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no first frame in time"))?
+}
+
+/// Bytes relayed, all relays together.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    /// Relays open now.
+    pub open: AtomicU64,
+    /// Relays ever opened.
+    pub opened: AtomicU64,
+    /// Bytes from proxies to services.
+    pub to_service: AtomicU64,
+    /// Bytes from services to proxies.
+    pub to_proxy: AtomicU64,
+}
+
+/// Tells both sides of a paired meeting where the other is (and whether we
+/// relay), then relays until either side closes or both fall idle for
+/// `idle`. Without `relaying`, holds the two connections (their NAT
+/// mappings stay open while the sides punch) until either closes or `idle`.
+pub async fn pair(
+    proxy: (TcpStream, SocketAddr),
+    service: (TcpStream, SocketAddr),
+    relaying: bool,
+    idle: Duration,
+    counters: Arc<RelayCounters>,
+) -> std::io::Result<()> {
+    let ((mut p, p_addr), (mut s, s_addr)) = (proxy, service);
+    let tell = |addr| {
+        let mut frame = Vec::with_capacity(2 + PEER_MAX_LEN);
+        let _ = seaport_proto::frame::encode(&MeetPeer { addr, relaying }.encode(), &mut frame);
+        frame
+    };
+    p.write_all(&tell(s_addr)).await?;
+    s.write_all(&tell(p_addr)).await?;
+    if !relaying {
+        let (mut a, mut b) = ([0u8; 1], [0u8; 1]);
+        let _ = tokio::time::timeout(idle, async {
+            tokio::select! {
+                _ = p.read(&mut a) => {}
+                _ = s.read(&mut b) => {}
+            }
+        })
+        .await;
+        return Ok(());
+    }
+    counters.open.fetch_add(1, Ordering::Relaxed);
+    counters.opened.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let last = AtomicU64::new(0);
+    let (pr, pw) = p.into_split();
+    let (sr, sw) = s.into_split();
+    let up = pump(pr, sw, &last, started, &counters.to_service);
+    let down = pump(sr, pw, &last, started, &counters.to_proxy);
+    let watchdog = async {
+        loop {
+            tokio::time::sleep(idle / 4).await;
+            let quiet = started.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+            if quiet >= idle {
+                return;
+            }
+        }
+    };
+    let (to_service, to_proxy) = tokio::select! {
+        moved = async { tokio::join!(up, down) } => moved,
+        () = watchdog => {
+            tracing::info!("relay idle for {idle:?}: closed");
+            (0, 0)
+        }
+    };
+    counters.open.fetch_sub(1, Ordering::Relaxed);
+    tracing::info!(to_service, to_proxy, "relay ended after {:?}", started.elapsed());
+    Ok(())
+}
+
+/// Copies one direction of a relay; returns the bytes moved.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    last: &AtomicU64,
+    started: Instant,
+    total: &AtomicU64,
+) -> u64 {
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    let mut moved = 0u64;
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(n) if n > 0 => n,
+            _ => break,
+        };
+        if to.write_all(buf.get(..n).unwrap_or_default()).await.is_err() {
+            break;
+        }
+        moved += n as u64;
+        total.fetch_add(n as u64, Ordering::Relaxed);
+        last.store(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+    let _ = to.shutdown().await;
+    moved
+}

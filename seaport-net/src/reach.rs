@@ -1,0 +1,322 @@
+//! Reaching a service from a proxy, whatever NATs sit between them: the path
+//! a link takes, chosen in the spirit of happy eyeballs, and the service's
+//! side of the meetings that make punching and relaying possible
+//! ([`seaport_proto::meet`] has the exchange; [`crate::meet`] the sockets).
+//!
+//! # Choosing a path (proxy)
+//! 1. **Direct**: every address the instance reported (the one the registry
+//!    observed, its LAN address, any it was given) is dialed at once.
+//! 2. **Meeting**, [`MEET_AFTER`] later (at once if a direct path failed
+//!    for this service before): the proxy asks the registry for a meeting
+//!    and joins it; then it **punches** toward the service's observed
+//!    address from the meet connection's port, and after [`RELAY_AFTER`]
+//!    (at once if the last link to this service was relayed) it runs the
+//!    handshake through the meet connection itself: the **relay**.
+//!
+//! The first path whose Noise handshake completes carries the link; the
+//! attempts still running are dropped, which closes their sockets (the
+//! service's side of a dropped path sees its end and lets it go). Every path
+//! runs the same `IK` handshake as initiator, so none is trusted more than
+//! a direct one. What worked is remembered per service ([`PathMemo`]).
+//!
+//! # Answering a meeting (service)
+//! [`answer_meetings`] joins each meeting it is offered (only for proxies
+//! its allow list admits, at most [`MAX_MEETINGS`] at once), punches toward
+//! the proxy and hands both the punched socket and the meet connection
+//! (when relayed) to the service's link acceptor: whichever the proxy
+//! handshakes on becomes the link.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use seaport_proto::client::ProxyClient;
+use seaport_proto::keys::{Keypair, PublicKey};
+use seaport_proto::meet::{MeetHello, MeetSide, Ticket};
+use seaport_proto::message::Instance;
+use seaport_proto::session::Session;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::allow::AllowList;
+use crate::control::lock;
+use crate::dial::{self, race};
+use crate::handshake::HandshakeError;
+use crate::link::initiate;
+use crate::meet::{Joined, join, punch};
+
+/// Head start of the direct addresses before a meeting is asked for.
+pub const MEET_AFTER: Duration = Duration::from_millis(150);
+/// Head start of punching over relaying, once the meeting is joined.
+pub const RELAY_AFTER: Duration = Duration::from_millis(500);
+/// How long a service keeps punching toward a proxy.
+pub const PUNCH_FOR: Duration = Duration::from_secs(5);
+/// How long either side waits for a meeting to come together.
+pub const MEET_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most meetings a service answers at once; more offers are let go.
+pub const MAX_MEETINGS: usize = 16;
+
+/// How a link reached its service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// To one of the addresses the service reported or was observed at.
+    Direct,
+    /// Through both NATs, by a TCP simultaneous open the registry timed.
+    Punched,
+    /// Spliced through the registry (which sees only ciphertext).
+    Relayed,
+}
+
+impl Path {
+    /// The name in logs, events and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Direct => "direct",
+            Path::Punched => "punched",
+            Path::Relayed => "relayed",
+        }
+    }
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The path each service's last link took, so the next link starts with
+/// what worked.
+#[derive(Default)]
+pub struct PathMemo(Mutex<HashMap<PublicKey, Path>>);
+
+impl PathMemo {
+    /// What worked last for `service`.
+    pub fn get(&self, service: &PublicKey) -> Option<Path> {
+        lock(&self.0).get(service).copied()
+    }
+
+    /// `path` worked for `service`.
+    pub fn set(&self, service: PublicKey, path: Path) {
+        lock(&self.0).insert(service, path);
+    }
+
+    /// Forgets services not in `keys` (they left the registry).
+    pub fn retain(&self, keys: &[PublicKey]) {
+        lock(&self.0).retain(|k, _| keys.contains(k));
+    }
+}
+
+type Answer = oneshot::Sender<Result<Ticket, String>>;
+
+/// A proxy's way to meetings: asks over its control session, matches the
+/// registry's answers to the askers, and joins the meeting.
+pub struct Introducer {
+    client: Arc<Mutex<ProxyClient>>,
+    poke: Arc<Notify>,
+    registry: watch::Receiver<Option<SocketAddr>>,
+    pending: Arc<Mutex<HashMap<u32, Answer>>>,
+}
+
+impl Introducer {
+    /// Meetings through `client`'s session (whose task `poke` wakes; the
+    /// registry is at `registry` while connected). The registry's answers
+    /// arrive on `answers`, which the proxy's event handler feeds from
+    /// `ProxyEvent::MeetReady` and `ProxyEvent::MeetRefused`.
+    pub fn new(
+        client: Arc<Mutex<ProxyClient>>,
+        poke: Arc<Notify>,
+        registry: watch::Receiver<Option<SocketAddr>>,
+        mut answers: mpsc::UnboundedReceiver<(u32, Result<Ticket, String>)>,
+    ) -> Introducer {
+        let pending: Arc<Mutex<HashMap<u32, Answer>>> = Arc::default();
+        let route = pending.clone();
+        tokio::spawn(async move {
+            while let Some((id, answer)) = answers.recv().await {
+                if let Some(asker) = lock(&route).remove(&id) {
+                    let _ = asker.send(answer);
+                }
+            }
+        });
+        Introducer { client, poke, registry, pending }
+    }
+
+    /// Asks for a meeting with `service` and joins it, by `deadline`.
+    async fn meet(&self, service: PublicKey, deadline: Instant) -> Result<Joined, HandshakeError> {
+        let no_meeting = |why: String| HandshakeError::NoMeeting(why);
+        let mut registry = self.registry.clone();
+        let addr = tokio::time::timeout_at(deadline, registry.wait_for(Option::is_some))
+            .await
+            .map_err(|_| no_meeting("not connected to the registry".into()))?
+            .map_err(|_| no_meeting("the registry session has stopped".into()))?
+            .ok_or_else(|| no_meeting("not connected to the registry".into()))?;
+        let (tx, rx) = oneshot::channel();
+        {
+            // Both locks at once, so the answer cannot overtake the asker.
+            let mut client = lock(&self.client);
+            let id = client.meet(service).ok_or_else(|| {
+                no_meeting("the registry cannot arrange meetings (or too many are pending)".into())
+            })?;
+            lock(&self.pending).insert(id, tx);
+        }
+        self.poke.notify_one();
+        let ticket = tokio::time::timeout_at(deadline, rx)
+            .await
+            .map_err(|_| no_meeting("the registry did not answer in time".into()))?
+            .map_err(|_| no_meeting("the registry session ended".into()))?
+            .map_err(|why| no_meeting(format!("the registry refused: {why}")))?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        Ok(join(addr, MeetHello { ticket, side: MeetSide::Proxy }, left).await?)
+    }
+}
+
+/// A link's handshake completed on a path.
+pub struct Reached {
+    /// The stream, handshake done.
+    pub stream: TcpStream,
+    /// Its session, to hand to the link driver.
+    pub session: Session,
+    /// Which path.
+    pub path: Path,
+    /// Where it goes (the registry's address for a relayed link).
+    pub addr: SocketAddr,
+}
+
+/// Finds a path to `instance` and runs the link handshake on it, within
+/// `timeout` (see the module docs). Without an `introducer` only direct
+/// paths are tried.
+pub async fn establish(
+    instance: &Instance,
+    local: &Keypair,
+    timeout: Duration,
+    introducer: Option<&Introducer>,
+    last: Option<Path>,
+) -> Result<Reached, HandshakeError> {
+    let remote = instance.key;
+    let direct = async {
+        let attempt = |addr| {
+            let local = local.clone();
+            async move { initiate(dial::connect(addr, timeout).await?, &local, remote, timeout).await }
+        };
+        let (addr, (stream, session)) =
+            race(&instance.addrs, attempt).await.map_err(HandshakeError::Unreachable)?;
+        Ok(Reached { stream, session, path: Path::Direct, addr })
+    };
+    let Some(introducer) = introducer else { return direct.await };
+    let deadline = Instant::now() + timeout;
+    let (meet_after, relay_after) = match last {
+        Some(Path::Relayed) => (Duration::ZERO, Duration::ZERO),
+        Some(Path::Punched) => (Duration::ZERO, RELAY_AFTER),
+        _ => (MEET_AFTER, RELAY_AFTER),
+    };
+    let via_meeting = async {
+        tokio::time::sleep(meet_after).await;
+        let Joined { stream: meet, local: port, peer } = introducer.meet(remote, deadline).await?;
+        let punched = async {
+            let stream = punch(port, peer.addr, deadline).await?;
+            let (stream, session) = initiate(stream, local, remote, timeout).await?;
+            Ok(Reached { stream, session, path: Path::Punched, addr: peer.addr })
+        };
+        let relayed = async {
+            if !peer.relaying {
+                return Err(HandshakeError::NoMeeting("the registry does not relay (--no-relay)".into()));
+            }
+            tokio::time::sleep(relay_after).await;
+            let registry = meet.peer_addr()?;
+            let (stream, session) = initiate(meet, local, remote, timeout).await?;
+            Ok(Reached { stream, session, path: Path::Relayed, addr: registry })
+        };
+        first_ok(punched, relayed).await.map_err(|(punch, relay)| HandshakeError::Meeting {
+            punch: Box::new(punch),
+            relay: Box::new(relay),
+        })
+    };
+    let via_meeting = async {
+        tokio::time::timeout_at(deadline, via_meeting).await.map_err(|_| HandshakeError::Timeout(timeout))?
+    };
+    first_ok(direct, via_meeting).await.map_err(|(direct, meeting)| HandshakeError::NoPath {
+        direct: Box::new(direct),
+        meeting: Box::new(meeting),
+    })
+}
+
+/// The first of two attempts to succeed; both errors if neither does.
+async fn first_ok<T, E>(
+    a: impl Future<Output = Result<T, E>>,
+    b: impl Future<Output = Result<T, E>>,
+) -> Result<T, (E, E)> {
+    tokio::pin!(a, b);
+    let (mut a_err, mut b_err) = (None, None);
+    loop {
+        tokio::select! {
+            done = &mut a, if a_err.is_none() => match done {
+                Ok(won) => return Ok(won),
+                Err(e) => a_err = Some(e),
+            },
+            done = &mut b, if b_err.is_none() => match done {
+                Ok(won) => return Ok(won),
+                Err(e) => b_err = Some(e),
+            },
+        }
+        match (a_err.take(), b_err.take()) {
+            (Some(a), Some(b)) => return Err((a, b)),
+            (a, b) => (a_err, b_err) = (a, b),
+        }
+    }
+}
+
+/// A service's side of the meetings the registry offers: for each offer from
+/// a proxy `allow` admits (while the registry is at `registry`), joins the
+/// meeting, and hands `links` the meet connection (when relayed) and a
+/// punched socket (when punching works) as candidate links, each with the
+/// address it runs over.
+pub async fn answer_meetings(
+    mut offers: mpsc::Receiver<(Ticket, PublicKey)>,
+    registry: watch::Receiver<Option<SocketAddr>>,
+    allow: Arc<AllowList>,
+    links: mpsc::Sender<(TcpStream, SocketAddr)>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_MEETINGS));
+    while let Some((ticket, proxy)) = offers.recv().await {
+        if !allow.admits(&proxy) {
+            tracing::debug!(%proxy, "meeting offer from a proxy not allowed here: ignored");
+            continue;
+        }
+        let Some(addr) = *registry.borrow() else { continue };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%proxy, "{MAX_MEETINGS} meetings under way: this one is let go");
+            continue;
+        };
+        let links = links.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let joined = match join(addr, MeetHello { ticket, side: MeetSide::Service }, MEET_TIMEOUT).await {
+                Ok(joined) => joined,
+                Err(e) => {
+                    tracing::info!(%proxy, "meeting failed: {e}");
+                    return;
+                }
+            };
+            tracing::debug!(%proxy, peer = %joined.peer.addr, relaying = joined.peer.relaying, "meeting joined");
+            let Joined { stream, local, peer } = joined;
+            // Unrelayed, the meet connection is still held while punching:
+            // it keeps the NAT's mapping of our port alive.
+            let held = if peer.relaying {
+                let _ = links.send((stream, addr)).await;
+                None
+            } else {
+                Some(stream)
+            };
+            match punch(local, peer.addr, Instant::now() + PUNCH_FOR).await {
+                Ok(stream) => {
+                    let _ = links.send((stream, peer.addr)).await;
+                }
+                Err(e) => tracing::debug!(%proxy, "no punched path: {e}"),
+            }
+            drop(held);
+        });
+    }
+}
