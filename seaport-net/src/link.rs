@@ -339,6 +339,11 @@ impl LinkHandle {
     }
 }
 
+/// When a relayed link first tries for a better path.
+pub const UPGRADE_FIRST: Duration = Duration::from_secs(30);
+/// The longest pause between such tries.
+pub const UPGRADE_MAX: Duration = Duration::from_secs(300);
+
 /// Most links a proxy keeps to one instance; each carries up to
 /// `LinkConfig::max_streams` streams, so this bounds the streams too.
 pub const MAX_LINKS_PER_INSTANCE: usize = 64;
@@ -351,9 +356,9 @@ pub struct Links {
     config: LinkConfig,
     dial_timeout: Duration,
     /// Meetings through the registry, for services no direct path reaches.
-    introducer: Option<Introducer>,
+    introducer: Option<Arc<Introducer>>,
     /// What path worked last, per service.
-    memo: PathMemo,
+    memo: Arc<PathMemo>,
     /// Per instance, its links; the async lock makes concurrent first
     /// connections wait for one dial instead of dialing each.
     links: Mutex<HashMap<PublicKey, Arc<tokio::sync::Mutex<Vec<LinkHandle>>>>>,
@@ -367,14 +372,14 @@ impl Links {
             config,
             dial_timeout,
             introducer: None,
-            memo: PathMemo::default(),
+            memo: Arc::default(),
             links: Mutex::new(HashMap::new()),
         }
     }
 
     /// Also reaches services through meetings (punched or relayed paths).
     pub fn with_introducer(mut self, introducer: Introducer) -> Links {
-        self.introducer = Some(introducer);
+        self.introducer = Some(Arc::new(introducer));
         self
     }
 
@@ -418,22 +423,53 @@ impl Links {
             return Ok(link.clone());
         }
         let last = self.memo.get(&instance.key);
-        let introducer = self.introducer.as_ref();
-        let reached = reach::establish(instance, &self.keypair, self.dial_timeout, introducer, last).await?;
-        let (path, addr) = (reached.path, reached.addr);
-        let link = LinkHandle::start(
-            reached.stream,
-            reached.session,
-            instance.key,
-            addr,
-            path,
-            self.config.clone(),
-        )?;
-        self.memo.set(instance.key, path);
-        tracing::info!(service = %instance.key, "link to {} via {path} {addr}", instance.key);
-        emit(&Event::LinkUp { key: instance.key, path: path.name(), addr });
+        let introducer = self.introducer.as_deref();
+        let reached =
+            reach::establish(instance, &self.keypair, self.dial_timeout, introducer, last, true).await?;
+        let link = announce(&self.memo, &self.config, instance, reached)?;
         links.push(link.clone());
+        if link.path == Path::Relayed {
+            self.upgrade_later(instance.clone(), link.clone(), cell.clone());
+        }
         Ok(link)
+    }
+
+    /// A relayed link costs the registry and a detour: now and then (after
+    /// [`UPGRADE_FIRST`], doubling to [`UPGRADE_MAX`]) a direct or punched
+    /// path to the same instance is tried; once one is up, new streams take
+    /// it and the relayed link goes away (its open streams finish on it).
+    /// Stops once the relayed link is no longer usable.
+    fn upgrade_later(
+        &self,
+        instance: Instance,
+        relayed: LinkHandle,
+        cell: Arc<tokio::sync::Mutex<Vec<LinkHandle>>>,
+    ) {
+        let (keypair, config, timeout) = (self.keypair.clone(), self.config.clone(), self.dial_timeout);
+        let (introducer, memo) = (self.introducer.clone(), self.memo.clone());
+        tokio::spawn(async move {
+            let mut pause = UPGRADE_FIRST;
+            loop {
+                tokio::time::sleep(pause).await;
+                if !relayed.is_usable() {
+                    return;
+                }
+                let hint = Some(Path::Punched);
+                match reach::establish(&instance, &keypair, timeout, introducer.as_deref(), hint, false).await
+                {
+                    Ok(reached) => {
+                        let Ok(link) = announce(&memo, &config, &instance, reached) else { continue };
+                        cell.lock().await.push(link);
+                        relayed.go_away();
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(service = %instance.key, "still no path but the relay: {e}");
+                        pause = (pause * 2).min(UPGRADE_MAX);
+                    }
+                }
+            }
+        });
     }
 
     /// Lets the links of instances not in `keys` go away: their open
@@ -457,6 +493,22 @@ impl Links {
     pub fn go_away_all(&self) {
         self.retain(&[]);
     }
+}
+
+/// Starts the driver of a link that reached `instance`, remembers its path
+/// and says which it took.
+fn announce(
+    memo: &PathMemo,
+    config: &LinkConfig,
+    instance: &Instance,
+    reached: reach::Reached,
+) -> Result<LinkHandle, HandshakeError> {
+    let (path, addr) = (reached.path, reached.addr);
+    let link = LinkHandle::start(reached.stream, reached.session, instance.key, addr, path, config.clone())?;
+    memo.set(instance.key, path);
+    tracing::info!(service = %instance.key, "link to {} via {path} {addr}", instance.key);
+    emit(&Event::LinkUp { key: instance.key, path: path.name(), addr });
+    Ok(link)
 }
 
 fn new_shared(side: Side, config: LinkConfig) -> Arc<Shared> {

@@ -186,14 +186,16 @@ pub struct Reached {
 }
 
 /// Finds a path to `instance` and runs the link handshake on it, within
-/// `timeout` (see the module docs). Without an `introducer` only direct
-/// paths are tried.
+/// `timeout` (see the module docs), starting with what worked `last`.
+/// Without an `introducer` only direct paths are tried; without `relay`,
+/// no relayed one.
 pub async fn establish(
     instance: &Instance,
     local: &Keypair,
     timeout: Duration,
     introducer: Option<&Introducer>,
     last: Option<Path>,
+    relay: bool,
 ) -> Result<Reached, HandshakeError> {
     let remote = instance.key;
     let direct = async {
@@ -221,6 +223,9 @@ pub async fn establish(
             Ok(Reached { stream, session, path: Path::Punched, addr: peer.addr })
         };
         let relayed = async {
+            if !relay {
+                return Err(HandshakeError::NoMeeting("not relayed: looking for a better path".into()));
+            }
             if !peer.relaying {
                 return Err(HandshakeError::NoMeeting("the registry does not relay (--no-relay)".into()));
             }

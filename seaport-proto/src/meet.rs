@@ -452,4 +452,16 @@ mod tests {
         assert_ne!(ticket(1, None), ticket(2, None));
         assert_ne!(ticket(1, None), ticket(1, Some([9; 32])));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_frames_never_panic_and_what_reads_writes_back(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)) {
+            if let Some(hello) = MeetHello::decode(&bytes) {
+                proptest::prop_assert_eq!(&hello.encode()[..], &bytes[..]);
+            }
+            if let Some(peer) = MeetPeer::decode(&bytes) {
+                proptest::prop_assert_eq!(peer.encode(), bytes);
+            }
+        }
+    }
 }

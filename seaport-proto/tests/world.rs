@@ -330,3 +330,57 @@ fn wrong_registry_key_never_connects() {
     );
     assert_eq!(w.net.registry.instance_count(), 3);
 }
+
+#[test]
+fn a_meeting_gives_the_proxy_and_the_service_one_ticket_and_the_registry_admits_each_side_once() {
+    use seaport_proto::meet::{Arrival, ArrivalError, MeetSide};
+    for seed in 0..4 {
+        let mut w = world(seed);
+        w.run_for(Duration::from_secs(1));
+        let service = keypair(1).public();
+        let id = proxy_mut(&mut w).meet(service).expect("connected to a registry that can meet");
+        w.settle();
+        let ready = w.proxy().events.iter().find_map(|e| match e {
+            ProxyEvent::MeetReady { id: got, ticket } if *got == id => Some(*ticket),
+            _ => None,
+        });
+        let ticket = ready.unwrap_or_else(|| panic!("seed {seed}: no answer: {:?}", w.proxy().events));
+        let offers: Vec<_> = w
+            .service(0)
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                ServiceEvent::MeetOffer { ticket, proxy } => Some((*ticket, *proxy)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(offers, vec![(ticket, keypair(9).public())], "seed {seed}");
+        assert!(w.service(1).events.iter().all(|e| !matches!(e, ServiceEvent::MeetOffer { .. })));
+        let now = w.net.now;
+        assert!(matches!(w.net.registry.arrive(now, ticket, MeetSide::Service), Ok(Arrival::First { .. })));
+        assert_eq!(w.net.registry.arrive(now, ticket, MeetSide::Proxy), Ok(Arrival::Second));
+        assert_eq!(w.net.registry.arrive(now, ticket, MeetSide::Proxy), Err(ArrivalError::Unknown));
+
+        // A service that is not registered cannot be met; the proxy hears why.
+        let id = proxy_mut(&mut w).meet(keypair(77).public()).unwrap();
+        w.settle();
+        let refused = w
+            .proxy()
+            .events
+            .iter()
+            .any(|e| matches!(e, ProxyEvent::MeetRefused { id: got, .. } if *got == id));
+        assert!(refused, "seed {seed}: {:?}", w.proxy().events);
+
+        // A meeting asked for just before the session ends is answered by
+        // the end, not left hanging.
+        let id = proxy_mut(&mut w).meet(service).unwrap();
+        let proxy = w.net.peers.len() - 1;
+        w.net.close(proxy);
+        let refused = w
+            .proxy()
+            .events
+            .iter()
+            .any(|e| matches!(e, ProxyEvent::MeetRefused { id: got, .. } if *got == id));
+        assert!(refused, "seed {seed}");
+    }
+}

@@ -11,6 +11,7 @@ use seaport_net::allow::AllowList;
 use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
 use seaport_net::control::{ControlTask, lock};
 use seaport_net::event::{Event, emit};
+use seaport_net::handshake::HandshakeError;
 use seaport_net::link::{self, Backend};
 use seaport_net::reach;
 use seaport_net::serve::{accept_until, drain};
@@ -130,6 +131,9 @@ pub async fn run(args: Args) -> Result<(), Failure> {
                 link::serve(stream, &keypair, backend, timeout, LinkConfig::default(), draining, &allow);
             match served.await {
                 Ok(()) => tracing::debug!(%peer, "link closed"),
+                // A proxy that took another path closes the ones it did not
+                // take (a meeting's relay or punched socket) without a word.
+                Err(HandshakeError::ClosedEarly) => tracing::debug!(%peer, "closed before a link handshake"),
                 Err(e) => tracing::info!(%peer, "link ended: {e}"),
             }
         }

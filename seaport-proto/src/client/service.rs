@@ -251,4 +251,28 @@ mod tests {
             ]
         );
     }
+
+    fn client(addrs: Vec<SocketAddr>) -> ServiceClient {
+        let config = ClientConfig::new(
+            Keypair::from_seed(&Seed::from_bytes([1; 32])),
+            Keypair::from_seed(&Seed::from_bytes([2; 32])).public(),
+        );
+        ServiceClient::new(config, vec![Role::parse("db@1.0.0").unwrap()], 7000, addrs)
+    }
+
+    #[test]
+    fn a_wildcard_listener_reports_its_address_toward_the_registry() {
+        let lan: SocketAddr = "192.168.1.2:40000".parse().unwrap();
+        let given: SocketAddr = "10.0.0.1:7000".parse().unwrap();
+        let mut wildcard = client(vec![given]).listening_on_every_interface();
+        wildcard.set_local_addr(lan);
+        assert_eq!(wildcard.addrs(), vec!["192.168.1.2:7000".parse().unwrap(), given]);
+        // Reconnecting from elsewhere replaces it; a given address is never doubled.
+        wildcard.set_local_addr("10.0.0.1:1".parse().unwrap());
+        assert_eq!(wildcard.addrs(), vec![given]);
+        // A listener on one address reports only what it was given.
+        let mut fixed = client(vec![given]);
+        fixed.set_local_addr(lan);
+        assert_eq!(fixed.addrs(), vec![given]);
+    }
 }
