@@ -31,8 +31,18 @@ pub fn bin(name: &str) -> PathBuf {
     BUILT.get_or_init(|| {
         raise_fd_limit();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        let mut build = Command::new(cargo);
+        build.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        // `cargo test` sets the package's variables for this process, and
+        // ring's build script tracks some of them: inherited, they make this
+        // build and a plain `cargo build` rebuild ring and all above it in turn.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_"].iter().any(|p| key.starts_with(p)) {
+                build.env_remove(&*key);
+            }
+        }
+        let status = build
             .args(["build", "--quiet", "-p", "seaport-seed", "-p", "seaport-registry"])
             .args(["-p", "seaport-service", "-p", "seaport-proxy"])
             .status()
@@ -79,18 +89,33 @@ fn collect(reader: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
     });
 }
 
+/// Arguments and environment for a seaport binary: tests never reach the
+/// public DHT, so inherited settings are cleared before ours are applied.
+fn seaport_env(cmd: &mut Command, args: &[&str], env: &[(&str, &str)]) {
+    cmd.args(args);
+    cmd.env_remove("SEAPORT_BOOTSTRAP").env_remove("SEAPORT_REGISTRY").env_remove("SEAPORT_SEED");
+    cmd.env_remove("SEAPORT_REGISTRY_SEED").env("RUST_LOG", "info");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+}
+
 impl Proc {
     /// Starts the seaport binary `name` with `args` and extra environment.
     pub fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut cmd = Command::new(bin(name));
-        cmd.args(args);
-        // Tests never reach the public DHT: clear inherited settings, then apply ours.
-        cmd.env_remove("SEAPORT_BOOTSTRAP").env_remove("SEAPORT_REGISTRY").env_remove("SEAPORT_SEED");
-        cmd.env_remove("SEAPORT_REGISTRY_SEED").env("RUST_LOG", "info");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        seaport_env(&mut cmd, args, env);
         Proc::spawn(name, cmd)
+    }
+
+    /// Starts the seaport binary `name` like [`Proc::start`], inside the
+    /// network namespace `netns` (`ip netns exec`, which execs the binary:
+    /// the pid is the binary's own). Needs root.
+    pub fn start_in(netns: &str, name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns]).arg(bin(name));
+        seaport_env(&mut cmd, args, env);
+        Proc::spawn(&format!("{name} in {netns}"), cmd)
     }
 
     /// Starts any command, with its output collected like a binary's.

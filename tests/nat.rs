@@ -1,0 +1,670 @@
+//! NAT traversal end to end: the real binaries on hosts of a lab of network
+//! namespaces with kernel NATs between them (`tests/netlab/netlab.sh`; see
+//! `tests/netlab/README.md` for the topology).
+//!
+//! The registry always runs on `pub` (203.0.113.10, publicly reachable).
+//! Services and proxies run on h1 (192.168.1.2, behind nat1), h2 (192.168.2.2,
+//! behind nat2: cone, or symmetric with `up --symmetric`), h3 (192.168.1.3, on
+//! h1's LAN) or pub. Each test asserts which path its link took, from the
+//! proxy's log line `link to SERVICEKEY via direct|punched|relayed ADDR`, and
+//! that bytes cross it intact.
+//!
+//! Invariants:
+//! - Each test owns its lab under its own `NETLAB_PREFIX` (`n1-`, `n2-`, ...),
+//!   so tests run in parallel; the lab is torn down (`netlab.sh down`, which
+//!   also kills every process left in its namespaces) on every path: success,
+//!   failed assertion, or the watchdog ([`LIMIT`]) firing on a hang.
+//! - Backends and clients run on threads moved into a lab host with setns
+//!   ([`Net::run`]): their sockets live in that host's network namespace, as
+//!   the binaries' do. The root namespace cannot reach the lab, and each host
+//!   has its own 127.0.0.1.
+//! - The tests need root, iproute2 and iptables. Without them a test prints
+//!   why it skipped and passes; with `SEAPORT_NETLAB=require` (set by
+//!   `.ci/run`) it fails instead, so CI never skips silently.
+
+// Test code: a panic is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::process::{Command, Output};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+use seaport_tests::*;
+use sha2::{Digest, Sha256};
+
+/// The lab tool, kept in the repository (the tests never read outside it).
+const NETLAB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/netlab/netlab.sh");
+/// The registry's address on pub, the same in every lab.
+const REGISTRY_ADDR: &str = "203.0.113.10:4000";
+const MIB: usize = 1024 * 1024;
+/// How long one step (a process start, a registration, a link) may take.
+const WAIT: Duration = Duration::from_secs(20);
+/// The watchdog on a whole test body. The tests take well under a minute;
+/// this only turns a hang (a write blocked forever, say) into a failure with
+/// the lab torn down.
+const LIMIT: Duration = Duration::from_secs(90);
+/// The symmetric NAT's budget from a client's first connection to its first
+/// byte, relay fallback included (the proxy opens links on first need).
+const FIRST_BYTE_BUDGET: Duration = Duration::from_millis(1500);
+
+// ---- the gate ------------------------------------------------------------------------------
+
+/// Why the lab cannot run here, if it cannot.
+fn lab_unavailable() -> Option<String> {
+    let mut missing = Vec::new();
+    if !rustix::process::geteuid().is_root() {
+        missing.push("root");
+    }
+    for (tool, arg) in [("ip", "-V"), ("iptables", "--version")] {
+        if !Command::new(tool).arg(arg).output().is_ok_and(|o| o.status.success()) {
+            missing.push(tool);
+        }
+    }
+    (!missing.is_empty()).then(|| format!("missing {}", missing.join(", ")))
+}
+
+/// Whether the lab can run. Outside CI a machine without root or the tools
+/// skips (the test passes vacuously, saying so); under
+/// `SEAPORT_NETLAB=require` that is a failure.
+fn lab_available() -> bool {
+    let Some(why) = lab_unavailable() else { return true };
+    assert!(
+        std::env::var("SEAPORT_NETLAB").as_deref() != Ok("require"),
+        "SEAPORT_NETLAB=require, but the NAT lab cannot run here ({why}): \
+         run as root with iproute2 and iptables installed"
+    );
+    eprintln!("skipped: needs root, iproute2 and iptables (netlab); CI runs it");
+    false
+}
+
+// ---- the lab ------------------------------------------------------------------------------
+
+fn netlab(prefix: &str, args: &[&str]) -> Output {
+    Command::new(NETLAB).args(args).env("NETLAB_PREFIX", prefix).output().expect("run netlab.sh")
+}
+
+/// A running lab; `netlab.sh down` when dropped, which also kills whatever
+/// still runs inside it.
+struct Lab {
+    net: Net,
+}
+
+impl Lab {
+    fn up(prefix: &str, args: &[&str]) -> Lab {
+        // A lab left by a killed earlier run could still hold its processes,
+        // and `up` keeps a lab that is already up: start from nothing.
+        let _ = netlab(prefix, &["down"]);
+        let out = netlab(prefix, &[&["up"], args].concat());
+        assert!(
+            out.status.success(),
+            "netlab.sh up {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Lab { net: Net { prefix: prefix.to_owned() } }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let out = netlab(&self.net.prefix, &["down"]);
+        if !out.status.success() {
+            eprintln!("netlab.sh down failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+/// Runs one NAT test: gate, lab up with `up_args` under `prefix`, `body` on
+/// its own thread under the watchdog, lab down on every path.
+fn nat_test(prefix: &str, up_args: &[&str], body: impl FnOnce(Net) + Send + 'static) {
+    if !lab_available() {
+        return;
+    }
+    // Build the binaries before the clock starts: a cold build is not a hang.
+    for name in ["seaport-seed", "seaport-registry", "seaport-service", "seaport-proxy"] {
+        bin(name);
+    }
+    let lab = Lab::up(prefix, up_args);
+    let net = lab.net.clone();
+    let (done, finished) = mpsc::channel();
+    let worker = thread::Builder::new()
+        .name(format!("{prefix}body"))
+        .spawn(move || {
+            body(net);
+            let _ = done.send(());
+        })
+        .unwrap();
+    match finished.recv_timeout(LIMIT) {
+        Ok(()) => worker.join().unwrap(),
+        // The body panicked (its message is already out): fail with it.
+        Err(RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = worker.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        // The lab goes down as this unwinds, which ends the body's processes
+        // and with them its blocked I/O.
+        Err(RecvTimeoutError::Timeout) => panic!("{prefix}: test still running after {LIMIT:?}"),
+    }
+}
+
+/// Runs `f` on a fresh thread that first moves itself into the network
+/// namespace `ns`: the sockets `f` opens, and the threads it spawns, are in
+/// that lab host. A socket keeps its namespace, so it may be used from any
+/// thread afterwards.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> thread::Result<T> {
+    let path = format!("/run/netns/{ns}");
+    thread::Builder::new()
+        .name(format!("in {ns}"))
+        .spawn(move || {
+            let handle = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            move_into_link_name_space(handle.as_fd(), Some(LinkNameSpaceType::Network))
+                .unwrap_or_else(|e| panic!("setns into {path}: {e}"));
+            f()
+        })
+        .unwrap()
+        .join()
+}
+
+/// A handle on a running lab: starts binaries and runs code on its hosts.
+#[derive(Clone)]
+struct Net {
+    prefix: String,
+}
+
+impl Net {
+    fn ns(&self, host: &str) -> String {
+        format!("{}{host}", self.prefix)
+    }
+
+    /// Runs `f` on `host` (see [`in_netns`]); a panic in `f` fails the test.
+    fn run<T: Send + 'static>(&self, host: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        in_netns(&self.ns(host), f).unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+
+    /// Runs client code on `host`; if it panics, the proxy's log goes out
+    /// with the failure, since that is where the reason is.
+    fn client<T: Send + 'static>(
+        &self,
+        host: &str,
+        proxy: &Proc,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        in_netns(&self.ns(host), f).unwrap_or_else(|panic| {
+            eprintln!("client on {host} failed; {} log:\n{}", proxy.name, log_of(proxy));
+            std::panic::resume_unwind(panic)
+        })
+    }
+
+    /// The registry on pub with `seed`, once listening.
+    fn registry(&self, seed: &str) -> Proc {
+        let args = ["--listen", REGISTRY_ADDR, "--no-dht"];
+        let p =
+            Proc::start_in(&self.ns("pub"), "seaport-registry", &args, &[("SEAPORT_REGISTRY_SEED", seed)]);
+        p.wait_line("Registry listening. Connect with pubkey", WAIT);
+        p
+    }
+
+    /// A service on `host` for the backend on its 127.0.0.1:`backend`, once
+    /// registered; with its key. Its link listener is the default 0.0.0.0:0.
+    fn service(&self, host: &str, target: &str, backend: u16, role: &str) -> (Proc, String) {
+        let backend = backend.to_string();
+        let p = Proc::start_in(&self.ns(host), "seaport-service", &[target, "-p", &backend, "-r", role], &[]);
+        p.wait_line("registered service", WAIT);
+        let key = p.wait_line("started p2p service on ", WAIT).rsplit(' ').next().unwrap().to_owned();
+        (p, key)
+    }
+
+    /// A proxy on `host` for `query`, on a port of that host's 127.0.0.1 the
+    /// kernel picks, once it serves a found instance; with that port.
+    fn proxy(&self, host: &str, target: &str, query: &str) -> (Proc, u16) {
+        let p = Proc::start_in(&self.ns(host), "seaport-proxy", &[target, "-p", "0", "-r", query], &[]);
+        // "proxy from PORT to p2p service KEY"
+        let line = p.wait_line("proxy from ", WAIT);
+        let port = line.split_whitespace().nth(2).and_then(|w| w.parse().ok());
+        (p, port.unwrap_or_else(|| panic!("no port in {line:?}")))
+    }
+}
+
+/// A fresh seed and the target clients are given for the registry on pub.
+fn registry_target() -> (String, String) {
+    let (seed, key) = new_seed();
+    (seed, format!("{key}@{REGISTRY_ADDR}"))
+}
+
+/// A process's log, for a failure message. Only called on failure paths: it
+/// first lets the log catch up, since a client can see a connection fail
+/// before the reader thread has the line that says why.
+fn log_of(proc: &Proc) -> String {
+    thread::sleep(Duration::from_millis(200));
+    proc.errors().join("\n")
+}
+
+// ---- what the proxy says about its links ---------------------------------------------------
+
+/// One `link to KEY via PATH ADDR` log line of a proxy.
+#[derive(Debug)]
+struct Link {
+    key: String,
+    path: String,
+    addr: String,
+}
+
+fn links(proxy: &Proc) -> Vec<Link> {
+    let parse = |line: &String| {
+        let rest = &line[line.find("link to ")? + "link to ".len()..];
+        match rest.split_whitespace().collect::<Vec<_>>().as_slice() {
+            [key, "via", path, addr, ..] => {
+                Some(Link { key: (*key).to_owned(), path: (*path).to_owned(), addr: (*addr).to_owned() })
+            }
+            _ => None,
+        }
+    };
+    proxy.errors().iter().filter_map(parse).collect()
+}
+
+/// Waits for the proxy to have logged `n` links; returns them all.
+fn wait_links(proxy: &Proc, n: usize) -> Vec<Link> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let all = links(proxy);
+        if all.len() >= n {
+            return all;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: {} of {n} `link to` lines within {WAIT:?}; log:\n{}",
+            proxy.name,
+            all.len(),
+            log_of(proxy)
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The proxy's one link, which must go to `service`.
+fn the_link(proxy: &Proc, service: &str) -> Link {
+    let mut all = wait_links(proxy, 1);
+    assert_eq!(all.len(), 1, "one link expected: {all:#?}");
+    let link = all.remove(0);
+    assert_eq!(link.key, service, "the link goes to another key: {link:?}");
+    link
+}
+
+// ---- clients -------------------------------------------------------------------------------
+
+/// `GET /` through the proxy on `port` of `host` answers 200 with `body`.
+fn assert_http(net: &Net, host: &str, port: u16, proxy: &Proc, body: &str) {
+    let got = net.client(host, proxy, move || http_get(port));
+    assert_eq!(got, (200, body.to_owned()), "GET through the proxy on {host}; proxy log:\n{}", log_of(proxy));
+}
+
+/// `len` bytes up and `len` bytes down through the proxy on `port` of
+/// `host`, with equal sha256 at both ends.
+fn assert_bulk_each_way(net: &Net, host: &str, port: u16, proxy: &Proc, len: usize) {
+    let up = net.client(host, proxy, move || upload(port, 7, len));
+    assert_eq!(up, pattern_sha256(7, len), "upload digest");
+    let (got, digest) = net.client(host, proxy, move || download(port, 11, len));
+    assert_eq!(got, len, "download length");
+    assert_eq!(digest, pattern_sha256(11, len), "download digest");
+}
+
+/// A download from the bulk backend read in steps, so a test can act while
+/// it is under way: the backend only sends as fast as it is read.
+struct Download {
+    stream: TcpStream,
+    hash: Sha256,
+    got: usize,
+}
+
+impl Download {
+    /// Connects to the proxy's 127.0.0.1:`port`: call it on the proxy's host.
+    fn start(port: u16, seed: u64, len: usize) -> Download {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream.write_all(format!("DOWN {seed} {len}\n").as_bytes()).unwrap();
+        Download { stream, hash: Sha256::new(), got: 0 }
+    }
+
+    /// Reads `n` more bytes, or up to the end; returns how many it got.
+    fn take(&mut self, n: usize) -> std::io::Result<usize> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut taken = 0;
+        while taken < n {
+            let want = buf.len().min(n - taken);
+            match self.stream.read(&mut buf[..want])? {
+                0 => break,
+                k => {
+                    self.hash.update(&buf[..k]);
+                    taken += k;
+                }
+            }
+        }
+        self.got += taken;
+        Ok(taken)
+    }
+
+    fn digest(self) -> String {
+        hex(&self.hash.finalize())
+    }
+}
+
+/// Connects to the proxy's 127.0.0.1:`port`, sends a request to the bulk
+/// backend, and times the first byte of the answer; checks the answer too.
+fn time_to_first_byte(port: u16) -> Duration {
+    let len = 4096;
+    let start = Instant::now();
+    let mut dl = Download::start(port, 3, len);
+    let got = dl.take(1).unwrap_or_else(|e| panic!("no first byte: {e}"));
+    assert_eq!(got, 1, "the answer ended before its first byte");
+    let first_byte = start.elapsed();
+    assert_eq!(dl.take(len).unwrap(), len - 1, "answer length");
+    assert_eq!(dl.digest(), pattern_sha256(3, len), "answer digest");
+    first_byte
+}
+
+/// `what` took `n` bytes of the download `dl` through `proxy`; the proxy's
+/// log comes with a failure, since that is where the reason is.
+fn assert_took(dl: &mut Download, n: usize, what: &str, proxy: &Proc) {
+    match dl.take(n) {
+        Ok(k) if k == n => {}
+        Ok(k) => panic!("{what}: the stream ended after {k} of {n} bytes; proxy log:\n{}", log_of(proxy)),
+        Err(e) => panic!("{what}: {e}; proxy log:\n{}", log_of(proxy)),
+    }
+}
+
+/// Waits until `proc` has printed `needle` on stdout at least `n` times.
+fn wait_count(proc: &Proc, needle: &str, n: usize) {
+    let deadline = Instant::now() + WAIT;
+    while proc.count(needle) < n {
+        assert!(
+            Instant::now() < deadline,
+            "{}: {needle:?} printed {} of {n} times within {WAIT:?}\nstdout: {:#?}\nstderr: {:#?}",
+            proc.name,
+            proc.count(needle),
+            proc.lines(),
+            proc.errors()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---- the harness itself ---------------------------------------------------------------------
+
+/// The premise of every other test: a socket made on a thread moved into a
+/// lab host is that host's. h3 reaches a listener of h1 on h1's LAN address,
+/// from a thread it spawned too; h2 behind the other NAT does not; and
+/// 127.0.0.1 is per host (a proxy's port is only reachable on its own host).
+#[test]
+fn sockets_opened_in_a_lab_host_live_there() {
+    nat_test("n0-", &[], |net| {
+        let listen = |bind: &'static str| {
+            move || {
+                let listener = TcpListener::bind(bind).unwrap();
+                let port = listener.local_addr().unwrap().port();
+                thread::spawn(move || {
+                    for mut stream in listener.incoming().flatten() {
+                        let _ = stream.write_all(b"h1");
+                    }
+                });
+                port
+            }
+        };
+        let connect = |addr: SocketAddr| {
+            move || -> std::io::Result<String> {
+                let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let mut reply = String::new();
+                stream.read_to_string(&mut reply)?;
+                Ok(reply)
+            }
+        };
+        let lan = SocketAddr::from(([192, 168, 1, 2], net.run("h1", listen("0.0.0.0:0"))));
+        let got = net.run("h3", move || thread::spawn(connect(lan)).join().unwrap());
+        assert_eq!(got.unwrap(), "h1", "h3 -> h1 on their LAN");
+        let blocked = net.run("h2", connect(lan));
+        assert!(blocked.is_err(), "h2 reached h1's private address through two NATs: {blocked:?}");
+
+        let local = SocketAddr::from(([127, 0, 0, 1], net.run("h1", listen("127.0.0.1:0"))));
+        assert_eq!(net.run("h1", connect(local)).unwrap(), "h1", "h1's own loopback");
+        let other = net.run("h3", connect(local));
+        assert!(other.is_err(), "h3's 127.0.0.1 reached h1's loopback listener: {other:?}");
+    });
+}
+
+// ---- a. cone NATs: hole punching ------------------------------------------------------------
+
+/// Service on h1 and proxy on h2, each behind its own port-restricted cone
+/// NAT: neither can reach the other directly, but a punched path works, and
+/// carries HTTP and 100 MiB each way intact.
+#[test]
+fn cone_nats_link_is_punched_and_carries_100_mib_each_way() {
+    nat_test("n1-", &[], |net| {
+        let (seed, target) = registry_target();
+        let _reg = net.registry(&seed);
+        let web = net.run("h1", || http_backend("through two cone NATs"));
+        let bulk = net.run("h1", bulk_backend);
+        let (_web_svc, web_key) = net.service("h1", &target, web, "web@1.0.0");
+        let (_bulk_svc, bulk_key) = net.service("h1", &target, bulk, "bulk@1.0.0");
+        let (web_proxy, web_port) = net.proxy("h2", &target, "web@1");
+        let (bulk_proxy, bulk_port) = net.proxy("h2", &target, "bulk@1");
+
+        assert_http(&net, "h2", web_port, &web_proxy, "through two cone NATs");
+        let link = the_link(&web_proxy, &web_key);
+        assert_eq!(link.path, "punched", "{link:?}");
+
+        assert_bulk_each_way(&net, "h2", bulk_port, &bulk_proxy, 100 * MIB);
+        let link = the_link(&bulk_proxy, &bulk_key);
+        assert_eq!(link.path, "punched", "{link:?}");
+    });
+}
+
+// ---- b. symmetric NAT: relay -----------------------------------------------------------------
+
+/// nat2 symmetric: no punch can work, so the link goes through the
+/// registry's relay. The first client still gets its first byte within
+/// [`FIRST_BYTE_BUDGET`] (failed punch attempts included), and 100 MiB
+/// each way arrive intact.
+#[test]
+fn symmetric_nat_link_is_relayed_fast_and_intact() {
+    nat_test("n2-", &["--symmetric"], |net| {
+        let (seed, target) = registry_target();
+        let _reg = net.registry(&seed);
+        let bulk = net.run("h1", bulk_backend);
+        let (_svc, key) = net.service("h1", &target, bulk, "bulk@1.0.0");
+        let (proxy, port) = net.proxy("h2", &target, "bulk@1");
+
+        // The very first connection: no link exists yet.
+        let first_byte = net.client("h2", &proxy, move || time_to_first_byte(port));
+        eprintln!("first byte after {first_byte:?}");
+        let link = the_link(&proxy, &key);
+        assert_eq!(link.path, "relayed", "{link:?}");
+        assert!(
+            first_byte <= FIRST_BYTE_BUDGET,
+            "first byte after {first_byte:?} (budget {FIRST_BYTE_BUDGET:?}); proxy log:\n{}",
+            log_of(&proxy)
+        );
+
+        assert_bulk_each_way(&net, "h2", port, &proxy, 100 * MIB);
+        assert_eq!(links(&proxy).len(), 1, "the transfer used the same link: {:#?}", links(&proxy));
+    });
+}
+
+// ---- c. same LAN: direct on the private address ---------------------------------------------
+
+/// Proxy on h3, service on h1, both behind nat1, which does not hairpin: the
+/// link must use h1's private address, not the NAT's.
+#[test]
+fn same_lan_links_directly_on_the_private_address() {
+    nat_test("n3-", &[], |net| {
+        let (seed, target) = registry_target();
+        let _reg = net.registry(&seed);
+        let web = net.run("h1", || http_backend("next door"));
+        let (_svc, key) = net.service("h1", &target, web, "web@1.0.0");
+        let (proxy, port) = net.proxy("h3", &target, "web@1");
+
+        assert_http(&net, "h3", port, &proxy, "next door");
+        let link = the_link(&proxy, &key);
+        assert_eq!(link.path, "direct", "{link:?}");
+        assert!(link.addr.starts_with("192.168.1.2:"), "{link:?}");
+    });
+}
+
+// ---- d. one side public ---------------------------------------------------------------------
+
+/// Service on pub, proxy behind nat2: the proxy dials the public address.
+#[test]
+fn public_service_is_dialed_directly() {
+    nat_test("n4-", &[], |net| {
+        let (seed, target) = registry_target();
+        let _reg = net.registry(&seed);
+        let web = net.run("pub", || http_backend("public"));
+        let (_svc, key) = net.service("pub", &target, web, "web@1.0.0");
+        let (proxy, port) = net.proxy("h2", &target, "web@1");
+
+        assert_http(&net, "h2", port, &proxy, "public");
+        let link = the_link(&proxy, &key);
+        assert_eq!(link.path, "direct", "{link:?}");
+        assert!(link.addr.starts_with("203.0.113.10:"), "{link:?}");
+    });
+}
+
+/// Service behind nat1, proxy on pub: the proxy cannot dial in, but the
+/// service can reach the proxy's host, so the registry's relay is not
+/// needed (a direct link or a punched one).
+#[test]
+fn public_proxy_reaches_a_natted_service_without_relay() {
+    nat_test("n5-", &[], |net| {
+        let (seed, target) = registry_target();
+        let _reg = net.registry(&seed);
+        let web = net.run("h1", || http_backend("behind nat1"));
+        let (_svc, key) = net.service("h1", &target, web, "web@1.0.0");
+        let (proxy, port) = net.proxy("pub", &target, "web@1");
+
+        assert_http(&net, "pub", port, &proxy, "behind nat1");
+        let link = the_link(&proxy, &key);
+        assert!(["direct", "punched"].contains(&link.path.as_str()), "not relayed expected: {link:?}");
+    });
+}
+
+// ---- e. the registry dies and comes back during a transfer ---------------------------------
+
+/// A punched link does not go through the registry: a download on it keeps
+/// flowing while the registry is dead and completes intact after it is back
+/// (same address, same seed), on the same link.
+#[test]
+fn punched_stream_survives_a_registry_restart() {
+    nat_test("n6-", &[], |net| {
+        let (seed, target) = registry_target();
+        let reg = net.registry(&seed);
+        let bulk = net.run("h1", bulk_backend);
+        let (svc, key) = net.service("h1", &target, bulk, "bulk@1.0.0");
+        let (proxy, port) = net.proxy("h2", &target, "bulk@1");
+
+        let len = 64 * MIB;
+        let mut dl = net.client("h2", &proxy, move || Download::start(port, 5, len));
+        assert_took(&mut dl, MIB, "the first MiB", &proxy);
+        let link = the_link(&proxy, &key);
+        assert_eq!(link.path, "punched", "{link:?}");
+
+        reg.signal("KILL");
+        drop(reg);
+        // Flowing with no registry at all.
+        assert_took(&mut dl, 8 * MIB, "8 MiB while the registry is dead", &proxy);
+
+        let _reg = net.registry(&seed);
+        wait_count(&svc, "registered service", 2);
+        let rest = len - dl.got;
+        assert_took(&mut dl, rest, "the rest after the registry's return", &proxy);
+        assert_eq!(dl.take(1).ok(), Some(0), "a clean end after {len} bytes");
+        assert_eq!(dl.digest(), pattern_sha256(5, len), "download digest");
+        assert_eq!(links(&proxy).len(), 1, "one link throughout: {:#?}", links(&proxy));
+    });
+}
+
+/// A relayed link goes through the registry: when it dies, the stream on it
+/// is reset (the client sees an error, never a clean but short end); once
+/// the registry is back, a new connection works on a new relayed link.
+#[test]
+fn relayed_stream_is_reset_by_a_registry_death_and_relaying_resumes() {
+    nat_test("n7-", &["--symmetric"], |net| {
+        let (seed, target) = registry_target();
+        let reg = net.registry(&seed);
+        let bulk = net.run("h1", bulk_backend);
+        let (svc, key) = net.service("h1", &target, bulk, "bulk@1.0.0");
+        let (proxy, port) = net.proxy("h2", &target, "bulk@1");
+
+        let len = 64 * MIB;
+        let mut dl = net.client("h2", &proxy, move || Download::start(port, 5, len));
+        assert_took(&mut dl, MIB, "the first MiB", &proxy);
+        let link = the_link(&proxy, &key);
+        assert_eq!(link.path, "relayed", "{link:?}");
+
+        reg.signal("KILL");
+        drop(reg);
+        let log = || log_of(&proxy);
+        match dl.take(len) {
+            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!(
+                    "the stream hangs: neither reset nor ended {WAIT:?} after the registry died; proxy log:\n{}",
+                    log()
+                )
+            }
+            Err(e) => {
+                panic!("the stream was not reset but failed with {e} ({:?}); proxy log:\n{}", e.kind(), log())
+            }
+            Ok(_) => panic!(
+                "a clean end after {} of {len} bytes: a stream cut short must be reset; proxy log:\n{}",
+                dl.got,
+                log()
+            ),
+        }
+
+        let _reg = net.registry(&seed);
+        wait_count(&svc, "registered service", 2);
+        wait_count(&proxy, "connected to registry", 2);
+        let (got, digest) = net.client("h2", &proxy, move || download(port, 9, MIB));
+        assert_eq!((got, digest), (MIB, pattern_sha256(9, MIB)), "a new download after the return");
+        let all = wait_links(&proxy, 2);
+        assert_eq!(all.len(), 2, "a new link: {all:#?}");
+        assert_eq!((all[1].key.as_str(), all[1].path.as_str()), (key.as_str(), "relayed"), "{all:#?}");
+    });
+}
+
+// ---- f. NATs that answer unsolicited packets with RST / ICMP ---------------------------------
+
+/// Routers that reject (TCP RST, ICMP unreachable) instead of dropping break
+/// TCP simultaneous open in ways plain drops do not; the link must still come
+/// up, punched or relayed, and no client may see a failure, not even those
+/// that arrive together while the link is being made.
+#[test]
+fn rejecting_nats_still_link_without_client_failures() {
+    nat_test("n8-", &["--inbound=reject"], |net| {
+        let (seed, target) = registry_target();
+        let _reg = net.registry(&seed);
+        let web = net.run("h1", || http_backend("past the RSTs"));
+        let (_svc, key) = net.service("h1", &target, web, "web@1.0.0");
+        let (proxy, port) = net.proxy("h2", &target, "web@1");
+
+        // Eight first clients at once, then eight more one by one.
+        let together = net.client("h2", &proxy, move || {
+            let clients: Vec<_> = (0..8).map(|_| thread::spawn(move || http_get(port))).collect();
+            clients.into_iter().map(|c| c.join().unwrap()).collect::<Vec<_>>()
+        });
+        for got in together {
+            assert_eq!(got, (200, "past the RSTs".to_owned()), "proxy log:\n{}", log_of(&proxy));
+        }
+        for _ in 0..8 {
+            assert_http(&net, "h2", port, &proxy, "past the RSTs");
+        }
+        let all = wait_links(&proxy, 1);
+        assert!(all.iter().all(|l| l.key == key), "{all:#?}");
+        let link = &all[0];
+        assert!(["punched", "relayed"].contains(&link.path.as_str()), "{link:?}");
+    });
+}
