@@ -3,9 +3,19 @@
 //!
 //! Registrations are soft state owned by the session that made them: they
 //! vanish when it ends, whether it closed, failed, went silent past the idle
-//! timeout, or was superseded by a newer session of the same identity (a
-//! service that reconnects before its old session was noticed dead). Every
-//! change to the registered set is pushed to each watch whose query it matches.
+//! timeout, or was superseded by a newer session of the same process of the
+//! same identity (a service that reconnects before its old session was
+//! noticed dead). Every change to the registered set is pushed to each watch
+//! whose query it matches.
+//!
+//! Identity and replay: a control session's hello carries a
+//! [`Stamp`](crate::noise::Stamp), a random value per process and a counter
+//! per session. Sessions of different processes under one key (one seed per
+//! host, several units) coexist, each owning its registrations. A first
+//! message whose counter is not above the last one accepted from that
+//! process is a replay and is dropped without a word; and a new session
+//! supersedes the old one only once it has sent an authenticated message,
+//! which a replayer cannot.
 //!
 //! Driving it (sans-io; see the crate docs for the general contract):
 //! - a new TCP connection: [`Registry::accept`], which may refuse when full;
@@ -27,7 +37,7 @@ use crate::directory::Directory;
 use crate::keys::{Keypair, PublicKey};
 use crate::meet::{Arrival, ArrivalError, MeetConfig, MeetSide, Meetings, Ticket};
 use crate::message::{ErrorCode, Instance, MAX_ADDRS, Message, MessageError};
-use crate::noise::{Capabilities, Intent};
+use crate::noise::{Capabilities, Intent, Stamp};
 use crate::role::Role;
 use crate::session::{Session, SessionError};
 
@@ -62,6 +72,13 @@ impl Default for RegistryConfig {
             meet: MeetConfig::default(),
         }
     }
+}
+
+/// One process of an identity: what a session may supersede.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Identity {
+    key: PublicKey,
+    process: u64,
 }
 
 /// Identifies one control session (one TCP connection) for the driver.
@@ -101,6 +118,10 @@ pub enum CloseReason {
     /// A newer session of the same identity replaced this one.
     #[error("superseded by a newer session of the same peer")]
     Superseded,
+    /// The handshake was not newer than one already accepted from the same
+    /// process of that identity: a replayed first message.
+    #[error("handshake replayed (not newer than one already accepted from that process)")]
+    Replayed,
 }
 
 /// What happened, for the driver's logs and stream management.
@@ -154,6 +175,10 @@ pub struct Full(pub usize);
 struct Peer {
     session: Session,
     observed: SocketAddr,
+    /// Its identity and process, once the handshake told them.
+    identity: Option<Identity>,
+    /// It has sent an authenticated message: only now may it supersede.
+    confirmed: bool,
     last_heard: Instant,
     /// Already in `Registry::dirty`.
     dirty: bool,
@@ -169,8 +194,12 @@ pub struct Registry {
     config: RegistryConfig,
     next_id: u64,
     peers: HashMap<SessionId, Peer>,
-    /// Established sessions by identity, to supersede stale ones.
-    by_key: HashMap<PublicKey, SessionId>,
+    /// Confirmed sessions by identity and process, to supersede stale ones.
+    by_identity: HashMap<Identity, SessionId>,
+    /// The last stamp counter accepted per identity and process (bounded:
+    /// the oldest entries go first), so a replayed first message is refused.
+    counters: HashMap<Identity, u64>,
+    counter_order: VecDeque<Identity>,
     /// Registrations and watches, owned by session.
     directory: Directory,
     /// Meetings waiting for their meet connections.
@@ -195,7 +224,9 @@ impl Registry {
             config,
             next_id: 0,
             peers: HashMap::new(),
-            by_key: HashMap::new(),
+            by_identity: HashMap::new(),
+            counters: HashMap::new(),
+            counter_order: VecDeque::new(),
             directory: Directory::new(),
             dirty: VecDeque::new(),
             farewells: VecDeque::new(),
@@ -258,7 +289,16 @@ impl Registry {
         }
         let id = SessionId(self.next_id);
         self.next_id += 1;
-        self.peers.insert(id, Peer { session, observed, last_heard: now, dirty: false, unwritten: 0 });
+        let peer = Peer {
+            session,
+            observed,
+            identity: None,
+            confirmed: false,
+            last_heard: now,
+            dirty: false,
+            unwritten: 0,
+        };
+        self.peers.insert(id, peer);
         self.next_sweep.get_or_insert(now + SWEEP_INTERVAL);
         Ok(id)
     }
@@ -274,11 +314,15 @@ impl Registry {
         }
         if !was_open {
             if let Some(key) = peer.session.remote() {
-                self.opened(id, key);
+                let stamp = peer.session.remote_stamp();
+                if !self.opened(id, key, stamp) {
+                    return;
+                }
             }
         }
         self.mark_dirty(id);
         while let Some(plain) = self.peers.get_mut(&id).and_then(|p| p.session.poll_event()) {
+            self.confirm(id);
             match Message::decode(&plain) {
                 Ok(msg) => self.handle_message(now, id, msg),
                 // A newer peer's request: refuse that one, keep the session.
@@ -297,11 +341,46 @@ impl Registry {
         self.check_queue(id);
     }
 
-    /// Session `id` completed its handshake as `key`: it supersedes any older
-    /// session of the same identity.
-    fn opened(&mut self, id: SessionId, key: PublicKey) {
+    /// Session `id` completed its handshake as `key` with `stamp`; false if
+    /// it was refused as a replay (and dropped without a word: a replayer
+    /// cannot read one). It supersedes nothing yet: see [`Registry::confirm`].
+    fn opened(&mut self, id: SessionId, key: PublicKey, stamp: Option<Stamp>) -> bool {
+        // An unstamped peer (a build from before stamps) is process 0.
+        let identity = Identity { key, process: stamp.map_or(0, |s| s.process) };
+        if let Some(stamp) = stamp {
+            if self.counters.get(&identity).is_some_and(|last| stamp.counter <= *last) {
+                self.drop_silently(id, CloseReason::Replayed);
+                return false;
+            }
+            if self.counters.insert(identity, stamp.counter).is_none() {
+                self.counter_order.push_back(identity);
+                // Twice the sessions allowed: every live process, and as many
+                // that went away, are remembered.
+                while self.counter_order.len() > self.config.max_sessions.saturating_mul(2) {
+                    if let Some(old) = self.counter_order.pop_front() {
+                        self.counters.remove(&old);
+                    }
+                }
+            }
+        }
+        if let Some(peer) = self.peers.get_mut(&id) {
+            peer.identity = Some(identity);
+        }
         self.events.push_back(RegistryEvent::SessionOpened { id, peer: key });
-        if let Some(old) = self.by_key.insert(key, id) {
+        true
+    }
+
+    /// Session `id` sent an authenticated message: the first one proves it
+    /// is no replay, so only now does it supersede an older session of the
+    /// same identity and process (one that died without the registry
+    /// noticing). Sessions of other processes of that identity stay.
+    fn confirm(&mut self, id: SessionId) {
+        let Some(peer) = self.peers.get_mut(&id) else { return };
+        if std::mem::replace(&mut peer.confirmed, true) {
+            return;
+        }
+        let Some(identity) = peer.identity else { return };
+        if let Some(old) = self.by_identity.insert(identity, id).filter(|old| *old != id) {
             self.send(old, &error(None, ErrorCode::SUPERSEDED, "a newer session of this identity took over"));
             self.close(old, CloseReason::Superseded);
         }
@@ -321,7 +400,7 @@ impl Registry {
     ) -> Result<(SessionId, Session), Full> {
         let (ours, theirs) = Session::established_pair(&self.keypair, peer, Intent::Control, entropy);
         let id = self.insert(now, observed, ours)?;
-        self.opened(id, peer.public());
+        self.opened(id, peer.public(), None);
         Ok((id, theirs))
     }
 
@@ -467,7 +546,9 @@ impl Registry {
     /// only a service registered now, whose build can meet, within the
     /// asker's budget ([`Meetings::open`]).
     fn meet(&mut self, now: Instant, id: SessionId, key: PublicKey, req: u32, service: PublicKey) {
-        let target = self.by_key.get(&service).copied().filter(|s| self.directory.registration_count(*s) > 0);
+        // Of the service's processes, one that has registered something.
+        let mut sessions = self.by_identity.iter().filter(|(identity, _)| identity.key == service);
+        let target = sessions.find(|(_, s)| self.directory.registration_count(**s) > 0).map(|(_, s)| *s);
         let Some(target) = target else {
             self.send(
                 id,
@@ -572,9 +653,9 @@ impl Registry {
 
     fn drop_session(&mut self, id: SessionId) {
         let Some(peer) = self.peers.remove(&id) else { return };
-        if let Some(key) = peer.session.remote() {
-            if self.by_key.get(&key) == Some(&id) {
-                self.by_key.remove(&key);
+        if let Some(identity) = peer.identity {
+            if self.by_identity.get(&identity) == Some(&id) {
+                self.by_identity.remove(&identity);
             }
         }
         for reg in self.directory.release(id) {
@@ -731,10 +812,135 @@ mod tests {
         assert_eq!(opened, 2);
         let got = net.exchange(1, &Message::Ping { nonce: 5 });
         assert_eq!(got, vec![Message::Pong { nonce: 5 }]);
-        // Same identity as peer 0: it supersedes that session.
+        // Same identity as peer 0 (both unstamped: one process): it
+        // supersedes that session, once it has said something.
+        net.exchange(0, &Message::Ping { nonce: 4 });
         net.connect_established(1, &keypair(2));
+        assert_eq!(net.registry.session_count(), 2, "no supersede on the handshake alone");
+        net.exchange(1, &Message::Ping { nonce: 6 });
         assert_eq!(close_reason(&net), Some(CloseReason::Superseded));
         assert_eq!(net.registry.session_count(), 1);
+    }
+
+    /// A stamped session of `who` driven by hand: its first message, and a
+    /// way to feed it the registry's answers.
+    struct Hand {
+        session: Session,
+        id: SessionId,
+    }
+
+    impl Hand {
+        fn start(registry: &mut Registry, now: Instant, who: u8, stamp: Stamp) -> (Hand, Vec<u8>) {
+            let id = registry.accept(now, crate::testing::observed(usize::from(who)), [who; 32]).unwrap();
+            let mut session = Session::initiate_stamped(
+                now,
+                &keypair(who),
+                &registry.public_key(),
+                Intent::Control,
+                [who ^ 0x55; 32],
+                Duration::from_secs(10),
+                Some(stamp),
+            )
+            .unwrap();
+            let mut first = Vec::new();
+            session.poll_transmit(&mut first);
+            (Hand { session, id }, first)
+        }
+
+        /// Feeds `bytes` to the registry as this session's, then everything
+        /// the registry sends back to the session.
+        fn feed(&mut self, registry: &mut Registry, now: Instant, bytes: &[u8]) -> Vec<Message> {
+            registry.handle_input(now, self.id, bytes);
+            let mut buf = Vec::new();
+            while let Some(to) = registry.poll_transmit(&mut buf) {
+                if to == self.id {
+                    let _ = self.session.handle_input(now, &buf);
+                }
+                buf.clear();
+            }
+            std::iter::from_fn(|| self.session.poll_event()).map(|p| Message::decode(&p).unwrap()).collect()
+        }
+
+        fn send(&mut self, registry: &mut Registry, now: Instant, msg: &Message) -> Vec<Message> {
+            let mut plain = Vec::new();
+            msg.encode(&mut plain).unwrap();
+            self.session.send(&plain).unwrap();
+            let mut wire = Vec::new();
+            self.session.poll_transmit(&mut wire);
+            self.feed(registry, now, &wire)
+        }
+    }
+
+    fn closed(registry: &mut Registry) -> Vec<(SessionId, CloseReason)> {
+        std::iter::from_fn(|| registry.poll_event())
+            .filter_map(|e| match e {
+                RegistryEvent::SessionClosed { id, reason, .. } => Some((id, reason)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_replayed_first_message_is_refused_and_leaves_the_real_session_alone() {
+        let now = Instant::now();
+        let mut registry = Registry::new(keypair(1), RegistryConfig::default());
+        let stamp = Stamp { process: 7, counter: 1 };
+        let (mut real, first) = Hand::start(&mut registry, now, 2, stamp);
+        real.feed(&mut registry, now, &first);
+        let role = Role::parse("db@1.0.0").unwrap();
+        let got = real.send(&mut registry, now, &Message::Register { id: 1, role, port: 1, addrs: vec![] });
+        assert_eq!(got, vec![Message::Registered { id: 1 }]);
+        closed(&mut registry);
+
+        // The captured first message, replayed on new connections.
+        for n in 0..5u8 {
+            let replay =
+                registry.accept(now, crate::testing::observed(50 + usize::from(n)), [n; 32]).unwrap();
+            registry.handle_input(now, replay, &first);
+            assert_eq!(closed(&mut registry), vec![(replay, CloseReason::Replayed)]);
+            let mut buf = Vec::new();
+            assert_ne!(registry.poll_transmit(&mut buf), Some(replay), "a replayer is told nothing");
+        }
+        assert_eq!(registry.session_count(), 1);
+        assert_eq!(registry.instance_count(), 1);
+        assert_eq!(
+            real.send(&mut registry, now, &Message::Ping { nonce: 1 }),
+            vec![Message::Pong { nonce: 1 }]
+        );
+
+        // The same process's next session is newer: it takes over once it speaks.
+        let (mut next, first) = Hand::start(&mut registry, now, 2, Stamp { process: 7, counter: 2 });
+        next.feed(&mut registry, now, &first);
+        assert!(closed(&mut registry).is_empty(), "not on the handshake alone");
+        next.send(&mut registry, now, &Message::Ping { nonce: 2 });
+        assert_eq!(closed(&mut registry), vec![(real.id, CloseReason::Superseded)]);
+        assert_eq!(registry.session_count(), 1);
+    }
+
+    #[test]
+    fn two_processes_of_one_identity_keep_their_own_sessions_and_registrations() {
+        let now = Instant::now();
+        let mut registry = Registry::new(keypair(1), RegistryConfig::default());
+        let mut hands = Vec::new();
+        for (process, role) in [(1, "couchdb@3.2.2"), (2, "redis@7.0.0")] {
+            let (mut hand, first) = Hand::start(&mut registry, now, 2, Stamp { process, counter: 1 });
+            hand.feed(&mut registry, now, &first);
+            let role = Role::parse(role).unwrap();
+            let got =
+                hand.send(&mut registry, now, &Message::Register { id: 0, role, port: 1, addrs: vec![] });
+            assert_eq!(got, vec![Message::Registered { id: 0 }]);
+            hands.push(hand);
+        }
+        // Again and again, as two supervised units would: nothing is superseded.
+        for hand in &mut hands {
+            assert_eq!(
+                hand.send(&mut registry, now, &Message::Ping { nonce: 3 }),
+                vec![Message::Pong { nonce: 3 }]
+            );
+        }
+        assert!(closed(&mut registry).is_empty());
+        assert_eq!(registry.session_count(), 2);
+        assert_eq!(registry.instance_count(), 2);
     }
 
     #[test]

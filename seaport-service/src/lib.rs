@@ -96,7 +96,9 @@ pub async fn run(args: Args) -> Result<(), Failure> {
 
     let resolver = args.client.resolver().await?;
     let reported = if local.ip().is_unspecified() { vec![] } else { vec![local] };
-    let config = ClientConfig::new(keypair.clone(), args.client.registry.key);
+    let mut config = ClientConfig::new(keypair.clone(), args.client.registry.key);
+    // Tells this process's sessions from those of others with the same seed.
+    config.process = seaport_net::identity::random_u64();
     let mut service = ServiceClient::new(config, vec![role.clone()], local.port(), reported);
     if local.ip().is_unspecified() {
         service = service.listening_on_every_interface();
