@@ -483,7 +483,7 @@ impl Registry {
                 }
                 let mut dialable = vec![SocketAddr::new(peer.observed.ip(), port)];
                 for addr in addrs {
-                    if !dialable.contains(&addr) && dialable.len() <= MAX_ADDRS {
+                    if plausible(addr, peer.observed) && !dialable.contains(&addr) && dialable.len() <= MAX_ADDRS {
                         dialable.push(addr);
                     }
                 }
@@ -665,6 +665,21 @@ impl Registry {
     }
 }
 
+/// Whether a service seen at `observed` may name `addr` as one of its own:
+/// its observed address, a private one (its LAN, behind a NAT: RFC 1918,
+/// shared CGNAT space, IPv6 unique-local), or loopback when it is on this
+/// host. Never another public address: proxies dial what the registry hands
+/// them, and a registrant must not be able to aim them at a third party.
+fn plausible(addr: SocketAddr, observed: SocketAddr) -> bool {
+    use std::net::IpAddr;
+    let private = match addr.ip() {
+        IpAddr::V4(ip) => ip.is_private() || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64),
+        IpAddr::V6(ip) => (ip.segments()[0] & 0xfe00) == 0xfc00,
+    };
+    let loopback = addr.ip().is_loopback() && observed.ip().is_loopback();
+    addr.ip() == observed.ip() || private || loopback
+}
+
 fn error(id: Option<u32>, code: ErrorCode, text: &str) -> Message {
     let mut text = text.to_owned();
     if text.len() > crate::message::MAX_ERROR_TEXT {
@@ -731,6 +746,35 @@ mod tests {
             "{}",
             instances.len()
         );
+    }
+
+    #[test]
+    fn a_service_may_name_its_own_and_private_addresses_but_no_third_party() {
+        let public: SocketAddr = "203.0.113.21:4000".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let yes = |a: &str, o| assert!(plausible(a.parse().unwrap(), o), "{a} from {o}");
+        let no = |a: &str, o| assert!(!plausible(a.parse().unwrap(), o), "{a} from {o}");
+        yes("203.0.113.21:7000", public);
+        yes("192.168.1.2:7000", public);
+        yes("10.1.2.3:7000", public);
+        yes("172.16.0.9:7000", public);
+        yes("100.64.0.1:7000", public);
+        yes("[fd00::1]:7000", public);
+        yes("127.0.0.1:7000", local);
+        no("198.51.100.7:443", public);
+        no("127.0.0.1:22", public);
+        no("[2001:db8::1]:80", public);
+        no("100.128.0.1:7000", public);
+
+        let mut net = connected(RegistryConfig::default());
+        let role = Role::parse("db@1.0.0").unwrap();
+        let addrs = vec!["192.168.1.2:7000".parse().unwrap(), "198.51.100.7:443".parse().unwrap()];
+        exchange(&mut net, &[Message::Register { id: 1, role, port: 7000, addrs }]);
+        let got = exchange(&mut net, &[Message::Lookup { id: 2, query: RoleQuery::parse("db").unwrap() }]);
+        let [Message::Instances { instances, .. }] = &got[..] else { panic!("{got:?}") };
+        let expected: Vec<SocketAddr> =
+            vec![SocketAddr::new(crate::testing::observed(0).ip(), 7000), "192.168.1.2:7000".parse().unwrap()];
+        assert_eq!(instances[0].addrs, expected);
     }
 
     #[test]
