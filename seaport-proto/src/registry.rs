@@ -48,8 +48,13 @@ pub struct RegistryConfig {
     pub handshake_timeout: Duration,
     /// A session silent this long is dead (clients ping well within it).
     pub idle_timeout: Duration,
-    /// Most concurrent sessions, handshaking ones included.
+    /// Most concurrent established sessions.
     pub max_sessions: usize,
+    /// Most handshakes under way at once, in a pool of their own: a flood of
+    /// silent connections cannot take an established session's slot.
+    pub max_handshakes: usize,
+    /// Most handshakes under way from one source address.
+    pub max_handshakes_per_source: usize,
     /// Most registrations one session may hold.
     pub max_registrations: usize,
     /// Most watches one session may hold.
@@ -66,6 +71,8 @@ impl Default for RegistryConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(15),
             max_sessions: 10_000,
+            max_handshakes: 1024,
+            max_handshakes_per_source: 16,
             max_registrations: 64,
             max_watches: 64,
             max_queued: 1 << 20,
@@ -118,6 +125,9 @@ pub enum CloseReason {
     /// A newer session of the same identity replaced this one.
     #[error("superseded by a newer session of the same peer")]
     Superseded,
+    /// The handshake completed while `max_sessions` sessions were open.
+    #[error("registry is at its limit of {0} sessions")]
+    Full(usize),
     /// The handshake was not newer than one already accepted from the same
     /// process of that identity: a replayed first message.
     #[error("handshake replayed (not newer than one already accepted from that process)")]
@@ -167,10 +177,20 @@ pub enum RegistryEvent {
     },
 }
 
-/// The registry is full; the connection should be closed at once.
+/// The registry cannot take this connection; close it at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("registry is at its limit of {0} sessions")]
-pub struct Full(pub usize);
+#[non_exhaustive]
+pub enum Full {
+    /// `max_sessions` established sessions.
+    #[error("registry is at its limit of {0} sessions")]
+    Sessions(usize),
+    /// `max_handshakes` handshakes under way.
+    #[error("registry is at its limit of {0} handshakes under way")]
+    Handshakes(usize),
+    /// `max_handshakes_per_source` handshakes under way from this address.
+    #[error("{0} already has {1} handshakes under way")]
+    Source(std::net::IpAddr, usize),
+}
 
 struct Peer {
     session: Session,
@@ -179,6 +199,8 @@ struct Peer {
     identity: Option<Identity>,
     /// It has sent an authenticated message: only now may it supersede.
     confirmed: bool,
+    /// It counts in the handshake pool (until its handshake completes).
+    handshaking: bool,
     last_heard: Instant,
     /// Already in `Registry::dirty`.
     dirty: bool,
@@ -204,6 +226,12 @@ pub struct Registry {
     directory: Directory,
     /// Meetings waiting for their meet connections.
     meetings: Meetings,
+    /// Handshakes under way, per source address.
+    handshakes: HashMap<std::net::IpAddr, usize>,
+    /// Handshakes under way, in all.
+    handshaking: usize,
+    /// Sessions whose handshake completed.
+    established: usize,
     /// Sessions with bytes to send, in the order they got them.
     dirty: VecDeque<SessionId>,
     /// Final bytes of sessions that were closed.
@@ -228,6 +256,9 @@ impl Registry {
             counters: HashMap::new(),
             counter_order: VecDeque::new(),
             directory: Directory::new(),
+            handshakes: HashMap::new(),
+            handshaking: 0,
+            established: 0,
             dirty: VecDeque::new(),
             farewells: VecDeque::new(),
             events: VecDeque::new(),
@@ -274,19 +305,29 @@ impl Registry {
         observed: SocketAddr,
         entropy: [u8; 32],
     ) -> Result<SessionId, Full> {
-        if self.peers.len() >= self.config.max_sessions {
-            return Err(Full(self.config.max_sessions));
+        let config = &self.config;
+        if self.established >= config.max_sessions {
+            return Err(Full::Sessions(config.max_sessions));
         }
-        let session =
-            Session::respond(now, &self.keypair, Intent::Control, entropy, self.config.handshake_timeout)
-                .map_err(|_| Full(self.config.max_sessions))?;
-        self.insert(now, observed, session)
+        if self.handshaking >= config.max_handshakes {
+            return Err(Full::Handshakes(config.max_handshakes));
+        }
+        let from = self.handshakes.get(&observed.ip()).copied().unwrap_or(0);
+        if from >= config.max_handshakes_per_source {
+            return Err(Full::Source(observed.ip(), from));
+        }
+        let session = Session::respond(now, &self.keypair, Intent::Control, entropy, config.handshake_timeout)
+            .map_err(|_| Full::Handshakes(config.max_handshakes))?;
+        let id = self.insert(now, observed, session);
+        *self.handshakes.entry(observed.ip()).or_default() += 1;
+        self.handshaking += 1;
+        if let Some(peer) = self.peers.get_mut(&id) {
+            peer.handshaking = true;
+        }
+        Ok(id)
     }
 
-    fn insert(&mut self, now: Instant, observed: SocketAddr, session: Session) -> Result<SessionId, Full> {
-        if self.peers.len() >= self.config.max_sessions {
-            return Err(Full(self.config.max_sessions));
-        }
+    fn insert(&mut self, now: Instant, observed: SocketAddr, session: Session) -> SessionId {
         let id = SessionId(self.next_id);
         self.next_id += 1;
         let peer = Peer {
@@ -294,13 +335,14 @@ impl Registry {
             observed,
             identity: None,
             confirmed: false,
+            handshaking: false,
             last_heard: now,
             dirty: false,
             unwritten: 0,
         };
         self.peers.insert(id, peer);
         self.next_sweep.get_or_insert(now + SWEEP_INTERVAL);
-        Ok(id)
+        id
     }
 
     /// Bytes read from session `id`'s stream.
@@ -312,9 +354,17 @@ impl Registry {
             self.close(id, CloseReason::Session(e));
             return;
         }
-        if !was_open {
-            if let Some(key) = peer.session.remote() {
-                let stamp = peer.session.remote_stamp();
+        if !was_open && peer.session.is_established() {
+            // Out of the handshake pool, into the sessions'.
+            let (key, stamp) = (peer.session.remote(), peer.session.remote_stamp());
+            self.leave_handshake_pool(id);
+            if self.established >= self.config.max_sessions {
+                self.send(id, &error(None, ErrorCode::LIMIT, "the registry is at its session limit"));
+                self.close(id, CloseReason::Full(self.config.max_sessions));
+                return;
+            }
+            self.established += 1;
+            if let Some(key) = key {
                 if !self.opened(id, key, stamp) {
                     return;
                 }
@@ -339,6 +389,22 @@ impl Registry {
             }
         }
         self.check_queue(id);
+    }
+
+    /// Session `id` no longer counts as a handshake under way.
+    fn leave_handshake_pool(&mut self, id: SessionId) {
+        let Some(peer) = self.peers.get_mut(&id) else { return };
+        if !std::mem::replace(&mut peer.handshaking, false) {
+            return;
+        }
+        self.handshaking = self.handshaking.saturating_sub(1);
+        let ip = peer.observed.ip();
+        if let Some(n) = self.handshakes.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.handshakes.remove(&ip);
+            }
+        }
     }
 
     /// Session `id` completed its handshake as `key` with `stamp`; false if
@@ -398,8 +464,12 @@ impl Registry {
         peer: &Keypair,
         entropy: [u8; 32],
     ) -> Result<(SessionId, Session), Full> {
+        if self.established >= self.config.max_sessions {
+            return Err(Full::Sessions(self.config.max_sessions));
+        }
         let (ours, theirs) = Session::established_pair(&self.keypair, peer, Intent::Control, entropy);
-        let id = self.insert(now, observed, ours)?;
+        let id = self.insert(now, observed, ours);
+        self.established += 1;
         self.opened(id, peer.public(), None);
         Ok((id, theirs))
     }
@@ -652,6 +722,11 @@ impl Registry {
     }
 
     fn drop_session(&mut self, id: SessionId) {
+        if self.peers.get(&id).is_some_and(|p| p.handshaking) {
+            self.leave_handshake_pool(id);
+        } else if self.peers.contains_key(&id) {
+            self.established = self.established.saturating_sub(1);
+        }
         let Some(peer) = self.peers.remove(&id) else { return };
         if let Some(identity) = peer.identity {
             if self.by_identity.get(&identity) == Some(&id) {
@@ -775,6 +850,35 @@ mod tests {
         let expected: Vec<SocketAddr> =
             vec![SocketAddr::new(crate::testing::observed(0).ip(), 7000), "192.168.1.2:7000".parse().unwrap()];
         assert_eq!(instances[0].addrs, expected);
+    }
+
+    #[test]
+    fn silent_connections_from_one_source_cannot_keep_a_service_out() {
+        let config = RegistryConfig {
+            max_sessions: 2,
+            max_handshakes: 8,
+            max_handshakes_per_source: 3,
+            ..RegistryConfig::default()
+        };
+        let mut net = connected(config.clone());
+        let now = net.now;
+        let attacker: SocketAddr = "198.51.100.9:1".parse().unwrap();
+        for n in 0..3u8 {
+            net.registry.accept(now, SocketAddr::new(attacker.ip(), u16::from(n)), [n; 32]).unwrap();
+        }
+        assert_eq!(net.registry.accept(now, attacker, [9; 32]), Err(Full::Source(attacker.ip(), 3)));
+        // A service from elsewhere still gets in and registers.
+        net.add(RawPeer::new());
+        net.connect(1, &keypair(3));
+        let role = Role::parse("db@1.0.0").unwrap();
+        let got = net.exchange(1, &Message::Register { id: 1, role, port: 1, addrs: vec![] });
+        assert_eq!(got, vec![Message::Registered { id: 1 }]);
+        // Two sessions are the limit: a third is refused, handshakes or not.
+        assert_eq!(net.registry.accept(now, "192.0.2.1:1".parse().unwrap(), [1; 32]), Err(Full::Sessions(2)));
+        // The silent ones time out and free their source's slots.
+        net.advance(now + config.handshake_timeout + Duration::from_secs(2));
+        net.close(1);
+        assert!(net.registry.accept(net.now, attacker, [9; 32]).is_ok());
     }
 
     #[test]
