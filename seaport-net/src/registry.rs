@@ -244,7 +244,10 @@ impl Refusals {
         self.since += 1;
         let now = tokio::time::Instant::now();
         if self.last_log.is_none_or(|at| now.duration_since(at) >= REFUSAL_LOG_EVERY) {
-            tracing::warn!("refused {} connection(s) in the last {REFUSAL_LOG_EVERY:?}, the last because {why}", self.since);
+            tracing::warn!(
+                "refused {} connection(s) in the last {REFUSAL_LOG_EVERY:?}, the last because {why}",
+                self.since
+            );
             self.last_log = Some(now);
             self.since = 0;
         }

@@ -316,8 +316,9 @@ impl Registry {
         if from >= config.max_handshakes_per_source {
             return Err(Full::Source(observed.ip(), from));
         }
-        let session = Session::respond(now, &self.keypair, Intent::Control, entropy, config.handshake_timeout)
-            .map_err(|_| Full::Handshakes(config.max_handshakes))?;
+        let session =
+            Session::respond(now, &self.keypair, Intent::Control, entropy, config.handshake_timeout)
+                .map_err(|_| Full::Handshakes(config.max_handshakes))?;
         let id = self.insert(now, observed, session);
         *self.handshakes.entry(observed.ip()).or_default() += 1;
         self.handshaking += 1;
@@ -553,7 +554,10 @@ impl Registry {
                 }
                 let mut dialable = vec![SocketAddr::new(peer.observed.ip(), port)];
                 for addr in addrs {
-                    if plausible(addr, peer.observed) && !dialable.contains(&addr) && dialable.len() <= MAX_ADDRS {
+                    if plausible(addr, peer.observed)
+                        && !dialable.contains(&addr)
+                        && dialable.len() <= MAX_ADDRS
+                    {
                         dialable.push(addr);
                     }
                 }
@@ -847,8 +851,10 @@ mod tests {
         exchange(&mut net, &[Message::Register { id: 1, role, port: 7000, addrs }]);
         let got = exchange(&mut net, &[Message::Lookup { id: 2, query: RoleQuery::parse("db").unwrap() }]);
         let [Message::Instances { instances, .. }] = &got[..] else { panic!("{got:?}") };
-        let expected: Vec<SocketAddr> =
-            vec![SocketAddr::new(crate::testing::observed(0).ip(), 7000), "192.168.1.2:7000".parse().unwrap()];
+        let expected: Vec<SocketAddr> = vec![
+            SocketAddr::new(crate::testing::observed(0).ip(), 7000),
+            "192.168.1.2:7000".parse().unwrap(),
+        ];
         assert_eq!(instances[0].addrs, expected);
     }
 
