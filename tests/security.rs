@@ -150,3 +150,61 @@ fn silent_connections_from_one_host_do_not_keep_a_service_out() {
     let refused = reg.proc.count_log("refused");
     assert!((1..=3).contains(&refused), "{refused} refusal lines: {:#?}", reg.proc.errors());
 }
+
+/// A backend that counts connections and holds each open until its client
+/// ends its side.
+fn holding_backend() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            seen.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || while matches!(stream.read(&mut [0u8; 64]), Ok(n) if n > 0) {});
+        }
+    });
+    (port, count)
+}
+
+#[test]
+fn a_proxy_holds_no_more_streams_than_the_service_allows_it() {
+    use std::sync::atomic::Ordering;
+    let reg = registry(&[]);
+    let (backend, connections) = holding_backend();
+    // The health check connects too: once, at start, with this interval.
+    let _svc = service_with(
+        &reg.target,
+        backend,
+        "hold@1.0.0",
+        &["--max-streams-per-proxy", "5", "--check-interval", "1h"],
+    );
+    let (_proxy, port) = proxy(&reg.target, "hold", 1);
+    let before = connections.load(Ordering::SeqCst);
+    let clients: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            c.write_all(b"x").unwrap();
+            c
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connections.load(Ordering::SeqCst) - before < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Room for any sixth to show up, were the cap not kept.
+    std::thread::sleep(Duration::from_secs(1));
+    let held = connections.load(Ordering::SeqCst) - before;
+    assert_eq!(held, 5, "the backend holds {held} connections for one proxy capped at 5");
+    // Once its streams end, the proxy may open new ones.
+    drop(clients);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut again = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    again.write_all(b"y").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connections.load(Ordering::SeqCst) - before <= held && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(connections.load(Ordering::SeqCst) - before > held, "a new stream after the old ones ended");
+}
