@@ -536,6 +536,30 @@ fn aead_key(key: &[u8; 32]) -> Result<ring::aead::LessSafeKey, NoiseError> {
     Ok(ring::aead::LessSafeKey::new(key))
 }
 
+/// Messages each direction carries under one key before both ends replace
+/// it, as the Noise spec's `Rekey()` does (frames are at most 64 KiB, so at
+/// most 64 GiB go under one key). Both ends count the same messages, so
+/// they rekey at the same one without a word on the wire.
+pub const REKEY_EVERY: u64 = 1 << 20;
+
+/// Noise's `REKEY(k)`: the first 32 bytes of `ENCRYPT(k, 2^64 - 1, "", zeros)`.
+fn rekey(key: &ring::aead::LessSafeKey) -> Result<ring::aead::LessSafeKey, NoiseError> {
+    let mut next = [0u8; 32];
+    key.seal_in_place_separate_tag(nonce(u64::MAX), ring::aead::Aad::empty(), &mut next)
+        .map_err(|_| NoiseError::State("rekeying failed".into()))?;
+    aead_key(&next)
+}
+
+/// Counts one message under `key` and rekeys after every [`REKEY_EVERY`]th.
+fn advance(key: &mut ring::aead::LessSafeKey, counter: &mut u64) -> Result<(), NoiseError> {
+    // 2^64 - 1 is reserved for rekeying; no session gets near it.
+    *counter = counter.checked_add(1).filter(|c| *c < u64::MAX).ok_or(NoiseError::State("nonce exhausted".into()))?;
+    if *counter % REKEY_EVERY == 0 {
+        *key = rekey(key)?;
+    }
+    Ok(())
+}
+
 /// Noise's AESGCM nonce: 32 zero bits, then the counter big-endian.
 fn nonce(counter: u64) -> ring::aead::Nonce {
     let mut bytes = [0u8; 12];
@@ -574,7 +598,7 @@ impl Sealer {
             .seal_in_place_separate_tag(nonce(self.counter), ring::aead::Aad::empty(), plain)
             .map_err(|_| NoiseError::State("sealing failed".into()))?;
         tag.copy_from_slice(sealed.as_ref());
-        self.counter += 1;
+        advance(&mut self.key, &mut self.counter)?;
         Ok(total)
     }
 
@@ -619,7 +643,7 @@ impl Opener {
             .key
             .open_in_place(nonce(self.counter), ring::aead::Aad::empty(), body)
             .map_err(|_| NoiseError::Decrypt)?;
-        self.counter += 1;
+        advance(&mut self.key, &mut self.counter)?;
         Ok(plain)
     }
 
@@ -852,6 +876,45 @@ mod tests {
             let resp = Responder::new(&pair(2), [4; 32]).unwrap();
             prop_assert!(resp.accept(&bytes, &mut Vec::new()).is_err());
         }
+    }
+
+    #[test]
+    fn both_ends_rekey_at_the_same_message_as_the_noise_spec_says() {
+        let k = [9u8; 32];
+        let (mut sealer, mut opener) = (Sealer::new(&k).unwrap(), Opener::new(&k).unwrap());
+        sealer.counter = REKEY_EVERY - 2;
+        opener.counter = REKEY_EVERY - 2;
+        let mut old = Sealer::new(&k).unwrap();
+        old.counter = REKEY_EVERY;
+        for n in 0..4u8 {
+            let mut wire = Vec::new();
+            sealer.seal(&[n; 40], &mut wire).unwrap();
+            let mut plain = Vec::new();
+            opener.open(&wire[frame::HEADER_LEN..], &mut plain).unwrap();
+            assert_eq!(plain, vec![n; 40]);
+            if n == 2 {
+                // Message REKEY_EVERY went under the new key: the old one cannot have sealed it.
+                let mut stale = Vec::new();
+                old.seal(&[n; 40], &mut stale).unwrap();
+                assert_ne!(stale, wire);
+            }
+        }
+        // The new key is REKEY(k) = ENCRYPT(k, 2^64-1, "", zeros)[..32], computed here apart.
+        let mut expected = [0u8; 32];
+        aead_key(&k)
+            .unwrap()
+            .seal_in_place_separate_tag(nonce(u64::MAX), ring::aead::Aad::empty(), &mut expected)
+            .unwrap();
+        let (mut a, mut b) = (Sealer::new(&expected).unwrap(), Sealer::new(&k).unwrap());
+        a.counter = REKEY_EVERY + 5;
+        b.counter = REKEY_EVERY - 1;
+        let mut skip = Vec::new();
+        b.seal(b"x", &mut skip).unwrap();
+        b.counter = REKEY_EVERY + 5;
+        let (mut wa, mut wb) = (Vec::new(), Vec::new());
+        a.seal(b"same", &mut wa).unwrap();
+        b.seal(b"same", &mut wb).unwrap();
+        assert_eq!(wa, wb, "the rekeyed key is the spec's");
     }
 
     #[test]
