@@ -593,7 +593,7 @@ impl Registry {
                     self.send(id, &error(Some(watch), ErrorCode::UNKNOWN, "no such watch"));
                 }
             }
-            Message::Meet { id: req, service } => self.meet(now, id, key, req, service),
+            Message::Meet { id: req, service, role } => self.meet(now, id, key, req, service, &role),
             Message::Ping { nonce } => self.send(id, &Message::Pong { nonce }),
             Message::Pong { .. } => {}
             Message::Error { code, text, .. } => {
@@ -616,18 +616,21 @@ impl Registry {
         }
     }
 
-    /// Proxy `key` (session `id`) asks, as request `req`, to meet `service`:
-    /// only a service registered now, whose build can meet, within the
-    /// asker's budget ([`Meetings::open`]).
-    fn meet(&mut self, now: Instant, id: SessionId, key: PublicKey, req: u32, service: PublicKey) {
-        // Of the service's processes, one that has registered something.
-        let mut sessions = self.by_identity.iter().filter(|(identity, _)| identity.key == service);
-        let target = sessions.find(|(_, s)| self.directory.registration_count(**s) > 0).map(|(_, s)| *s);
-        let Some(target) = target else {
-            self.send(
-                id,
-                &error(Some(req), ErrorCode::UNKNOWN, &format!("no service {service} is registered")),
-            );
+    /// Proxy `key` (session `id`) asks, as request `req`, to meet the process
+    /// of `service` that registered `role`: only one registered now, whose
+    /// build can meet, within the asker's budget ([`Meetings::open`]).
+    fn meet(
+        &mut self,
+        now: Instant,
+        id: SessionId,
+        key: PublicKey,
+        req: u32,
+        service: PublicKey,
+        role: &Role,
+    ) {
+        let Some(target) = self.directory.owner_of(&service, role) else {
+            let text = format!("no service {service} has registered {role}");
+            self.send(id, &error(Some(req), ErrorCode::UNKNOWN, &text));
             return;
         };
         let can_meet = self
@@ -1109,15 +1112,15 @@ mod tests {
         net.connect(1, &keypair(3));
         let proxy = keypair(3).public();
         // Not registered yet: unknown.
-        let got = net.exchange(1, &Message::Meet { id: 1, service: service.public() });
+        let role = Role::parse("db@1.0.0").unwrap();
+        let got = net.exchange(1, &Message::Meet { id: 1, service: service.public(), role: role.clone() });
         assert!(
             matches!(&got[..], [Message::Error { id: Some(1), code: ErrorCode::UNKNOWN, .. }]),
             "{got:?}"
         );
-        let role = Role::parse("db@1.0.0").unwrap();
-        exchange(&mut net, &[Message::Register { id: 1, role, port: 1, addrs: vec![] }]);
+        exchange(&mut net, &[Message::Register { id: 1, role: role.clone(), port: 1, addrs: vec![] }]);
 
-        let got = net.exchange(1, &Message::Meet { id: 2, service: service.public() });
+        let got = net.exchange(1, &Message::Meet { id: 2, service: service.public(), role: role.clone() });
         let [Message::MeetReady { id: 2, ticket }] = got[..] else { panic!("{got:?}") };
         let offered = net.peers[0].peer.take_messages();
         assert_eq!(offered, vec![Message::MeetOffer { ticket, proxy }], "the service hears who asked");
@@ -1130,9 +1133,9 @@ mod tests {
         assert_eq!(net.registry.arrive(now, ticket, MeetSide::Service), Err(ArrivalError::Unknown));
 
         // The budget: one more, then refused, and the session goes on.
-        let got = net.exchange(1, &Message::Meet { id: 3, service: service.public() });
+        let got = net.exchange(1, &Message::Meet { id: 3, service: service.public(), role: role.clone() });
         let [Message::MeetReady { id: 3, ticket: waiting }] = got[..] else { panic!("{got:?}") };
-        let got = net.exchange(1, &Message::Meet { id: 4, service: service.public() });
+        let got = net.exchange(1, &Message::Meet { id: 4, service: service.public(), role });
         assert!(matches!(&got[..], [Message::Error { id: Some(4), code: ErrorCode::LIMIT, .. }]), "{got:?}");
         assert_eq!(net.registry.session_count(), 2);
 
