@@ -28,8 +28,9 @@ const PUNCH_ATTEMPT: Duration = Duration::from_millis(1000);
 /// Pause between punching connects that failed at once (a NAT that answers
 /// with RST), so a refusing peer is not hammered.
 const PUNCH_PAUSE: Duration = Duration::from_millis(50);
-/// Bytes a relay buffers in each direction.
-pub const RELAY_BUFFER: usize = 16 * 1024;
+/// Bytes a relay buffers in each direction: a link's writes come in
+/// batches of up to 256 KiB, and fewer, larger copies cost the registry less.
+pub const RELAY_BUFFER: usize = 64 * 1024;
 /// A relay with no byte either way for this long ends.
 pub const RELAY_IDLE: Duration = Duration::from_secs(60);
 

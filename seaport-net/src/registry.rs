@@ -153,7 +153,11 @@ pub async fn serve(
                         refusals.note(&full.to_string());
                     }
                 },
-                Ok(Greeting::Meet(hello)) => match registry.arrive(crate::clock::now(), hello.ticket, hello.side) {
+                Ok(Greeting::Meet(hello)) => {
+                // A relay forwards small frames (link handshakes, stream
+                // opens) at once: Nagle would hold them for a delayed ACK.
+                let _ = stream.set_nodelay(true);
+                match registry.arrive(crate::clock::now(), hello.ticket, hello.side) {
                     Ok(Arrival::First { until }) => {
                         let (tx, rx) = oneshot::channel();
                         waiting.retain(|_, tx| !tx.is_closed());
@@ -186,7 +190,8 @@ pub async fn serve(
                         }
                     }
                     Err(e) => tracing::debug!(%peer, "meet connection refused: {e}"),
-                },
+                }
+                }
                 Err(e) => tracing::debug!(%peer, "connection closed before its first frame: {e}"),
                 }
             },

@@ -87,7 +87,7 @@ pub struct Args {
     /// reach each other neither directly nor by hole punching (a symmetric
     /// NAT, a strict firewall), this registry splices their link: both dial
     /// out to it, and it carries their end-to-end encrypted bytes, which it
-    /// cannot read. Each relay holds 32 KiB of buffers.
+    /// cannot read. Each relay holds 128 KiB of buffers.
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_relays: u32,
     /// Never relay links; meetings then only help proxies and services punch
