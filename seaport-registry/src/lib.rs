@@ -15,7 +15,7 @@ use seaport_net::identity::{load_seed, random_seed};
 use seaport_net::meet::RelayCounters;
 use seaport_net::registry::RelayOptions;
 use seaport_proto::keys::Keypair;
-use seaport_proto::registry::{Registry, RegistryConfig, RegistryEvent};
+use seaport_proto::registry::{CloseReason, Registry, RegistryConfig, RegistryEvent};
 use tokio::sync::watch;
 
 /// Run a seaport registry. Services register roles with it; proxies look
@@ -172,6 +172,14 @@ pub async fn run(args: Args) -> Result<(), Failure> {
 fn log_event(event: &RegistryEvent) {
     match event {
         RegistryEvent::SessionOpened { peer, .. } => tracing::debug!(%peer, "session opened"),
+        // Replays and refusals can come in floods: not a line each.
+        RegistryEvent::SessionClosed {
+            peer: Some(peer),
+            reason: reason @ (CloseReason::Replayed | CloseReason::Full(_)),
+            ..
+        } => {
+            tracing::debug!(%peer, %reason, "session closed");
+        }
         RegistryEvent::SessionClosed { peer: Some(peer), reason, .. } => {
             tracing::info!(%peer, %reason, "session closed");
         }
