@@ -434,8 +434,11 @@ impl Links {
         }
         let last = self.memo.get(&instance.key);
         let introducer = self.introducer.as_deref();
-        let reached =
-            reach::establish(instance, &self.keypair, self.dial_timeout, introducer, last, true).await?;
+        // Boxed: the path search is a large future, and every client
+        // connection's task would otherwise carry its size for its whole
+        // life (tens of KiB each with thousands of idle connections).
+        let establish = reach::establish(instance, &self.keypair, self.dial_timeout, introducer, last, true);
+        let reached = Box::pin(establish).await?;
         let link = announce(&self.memo, &self.config, instance, reached)?;
         links.push(link.clone());
         if link.path == Path::Relayed {
