@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use seaport_proto::meet::{HELLO_LEN, MeetHello, MeetPeer, PEER_MAX_LEN};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
@@ -168,17 +170,32 @@ pub async fn greet(stream: &mut TcpStream, timeout: Duration) -> std::io::Result
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no first frame in time"))?
 }
 
-/// Bytes relayed, all relays together.
-#[derive(Debug, Default)]
+/// Bytes relayed, all relays together. The fields are the process's
+/// metric families themselves ([`crate::metrics`]), so `/metrics` and the
+/// registry's own accounting are one set of atomics.
+#[derive(Debug, Clone)]
 pub struct RelayCounters {
     /// Relays open now.
-    pub open: AtomicU64,
+    pub open: Gauge,
     /// Relays ever opened.
-    pub opened: AtomicU64,
+    pub opened: Counter,
     /// Bytes from proxies to services.
-    pub to_service: AtomicU64,
+    pub to_service: Counter,
     /// Bytes from services to proxies.
-    pub to_proxy: AtomicU64,
+    pub to_proxy: Counter,
+}
+
+impl Default for RelayCounters {
+    fn default() -> Self {
+        let m = crate::metrics::metrics();
+        let bytes = |direction| (*m.relayed_bytes.get_or_create(&crate::metrics::label("direction", direction))).clone();
+        RelayCounters {
+            open: m.relays.clone(),
+            opened: m.relays_opened.clone(),
+            to_service: bytes("to_service"),
+            to_proxy: bytes("to_proxy"),
+        }
+    }
 }
 
 /// Tells both sides of a paired meeting where the other is (and whether we
@@ -211,8 +228,8 @@ pub async fn pair(
         .await;
         return Ok(());
     }
-    counters.open.fetch_add(1, Ordering::Relaxed);
-    counters.opened.fetch_add(1, Ordering::Relaxed);
+    counters.open.inc();
+    counters.opened.inc();
     let started = Instant::now();
     let last = AtomicU64::new(0);
     let (pr, pw) = p.into_split();
@@ -235,7 +252,7 @@ pub async fn pair(
             (0, 0)
         }
     };
-    counters.open.fetch_sub(1, Ordering::Relaxed);
+    counters.open.dec();
     tracing::info!(to_service, to_proxy, "relay ended after {:?}", started.elapsed());
     Ok(())
 }
@@ -246,7 +263,7 @@ async fn pump(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     last: &AtomicU64,
     started: Instant,
-    total: &AtomicU64,
+    total: &Counter,
 ) -> u64 {
     let mut buf = vec![0u8; RELAY_BUFFER];
     let mut moved = 0u64;
@@ -259,7 +276,7 @@ async fn pump(
             break;
         }
         moved += n as u64;
-        total.fetch_add(n as u64, Ordering::Relaxed);
+        total.inc_by(n as u64);
         last.store(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
     let _ = to.shutdown().await;

@@ -4,7 +4,6 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use clap::Parser;
@@ -152,8 +151,8 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     seaport_net::notify::stopping();
     let _ = stop_tx.send(true);
     let _ = server.await;
-    let relayed = counters.to_service.load(Ordering::Relaxed) + counters.to_proxy.load(Ordering::Relaxed);
-    tracing::info!(relays = counters.opened.load(Ordering::Relaxed), bytes = relayed, "relayed in all");
+    let relayed = counters.to_service.get() + counters.to_proxy.get();
+    tracing::info!(relays = counters.opened.get(), bytes = relayed, "relayed in all");
     emit(&Event::Stopped);
     Ok(())
 }
