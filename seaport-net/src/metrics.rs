@@ -68,6 +68,10 @@ pub struct Metrics {
     /// Stream payload bytes by `direction`: sent (local socket → link),
     /// received (link → local socket).
     pub stream_bytes: Family<Label, Counter>,
+    /// `stream_bytes{direction="sent"}`, looked up once: it is counted per frame.
+    pub stream_sent: Counter,
+    /// `stream_bytes{direction="received"}`, looked up once.
+    pub stream_received: Counter,
     /// Registry: relays open now.
     pub relays: Gauge,
     /// Registry: relays ever opened.
@@ -123,6 +127,9 @@ impl Metrics {
         // Buckets from 0.5 ms to about 4 s: a stream opens in a round trip
         // plus the service's backend connect.
         let stream_open = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        let stream_bytes: Family<Label, Counter> = Family::default();
+        let stream_sent = (*stream_bytes.get_or_create(&label("direction", "sent"))).clone();
+        let stream_received = (*stream_bytes.get_or_create(&label("direction", "received"))).clone();
         let m = Metrics {
             registry: Registry::default(),
             sessions: Gauge::default(),
@@ -140,7 +147,9 @@ impl Metrics {
             streams: Gauge::default(),
             streams_opened: Family::default(),
             stream_open,
-            stream_bytes: Family::default(),
+            stream_bytes,
+            stream_sent,
+            stream_received,
             relays: Gauge::default(),
             relays_opened: Counter::default(),
             relayed_bytes: Family::default(),
@@ -244,13 +253,7 @@ impl Metrics {
             Event::Disconnected { .. } => {
                 self.registry_disconnects.inc();
             }
-            Event::LinkUp { path, .. } => {
-                inc(&self.links, "path", path);
-                self.links_open.inc();
-            }
-            Event::LinkDown { .. } => {
-                self.links_open.dec();
-            }
+            Event::LinkUp { path, .. } => inc(&self.links, "path", path),
             _ => {}
         }
     }
@@ -275,10 +278,6 @@ impl Metrics {
         self.streams_opened.get_or_create(&label("result", result)).inc();
     }
 
-    /// Counts stream payload bytes (`direction`: sent, received).
-    pub fn stream_bytes(&self, direction: &'static str, n: u64) {
-        self.stream_bytes.get_or_create(&label("direction", direction)).inc_by(n);
-    }
 
     /// Records how long a stream took to open.
     pub fn stream_open_took(&self, took: Duration) {
@@ -286,19 +285,26 @@ impl Metrics {
     }
 
     /// A stream is open until the returned guard drops.
-    pub fn stream_guard(&self) -> StreamGuard {
+    pub fn stream_guard(&self) -> OpenGuard {
         self.streams.inc();
-        StreamGuard(())
+        OpenGuard(self.streams.clone())
+    }
+
+    /// A link is open until the returned guard drops (its driver ended or
+    /// was aborted).
+    pub fn link_guard(&self) -> OpenGuard {
+        self.links_open.inc();
+        OpenGuard(self.links_open.clone())
     }
 }
 
-/// Counts one open stream in `seaport_streams` while it lives.
+/// Counts one open thing in a gauge while it lives.
 #[derive(Debug)]
-pub struct StreamGuard(());
+pub struct OpenGuard(Gauge);
 
-impl Drop for StreamGuard {
+impl Drop for OpenGuard {
     fn drop(&mut self) {
-        metrics().streams.dec();
+        self.0.dec();
     }
 }
 
@@ -351,7 +357,7 @@ mod tests {
     fn families_are_named_by_convention() {
         let m = Metrics::new();
         m.handshake(true);
-        m.stream_bytes("sent", 10);
+        m.stream_sent.inc_by(10);
         m.stream_open_took(Duration::from_millis(3));
         m.refuse(Refusal::NotAllowed);
         m.registry_disconnects.inc();

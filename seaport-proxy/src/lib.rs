@@ -16,6 +16,7 @@ use seaport_net::control::{ControlTask, lock};
 use seaport_net::event::{Event, emit};
 use seaport_net::identity::random_u64;
 use seaport_net::link::Links;
+use seaport_net::metrics::readiness;
 use seaport_net::reach::Introducer;
 use seaport_net::serve::{accept_until, drain};
 use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, Strategy};
@@ -83,6 +84,12 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         .map_err(|e| format!("cannot listen on {addr}: {e}; choose another -p port or --bind address"))?;
     // With -p 0 the kernel picks the port: report that one, not 0.
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    // Ready while an instance of the role is known (`/ready`).
+    let ready = format!("role {}", args.role);
+    readiness().set(&ready, Some(format!("no instance of {} known yet", args.role)));
+    // Lives as long as `run`: dropping it stops the HTTP server.
+    let (_http_stop, http_stop) = watch::channel(false);
+    seaport_net::http::start(args.client.metrics, None, http_stop).await?;
     let resolver = args.client.resolver().await?;
     let config = ClientConfig::new(keypair.clone(), args.client.registry.key);
     let client = Arc::new(Mutex::new(ProxyClient::new(config, args.role.clone(), args.balance, args.ban)));
@@ -132,6 +139,9 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             }
             if instances.is_empty() {
                 tracing::warn!("no instance matches the query right now");
+                readiness().set(&ready, Some(format!("no instance of {query} known")));
+            } else {
+                readiness().set(&ready, None);
             }
             if *truncated {
                 tracing::warn!("more instances match than the registry sent");
@@ -171,6 +181,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     .await;
     tracing::info!("shutting down: draining open connections");
     emit(&Event::Draining);
+    readiness().set("shutdown", Some("shutting down".to_owned()));
     seaport_net::notify::stopping();
     drop(listener);
     links.go_away_all();
