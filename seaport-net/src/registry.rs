@@ -227,7 +227,9 @@ pub async fn serve(
             }
             () = tokio::time::sleep_until(next_view), if stale => {
                 if let Some(view) = &view {
-                    view.send_replace(Arc::new(snapshot(&registry, &mut times, view.borrow().started)));
+                    // Read apart: a borrow held across send_replace would deadlock.
+                    let started = view.borrow().started;
+                    view.send_replace(Arc::new(snapshot(&registry, &mut times, started)));
                 }
                 stale = false;
                 next_view = tokio::time::Instant::now() + VIEW_EVERY;
