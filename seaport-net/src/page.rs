@@ -156,7 +156,10 @@ const HTML: &str = r##"<!doctype html>
   th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--line); vertical-align: top; }
   th { font-weight: 600; font-size: 12px; color: var(--dim); }
   .tag { display: inline-block; padding: 0 .4rem; margin-right: .2rem; border: 1px solid var(--line); border-radius: .6rem; font-size: 12px; }
-  .role { font-weight: 600; }
+  .role { font-weight: 600; margin-top: 1rem; }
+  #roles table { table-layout: fixed; }
+  #roles th:nth-child(1) { width: 42%; } #roles th:nth-child(2) { width: 9%; }
+  #roles th:nth-child(3) { width: 14%; } #roles th:nth-child(4) { width: 15%; }
   #status.stale { color: #c33; }
   .stats span { margin-right: 1.2rem; }
 </style>

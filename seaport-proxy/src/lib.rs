@@ -86,7 +86,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     // Ready while an instance of the role is known (`/ready`).
     let ready = format!("role {}", args.role);
-    readiness().set(&ready, Some(format!("no instance of {} known yet", args.role)));
+    readiness().set(&ready, Some(format!("no instance of {} known", args.role)));
     // Lives as long as `run`: dropping it stops the HTTP server.
     let (_http_stop, http_stop) = watch::channel(false);
     seaport_net::http::start(args.client.metrics, None, http_stop).await?;
