@@ -311,7 +311,7 @@ fn registry_page_updates_itself_in_a_real_browser() {
                 "args": [
                     "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                     "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                    "--disable-sync", "--window-size=1100,760",
+                    "--disable-sync", "--window-size=1100,900",
                     format!("--user-data-dir={}", profile.display()),
                 ],
             }),

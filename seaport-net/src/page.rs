@@ -158,8 +158,8 @@ const HTML: &str = r##"<!doctype html>
   .tag { display: inline-block; padding: 0 .4rem; margin-right: .2rem; border: 1px solid var(--line); border-radius: .6rem; font-size: 12px; }
   .role { font-weight: 600; margin-top: 1rem; }
   #roles table { table-layout: fixed; }
-  #roles th:nth-child(1) { width: 42%; } #roles th:nth-child(2) { width: 9%; }
-  #roles th:nth-child(3) { width: 14%; } #roles th:nth-child(4) { width: 15%; }
+  #roles th:nth-child(1) { width: 47%; } #roles th:nth-child(2) { width: 8%; }
+  #roles th:nth-child(3) { width: 12%; } #roles th:nth-child(4) { width: 14%; }
   #status.stale { color: #c33; }
   .stats span { margin-right: 1.2rem; }
 </style>
@@ -196,7 +196,9 @@ function row(cells) {
 function ago(ts) {
   if (!ts) return "";
   const s = Math.max(0, Math.round((Date.now() - Date.parse(ts)) / 1000));
-  return new Date(ts).toLocaleString() + " (" + duration(s) + " ago)";
+  const at = new Date(ts);
+  const when = at.toDateString() === new Date().toDateString() ? at.toLocaleTimeString() : at.toLocaleString();
+  return when + " (" + duration(s) + " ago)";
 }
 function duration(s) {
   const d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600), m = Math.floor(s % 3600 / 60);
