@@ -43,7 +43,11 @@ fn scrape(port: u16) -> HashMap<String, f64> {
 
 /// Scrapes until `check` holds for the samples (counters move a little after
 /// the traffic that caused them; registry gauges refresh every second).
-fn scrape_until(port: u16, what: &str, check: impl Fn(&HashMap<String, f64>) -> bool) -> HashMap<String, f64> {
+fn scrape_until(
+    port: u16,
+    what: &str,
+    check: impl Fn(&HashMap<String, f64>) -> bool,
+) -> HashMap<String, f64> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let samples = scrape(port);
@@ -72,7 +76,10 @@ fn wait_status(port: u16, path: &str, status: u16, timeout: Duration) -> String 
         if got == status {
             return body;
         }
-        assert!(Instant::now() < deadline, "{path} answered {got} ({body:?}), not {status}, within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{path} answered {got} ({body:?}), not {status}, within {timeout:?}"
+        );
         thread::sleep(Duration::from_millis(50));
     }
 }
@@ -264,8 +271,10 @@ async fn wait_text(browser: &fantoccini::Client, what: &str, check: impl Fn(&str
 
 /// Whether the browser test can run here: `Some(reason)` to skip.
 fn browser_missing() -> Option<String> {
-    let missing: Vec<&str> =
-        ["/usr/bin/chromium", "/usr/bin/chromedriver"].into_iter().filter(|p| !Path::new(p).exists()).collect();
+    let missing: Vec<&str> = ["/usr/bin/chromium", "/usr/bin/chromedriver"]
+        .into_iter()
+        .filter(|p| !Path::new(p).exists())
+        .collect();
     if missing.is_empty() {
         return None;
     }
@@ -328,7 +337,8 @@ fn registry_page_updates_itself_in_a_real_browser() {
             wait_text(&browser, "the registry's key", |b| b.contains(&key)).await;
 
             // Services start while the page is open: it shows them by itself.
-            let a = service_with(&target, http_backend("a"), "couchdb@3.2.2", &["--tag", "eu", "--tag", "ssd"]);
+            let a =
+                service_with(&target, http_backend("a"), "couchdb@3.2.2", &["--tag", "eu", "--tag", "ssd"]);
             let b = service_with(&target, http_backend("b"), "redis@7.2.0", &["--tag", "cache"]);
             let key_of = |p: &Proc| p.lines()[0].rsplit(' ').next().unwrap().to_owned();
             let (a_key, b_key) = (key_of(&a), key_of(&b));

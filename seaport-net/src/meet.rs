@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use seaport_proto::meet::{HELLO_LEN, MeetHello, MeetPeer, PEER_MAX_LEN};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use seaport_proto::meet::{HELLO_LEN, MeetHello, MeetPeer, PEER_MAX_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
@@ -188,7 +188,9 @@ pub struct RelayCounters {
 impl Default for RelayCounters {
     fn default() -> Self {
         let m = crate::metrics::metrics();
-        let bytes = |direction| (*m.relayed_bytes.get_or_create(&crate::metrics::label("direction", direction))).clone();
+        let bytes = |direction| {
+            (*m.relayed_bytes.get_or_create(&crate::metrics::label("direction", direction))).clone()
+        };
         RelayCounters {
             open: m.relays.clone(),
             opened: m.relays_opened.clone(),

@@ -103,6 +103,16 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Every reason.
+    pub const ALL: [Refusal; 6] = [
+        Refusal::SessionsFull,
+        Refusal::RelaysFull,
+        Refusal::Registration,
+        Refusal::Lookup,
+        Refusal::NotAllowed,
+        Refusal::Stream,
+    ];
+
     /// The label value.
     pub fn name(self) -> &'static str {
         match self {
@@ -156,10 +166,31 @@ impl Metrics {
             punches: Family::default(),
             refusals: Family::default(),
         };
+        // Every label value up front: a family shows zeros, not nothing,
+        // before its first event.
+        let families: [(&Family<Label, Counter>, &str, &[&'static str]); 8] = [
+            (&m.registrations, "event", &["registered", "unregistered", "refused", "withdrawn"]),
+            (&m.instance_changes, "change", &["found", "lost"]),
+            (&m.handshakes, "result", &["ok", "failed"]),
+            (&m.links, "path", &["direct", "punched", "relayed"]),
+            (&m.streams_opened, "result", &["accepted", "refused", "failed"]),
+            (&m.relayed_bytes, "direction", &["to_service", "to_proxy"]),
+            (&m.punches, "result", &["punched", "failed"]),
+            (&m.refusals, "reason", &Refusal::ALL.map(Refusal::name)),
+        ];
+        for (family, name, values) in families {
+            for value in values {
+                family.get_or_create(&label(name, value));
+            }
+        }
         // Counters get `_total` from the encoder, units their suffix.
         let r = &mut registry;
         r.register("sessions", "Registry: sessions open now, handshaking ones included", m.sessions.clone());
-        r.register("sessions_opened", "Registry: sessions whose handshake completed", m.sessions_opened.clone());
+        r.register(
+            "sessions_opened",
+            "Registry: sessions whose handshake completed",
+            m.sessions_opened.clone(),
+        );
         r.register("sessions_closed", "Registry: sessions that ended", m.sessions_closed.clone());
         r.register(
             "instances",
@@ -277,7 +308,6 @@ impl Metrics {
     pub fn stream_opened(&self, result: &'static str) {
         self.streams_opened.get_or_create(&label("result", result)).inc();
     }
-
 
     /// Records how long a stream took to open.
     pub fn stream_open_took(&self, took: Duration) {
