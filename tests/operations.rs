@@ -191,6 +191,28 @@ fn ready_follows_the_registry_away_and_back() {
 }
 
 #[test]
+fn a_full_registry_is_not_ready_and_counts_its_refusals() {
+    let web = free_port();
+    let reg = registry(&["--max-sessions", "1", "--metrics", &addr(web)]);
+    let backend = http_backend("up");
+    let first = service(&reg.target, backend, "web@1.2.3");
+    assert_eq!(http_get_path(web, "/ready"), (200, "ready\n".to_owned()));
+    // A second service finds the registry full, and keeps asking.
+    let port = backend.to_string();
+    let second = Proc::start("seaport-service", &[&reg.target, "-p", &port, "-r", "web@1.2.4"], &[]);
+    let reason = wait_status(web, "/ready", 503, Duration::from_secs(5));
+    assert_eq!(reason, "registry is at its limit of 1 sessions (--max-sessions): refusing new ones\n");
+    let r = scrape_until(web, "a refusal", |s| {
+        s.get("seaport_refusals_total{reason=\"sessions_full\"}") >= Some(&1.0)
+    });
+    assert_eq!(sample(&r, "seaport_sessions"), 1.0);
+    assert_eq!(sample(&r, "seaport_instances"), 1.0);
+    // With both gone the registry has room again.
+    drop((first, second));
+    wait_status(web, "/ready", 200, Duration::from_secs(5));
+}
+
+#[test]
 fn api_instances_lists_roles_instances_and_sessions() {
     let (seed, key) = new_seed();
     let listen = addr(free_port());

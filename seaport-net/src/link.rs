@@ -33,6 +33,9 @@
 //!   ended cleanly, so a client sees a cut transfer as cut.
 //! - A service connects its backend before it accepts a stream, so a proxy
 //!   can fail over before its client saw a byte.
+//! - Open links and streams are counted in [`crate::metrics`] by guards that
+//!   live exactly as long as the link's driver and the stream's task, so an
+//!   aborted task cannot leave a gauge behind.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

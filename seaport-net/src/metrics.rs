@@ -180,7 +180,7 @@ impl Metrics {
         ];
         for (family, name, values) in families {
             for value in values {
-                family.get_or_create(&label(name, value));
+                let _ = family.get_or_create(&label(name, value));
             }
         }
         // Counters get `_total` from the encoder, units their suffix.
