@@ -2,6 +2,7 @@
 //! crate that touches sockets, clocks, tasks, OS randomness and the DHT.
 //!
 //! - [`allow`]: which proxy keys may open links to a service.
+//! - [`budget`]: how many links and streams a service's proxies may hold.
 //! - [`clock`]: the one place time is read (tokio's clock).
 //! - [`cli`]: what every binary's `main` shares: logging, durations, exits.
 //! - [`event`]: the stdout event lines, one type for every binary.
@@ -28,6 +29,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 
 pub mod allow;
+pub mod budget;
 pub mod cli;
 pub mod clock;
 pub mod control;

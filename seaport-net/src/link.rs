@@ -55,6 +55,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::allow::AllowList;
+use crate::budget::{Budget, LinkShare, OverBudget, StreamShare};
 use crate::clock;
 use crate::dial;
 use crate::event::{Event, emit};
@@ -388,7 +389,16 @@ pub struct Links {
     memo: Arc<PathMemo>,
     /// Per instance, its links; the async lock makes concurrent first
     /// connections wait for one dial instead of dialing each.
-    links: Mutex<HashMap<PublicKey, Arc<tokio::sync::Mutex<Vec<LinkHandle>>>>>,
+    links: Mutex<HashMap<InstanceId, Arc<tokio::sync::Mutex<Vec<LinkHandle>>>>>,
+}
+
+/// Tells service processes apart: one identity may run as several processes
+/// (one seed per host), each with its own link port and backend, so a link
+/// belongs to a key *and* the addresses that process reported.
+type InstanceId = (PublicKey, Vec<SocketAddr>);
+
+fn instance_id(instance: &Instance) -> InstanceId {
+    (instance.key, instance.addrs.clone())
 }
 
 impl Links {
@@ -436,7 +446,7 @@ impl Links {
             .links
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .entry(instance.key)
+            .entry(instance_id(instance))
             .or_default()
             .clone();
         let mut links = cell.lock().await;
@@ -499,13 +509,15 @@ impl Links {
         });
     }
 
-    /// Lets the links of instances not in `keys` go away: their open
+    /// Lets the links of instances not in `instances` go away: their open
     /// streams finish, new ones go elsewhere.
-    pub fn retain(&self, keys: &[PublicKey]) {
+    pub fn retain(&self, instances: &[Instance]) {
         let gone: Vec<_> = {
-            self.memo.retain(keys);
+            let keys: Vec<PublicKey> = instances.iter().map(|i| i.key).collect();
+            self.memo.retain(&keys);
+            let ids: Vec<InstanceId> = instances.iter().map(instance_id).collect();
             let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
-            let gone = links.keys().filter(|k| !keys.contains(k)).copied().collect::<Vec<_>>();
+            let gone = links.keys().filter(|k| !ids.contains(k)).cloned().collect::<Vec<_>>();
             gone.iter().filter_map(|k| links.remove(k)).collect()
         };
         for cell in gone {
@@ -568,12 +580,22 @@ pub async fn initiate(
 }
 
 /// What a service needs to connect the streams of its links.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Backend {
     /// The backend's address.
     pub addr: SocketAddr,
     /// How long connecting to it may take before the stream is refused.
     pub connect_timeout: Duration,
+    /// What the service's proxies may hold at once, shared by every link.
+    pub budget: Arc<Budget>,
+}
+
+/// A service's side of a link: where streams go, when to stop taking them,
+/// and the link's share of the budget.
+struct ServiceSide {
+    backend: Backend,
+    drain: watch::Receiver<bool>,
+    share: LinkShare,
 }
 
 /// Serves one link on the service side: the handshake (the proxy must ask for
@@ -602,13 +624,13 @@ pub async fn serve(
         other => metrics().handshake(other.is_ok()),
     }
     done?;
-    if let Some(key) = session.remote() {
-        crate::serve::record_peer_key(&key);
-    }
+    let key = session.remote().ok_or(HandshakeError::ClosedEarly)?;
+    crate::serve::record_peer_key(&key);
+    let share = backend.budget.link(key)?;
     let (transport, leftover) = session.into_transport().ok_or(HandshakeError::ClosedEarly)?;
     let (sealer, opener) = transport.split();
     let shared = new_shared(Side::Service, config);
-    drive(shared, stream, sealer, opener, leftover, Some((backend, drain))).await;
+    drive(shared, stream, sealer, opener, leftover, Some(ServiceSide { backend, drain, share })).await;
     Ok(())
 }
 
@@ -619,7 +641,7 @@ async fn drive(
     sealer: Sealer,
     opener: Opener,
     leftover: Vec<u8>,
-    mut service: Option<(Backend, watch::Receiver<bool>)>,
+    mut service: Option<ServiceSide>,
 ) {
     let (rd, wr) = stream.into_split();
     let mut streams = JoinSet::new();
@@ -633,21 +655,31 @@ async fn drive(
             () = &mut writer, if writing => writing = false,
             () = shared.opened.notified(), if service.is_some() => {
                 let opened = std::mem::take(&mut shared.lock().opened);
-                if let Some((backend, _)) = &service {
+                if let Some(side) = &service {
                     for id in opened {
                         // A stream reset while its backend connect is under way
                         // leaves the link's count but not this task's: cap the
                         // tasks too, or OPEN+RESET floods would pile up connects.
-                        if streams.len() >= shared.lock().link.config().max_streams {
-                            let mut state = shared.lock();
-                            let _ = state.link.refuse(id, Reason::STREAM_LIMIT);
-                            changed(&mut state, &shared);
-                            metrics().stream_opened("refused");
-                            metrics().refuse(Refusal::Stream);
-                            continue;
-                        }
+                        let share = if streams.len() >= shared.lock().link.config().max_streams {
+                            Err(OverBudget::Streams(streams.len()))
+                        } else {
+                            side.share.stream()
+                        };
+                        let share = match share {
+                            Ok(share) => share,
+                            Err(e) => {
+                                tracing::debug!("stream refused: {e}");
+                                let mut state = shared.lock();
+                                let _ = state.link.refuse(id, Reason::STREAM_LIMIT);
+                                changed(&mut state, &shared);
+                                metrics().stream_opened("refused");
+                                metrics().refuse(Refusal::Stream);
+                                continue;
+                            }
+                        };
                         let span = tracing::info_span!("stream", id = id.get());
-                        streams.spawn(connect_stream(shared.clone(), id, *backend).instrument(span));
+                        let work = connect_stream(shared.clone(), id, side.backend.clone(), share);
+                        streams.spawn(work.instrument(span));
                     }
                 }
             }
@@ -666,9 +698,9 @@ async fn drive(
 
 /// Resolves once the service starts to drain, then never again (the link
 /// goes away once).
-async fn draining(service: &mut Option<(Backend, watch::Receiver<bool>)>) {
+async fn draining(service: &mut Option<ServiceSide>) {
     match service {
-        Some((_, drain)) if !*drain.borrow() => {
+        Some(ServiceSide { drain, .. }) if !*drain.borrow() => {
             if drain.wait_for(|d| *d).await.is_err() {
                 std::future::pending::<()>().await;
             }
@@ -679,7 +711,7 @@ async fn draining(service: &mut Option<(Backend, watch::Receiver<bool>)>) {
 
 /// Service: connects the backend for stream `id`, accepts or refuses it, and
 /// carries it.
-async fn connect_stream(shared: Arc<Shared>, id: StreamId, backend: Backend) {
+async fn connect_stream(shared: Arc<Shared>, id: StreamId, backend: Backend, _share: StreamShare) {
     let connected = dial::connect(backend.addr, backend.connect_timeout).await;
     let socket = {
         let mut state = shared.lock();

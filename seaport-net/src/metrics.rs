@@ -89,6 +89,9 @@ pub struct Metrics {
 pub enum Refusal {
     /// Registry: a session beyond `--max-sessions`.
     SessionsFull,
+    /// Registry: a connection beyond the limits on handshakes under way
+    /// (in all, or from one address), or on silent new connections.
+    HandshakesFull,
     /// Registry: a meeting beyond `--max-relays` was not relayed.
     RelaysFull,
     /// Service: the registry refused a registration.
@@ -104,8 +107,9 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every reason.
-    pub const ALL: [Refusal; 6] = [
+    pub const ALL: [Refusal; 7] = [
         Refusal::SessionsFull,
+        Refusal::HandshakesFull,
         Refusal::RelaysFull,
         Refusal::Registration,
         Refusal::Lookup,
@@ -117,6 +121,7 @@ impl Refusal {
     pub fn name(self) -> &'static str {
         match self {
             Refusal::SessionsFull => "sessions_full",
+            Refusal::HandshakesFull => "handshakes_full",
             Refusal::RelaysFull => "relays_full",
             Refusal::Registration => "registration",
             Refusal::Lookup => "lookup",
@@ -246,7 +251,7 @@ impl Metrics {
         r.register("punch_attempts", "Hole punching attempts by result: punched, failed", m.punches.clone());
         r.register(
             "refusals",
-            "Refusals by reason: sessions_full, relays_full, registration, lookup, not_allowed, stream",
+            "Refusals by reason: sessions_full, handshakes_full, relays_full, registration, lookup, not_allowed, stream",
             m.refusals.clone(),
         );
         Metrics { registry, ..m }
