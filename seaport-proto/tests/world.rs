@@ -20,7 +20,7 @@ use seaport_proto::noise::NoiseError;
 use seaport_proto::registry::{CloseReason, Registry, RegistryConfig, RegistryEvent};
 use seaport_proto::role::{Role, RoleQuery};
 use seaport_proto::session::SessionError;
-use seaport_proto::testing::{Chunker, Client, Net, Peer, keypair};
+use seaport_proto::testing::{Chunker, Client, Net, Peer, keypair, observed};
 
 /// A client of the world, whatever its kind.
 enum Node {
@@ -356,12 +356,21 @@ fn a_meeting_gives_the_proxy_and_the_service_one_ticket_and_the_registry_admits_
                 _ => None,
             })
             .collect();
-        assert_eq!(offers, vec![(ticket, keypair(9).public())], "seed {seed}");
+        let [(offered, asker)] = offers[..] else { panic!("seed {seed}: {offers:?}") };
+        assert_eq!(asker, keypair(9).public(), "the service hears who asked");
+        assert_ne!(offered, ticket, "each side has a ticket of its own");
         assert!(w.service(1).events.iter().all(|e| !matches!(e, ServiceEvent::MeetOffer { .. })));
         let now = w.net.now;
-        assert!(matches!(w.net.registry.arrive(now, ticket, MeetSide::Service), Ok(Arrival::First { .. })));
-        assert_eq!(w.net.registry.arrive(now, ticket, MeetSide::Proxy), Ok(Arrival::Second));
-        assert_eq!(w.net.registry.arrive(now, ticket, MeetSide::Proxy), Err(ArrivalError::Unknown));
+        // Node 0 is the service, node 3 the proxy (tests/world.rs's `world`).
+        let (at_service, at_proxy) = (observed(0).ip(), observed(3).ip());
+        let first = w.net.registry.arrive(now, offered, MeetSide::Service, at_service);
+        let (Ok(Arrival::First { meeting, .. }), Ok(Arrival::Second { meeting: same })) =
+            (first, w.net.registry.arrive(now, ticket, MeetSide::Proxy, at_proxy))
+        else {
+            panic!("seed {seed}: the sides did not pair");
+        };
+        assert_eq!(meeting, same, "both arrivals name one meeting");
+        assert_eq!(w.net.registry.arrive(now, ticket, MeetSide::Proxy, at_proxy), Err(ArrivalError::Unknown));
 
         // A service that is not registered cannot be met, nor a registered
         // one under another role than it registered; the proxy hears why.
