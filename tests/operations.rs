@@ -164,8 +164,9 @@ fn ready_follows_the_registry_away_and_back() {
     let (svc_m, proxy_m, lonely_m) = (free_port(), free_port(), free_port());
     let svc = service_with(&target, backend, "web@1.2.3", &["--metrics", &addr(svc_m)]);
     let (proxy, _) = proxy_with(&target, "web@1.x", 1, &["--metrics", &addr(proxy_m)]);
-    // A proxy of a role nobody serves is alive but not ready.
-    let (lonely, _) = proxy_with(&target, "db@2.x", 0, &["--metrics", &addr(lonely_m)]);
+    // A proxy that serves a role nobody offers, beside one that is offered,
+    // is alive but not ready.
+    let (lonely, _) = proxy_with(&target, "web@1.x", 1, &["--map", "db@2.x=0", "--metrics", &addr(lonely_m)]);
     lonely.wait_line("connected to registry", WAIT);
     assert_eq!(http_get_path(lonely_m, "/healthz"), (200, "ok\n".to_owned()));
     let (status, reason) = http_get_path(lonely_m, "/ready");

@@ -334,6 +334,12 @@ pub async fn serve(
                 registry.handle_timeout(crate::clock::now());
             }
             _ = gauges.tick() => {
+                // Every closed session should have said so; this bounds the
+                // map even if one did not.
+                if times.sessions.len() > registry.session_count() {
+                    let live: HashSet<SessionId> = registry.sessions().map(|(id, _, _)| id).collect();
+                    times.sessions.retain(|id, _| live.contains(id));
+                }
                 m.watches.set(gauge(registry.directory().watch_total()));
                 let lookups = registry.lookups_answered();
                 m.lookups.inc_by(lookups.saturating_sub(m.lookups.get()));
