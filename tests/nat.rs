@@ -718,3 +718,32 @@ fn relayed_link_is_counted_by_the_metrics() {
         assert!((mib..mib + 100.0).contains(&sent), "proxy sent {sent}");
     });
 }
+
+/// Cone NATs on both sides: the punched link is counted by path, and the
+/// punch that made it on both ends.
+#[test]
+fn punched_link_is_counted_by_the_metrics() {
+    nat_test("na-", &[], |net| {
+        const METRICS: u16 = 9100;
+        let metrics = format!("127.0.0.1:{METRICS}");
+        let (seed, target) = registry_target();
+        let _reg = net.registry(&seed);
+        let backend = net.run("h1", || http_backend("punched"));
+        let backend = backend.to_string();
+        let args = [target.as_str(), "-p", &backend, "-r", "web@1.0.0", "--metrics", &metrics];
+        let svc = Proc::start_in(&net.ns("h1"), "seaport-service", &args, &[]);
+        svc.wait_line("registered service", WAIT);
+        let key = svc.wait_line("started p2p service on ", WAIT).rsplit(' ').next().unwrap().to_owned();
+        let args = [target.as_str(), "-p", "0", "-r", "web@1", "--metrics", &metrics];
+        let proxy = Proc::start_in(&net.ns("h2"), "seaport-proxy", &args, &[]);
+        let line = proxy.wait_line("proxy from ", WAIT);
+        let port: u16 = line.split_whitespace().nth(2).and_then(|w| w.parse().ok()).unwrap();
+
+        assert_http(&net, "h2", port, &proxy, "punched");
+        assert_eq!(the_link(&proxy, &key).path, "punched");
+        assert_eq!(scrape_in(&net, "h2", METRICS, "seaport_links_total{path=\"punched\"}"), 1.0);
+        assert!(scrape_in(&net, "h2", METRICS, "seaport_punch_attempts_total{result=\"punched\"}") >= 1.0);
+        assert!(scrape_in(&net, "h1", METRICS, "seaport_punch_attempts_total{result=\"punched\"}") >= 1.0);
+        assert_eq!(scrape_in(&net, "h1", METRICS, "seaport_streams_opened_total{result=\"accepted\"}"), 1.0);
+    });
+}
