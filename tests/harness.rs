@@ -343,10 +343,15 @@ pub fn http_backend(body: &str) -> u16 {
 /// `GET /` over HTTP/1.0; returns status code and body, or status 0 and the
 /// error when the connection failed or closed without an answer.
 pub fn http_get(port: u16) -> (u16, String) {
+    http_get_path(port, "/")
+}
+
+/// `GET path` over HTTP/1.0, like [`http_get`].
+pub fn http_get_path(port: u16, path: &str) -> (u16, String) {
     let attempt = || -> std::io::Result<String> {
         let mut stream = TcpStream::connect(("127.0.0.1", port))?;
         stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-        stream.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())?;
         let mut reply = String::new();
         stream.read_to_string(&mut reply)?;
         Ok(reply)

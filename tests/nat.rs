@@ -668,3 +668,82 @@ fn rejecting_nats_still_link_without_client_failures() {
         assert!(["punched", "relayed"].contains(&link.path.as_str()), "{link:?}");
     });
 }
+
+// ---- operations: the metrics see the paths ------------------------------------------------
+
+/// `value` of the sample `name` (with its labels) on the `/metrics` page of
+/// 127.0.0.1:`port` in lab host `host`.
+fn scrape_in(net: &Net, host: &str, port: u16, name: &str) -> f64 {
+    let (status, page) = net.run(host, move || http_get_path(port, "/metrics"));
+    assert_eq!(status, 200, "{page}");
+    let line = page.lines().find(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ')));
+    let value = line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok());
+    value.unwrap_or_else(|| panic!("no sample {name} on {host}:\n{page}"))
+}
+
+/// Symmetric NATs on both sides: the relayed link is counted by path on
+/// the proxy, and on the registry as a relay whose byte counts hold what
+/// went through it.
+#[test]
+fn relayed_link_is_counted_by_the_metrics() {
+    nat_test("n9-", &["--symmetric"], |net| {
+        const METRICS: u16 = 9100;
+        let metrics = format!("127.0.0.1:{METRICS}");
+        let (seed, target) = registry_target();
+        let args = ["--listen", REGISTRY_ADDR, "--no-dht", "--metrics", &metrics];
+        let reg =
+            Proc::start_in(&net.ns("pub"), "seaport-registry", &args, &[("SEAPORT_REGISTRY_SEED", &seed)]);
+        reg.wait_line("Registry listening", WAIT);
+        let bulk = net.run("h1", bulk_backend);
+        let (_svc, key) = net.service("h1", &target, bulk, "bulk@1.0.0");
+        let args = [target.as_str(), "-p", "0", "-r", "bulk@1", "--metrics", &metrics];
+        let proxy = Proc::start_in(&net.ns("h2"), "seaport-proxy", &args, &[]);
+        let line = proxy.wait_line("proxy from ", WAIT);
+        let port: u16 = line.split_whitespace().nth(2).and_then(|w| w.parse().ok()).unwrap();
+
+        assert_bulk_each_way(&net, "h2", port, &proxy, MIB);
+        assert_eq!(the_link(&proxy, &key).path, "relayed");
+        assert_eq!(scrape_in(&net, "h2", METRICS, "seaport_links_total{path=\"relayed\"}"), 1.0);
+        assert_eq!(scrape_in(&net, "h2", METRICS, "seaport_links_total{path=\"direct\"}"), 0.0);
+        assert_eq!(scrape_in(&net, "pub", METRICS, "seaport_relays"), 1.0);
+        assert!(scrape_in(&net, "pub", METRICS, "seaport_relays_opened_total") >= 1.0);
+        // The payload plus the link's framing and handshake, each way.
+        let mib = MIB as f64;
+        for direction in ["to_service", "to_proxy"] {
+            let name = format!("seaport_relayed_bytes_total{{direction=\"{direction}\"}}");
+            let relayed = scrape_in(&net, "pub", METRICS, &name);
+            assert!((mib..mib * 1.1).contains(&relayed), "{name} {relayed}");
+        }
+        let sent = scrape_in(&net, "h2", METRICS, "seaport_stream_bytes_total{direction=\"sent\"}");
+        assert!((mib..mib + 100.0).contains(&sent), "proxy sent {sent}");
+    });
+}
+
+/// Cone NATs on both sides: the punched link is counted by path, and the
+/// punch that made it on both ends.
+#[test]
+fn punched_link_is_counted_by_the_metrics() {
+    nat_test("na-", &[], |net| {
+        const METRICS: u16 = 9100;
+        let metrics = format!("127.0.0.1:{METRICS}");
+        let (seed, target) = registry_target();
+        let _reg = net.registry(&seed);
+        let backend = net.run("h1", || http_backend("punched"));
+        let backend = backend.to_string();
+        let args = [target.as_str(), "-p", &backend, "-r", "web@1.0.0", "--metrics", &metrics];
+        let svc = Proc::start_in(&net.ns("h1"), "seaport-service", &args, &[]);
+        svc.wait_line("registered service", WAIT);
+        let key = svc.wait_line("started p2p service on ", WAIT).rsplit(' ').next().unwrap().to_owned();
+        let args = [target.as_str(), "-p", "0", "-r", "web@1", "--metrics", &metrics];
+        let proxy = Proc::start_in(&net.ns("h2"), "seaport-proxy", &args, &[]);
+        let line = proxy.wait_line("proxy from ", WAIT);
+        let port: u16 = line.split_whitespace().nth(2).and_then(|w| w.parse().ok()).unwrap();
+
+        assert_http(&net, "h2", port, &proxy, "punched");
+        assert_eq!(the_link(&proxy, &key).path, "punched");
+        assert_eq!(scrape_in(&net, "h2", METRICS, "seaport_links_total{path=\"punched\"}"), 1.0);
+        assert!(scrape_in(&net, "h2", METRICS, "seaport_punch_attempts_total{result=\"punched\"}") >= 1.0);
+        assert!(scrape_in(&net, "h1", METRICS, "seaport_punch_attempts_total{result=\"punched\"}") >= 1.0);
+        assert_eq!(scrape_in(&net, "h1", METRICS, "seaport_streams_opened_total{result=\"accepted\"}"), 1.0);
+    });
+}

@@ -44,6 +44,10 @@ pub struct ClientArgs {
     /// README), instead of the text lines.
     #[arg(long)]
     pub json: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics, with /ready and
+    /// /healthz (off by default; e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Print a completion script for this shell (bash, zsh, fish, elvish,
     /// powershell) and exit, e.g. `... --completions bash > /etc/bash_completion.d/seaport-proxy`.
     #[arg(long, value_name = "SHELL", exclusive = true)]

@@ -9,6 +9,8 @@
 //!
 //! Invariant: every state change a script would act on has a variant here, and
 //! nothing in the registry, service or proxy prints to stdout except [`emit`].
+//! The counters that correspond to events ([`crate::metrics`]) are counted
+//! in [`emit`] alone, so stdout, `--json` and `/metrics` agree.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -192,7 +194,7 @@ impl Event {
 }
 
 /// `2026-12-02T13:52:45.123Z` for `at` (UTC, milliseconds).
-fn rfc3339(at: SystemTime) -> String {
+pub(crate) fn rfc3339(at: SystemTime) -> String {
     let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rest) = (secs / 86_400, secs % 86_400);
@@ -256,6 +258,7 @@ impl fmt::Display for Event {
 /// JSON object. Scripts read these, so each is flushed at once (Rust's
 /// stdout is line-buffered).
 pub fn emit(event: &Event) {
+    crate::metrics::metrics().count_event(event);
     if JSON.load(Ordering::Relaxed) {
         println!("{}", event.to_json(SystemTime::now()));
     } else if event.has_text() {

@@ -6,6 +6,8 @@
 //! - [`clock`]: the one place time is read (tokio's clock).
 //! - [`cli`]: what every binary's `main` shares: logging, durations, exits.
 //! - [`event`]: the stdout event lines, one type for every binary.
+//! - [`http`]: the operations HTTP server (`/metrics`, `/ready`, `/healthz`, the registry's page).
+//! - [`metrics`]: the metric families and readiness the HTTP server reports.
 //! - [`handshake`]: a data session's Noise handshake on a TCP stream.
 //! - [`identity`]: seeds from flags, files or the environment; OS entropy.
 //! - [`target`]: the `KEY` / `KEY@HOST:PORT` registry argument and its resolution.
@@ -13,6 +15,7 @@
 //! - [`link`]: links (many streams over one Noise session) on tokio; a proxy's link pool.
 //! - [`meet`]: meet connections: joining, punching, and the registry's pairing and relay.
 //! - [`reach`]: which path a link takes (direct, punched, relayed); a service's meetings.
+//! - [`page`]: the registry's live page and its JSON (`--http`).
 //! - [`notify`]: readiness for systemd (`READY=1`, `STOPPING=1`).
 //! - [`registry`]: serves the registry state machine on a TCP listener.
 //! - [`dial`]: racing a peer's addresses; dial errors.
@@ -34,10 +37,13 @@ pub mod dht;
 pub mod dial;
 pub mod event;
 pub mod handshake;
+pub mod http;
 pub mod identity;
 pub mod link;
 pub mod meet;
+pub mod metrics;
 pub mod notify;
+pub mod page;
 pub mod reach;
 pub mod registry;
 pub mod serve;

@@ -33,6 +33,9 @@
 //!   ended cleanly, so a client sees a cut transfer as cut.
 //! - A service connects its backend before it accepts a stream, so a proxy
 //!   can fail over before its client saw a byte.
+//! - Open links and streams are counted in [`crate::metrics`] by guards that
+//!   live exactly as long as the link's driver and the stream's task, so an
+//!   aborted task cannot leave a gauge behind.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -58,6 +61,7 @@ use crate::dial;
 use crate::event::{Event, emit};
 use crate::handshake::{HandshakeError, handshake};
 use crate::identity::entropy;
+use crate::metrics::{Refusal, metrics};
 use crate::reach::{self, Introducer, Path, PathMemo};
 
 /// Most bytes the writer gathers before one write to the link socket.
@@ -275,6 +279,8 @@ impl LinkHandle {
         let ended = shared.clone();
         let driver = tokio::spawn(
             async move {
+                // Counted while the driver lives, however it ends (an abort too).
+                let _open = metrics().link_guard();
                 drive(ended.clone(), stream, sealer, opener, leftover, None).await;
                 let reason = ended.lock().close_reason.take().unwrap_or_else(|| "closed".into());
                 emit(&Event::LinkDown { key: remote, reason });
@@ -298,6 +304,26 @@ impl LinkHandle {
     /// Opens a stream for `client` and waits (at most `timeout`) until the
     /// service reached its backend. Nothing of the client's is read before.
     pub async fn open(&self, client: Arc<TcpStream>, timeout: Duration) -> Result<StreamId, OpenError> {
+        let started = tokio::time::Instant::now();
+        let opened = self.open_stream(client, timeout).await;
+        let m = metrics();
+        match &opened {
+            Ok(_) => {
+                m.stream_opened("accepted");
+                m.stream_open_took(started.elapsed());
+            }
+            Err(OpenError::Refused(_)) => {
+                m.stream_opened("refused");
+                m.stream_open_took(started.elapsed());
+            }
+            // A full link is retried on another before anything is counted.
+            Err(OpenError::Link(proto::StreamError::StreamLimit)) => {}
+            Err(_) => m.stream_opened("failed"),
+        }
+        opened
+    }
+
+    async fn open_stream(&self, client: Arc<TcpStream>, timeout: Duration) -> Result<StreamId, OpenError> {
         let (tx, rx) = oneshot::channel();
         let id = {
             let mut state = self.shared.lock();
@@ -328,6 +354,7 @@ impl LinkHandle {
     /// Carries the accepted stream `id` until both directions ended or it
     /// was reset.
     pub async fn run(&self, id: StreamId) -> Result<Moved, StreamEnd> {
+        let _open = metrics().stream_guard();
         run_stream(&self.shared, id).await
     }
 
@@ -553,7 +580,9 @@ pub async fn initiate(
     let _ = stream.set_nodelay(true);
     let mut session = Session::initiate(clock::now(), local, &remote, Intent::Link, entropy(), timeout)?;
     // The service's key was checked by the handshake itself.
-    handshake(&mut stream, &mut session, timeout, &|_| true).await?;
+    let done = handshake(&mut stream, &mut session, timeout, &|_| true).await;
+    metrics().handshake(done.is_ok());
+    done?;
     Ok((stream, session))
 }
 
@@ -590,7 +619,18 @@ pub async fn serve(
 ) -> Result<(), HandshakeError> {
     let _ = stream.set_nodelay(true);
     let mut session = Session::respond(clock::now(), local, Intent::Link, entropy(), timeout)?;
-    handshake(&mut stream, &mut session, timeout, &|key| allow.admits(key)).await?;
+    let done = handshake(&mut stream, &mut session, timeout, &|key| allow.admits(key)).await;
+    match &done {
+        // A proxy that took another path closes the candidates it did not
+        // take before a word: no handshake was tried.
+        Err(HandshakeError::ClosedEarly) => {}
+        Err(HandshakeError::NotAllowed(_)) => {
+            metrics().handshake(false);
+            metrics().refuse(Refusal::NotAllowed);
+        }
+        other => metrics().handshake(other.is_ok()),
+    }
+    done?;
     let key = session.remote().ok_or(HandshakeError::ClosedEarly)?;
     crate::serve::record_peer_key(&key);
     let share = backend.budget.link(key)?;
@@ -639,6 +679,8 @@ async fn drive(
                                 let mut state = shared.lock();
                                 let _ = state.link.refuse(id, Reason::STREAM_LIMIT);
                                 changed(&mut state, &shared);
+                                metrics().stream_opened("refused");
+                                metrics().refuse(Refusal::Stream);
                                 continue;
                             }
                         };
@@ -683,6 +725,7 @@ async fn connect_stream(shared: Arc<Shared>, id: StreamId, backend: Backend, _sh
         let socket = match connected {
             Ok(socket) => match state.link.accept(id) {
                 Ok(()) => {
+                    metrics().stream_opened("accepted");
                     let socket = Arc::new(socket);
                     state.streams.insert(id, Slot::new(socket.clone()));
                     Some(socket)
@@ -695,6 +738,8 @@ async fn connect_stream(shared: Arc<Shared>, id: StreamId, backend: Backend, _sh
             Err(e) => {
                 tracing::info!(backend = %backend.addr, "cannot reach the backend: {e}");
                 let _ = state.link.refuse(id, Reason::REFUSED);
+                metrics().stream_opened("refused");
+                metrics().refuse(Refusal::Stream);
                 None
             }
         };
@@ -702,6 +747,7 @@ async fn connect_stream(shared: Arc<Shared>, id: StreamId, backend: Backend, _sh
         socket
     };
     if socket.is_some() {
+        let _open = metrics().stream_guard();
         match run_stream(&shared, id).await {
             Ok(moved) => tracing::debug!(sent = moved.sent, received = moved.received, "stream closed"),
             Err(e) => tracing::debug!("stream ended: {e}"),
@@ -772,6 +818,7 @@ async fn run_stream(shared: &Shared, id: StreamId) -> Result<Moved, StreamEnd> {
                                 slot.pending = Vec::new();
                             }
                             slot.moved.received += n as u64;
+                            metrics().stream_received.inc_by(n as u64);
                             let _ = link.consumed(clock::now(), id, n);
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -894,6 +941,7 @@ fn deliver(link: &mut Link, streams: &mut HashMap<StreamId, Slot>, id: StreamId,
     };
     if written > 0 {
         slot.moved.received += written as u64;
+        metrics().stream_received.inc_by(written as u64);
         let _ = link.consumed(clock::now(), id, written);
     }
     if let Some(rest) = bytes.get(written..).filter(|r| !r.is_empty()) {
@@ -978,6 +1026,7 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Vec<u8>, plain: &mut V
                         Some(len) => {
                             batch.truncate(start + len);
                             slot.moved.sent += n as u64;
+                            metrics().stream_sent.inc_by(n as u64);
                             // The socket may hold more: back of the queue.
                             let _ = link.want_send(id);
                         }

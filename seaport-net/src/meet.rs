@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use seaport_proto::meet::{HELLO_LEN, MeetHello, MeetPeer, PEER_MAX_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -169,17 +171,34 @@ pub async fn greet(stream: &mut TcpStream, timeout: Duration) -> std::io::Result
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no first frame in time"))?
 }
 
-/// Bytes relayed, all relays together.
-#[derive(Debug, Default)]
+/// Bytes relayed, all relays together. The fields are the process's
+/// metric families themselves ([`crate::metrics`]), so `/metrics` and the
+/// registry's own accounting are one set of atomics.
+#[derive(Debug, Clone)]
 pub struct RelayCounters {
     /// Relays open now.
-    pub open: AtomicU64,
+    pub open: Gauge,
     /// Relays ever opened.
-    pub opened: AtomicU64,
+    pub opened: Counter,
     /// Bytes from proxies to services.
-    pub to_service: AtomicU64,
+    pub to_service: Counter,
     /// Bytes from services to proxies.
-    pub to_proxy: AtomicU64,
+    pub to_proxy: Counter,
+}
+
+impl Default for RelayCounters {
+    fn default() -> Self {
+        let m = crate::metrics::metrics();
+        let bytes = |direction| {
+            (*m.relayed_bytes.get_or_create(&crate::metrics::label("direction", direction))).clone()
+        };
+        RelayCounters {
+            open: m.relays.clone(),
+            opened: m.relays_opened.clone(),
+            to_service: bytes("to_service"),
+            to_proxy: bytes("to_proxy"),
+        }
+    }
 }
 
 /// Tells both sides of a paired meeting where the other is (and whether we
@@ -213,15 +232,15 @@ pub async fn pair(
         .await;
         return Ok(());
     }
-    counters.open.fetch_add(1, Ordering::Relaxed);
-    counters.opened.fetch_add(1, Ordering::Relaxed);
+    counters.open.inc();
+    counters.opened.inc();
     let started = Instant::now();
     let last = AtomicU64::new(0);
     let (pr, pw) = p.into_split();
     let (sr, sw) = s.into_split();
     let (to_service, to_proxy) = (AtomicU64::new(0), AtomicU64::new(0));
-    let up = pump(pr, sw, &last, started, [&to_service, &counters.to_service]);
-    let down = pump(sr, pw, &last, started, [&to_proxy, &counters.to_proxy]);
+    let up = pump(pr, sw, &last, started, &to_service, &counters.to_service);
+    let down = pump(sr, pw, &last, started, &to_proxy, &counters.to_proxy);
     let watchdog = async {
         loop {
             tokio::time::sleep(idle / 4).await;
@@ -237,19 +256,21 @@ pub async fn pair(
         _ = async { tokio::join!(up, down) } => {}
         () = watchdog => tracing::info!("relay idle for {idle:?}: closed"),
     }
-    counters.open.fetch_sub(1, Ordering::Relaxed);
+    counters.open.dec();
     let (to_service, to_proxy) = (to_service.load(Ordering::Relaxed), to_proxy.load(Ordering::Relaxed));
     tracing::info!(to_service, to_proxy, "relay ended after {:?}", started.elapsed());
     Ok(())
 }
 
-/// Copies one direction of a relay, adding what it moves to `totals`.
+/// Copies one direction of a relay, adding what it moves to `mine` (this
+/// relay's) and `total` (all relays', the metric).
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     last: &AtomicU64,
     started: Instant,
-    totals: [&AtomicU64; 2],
+    mine: &AtomicU64,
+    total: &Counter,
 ) {
     let mut buf = vec![0u8; RELAY_BUFFER];
     loop {
@@ -260,9 +281,8 @@ async fn pump(
         if to.write_all(buf.get(..n).unwrap_or_default()).await.is_err() {
             break;
         }
-        for total in totals {
-            total.fetch_add(n as u64, Ordering::Relaxed);
-        }
+        mine.fetch_add(n as u64, Ordering::Relaxed);
+        total.inc_by(n as u64);
         last.store(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
     let _ = to.shutdown().await;

@@ -221,7 +221,10 @@ pub async fn establish(
         tokio::time::sleep(meet_after).await;
         let Joined { stream: meet, local: port, peer } = introducer.meet(instance, deadline).await?;
         let punched = async {
-            let stream = punch(port, peer.addr, deadline).await?;
+            // Counted once it ends: a punch the relay overtook is dropped uncounted.
+            let punched = punch(port, peer.addr, deadline).await;
+            crate::metrics::metrics().punch(punched.is_ok());
+            let stream = punched?;
             let (stream, session) = initiate(stream, local, remote, timeout).await?;
             Ok(Reached { stream, session, path: Path::Punched, addr: peer.addr })
         };
@@ -349,7 +352,9 @@ async fn answer(
     } else {
         Some(stream)
     };
-    match punch(local, peer.addr, Instant::now() + PUNCH_FOR).await {
+    let punched = punch(local, peer.addr, Instant::now() + PUNCH_FOR).await;
+    crate::metrics::metrics().punch(punched.is_ok());
+    match punched {
         Ok(stream) => {
             let _ = links.send((stream, peer.addr)).await;
         }

@@ -9,14 +9,19 @@
 //! `RegistryConfig::max_queued`): one slow-peer policy, in the state machine,
 //! so the queue here holds at most that many bytes. Every connection task
 //! belongs to the server's `JoinSet` and ends with it.
+//!
+//! The loop also keeps the registry's gauges ([`crate::metrics`]) and its
+//! readiness, and, for `--http`, publishes a [`RegistryView`] snapshot
+//! after changes, at most every [`VIEW_EVERY`]: the page reads snapshots,
+//! never the state machine.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use seaport_proto::meet::{Arrival, MeetSide};
-use seaport_proto::registry::{Registry, RegistryEvent, SessionId};
+use seaport_proto::registry::{Full, Registry, RegistryEvent, SessionId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,6 +31,8 @@ use tracing::Instrument;
 
 use crate::identity::entropy;
 use crate::meet::{Greeting, RelayCounters, greet, pair};
+use crate::metrics::{Refusal, metrics, readiness};
+use crate::page::{InstanceView, RegistryView, SessionView};
 
 /// How the registry relays for the meetings it arranged, and how long and
 /// how many new connections may take to say what they are.
@@ -150,17 +157,45 @@ impl Drop for RelayShare {
     }
 }
 
+/// Most often a new [`RegistryView`] is published.
+pub const VIEW_EVERY: Duration = Duration::from_millis(250);
+/// How often the gauges that change without an event (watches, lookups)
+/// and the readiness are refreshed.
+const GAUGES_EVERY: Duration = Duration::from_secs(1);
+/// The readiness condition the registry sets.
+pub const READY_SESSIONS: &str = "sessions";
+
+/// Times the registry learned of things, for the page.
+#[derive(Default)]
+struct Times {
+    /// When each session connected.
+    sessions: HashMap<SessionId, SystemTime>,
+    /// When each registration was first seen.
+    registrations: HashMap<(SessionId, u32), SystemTime>,
+}
+
 /// Serves `registry` on `listener` until `stop` turns true, relaying as
 /// `relay` says; `on_event` sees every registry event (for logs). The
-/// relays' byte counts go to `counters`.
+/// relays' byte counts go to `counters`. With `view`, publishes snapshots
+/// of what the registry holds for the page.
 pub async fn serve(
     listener: TcpListener,
     mut registry: Registry,
     relay: RelayOptions,
     counters: Arc<RelayCounters>,
     mut stop: watch::Receiver<bool>,
+    view: Option<watch::Sender<Arc<RegistryView>>>,
     mut on_event: impl FnMut(&RegistryEvent),
 ) {
+    let m = metrics();
+    let mut times = Times::default();
+    // Whether the view is behind the registry, and when it may be next published.
+    let mut stale = view.is_some();
+    let mut next_view = tokio::time::Instant::now();
+    let mut gauges = tokio::time::interval(GAUGES_EVERY);
+    gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The session limit, once reached: not ready until below it again.
+    let mut full_at: Option<usize> = None;
     registry.mix_entropy(entropy());
     let (input_tx, mut input_rx) = mpsc::channel::<Input>(1024);
     let mut connections: HashMap<SessionId, Connection> = HashMap::new();
@@ -185,6 +220,7 @@ pub async fn serve(
                         // "Busy", as a full registry says: not a wrong key.
                         let _ = stream.try_write(&[0, 0]);
                         refusals.note(&format!("{} has {from} connections that said nothing yet", peer.ip()));
+                        m.refuse(Refusal::HandshakesFull);
                         continue;
                     }
                     *from += 1;
@@ -207,6 +243,8 @@ pub async fn serve(
                 match greeted {
                 Ok(Greeting::Session(first)) => match registry.accept(crate::clock::now(), peer, entropy()) {
                     Ok(id) => {
+                        times.sessions.insert(id, SystemTime::now());
+                        stale = view.is_some();
                         let _ = stream.set_nodelay(true);
                         let (rd, wr) = stream.into_split();
                         let (queue, rx) = mpsc::unbounded_channel();
@@ -222,6 +260,15 @@ pub async fn serve(
                         // key" (no Noise message is empty); best effort only.
                         let _ = stream.try_write(&[0, 0]);
                         refusals.note(&full.to_string());
+                        // Only the session limit makes the registry unready:
+                        // the handshake limits refuse a flood, not everyone.
+                        if let Full::Sessions(n) = full {
+                            m.refuse(Refusal::SessionsFull);
+                            full_at = Some(n);
+                            readiness().set(READY_SESSIONS, Some(format!("{full} (--max-sessions): refusing new ones")));
+                        } else {
+                            m.refuse(Refusal::HandshakesFull);
+                        }
                     }
                 },
                 Ok(Greeting::Meet(hello)) => {
@@ -255,6 +302,9 @@ pub async fn serve(
                             let share = if relay.enabled { relays.take(proxy.1.ip()) } else { Err(RelayRefusal::Off) };
                             if let Err(why) = &share {
                                 tracing::info!("meeting not relayed: {why}");
+                                if !matches!(why, RelayRefusal::Off) {
+                                    metrics().refuse(Refusal::RelaysFull);
+                                }
                             }
                             let hold = if share.is_ok() { relay.idle } else { UNRELAYED_HOLD };
                             if let Err(e) = pair(proxy, service, share.is_ok(), hold, counters).await {
@@ -283,6 +333,31 @@ pub async fn serve(
             () = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                 registry.handle_timeout(crate::clock::now());
             }
+            _ = gauges.tick() => {
+                // Every closed session should have said so; this bounds the
+                // map even if one did not.
+                if times.sessions.len() > registry.session_count() {
+                    let live: HashSet<SessionId> = registry.sessions().map(|(id, _, _)| id).collect();
+                    times.sessions.retain(|id, _| live.contains(id));
+                }
+                m.watches.set(gauge(registry.directory().watch_total()));
+                let lookups = registry.lookups_answered();
+                m.lookups.inc_by(lookups.saturating_sub(m.lookups.get()));
+                let established = || registry.sessions().filter(|(_, key, _)| key.is_some()).count();
+                if full_at.is_some_and(|n| established() < n) {
+                    full_at = None;
+                    readiness().set(READY_SESSIONS, None);
+                }
+            }
+            () = tokio::time::sleep_until(next_view), if stale => {
+                if let Some(view) = &view {
+                    // Read apart: a borrow held across send_replace would deadlock.
+                    let started = view.borrow().started;
+                    view.send_replace(Arc::new(snapshot(&registry, &mut times, started)));
+                }
+                stale = false;
+                next_view = tokio::time::Instant::now() + VIEW_EVERY;
+            }
             _ = stop.changed() => return,
         }
         loop {
@@ -302,13 +377,18 @@ pub async fn serve(
                     if let Some(conn) = connections.remove(id) {
                         conn.reader.abort();
                     }
+                    times.sessions.remove(id);
                 }
+                count(&event);
+                stale = view.is_some();
                 on_event(&event);
             }
             if !progressed {
                 break;
             }
         }
+        m.sessions.set(gauge(registry.session_count()));
+        m.instances.set(gauge(registry.instance_count()));
     }
 }
 
@@ -348,6 +428,70 @@ impl Refusals {
             self.since = 0;
         }
     }
+}
+
+/// A count as a gauge value.
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Counts a registry event in the metrics.
+fn count(event: &RegistryEvent) {
+    let m = metrics();
+    let registrations = |what| m.registrations.get_or_create(&crate::metrics::label("event", what)).inc();
+    match event {
+        RegistryEvent::SessionOpened { .. } => {
+            m.sessions_opened.inc();
+            m.handshake(true);
+        }
+        RegistryEvent::SessionClosed { peer, .. } => {
+            m.sessions_closed.inc();
+            if peer.is_none() {
+                m.handshake(false);
+            }
+        }
+        RegistryEvent::Registered { .. } => {
+            registrations("registered");
+        }
+        RegistryEvent::Unregistered { .. } => {
+            registrations("unregistered");
+        }
+        _ => {}
+    }
+}
+
+/// What `registry` holds now, with the times `times` remembers (and keeps
+/// to what still exists).
+fn snapshot(registry: &Registry, times: &mut Times, started: SystemTime) -> RegistryView {
+    let now = SystemTime::now();
+    let directory = registry.directory();
+    let mut seen = HashSet::new();
+    let instances = directory
+        .instances()
+        .map(|(owned, instance)| {
+            seen.insert(owned);
+            InstanceView {
+                key: instance.key,
+                role: instance.role.clone(),
+                addrs: instance.addrs.clone(),
+                connected: times.sessions.get(&owned.0).copied(),
+                registered: *times.registrations.entry(owned).or_insert(now),
+            }
+        })
+        .collect();
+    times.registrations.retain(|owned, _| seen.contains(owned));
+    let mut sessions: Vec<SessionView> = registry
+        .sessions()
+        .map(|(id, key, addr)| SessionView {
+            key,
+            addr,
+            since: times.sessions.get(&id).copied(),
+            registrations: directory.registration_count(id),
+            watches: directory.watch_count(id),
+        })
+        .collect();
+    sessions.sort_by_key(|s| s.since);
+    RegistryView { key: registry.public_key(), started, instances, sessions }
 }
 
 async fn read_loop(id: SessionId, mut rd: OwnedReadHalf, tx: mpsc::Sender<Input>) {

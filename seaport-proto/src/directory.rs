@@ -59,6 +59,22 @@ impl Directory {
         self.owners.get(&owner).map_or(0, |o| o.registrations.len())
     }
 
+    /// Watches held now, all owners together.
+    pub fn watch_total(&self) -> usize {
+        self.owners.values().map(|o| o.watches.len()).sum()
+    }
+
+    /// Every registered instance with its key, by role name, then in answer
+    /// order (read-only; for a status page).
+    pub fn instances(&self) -> impl Iterator<Item = (OwnedId, &Instance)> + '_ {
+        let mut names: Vec<&String> = self.by_name.keys().collect();
+        names.sort_unstable();
+        names
+            .into_iter()
+            .filter_map(|name| self.by_name.get(name))
+            .flat_map(|entries| entries.iter().map(|(key, entry)| (*key, &entry.instance)))
+    }
+
     /// How many watches `owner` holds.
     pub fn watch_count(&self, owner: SessionId) -> usize {
         self.owners.get(&owner).map_or(0, |o| o.watches.len())

@@ -241,6 +241,8 @@ pub struct Registry {
     farewells: VecDeque<(SessionId, Vec<u8>)>,
     events: VecDeque<RegistryEvent>,
     next_sweep: Option<Instant>,
+    /// Lookups and watches answered (for metrics).
+    lookups_answered: u64,
 }
 
 /// How often silent sessions are looked for: bounds detection to idle + this.
@@ -266,6 +268,7 @@ impl Registry {
             farewells: VecDeque::new(),
             events: VecDeque::new(),
             next_sweep: None,
+            lookups_answered: 0,
         }
     }
 
@@ -282,6 +285,17 @@ impl Registry {
     /// Registered instances now.
     pub fn instance_count(&self) -> usize {
         self.directory.instance_count()
+    }
+
+    /// Every session now (read-only; for a status page): its id, its
+    /// identity once the handshake completed, and the address it came from.
+    pub fn sessions(&self) -> impl Iterator<Item = (SessionId, Option<PublicKey>, SocketAddr)> + '_ {
+        self.peers.iter().map(|(id, peer)| (*id, peer.session.remote(), peer.observed))
+    }
+
+    /// Lookups and watches answered since start.
+    pub fn lookups_answered(&self) -> u64 {
+        self.lookups_answered
     }
 
     /// What is registered and watched now.
@@ -600,6 +614,7 @@ impl Registry {
             Message::Lookup { id: req, query } => {
                 let answer = self.directory.answer(req, &query);
                 self.send_plain(id, &answer);
+                self.lookups_answered += 1;
             }
             Message::Watch { id: watch, query } => {
                 let replacing = self.directory.has_watch((id, watch));
@@ -611,6 +626,7 @@ impl Registry {
                 let answer = self.directory.answer(watch, &query);
                 self.directory.watch((id, watch), query);
                 self.send_plain(id, &answer);
+                self.lookups_answered += 1;
             }
             Message::Unwatch { id: watch } => {
                 if !self.directory.unwatch((id, watch)) {

@@ -296,6 +296,13 @@ fn check_directory(ops: &[Op]) {
             Op::Tick { quiet: None, .. } => {}
         }
         assert_eq!(directory.instance_count(), model.len());
+        // The status page's read-only views agree with the model.
+        let mut listed: Vec<(u64, u32)> = directory.instances().map(|((o, r), _)| (o.0, r)).collect();
+        listed.sort_unstable();
+        assert_eq!(listed, model.keys().map(|(p, r)| (*p as u64, *r)).collect::<Vec<_>>());
+        let names: Vec<&str> = directory.instances().map(|(_, i)| i.role.name()).collect();
+        assert!(names.windows(2).all(|w| w[0] <= w[1]), "grouped by role name: {names:?}");
+        assert_eq!(directory.watch_total(), watches.len());
         for peer in 0..PEERS {
             let regs = model.keys().filter(|(p, _)| *p == peer).count();
             assert_eq!(directory.registration_count(owner(peer)), regs);

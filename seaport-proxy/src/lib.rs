@@ -16,6 +16,7 @@ use seaport_net::control::{ControlTask, lock};
 use seaport_net::event::{Event, emit};
 use seaport_net::identity::random_u64;
 use seaport_net::link::{InstanceId, Links};
+use seaport_net::metrics::readiness;
 use seaport_net::reach::Introducer;
 use seaport_net::serve::{accept_until, drain};
 use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, Strategy};
@@ -124,6 +125,13 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         listeners.push(listener);
     }
     let queries: Vec<RoleQuery> = mappings.iter().map(|m| m.query.clone()).collect();
+    // Ready while an instance of every role served is known (`/ready`).
+    for query in &queries {
+        readiness().set(&format!("role {query}"), Some(format!("no instance of {query} known")));
+    }
+    // Lives as long as `run`: dropping it stops the HTTP server.
+    let (_http_stop, http_stop) = watch::channel(false);
+    seaport_net::http::start(args.client.metrics, None, http_stop).await?;
     let resolver = args.client.resolver().await?;
     let mut config = ClientConfig::new(keypair.clone(), args.client.registry.key);
     // Tells this process's sessions from those of others with the same seed.
@@ -178,6 +186,9 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             }
             if now.is_empty() {
                 tracing::warn!(query = %wanted, "no instance matches the query right now");
+                readiness().set(&format!("role {wanted}"), Some(format!("no instance of {wanted} known")));
+            } else {
+                readiness().set(&format!("role {wanted}"), None);
             }
             if let Some(slot) = known.get_mut(*query) {
                 *slot = now;
@@ -246,6 +257,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     seaport_net::signal::shutdown_signal().await;
     tracing::info!("shutting down: draining open connections");
     emit(&Event::Draining);
+    readiness().set("shutdown", Some("shutting down".to_owned()));
     seaport_net::notify::stopping();
     let _ = stop_tx.send(true);
     let mut conns = Vec::new();

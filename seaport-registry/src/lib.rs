@@ -4,16 +4,18 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use clap::Parser;
 use seaport_net::cli::{Bootstrap, Failure, HOUR, MINUTE, duration_in};
 use seaport_net::dht::{Rendezvous, publish_loop};
 use seaport_net::event::{Event, emit};
+use seaport_net::http::Page;
 use seaport_net::identity::{load_seed, random_seed};
 use seaport_net::meet::RelayCounters;
-use seaport_net::registry::RelayOptions;
+use seaport_net::metrics::readiness;
+use seaport_net::page::{RegistryPage, RegistryView};
+use seaport_net::registry::{READY_SESSIONS, RelayOptions};
 use seaport_proto::keys::Keypair;
 use seaport_proto::registry::{CloseReason, Registry, RegistryConfig, RegistryEvent};
 use tokio::sync::watch;
@@ -94,6 +96,15 @@ pub struct Args {
     /// through their NATs, and a pair that cannot punch cannot connect.
     #[arg(long, conflicts_with = "max_relays")]
     pub no_relay: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics, with /ready and
+    /// /healthz (off by default; e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Serve a live read-only page of roles, instances and sessions at
+    /// http://ADDR/, and its data at /api/instances (off by default; the
+    /// same ADDR as --metrics shares one listener).
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
 }
 
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
@@ -147,7 +158,18 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             "relaying is off (--no-relay): proxies and services that cannot punch through their NATs cannot connect"
         );
     }
+    // The page reads snapshots the server publishes; the server alone owns the registry.
+    let (view, page) = match args.http {
+        Some(addr) => {
+            let (tx, rx) = watch::channel(Arc::new(RegistryView::new(keypair.public())));
+            let page: Arc<dyn Page> = Arc::new(RegistryPage::new(rx));
+            (Some(tx), Some((addr, page)))
+        }
+        None => (None, None),
+    };
+    seaport_net::http::start(args.metrics, page, stop.clone()).await?;
     emit(&Event::RegistryListening { key: keypair.public() });
+    readiness().set(READY_SESSIONS, None);
     seaport_net::notify::ready();
     let counters = Arc::new(RelayCounters::default());
     let server = tokio::spawn(seaport_net::registry::serve(
@@ -156,15 +178,17 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         relay,
         counters.clone(),
         stop,
+        view,
         log_event,
     ));
     seaport_net::signal::shutdown_signal().await;
     tracing::info!("shutting down");
     seaport_net::notify::stopping();
+    readiness().set(READY_SESSIONS, Some("shutting down".to_owned()));
     let _ = stop_tx.send(true);
     let _ = server.await;
-    let relayed = counters.to_service.load(Ordering::Relaxed) + counters.to_proxy.load(Ordering::Relaxed);
-    tracing::info!(relays = counters.opened.load(Ordering::Relaxed), bytes = relayed, "relayed in all");
+    let relayed = counters.to_service.get() + counters.to_proxy.get();
+    tracing::info!(relays = counters.opened.get(), bytes = relayed, "relayed in all");
     emit(&Event::Stopped);
     Ok(())
 }

@@ -14,6 +14,7 @@ use seaport_net::control::{ControlTask, lock};
 use seaport_net::event::{Event, emit};
 use seaport_net::handshake::HandshakeError;
 use seaport_net::link::{self, Backend};
+use seaport_net::metrics::readiness;
 use seaport_net::reach;
 use seaport_net::serve::{accept_until, drain};
 use seaport_proto::client::{ClientConfig, ServiceClient, ServiceEvent};
@@ -108,6 +109,11 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         .await
         .map_err(|e| format!("cannot listen for links on {}: {e}; choose another --listen", args.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
+    // Ready once the registry confirmed the role (`/ready`).
+    readiness().set(READY, Some(format!("{role} is not registered yet")));
+    // Lives as long as `run`: dropping it stops the HTTP server.
+    let (_http_stop, http_stop) = watch::channel(false);
+    seaport_net::http::start(args.client.metrics, None, http_stop).await?;
     emit(&Event::ServiceStarted { key: keypair.public() });
 
     let resolver = args.client.resolver().await?;
@@ -162,6 +168,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     // Unregister first, so no proxy picks us while we drain.
     tracing::info!("shutting down: unregistering, then draining open links");
     emit(&Event::Draining);
+    readiness().set(READY, Some("shutting down".to_owned()));
     seaport_net::notify::stopping();
     health.abort();
     reloads.abort();
@@ -174,6 +181,9 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     emit(&Event::Stopped);
     Ok(())
 }
+
+/// The readiness condition: the role is registered.
+const READY: &str = "registered";
 
 /// Turns the client's events into stdout lines and logs. A disconnect is
 /// reported once, and only after a session that was up.
@@ -189,11 +199,13 @@ fn reporter(offers: mpsc::Sender<(Ticket, PublicKey)>) -> impl FnMut(&ServiceEve
             Err(mpsc::error::TrySendError::Closed(_)) => tracing::debug!(%proxy, "meeting offer ignored"),
         },
         ServiceEvent::Registered(role) => {
+            readiness().set(READY, None);
             emit(&Event::Registered { role: role.clone() });
             seaport_net::notify::ready();
         }
         ServiceEvent::Refused { role, code, text } => {
             tracing::error!(%role, %code, "registry refused: {text}; asking again after the next reconnect");
+            readiness().set(READY, Some(format!("the registry refused {role}: {text}")));
             emit(&Event::RegistrationRefused { role: role.clone(), text: text.clone() });
         }
         ServiceEvent::Connected => {
@@ -201,6 +213,7 @@ fn reporter(offers: mpsc::Sender<(Ticket, PublicKey)>) -> impl FnMut(&ServiceEve
             tracing::info!("connected to registry");
         }
         ServiceEvent::Disconnected(reason) => {
+            readiness().set(READY, Some(format!("not registered: no session with the registry ({reason})")));
             if std::mem::take(&mut connected) {
                 emit(&Event::Disconnected { reason: reason.to_string() });
             }
@@ -231,6 +244,7 @@ async fn watch_backend(
             } else {
                 tracing::warn!(%backend, "backend is down: withdrawing the registration");
                 let reason = format!("backend {backend} is down");
+                readiness().set(READY, Some(format!("{role} withdrawn: {reason}")));
                 emit(&Event::Withdrawn { role: role.clone(), reason });
             }
             lock(&client).set_available(up);
