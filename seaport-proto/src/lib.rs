@@ -13,6 +13,7 @@
 //! - [`message`]: the postcard-encoded control messages.
 //! - [`range`], [`role`]: npm version ranges; `Role` and `RoleQuery`.
 //! - [`directory`]: the registry's index of instances and watches (no sessions).
+//! - [`acl`]: who may register and look up which roles (`--acl`), as the registry consults it.
 //! - [`registry`]: the registry state machine (many sessions), over a [`directory::Directory`].
 //! - `testing` (feature `testing`): the in-memory harness every test and the
 //!   registry fuzz target share.
@@ -77,6 +78,7 @@
 // workspace's no-unwrap, no-indexing rule.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 
+pub mod acl;
 pub mod client;
 pub mod directory;
 pub mod frame;

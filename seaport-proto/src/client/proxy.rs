@@ -1,8 +1,12 @@
 //! The proxy side: watches one query, keeps the instances last reported
 //! (across registry reconnects) and orders them for each new connection.
 //!
-//! Invariant: the instance set only ever holds instances that match the
-//! proxy's own query, whatever the registry sends.
+//! Invariants: the instance set only ever holds instances that match the
+//! proxy's own query, whatever the registry sends. An answer that comes in
+//! parts ([`Message::InstancesPart`]s, then the last `Instances`) is
+//! reported only once whole, never a part of it; at most one answer is
+//! being assembled at a time (the registry sends an answer's parts one after
+//! another), and it holds at most [`MAX_ANSWER_INSTANCES`] instances.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -12,7 +16,7 @@ use crate::client::control::{ControlEvent, ControlLink};
 use crate::client::{ClientConfig, ClientError};
 use crate::keys::PublicKey;
 use crate::meet::Ticket;
-use crate::message::{ErrorCode, Instance, Message};
+use crate::message::{ErrorCode, Instance, MAX_ANSWER_INSTANCES, Message};
 use crate::noise::Capabilities;
 use crate::role::RoleQuery;
 
@@ -81,7 +85,17 @@ pub struct ProxyClient {
     next_lookup: u32,
     /// Meet requests the registry has not answered yet.
     meets: HashSet<u32>,
+    /// The answer being assembled from parts, if any.
+    partial: Option<Partial>,
     events: VecDeque<ProxyEvent>,
+}
+
+/// The parts of one answer received so far.
+struct Partial {
+    id: u32,
+    instances: Vec<Instance>,
+    /// More came than [`MAX_ANSWER_INSTANCES`]: the rest was let go.
+    cut: bool,
 }
 
 impl ProxyClient {
@@ -95,6 +109,7 @@ impl ProxyClient {
             instances: Vec::new(),
             next_lookup: WATCH_ID + 1,
             meets: HashSet::new(),
+            partial: None,
             events: VecDeque::new(),
         }
     }
@@ -149,7 +164,45 @@ impl ProxyClient {
         self.balancer.report_failure(now, key);
     }
 
+    /// Adds a part of answer `id`; a part of another answer than the one
+    /// under way means that one was abandoned (its session cannot carry
+    /// both at once), so it starts afresh.
+    fn add_part(&mut self, id: u32, instances: Vec<Instance>) {
+        let partial = match &mut self.partial {
+            Some(p) if p.id == id => p,
+            other => other.insert(Partial { id, instances: Vec::new(), cut: false }),
+        };
+        let room = MAX_ANSWER_INSTANCES.saturating_sub(partial.instances.len());
+        partial.cut |= instances.len() > room;
+        partial.instances.extend(instances.into_iter().take(room));
+    }
+
+    /// Answer `id`'s last part: with the parts before it, the whole set.
+    fn assemble(&mut self, id: u32, last: Vec<Instance>, truncated: bool) -> (Vec<Instance>, bool) {
+        match self.partial.take() {
+            Some(p) if p.id == id => {
+                let mut all = p.instances;
+                let room = MAX_ANSWER_INSTANCES.saturating_sub(all.len());
+                let cut = p.cut || last.len() > room;
+                all.extend(last.into_iter().take(room));
+                (all, truncated || cut)
+            }
+            _ => (last, truncated),
+        }
+    }
+
     fn handle_message(&mut self, msg: Message) {
+        let msg = match msg {
+            Message::InstancesPart { id, instances } => {
+                self.add_part(id, instances);
+                return;
+            }
+            Message::Instances { id, instances, truncated } => {
+                let (instances, truncated) = self.assemble(id, instances, truncated);
+                Message::Instances { id, instances, truncated }
+            }
+            other => other,
+        };
         match msg {
             Message::Instances { id: WATCH_ID, instances, truncated } => {
                 // Only what we asked for: a confused registry cannot steer us elsewhere.
@@ -189,6 +242,8 @@ impl ProxyClient {
             }
             ControlEvent::Message(msg) => self.handle_message(msg),
             ControlEvent::Closed(reason) => {
+                // Half an answer is no answer: the next session sends it whole.
+                self.partial = None;
                 // Unanswered meetings will not be answered on a new session.
                 for id in std::mem::take(&mut self.meets) {
                     self.events.push_back(ProxyEvent::MeetRefused { id, text: reason.to_string() });
