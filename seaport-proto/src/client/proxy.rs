@@ -255,3 +255,113 @@ impl ProxyClient {
 }
 
 registry_client!(ProxyClient, ProxyEvent);
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::client::RegistryClient;
+    use crate::keys::{Keypair, Seed};
+    use crate::noise::Intent;
+    use crate::role::Role;
+    use crate::session::Session;
+
+    fn keypair(n: u8) -> Keypair {
+        Keypair::from_seed(&Seed::from_bytes([n; 32]))
+    }
+
+    /// A proxy client whose session to a hand-driven registry session is open.
+    fn open_proxy() -> (ProxyClient, Session, Instant) {
+        let now = Instant::now();
+        let config = ClientConfig::new(keypair(2), keypair(1).public());
+        let mut proxy = ProxyClient::new(
+            config,
+            RoleQuery::parse("db").unwrap(),
+            Strategy::First,
+            Duration::from_secs(1),
+        );
+        proxy.connect(now, [3; 32]).unwrap();
+        let mut registry =
+            Session::respond(now, &keypair(1), Intent::Control, [4; 32], Duration::from_secs(5)).unwrap();
+        let mut wire = Vec::new();
+        proxy.poll_transmit(&mut wire);
+        registry.handle_input(now, &wire).unwrap();
+        (proxy, registry, now)
+    }
+
+    /// Delivers `msgs` from the registry; returns the proxy's events.
+    fn deliver(
+        proxy: &mut ProxyClient,
+        registry: &mut Session,
+        now: Instant,
+        msgs: &[Message],
+    ) -> Vec<ProxyEvent> {
+        for msg in msgs {
+            let mut plain = Vec::new();
+            msg.encode(&mut plain).unwrap();
+            registry.send(&plain).unwrap();
+        }
+        let mut wire = Vec::new();
+        registry.poll_transmit(&mut wire);
+        proxy.handle_input(now, &wire);
+        std::iter::from_fn(|| proxy.poll_event()).filter(|e| !matches!(e, ProxyEvent::Connected)).collect()
+    }
+
+    fn instances(from: u8, count: u8) -> Vec<Instance> {
+        (from..from + count)
+            .map(|n| Instance {
+                key: keypair(n).public(),
+                role: Role::parse("db@1.0.0").unwrap(),
+                addrs: vec!["127.0.0.1:1".parse().unwrap()],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parts_are_reported_only_once_whole() {
+        let (mut proxy, mut registry, now) = open_proxy();
+        let part = Message::InstancesPart { id: WATCH_ID, instances: instances(10, 3) };
+        assert_eq!(deliver(&mut proxy, &mut registry, now, &[part.clone(), part.clone()]), vec![]);
+        assert!(proxy.instances().is_empty(), "nothing acted on before the last part");
+        let last = Message::Instances { id: WATCH_ID, instances: instances(20, 2), truncated: false };
+        let events = deliver(&mut proxy, &mut registry, now, &[last]);
+        let [ProxyEvent::Instances { instances: got, truncated: false }] = events.as_slice() else {
+            panic!("{events:?}")
+        };
+        assert_eq!(got.len(), 8);
+        assert_eq!(got[6].key, keypair(20).public(), "in order: parts, then the last");
+
+        // Parts of an answer given up on are not mixed into the next one.
+        let stale = Message::InstancesPart { id: 5, instances: instances(30, 4) };
+        let fresh = Message::Instances { id: WATCH_ID, instances: instances(40, 1), truncated: false };
+        let events = deliver(&mut proxy, &mut registry, now, &[stale, fresh]);
+        assert!(
+            matches!(&events[..], [ProxyEvent::Instances { instances, .. }] if instances.len() == 1),
+            "{events:?}"
+        );
+
+        // A part cut off by the end of the session is dropped with it.
+        let part = Message::InstancesPart { id: WATCH_ID, instances: instances(50, 2) };
+        deliver(&mut proxy, &mut registry, now, &[part]);
+        proxy.handle_closed();
+        assert!(proxy.partial.is_none());
+    }
+
+    #[test]
+    fn an_answer_in_parts_is_held_to_the_answer_cap() {
+        let (mut proxy, mut registry, now) = open_proxy();
+        let part = Message::InstancesPart { id: WATCH_ID, instances: instances(1, 200) };
+        let rounds = MAX_ANSWER_INSTANCES / 200 + 2;
+        for _ in 0..rounds {
+            deliver(&mut proxy, &mut registry, now, std::slice::from_ref(&part));
+        }
+        assert_eq!(proxy.partial.as_ref().unwrap().instances.len(), MAX_ANSWER_INSTANCES);
+        let last = Message::Instances { id: WATCH_ID, instances: instances(1, 1), truncated: false };
+        let events = deliver(&mut proxy, &mut registry, now, &[last]);
+        let [ProxyEvent::Instances { instances: got, truncated: true }] = events.as_slice() else {
+            panic!("{events:?}")
+        };
+        assert_eq!(got.len(), MAX_ANSWER_INSTANCES);
+    }
+}
