@@ -1,6 +1,7 @@
 //! seaport-net: the tokio glue shared by the seaport binaries, and the only
 //! crate that touches sockets, clocks, tasks, OS randomness and the DHT.
 //!
+//! - [`acl`]: the registry's `--acl` file: who may register and look up which roles.
 //! - [`allow`]: which proxy keys may open links to a service.
 //! - [`clock`]: the one place time is read (tokio's clock).
 //! - [`cli`]: what every binary's `main` shares: logging, durations, exits.
@@ -24,6 +25,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 
+pub mod acl;
 pub mod allow;
 pub mod cli;
 pub mod clock;

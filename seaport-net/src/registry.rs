@@ -76,15 +76,22 @@ struct Connection {
 /// the listener's backlog.
 const MAX_GREETING: usize = 1024;
 
+/// A change to make to the running registry from outside its task (a
+/// reloaded access list, say); what it makes the registry send goes out as
+/// after any input.
+pub type Command = Box<dyn FnOnce(&mut Registry) + Send>;
+
 /// Serves `registry` on `listener` until `stop` turns true, relaying as
-/// `relay` says; `on_event` sees every registry event (for logs). The
-/// relays' byte counts go to `counters`.
+/// `relay` says and applying each of `commands` as it comes; `on_event`
+/// sees every registry event (for logs). The relays' byte counts go to
+/// `counters`.
 pub async fn serve(
     listener: TcpListener,
     mut registry: Registry,
     relay: RelayOptions,
     counters: Arc<RelayCounters>,
     mut stop: watch::Receiver<bool>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
     mut on_event: impl FnMut(&RegistryEvent),
 ) {
     registry.mix_entropy(entropy());
@@ -173,6 +180,7 @@ pub async fn serve(
                 Input::Closed(id) => registry.handle_closed(id),
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(command) = commands.recv() => command(&mut registry),
             () = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                 registry.handle_timeout(crate::clock::now());
             }
