@@ -85,8 +85,9 @@ pub struct ProxyClient {
     next_lookup: u32,
     /// Meet requests the registry has not answered yet.
     meets: HashSet<u32>,
-    /// The answer being assembled from parts, if any.
-    partial: Option<Partial>,
+    /// The answer being assembled from parts, if any (boxed: rare, and
+    /// the client is moved around whole).
+    partial: Option<Box<Partial>>,
     events: VecDeque<ProxyEvent>,
 }
 
@@ -170,7 +171,7 @@ impl ProxyClient {
     fn add_part(&mut self, id: u32, instances: Vec<Instance>) {
         let partial = match &mut self.partial {
             Some(p) if p.id == id => p,
-            other => other.insert(Partial { id, instances: Vec::new(), cut: false }),
+            other => other.insert(Box::new(Partial { id, instances: Vec::new(), cut: false })),
         };
         let room = MAX_ANSWER_INSTANCES.saturating_sub(partial.instances.len());
         partial.cut |= instances.len() > room;
