@@ -48,7 +48,9 @@
 //!   handshake (the initiator in its `Hello`, the responder in its reply),
 //!   and a feature is used on a session only when both set its bit
 //!   ([`session::Session::remote_capabilities`] against
-//!   [`noise::CAPABILITIES`]). Unknown bits are ignored, and so are bytes
+//!   [`noise::CAPABILITIES`]; e.g. a registry sends an answer in parts,
+//!   [`message::Message::InstancesPart`], only to a client with
+//!   [`noise::Capabilities::PARTS`]). Unknown bits are ignored, and so are bytes
 //!   after the fields a build knows in either handshake payload: a newer
 //!   peer adds fields at the end.
 //! - **A new message** is a new [`message::Message`] variant, appended after

@@ -621,7 +621,11 @@ impl Registry {
         if due {
             self.mark_dirty(id);
         }
-        // Budget freed: peers waiting for it try again.
+        self.retry_starved();
+    }
+
+    /// Budget freed: peers whose updates waited for it try again.
+    fn retry_starved(&mut self) {
         if !self.starved.is_empty() && self.queued < self.config.max_total_queued {
             for starved in std::mem::take(&mut self.starved) {
                 self.mark_dirty(starved);
@@ -639,14 +643,16 @@ impl Registry {
         let Some(key) = peer.session.remote() else { return };
         match msg {
             Message::Register { id: reg, role, port, addrs } => {
+                // The access list first: a key that may not register learns
+                // nothing of the limits.
+                if !self.allows(&key, Action::Register, role.name()) {
+                    self.forbid(id, key, reg, &format!("{} {role} refused", Action::Register));
+                    return;
+                }
                 let replacing = self.directory.has_registration((id, reg));
                 if !replacing && self.directory.registration_count(id) >= self.config.max_registrations {
                     let text = format!("at most {} registrations per session", self.config.max_registrations);
                     self.send(id, &error(Some(reg), ErrorCode::LIMIT, &text));
-                    return;
-                }
-                if !self.allows(&key, Action::Register, role.name()) {
-                    self.forbid(id, key, reg, &format!("{} {role} refused", Action::Register));
                     return;
                 }
                 if !replacing && self.directory.instance_count() >= self.config.max_total_registrations {
@@ -691,14 +697,14 @@ impl Registry {
                 }
             }
             Message::Watch { id: watch, query } => {
+                if !self.allows(&key, Action::Lookup, query.name()) {
+                    self.forbid(id, key, watch, &format!("watch of {query} refused"));
+                    return;
+                }
                 let replacing = self.directory.has_watch((id, watch));
                 if !replacing && self.directory.watch_count(id) >= self.config.max_watches {
                     let text = format!("at most {} watches per session", self.config.max_watches);
                     self.send(id, &error(Some(watch), ErrorCode::LIMIT, &text));
-                    return;
-                }
-                if !self.allows(&key, Action::Lookup, query.name()) {
-                    self.forbid(id, key, watch, &format!("watch of {query} refused"));
                     return;
                 }
                 self.directory.watch((id, watch), query);
@@ -738,6 +744,15 @@ impl Registry {
     /// asker's budget ([`Meetings::open`]).
     fn meet(&mut self, now: Instant, id: SessionId, key: PublicKey, req: u32, service: PublicKey) {
         let target = self.by_key.get(&service).copied().filter(|s| self.directory.registration_count(*s) > 0);
+        // With an access list, a service is there for a proxy only through a
+        // role the proxy may look up; otherwise it is unknown to it, as if
+        // not registered, so that the answer tells nothing it may not know.
+        let target = target.filter(|s| {
+            self.directory
+                .registrations_of(*s)
+                .iter()
+                .any(|(_, i)| self.allows(&key, Action::Lookup, i.role.name()))
+        });
         let Some(target) = target else {
             self.send(
                 id,
@@ -868,6 +883,7 @@ impl Registry {
         let Some(peer) = self.peers.remove(&id) else { return };
         self.queued = self.queued.saturating_sub(peer.counted);
         self.starved.remove(&id);
+        self.retry_starved();
         if let Some(key) = peer.session.remote() {
             if self.by_key.get(&key) == Some(&id) {
                 self.by_key.remove(&key);
@@ -1161,6 +1177,16 @@ mod tests {
         // "*" names any key, for what it grants.
         let got = net.exchange(1, &Message::Lookup { id: 8, query: query("public") });
         assert!(matches!(&got[..], [Message::Instances { id: 8, .. }]), "{got:?}");
+        // A meeting only with a service the asker may look up; to others it is
+        // unknown, exactly as one that is not registered.
+        let service = keypair(2).public();
+        let got = net.exchange(1, &Message::Meet { id: 9, service });
+        assert!(
+            matches!(&got[..], [Message::Error { id: Some(9), code: ErrorCode::UNKNOWN, .. }]),
+            "{got:?}"
+        );
+        let got = net.exchange(2, &Message::Meet { id: 10, service });
+        assert!(matches!(&got[..], [Message::MeetReady { id: 10, .. }]), "{got:?}");
     }
 
     #[test]
