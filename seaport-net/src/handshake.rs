@@ -41,6 +41,9 @@ pub enum HandshakeError {
     /// No address of the instance could be reached, each for its own cause.
     #[error("no address reachable: {0}")]
     Unreachable(Unreachable<HandshakeError>),
+    /// The proxy holds as many links or streams as this service allows it.
+    #[error(transparent)]
+    OverBudget(#[from] crate::budget::OverBudget),
     /// No meeting through the registry (refused, not connected, timed out).
     #[error("no meeting: {0}")]
     NoMeeting(String),

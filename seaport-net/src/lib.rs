@@ -3,6 +3,7 @@
 //!
 //! - [`acl`]: the registry's `--acl` file: who may register and look up which roles.
 //! - [`allow`]: which proxy keys may open links to a service.
+//! - [`budget`]: how many links and streams a service's proxies may hold.
 //! - [`clock`]: the one place time is read (tokio's clock).
 //! - [`cli`]: what every binary's `main` shares: logging, durations, exits.
 //! - [`event`]: the stdout event lines, one type for every binary.
@@ -27,6 +28,7 @@
 
 pub mod acl;
 pub mod allow;
+pub mod budget;
 pub mod cli;
 pub mod clock;
 pub mod control;

@@ -52,6 +52,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::allow::AllowList;
+use crate::budget::{Budget, LinkShare, OverBudget, StreamShare};
 use crate::clock;
 use crate::dial;
 use crate::event::{Event, emit};
@@ -539,12 +540,22 @@ pub async fn initiate(
 }
 
 /// What a service needs to connect the streams of its links.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Backend {
     /// The backend's address.
     pub addr: SocketAddr,
     /// How long connecting to it may take before the stream is refused.
     pub connect_timeout: Duration,
+    /// What the service's proxies may hold at once, shared by every link.
+    pub budget: Arc<Budget>,
+}
+
+/// A service's side of a link: where streams go, when to stop taking them,
+/// and the link's share of the budget.
+struct ServiceSide {
+    backend: Backend,
+    drain: watch::Receiver<bool>,
+    share: LinkShare,
 }
 
 /// Serves one link on the service side: the handshake (the proxy must ask for
@@ -562,13 +573,13 @@ pub async fn serve(
     let _ = stream.set_nodelay(true);
     let mut session = Session::respond(clock::now(), local, Intent::Link, entropy(), timeout)?;
     handshake(&mut stream, &mut session, timeout, &|key| allow.admits(key)).await?;
-    if let Some(key) = session.remote() {
-        crate::serve::record_peer_key(&key);
-    }
+    let key = session.remote().ok_or(HandshakeError::ClosedEarly)?;
+    crate::serve::record_peer_key(&key);
+    let share = backend.budget.link(key)?;
     let (transport, leftover) = session.into_transport().ok_or(HandshakeError::ClosedEarly)?;
     let (sealer, opener) = transport.split();
     let shared = new_shared(Side::Service, config);
-    drive(shared, stream, sealer, opener, leftover, Some((backend, drain))).await;
+    drive(shared, stream, sealer, opener, leftover, Some(ServiceSide { backend, drain, share })).await;
     Ok(())
 }
 
@@ -579,7 +590,7 @@ async fn drive(
     sealer: Sealer,
     opener: Opener,
     leftover: Vec<u8>,
-    mut service: Option<(Backend, watch::Receiver<bool>)>,
+    mut service: Option<ServiceSide>,
 ) {
     let (rd, wr) = stream.into_split();
     let mut streams = JoinSet::new();
@@ -593,19 +604,29 @@ async fn drive(
             () = &mut writer, if writing => writing = false,
             () = shared.opened.notified(), if service.is_some() => {
                 let opened = std::mem::take(&mut shared.lock().opened);
-                if let Some((backend, _)) = &service {
+                if let Some(side) = &service {
                     for id in opened {
                         // A stream reset while its backend connect is under way
                         // leaves the link's count but not this task's: cap the
                         // tasks too, or OPEN+RESET floods would pile up connects.
-                        if streams.len() >= shared.lock().link.config().max_streams {
-                            let mut state = shared.lock();
-                            let _ = state.link.refuse(id, Reason::STREAM_LIMIT);
-                            changed(&mut state, &shared);
-                            continue;
-                        }
+                        let share = if streams.len() >= shared.lock().link.config().max_streams {
+                            Err(OverBudget::Streams(streams.len()))
+                        } else {
+                            side.share.stream()
+                        };
+                        let share = match share {
+                            Ok(share) => share,
+                            Err(e) => {
+                                tracing::debug!("stream refused: {e}");
+                                let mut state = shared.lock();
+                                let _ = state.link.refuse(id, Reason::STREAM_LIMIT);
+                                changed(&mut state, &shared);
+                                continue;
+                            }
+                        };
                         let span = tracing::info_span!("stream", id = id.get());
-                        streams.spawn(connect_stream(shared.clone(), id, *backend).instrument(span));
+                        let work = connect_stream(shared.clone(), id, side.backend.clone(), share);
+                        streams.spawn(work.instrument(span));
                     }
                 }
             }
@@ -624,9 +645,9 @@ async fn drive(
 
 /// Resolves once the service starts to drain, then never again (the link
 /// goes away once).
-async fn draining(service: &mut Option<(Backend, watch::Receiver<bool>)>) {
+async fn draining(service: &mut Option<ServiceSide>) {
     match service {
-        Some((_, drain)) if !*drain.borrow() => {
+        Some(ServiceSide { drain, .. }) if !*drain.borrow() => {
             if drain.wait_for(|d| *d).await.is_err() {
                 std::future::pending::<()>().await;
             }
@@ -637,7 +658,7 @@ async fn draining(service: &mut Option<(Backend, watch::Receiver<bool>)>) {
 
 /// Service: connects the backend for stream `id`, accepts or refuses it, and
 /// carries it.
-async fn connect_stream(shared: Arc<Shared>, id: StreamId, backend: Backend) {
+async fn connect_stream(shared: Arc<Shared>, id: StreamId, backend: Backend, _share: StreamShare) {
     let connected = dial::connect(backend.addr, backend.connect_timeout).await;
     let socket = {
         let mut state = shared.lock();

@@ -11,7 +11,7 @@
 //! belongs to the server's `JoinSet` and ends with it.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +27,8 @@ use tracing::Instrument;
 use crate::identity::entropy;
 use crate::meet::{Greeting, RelayCounters, greet, pair};
 
-/// How the registry relays for the meetings it arranged.
+/// How the registry relays for the meetings it arranged, and how long and
+/// how many new connections may take to say what they are.
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
     /// Splice the two sides of a meeting (`--no-relay` turns it off: then
@@ -39,6 +40,10 @@ pub struct RelayOptions {
     pub idle: Duration,
     /// How long a new connection may take to send its first frame.
     pub greeting_timeout: Duration,
+    /// Most new connections from one source address waiting to send their
+    /// first frame (the registry's own handshake pool has the same cap per
+    /// source, `RegistryConfig::max_handshakes_per_source`).
+    pub greeting_per_source: usize,
 }
 
 impl Default for RelayOptions {
@@ -48,6 +53,7 @@ impl Default for RelayOptions {
             max: 64,
             idle: crate::meet::RELAY_IDLE,
             greeting_timeout: Duration::from_secs(10),
+            greeting_per_source: 16,
         }
     }
 }
@@ -103,12 +109,21 @@ pub async fn serve(
     // First sides of meetings, waiting for the second.
     let mut waiting: HashMap<Ticket, oneshot::Sender<(TcpStream, SocketAddr)>> = HashMap::new();
     let relays = Arc::new(Semaphore::new(relay.max));
+    // Greeting connections per source address, to cap each source's share.
+    let mut greeting_from: HashMap<IpAddr, usize> = HashMap::new();
+    let mut refusals = Refusals::default();
     let mut buf = Vec::new();
     loop {
         let deadline = registry.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
             accepted = listener.accept(), if greeting.len() < MAX_GREETING => match accepted {
                 Ok((mut stream, peer)) => {
+                    let from = greeting_from.entry(peer.ip()).or_default();
+                    if *from >= relay.greeting_per_source {
+                        refusals.note(&format!("{} has {from} connections that said nothing yet", peer.ip()));
+                        continue;
+                    }
+                    *from += 1;
                     let timeout = relay.greeting_timeout;
                     greeting.spawn(async move { (greet(&mut stream, timeout).await, stream, peer) });
                 }
@@ -118,7 +133,14 @@ pub async fn serve(
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            Some(Ok((greeted, stream, peer))) = greeting.join_next(), if !greeting.is_empty() => match greeted {
+            Some(Ok((greeted, stream, peer))) = greeting.join_next(), if !greeting.is_empty() => {
+                if let Some(n) = greeting_from.get_mut(&peer.ip()) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        greeting_from.remove(&peer.ip());
+                    }
+                }
+                match greeted {
                 Ok(Greeting::Session(first)) => match registry.accept(crate::clock::now(), peer, entropy()) {
                     Ok(id) => {
                         let _ = stream.set_nodelay(true);
@@ -135,7 +157,7 @@ pub async fn serve(
                         // An empty frame tells the client "full, not a wrong
                         // key" (no Noise message is empty); best effort only.
                         let _ = stream.try_write(&[0, 0]);
-                        tracing::warn!(%peer, "refusing connection: {full}");
+                        refusals.note(&full.to_string());
                     }
                 },
                 Ok(Greeting::Meet(hello)) => match registry.arrive(crate::clock::now(), hello.ticket, hello.side) {
@@ -173,6 +195,7 @@ pub async fn serve(
                     Err(e) => tracing::debug!(%peer, "meet connection refused: {e}"),
                 },
                 Err(e) => tracing::debug!(%peer, "connection closed before its first frame: {e}"),
+                }
             },
             Some(input) = input_rx.recv() => match input {
                 Input::Data(id, bytes) => registry.handle_input(crate::clock::now(), id, &bytes),
@@ -209,6 +232,32 @@ pub async fn serve(
             if !progressed {
                 break;
             }
+        }
+    }
+}
+
+/// Refused connections, logged at most once per [`REFUSAL_LOG_EVERY`]: a
+/// flood must not turn into a flood of log lines.
+#[derive(Default)]
+struct Refusals {
+    last_log: Option<tokio::time::Instant>,
+    since: usize,
+}
+
+/// How often refusals are logged, at most.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl Refusals {
+    fn note(&mut self, why: &str) {
+        self.since += 1;
+        let now = tokio::time::Instant::now();
+        if self.last_log.is_none_or(|at| now.duration_since(at) >= REFUSAL_LOG_EVERY) {
+            tracing::warn!(
+                "refused {} connection(s) in the last {REFUSAL_LOG_EVERY:?}, the last because {why}",
+                self.since
+            );
+            self.last_log = Some(now);
+            self.since = 0;
         }
     }
 }

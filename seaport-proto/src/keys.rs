@@ -109,10 +109,30 @@ impl FromStr for Seed {
 }
 
 /// An ed25519 public key: the name of a registry, service or proxy.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Compared, hashed and ordered in one canonical form: without the sign bit
+/// of its x coordinate (the top bit of the last byte). A key and its twin
+/// with that bit flipped (the negated point) have the same X25519 form, so
+/// the holder of one secret passes the Noise handshake as either; counting
+/// them as one identity keeps one secret from registering as two, or from
+/// slipping past an allow list, an ACL or a pin under its twin. Displayed
+/// as given.
+#[derive(Clone, Copy)]
 pub struct PublicKey([u8; 32]);
 
+/// The sign bit of an ed25519 key's x coordinate.
+const SIGN_BIT: u8 = 0x80;
+
 impl PublicKey {
+    /// The canonical form: the bytes with the sign bit cleared.
+    fn canonical(&self) -> [u8; 32] {
+        let mut bytes = self.0;
+        if let Some(last) = bytes.last_mut() {
+            *last &= !SIGN_BIT;
+        }
+        bytes
+    }
+
     /// Checks that the bytes are an ed25519 point.
     pub fn from_bytes(bytes: [u8; 32]) -> Result<Self, KeyError> {
         VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::NotAPoint)?;
@@ -137,6 +157,32 @@ impl PublicKey {
             Ok(key) => key.to_montgomery().to_bytes(),
             Err(_) => [0; 32],
         }
+    }
+}
+
+impl PartialEq for PublicKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.canonical() == other.canonical()
+    }
+}
+
+impl Eq for PublicKey {}
+
+impl std::hash::Hash for PublicKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.canonical().hash(state);
+    }
+}
+
+impl PartialOrd for PublicKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for PublicKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.canonical().cmp(&other.canonical())
     }
 }
 
@@ -235,6 +281,23 @@ mod tests {
         // zeroize what they hold.
         assert!(std::mem::needs_drop::<Seed>());
         assert!(std::mem::needs_drop::<Keypair>());
+    }
+
+    #[test]
+    fn a_key_and_its_sign_flipped_twin_are_one_identity() {
+        let key = Keypair::from_seed(&Seed::from_bytes([7; 32])).public();
+        let mut twin_bytes = *key.as_bytes();
+        twin_bytes[31] ^= SIGN_BIT;
+        let twin = PublicKey::from_bytes(twin_bytes).expect("the negated point is a point");
+        // Why it matters: the handshake sees only the X25519 form, which is the same.
+        assert_eq!(key.to_x25519(), twin.to_x25519());
+        assert_eq!(key, twin);
+        let set = std::collections::HashSet::from([key]);
+        assert!(set.contains(&twin), "hashes alike");
+        assert_eq!(key.cmp(&twin), std::cmp::Ordering::Equal);
+        assert_ne!(key.to_string(), twin.to_string(), "each is shown as given");
+        let other = Keypair::from_seed(&Seed::from_bytes([8; 32])).public();
+        assert_ne!(key, other);
     }
 
     #[test]

@@ -96,9 +96,10 @@ pub const CAPABILITIES: Capabilities = Capabilities(Capabilities::MEET.0 | Capab
 /// The initiator's first handshake payload.
 ///
 /// Layout: version (u16 BE), intent (u8), ed25519 key (32 bytes),
-/// capabilities (u64 BE), then anything a newer peer adds, which is ignored.
-/// A hello of exactly the first three fields (a build from before
-/// capabilities) is read as having none.
+/// capabilities (u64 BE), a [`Stamp`] (two u64 BE, optional), then anything
+/// a newer peer adds, which is ignored. A hello of exactly the first three
+/// fields (a build from before capabilities) is read as having none, and
+/// one without the stamp as unstamped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
     /// Protocol version the initiator speaks.
@@ -109,16 +110,32 @@ pub struct Hello {
     pub key: PublicKey,
     /// The initiator's optional features.
     pub capabilities: Capabilities,
+    /// Which process of that identity sent it, and its how-many-th session.
+    pub stamp: Option<Stamp>,
+}
+
+/// Tells a registry which process of an identity a control session comes
+/// from, and in which order that process opened its sessions: one
+/// identity may run in several processes (one seed per host), each with
+/// sessions of its own, and a captured first message replayed later is not
+/// newer than the session it was captured from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Stamp {
+    /// Random per process, chosen once at its start.
+    pub process: u64,
+    /// Grows with every session the process opens.
+    pub counter: u64,
 }
 
 /// The fields every hello has: version, intent, key.
 const HELLO_BASE_LEN: usize = 2 + 1 + 32;
 const CAPS_LEN: usize = 8;
-const HELLO_LEN: usize = HELLO_BASE_LEN + CAPS_LEN;
+const STAMP_LEN: usize = 16;
+const HELLO_LEN: usize = HELLO_BASE_LEN + CAPS_LEN + STAMP_LEN;
 
 impl Hello {
-    fn encode(&self) -> [u8; HELLO_LEN] {
-        let mut out = [0u8; HELLO_LEN];
+    fn encode(&self) -> Vec<u8> {
+        let mut out = vec![0u8; HELLO_LEN];
         let (version, rest) = out.split_at_mut(2);
         version.copy_from_slice(&self.version.to_be_bytes());
         let (intent, rest) = rest.split_at_mut(1);
@@ -126,9 +143,18 @@ impl Hello {
             Intent::Control => 1,
             Intent::Link => 3,
         }]);
-        let (key, caps) = rest.split_at_mut(32);
+        let (key, rest) = rest.split_at_mut(32);
         key.copy_from_slice(self.key.as_bytes());
+        let (caps, stamp) = rest.split_at_mut(CAPS_LEN);
         caps.copy_from_slice(&self.capabilities.to_bytes());
+        match self.stamp {
+            Some(Stamp { process, counter }) => {
+                let (p, c) = stamp.split_at_mut(8);
+                p.copy_from_slice(&process.to_be_bytes());
+                c.copy_from_slice(&counter.to_be_bytes());
+            }
+            None => out.truncate(HELLO_LEN - STAMP_LEN),
+        }
         out
     }
 
@@ -147,7 +173,12 @@ impl Hello {
         // Not checked here: the responder compares its X25519 form with the
         // handshake's static key, which a non-point can never match.
         let key = PublicKey::from_bytes_unchecked(*key);
-        Ok(Hello { version, intent, key, capabilities: Capabilities::read(rest) })
+        let capabilities = Capabilities::read(rest);
+        let stamp = rest.get(CAPS_LEN..).and_then(|r| r.split_first_chunk::<8>()).and_then(|(p, r)| {
+            let (c, _) = r.split_first_chunk::<8>()?;
+            Some(Stamp { process: u64::from_be_bytes(*p), counter: u64::from_be_bytes(*c) })
+        });
+        Ok(Hello { version, intent, key, capabilities, stamp })
     }
 }
 
@@ -164,6 +195,15 @@ pub enum NoiseError {
     /// The hello names an ed25519 key that does not match the Noise static key.
     #[error("peer's claimed identity does not match its handshake key")]
     IdentityMismatch,
+    /// The initiator asked for a kind of session this responder does not
+    /// serve; refused before any reply was written.
+    #[error("peer asked for a {got:?} session, this endpoint serves {expected:?}")]
+    WrongIntent {
+        /// What it asked for.
+        got: Intent,
+        /// What is served here.
+        expected: Intent,
+    },
     /// The peer speaks a protocol version we do not.
     #[error("peer speaks protocol version {0}, this build speaks {PROTOCOL_VERSION}")]
     Version(u16),
@@ -311,14 +351,31 @@ impl Initiator {
         entropy: [u8; 32],
         out: &mut Vec<u8>,
     ) -> Result<Initiator, NoiseError> {
+        Initiator::start_stamped(local, remote, intent, entropy, None, out)
+    }
+
+    /// `start`, with a [`Stamp`] in the hello.
+    pub fn start_stamped(
+        local: &Keypair,
+        remote: &PublicKey,
+        intent: Intent,
+        entropy: [u8; 32],
+        stamp: Option<Stamp>,
+        out: &mut Vec<u8>,
+    ) -> Result<Initiator, NoiseError> {
         let secret = local.x25519_secret();
         let remote_x = remote.to_x25519();
         let state = builder(&secret, local.x25519_public(), entropy)?
             .remote_public_key(&remote_x)
             .and_then(|b| b.build_initiator())
             .map_err(state_err)?;
-        let hello =
-            Hello { version: PROTOCOL_VERSION, intent, key: local.public(), capabilities: CAPABILITIES };
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            intent,
+            key: local.public(),
+            capabilities: CAPABILITIES,
+            stamp,
+        };
         Initiator::start_with_payload(state, *remote, &hello.encode(), out)
     }
 
@@ -363,7 +420,18 @@ impl Responder {
     /// Reads the initiator's first message (a frame body), checks who sent it,
     /// appends the framed reply to `out` and completes the handshake.
     pub fn accept(self, first: &[u8], out: &mut Vec<u8>) -> Result<(Hello, Transport), NoiseError> {
-        self.accept_with_payload(first, out, &CAPABILITIES.to_bytes())
+        self.accept_with_payload(first, out, &CAPABILITIES.to_bytes(), None)
+    }
+
+    /// `accept`, refusing (before a byte of reply is written) a hello that
+    /// asks for another intent than `intent`.
+    pub fn accept_for(
+        self,
+        intent: Intent,
+        first: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(Hello, Transport), NoiseError> {
+        self.accept_with_payload(first, out, &CAPABILITIES.to_bytes(), Some(intent))
     }
 
     /// `accept` answering with `reply` as payload; tests pass a newer peer's.
@@ -372,6 +440,7 @@ impl Responder {
         first: &[u8],
         out: &mut Vec<u8>,
         reply: &[u8],
+        intent: Option<Intent>,
     ) -> Result<(Hello, Transport), NoiseError> {
         let mut payload = [0u8; MAX_HANDSHAKE];
         let len = self.state.read_message(first, &mut payload).map_err(|_| NoiseError::Decrypt)?;
@@ -382,6 +451,9 @@ impl Responder {
         let remote_static = self.state.get_remote_static().ok_or(NoiseError::BadHello)?;
         if remote_static != hello.key.to_x25519() {
             return Err(NoiseError::IdentityMismatch);
+        }
+        if let Some(expected) = intent.filter(|i| *i != hello.intent) {
+            return Err(NoiseError::WrongIntent { got: hello.intent, expected });
         }
         let mut msg = [0u8; MAX_HANDSHAKE];
         let len = self.state.write_message(reply, &mut msg).map_err(state_err)?;
@@ -468,6 +540,33 @@ fn aead_key(key: &[u8; 32]) -> Result<ring::aead::LessSafeKey, NoiseError> {
     Ok(ring::aead::LessSafeKey::new(key))
 }
 
+/// Messages each direction carries under one key before both ends replace
+/// it, as the Noise spec's `Rekey()` does (frames are at most 64 KiB, so at
+/// most 64 GiB go under one key). Both ends count the same messages, so
+/// they rekey at the same one without a word on the wire.
+pub const REKEY_EVERY: u64 = 1 << 20;
+
+/// Noise's `REKEY(k)`: the first 32 bytes of `ENCRYPT(k, 2^64 - 1, "", zeros)`.
+fn rekey(key: &ring::aead::LessSafeKey) -> Result<ring::aead::LessSafeKey, NoiseError> {
+    let mut next = [0u8; 32];
+    key.seal_in_place_separate_tag(nonce(u64::MAX), ring::aead::Aad::empty(), &mut next)
+        .map_err(|_| NoiseError::State("rekeying failed".into()))?;
+    aead_key(&next)
+}
+
+/// Counts one message under `key` and rekeys after every [`REKEY_EVERY`]th.
+fn advance(key: &mut ring::aead::LessSafeKey, counter: &mut u64) -> Result<(), NoiseError> {
+    // 2^64 - 1 is reserved for rekeying; no session gets near it.
+    *counter = counter
+        .checked_add(1)
+        .filter(|c| *c < u64::MAX)
+        .ok_or(NoiseError::State("nonce exhausted".into()))?;
+    if *counter % REKEY_EVERY == 0 {
+        *key = rekey(key)?;
+    }
+    Ok(())
+}
+
 /// Noise's AESGCM nonce: 32 zero bits, then the counter big-endian.
 fn nonce(counter: u64) -> ring::aead::Nonce {
     let mut bytes = [0u8; 12];
@@ -506,7 +605,7 @@ impl Sealer {
             .seal_in_place_separate_tag(nonce(self.counter), ring::aead::Aad::empty(), plain)
             .map_err(|_| NoiseError::State("sealing failed".into()))?;
         tag.copy_from_slice(sealed.as_ref());
-        self.counter += 1;
+        advance(&mut self.key, &mut self.counter)?;
         Ok(total)
     }
 
@@ -551,7 +650,7 @@ impl Opener {
             .key
             .open_in_place(nonce(self.counter), ring::aead::Aad::empty(), body)
             .map_err(|_| NoiseError::Decrypt)?;
-        self.counter += 1;
+        advance(&mut self.key, &mut self.counter)?;
         Ok(plain)
     }
 
@@ -637,12 +736,16 @@ mod tests {
     #[test]
     fn a_newer_initiator_with_unknown_capabilities_and_fields_is_accepted() {
         let (client, server) = (pair(1), pair(2));
-        let newer = hello_bytes(&client, Some(1 << 63 | 1 << 5 | CAPABILITIES.0), b"a field from the future");
+        // Capabilities, a stamp, then a field this build does not know.
+        let mut after_caps = [5u64.to_be_bytes(), 9u64.to_be_bytes()].concat();
+        after_caps.extend_from_slice(b"a field from the future");
+        let newer = hello_bytes(&client, Some(1 << 63 | 1 << 5 | CAPABILITIES.0), &after_caps);
         let (init, first) = first_message_with(&client, &server.public(), &newer);
         let mut reply = Vec::new();
         let (hello, _) = Responder::new(&server, [4; 32]).unwrap().accept(&first, &mut reply).unwrap();
         assert_eq!(hello.intent, Intent::Control);
         assert_eq!(hello.capabilities, Capabilities(1 << 63 | 1 << 5 | CAPABILITIES.0));
+        assert_eq!(hello.stamp, Some(Stamp { process: 5, counter: 9 }));
         assert_eq!(hello.capabilities.common(CAPABILITIES), CAPABILITIES, "unknown bits are not used");
         assert_eq!(init.finish(&body(&reply)).unwrap().0, CAPABILITIES);
     }
@@ -650,13 +753,16 @@ mod tests {
     #[test]
     fn every_intent_survives_the_hello() {
         for intent in [Intent::Control, Intent::Link] {
-            let hello = Hello {
-                version: PROTOCOL_VERSION,
-                intent,
-                key: pair(1).public(),
-                capabilities: CAPABILITIES,
-            };
-            assert_eq!(Hello::decode(&hello.encode()), Ok(hello));
+            for stamp in [None, Some(Stamp { process: u64::MAX, counter: 1 })] {
+                let hello = Hello {
+                    version: PROTOCOL_VERSION,
+                    intent,
+                    key: pair(1).public(),
+                    capabilities: CAPABILITIES,
+                    stamp,
+                };
+                assert_eq!(Hello::decode(&hello.encode()), Ok(hello));
+            }
         }
     }
 
@@ -691,7 +797,7 @@ mod tests {
         newer.extend_from_slice(b"more from the future");
         let mut reply = Vec::new();
         let resp = Responder::new(&server, [4; 32]).unwrap();
-        let (hello, mut server_t) = resp.accept_with_payload(&body(&wire), &mut reply, &newer).unwrap();
+        let (hello, mut server_t) = resp.accept_with_payload(&body(&wire), &mut reply, &newer, None).unwrap();
         assert_eq!(hello.capabilities, CAPABILITIES);
         let (caps, mut client_t) = init.finish(&body(&reply)).unwrap();
         assert_eq!(caps, Capabilities(1 << 62));
@@ -700,7 +806,7 @@ mod tests {
         let init = Initiator::start(&client, &server.public(), Intent::Control, [3; 32], &mut wire).unwrap();
         let mut reply = Vec::new();
         let resp = Responder::new(&server, [4; 32]).unwrap();
-        resp.accept_with_payload(&body(&wire), &mut reply, &[]).unwrap();
+        resp.accept_with_payload(&body(&wire), &mut reply, &[], None).unwrap();
         assert_eq!(init.finish(&body(&reply)).unwrap().0, Capabilities::NONE);
         // The first session still carries data.
         let mut sealed = Vec::new();
@@ -777,6 +883,45 @@ mod tests {
             let resp = Responder::new(&pair(2), [4; 32]).unwrap();
             prop_assert!(resp.accept(&bytes, &mut Vec::new()).is_err());
         }
+    }
+
+    #[test]
+    fn both_ends_rekey_at_the_same_message_as_the_noise_spec_says() {
+        let k = [9u8; 32];
+        let (mut sealer, mut opener) = (Sealer::new(&k).unwrap(), Opener::new(&k).unwrap());
+        sealer.counter = REKEY_EVERY - 2;
+        opener.counter = REKEY_EVERY - 2;
+        let mut old = Sealer::new(&k).unwrap();
+        old.counter = REKEY_EVERY;
+        for n in 0..4u8 {
+            let mut wire = Vec::new();
+            sealer.seal(&[n; 40], &mut wire).unwrap();
+            let mut plain = Vec::new();
+            opener.open(&wire[frame::HEADER_LEN..], &mut plain).unwrap();
+            assert_eq!(plain, vec![n; 40]);
+            if n == 2 {
+                // Message REKEY_EVERY went under the new key: the old one cannot have sealed it.
+                let mut stale = Vec::new();
+                old.seal(&[n; 40], &mut stale).unwrap();
+                assert_ne!(stale, wire);
+            }
+        }
+        // The new key is REKEY(k) = ENCRYPT(k, 2^64-1, "", zeros)[..32], computed here apart.
+        let mut expected = [0u8; 32];
+        aead_key(&k)
+            .unwrap()
+            .seal_in_place_separate_tag(nonce(u64::MAX), ring::aead::Aad::empty(), &mut expected)
+            .unwrap();
+        let (mut a, mut b) = (Sealer::new(&expected).unwrap(), Sealer::new(&k).unwrap());
+        a.counter = REKEY_EVERY + 5;
+        b.counter = REKEY_EVERY - 1;
+        let mut skip = Vec::new();
+        b.seal(b"x", &mut skip).unwrap();
+        b.counter = REKEY_EVERY + 5;
+        let (mut wa, mut wb) = (Vec::new(), Vec::new());
+        a.seal(b"same", &mut wa).unwrap();
+        b.seal(b"same", &mut wb).unwrap();
+        assert_eq!(wa, wb, "the rekeyed key is the spec's");
     }
 
     #[test]

@@ -3,9 +3,19 @@
 //!
 //! Registrations are soft state owned by the session that made them: they
 //! vanish when it ends, whether it closed, failed, went silent past the idle
-//! timeout, or was superseded by a newer session of the same identity (a
-//! service that reconnects before its old session was noticed dead). Every
-//! change to the registered set is pushed to each watch whose query it matches.
+//! timeout, or was superseded by a newer session of the same process of the
+//! same identity (a service that reconnects before its old session was
+//! noticed dead). Every change to the registered set is pushed to each watch
+//! whose query it matches.
+//!
+//! Identity and replay: a control session's hello carries a
+//! [`Stamp`](crate::noise::Stamp), a random value per process and a counter
+//! per session. Sessions of different processes under one key (one seed per
+//! host, several units) coexist, each owning its registrations. A first
+//! message whose counter is not above the last one accepted from that
+//! process is a replay and is dropped without a word; and a new session
+//! supersedes the old one only once it has sent an authenticated message,
+//! which a replayer cannot.
 //!
 //! Driving it (sans-io; see the crate docs for the general contract):
 //! - a new TCP connection: [`Registry::accept`], which may refuse when full;
@@ -47,7 +57,7 @@ use crate::frame::HEADER_LEN;
 use crate::keys::{Keypair, PublicKey};
 use crate::meet::{Arrival, ArrivalError, MeetConfig, MeetSide, Meetings, Ticket};
 use crate::message::{ErrorCode, Instance, MAX_ADDRS, Message, MessageError};
-use crate::noise::{Capabilities, Intent, TAG_LEN};
+use crate::noise::{Capabilities, Intent, Stamp, TAG_LEN};
 use crate::role::Role;
 use crate::session::{Session, SessionError};
 
@@ -58,8 +68,13 @@ pub struct RegistryConfig {
     pub handshake_timeout: Duration,
     /// A session silent this long is dead (clients ping well within it).
     pub idle_timeout: Duration,
-    /// Most concurrent sessions, handshaking ones included.
+    /// Most concurrent established sessions.
     pub max_sessions: usize,
+    /// Most handshakes under way at once, in a pool of their own: a flood of
+    /// silent connections cannot take an established session's slot.
+    pub max_handshakes: usize,
+    /// Most handshakes under way from one source address.
+    pub max_handshakes_per_source: usize,
     /// Most registrations one session may hold.
     pub max_registrations: usize,
     /// Most watches one session may hold.
@@ -87,6 +102,8 @@ impl Default for RegistryConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(15),
             max_sessions: 10_000,
+            max_handshakes: 1024,
+            max_handshakes_per_source: 16,
             max_registrations: 64,
             max_watches: 64,
             max_queued: 1 << 20,
@@ -95,6 +112,13 @@ impl Default for RegistryConfig {
             meet: MeetConfig::default(),
         }
     }
+}
+
+/// One process of an identity: what a session may supersede.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Identity {
+    key: PublicKey,
+    process: u64,
 }
 
 /// Identifies one control session (one TCP connection) for the driver.
@@ -138,6 +162,13 @@ pub enum CloseReason {
     /// bytes it had not read yet.
     #[error("peer behind with its reading while the registry is at its queue budget: {0} bytes queued")]
     Budget(usize),
+    /// The handshake completed while `max_sessions` sessions were open.
+    #[error("registry is at its limit of {0} sessions")]
+    Full(usize),
+    /// The handshake was not newer than one already accepted from the same
+    /// process of that identity: a replayed first message.
+    #[error("handshake replayed (not newer than one already accepted from that process)")]
+    Replayed,
 }
 
 /// What happened, for the driver's logs and stream management.
@@ -191,14 +222,30 @@ pub enum RegistryEvent {
     },
 }
 
-/// The registry is full; the connection should be closed at once.
+/// The registry cannot take this connection; close it at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("registry is at its limit of {0} sessions")]
-pub struct Full(pub usize);
+#[non_exhaustive]
+pub enum Full {
+    /// `max_sessions` established sessions.
+    #[error("registry is at its limit of {0} sessions")]
+    Sessions(usize),
+    /// `max_handshakes` handshakes under way.
+    #[error("registry is at its limit of {0} handshakes under way")]
+    Handshakes(usize),
+    /// `max_handshakes_per_source` handshakes under way from this address.
+    #[error("{0} already has {1} handshakes under way")]
+    Source(std::net::IpAddr, usize),
+}
 
 struct Peer {
     session: Session,
     observed: SocketAddr,
+    /// Its identity and process, once the handshake told them.
+    identity: Option<Identity>,
+    /// It has sent an authenticated message: only now may it supersede.
+    confirmed: bool,
+    /// It counts in the handshake pool (until its handshake completes).
+    handshaking: bool,
     last_heard: Instant,
     /// Already in `Registry::dirty`.
     dirty: bool,
@@ -244,12 +291,22 @@ pub struct Registry {
     config: RegistryConfig,
     next_id: u64,
     peers: HashMap<SessionId, Peer>,
-    /// Established sessions by identity, to supersede stale ones.
-    by_key: HashMap<PublicKey, SessionId>,
+    /// Confirmed sessions by identity and process, to supersede stale ones.
+    by_identity: HashMap<Identity, SessionId>,
+    /// The last stamp counter accepted per identity and process (bounded:
+    /// the oldest entries go first), so a replayed first message is refused.
+    counters: HashMap<Identity, u64>,
+    counter_order: VecDeque<Identity>,
     /// Registrations and watches, owned by session.
     directory: Directory,
     /// Meetings waiting for their meet connections.
     meetings: Meetings,
+    /// Handshakes under way, per source address.
+    handshakes: HashMap<std::net::IpAddr, usize>,
+    /// Handshakes under way, in all.
+    handshaking: usize,
+    /// Sessions whose handshake completed.
+    established: usize,
     /// Sessions with bytes to send, in the order they got them.
     dirty: VecDeque<SessionId>,
     /// Final bytes of sessions that were closed.
@@ -276,8 +333,13 @@ impl Registry {
             config,
             next_id: 0,
             peers: HashMap::new(),
-            by_key: HashMap::new(),
+            by_identity: HashMap::new(),
+            counters: HashMap::new(),
+            counter_order: VecDeque::new(),
             directory: Directory::new(),
+            handshakes: HashMap::new(),
+            handshaking: 0,
+            established: 0,
             dirty: VecDeque::new(),
             farewells: VecDeque::new(),
             events: VecDeque::new(),
@@ -387,35 +449,47 @@ impl Registry {
         observed: SocketAddr,
         entropy: [u8; 32],
     ) -> Result<SessionId, Full> {
-        if self.peers.len() >= self.config.max_sessions {
-            return Err(Full(self.config.max_sessions));
+        let config = &self.config;
+        if self.established >= config.max_sessions {
+            return Err(Full::Sessions(config.max_sessions));
+        }
+        if self.handshaking >= config.max_handshakes {
+            return Err(Full::Handshakes(config.max_handshakes));
+        }
+        let from = self.handshakes.get(&observed.ip()).copied().unwrap_or(0);
+        if from >= config.max_handshakes_per_source {
+            return Err(Full::Source(observed.ip(), from));
         }
         let session =
-            Session::respond(now, &self.keypair, Intent::Control, entropy, self.config.handshake_timeout)
-                .map_err(|_| Full(self.config.max_sessions))?;
-        self.insert(now, observed, session)
+            Session::respond(now, &self.keypair, Intent::Control, entropy, config.handshake_timeout)
+                .map_err(|_| Full::Handshakes(config.max_handshakes))?;
+        let id = self.insert(now, observed, session);
+        *self.handshakes.entry(observed.ip()).or_default() += 1;
+        self.handshaking += 1;
+        if let Some(peer) = self.peers.get_mut(&id) {
+            peer.handshaking = true;
+        }
+        Ok(id)
     }
 
-    fn insert(&mut self, now: Instant, observed: SocketAddr, session: Session) -> Result<SessionId, Full> {
-        if self.peers.len() >= self.config.max_sessions {
-            return Err(Full(self.config.max_sessions));
-        }
+    fn insert(&mut self, now: Instant, observed: SocketAddr, session: Session) -> SessionId {
         let id = SessionId(self.next_id);
         self.next_id += 1;
-        self.peers.insert(
-            id,
-            Peer {
-                session,
-                observed,
-                last_heard: now,
-                dirty: false,
-                unwritten: 0,
-                counted: 0,
-                due: BTreeSet::new(),
-            },
-        );
+        let peer = Peer {
+            session,
+            observed,
+            identity: None,
+            confirmed: false,
+            handshaking: false,
+            last_heard: now,
+            dirty: false,
+            unwritten: 0,
+            counted: 0,
+            due: BTreeSet::new(),
+        };
+        self.peers.insert(id, peer);
         self.next_sweep.get_or_insert(now + SWEEP_INTERVAL);
-        Ok(id)
+        id
     }
 
     /// Bytes read from session `id`'s stream.
@@ -427,13 +501,25 @@ impl Registry {
             self.close(id, CloseReason::Session(e));
             return;
         }
-        if !was_open {
-            if let Some(key) = peer.session.remote() {
-                self.opened(id, key);
+        if !was_open && peer.session.is_established() {
+            // Out of the handshake pool, into the sessions'.
+            let (key, stamp) = (peer.session.remote(), peer.session.remote_stamp());
+            self.leave_handshake_pool(id);
+            if self.established >= self.config.max_sessions {
+                self.send(id, &error(None, ErrorCode::LIMIT, "the registry is at its session limit"));
+                self.close(id, CloseReason::Full(self.config.max_sessions));
+                return;
+            }
+            self.established += 1;
+            if let Some(key) = key {
+                if !self.opened(id, key, stamp) {
+                    return;
+                }
             }
         }
         self.mark_dirty(id);
         while let Some(plain) = self.peers.get_mut(&id).and_then(|p| p.session.poll_event()) {
+            self.confirm(id);
             match Message::decode(&plain) {
                 Ok(msg) => self.handle_message(now, id, msg),
                 // A newer peer's request: refuse that one, keep the session.
@@ -453,11 +539,62 @@ impl Registry {
         self.check_queue(id);
     }
 
-    /// Session `id` completed its handshake as `key`: it supersedes any older
-    /// session of the same identity.
-    fn opened(&mut self, id: SessionId, key: PublicKey) {
+    /// Session `id` no longer counts as a handshake under way.
+    fn leave_handshake_pool(&mut self, id: SessionId) {
+        let Some(peer) = self.peers.get_mut(&id) else { return };
+        if !std::mem::replace(&mut peer.handshaking, false) {
+            return;
+        }
+        self.handshaking = self.handshaking.saturating_sub(1);
+        let ip = peer.observed.ip();
+        if let Some(n) = self.handshakes.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.handshakes.remove(&ip);
+            }
+        }
+    }
+
+    /// Session `id` completed its handshake as `key` with `stamp`; false if
+    /// it was refused as a replay (and dropped without a word: a replayer
+    /// cannot read one). It supersedes nothing yet: see [`Registry::confirm`].
+    fn opened(&mut self, id: SessionId, key: PublicKey, stamp: Option<Stamp>) -> bool {
+        // An unstamped peer (a build from before stamps) is process 0.
+        let identity = Identity { key, process: stamp.map_or(0, |s| s.process) };
+        if let Some(stamp) = stamp {
+            if self.counters.get(&identity).is_some_and(|last| stamp.counter <= *last) {
+                self.drop_silently(id, CloseReason::Replayed);
+                return false;
+            }
+            if self.counters.insert(identity, stamp.counter).is_none() {
+                self.counter_order.push_back(identity);
+                // Twice the sessions allowed: every live process, and as many
+                // that went away, are remembered.
+                while self.counter_order.len() > self.config.max_sessions.saturating_mul(2) {
+                    if let Some(old) = self.counter_order.pop_front() {
+                        self.counters.remove(&old);
+                    }
+                }
+            }
+        }
+        if let Some(peer) = self.peers.get_mut(&id) {
+            peer.identity = Some(identity);
+        }
         self.events.push_back(RegistryEvent::SessionOpened { id, peer: key });
-        if let Some(old) = self.by_key.insert(key, id) {
+        true
+    }
+
+    /// Session `id` sent an authenticated message: the first one proves it
+    /// is no replay, so only now does it supersede an older session of the
+    /// same identity and process (one that died without the registry
+    /// noticing). Sessions of other processes of that identity stay.
+    fn confirm(&mut self, id: SessionId) {
+        let Some(peer) = self.peers.get_mut(&id) else { return };
+        if std::mem::replace(&mut peer.confirmed, true) {
+            return;
+        }
+        let Some(identity) = peer.identity else { return };
+        if let Some(old) = self.by_identity.insert(identity, id).filter(|old| *old != id) {
             self.send(old, &error(None, ErrorCode::SUPERSEDED, "a newer session of this identity took over"));
             self.close(old, CloseReason::Superseded);
         }
@@ -475,9 +612,13 @@ impl Registry {
         peer: &Keypair,
         entropy: [u8; 32],
     ) -> Result<(SessionId, Session), Full> {
+        if self.established >= self.config.max_sessions {
+            return Err(Full::Sessions(self.config.max_sessions));
+        }
         let (ours, theirs) = Session::established_pair(&self.keypair, peer, Intent::Control, entropy);
-        let id = self.insert(now, observed, ours)?;
-        self.opened(id, peer.public());
+        let id = self.insert(now, observed, ours);
+        self.established += 1;
+        self.opened(id, peer.public(), None);
         Ok((id, theirs))
     }
 
@@ -665,7 +806,10 @@ impl Registry {
                 }
                 let mut dialable = vec![SocketAddr::new(peer.observed.ip(), port)];
                 for addr in addrs {
-                    if !dialable.contains(&addr) && dialable.len() <= MAX_ADDRS {
+                    if plausible(addr, peer.observed)
+                        && !dialable.contains(&addr)
+                        && dialable.len() <= MAX_ADDRS
+                    {
                         dialable.push(addr);
                     }
                 }
@@ -743,16 +887,18 @@ impl Registry {
     /// only a service registered now, whose build can meet, within the
     /// asker's budget ([`Meetings::open`]).
     fn meet(&mut self, now: Instant, id: SessionId, key: PublicKey, req: u32, service: PublicKey) {
-        let target = self.by_key.get(&service).copied().filter(|s| self.directory.registration_count(*s) > 0);
-        // With an access list, a service is there for a proxy only through a
-        // role the proxy may look up; otherwise it is unknown to it, as if
-        // not registered, so that the answer tells nothing it may not know.
-        let target = target.filter(|s| {
+        // Of the service's processes, one that has registered something;
+        // with an access list, something the proxy may look up: to a proxy
+        // that may not, the service is unknown, as if not registered, so
+        // the answer tells nothing it may not know.
+        let visible = |s: &SessionId| {
             self.directory
                 .registrations_of(*s)
                 .iter()
                 .any(|(_, i)| self.allows(&key, Action::Lookup, i.role.name()))
-        });
+        };
+        let mut sessions = self.by_identity.iter().filter(|(identity, _)| identity.key == service);
+        let target = sessions.find(|(_, s)| visible(s)).map(|(_, s)| *s);
         let Some(target) = target else {
             self.send(
                 id,
@@ -880,13 +1026,18 @@ impl Registry {
     }
 
     fn drop_session(&mut self, id: SessionId) {
+        if self.peers.get(&id).is_some_and(|p| p.handshaking) {
+            self.leave_handshake_pool(id);
+        } else if self.peers.contains_key(&id) {
+            self.established = self.established.saturating_sub(1);
+        }
         let Some(peer) = self.peers.remove(&id) else { return };
         self.queued = self.queued.saturating_sub(peer.counted);
         self.starved.remove(&id);
         self.retry_starved();
-        if let Some(key) = peer.session.remote() {
-            if self.by_key.get(&key) == Some(&id) {
-                self.by_key.remove(&key);
+        if let Some(identity) = peer.identity {
+            if self.by_identity.get(&identity) == Some(&id) {
+                self.by_identity.remove(&identity);
             }
         }
         for reg in self.directory.release(id) {
@@ -894,6 +1045,21 @@ impl Registry {
         }
         self.meetings.release(id);
     }
+}
+
+/// Whether a service seen at `observed` may name `addr` as one of its own:
+/// its observed address, a private one (its LAN, behind a NAT: RFC 1918,
+/// shared CGNAT space, IPv6 unique-local), or loopback when it is on this
+/// host. Never another public address: proxies dial what the registry hands
+/// them, and a registrant must not be able to aim them at a third party.
+fn plausible(addr: SocketAddr, observed: SocketAddr) -> bool {
+    use std::net::IpAddr;
+    let private = match addr.ip() {
+        IpAddr::V4(ip) => ip.is_private() || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64),
+        IpAddr::V6(ip) => (ip.segments()[0] & 0xfe00) == 0xfc00,
+    };
+    let loopback = addr.ip().is_loopback() && observed.ip().is_loopback();
+    addr.ip() == observed.ip() || private || loopback
 }
 
 fn error(id: Option<u32>, code: ErrorCode, text: &str) -> Message {
@@ -1227,6 +1393,66 @@ mod tests {
     }
 
     #[test]
+    fn a_service_may_name_its_own_and_private_addresses_but_no_third_party() {
+        let public: SocketAddr = "203.0.113.21:4000".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let yes = |a: &str, o| assert!(plausible(a.parse().unwrap(), o), "{a} from {o}");
+        let no = |a: &str, o| assert!(!plausible(a.parse().unwrap(), o), "{a} from {o}");
+        yes("203.0.113.21:7000", public);
+        yes("192.168.1.2:7000", public);
+        yes("10.1.2.3:7000", public);
+        yes("172.16.0.9:7000", public);
+        yes("100.64.0.1:7000", public);
+        yes("[fd00::1]:7000", public);
+        yes("127.0.0.1:7000", local);
+        no("198.51.100.7:443", public);
+        no("127.0.0.1:22", public);
+        no("[2001:db8::1]:80", public);
+        no("100.128.0.1:7000", public);
+
+        let mut net = connected(RegistryConfig::default());
+        let role = Role::parse("db@1.0.0").unwrap();
+        let addrs = vec!["192.168.1.2:7000".parse().unwrap(), "198.51.100.7:443".parse().unwrap()];
+        exchange(&mut net, &[Message::Register { id: 1, role, port: 7000, addrs }]);
+        let got = exchange(&mut net, &[Message::Lookup { id: 2, query: RoleQuery::parse("db").unwrap() }]);
+        let [Message::Instances { instances, .. }] = &got[..] else { panic!("{got:?}") };
+        let expected: Vec<SocketAddr> = vec![
+            SocketAddr::new(crate::testing::observed(0).ip(), 7000),
+            "192.168.1.2:7000".parse().unwrap(),
+        ];
+        assert_eq!(instances[0].addrs, expected);
+    }
+
+    #[test]
+    fn silent_connections_from_one_source_cannot_keep_a_service_out() {
+        let config = RegistryConfig {
+            max_sessions: 2,
+            max_handshakes: 8,
+            max_handshakes_per_source: 3,
+            ..RegistryConfig::default()
+        };
+        let mut net = connected(config.clone());
+        let now = net.now;
+        let attacker: SocketAddr = "198.51.100.9:1".parse().unwrap();
+        for n in 0..3u8 {
+            net.registry.accept(now, SocketAddr::new(attacker.ip(), u16::from(n)), [n; 32]).unwrap();
+        }
+        assert_eq!(net.registry.accept(now, attacker, [9; 32]), Err(Full::Source(attacker.ip(), 3)));
+        // A service from elsewhere still gets in and registers.
+        net.add(RawPeer::new());
+        net.connect(1, &keypair(3));
+        let role = Role::parse("db@1.0.0").unwrap();
+        let got = net.exchange(1, &Message::Register { id: 1, role, port: 1, addrs: vec![] });
+        assert_eq!(got, vec![Message::Registered { id: 1 }]);
+        // Two sessions are the limit: a third is refused, handshakes or not.
+        assert_eq!(net.registry.accept(now, "192.0.2.1:1".parse().unwrap(), [1; 32]), Err(Full::Sessions(2)));
+        // The silent ones time out and free their source's slots.
+        net.advance(now + config.handshake_timeout + Duration::from_secs(2));
+        net.close(1);
+        assert!(net.registry.accept(net.now, attacker, [9; 32]).is_ok());
+    }
+
+    #[test]
     fn a_newer_peers_unknown_request_is_refused_and_the_session_goes_on() {
         let mut net = connected(RegistryConfig::default());
         // Kind 40, request id 9, then fields this build cannot read.
@@ -1305,10 +1531,135 @@ mod tests {
         assert_eq!(opened, 2);
         let got = net.exchange(1, &Message::Ping { nonce: 5 });
         assert_eq!(got, vec![Message::Pong { nonce: 5 }]);
-        // Same identity as peer 0: it supersedes that session.
+        // Same identity as peer 0 (both unstamped: one process): it
+        // supersedes that session, once it has said something.
+        net.exchange(0, &Message::Ping { nonce: 4 });
         net.connect_established(1, &keypair(2));
+        assert_eq!(net.registry.session_count(), 2, "no supersede on the handshake alone");
+        net.exchange(1, &Message::Ping { nonce: 6 });
         assert_eq!(close_reason(&net), Some(CloseReason::Superseded));
         assert_eq!(net.registry.session_count(), 1);
+    }
+
+    /// A stamped session of `who` driven by hand: its first message, and a
+    /// way to feed it the registry's answers.
+    struct Hand {
+        session: Session,
+        id: SessionId,
+    }
+
+    impl Hand {
+        fn start(registry: &mut Registry, now: Instant, who: u8, stamp: Stamp) -> (Hand, Vec<u8>) {
+            let id = registry.accept(now, crate::testing::observed(usize::from(who)), [who; 32]).unwrap();
+            let mut session = Session::initiate_stamped(
+                now,
+                &keypair(who),
+                &registry.public_key(),
+                Intent::Control,
+                [who ^ 0x55; 32],
+                Duration::from_secs(10),
+                Some(stamp),
+            )
+            .unwrap();
+            let mut first = Vec::new();
+            session.poll_transmit(&mut first);
+            (Hand { session, id }, first)
+        }
+
+        /// Feeds `bytes` to the registry as this session's, then everything
+        /// the registry sends back to the session.
+        fn feed(&mut self, registry: &mut Registry, now: Instant, bytes: &[u8]) -> Vec<Message> {
+            registry.handle_input(now, self.id, bytes);
+            let mut buf = Vec::new();
+            while let Some(to) = registry.poll_transmit(&mut buf) {
+                if to == self.id {
+                    let _ = self.session.handle_input(now, &buf);
+                }
+                buf.clear();
+            }
+            std::iter::from_fn(|| self.session.poll_event()).map(|p| Message::decode(&p).unwrap()).collect()
+        }
+
+        fn send(&mut self, registry: &mut Registry, now: Instant, msg: &Message) -> Vec<Message> {
+            let mut plain = Vec::new();
+            msg.encode(&mut plain).unwrap();
+            self.session.send(&plain).unwrap();
+            let mut wire = Vec::new();
+            self.session.poll_transmit(&mut wire);
+            self.feed(registry, now, &wire)
+        }
+    }
+
+    fn closed(registry: &mut Registry) -> Vec<(SessionId, CloseReason)> {
+        std::iter::from_fn(|| registry.poll_event())
+            .filter_map(|e| match e {
+                RegistryEvent::SessionClosed { id, reason, .. } => Some((id, reason)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_replayed_first_message_is_refused_and_leaves_the_real_session_alone() {
+        let now = Instant::now();
+        let mut registry = Registry::new(keypair(1), RegistryConfig::default());
+        let stamp = Stamp { process: 7, counter: 1 };
+        let (mut real, first) = Hand::start(&mut registry, now, 2, stamp);
+        real.feed(&mut registry, now, &first);
+        let role = Role::parse("db@1.0.0").unwrap();
+        let got = real.send(&mut registry, now, &Message::Register { id: 1, role, port: 1, addrs: vec![] });
+        assert_eq!(got, vec![Message::Registered { id: 1 }]);
+        closed(&mut registry);
+
+        // The captured first message, replayed on new connections.
+        for n in 0..5u8 {
+            let replay =
+                registry.accept(now, crate::testing::observed(50 + usize::from(n)), [n; 32]).unwrap();
+            registry.handle_input(now, replay, &first);
+            assert_eq!(closed(&mut registry), vec![(replay, CloseReason::Replayed)]);
+            let mut buf = Vec::new();
+            assert_ne!(registry.poll_transmit(&mut buf), Some(replay), "a replayer is told nothing");
+        }
+        assert_eq!(registry.session_count(), 1);
+        assert_eq!(registry.instance_count(), 1);
+        assert_eq!(
+            real.send(&mut registry, now, &Message::Ping { nonce: 1 }),
+            vec![Message::Pong { nonce: 1 }]
+        );
+
+        // The same process's next session is newer: it takes over once it speaks.
+        let (mut next, first) = Hand::start(&mut registry, now, 2, Stamp { process: 7, counter: 2 });
+        next.feed(&mut registry, now, &first);
+        assert!(closed(&mut registry).is_empty(), "not on the handshake alone");
+        next.send(&mut registry, now, &Message::Ping { nonce: 2 });
+        assert_eq!(closed(&mut registry), vec![(real.id, CloseReason::Superseded)]);
+        assert_eq!(registry.session_count(), 1);
+    }
+
+    #[test]
+    fn two_processes_of_one_identity_keep_their_own_sessions_and_registrations() {
+        let now = Instant::now();
+        let mut registry = Registry::new(keypair(1), RegistryConfig::default());
+        let mut hands = Vec::new();
+        for (process, role) in [(1, "couchdb@3.2.2"), (2, "redis@7.0.0")] {
+            let (mut hand, first) = Hand::start(&mut registry, now, 2, Stamp { process, counter: 1 });
+            hand.feed(&mut registry, now, &first);
+            let role = Role::parse(role).unwrap();
+            let got =
+                hand.send(&mut registry, now, &Message::Register { id: 0, role, port: 1, addrs: vec![] });
+            assert_eq!(got, vec![Message::Registered { id: 0 }]);
+            hands.push(hand);
+        }
+        // Again and again, as two supervised units would: nothing is superseded.
+        for hand in &mut hands {
+            assert_eq!(
+                hand.send(&mut registry, now, &Message::Ping { nonce: 3 }),
+                vec![Message::Pong { nonce: 3 }]
+            );
+        }
+        assert!(closed(&mut registry).is_empty());
+        assert_eq!(registry.session_count(), 2);
+        assert_eq!(registry.instance_count(), 2);
     }
 
     #[test]

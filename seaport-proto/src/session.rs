@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::frame::FrameDecoder;
 use crate::keys::{Keypair, PublicKey};
-use crate::noise::{Capabilities, Initiator, Intent, NoiseError, Responder, Transport};
+use crate::noise::{Capabilities, Initiator, Intent, NoiseError, Responder, Stamp, Transport};
 
 /// Why a session ended.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,6 +65,8 @@ pub struct Session {
     handshake_deadline: Option<Instant>,
     /// What the peer said it supports in the handshake (none until then).
     remote_capabilities: Capabilities,
+    /// The initiator's stamp, on the responder (none until then, or unstamped).
+    remote_stamp: Option<Stamp>,
     /// Bytes that came after the handshake on a data session (a link), kept undecoded for the pump that takes the transport over:
     /// only a control session opens frames itself.
     after_handshake: Vec<u8>,
@@ -81,8 +83,21 @@ impl Session {
         entropy: [u8; 32],
         handshake_timeout: Duration,
     ) -> Result<Session, SessionError> {
+        Session::initiate_stamped(now, local, remote, intent, entropy, handshake_timeout, None)
+    }
+
+    /// `initiate`, with a [`Stamp`] in the hello (a control session's).
+    pub fn initiate_stamped(
+        now: Instant,
+        local: &Keypair,
+        remote: &PublicKey,
+        intent: Intent,
+        entropy: [u8; 32],
+        handshake_timeout: Duration,
+        stamp: Option<Stamp>,
+    ) -> Result<Session, SessionError> {
         let mut transmit = Vec::new();
-        let init = Initiator::start(local, remote, intent, entropy, &mut transmit)?;
+        let init = Initiator::start_stamped(local, remote, intent, entropy, stamp, &mut transmit)?;
         Ok(Session {
             phase: Phase::Initiating(Box::new(init)),
             intent,
@@ -91,6 +106,7 @@ impl Session {
             received: VecDeque::new(),
             handshake_deadline: Some(now + handshake_timeout),
             remote_capabilities: Capabilities::NONE,
+            remote_stamp: None,
             after_handshake: Vec::new(),
         })
     }
@@ -111,6 +127,7 @@ impl Session {
             received: VecDeque::new(),
             handshake_deadline: Some(now + handshake_timeout),
             remote_capabilities: Capabilities::NONE,
+            remote_stamp: None,
             after_handshake: Vec::new(),
         })
     }
@@ -137,6 +154,7 @@ impl Session {
             received: VecDeque::new(),
             handshake_deadline: None,
             remote_capabilities: crate::noise::CAPABILITIES,
+            remote_stamp: None,
             after_handshake: Vec::new(),
         };
         let (ta, tb) = Transport::pair_for_testing(a.public(), b.public(), entropy, other);
@@ -160,6 +178,12 @@ impl Session {
     /// only if [`crate::noise::CAPABILITIES`] has it too.
     pub fn remote_capabilities(&self) -> Capabilities {
         self.remote_capabilities
+    }
+
+    /// The initiator's [`Stamp`], as its responder read it (`None` before
+    /// the handshake, on the initiator, or from an unstamped peer).
+    pub fn remote_stamp(&self) -> Option<Stamp> {
+        self.remote_stamp
     }
 
     /// What the session is for.
@@ -197,14 +221,16 @@ impl Session {
                                 transport
                             }
                             Phase::Responding(resp) => {
-                                let (hello, transport) = resp.accept(frame, &mut self.transmit)?;
-                                if hello.intent != self.intent {
-                                    return Err(SessionError::WrongIntent {
-                                        got: hello.intent,
-                                        expected: self.intent,
-                                    });
-                                }
+                                let (hello, transport) = resp
+                                    .accept_for(self.intent, frame, &mut self.transmit)
+                                    .map_err(|e| match e {
+                                        NoiseError::WrongIntent { got, expected } => {
+                                            SessionError::WrongIntent { got, expected }
+                                        }
+                                        other => other.into(),
+                                    })?;
                                 self.remote_capabilities = hello.capabilities;
+                                self.remote_stamp = hello.stamp;
                                 transport
                             }
                             Phase::Open(_) | Phase::Failed => return Err(NoiseError::Decrypt.into()),

@@ -84,7 +84,9 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     // With -p 0 the kernel picks the port: report that one, not 0.
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     let resolver = args.client.resolver().await?;
-    let config = ClientConfig::new(keypair.clone(), args.client.registry.key);
+    let mut config = ClientConfig::new(keypair.clone(), args.client.registry.key);
+    // Tells this process's sessions from those of others with the same seed.
+    config.process = seaport_net::identity::random_u64();
     let client = Arc::new(Mutex::new(ProxyClient::new(config, args.role.clone(), args.balance, args.ban)));
     // Bumped on every instance-set change, so waiting clients wake up.
     let (changed_tx, changed) = watch::channel(0u64);

@@ -68,9 +68,17 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "15s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::from_secs(10), HOUR))]
     pub idle_timeout: Duration,
-    /// Most concurrent sessions (1 or more).
+    /// Most concurrent sessions (1 or more). Handshakes under way have a
+    /// pool of their own (--max-handshakes), so they never take these.
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_sessions: u32,
+    /// Most handshakes under way at once (1 or more).
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_handshakes: u32,
+    /// Most handshakes under way from one source address (1 or more): one
+    /// host's silent connections cannot keep others out.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_handshakes_per_source: u32,
     /// Most registrations per session (1 or more).
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_registrations: u32,
@@ -146,6 +154,8 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         handshake_timeout: args.handshake_timeout,
         idle_timeout: args.idle_timeout,
         max_sessions: args.max_sessions as usize,
+        max_handshakes: args.max_handshakes as usize,
+        max_handshakes_per_source: args.max_handshakes_per_source as usize,
         max_registrations: args.max_registrations as usize,
         max_watches: args.max_watches as usize,
         max_total_registrations: args.max_total_registrations as usize,
@@ -172,6 +182,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         enabled: !args.no_relay,
         max: args.max_relays as usize,
         greeting_timeout: args.handshake_timeout,
+        greeting_per_source: args.max_handshakes_per_source as usize,
         ..RelayOptions::default()
     };
     if args.no_relay {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use seaport_net::allow::AllowList;
+use seaport_net::budget::Budget;
 use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
 use seaport_net::control::{ControlTask, lock};
 use seaport_net::event::{Event, emit};
@@ -67,6 +68,14 @@ pub struct Args {
     /// comments), with any --allow keys; reread on SIGHUP.
     #[arg(long, value_name = "FILE")]
     pub allow_file: Option<std::path::PathBuf>,
+    /// Most streams (client connections) all proxies together may hold open
+    /// at once (1 or more); more are refused, and a proxy tries another instance.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams: u32,
+    /// Most streams one proxy (by key) may hold open at once (1 or more). A
+    /// proxy also holds at most 64 links to a service.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_proxy: u32,
     /// How long a link handshake, and a stream's backend connect, may take (100ms to 10m).
     #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::from_millis(100), 10 * MINUTE))]
@@ -96,7 +105,9 @@ pub async fn run(args: Args) -> Result<(), Failure> {
 
     let resolver = args.client.resolver().await?;
     let reported = if local.ip().is_unspecified() { vec![] } else { vec![local] };
-    let config = ClientConfig::new(keypair.clone(), args.client.registry.key);
+    let mut config = ClientConfig::new(keypair.clone(), args.client.registry.key);
+    // Tells this process's sessions from those of others with the same seed.
+    config.process = seaport_net::identity::random_u64();
     let mut service = ServiceClient::new(config, vec![role.clone()], local.port(), reported);
     if local.ip().is_unspecified() {
         service = service.listening_on_every_interface();
@@ -114,7 +125,8 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         tokio::spawn(watch_backend(client.clone(), role, backend, args.check_interval, control.poke()));
 
     let timeout = args.handshake_timeout;
-    let backend = Backend { addr: backend, connect_timeout: timeout };
+    let budget = Budget::new(args.max_streams as usize, args.max_streams_per_proxy as usize);
+    let backend = Backend { addr: backend, connect_timeout: timeout, budget };
     // Turns true on shutdown: every link goes away, its open streams finish.
     let (drain_tx, draining) = watch::channel(false);
     let reloads = tokio::spawn(seaport_net::signal::on_hangup({
@@ -125,7 +137,8 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         }
     }));
     let links = accept_until(&listener, Some(met), seaport_net::signal::shutdown_signal(), |stream, peer| {
-        let (keypair, draining, allow) = (keypair.clone(), draining.clone(), allow.clone());
+        let (keypair, draining, allow, backend) =
+            (keypair.clone(), draining.clone(), allow.clone(), backend.clone());
         async move {
             let served =
                 link::serve(stream, &keypair, backend, timeout, LinkConfig::default(), draining, &allow);

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use crate::client::{ClientConfig, ClientError};
 use crate::message::{Message, MessageError};
-use crate::noise::{Capabilities, Intent};
+use crate::noise::{Capabilities, Intent, Stamp};
 use crate::session::Session;
 
 /// What a control link reports to the client that owns it.
@@ -42,13 +42,15 @@ pub struct ControlLink {
     config: ClientConfig,
     /// The session, between `connect` and its end.
     open: Option<Open>,
+    /// Sessions started so far: the counter of the next one's stamp.
+    started: u64,
     events: VecDeque<ControlEvent>,
 }
 
 impl ControlLink {
     /// An idle link; nothing happens before `connect`.
     pub fn new(config: ClientConfig) -> ControlLink {
-        ControlLink { config, open: None, events: VecDeque::new() }
+        ControlLink { config, open: None, started: 0, events: VecDeque::new() }
     }
 
     /// Who this link is and whom it talks to.
@@ -60,8 +62,17 @@ impl ControlLink {
     /// any session still open (its stream is gone).
     pub fn connect(&mut self, now: Instant, entropy: [u8; 32]) -> Result<(), ClientError> {
         let c = &self.config;
-        let session =
-            Session::initiate(now, &c.keypair, &c.registry, Intent::Control, entropy, c.handshake_timeout)?;
+        self.started += 1;
+        let stamp = Some(Stamp { process: c.process, counter: self.started });
+        let session = Session::initiate_stamped(
+            now,
+            &c.keypair,
+            &c.registry,
+            Intent::Control,
+            entropy,
+            c.handshake_timeout,
+            stamp,
+        )?;
         self.open = Some(Open { session, last_heard: now, next_ping: now + c.keepalive, nonce: 0 });
         Ok(())
     }

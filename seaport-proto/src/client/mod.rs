@@ -89,10 +89,16 @@ pub struct ClientConfig {
     pub keepalive: Duration,
     /// A registry silent this long is considered gone.
     pub dead_after: Duration,
+    /// This process among others of the same identity (random, chosen once
+    /// per process by the driver): a registry lets sessions of different
+    /// processes of one identity coexist, and a session supersede only an
+    /// earlier one of its own process ([`crate::noise::Stamp`]).
+    pub process: u64,
 }
 
 impl ClientConfig {
-    /// Defaults: 10 s handshake, ping every 5 s, dead after 15 s of silence.
+    /// Defaults: 10 s handshake, ping every 5 s, dead after 15 s of silence,
+    /// process 0 (a driver sets a random one).
     pub fn new(keypair: Keypair, registry: PublicKey) -> ClientConfig {
         ClientConfig {
             keypair,
@@ -100,6 +106,7 @@ impl ClientConfig {
             handshake_timeout: Duration::from_secs(10),
             keepalive: Duration::from_secs(5),
             dead_after: Duration::from_secs(15),
+            process: 0,
         }
     }
 }

@@ -1,0 +1,210 @@
+//! Attacks on who a peer is and on the registry's capacity, with the real
+//! binaries: a replayed first handshake message, one identity run by two
+//! processes, and silent connections from one host.
+
+// Test code: a panic is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::time::{Duration, Instant};
+
+use seaport_proto::keys::{Keypair, PublicKey, Seed};
+use seaport_proto::message::Message;
+use seaport_proto::noise::{Intent, Stamp};
+use seaport_proto::role::Role;
+use seaport_proto::session::Session;
+use seaport_tests::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A control session driven by hand on a blocking stream.
+struct Raw {
+    stream: TcpStream,
+    session: Session,
+}
+
+impl Raw {
+    /// Reads until `done` holds for the session, or the stream ends.
+    fn read_until(&mut self, done: impl Fn(&Session) -> bool) {
+        let mut buf = [0u8; 4096];
+        self.stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        while !done(&self.session) {
+            let n = self.stream.read(&mut buf).unwrap();
+            assert!(n > 0, "the registry closed the session");
+            self.session.handle_input(Instant::now(), &buf[..n]).unwrap();
+        }
+    }
+
+    fn request(&mut self, msg: &Message) -> Message {
+        let mut plain = Vec::new();
+        msg.encode(&mut plain).unwrap();
+        self.session.send(&plain).unwrap();
+        let mut wire = Vec::new();
+        self.session.poll_transmit(&mut wire);
+        self.stream.write_all(&wire).unwrap();
+        let mut got = None;
+        while got.is_none() {
+            let mut buf = [0u8; 4096];
+            let n = self.stream.read(&mut buf).unwrap();
+            assert!(n > 0, "the registry closed the session");
+            self.session.handle_input(Instant::now(), &buf[..n]).unwrap();
+            got = self.session.poll_event();
+        }
+        Message::decode(&got.unwrap()).unwrap()
+    }
+}
+
+#[test]
+fn a_replayed_first_message_leaves_the_real_session_and_its_registrations_in_place() {
+    let reg = registry(&[]);
+    let addr: SocketAddr = reg.target.split_once('@').unwrap().1.parse().unwrap();
+    let registry_key: PublicKey = reg.key.parse().unwrap();
+    let me = Keypair::from_seed(&Seed::from_bytes([21; 32]));
+    let stamp = Some(Stamp { process: 42, counter: 1 });
+    let mut session = Session::initiate_stamped(
+        Instant::now(),
+        &me,
+        &registry_key,
+        Intent::Control,
+        [5; 32],
+        Duration::from_secs(5),
+        stamp,
+    )
+    .unwrap();
+    let mut first = Vec::new();
+    session.poll_transmit(&mut first);
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(&first).unwrap();
+    let mut real = Raw { stream, session };
+    real.read_until(Session::is_established);
+    let backend = http_backend("real");
+    let role = Role::parse("real@1.0.0").unwrap();
+    let answer = real.request(&Message::Register { id: 0, role, port: backend, addrs: vec![] });
+    assert_eq!(answer, Message::Registered { id: 0 });
+
+    // The captured first message, replayed: each connection is dropped
+    // without a byte of answer.
+    for _ in 0..50 {
+        let mut replay = TcpStream::connect(addr).unwrap();
+        replay.write_all(&first).unwrap();
+        replay.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        match replay.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            other => panic!("a replay got {other:?}"),
+        }
+    }
+    // The real session is alive, and its registration in place.
+    assert_eq!(real.request(&Message::Ping { nonce: 9 }), Message::Pong { nonce: 9 });
+    let finder = Proc::start("seaport-proxy", &[&reg.target, "-p", "0", "-r", "real"], &[]);
+    let found = finder.wait_line("found service", WAIT);
+    assert!(found.contains(&me.public().to_string()), "{found}");
+    assert_eq!(reg.proc.count_log("superseded"), 0, "{:#?}", reg.proc.errors());
+}
+
+#[test]
+fn services_sharing_a_seed_file_coexist() {
+    let reg = registry(&[]);
+    let (seed, _) = new_seed();
+    let file = std::env::temp_dir().join(format!("seaport-shared-seed-{}", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    std::fs::write(&file, format!("{seed}\n")).unwrap();
+    let file = file.to_str().unwrap();
+    let couch = service_with(&reg.target, http_backend("couch"), "couch@3.2.2", &["--seed-file", file]);
+    let redis = service_with(&reg.target, http_backend("redis"), "redis@7.0.0", &["--seed-file", file]);
+    let (_pc, couch_port) = proxy(&reg.target, "couch", 1);
+    let (_pr, redis_port) = proxy(&reg.target, "redis", 1);
+    // Long enough for a supersede loop to show (it took a fraction of a second).
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(couch.count("registered service"), 1, "{:#?}", couch.lines());
+    assert_eq!(redis.count("registered service"), 1, "{:#?}", redis.lines());
+    assert_eq!(reg.proc.count_log("superseded"), 0);
+    assert_eq!(http_get(couch_port), (200, "couch".to_owned()));
+    assert_eq!(http_get(redis_port), (200, "redis".to_owned()));
+}
+
+/// A TCP connection to `to` from the loopback address `from`.
+fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
+    use rustix::net::{AddressFamily, SocketType, bind, connect, socket};
+    let fd = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    bind(&fd, &SocketAddrV4::new(from.into(), 0)).unwrap();
+    connect(&fd, &to).unwrap();
+    TcpStream::from(fd)
+}
+
+#[test]
+fn silent_connections_from_one_host_do_not_keep_a_service_out() {
+    let reg = registry(&["--max-sessions", "50"]);
+    let addr: SocketAddr = reg.target.split_once('@').unwrap().1.parse().unwrap();
+    // 60 connections from another host (127.0.0.2) that never say a word.
+    let _silent: Vec<TcpStream> = (0..60).map(|_| connect_from([127, 0, 0, 2], addr)).collect();
+    let started = Instant::now();
+    let svc = service(&reg.target, http_backend("in"), "in@1.0.0");
+    eprintln!("registered {:?} after the silent connections", started.elapsed());
+    assert_eq!(svc.count("registered service"), 1);
+    let (_proxy, port) = proxy(&reg.target, "in", 1);
+    assert_eq!(http_get(port), (200, "in".to_owned()));
+    // The refusals were logged, but not one line each.
+    let refused = reg.proc.count_log("refused");
+    assert!((1..=3).contains(&refused), "{refused} refusal lines: {:#?}", reg.proc.errors());
+}
+
+/// A backend that counts connections and holds each open until its client
+/// ends its side.
+fn holding_backend() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            seen.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || while matches!(stream.read(&mut [0u8; 64]), Ok(n) if n > 0) {});
+        }
+    });
+    (port, count)
+}
+
+#[test]
+fn a_proxy_holds_no_more_streams_than_the_service_allows_it() {
+    use std::sync::atomic::Ordering;
+    let reg = registry(&[]);
+    let (backend, connections) = holding_backend();
+    // The health check connects too: once, at start, with this interval.
+    let _svc = service_with(
+        &reg.target,
+        backend,
+        "hold@1.0.0",
+        &["--max-streams-per-proxy", "5", "--check-interval", "1h"],
+    );
+    let (_proxy, port) = proxy(&reg.target, "hold", 1);
+    let before = connections.load(Ordering::SeqCst);
+    let clients: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            c.write_all(b"x").unwrap();
+            c
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connections.load(Ordering::SeqCst) - before < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Room for any sixth to show up, were the cap not kept.
+    std::thread::sleep(Duration::from_secs(1));
+    let held = connections.load(Ordering::SeqCst) - before;
+    assert_eq!(held, 5, "the backend holds {held} connections for one proxy capped at 5");
+    // Once its streams end, the proxy may open new ones.
+    drop(clients);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut again = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    again.write_all(b"y").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connections.load(Ordering::SeqCst) - before <= held && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(connections.load(Ordering::SeqCst) - before > held, "a new stream after the old ones ended");
+}
