@@ -79,9 +79,10 @@ pub struct RegistryConfig {
     pub max_registrations: usize,
     /// Most watches one session may hold.
     pub max_watches: usize,
-    /// Most bytes queued for a peer before it is dropped as too slow. At
-    /// least a few times [`crate::message::MAX_ANSWER_BYTES`], so that a
-    /// whole answer fits.
+    /// Most bytes queued for a peer before it is dropped as too slow. Keep
+    /// it at least twice [`crate::message::MAX_ANSWER_BYTES`], so that a
+    /// whole answer fits beside what is under way (below that, a watch
+    /// update that does not fit an empty queue goes as one message, cut).
     pub max_queued: usize,
     /// Most registrations held at once, all sessions together; more are
     /// refused with [`ErrorCode::LIMIT`].

@@ -200,7 +200,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         counters.clone(),
         stop,
         commands,
-        log_event,
+        logger(),
     ));
     seaport_net::signal::shutdown_signal().await;
     tracing::info!("shutting down");
@@ -211,6 +211,32 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     tracing::info!(relays = counters.opened.load(Ordering::Relaxed), bytes = relayed, "relayed in all");
     emit(&Event::Stopped);
     Ok(())
+}
+
+/// How often refusals by the access list are logged, at most: any key may
+/// send requests the list refuses, and a flood of them must not become a
+/// flood of log lines.
+const FORBIDDEN_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Logs registry events; refusals by the access list at most once per
+/// [`FORBIDDEN_LOG_EVERY`], with a count of the others (each at debug).
+fn logger() -> impl FnMut(&RegistryEvent) {
+    let mut last: Option<std::time::Instant> = None;
+    let mut since = 0usize;
+    move |event| match event {
+        RegistryEvent::Forbidden { peer, text } => {
+            since += 1;
+            let now = std::time::Instant::now();
+            if last.is_none_or(|at| now.duration_since(at) >= FORBIDDEN_LOG_EVERY) {
+                tracing::warn!(%peer, "access list refused {since} request(s) since the last report; the last: {text}");
+                last = Some(now);
+                since = 0;
+            } else {
+                tracing::debug!(%peer, "access list: {text}");
+            }
+        }
+        other => log_event(other),
+    }
 }
 
 fn log_event(event: &RegistryEvent) {
@@ -227,7 +253,6 @@ fn log_event(event: &RegistryEvent) {
         RegistryEvent::MeetArranged { proxy, service } => {
             tracing::info!(%proxy, %service, "meeting arranged")
         }
-        RegistryEvent::Forbidden { peer, text } => tracing::warn!(%peer, "access list: {text}"),
         _ => tracing::debug!(?event),
     }
 }
