@@ -1278,6 +1278,44 @@ mod tests {
         assert_eq!(whole_answer(&mut got, 10).0.len(), 36);
     }
 
+    #[test]
+    fn a_watch_update_waits_for_the_total_budget_and_goes_once_there_is_room() {
+        let config = RegistryConfig {
+            max_registrations: 100,
+            max_queued: 200 * 1024,
+            max_total_queued: 300 * 1024,
+            ..RegistryConfig::default()
+        };
+        let mut net = connected(config);
+        exchange(&mut net, &big_registrations("big", 0..36));
+        // Peer 1 watches (and reads); peers 2 and 3 ask and never read.
+        net.add(RawPeer::new());
+        net.connect_established(1, &keypair(11));
+        let query = RoleQuery::parse("big").unwrap();
+        let mut got = net.exchange(1, &Message::Watch { id: 1, query: query.clone() });
+        assert_eq!(whole_answer(&mut got, 1).0.len(), 36);
+        for (i, n) in [(2, 12u8), (3, 13)] {
+            net.add(RawPeer::new());
+            net.connect_established(i, &keypair(n));
+            let lookups: Vec<Message> =
+                (0..4).map(|id| Message::Lookup { id, query: query.clone() }).collect();
+            ask_without_reading(&mut net, i, &lookups);
+        }
+        let full = net.registry.queued_bytes();
+        assert!(full > 250 * 1024 && full <= 300 * 1024, "{full}");
+        // A change: the watcher's update does not fit the budget, so it waits.
+        exchange(&mut net, &[Message::Unregister { id: 0 }]);
+        assert_eq!(net.peers[1].peer.take_messages(), vec![], "no room yet");
+        assert_eq!(net.registry.session_count(), 4, "no one dropped for it");
+        // The non-readers leave: the update goes, with the set as it is now.
+        net.close(2);
+        net.close(3);
+        net.pump();
+        let mut got = net.peers[1].peer.take_messages();
+        assert_eq!(whole_answer(&mut got, 1).0.len(), 35);
+        assert!(got.is_empty(), "{got:?}");
+    }
+
     /// An ACL of grants given as (keys, register, lookup); a key `0` is "*".
     fn acl(grants: &[(&[u8], &[&str], &[&str])]) -> Acl {
         use crate::acl::{Grant, Grantees, Pattern};
