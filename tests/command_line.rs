@@ -130,6 +130,11 @@ fn every_usage_error_exits_2_in_one_form() {
     let missing = missing.to_str().unwrap();
     usage_error("seaport-service", &[&key, "-p", "1", "-r", "db@1.0.0", "--seed-file", missing], &[missing]);
     usage_error("seaport-proxy", &["not-a-key", "-p", "1", "-r", "db"], &["REGISTRY"]);
+    // A proxy with nothing to serve, half a pair, or a mapping without its port.
+    usage_error("seaport-proxy", &[&key], &["--map ROLE@RANGE=PORT"]);
+    usage_error("seaport-proxy", &[&key, "-p", "1"], &["--role"]);
+    usage_error("seaport-proxy", &[&key, "--map", "db@1"], &["ROLE@RANGE=PORT"]);
+    usage_error("seaport-proxy", &[&key, "--map", "db@1=http"], &["not a port"]);
 }
 
 #[test]

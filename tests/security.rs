@@ -114,15 +114,28 @@ fn services_sharing_a_seed_file_coexist() {
     let file = file.to_str().unwrap();
     let couch = service_with(&reg.target, http_backend("couch"), "couch@3.2.2", &["--seed-file", file]);
     let redis = service_with(&reg.target, http_backend("redis"), "redis@7.0.0", &["--seed-file", file]);
-    let (_pc, couch_port) = proxy(&reg.target, "couch", 1);
-    let (_pr, redis_port) = proxy(&reg.target, "redis", 1);
+    // One proxy serving both roles: each port must reach its own process
+    // (and backend), though both processes have one key.
+    let (couch_port, redis_port) = (free_port(), free_port());
+    let (couch_map, redis_map) = (format!("couch@3={couch_port}"), format!("redis@7={redis_port}"));
+    let both = Proc::start("seaport-proxy", &[&reg.target, "--map", &couch_map, "--map", &redis_map], &[]);
+    let deadline = Instant::now() + WAIT;
+    while both.count("found service") < 2 {
+        assert!(Instant::now() < deadline, "{:#?}", both.lines());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(both.count("connected to registry"), 1, "one session for both roles");
     // Long enough for a supersede loop to show (it took a fraction of a second).
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(couch.count("registered service"), 1, "{:#?}", couch.lines());
     assert_eq!(redis.count("registered service"), 1, "{:#?}", redis.lines());
     assert_eq!(reg.proc.count_log("superseded"), 0);
-    assert_eq!(http_get(couch_port), (200, "couch".to_owned()));
-    assert_eq!(http_get(redis_port), (200, "redis".to_owned()));
+    for _ in 0..5 {
+        assert_eq!(http_get(couch_port), (200, "couch".to_owned()));
+        assert_eq!(http_get(redis_port), (200, "redis".to_owned()));
+    }
+    let links = both.count_log("link to");
+    assert_eq!(links, 2, "one link per service process: {:#?}", both.errors());
 }
 
 /// A TCP connection to `to` from the loopback address `from`.

@@ -362,7 +362,16 @@ pub struct Links {
     memo: Arc<PathMemo>,
     /// Per instance, its links; the async lock makes concurrent first
     /// connections wait for one dial instead of dialing each.
-    links: Mutex<HashMap<PublicKey, Arc<tokio::sync::Mutex<Vec<LinkHandle>>>>>,
+    links: Mutex<HashMap<InstanceId, Arc<tokio::sync::Mutex<Vec<LinkHandle>>>>>,
+}
+
+/// Tells service processes apart: one identity may run as several processes
+/// (one seed per host), each with its own link port and backend, so a link
+/// belongs to a key *and* the addresses that process reported.
+type InstanceId = (PublicKey, Vec<SocketAddr>);
+
+fn instance_id(instance: &Instance) -> InstanceId {
+    (instance.key, instance.addrs.clone())
 }
 
 impl Links {
@@ -410,7 +419,7 @@ impl Links {
             .links
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .entry(instance.key)
+            .entry(instance_id(instance))
             .or_default()
             .clone();
         let mut links = cell.lock().await;
@@ -473,13 +482,15 @@ impl Links {
         });
     }
 
-    /// Lets the links of instances not in `keys` go away: their open
+    /// Lets the links of instances not in `instances` go away: their open
     /// streams finish, new ones go elsewhere.
-    pub fn retain(&self, keys: &[PublicKey]) {
+    pub fn retain(&self, instances: &[Instance]) {
         let gone: Vec<_> = {
-            self.memo.retain(keys);
+            let keys: Vec<PublicKey> = instances.iter().map(|i| i.key).collect();
+            self.memo.retain(&keys);
+            let ids: Vec<InstanceId> = instances.iter().map(instance_id).collect();
             let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
-            let gone = links.keys().filter(|k| !keys.contains(k)).copied().collect::<Vec<_>>();
+            let gone = links.keys().filter(|k| !ids.contains(k)).cloned().collect::<Vec<_>>();
             gone.iter().filter_map(|k| links.remove(k)).collect()
         };
         for cell in gone {

@@ -144,8 +144,8 @@ impl Introducer {
         Introducer { client, poke, registry, pending }
     }
 
-    /// Asks for a meeting with `service` and joins it, by `deadline`.
-    async fn meet(&self, service: PublicKey, deadline: Instant) -> Result<Joined, HandshakeError> {
+    /// Asks for a meeting with `instance` and joins it, by `deadline`.
+    async fn meet(&self, instance: &Instance, deadline: Instant) -> Result<Joined, HandshakeError> {
         let no_meeting = |why: String| HandshakeError::NoMeeting(why);
         let mut registry = self.registry.clone();
         let addr = tokio::time::timeout_at(deadline, registry.wait_for(Option::is_some))
@@ -157,7 +157,7 @@ impl Introducer {
         {
             // Both locks at once, so the answer cannot overtake the asker.
             let mut client = lock(&self.client);
-            let id = client.meet(service).ok_or_else(|| {
+            let id = client.meet(instance.key, instance.role.clone()).ok_or_else(|| {
                 no_meeting("the registry cannot arrange meetings (or too many are pending)".into())
             })?;
             lock(&self.pending).insert(id, tx);
@@ -216,7 +216,7 @@ pub async fn establish(
     };
     let via_meeting = async {
         tokio::time::sleep(meet_after).await;
-        let Joined { stream: meet, local: port, peer } = introducer.meet(remote, deadline).await?;
+        let Joined { stream: meet, local: port, peer } = introducer.meet(instance, deadline).await?;
         let punched = async {
             let stream = punch(port, peer.addr, deadline).await?;
             let (stream, session) = initiate(stream, local, remote, timeout).await?;

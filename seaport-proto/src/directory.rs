@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use crate::keys::PublicKey;
 use crate::message::{Instance, encode_answer_parts, encode_instances};
 use crate::registry::SessionId;
 use crate::role::{Role, RoleQuery};
@@ -126,6 +127,16 @@ impl Directory {
         }
         self.forget_if_empty(owner);
         regs
+    }
+
+    /// The session that registered `role` as `key`, if one did (the oldest
+    /// such registration when several processes of one identity did).
+    pub fn owner_of(&self, key: &PublicKey, role: &Role) -> Option<SessionId> {
+        let entries = self.by_name.get(role.name())?;
+        entries
+            .iter()
+            .find(|(_, e)| e.instance.key == *key && e.instance.role == *role)
+            .map(|((owner, _), _)| *owner)
     }
 
     /// The instances matching `query`, in answer order.

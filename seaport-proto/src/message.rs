@@ -175,8 +175,11 @@ pub enum Message {
     Meet {
         /// Echoed in the answer.
         id: u32,
-        /// The service's identity (it must be registered now).
+        /// The service's identity.
         service: PublicKey,
+        /// The role it registered (it must be registered now): several
+        /// processes may share one identity, and this names which.
+        role: Role,
     },
     /// Registry → proxy: meeting `id` is arranged; connect with `ticket`.
     MeetReady {
@@ -440,7 +443,7 @@ mod tests {
             Message::Ping { nonce: u64::MAX },
             Message::Pong { nonce: 0 },
             Message::Error { id: None, code: ErrorCode::LIMIT, text: "too many".into() },
-            Message::Meet { id: 4, service: instance(1).key },
+            Message::Meet { id: 4, service: instance(1).key, role: instance(1).role },
             Message::MeetReady { id: 4, ticket: crate::meet::Ticket([3; 16]) },
             Message::MeetOffer { ticket: crate::meet::Ticket([3; 16]), proxy: instance(2).key },
             Message::InstancesPart { id: 3, instances: vec![instance(3)] },

@@ -549,7 +549,9 @@ pub const REKEY_EVERY: u64 = 1 << 20;
 /// Noise's `REKEY(k)`: the first 32 bytes of `ENCRYPT(k, 2^64 - 1, "", zeros)`.
 fn rekey(key: &ring::aead::LessSafeKey) -> Result<ring::aead::LessSafeKey, NoiseError> {
     let mut next = [0u8; 32];
-    key.seal_in_place_separate_tag(nonce(u64::MAX), ring::aead::Aad::empty(), &mut next)
+    // The ciphertext is the new key; the tag is not part of it.
+    let _tag = key
+        .seal_in_place_separate_tag(nonce(u64::MAX), ring::aead::Aad::empty(), &mut next)
         .map_err(|_| NoiseError::State("rekeying failed".into()))?;
     aead_key(&next)
 }
@@ -908,7 +910,7 @@ mod tests {
         }
         // The new key is REKEY(k) = ENCRYPT(k, 2^64-1, "", zeros)[..32], computed here apart.
         let mut expected = [0u8; 32];
-        aead_key(&k)
+        let _tag = aead_key(&k)
             .unwrap()
             .seal_in_place_separate_tag(nonce(u64::MAX), ring::aead::Aad::empty(), &mut expected)
             .unwrap();

@@ -860,7 +860,7 @@ impl Registry {
                     self.send(id, &error(Some(watch), ErrorCode::UNKNOWN, "no such watch"));
                 }
             }
-            Message::Meet { id: req, service } => self.meet(now, id, key, req, service),
+            Message::Meet { id: req, service, role } => self.meet(now, id, key, req, service, &role),
             Message::Ping { nonce } => self.send(id, &Message::Pong { nonce }),
             Message::Pong { .. } => {}
             Message::Error { code, text, .. } => {
@@ -884,27 +884,25 @@ impl Registry {
         }
     }
 
-    /// Proxy `key` (session `id`) asks, as request `req`, to meet `service`:
-    /// only a service registered now, whose build can meet, within the
-    /// asker's budget ([`Meetings::open`]).
-    fn meet(&mut self, now: Instant, id: SessionId, key: PublicKey, req: u32, service: PublicKey) {
-        // Of the service's processes, one that has registered something;
-        // with an access list, something the proxy may look up: to a proxy
-        // that may not, the service is unknown, as if not registered, so
-        // the answer tells nothing it may not know.
-        let visible = |s: &SessionId| {
-            self.directory
-                .registrations_of(*s)
-                .iter()
-                .any(|(_, i)| self.allows(&key, Action::Lookup, i.role.name()))
-        };
-        let mut sessions = self.by_identity.iter().filter(|(identity, _)| identity.key == service);
-        let target = sessions.find(|(_, s)| visible(s)).map(|(_, s)| *s);
-        let Some(target) = target else {
-            self.send(
-                id,
-                &error(Some(req), ErrorCode::UNKNOWN, &format!("no service {service} is registered")),
-            );
+    /// Proxy `key` (session `id`) asks, as request `req`, to meet the process
+    /// of `service` that registered `role`: only one registered now, whose
+    /// build can meet, within the asker's budget ([`Meetings::open`]).
+    fn meet(
+        &mut self,
+        now: Instant,
+        id: SessionId,
+        key: PublicKey,
+        req: u32,
+        service: PublicKey,
+        role: &Role,
+    ) {
+        // With an access list, only for a role the proxy may look up; to a
+        // proxy that may not, the service is unknown, as if not registered,
+        // so the answer tells nothing it may not know.
+        let owner = self.directory.owner_of(&service, role);
+        let Some(target) = owner.filter(|_| self.allows(&key, Action::Lookup, role.name())) else {
+            let text = format!("no service {service} has registered {role}");
+            self.send(id, &error(Some(req), ErrorCode::UNKNOWN, &text));
             return;
         };
         let can_meet = self
@@ -1385,12 +1383,14 @@ mod tests {
         // A meeting only with a service the asker may look up; to others it is
         // unknown, exactly as one that is not registered.
         let service = keypair(2).public();
-        let got = net.exchange(1, &Message::Meet { id: 9, service });
+        let got =
+            net.exchange(1, &Message::Meet { id: 9, service, role: Role::parse("couchdb@3.2.2").unwrap() });
         assert!(
             matches!(&got[..], [Message::Error { id: Some(9), code: ErrorCode::UNKNOWN, .. }]),
             "{got:?}"
         );
-        let got = net.exchange(2, &Message::Meet { id: 10, service });
+        let got =
+            net.exchange(2, &Message::Meet { id: 10, service, role: Role::parse("couchdb@3.2.2").unwrap() });
         assert!(matches!(&got[..], [Message::MeetReady { id: 10, .. }]), "{got:?}");
     }
 
@@ -1713,15 +1713,15 @@ mod tests {
         net.connect(1, &keypair(3));
         let proxy = keypair(3).public();
         // Not registered yet: unknown.
-        let got = net.exchange(1, &Message::Meet { id: 1, service: service.public() });
+        let role = Role::parse("db@1.0.0").unwrap();
+        let got = net.exchange(1, &Message::Meet { id: 1, service: service.public(), role: role.clone() });
         assert!(
             matches!(&got[..], [Message::Error { id: Some(1), code: ErrorCode::UNKNOWN, .. }]),
             "{got:?}"
         );
-        let role = Role::parse("db@1.0.0").unwrap();
-        exchange(&mut net, &[Message::Register { id: 1, role, port: 1, addrs: vec![] }]);
+        exchange(&mut net, &[Message::Register { id: 1, role: role.clone(), port: 1, addrs: vec![] }]);
 
-        let got = net.exchange(1, &Message::Meet { id: 2, service: service.public() });
+        let got = net.exchange(1, &Message::Meet { id: 2, service: service.public(), role: role.clone() });
         let [Message::MeetReady { id: 2, ticket }] = got[..] else { panic!("{got:?}") };
         let offered = net.peers[0].peer.take_messages();
         assert_eq!(offered, vec![Message::MeetOffer { ticket, proxy }], "the service hears who asked");
@@ -1734,9 +1734,9 @@ mod tests {
         assert_eq!(net.registry.arrive(now, ticket, MeetSide::Service), Err(ArrivalError::Unknown));
 
         // The budget: one more, then refused, and the session goes on.
-        let got = net.exchange(1, &Message::Meet { id: 3, service: service.public() });
+        let got = net.exchange(1, &Message::Meet { id: 3, service: service.public(), role: role.clone() });
         let [Message::MeetReady { id: 3, ticket: waiting }] = got[..] else { panic!("{got:?}") };
-        let got = net.exchange(1, &Message::Meet { id: 4, service: service.public() });
+        let got = net.exchange(1, &Message::Meet { id: 4, service: service.public(), role });
         assert!(matches!(&got[..], [Message::Error { id: Some(4), code: ErrorCode::LIMIT, .. }]), "{got:?}");
         assert_eq!(net.registry.session_count(), 2);
 

@@ -338,7 +338,9 @@ fn a_meeting_gives_the_proxy_and_the_service_one_ticket_and_the_registry_admits_
         let mut w = world(seed);
         w.run_for(Duration::from_secs(1));
         let service = keypair(1).public();
-        let id = proxy_mut(&mut w).meet(service).expect("connected to a registry that can meet");
+        let role = Role::parse("couchdb@3.2.2").unwrap();
+        let id =
+            proxy_mut(&mut w).meet(service, role.clone()).expect("connected to a registry that can meet");
         w.settle();
         let ready = w.proxy().events.iter().find_map(|e| match e {
             ProxyEvent::MeetReady { id: got, ticket } if *got == id => Some(*ticket),
@@ -362,7 +364,7 @@ fn a_meeting_gives_the_proxy_and_the_service_one_ticket_and_the_registry_admits_
         assert_eq!(w.net.registry.arrive(now, ticket, MeetSide::Proxy), Err(ArrivalError::Unknown));
 
         // A service that is not registered cannot be met; the proxy hears why.
-        let id = proxy_mut(&mut w).meet(keypair(77).public()).unwrap();
+        let id = proxy_mut(&mut w).meet(keypair(77).public(), role.clone()).unwrap();
         w.settle();
         let refused = w
             .proxy()
@@ -373,7 +375,18 @@ fn a_meeting_gives_the_proxy_and_the_service_one_ticket_and_the_registry_admits_
 
         // A meeting asked for just before the session ends is answered by
         // the end, not left hanging.
-        let id = proxy_mut(&mut w).meet(service).unwrap();
+        // Nor a registered service under another role than it registered.
+        let other = Role::parse("couchdb@3.3.0").unwrap();
+        let id = proxy_mut(&mut w).meet(service, other).unwrap();
+        w.settle();
+        let refused = w
+            .proxy()
+            .events
+            .iter()
+            .any(|e| matches!(e, ProxyEvent::MeetRefused { id: got, .. } if *got == id));
+        assert!(refused, "seed {seed}: {:?}", w.proxy().events);
+
+        let id = proxy_mut(&mut w).meet(service, role.clone()).unwrap();
         let proxy = w.net.peers.len() - 1;
         w.net.close(proxy);
         let refused = w
@@ -434,7 +447,7 @@ fn three_hundred_instances_with_big_tags_all_reach_the_proxy_whole_and_are_chose
         .events
         .iter()
         .filter_map(|e| match e {
-            ProxyEvent::Instances { instances, truncated } => Some((instances.len(), *truncated)),
+            ProxyEvent::Instances { instances, truncated, .. } => Some((instances.len(), *truncated)),
             _ => None,
         })
         .collect();

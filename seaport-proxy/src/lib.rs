@@ -22,6 +22,10 @@ use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, Strategy};
 use seaport_proto::keys::PublicKey;
 use seaport_proto::link::LinkConfig;
 use seaport_proto::message::Instance;
+
+/// Tells service processes apart in the proxy's reports: one identity may
+/// run as several processes, each with its own addresses.
+type InstanceId = (PublicKey, Vec<SocketAddr>);
 use seaport_proto::role::{Role, RoleQuery};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -31,18 +35,23 @@ use tokio::sync::{mpsc, watch};
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Example (REGKEY: the 64-character key the registry printed):\n  seaport-proxy REGKEY -p 6000 -r couchdb@3.x\n  curl http://127.0.0.1:6000/"
+    after_help = "Examples (REGKEY: the 64-character key the registry printed):\n  seaport-proxy REGKEY -p 6000 -r couchdb@3.x\n  curl http://127.0.0.1:6000/\n  seaport-proxy REGKEY --map couchdb@3.x=6000 --map redis@7=6379"
 )]
 pub struct Args {
     /// Registry, identity and DHT options, shared with the other client binary.
     #[command(flatten)]
     pub client: ClientArgs,
     /// The local port to serve on (0: any free port, printed on stdout).
-    #[arg(short, long, value_name = "PORT")]
-    pub port: u16,
+    #[arg(short, long, value_name = "PORT", requires = "role")]
+    pub port: Option<u16>,
     /// The role and npm version range wanted, e.g. couchdb@3.x or couchdb@^3.2.0.
-    #[arg(short, long, value_name = "ROLE@RANGE", value_parser = |s: &str| RoleQuery::parse(s).map_err(|e| e.to_string()))]
-    pub role: RoleQuery,
+    #[arg(short, long, value_name = "ROLE@RANGE", requires = "port", value_parser = |s: &str| RoleQuery::parse(s).map_err(|e| e.to_string()))]
+    pub role: Option<RoleQuery>,
+    /// Serve a role on a local port, e.g. couchdb@3.x=6000 (repeatable;
+    /// beside or instead of -p/-r): one process, one registry session and
+    /// one link per service instance, whatever the number of roles.
+    #[arg(long = "map", value_name = "ROLE@RANGE=PORT", value_parser = parse_mapping)]
+    pub map: Vec<Mapping>,
     /// The local address to bind the port on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
     pub bind: std::net::IpAddr,
@@ -73,21 +82,58 @@ pub struct Args {
     pub drain: Duration,
 }
 
+/// One role served on one local port.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    /// What is looked up.
+    pub query: RoleQuery,
+    /// Where it is served (0: any free port).
+    pub port: u16,
+}
+
+fn parse_mapping(text: &str) -> Result<Mapping, String> {
+    let (query, port) = text
+        .rsplit_once('=')
+        .ok_or_else(|| format!("{text:?} is not ROLE@RANGE=PORT, e.g. couchdb@3.x=6000"))?;
+    let query = RoleQuery::parse(query).map_err(|e| e.to_string())?;
+    let port = port.parse().map_err(|_| format!("{port:?} is not a port (0 to 65535)"))?;
+    Ok(Mapping { query, port })
+}
+
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
 pub async fn run(args: Args) -> Result<(), Failure> {
     seaport_net::event::use_json(args.client.json);
     let keypair = args.client.keypair()?;
-    let addr = SocketAddr::new(args.bind, args.port);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}; choose another -p port or --bind address"))?;
-    // With -p 0 the kernel picks the port: report that one, not 0.
-    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let mut mappings = args.map.clone();
+    if let (Some(port), Some(query)) = (args.port, args.role.clone()) {
+        mappings.insert(0, Mapping { query, port });
+    }
+    if mappings.is_empty() {
+        return Err(Failure::Usage(
+            "nothing to serve: give -p PORT -r ROLE@RANGE, or --map ROLE@RANGE=PORT".into(),
+        ));
+    }
+    let mut listeners = Vec::new();
+    let mut ports = Vec::new();
+    for mapping in &mappings {
+        let addr = SocketAddr::new(args.bind, mapping.port);
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            format!(
+                "cannot listen on {addr} (for {}): {e}; choose another port or --bind address",
+                mapping.query
+            )
+        })?;
+        // With port 0 the kernel picks the port: report that one, not 0.
+        ports.push(listener.local_addr().map_err(|e| e.to_string())?.port());
+        listeners.push(listener);
+    }
+    let queries: Vec<RoleQuery> = mappings.iter().map(|m| m.query.clone()).collect();
     let resolver = args.client.resolver().await?;
     let mut config = ClientConfig::new(keypair.clone(), args.client.registry.key);
     // Tells this process's sessions from those of others with the same seed.
     config.process = seaport_net::identity::random_u64();
-    let client = Arc::new(Mutex::new(ProxyClient::new(config, args.role.clone(), args.balance, args.ban)));
+    let client =
+        Arc::new(Mutex::new(ProxyClient::with_queries(config, queries.clone(), args.balance, args.ban)));
     // Bumped on every instance-set change, so waiting clients wake up.
     let (changed_tx, changed) = watch::channel(0u64);
     // The registry's answers to meeting requests, for the introducer below.
@@ -97,9 +143,12 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     // Filled once the control task exists: the event handler needs it first.
     let links_cell: Arc<std::sync::OnceLock<Arc<Links>>> = Arc::default();
     let links_view = links_cell.clone();
-    let mut known: HashMap<PublicKey, Role> = HashMap::new();
+    // Per query: the instances known (to report arrivals and departures).
+    let mut known: Vec<HashMap<InstanceId, Role>> = vec![HashMap::new(); queries.len()];
+    let mut ready = false;
     let mut connected = false;
-    let query = args.role.clone();
+    let served = queries.clone();
+    let client_view = client.clone();
     let on_event = move |e: &ProxyEvent| match e {
         ProxyEvent::Connected => {
             connected = true;
@@ -110,30 +159,42 @@ pub async fn run(args: Args) -> Result<(), Failure> {
                 emit(&Event::Disconnected { reason: reason.to_string() });
             }
         }
-        ProxyEvent::Instances { instances, truncated } => {
+        ProxyEvent::Instances { query, instances, truncated } => {
+            let (Some(port), Some(wanted)) = (ports.get(*query), served.get(*query)) else { return };
             // With --service-key, the others do not exist for this proxy.
-            let instances: Vec<&Instance> = instances.iter().filter(|i| pinned_view.admits(&i.key)).collect();
-            let now: HashMap<PublicKey, Role> = instances.iter().map(|i| (i.key, i.role.clone())).collect();
-            for (key, role) in &known {
-                if !now.contains_key(key) {
+            let now: HashMap<InstanceId, Role> = instances
+                .iter()
+                .filter(|i| pinned_view.admits(&i.key))
+                .map(|i| ((i.key, i.addrs.clone()), i.role.clone()))
+                .collect();
+            let before = known.get(*query).cloned().unwrap_or_default();
+            for ((key, addrs), role) in &before {
+                if !now.contains_key(&(*key, addrs.clone())) {
                     tracing::info!(service = %key, "service gone from the registry");
                     emit(&Event::Lost { key: *key, role: role.clone() });
                 }
             }
-            for instance in &instances {
-                if !known.contains_key(&instance.key) {
-                    emit(&Event::Found { key: instance.key, role: instance.role.clone() });
-                    emit(&Event::Serving { port, key: instance.key });
-                    seaport_net::notify::ready();
+            for ((key, addrs), role) in &now {
+                if !before.contains_key(&(*key, addrs.clone())) {
+                    emit(&Event::Found { key: *key, role: role.clone() });
+                    emit(&Event::Serving { port: *port, key: *key });
                 }
             }
-            known = now;
+            if now.is_empty() {
+                tracing::warn!(query = %wanted, "no instance matches the query right now");
+            }
+            if let Some(slot) = known.get_mut(*query) {
+                *slot = now;
+            }
+            // Ready once every role served has an instance (systemd's After=).
+            if !ready && known.iter().all(|k| !k.is_empty()) {
+                ready = true;
+                seaport_net::notify::ready();
+            }
             // Links of instances that left go away: their streams finish.
             if let Some(links) = links_view.get() {
-                links.retain(&known.keys().copied().collect::<Vec<_>>());
-            }
-            if instances.is_empty() {
-                tracing::warn!("no instance matches the query right now");
+                let all: Vec<Instance> = lock(&client_view).all_instances();
+                links.retain(&all);
             }
             if *truncated {
                 tracing::warn!("more instances match than the registry sent");
@@ -146,8 +207,9 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         ProxyEvent::MeetRefused { id, text } => {
             let _ = answers_tx.send((*id, Err(text.clone())));
         }
-        ProxyEvent::Refused { code, text, .. } => {
-            tracing::error!(%code, "registry refused the lookup: {text}; asking again after the next reconnect");
+        ProxyEvent::Refused { id, code, text } => {
+            let Some(query) = usize::try_from(*id).ok().and_then(|i| served.get(i)) else { return };
+            tracing::error!(%code, %query, "registry refused the lookup: {text}; asking again after the next reconnect");
             emit(&Event::WatchRefused { query: query.clone(), text: text.clone() });
         }
         other => tracing::debug!(?other),
@@ -160,24 +222,50 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let _ = links_cell.set(links.clone());
 
     let (wait, dial) = (args.connect_timeout, args.dial_timeout);
-    let conns = accept_until(&listener, None, seaport_net::signal::shutdown_signal(), |stream, peer| {
+    // One accept loop per mapping, all stopped by the one shutdown signal.
+    let (stop_tx, stop) = watch::channel(false);
+    let mut loops = tokio::task::JoinSet::new();
+    for (query, listener) in listeners.into_iter().enumerate() {
         let (client, links, changed, pinned) =
             (client.clone(), links.clone(), changed.clone(), pinned.clone());
-        async move {
-            let served = serve_client(stream, &client, &links, &pinned, changed, wait, dial);
-            if let Err(e) = served.await {
-                tracing::info!(%peer, "connection closed: {e}");
-            }
-        }
-    })
-    .await;
+        let mut stop = stop.clone();
+        loops.spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            };
+            accept_until(&listener, None, shutdown, |stream, peer| {
+                let (client, links, changed, pinned) =
+                    (client.clone(), links.clone(), changed.clone(), pinned.clone());
+                async move {
+                    let served = serve_client(stream, query, &client, &links, &pinned, changed, wait, dial);
+                    if let Err(e) = served.await {
+                        tracing::info!(%peer, "connection closed: {e}");
+                    }
+                }
+            })
+            .await
+            // The listener drops here: no new connection is taken.
+        });
+    }
+    seaport_net::signal::shutdown_signal().await;
     tracing::info!("shutting down: draining open connections");
     emit(&Event::Draining);
     seaport_net::notify::stopping();
-    drop(listener);
+    let _ = stop_tx.send(true);
+    let mut conns = Vec::new();
+    while let Some(open) = loops.join_next().await {
+        if let Ok(open) = open {
+            conns.push(open);
+        }
+    }
     links.go_away_all();
     control.stop().await;
-    drain(conns, args.drain).await;
+    let limit = args.drain;
+    let deadline = tokio::time::Instant::now() + limit;
+    for open in conns {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        drain(open, left).await;
+    }
     emit(&Event::Stopped);
     Ok(())
 }
@@ -187,8 +275,10 @@ pub async fn run(args: Args) -> Result<(), Failure> {
 /// (the service has reached its backend), and carry it. Nothing of the
 /// client's is read before that, so any instance may fail without the
 /// client seeing it.
+#[allow(clippy::too_many_arguments)] // each is a distinct part of the connection's context
 async fn serve_client(
     stream: TcpStream,
+    query: usize,
     client: &Mutex<ProxyClient>,
     links: &Links,
     pinned: &AllowList,
@@ -199,7 +289,7 @@ async fn serve_client(
     let _ = stream.set_nodelay(true);
     let deadline = tokio::time::Instant::now() + wait;
     let order = loop {
-        let mut order = lock(client).choose(seaport_net::clock::now(), random_u64());
+        let mut order = lock(client).choose_for(query, seaport_net::clock::now(), random_u64());
         order.retain(|i| pinned.admits(&i.key));
         if !order.is_empty() {
             break order;

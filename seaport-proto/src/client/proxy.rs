@@ -1,10 +1,12 @@
-//! The proxy side: watches one query, keeps the instances last reported
-//! (across registry reconnects) and orders them for each new connection.
+//! The proxy side: watches one or more queries (one per role it serves),
+//! keeps the instances last reported for each (across registry reconnects)
+//! and orders them for each new connection.
 //!
-//! Invariants: the instance set only ever holds instances that match the
-//! proxy's own query, whatever the registry sends. An answer that comes in
-//! parts ([`Message::InstancesPart`]s, then the last `Instances`) is
-//! reported only once whole, never a part of it; at most one answer is
+//! Invariants: each query's instance set only ever holds instances that
+//! match that query, whatever the registry sends. Query `i` is watch id `i`;
+//! lookups and meetings count from after the last query. An answer that
+//! comes in parts ([`Message::InstancesPart`]s, then the last `Instances`)
+//! is reported only once whole, never a part of it; at most one answer is
 //! being assembled at a time (the registry sends an answer's parts one after
 //! another), and it holds at most [`MAX_ANSWER_INSTANCES`] instances.
 
@@ -18,7 +20,7 @@ use crate::keys::PublicKey;
 use crate::meet::Ticket;
 use crate::message::{ErrorCode, Instance, MAX_ANSWER_INSTANCES, Message};
 use crate::noise::Capabilities;
-use crate::role::RoleQuery;
+use crate::role::{Role, RoleQuery};
 
 /// What a proxy client reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,8 +28,10 @@ use crate::role::RoleQuery;
 pub enum ProxyEvent {
     /// The control session is open (the watch follows).
     Connected,
-    /// The set of matching instances, whenever the registry reports it.
+    /// The set of instances matching one query, whenever the registry reports it.
     Instances {
+        /// Which query (its index in the order given).
+        query: usize,
         /// The new set, oldest registration first.
         instances: Vec<Instance>,
         /// More matched than the registry sent.
@@ -73,15 +77,18 @@ pub enum ProxyEvent {
 /// Most meetings a proxy asks for at once (the registry has its own cap).
 pub const MAX_PENDING_MEETS: usize = 64;
 
-/// The watch id a proxy uses for its own query; lookups count from 1.
-const WATCH_ID: u32 = 0;
+/// One query the proxy serves: what it asks, what matched last, and how it
+/// chooses among them.
+struct Watched {
+    query: RoleQuery,
+    balancer: Balancer,
+    instances: Vec<Instance>,
+}
 
 /// The proxy side; see the module docs.
 pub struct ProxyClient {
     control_link: ControlLink,
-    query: RoleQuery,
-    balancer: Balancer,
-    instances: Vec<Instance>,
+    watched: Vec<Watched>,
     next_lookup: u32,
     /// Meet requests the registry has not answered yet.
     meets: HashSet<u32>,
@@ -102,13 +109,26 @@ struct Partial {
 impl ProxyClient {
     /// A proxy for `query`; a failed instance is avoided for `ban`.
     pub fn new(config: ClientConfig, query: RoleQuery, strategy: Strategy, ban: Duration) -> ProxyClient {
-        let balancer = Balancer::new(strategy, config.keypair.public(), ban);
+        ProxyClient::with_queries(config, vec![query], strategy, ban)
+    }
+
+    /// A proxy for several queries at once (one per role it serves), over
+    /// one control session.
+    pub fn with_queries(
+        config: ClientConfig,
+        queries: Vec<RoleQuery>,
+        strategy: Strategy,
+        ban: Duration,
+    ) -> ProxyClient {
+        let me = config.keypair.public();
+        let watched: Vec<Watched> = queries
+            .into_iter()
+            .map(|query| Watched { query, balancer: Balancer::new(strategy, me, ban), instances: Vec::new() })
+            .collect();
         ProxyClient {
             control_link: ControlLink::new(config),
-            query,
-            balancer,
-            instances: Vec::new(),
-            next_lookup: WATCH_ID + 1,
+            next_lookup: first_request_id(watched.len()),
+            watched,
             meets: HashSet::new(),
             partial: None,
             events: VecDeque::new(),
@@ -126,43 +146,75 @@ impl ProxyClient {
         Some(id)
     }
 
-    /// Asks the registry to arrange a meeting with the service `service`
-    /// ([`crate::meet`]); the answer comes as [`ProxyEvent::MeetReady`] or
-    /// [`ProxyEvent::MeetRefused`] with the returned id. `None` when not
-    /// connected, when the registry cannot meet, or with
-    /// [`MAX_PENDING_MEETS`] unanswered.
-    pub fn meet(&mut self, service: PublicKey) -> Option<u32> {
+    /// Asks the registry to arrange a meeting with the process of `service`
+    /// that registered `role` ([`crate::meet`]); the answer comes as
+    /// [`ProxyEvent::MeetReady`] or [`ProxyEvent::MeetRefused`] with the
+    /// returned id. `None` when not connected, when the registry cannot
+    /// meet, or with [`MAX_PENDING_MEETS`] unanswered.
+    pub fn meet(&mut self, service: PublicKey, role: Role) -> Option<u32> {
         let can_meet = self.control_link.remote_capabilities().contains(Capabilities::MEET);
         if !self.control_link.is_established() || !can_meet || self.meets.len() >= MAX_PENDING_MEETS {
             return None;
         }
         let id = self.next_request_id();
         self.meets.insert(id);
-        self.control_link.send(&Message::Meet { id, service });
+        self.control_link.send(&Message::Meet { id, service, role });
         Some(id)
     }
 
     fn next_request_id(&mut self) -> u32 {
         let id = self.next_lookup;
-        self.next_lookup = self.next_lookup.checked_add(1).unwrap_or(WATCH_ID + 1);
+        let first = first_request_id(self.watched.len());
+        self.next_lookup = self.next_lookup.checked_add(1).unwrap_or(first);
         id
     }
 
-    /// The instances last reported (kept across registry reconnects).
+    /// The queries served, in the order given.
+    pub fn queries(&self) -> impl Iterator<Item = &RoleQuery> {
+        self.watched.iter().map(|w| &w.query)
+    }
+
+    /// The instances last reported for the first query (kept across
+    /// registry reconnects).
     pub fn instances(&self) -> &[Instance] {
-        &self.instances
+        self.instances_of(0)
     }
 
-    /// The order in which to try instances for one new connection: the
-    /// strategy's choice first, then the others, instances banned for a
-    /// recent failure last. `random` is used by [`Strategy::Random`].
+    /// The instances last reported for query `query`.
+    pub fn instances_of(&self, query: usize) -> &[Instance] {
+        self.watched.get(query).map_or(&[], |w| w.instances.as_slice())
+    }
+
+    /// The instances last reported for every query, each once.
+    pub fn all_instances(&self) -> Vec<Instance> {
+        let mut all: Vec<Instance> = Vec::new();
+        for instance in self.watched.iter().flat_map(|w| &w.instances) {
+            if !all.contains(instance) {
+                all.push(instance.clone());
+            }
+        }
+        all
+    }
+
+    /// The order in which to try instances of the first query for one new
+    /// connection; see [`ProxyClient::choose_for`].
     pub fn choose(&mut self, now: Instant, random: u64) -> Vec<Instance> {
-        self.balancer.order(now, random, &self.instances)
+        self.choose_for(0, now, random)
     }
 
-    /// Dialing or handshaking with `key` failed: avoid it for a while.
+    /// The order in which to try instances of query `query` for one new
+    /// connection: the strategy's choice first, then the others, instances
+    /// banned for a recent failure last. `random` is used by [`Strategy::Random`].
+    pub fn choose_for(&mut self, query: usize, now: Instant, random: u64) -> Vec<Instance> {
+        self.watched.get_mut(query).map(|w| w.balancer.order(now, random, &w.instances)).unwrap_or_default()
+    }
+
+    /// Dialing or handshaking with `key` failed: avoid it for a while, for
+    /// every query.
     pub fn report_failure(&mut self, now: Instant, key: PublicKey) {
-        self.balancer.report_failure(now, key);
+        for watched in &mut self.watched {
+            watched.balancer.report_failure(now, key);
+        }
     }
 
     /// Adds a part of answer `id`; a part of another answer than the one
@@ -205,12 +257,14 @@ impl ProxyClient {
             other => other,
         };
         match msg {
-            Message::Instances { id: WATCH_ID, instances, truncated } => {
+            Message::Instances { id, instances, truncated } if (id as usize) < self.watched.len() => {
+                let query = id as usize;
+                let Some(watched) = self.watched.get_mut(query) else { return };
                 // Only what we asked for: a confused registry cannot steer us elsewhere.
                 let instances: Vec<Instance> =
-                    instances.into_iter().filter(|i| self.query.matches(&i.role)).collect();
-                self.instances.clone_from(&instances);
-                self.events.push_back(ProxyEvent::Instances { instances, truncated });
+                    instances.into_iter().filter(|i| watched.query.matches(&i.role)).collect();
+                watched.instances.clone_from(&instances);
+                self.events.push_back(ProxyEvent::Instances { query, instances, truncated });
             }
             Message::Instances { id, instances, truncated } => {
                 self.events.push_back(ProxyEvent::LookupResult { id, instances, truncated });
@@ -239,7 +293,10 @@ impl ProxyClient {
         match event {
             ControlEvent::Opened => {
                 self.events.push_back(ProxyEvent::Connected);
-                self.control_link.send(&Message::Watch { id: WATCH_ID, query: self.query.clone() });
+                for (id, watched) in self.watched.iter().enumerate() {
+                    let id = u32::try_from(id).unwrap_or(u32::MAX);
+                    self.control_link.send(&Message::Watch { id, query: watched.query.clone() });
+                }
             }
             ControlEvent::Message(msg) => self.handle_message(msg),
             ControlEvent::Closed(reason) => {
@@ -255,6 +312,11 @@ impl ProxyClient {
     }
 }
 
+/// The first id after the watches' (one per query).
+fn first_request_id(queries: usize) -> u32 {
+    u32::try_from(queries).unwrap_or(u32::MAX)
+}
+
 registry_client!(ProxyClient, ProxyEvent);
 
 #[cfg(test)]
@@ -267,6 +329,9 @@ mod tests {
     use crate::noise::Intent;
     use crate::role::Role;
     use crate::session::Session;
+
+    /// The watch of the proxy's first (here, only) query.
+    const WATCH_ID: u32 = 0;
 
     fn keypair(n: u8) -> Keypair {
         Keypair::from_seed(&Seed::from_bytes([n; 32]))
@@ -327,7 +392,7 @@ mod tests {
         assert!(proxy.instances().is_empty(), "nothing acted on before the last part");
         let last = Message::Instances { id: WATCH_ID, instances: instances(20, 2), truncated: false };
         let events = deliver(&mut proxy, &mut registry, now, &[last]);
-        let [ProxyEvent::Instances { instances: got, truncated: false }] = events.as_slice() else {
+        let [ProxyEvent::Instances { query: 0, instances: got, truncated: false }] = events.as_slice() else {
             panic!("{events:?}")
         };
         assert_eq!(got.len(), 8);
@@ -360,7 +425,7 @@ mod tests {
         assert_eq!(proxy.partial.as_ref().unwrap().instances.len(), MAX_ANSWER_INSTANCES);
         let last = Message::Instances { id: WATCH_ID, instances: instances(1, 1), truncated: false };
         let events = deliver(&mut proxy, &mut registry, now, &[last]);
-        let [ProxyEvent::Instances { instances: got, truncated: true }] = events.as_slice() else {
+        let [ProxyEvent::Instances { query: 0, instances: got, truncated: true }] = events.as_slice() else {
             panic!("{events:?}")
         };
         assert_eq!(got.len(), MAX_ANSWER_INSTANCES);
