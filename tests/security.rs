@@ -221,3 +221,48 @@ fn a_proxy_holds_no_more_streams_than_the_service_allows_it() {
     }
     assert!(connections.load(Ordering::SeqCst) - before > held, "a new stream after the old ones ended");
 }
+
+#[test]
+fn a_link_handshake_alone_never_touches_the_backend_even_replayed() {
+    use std::sync::atomic::Ordering;
+    let reg = registry(&[]);
+    let (backend, connections) = holding_backend();
+    let link_port = free_port();
+    let listen = format!("127.0.0.1:{link_port}");
+    let svc =
+        service_with(&reg.target, backend, "quiet@1.0.0", &["--listen", &listen, "--check-interval", "1h"]);
+    let service_key: PublicKey = svc.lines()[0].rsplit(' ').next().unwrap().parse().unwrap();
+    let before = connections.load(Ordering::SeqCst);
+    // A stranger's complete link handshake, then its first message replayed
+    // 20 times: no stream was opened, so no backend connection may follow.
+    let stranger = Keypair::from_seed(&Seed::from_bytes([33; 32]));
+    let mut session = Session::initiate(
+        Instant::now(),
+        &stranger,
+        &service_key,
+        Intent::Link,
+        [6; 32],
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let mut first = Vec::new();
+    session.poll_transmit(&mut first);
+    let mut attempts = Vec::new();
+    for _ in 0..21 {
+        let mut s = TcpStream::connect(&listen).unwrap();
+        s.write_all(&first).unwrap();
+        attempts.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(connections.load(Ordering::SeqCst), before, "a handshake reached the backend");
+    drop(attempts);
+    // The service still serves real proxies.
+    let (_proxy, port) = proxy(&reg.target, "quiet", 1);
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(b"hello").unwrap();
+    let deadline = Instant::now() + WAIT;
+    while connections.load(Ordering::SeqCst) == before {
+        assert!(Instant::now() < deadline, "a real stream never reached the backend");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -149,12 +149,13 @@ mod tests {
         let a = budget.link(key(1)).unwrap();
         let b = budget.link(key(2)).unwrap();
         let a1 = a.stream().unwrap();
-        let _a2 = a.stream().unwrap();
+        let a2 = a.stream().unwrap();
         assert_eq!(a.stream().unwrap_err(), OverBudget::PeerStreams(2));
-        let _b1 = b.stream().unwrap();
+        let b1 = b.stream().unwrap();
         assert_eq!(b.stream().unwrap_err(), OverBudget::Streams(3));
         drop(a1);
         assert!(b.stream().is_ok(), "a stream given back is free again");
+        drop((a2, b1));
         let links: Vec<_> = (0..MAX_LINKS_PER_PEER - 1).map(|_| budget.link(key(1)).unwrap()).collect();
         assert_eq!(budget.link(key(1)).unwrap_err(), OverBudget::PeerLinks(MAX_LINKS_PER_PEER));
         drop(links);

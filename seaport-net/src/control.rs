@@ -221,7 +221,7 @@ where
                          wrong (a registry drops handshakes meant for another key); check the pubkey it printed"
                     ),
                     ClientError::Session(SessionError::Busy) => tracing::warn!(
-                        "the registry is at its session limit (its --max-sessions) and refused us; retrying"
+                        "the registry is at its session limit, or busy with handshakes from this address (its --max-sessions, --max-handshakes-per-source), and refused us; retrying"
                     ),
                     _ => tracing::warn!("registry session ended: {reason}"),
                 }

@@ -368,7 +368,7 @@ pub struct Links {
 /// Tells service processes apart: one identity may run as several processes
 /// (one seed per host), each with its own link port and backend, so a link
 /// belongs to a key *and* the addresses that process reported.
-type InstanceId = (PublicKey, Vec<SocketAddr>);
+pub type InstanceId = (PublicKey, Vec<SocketAddr>);
 
 fn instance_id(instance: &Instance) -> InstanceId {
     (instance.key, instance.addrs.clone())
@@ -468,8 +468,12 @@ impl Links {
                 match reach::establish(&instance, &keypair, timeout, introducer.as_deref(), hint, false).await
                 {
                     Ok(reached) => {
+                        let mut links = cell.lock().await;
+                        if links.len() >= MAX_LINKS_PER_INSTANCE {
+                            return;
+                        }
                         let Ok(link) = announce(&memo, &config, &instance, reached) else { continue };
-                        cell.lock().await.push(link);
+                        links.push(link);
                         relayed.go_away();
                         return;
                     }

@@ -28,8 +28,9 @@ const PUNCH_ATTEMPT: Duration = Duration::from_millis(1000);
 /// Pause between punching connects that failed at once (a NAT that answers
 /// with RST), so a refusing peer is not hammered.
 const PUNCH_PAUSE: Duration = Duration::from_millis(50);
-/// Bytes a relay buffers in each direction.
-pub const RELAY_BUFFER: usize = 16 * 1024;
+/// Bytes a relay buffers in each direction: a link's writes come in
+/// batches of up to 256 KiB, and fewer, larger copies cost the registry less.
+pub const RELAY_BUFFER: usize = 64 * 1024;
 /// A relay with no byte either way for this long ends.
 pub const RELAY_IDLE: Duration = Duration::from_secs(60);
 
@@ -182,9 +183,10 @@ pub struct RelayCounters {
 }
 
 /// Tells both sides of a paired meeting where the other is (and whether we
-/// relay), then relays until either side closes or both fall idle for
-/// `idle`. Without `relaying`, holds the two connections (their NAT
-/// mappings stay open while the sides punch) until either closes or `idle`.
+/// relay), then relays until both directions have ended or neither moved a
+/// byte for `idle`. Without `relaying`, holds the two connections (their
+/// NAT mappings stay open while the sides punch) until either closes or
+/// `idle`.
 pub async fn pair(
     proxy: (TcpStream, SocketAddr),
     service: (TcpStream, SocketAddr),
@@ -217,8 +219,9 @@ pub async fn pair(
     let last = AtomicU64::new(0);
     let (pr, pw) = p.into_split();
     let (sr, sw) = s.into_split();
-    let up = pump(pr, sw, &last, started, &counters.to_service);
-    let down = pump(sr, pw, &last, started, &counters.to_proxy);
+    let (to_service, to_proxy) = (AtomicU64::new(0), AtomicU64::new(0));
+    let up = pump(pr, sw, &last, started, [&to_service, &counters.to_service]);
+    let down = pump(sr, pw, &last, started, [&to_proxy, &counters.to_proxy]);
     let watchdog = async {
         loop {
             tokio::time::sleep(idle / 4).await;
@@ -228,28 +231,27 @@ pub async fn pair(
             }
         }
     };
-    let (to_service, to_proxy) = tokio::select! {
-        moved = async { tokio::join!(up, down) } => moved,
-        () = watchdog => {
-            tracing::info!("relay idle for {idle:?}: closed");
-            (0, 0)
-        }
-    };
+    // Ends once both directions have ended (a half-closed link may still
+    // carry its other half), or once neither moved a byte for `idle`.
+    tokio::select! {
+        _ = async { tokio::join!(up, down) } => {}
+        () = watchdog => tracing::info!("relay idle for {idle:?}: closed"),
+    }
     counters.open.fetch_sub(1, Ordering::Relaxed);
+    let (to_service, to_proxy) = (to_service.load(Ordering::Relaxed), to_proxy.load(Ordering::Relaxed));
     tracing::info!(to_service, to_proxy, "relay ended after {:?}", started.elapsed());
     Ok(())
 }
 
-/// Copies one direction of a relay; returns the bytes moved.
+/// Copies one direction of a relay, adding what it moves to `totals`.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     last: &AtomicU64,
     started: Instant,
-    total: &AtomicU64,
-) -> u64 {
+    totals: [&AtomicU64; 2],
+) {
     let mut buf = vec![0u8; RELAY_BUFFER];
-    let mut moved = 0u64;
     loop {
         let n = match from.read(&mut buf).await {
             Ok(n) if n > 0 => n,
@@ -258,10 +260,10 @@ async fn pump(
         if to.write_all(buf.get(..n).unwrap_or_default()).await.is_err() {
             break;
         }
-        moved += n as u64;
-        total.fetch_add(n as u64, Ordering::Relaxed);
+        for total in totals {
+            total.fetch_add(n as u64, Ordering::Relaxed);
+        }
         last.store(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
     let _ = to.shutdown().await;
-    moved
 }

@@ -6,8 +6,8 @@
 //! # Choosing a path (proxy)
 //! 1. **Direct**: every address the instance reported (the one the registry
 //!    observed, its LAN address, any it was given) is dialed at once.
-//! 2. **Meeting**, [`MEET_AFTER`] later (at once if a direct path failed
-//!    for this service before): the proxy asks the registry for a meeting
+//! 2. **Meeting**, [`MEET_AFTER`] later (at once if this service's last
+//!    link was punched or relayed): the proxy asks the registry for a meeting
 //!    and joins it; then it **punches** toward the service's observed
 //!    address from the meet connection's port, and after [`RELAY_AFTER`]
 //!    (at once if the last link to this service was relayed) it runs the
@@ -21,7 +21,8 @@
 //!
 //! # Answering a meeting (service)
 //! [`answer_meetings`] joins each meeting it is offered (only for proxies
-//! its allow list admits, at most [`MAX_MEETINGS`] at once), punches toward
+//! its allow list admits, at most [`MAX_MEETINGS`] at once and
+//! [`MAX_MEETINGS_PER_PROXY`] per proxy key), punches toward
 //! the proxy and hands both the punched socket and the meet connection
 //! (when relayed) to the service's link acceptor: whichever the proxy
 //! handshakes on becomes the link.
@@ -39,7 +40,7 @@ use seaport_proto::meet::{MeetHello, MeetSide, Ticket};
 use seaport_proto::message::Instance;
 use seaport_proto::session::Session;
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::allow::AllowList;
@@ -59,6 +60,8 @@ pub const PUNCH_FOR: Duration = Duration::from_secs(5);
 pub const MEET_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most meetings a service answers at once; more offers are let go.
 pub const MAX_MEETINGS: usize = 16;
+/// Most of them for one proxy key, so one proxy cannot take them all.
+pub const MAX_MEETINGS_PER_PROXY: usize = 4;
 
 /// How a link reached its service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -284,44 +287,73 @@ pub async fn answer_meetings(
     allow: Arc<AllowList>,
     links: mpsc::Sender<(TcpStream, SocketAddr)>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_MEETINGS));
-    while let Some((ticket, proxy)) = offers.recv().await {
+    // Owned here, so that they end with this task (at shutdown).
+    let mut meetings = tokio::task::JoinSet::new();
+    let mut per_proxy: HashMap<PublicKey, usize> = HashMap::new();
+    loop {
+        let offer = tokio::select! {
+            offer = offers.recv() => offer,
+            Some(done) = meetings.join_next(), if !meetings.is_empty() => {
+                if let Ok(proxy) = done {
+                    if let Some(n) = per_proxy.get_mut(&proxy) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            per_proxy.remove(&proxy);
+                        }
+                    }
+                }
+                continue;
+            }
+        };
+        let Some((ticket, proxy)) = offer else { return };
         if !allow.admits(&proxy) {
             tracing::debug!(%proxy, "meeting offer from a proxy not allowed here: ignored");
             continue;
         }
         let Some(addr) = *registry.borrow() else { continue };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%proxy, "{MAX_MEETINGS} meetings under way: this one is let go");
+        let theirs = per_proxy.get(&proxy).copied().unwrap_or(0);
+        if meetings.len() >= MAX_MEETINGS || theirs >= MAX_MEETINGS_PER_PROXY {
+            tracing::warn!(%proxy, "{} meetings under way ({theirs} with this proxy): this one is let go", meetings.len());
             continue;
-        };
+        }
+        *per_proxy.entry(proxy).or_default() += 1;
         let links = links.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let joined = match join(addr, MeetHello { ticket, side: MeetSide::Service }, MEET_TIMEOUT).await {
-                Ok(joined) => joined,
-                Err(e) => {
-                    tracing::info!(%proxy, "meeting failed: {e}");
-                    return;
-                }
-            };
-            tracing::debug!(%proxy, peer = %joined.peer.addr, relaying = joined.peer.relaying, "meeting joined");
-            let Joined { stream, local, peer } = joined;
-            // Unrelayed, the meet connection is still held while punching:
-            // it keeps the NAT's mapping of our port alive.
-            let held = if peer.relaying {
-                let _ = links.send((stream, addr)).await;
-                None
-            } else {
-                Some(stream)
-            };
-            match punch(local, peer.addr, Instant::now() + PUNCH_FOR).await {
-                Ok(stream) => {
-                    let _ = links.send((stream, peer.addr)).await;
-                }
-                Err(e) => tracing::debug!(%proxy, "no punched path: {e}"),
-            }
-            drop(held);
+        meetings.spawn(async move {
+            answer(addr, ticket, proxy, links).await;
+            proxy
         });
     }
+}
+
+/// Joins one meeting and hands on its candidate links.
+async fn answer(
+    addr: SocketAddr,
+    ticket: Ticket,
+    proxy: PublicKey,
+    links: mpsc::Sender<(TcpStream, SocketAddr)>,
+) {
+    let joined = match join(addr, MeetHello { ticket, side: MeetSide::Service }, MEET_TIMEOUT).await {
+        Ok(joined) => joined,
+        Err(e) => {
+            tracing::info!(%proxy, "meeting failed: {e}");
+            return;
+        }
+    };
+    tracing::debug!(%proxy, peer = %joined.peer.addr, relaying = joined.peer.relaying, "meeting joined");
+    let Joined { stream, local, peer } = joined;
+    // Unrelayed, the meet connection is still held while punching: it keeps
+    // the NAT's mapping of our port alive.
+    let held = if peer.relaying {
+        let _ = links.send((stream, addr)).await;
+        None
+    } else {
+        Some(stream)
+    };
+    match punch(local, peer.addr, Instant::now() + PUNCH_FOR).await {
+        Ok(stream) => {
+            let _ = links.send((stream, peer.addr)).await;
+        }
+        Err(e) => tracing::debug!(%proxy, "no punched path: {e}"),
+    }
+    drop(held);
 }

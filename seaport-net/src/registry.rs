@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use seaport_proto::meet::{Arrival, MeetSide, Ticket};
+use seaport_proto::meet::{Arrival, MeetSide};
 use seaport_proto::registry::{Registry, RegistryEvent, SessionId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -36,6 +36,9 @@ pub struct RelayOptions {
     pub enabled: bool,
     /// Most relays at once (`--max-relays`); a meeting beyond it is not relayed.
     pub max: usize,
+    /// Most relays at once for proxies at one address: one host cannot
+    /// take every relay.
+    pub per_source: usize,
     /// A relay idle this long ends.
     pub idle: Duration,
     /// How long a new connection may take to send its first frame.
@@ -51,6 +54,7 @@ impl Default for RelayOptions {
         RelayOptions {
             enabled: true,
             max: 64,
+            per_source: 8,
             idle: crate::meet::RELAY_IDLE,
             greeting_timeout: Duration::from_secs(10),
             greeting_per_source: 16,
@@ -81,6 +85,70 @@ struct Connection {
 /// Most new connections waiting to send their first frame; more wait in
 /// the listener's backlog.
 const MAX_GREETING: usize = 1024;
+/// Most meetings paired at once, relayed or not (each holds two sockets).
+const MAX_PAIRS: usize = 1024;
+/// How long a meeting that is not relayed keeps its two connections (their
+/// NAT mappings help the punch): the sides punch for 5 s.
+const UNRELAYED_HOLD: Duration = Duration::from_secs(10);
+
+/// Why a meeting is not relayed.
+#[derive(Debug, thiserror::Error)]
+enum RelayRefusal {
+    #[error("relaying is off (--no-relay)")]
+    Off,
+    #[error("{0} relays open (--max-relays)")]
+    Full(usize),
+    #[error("{1} relays open for proxies at {0}")]
+    Source(IpAddr, usize),
+}
+
+/// Relays open, in all and per proxy address.
+struct Relays {
+    max: usize,
+    per_source: usize,
+    open: std::sync::Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One relay's place; given back on drop.
+struct RelayShare {
+    relays: Arc<Relays>,
+    source: IpAddr,
+}
+
+impl Relays {
+    fn new(max: usize, per_source: usize) -> Relays {
+        Relays { max, per_source, open: std::sync::Mutex::default() }
+    }
+
+    fn take(self: &Arc<Self>, source: IpAddr) -> Result<RelayShare, RelayRefusal> {
+        let mut open = crate::control::lock(&self.open);
+        let (all, per) = &mut *open;
+        if *all >= self.max {
+            return Err(RelayRefusal::Full(*all));
+        }
+        let mine = per.entry(source).or_default();
+        if *mine >= self.per_source {
+            return Err(RelayRefusal::Source(source, *mine));
+        }
+        *mine += 1;
+        *all += 1;
+        Ok(RelayShare { relays: self.clone(), source })
+    }
+}
+
+impl Drop for RelayShare {
+    fn drop(&mut self) {
+        let mut open = crate::control::lock(&self.relays.open);
+        let (all, per) = &mut *open;
+        *all = all.saturating_sub(1);
+        if let Some(mine) = per.get_mut(&self.source) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                per.remove(&self.source);
+            }
+        }
+    }
+}
 
 /// A change to make to the running registry from outside its task (a
 /// reloaded access list, say); what it makes the registry send goes out as
@@ -107,8 +175,9 @@ pub async fn serve(
     // New connections until their first frame tells what they are.
     let mut greeting = JoinSet::new();
     // First sides of meetings, waiting for the second.
-    let mut waiting: HashMap<Ticket, oneshot::Sender<(TcpStream, SocketAddr)>> = HashMap::new();
-    let relays = Arc::new(Semaphore::new(relay.max));
+    let mut waiting: HashMap<u64, oneshot::Sender<(TcpStream, SocketAddr)>> = HashMap::new();
+    let relays = Arc::new(Relays::new(relay.max, relay.per_source));
+    let pairs = Arc::new(Semaphore::new(MAX_PAIRS));
     // Greeting connections per source address, to cap each source's share.
     let mut greeting_from: HashMap<IpAddr, usize> = HashMap::new();
     let mut refusals = Refusals::default();
@@ -118,8 +187,10 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept(), if greeting.len() < MAX_GREETING => match accepted {
                 Ok((mut stream, peer)) => {
-                    let from = greeting_from.entry(peer.ip()).or_default();
+                    let from = greeting_from.entry(source(peer.ip())).or_default();
                     if *from >= relay.greeting_per_source {
+                        // "Busy", as a full registry says: not a wrong key.
+                        let _ = stream.try_write(&[0, 0]);
                         refusals.note(&format!("{} has {from} connections that said nothing yet", peer.ip()));
                         continue;
                     }
@@ -134,10 +205,10 @@ pub async fn serve(
                 }
             },
             Some(Ok((greeted, stream, peer))) = greeting.join_next(), if !greeting.is_empty() => {
-                if let Some(n) = greeting_from.get_mut(&peer.ip()) {
+                if let Some(n) = greeting_from.get_mut(&source(peer.ip())) {
                     *n = n.saturating_sub(1);
                     if *n == 0 {
-                        greeting_from.remove(&peer.ip());
+                        greeting_from.remove(&source(peer.ip()));
                     }
                 }
                 match greeted {
@@ -160,14 +231,25 @@ pub async fn serve(
                         refusals.note(&full.to_string());
                     }
                 },
-                Ok(Greeting::Meet(hello)) => match registry.arrive(crate::clock::now(), hello.ticket, hello.side) {
-                    Ok(Arrival::First { until }) => {
+                Ok(Greeting::Meet(hello)) => {
+                // A relay forwards small frames (link handshakes, stream
+                // opens) at once: Nagle would hold them for a delayed ACK.
+                let _ = stream.set_nodelay(true);
+                match registry.arrive(crate::clock::now(), hello.ticket, hello.side, peer.ip()) {
+                    Ok(Arrival::First { meeting, until }) => {
+                        // Every pair, relayed or not, holds two sockets: all
+                        // of them together are capped.
+                        let Ok(slot) = pairs.clone().try_acquire_owned() else {
+                            refusals.note(&format!("{MAX_PAIRS} meetings are under way"));
+                            continue;
+                        };
                         let (tx, rx) = oneshot::channel();
                         waiting.retain(|_, tx| !tx.is_closed());
-                        waiting.insert(hello.ticket, tx);
+                        waiting.insert(meeting, tx);
                         let (relay, relays, counters) = (relay.clone(), relays.clone(), counters.clone());
-                        let span = tracing::info_span!("meeting", ?hello.ticket);
+                        let span = tracing::info_span!("meeting", meeting);
                         tasks.spawn(async move {
+                            let _slot = slot;
                             let until = tokio::time::Instant::from_std(until);
                             let Ok(Ok(other)) = tokio::time::timeout_at(until, rx).await else {
                                 tracing::debug!("the other side did not come");
@@ -177,23 +259,25 @@ pub async fn serve(
                                 MeetSide::Proxy => ((stream, peer), other),
                                 MeetSide::Service => (other, (stream, peer)),
                             };
-                            let permit = relays.try_acquire_owned().ok().filter(|_| relay.enabled);
-                            if relay.enabled && permit.is_none() {
-                                tracing::warn!("not relaying: {} relays open (--max-relays)", relay.max);
+                            let share = if relay.enabled { relays.take(proxy.1.ip()) } else { Err(RelayRefusal::Off) };
+                            if let Err(why) = &share {
+                                tracing::info!("meeting not relayed: {why}");
                             }
-                            if let Err(e) = pair(proxy, service, permit.is_some(), relay.idle, counters).await {
+                            let hold = if share.is_ok() { relay.idle } else { UNRELAYED_HOLD };
+                            if let Err(e) = pair(proxy, service, share.is_ok(), hold, counters).await {
                                 tracing::debug!("meeting ended: {e}");
                             }
-                            drop(permit);
+                            drop(share);
                         }.instrument(span));
                     }
-                    Ok(Arrival::Second) => {
-                        if let Some(tx) = waiting.remove(&hello.ticket) {
+                    Ok(Arrival::Second { meeting }) => {
+                        if let Some(tx) = waiting.remove(&meeting) {
                             let _ = tx.send((stream, peer));
                         }
                     }
                     Err(e) => tracing::debug!(%peer, "meet connection refused: {e}"),
-                },
+                }
+                }
                 Err(e) => tracing::debug!(%peer, "connection closed before its first frame: {e}"),
                 }
             },
@@ -232,6 +316,18 @@ pub async fn serve(
             if !progressed {
                 break;
             }
+        }
+    }
+}
+
+/// Who a connection counts against: its IPv4 address, or its IPv6 /64 (one
+/// host or site is usually given a whole /64).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let [a, b, c, d, ..] = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0))
         }
     }
 }

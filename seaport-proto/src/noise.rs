@@ -21,10 +21,13 @@ pub const NOISE_SUITE: &str = "Noise_IK_25519_AESGCM_SHA256";
 /// The wire protocol version, also bound into the handshake by the prologue.
 /// Version 2 (2026-12): the hello carries capability bits and may grow, and
 /// data sessions are links (the one-connection tunnel, intent 2, is gone).
-/// From here on, additions go through capabilities, not a new version.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 3 (2026-12): the transport rekeys every [`REKEY_EVERY`]
+/// messages; a version 2 peer would not, and both would fail at that
+/// message, so they fail the handshake instead. Additions go through
+/// capabilities, not a new version.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The prologue: a peer speaking another protocol or version fails the handshake.
-pub const PROLOGUE: &[u8] = b"seaport/2";
+pub const PROLOGUE: &[u8] = b"seaport/3";
 /// Largest handshake message (either direction) and so, less its keys and
 /// tags, the room a handshake payload has to grow in.
 const MAX_HANDSHAKE: usize = 1024;

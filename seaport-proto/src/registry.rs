@@ -55,7 +55,7 @@ use crate::acl::{Acl, Action};
 use crate::directory::Directory;
 use crate::frame::HEADER_LEN;
 use crate::keys::{Keypair, PublicKey};
-use crate::meet::{Arrival, ArrivalError, MeetConfig, MeetSide, Meetings, Ticket};
+use crate::meet::{Arrival, ArrivalError, MeetConfig, MeetSide, Meetings, Party, Ticket};
 use crate::message::{ErrorCode, Instance, MAX_ADDRS, Message, MessageError};
 use crate::noise::{Capabilities, Intent, Stamp, TAG_LEN};
 use crate::role::Role;
@@ -156,8 +156,8 @@ pub enum CloseReason {
     /// The peer did not read what it was sent.
     #[error("peer not reading: {0} bytes queued")]
     Slow(usize),
-    /// A newer session of the same identity replaced this one.
-    #[error("superseded by a newer session of the same peer")]
+    /// A newer session of the same process of this identity replaced this one.
+    #[error("superseded by a newer session of the same process")]
     Superseded,
     /// The registry's total queue budget was spent while this peer had
     /// bytes it had not read yet.
@@ -247,6 +247,9 @@ struct Peer {
     confirmed: bool,
     /// It counts in the handshake pool (until its handshake completes).
     handshaking: bool,
+    /// It counts against `max_sessions` (from its handshake's completion,
+    /// unless it was refused then). Exactly one of the two, or neither.
+    established: bool,
     last_heard: Instant,
     /// Already in `Registry::dirty`.
     dirty: bool,
@@ -437,10 +440,16 @@ impl Registry {
         self.meetings.mix_entropy(entropy);
     }
 
-    /// A meet connection arrived with `ticket` as `side` (its first frame
-    /// was a [`crate::meet::MeetHello`]); see [`Meetings::arrive`].
-    pub fn arrive(&mut self, now: Instant, ticket: Ticket, side: MeetSide) -> Result<Arrival, ArrivalError> {
-        self.meetings.arrive(now, ticket, side)
+    /// A meet connection from `from` arrived with `ticket` as `side` (its
+    /// first frame was a [`crate::meet::MeetHello`]); see [`Meetings::arrive`].
+    pub fn arrive(
+        &mut self,
+        now: Instant,
+        ticket: Ticket,
+        side: MeetSide,
+        from: std::net::IpAddr,
+    ) -> Result<Arrival, ArrivalError> {
+        self.meetings.arrive(now, ticket, side, from)
     }
 
     /// A new connection from `observed`; `entropy` seeds its handshake.
@@ -482,6 +491,7 @@ impl Registry {
             identity: None,
             confirmed: false,
             handshaking: false,
+            established: false,
             last_heard: now,
             dirty: false,
             unwritten: 0,
@@ -512,6 +522,9 @@ impl Registry {
                 return;
             }
             self.established += 1;
+            if let Some(peer) = self.peers.get_mut(&id) {
+                peer.established = true;
+            }
             if let Some(key) = key {
                 if !self.opened(id, key, stamp) {
                     return;
@@ -569,10 +582,18 @@ impl Registry {
             }
             if self.counters.insert(identity, stamp.counter).is_none() {
                 self.counter_order.push_back(identity);
-                // Twice the sessions allowed: every live process, and as many
-                // that went away, are remembered.
-                while self.counter_order.len() > self.config.max_sessions.saturating_mul(2) {
-                    if let Some(old) = self.counter_order.pop_front() {
+                // Twice the sessions allowed: every live process, and as
+                // many that went away, are remembered.
+                // The oldest first, but never one with a live session: a
+                // long-lived process keeps its counter however many come
+                // and go (at most max_sessions are live, so this ends).
+                let mut turns = self.counter_order.len();
+                while self.counter_order.len() > self.config.max_sessions.saturating_mul(2) && turns > 0 {
+                    turns -= 1;
+                    let Some(old) = self.counter_order.pop_front() else { break };
+                    if self.by_identity.contains_key(&old) {
+                        self.counter_order.push_back(old);
+                    } else {
                         self.counters.remove(&old);
                     }
                 }
@@ -619,6 +640,9 @@ impl Registry {
         let (ours, theirs) = Session::established_pair(&self.keypair, peer, Intent::Control, entropy);
         let id = self.insert(now, observed, ours);
         self.established += 1;
+        if let Some(peer) = self.peers.get_mut(&id) {
+            peer.established = true;
+        }
         self.opened(id, peer.public(), None);
         Ok((id, theirs))
     }
@@ -914,10 +938,14 @@ impl Registry {
             self.send(id, &error(Some(req), ErrorCode::UNSUPPORTED, &text));
             return;
         }
-        match self.meetings.open(now, id, target) {
-            Ok(ticket) => {
-                self.send(id, &Message::MeetReady { id: req, ticket });
-                self.send(target, &Message::MeetOffer { ticket, proxy: key });
+        let party = |session: SessionId, peers: &HashMap<SessionId, Peer>| {
+            peers.get(&session).map(|p| Party { session, ip: p.observed.ip() })
+        };
+        let (Some(asker), Some(met)) = (party(id, &self.peers), party(target, &self.peers)) else { return };
+        match self.meetings.open(now, asker, met) {
+            Ok(tickets) => {
+                self.send(id, &Message::MeetReady { id: req, ticket: tickets.proxy });
+                self.send(target, &Message::MeetOffer { ticket: tickets.service, proxy: key });
                 self.check_queue(target);
                 self.events.push_back(RegistryEvent::MeetArranged { proxy: key, service });
             }
@@ -1025,9 +1053,8 @@ impl Registry {
     }
 
     fn drop_session(&mut self, id: SessionId) {
-        if self.peers.get(&id).is_some_and(|p| p.handshaking) {
-            self.leave_handshake_pool(id);
-        } else if self.peers.contains_key(&id) {
+        self.leave_handshake_pool(id);
+        if self.peers.get(&id).is_some_and(|p| p.established) {
             self.established = self.established.saturating_sub(1);
         }
         let Some(peer) = self.peers.remove(&id) else { return };
@@ -1676,6 +1703,27 @@ mod tests {
     }
 
     #[test]
+    fn handshakes_completing_past_the_session_limit_never_free_a_slot() {
+        let now = Instant::now();
+        let config = RegistryConfig { max_sessions: 2, ..RegistryConfig::default() };
+        let mut registry = Registry::new(keypair(1), config);
+        let (mut first, hello) = Hand::start(&mut registry, now, 2, Stamp { process: 1, counter: 1 });
+        first.feed(&mut registry, now, &hello);
+        // Three handshakes start while a slot is free; all complete.
+        let started: Vec<_> =
+            (3..6u8).map(|n| Hand::start(&mut registry, now, n, Stamp { process: 1, counter: 1 })).collect();
+        for (mut hand, hello) in started {
+            hand.feed(&mut registry, now, &hello);
+        }
+        let refused = closed(&mut registry).iter().filter(|(_, r)| *r == CloseReason::Full(2)).count();
+        assert_eq!(refused, 2, "one took the last slot, two were refused");
+        assert_eq!(registry.session_count(), 2);
+        // Still full: the refused ones gave back nothing they did not hold.
+        let again = registry.accept(now, crate::testing::observed(9), [9; 32]);
+        assert_eq!(again, Err(Full::Sessions(2)));
+    }
+
+    #[test]
     fn two_processes_of_one_identity_keep_their_own_sessions_and_registrations() {
         let now = Instant::now();
         let mut registry = Registry::new(keypair(1), RegistryConfig::default());
@@ -1724,14 +1772,23 @@ mod tests {
         let got = net.exchange(1, &Message::Meet { id: 2, service: service.public(), role: role.clone() });
         let [Message::MeetReady { id: 2, ticket }] = got[..] else { panic!("{got:?}") };
         let offered = net.peers[0].peer.take_messages();
-        assert_eq!(offered, vec![Message::MeetOffer { ticket, proxy }], "the service hears who asked");
+        let [Message::MeetOffer { ticket: offered, proxy: asker }] = offered[..] else {
+            panic!("{offered:?}")
+        };
+        assert_eq!(asker, proxy, "the service hears who asked");
+        let (at_service, at_proxy) = (crate::testing::observed(0).ip(), crate::testing::observed(1).ip());
         assert!(net.events.iter().any(|e| matches!(e, RegistryEvent::MeetArranged { .. })));
 
         // Both sides arrive; the meeting is then used up.
         let now = net.now;
-        assert!(matches!(net.registry.arrive(now, ticket, MeetSide::Proxy), Ok(Arrival::First { .. })));
-        assert_eq!(net.registry.arrive(now, ticket, MeetSide::Service), Ok(Arrival::Second));
-        assert_eq!(net.registry.arrive(now, ticket, MeetSide::Service), Err(ArrivalError::Unknown));
+        let first = net.registry.arrive(now, ticket, MeetSide::Proxy, at_proxy);
+        assert!(matches!(first, Ok(Arrival::First { .. })), "{first:?}");
+        let second = net.registry.arrive(now, offered, MeetSide::Service, at_service);
+        assert!(matches!(second, Ok(Arrival::Second { .. })), "{second:?}");
+        assert_eq!(
+            net.registry.arrive(now, offered, MeetSide::Service, at_service),
+            Err(ArrivalError::Unknown)
+        );
 
         // The budget: one more, then refused, and the session goes on.
         let got = net.exchange(1, &Message::Meet { id: 3, service: service.public(), role: role.clone() });
@@ -1742,7 +1799,7 @@ mod tests {
 
         // A meeting goes with the service's session.
         net.close(0);
-        assert_eq!(net.registry.arrive(now, waiting, MeetSide::Proxy), Err(ArrivalError::Unknown));
+        assert_eq!(net.registry.arrive(now, waiting, MeetSide::Proxy, at_proxy), Err(ArrivalError::Unknown));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use seaport_proto::noise::NoiseError;
 use seaport_proto::registry::{CloseReason, Registry, RegistryConfig, RegistryEvent};
 use seaport_proto::role::{Role, RoleQuery};
 use seaport_proto::session::SessionError;
-use seaport_proto::testing::{Chunker, Client, Net, Peer, keypair};
+use seaport_proto::testing::{Chunker, Client, Net, Peer, keypair, observed};
 
 /// A client of the world, whatever its kind.
 enum Node {
@@ -356,45 +356,44 @@ fn a_meeting_gives_the_proxy_and_the_service_one_ticket_and_the_registry_admits_
                 _ => None,
             })
             .collect();
-        assert_eq!(offers, vec![(ticket, keypair(9).public())], "seed {seed}");
+        let [(offered, asker)] = offers[..] else { panic!("seed {seed}: {offers:?}") };
+        assert_eq!(asker, keypair(9).public(), "the service hears who asked");
+        assert_ne!(offered, ticket, "each side has a ticket of its own");
         assert!(w.service(1).events.iter().all(|e| !matches!(e, ServiceEvent::MeetOffer { .. })));
         let now = w.net.now;
-        assert!(matches!(w.net.registry.arrive(now, ticket, MeetSide::Service), Ok(Arrival::First { .. })));
-        assert_eq!(w.net.registry.arrive(now, ticket, MeetSide::Proxy), Ok(Arrival::Second));
-        assert_eq!(w.net.registry.arrive(now, ticket, MeetSide::Proxy), Err(ArrivalError::Unknown));
+        // Node 0 is the service, node 3 the proxy (tests/world.rs's `world`).
+        let (at_service, at_proxy) = (observed(0).ip(), observed(3).ip());
+        let first = w.net.registry.arrive(now, offered, MeetSide::Service, at_service);
+        let (Ok(Arrival::First { meeting, .. }), Ok(Arrival::Second { meeting: same })) =
+            (first, w.net.registry.arrive(now, ticket, MeetSide::Proxy, at_proxy))
+        else {
+            panic!("seed {seed}: the sides did not pair");
+        };
+        assert_eq!(meeting, same, "both arrivals name one meeting");
+        assert_eq!(w.net.registry.arrive(now, ticket, MeetSide::Proxy, at_proxy), Err(ArrivalError::Unknown));
 
-        // A service that is not registered cannot be met; the proxy hears why.
+        // A service that is not registered cannot be met, nor a registered
+        // one under another role than it registered; the proxy hears why.
+        let refused = |w: &World, id: u32| {
+            w.proxy()
+                .events
+                .iter()
+                .any(|e| matches!(e, ProxyEvent::MeetRefused { id: got, .. } if *got == id))
+        };
         let id = proxy_mut(&mut w).meet(keypair(77).public(), role.clone()).unwrap();
         w.settle();
-        let refused = w
-            .proxy()
-            .events
-            .iter()
-            .any(|e| matches!(e, ProxyEvent::MeetRefused { id: got, .. } if *got == id));
-        assert!(refused, "seed {seed}: {:?}", w.proxy().events);
-
-        // A meeting asked for just before the session ends is answered by
-        // the end, not left hanging.
-        // Nor a registered service under another role than it registered.
+        assert!(refused(&w, id), "seed {seed}: {:?}", w.proxy().events);
         let other = Role::parse("couchdb@3.3.0").unwrap();
         let id = proxy_mut(&mut w).meet(service, other).unwrap();
         w.settle();
-        let refused = w
-            .proxy()
-            .events
-            .iter()
-            .any(|e| matches!(e, ProxyEvent::MeetRefused { id: got, .. } if *got == id));
-        assert!(refused, "seed {seed}: {:?}", w.proxy().events);
+        assert!(refused(&w, id), "seed {seed}: {:?}", w.proxy().events);
 
+        // A meeting asked for just before the session ends is answered by
+        // the end, not left hanging.
         let id = proxy_mut(&mut w).meet(service, role.clone()).unwrap();
         let proxy = w.net.peers.len() - 1;
         w.net.close(proxy);
-        let refused = w
-            .proxy()
-            .events
-            .iter()
-            .any(|e| matches!(e, ProxyEvent::MeetRefused { id: got, .. } if *got == id));
-        assert!(refused, "seed {seed}");
+        assert!(refused(&w, id), "seed {seed}");
     }
 }
 

@@ -15,17 +15,13 @@ use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
 use seaport_net::control::{ControlTask, lock};
 use seaport_net::event::{Event, emit};
 use seaport_net::identity::random_u64;
-use seaport_net::link::Links;
+use seaport_net::link::{InstanceId, Links};
 use seaport_net::reach::Introducer;
 use seaport_net::serve::{accept_until, drain};
 use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, Strategy};
 use seaport_proto::keys::PublicKey;
 use seaport_proto::link::LinkConfig;
 use seaport_proto::message::Instance;
-
-/// Tells service processes apart in the proxy's reports: one identity may
-/// run as several processes, each with its own addresses.
-type InstanceId = (PublicKey, Vec<SocketAddr>);
 use seaport_proto::role::{Role, RoleQuery};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};

@@ -17,7 +17,7 @@ use seaport_net::identity::{load_seed, random_seed};
 use seaport_net::meet::RelayCounters;
 use seaport_net::registry::{Command, RelayOptions};
 use seaport_proto::keys::Keypair;
-use seaport_proto::registry::{Registry, RegistryConfig, RegistryEvent};
+use seaport_proto::registry::{CloseReason, Registry, RegistryConfig, RegistryEvent};
 use tokio::sync::{mpsc, watch};
 
 /// Run a seaport registry. Services register roles with it; proxies look
@@ -89,7 +89,7 @@ pub struct Args {
     /// reach each other neither directly nor by hole punching (a symmetric
     /// NAT, a strict firewall), this registry splices their link: both dial
     /// out to it, and it carries their end-to-end encrypted bytes, which it
-    /// cannot read. Each relay holds 32 KiB of buffers.
+    /// cannot read. Each relay holds 128 KiB of buffers.
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_relays: u32,
     /// Never relay links; meetings then only help proxies and services punch
@@ -242,6 +242,14 @@ fn logger() -> impl FnMut(&RegistryEvent) {
 fn log_event(event: &RegistryEvent) {
     match event {
         RegistryEvent::SessionOpened { peer, .. } => tracing::debug!(%peer, "session opened"),
+        // Replays and refusals can come in floods: not a line each.
+        RegistryEvent::SessionClosed {
+            peer: Some(peer),
+            reason: reason @ (CloseReason::Replayed | CloseReason::Full(_)),
+            ..
+        } => {
+            tracing::debug!(%peer, %reason, "session closed");
+        }
         RegistryEvent::SessionClosed { peer: Some(peer), reason, .. } => {
             tracing::info!(%peer, %reason, "session closed");
         }

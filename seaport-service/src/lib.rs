@@ -76,6 +76,11 @@ pub struct Args {
     /// proxy also holds at most 64 links to a service.
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_proxy: u32,
+    /// Answer no meetings: proxies reach this service only at its --listen
+    /// address, never by hole punching or through the registry's relay.
+    /// Also the default when --listen is a loopback address.
+    #[arg(long)]
+    pub no_meet: bool,
     /// How long a link handshake, and a stream's backend connect, may take (100ms to 10m).
     #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::from_millis(100), 10 * MINUTE))]
@@ -173,11 +178,14 @@ pub async fn run(args: Args) -> Result<(), Failure> {
 fn reporter(offers: mpsc::Sender<(Ticket, PublicKey)>) -> impl FnMut(&ServiceEvent) + Send {
     let mut connected = false;
     move |event| match event {
-        ServiceEvent::MeetOffer { ticket, proxy } => {
-            if offers.try_send((*ticket, *proxy)).is_err() {
+        ServiceEvent::MeetOffer { ticket, proxy } => match offers.try_send((*ticket, *proxy)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(%proxy, "too many meetings under way: this offer is let go");
             }
-        }
+            // --no-meet: nobody takes offers.
+            Err(mpsc::error::TrySendError::Closed(_)) => tracing::debug!(%proxy, "meeting offer ignored"),
+        },
         ServiceEvent::Registered(role) => {
             emit(&Event::Registered { role: role.clone() });
             seaport_net::notify::ready();

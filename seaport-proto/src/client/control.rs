@@ -63,7 +63,9 @@ impl ControlLink {
     pub fn connect(&mut self, now: Instant, entropy: [u8; 32]) -> Result<(), ClientError> {
         let c = &self.config;
         self.started += 1;
-        let stamp = Some(Stamp { process: c.process, counter: self.started });
+        // Process 0 is "not set": such a client sends no stamp (as builds
+        // before stamps), rather than one that collides across restarts.
+        let stamp = (c.process != 0).then_some(Stamp { process: c.process, counter: self.started });
         let session = Session::initiate_stamped(
             now,
             &c.keypair,
