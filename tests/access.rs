@@ -75,6 +75,36 @@ fn acl_path(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("seaport-acl-{name}-{}", std::process::id()))
 }
 
+/// 70 services with fresh keys that register `couchdb@3.2.2` in front of
+/// the backend on `port`; each once it has had its answer (`registered` or
+/// `refused`).
+fn squatters(target: &str, port: u16) -> Vec<Proc> {
+    let port = port.to_string();
+    let squatters: Vec<Proc> = (0..70)
+        .map(|_| Proc::start("seaport-service", &[target, "-p", &port, "-r", "couchdb@3.2.2"], &[]))
+        .collect();
+    for squatter in &squatters {
+        squatter.wait_line(" service couchdb@3.2.2", WAIT);
+    }
+    squatters
+}
+
+/// The finding itself, without `--acl`: whoever knows the registry's key
+/// may register any role, so squatters that came first take a proxy's
+/// traffic for it.
+#[test]
+fn without_an_acl_squatters_take_most_of_a_roles_traffic() {
+    let (real, squat) = (http_backend("real"), http_backend("attacker"));
+    let reg = registry(&[]);
+    let squatters = squatters(&reg.target, squat);
+    assert!(squatters.iter().all(|s| s.count("registered service couchdb@3.2.2") == 1));
+    let _svc = service(&reg.target, real, "couchdb@3.2.2");
+    let (_proxy, port) = proxy(&reg.target, "couchdb@3.x", 71);
+    let bodies: Vec<String> = (0..30).map(|_| http_get(port).1).collect();
+    let stolen = bodies.iter().filter(|b| *b == "attacker").count();
+    assert!(stolen >= 25, "only {stolen} of 30 requests reached a squatter: {bodies:?}");
+}
+
 #[test]
 fn with_an_acl_squatters_cannot_take_a_role_and_a_revoked_key_is_withdrawn_on_sighup() {
     let (real, squat) = (http_backend("real"), http_backend("attacker"));
@@ -90,12 +120,7 @@ fn with_an_acl_squatters_cannot_take_a_role_and_a_revoked_key_is_withdrawn_on_si
 
     // 70 services with fresh keys register the role first: each is refused,
     // says so on one line, and keeps its session.
-    let squat_port = squat.to_string();
-    let attackers: Vec<Proc> = (0..70)
-        .map(|_| {
-            Proc::start("seaport-service", &[&reg.target, "-p", &squat_port, "-r", "couchdb@3.2.2"], &[])
-        })
-        .collect();
+    let attackers = squatters(&reg.target, squat);
     for attacker in &attackers {
         let line = attacker.wait_line("registry refused service couchdb@3.2.2", WAIT);
         assert!(line.contains("not granted"), "{line}");
