@@ -188,8 +188,14 @@ fn an_acl_limits_lookups_and_a_bad_file_is_a_usage_error_naming_its_line() {
     std::fs::remove_file(&file).unwrap();
 
     // Without --acl, one line says that anyone may do anything.
-    let open = registry(&[]);
+    let mut open = registry(&[]);
     open.proc.wait_log("no --acl given", WAIT);
+    // SIGHUP (`systemctl reload`) then rereads nothing and ends nothing. The
+    // handler is installed by a task of its own: give it a moment.
+    std::thread::sleep(Duration::from_millis(300));
+    open.proc.signal("HUP");
+    open.proc.wait_log("SIGHUP: no --acl file to reread", WAIT);
+    assert_eq!(open.proc.wait_exit(Duration::from_millis(200)), None, "still running");
 
     // A bad file stops the start: exit 2, the file, the line, what is wrong.
     let bad = acl_path("bad");

@@ -168,16 +168,23 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         registry.set_acl(Some(acl));
     }
     let (commands_tx, commands) = mpsc::unbounded_channel::<Command>();
-    if let Some(path) = args.acl.clone() {
-        tokio::spawn(seaport_net::signal::on_hangup(move || match seaport_net::acl::load(&path) {
+    // SIGHUP rereads the access list; without one it is only logged (its
+    // default action would end the registry, e.g. on `systemctl reload`).
+    let acl_path = args.acl.clone();
+    tokio::spawn(seaport_net::signal::on_hangup(move || {
+        let Some(path) = &acl_path else {
+            tracing::info!("SIGHUP: no --acl file to reread");
+            return;
+        };
+        match seaport_net::acl::load(path) {
             Ok(acl) => {
                 tracing::info!("access list reread: {} grants", acl.grants().len());
                 let _ =
                     commands_tx.send(Box::new(move |registry: &mut Registry| registry.set_acl(Some(acl))));
             }
             Err(e) => tracing::error!("access list not reread, the one in force stays: {e}"),
-        }));
-    }
+        }
+    }));
     let relay = RelayOptions {
         enabled: !args.no_relay,
         max: args.max_relays as usize,
