@@ -69,12 +69,14 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub allow_file: Option<std::path::PathBuf>,
     /// Most streams (client connections) all proxies together may hold open
-    /// at once (1 or more); more are refused, and a proxy tries another instance.
-    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    /// at once (1 or more); more are refused, and a proxy tries another
+    /// instance. An idle stream costs about 2 KiB here.
+    #[arg(long, value_name = "N", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams: u32,
-    /// Most streams one proxy (by key) may hold open at once (1 or more). A
-    /// proxy also holds at most 64 links to a service.
-    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Most streams one proxy (by key) may hold open at once (1 or more), so
+    /// that one proxy cannot take them all. A proxy also holds at most 64
+    /// links to a service.
+    #[arg(long, value_name = "N", default_value_t = 12_288, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_proxy: u32,
     /// Answer no meetings: proxies reach this service only at its --listen
     /// address, never by hole punching or through the registry's relay.
