@@ -1,6 +1,7 @@
 //! seaport-net: the tokio glue shared by the seaport binaries, and the only
 //! crate that touches sockets, clocks, tasks, OS randomness and the DHT.
 //!
+//! - [`acl`]: the registry's `--acl` file: who may register and look up which roles.
 //! - [`allow`]: which proxy keys may open links to a service.
 //! - [`budget`]: how many links and streams a service's proxies may hold.
 //! - [`clock`]: the one place time is read (tokio's clock).
@@ -28,6 +29,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 
+pub mod acl;
 pub mod allow;
 pub mod budget;
 pub mod cli;

@@ -174,10 +174,17 @@ struct Times {
     registrations: HashMap<(SessionId, u32), SystemTime>,
 }
 
+/// A change to make to the running registry from outside its task (a
+/// reloaded access list, say); what it makes the registry send goes out as
+/// after any input.
+pub type Command = Box<dyn FnOnce(&mut Registry) + Send>;
+
 /// Serves `registry` on `listener` until `stop` turns true, relaying as
-/// `relay` says; `on_event` sees every registry event (for logs). The
-/// relays' byte counts go to `counters`. With `view`, publishes snapshots
-/// of what the registry holds for the page.
+/// `relay` says and applying each of `commands` as it comes; `on_event`
+/// sees every registry event (for logs). The relays' byte counts go to
+/// `counters`. With `view`, publishes snapshots of what the registry holds
+/// for the page.
+#[allow(clippy::too_many_arguments)] // each is one distinct channel to the outside
 pub async fn serve(
     listener: TcpListener,
     mut registry: Registry,
@@ -185,6 +192,7 @@ pub async fn serve(
     counters: Arc<RelayCounters>,
     mut stop: watch::Receiver<bool>,
     view: Option<watch::Sender<Arc<RegistryView>>>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
     mut on_event: impl FnMut(&RegistryEvent),
 ) {
     let m = metrics();
@@ -330,6 +338,7 @@ pub async fn serve(
                 Input::Closed(id) => registry.handle_closed(id),
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(command) = commands.recv() => command(&mut registry),
             () = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                 registry.handle_timeout(crate::clock::now());
             }

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::keys::PublicKey;
-use crate::message::{Instance, encode_instances};
+use crate::message::{Instance, encode_answer_parts, encode_instances};
 use crate::registry::SessionId;
 use crate::role::{Role, RoleQuery};
 
@@ -41,6 +41,8 @@ pub struct Directory {
     by_name: HashMap<String, BTreeMap<OwnedId, Entry>>,
     /// Role name → watches whose query names it.
     watchers: HashMap<String, HashSet<OwnedId>>,
+    /// Entries in `by_name`, all names together.
+    instances: usize,
 }
 
 impl Directory {
@@ -51,7 +53,7 @@ impl Directory {
 
     /// Registered instances, all owners together.
     pub fn instance_count(&self) -> usize {
-        self.by_name.values().map(BTreeMap::len).sum()
+        self.instances
     }
 
     /// How many registrations `owner` holds.
@@ -97,6 +99,7 @@ impl Directory {
         let replaced = old_name.and_then(|old| self.unindex(&old, key));
         let entry = Entry { encoded: instance.encode(), instance };
         self.by_name.entry(name).or_default().insert(key, entry);
+        self.instances += 1;
         replaced
     }
 
@@ -157,13 +160,43 @@ impl Directory {
         self.entries(query).map(|e| &e.instance)
     }
 
-    /// The encoded answer to lookup or watch `id` for `query`, cut to what
-    /// one frame carries.
-    pub fn answer(&self, id: u32, query: &RoleQuery) -> Vec<u8> {
+    /// The encoded answer to lookup or watch `id` for `query`: with `parts`
+    /// the whole set, in as many messages as it takes (up to the caps of
+    /// [`encode_answer_parts`]); without, one message cut to what a frame
+    /// carries.
+    pub fn answer(&self, id: u32, query: &RoleQuery, parts: bool) -> Vec<Vec<u8>> {
         let matching: Vec<&[u8]> = self.entries(query).map(|e| e.encoded.as_slice()).collect();
+        if parts {
+            return encode_answer_parts(id, &matching);
+        }
         let mut plain = Vec::new();
-        encode_instances(id, matching.iter().copied(), false, &mut plain);
-        plain
+        encode_instances(id, &matching, false, &mut plain);
+        vec![plain]
+    }
+
+    /// `owner`'s registrations, by id, each with its instance.
+    pub fn registrations_of(&self, owner: SessionId) -> Vec<(u32, &Instance)> {
+        let Some(owned) = self.owners.get(&owner) else { return Vec::new() };
+        let mut regs: Vec<(u32, &Instance)> = owned
+            .registrations
+            .iter()
+            .filter_map(|(reg, name)| Some((*reg, &self.by_name.get(name)?.get(&(owner, *reg))?.instance)))
+            .collect();
+        regs.sort_unstable_by_key(|(reg, _)| *reg);
+        regs
+    }
+
+    /// `owner`'s watches, by id, each with its query.
+    pub fn watches_of(&self, owner: SessionId) -> Vec<(u32, &RoleQuery)> {
+        let Some(owned) = self.owners.get(&owner) else { return Vec::new() };
+        let mut watches: Vec<(u32, &RoleQuery)> = owned.watches.iter().map(|(w, q)| (*w, q)).collect();
+        watches.sort_unstable_by_key(|(w, _)| *w);
+        watches
+    }
+
+    /// The query of `owner`'s watch `watch`.
+    pub fn watch_query(&self, (owner, watch): OwnedId) -> Option<&RoleQuery> {
+        self.owners.get(&owner)?.watches.get(&watch)
     }
 
     /// The watches that a change of `changed` concerns (their query matches
@@ -192,6 +225,7 @@ impl Directory {
     fn unindex(&mut self, name: &str, key: OwnedId) -> Option<Instance> {
         let regs = self.by_name.get_mut(name)?;
         let entry = regs.remove(&key)?;
+        self.instances = self.instances.saturating_sub(1);
         if regs.is_empty() {
             self.by_name.remove(name);
         }

@@ -13,6 +13,7 @@
 //! - [`message`]: the postcard-encoded control messages.
 //! - [`range`], [`role`]: npm version ranges; `Role` and `RoleQuery`.
 //! - [`directory`]: the registry's index of instances and watches (no sessions).
+//! - [`acl`]: who may register and look up which roles (`--acl`), as the registry consults it.
 //! - [`registry`]: the registry state machine (many sessions), over a [`directory::Directory`].
 //! - `testing` (feature `testing`): the in-memory harness every test and the
 //!   registry fuzz target share.
@@ -47,7 +48,9 @@
 //!   handshake (the initiator in its `Hello`, the responder in its reply),
 //!   and a feature is used on a session only when both set its bit
 //!   ([`session::Session::remote_capabilities`] against
-//!   [`noise::CAPABILITIES`]). Unknown bits are ignored, and so are bytes
+//!   [`noise::CAPABILITIES`]; e.g. a registry sends an answer in parts,
+//!   [`message::Message::InstancesPart`], only to a client with
+//!   [`noise::Capabilities::PARTS`]). Unknown bits are ignored, and so are bytes
 //!   after the fields a build knows in either handshake payload: a newer
 //!   peer adds fields at the end.
 //! - **A new message** is a new [`message::Message`] variant, appended after
@@ -77,6 +80,7 @@
 // workspace's no-unwrap, no-indexing rule.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 
+pub mod acl;
 pub mod client;
 pub mod directory;
 pub mod frame;

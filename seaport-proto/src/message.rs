@@ -24,8 +24,19 @@ use crate::role::{Role, RoleQuery};
 
 /// Most addresses one registration or instance carries.
 pub const MAX_ADDRS: usize = 8;
-/// Most instances in one answer; more are reported as `truncated`.
+/// Most instances in one message: a single-message answer (to a client
+/// without [`crate::noise::Capabilities::PARTS`]) reports more as `truncated`.
 pub const MAX_INSTANCES: usize = 256;
+/// Most instances in one answer sent in parts ([`Message::InstancesPart`]):
+/// an answer carries every matching instance, oldest registration first, up
+/// to this many and up to [`MAX_ANSWER_BYTES`]; beyond either it says
+/// `truncated`. A proxy assembles no more than this either.
+pub const MAX_ANSWER_INSTANCES: usize = 4096;
+/// Most bytes of instances in one answer sent in parts (about 4,096 instances
+/// with two addresses and no tags, 450 with 16 long tags each). Kept below
+/// the registry's default per-peer queue (1 MiB) so that one answer always
+/// fits in it.
+pub const MAX_ANSWER_BYTES: usize = 512 * 1024;
 /// Longest error text.
 pub const MAX_ERROR_TEXT: usize = 1024;
 
@@ -48,6 +59,11 @@ impl ErrorCode {
     /// The request is of a kind this peer does not know (it is older): that
     /// request is refused, the session goes on.
     pub const UNSUPPORTED: ErrorCode = ErrorCode(6);
+    /// The registry's access control list (`--acl`) does not let this key
+    /// register, look up or watch that role name (the text names it); the
+    /// request is refused, the session goes on. Also sent when a reloaded
+    /// list withdraws a registration or ends a watch it no longer grants.
+    pub const FORBIDDEN: ErrorCode = ErrorCode(7);
 }
 
 impl fmt::Display for ErrorCode {
@@ -58,6 +74,7 @@ impl fmt::Display for ErrorCode {
             ErrorCode::UNKNOWN => "unknown",
             ErrorCode::SUPERSEDED => "superseded",
             ErrorCode::UNSUPPORTED => "unsupported",
+            ErrorCode::FORBIDDEN => "forbidden",
             _ => return write!(f, "code {}", self.0),
         };
         f.write_str(name)
@@ -121,13 +138,15 @@ pub enum Message {
         /// The watch's id.
         id: u32,
     },
-    /// Registry → proxy: the full matching set for lookup or watch `id`.
+    /// Registry → proxy: the full matching set for lookup or watch `id`;
+    /// or, after [`Message::InstancesPart`]s with the same id, the last part
+    /// of it.
     Instances {
         /// The lookup's or watch's id.
         id: u32,
         /// The matching instances, oldest registration first.
         instances: Vec<Instance>,
-        /// More matched than one message carries.
+        /// More matched than the answer carries.
         truncated: bool,
     },
     /// Keepalive request; any message counts as a sign of life.
@@ -178,6 +197,19 @@ pub enum Message {
         /// Who asked (the key its link handshake will carry).
         proxy: PublicKey,
     },
+    /// Registry → proxy: a part of the answer to lookup or watch `id` that
+    /// did not fit in one message. The parts of one answer come one after
+    /// the other, in order, and the answer ends with `Instances { id, .. }`
+    /// (its last part, which says whether it was `truncated`): a proxy acts
+    /// on the whole set, never on a part. Sent only to clients whose
+    /// handshake advertised [`crate::noise::Capabilities::PARTS`]; others get
+    /// one `Instances` cut to a message.
+    InstancesPart {
+        /// The lookup's or watch's id.
+        id: u32,
+        /// The part's instances, continuing the order of the previous part.
+        instances: Vec<Instance>,
+    },
 }
 
 /// Why a control message could not be decoded or encoded.
@@ -211,9 +243,11 @@ pub enum MessageError {
 /// Postcard's index of [`Message::Instances`] (variants count from 0 in
 /// declaration order; a test pins it).
 const INSTANCES_VARIANT: u32 = 6;
+/// Postcard's index of [`Message::InstancesPart`] (a test pins it).
+const INSTANCES_PART_VARIANT: u32 = 13;
 /// How many kinds of message this build knows: variant indexes from here
 /// on are a newer peer's (a test pins it to the last variant).
-const KNOWN_KINDS: u32 = 13;
+const KNOWN_KINDS: u32 = 14;
 
 impl Instance {
     /// The instance's encoding, for [`encode_instances`].
@@ -223,36 +257,82 @@ impl Instance {
     }
 }
 
+/// Room for the variant, id and length varints (5 bytes each at most) and the flag.
+const ENVELOPE: usize = 16;
+
+/// How many of `encoded`, from the start, fit in one message.
+fn fitting(encoded: &[&[u8]]) -> usize {
+    let mut size = 0;
+    encoded
+        .iter()
+        .take(MAX_INSTANCES)
+        .take_while(|item| {
+            size += item.len();
+            size + ENVELOPE <= MAX_PLAINTEXT
+        })
+        .count()
+}
+
+/// Appends one list message: `variant` (Instances or InstancesPart), `id`,
+/// the items, and for `Instances` the `truncated` flag.
+fn encode_list(variant: u32, id: u32, items: &[&[u8]], truncated: Option<bool>, out: &mut Vec<u8>) {
+    // Three varints: the variant, the id and the list's length (at most MAX_INSTANCES).
+    let header: postcard::Result<Vec<u8>> = postcard::to_allocvec(&(variant, id, items.len() as u32));
+    out.extend_from_slice(&header.unwrap_or_default());
+    for item in items {
+        out.extend_from_slice(item);
+    }
+    if let Some(truncated) = truncated {
+        out.push(u8::from(truncated));
+    }
+}
+
 /// Appends the encoding of `Message::Instances { id, instances, truncated }`
 /// built from instances encoded beforehand with [`Instance::encode`], taking
 /// as many as fit in one frame (at most [`MAX_INSTANCES`]). A registry answers
-/// every lookup this way: the instances are encoded once, at registration,
-/// instead of once per answer. `truncated` is set when not all were taken.
-pub fn encode_instances<'a>(
-    id: u32,
-    encoded: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
-    truncated: bool,
-    out: &mut Vec<u8>,
-) {
-    // Room for the variant, id and length varints (5 bytes each at most) and the flag.
-    const ENVELOPE: usize = 16;
-    let mut count = 0;
-    let mut size = 0;
-    for item in encoded.clone().take(MAX_INSTANCES) {
-        if size + item.len() + ENVELOPE > MAX_PLAINTEXT {
-            break;
+/// a client without [`crate::noise::Capabilities::PARTS`] this way: the
+/// instances are encoded once, at registration, instead of once per answer.
+/// `truncated` is set when not all were taken.
+pub fn encode_instances(id: u32, encoded: &[&[u8]], truncated: bool, out: &mut Vec<u8>) {
+    let count = fitting(encoded);
+    let taken = encoded.get(..count).unwrap_or_default();
+    encode_list(INSTANCES_VARIANT, id, taken, Some(truncated || count < encoded.len()), out);
+}
+
+/// The messages of a whole answer to lookup or watch `id`, sent in parts:
+/// every instance of `encoded` (encoded with [`Instance::encode`]) up to
+/// [`MAX_ANSWER_INSTANCES`] and [`MAX_ANSWER_BYTES`], as
+/// [`Message::InstancesPart`]s and a last [`Message::Instances`], each
+/// message within one frame. An answer that fits one message is exactly the
+/// single-message one.
+pub fn encode_answer_parts(id: u32, encoded: &[&[u8]]) -> Vec<Vec<u8>> {
+    let mut bytes = 0;
+    let whole = encoded
+        .iter()
+        .take(MAX_ANSWER_INSTANCES)
+        .take_while(|item| {
+            bytes += item.len();
+            bytes <= MAX_ANSWER_BYTES
+        })
+        .count();
+    let truncated = whole < encoded.len();
+    let mut rest = encoded.get(..whole).unwrap_or_default();
+    let mut messages = Vec::new();
+    loop {
+        // An item too large for any message (none is: an instance is far
+        // below a frame) still moves the answer on rather than looping.
+        let count = fitting(rest).max(1).min(rest.len());
+        let (part, tail) = rest.split_at(count);
+        let mut out = Vec::new();
+        if tail.is_empty() {
+            encode_list(INSTANCES_VARIANT, id, part, Some(truncated), &mut out);
+            messages.push(out);
+            return messages;
         }
-        size += item.len();
-        count += 1;
+        encode_list(INSTANCES_PART_VARIANT, id, part, None, &mut out);
+        messages.push(out);
+        rest = tail;
     }
-    let truncated = truncated || count < encoded.len();
-    // Three varints: the variant, the id and the list's length (count <= MAX_INSTANCES).
-    let header: postcard::Result<Vec<u8>> = postcard::to_allocvec(&(INSTANCES_VARIANT, id, count as u32));
-    out.extend_from_slice(&header.unwrap_or_default());
-    for item in encoded.take(count) {
-        out.extend_from_slice(item);
-    }
-    out.push(u8::from(truncated));
 }
 
 impl Message {
@@ -305,6 +385,7 @@ impl Message {
             Message::Meet { .. } => "Meet",
             Message::MeetReady { .. } => "MeetReady",
             Message::MeetOffer { .. } => "MeetOffer",
+            Message::InstancesPart { .. } => "InstancesPart",
         }
     }
 
@@ -313,10 +394,12 @@ impl Message {
             Message::Register { addrs, .. } if addrs.len() > MAX_ADDRS => {
                 Err(MessageError::Limit("addresses"))
             }
-            Message::Instances { instances, .. } if instances.len() > MAX_INSTANCES => {
+            Message::Instances { instances, .. } | Message::InstancesPart { instances, .. }
+                if instances.len() > MAX_INSTANCES =>
+            {
                 Err(MessageError::Limit("instances"))
             }
-            Message::Instances { instances, .. }
+            Message::Instances { instances, .. } | Message::InstancesPart { instances, .. }
                 if instances.iter().any(|i| i.addrs.len() > MAX_ADDRS + 1) =>
             {
                 Err(MessageError::Limit("instance addresses"))
@@ -363,6 +446,7 @@ mod tests {
             Message::Meet { id: 4, service: instance(1).key, role: instance(1).role },
             Message::MeetReady { id: 4, ticket: crate::meet::Ticket([3; 16]) },
             Message::MeetOffer { ticket: crate::meet::Ticket([3; 16]), proxy: instance(2).key },
+            Message::InstancesPart { id: 3, instances: vec![instance(3)] },
         ]
     }
 
@@ -381,7 +465,8 @@ mod tests {
         let last = samples().pop().unwrap();
         let mut out = Vec::new();
         last.encode(&mut out).unwrap();
-        assert_eq!(u32::from(out[0]) + 1, KNOWN_KINDS, "MeetOffer is the last known kind");
+        assert_eq!(u32::from(out[0]) + 1, KNOWN_KINDS, "InstancesPart is the last known kind");
+        assert_eq!(u32::from(out[0]), INSTANCES_PART_VARIANT);
         let mut out = Vec::new();
         Message::Instances { id: 0, instances: vec![], truncated: false }.encode(&mut out).unwrap();
         assert_eq!(u32::from(out[0]), INSTANCES_VARIANT);
@@ -389,7 +474,7 @@ mod tests {
 
     #[test]
     fn a_newer_kind_is_unknown_not_malformed() {
-        // Kind 13 (one past the last), id 300, then fields we cannot read.
+        // Kind 14 (one past the last), id 300, then fields we cannot read.
         let mut newer = postcard::to_allocvec(&(KNOWN_KINDS, 300u32)).unwrap();
         newer.extend_from_slice(b"\x05fresh");
         assert_eq!(
@@ -411,7 +496,8 @@ mod tests {
         let encoded: Vec<Vec<u8>> = instances.iter().map(Instance::encode).collect();
         for truncated in [false, true] {
             let mut fast = vec![0xAA];
-            encode_instances(300, encoded.iter().map(Vec::as_slice), truncated, &mut fast);
+            let slices: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+            encode_instances(300, &slices, truncated, &mut fast);
             let mut slow = vec![0xAA];
             Message::Instances { id: 300, instances: instances.clone(), truncated }
                 .encode(&mut slow)
@@ -423,12 +509,80 @@ mod tests {
         let one = big.encode();
         let many = vec![one.as_slice(); MAX_INSTANCES];
         let mut out = Vec::new();
-        encode_instances(1, many.iter().copied(), false, &mut out);
+        encode_instances(1, &many, false, &mut out);
         assert!(out.len() <= MAX_PLAINTEXT);
         let Ok(Message::Instances { instances, truncated: true, .. }) = Message::decode(&out) else {
             panic!("expected a truncated answer");
         };
         assert!(!instances.is_empty() && instances.len() < MAX_INSTANCES);
+    }
+
+    #[test]
+    fn a_large_answer_goes_in_parts_each_within_a_frame_and_nothing_is_lost() {
+        let big = instance(4).with_many_tags();
+        let one = big.encode();
+        let many = vec![one.as_slice(); 300];
+        let parts = encode_answer_parts(9, &many);
+        assert!(parts.len() > 1, "300 big instances take more than one frame");
+        let mut got = Vec::new();
+        for (n, plain) in parts.iter().enumerate() {
+            assert!(plain.len() <= MAX_PLAINTEXT);
+            match Message::decode(plain).unwrap() {
+                Message::InstancesPart { id: 9, instances } if n + 1 < parts.len() => got.extend(instances),
+                Message::Instances { id: 9, instances, truncated: false } if n + 1 == parts.len() => {
+                    got.extend(instances)
+                }
+                other => panic!("part {n}: {other:?}"),
+            }
+        }
+        assert_eq!(got.len(), 300);
+        assert!(got.iter().all(|i| *i == big));
+        // A small answer is the single-message one, byte for byte.
+        let small = [one.as_slice(); 2];
+        let mut single = Vec::new();
+        encode_instances(9, &small, false, &mut single);
+        assert_eq!(encode_answer_parts(9, &small), vec![single]);
+        // Nothing at all is one empty Instances.
+        let none = encode_answer_parts(9, &[]);
+        assert_eq!(none.len(), 1);
+        assert_eq!(
+            Message::decode(&none[0]),
+            Ok(Message::Instances { id: 9, instances: vec![], truncated: false })
+        );
+    }
+
+    #[test]
+    fn an_answer_beyond_its_caps_says_truncated() {
+        let small = instance(5).encode();
+        let many = vec![small.as_slice(); MAX_ANSWER_INSTANCES + 10];
+        let parts = encode_answer_parts(1, &many);
+        let mut count = 0;
+        let mut truncated = false;
+        for plain in &parts {
+            match Message::decode(plain).unwrap() {
+                Message::InstancesPart { instances, .. } => count += instances.len(),
+                Message::Instances { instances, truncated: t, .. } => {
+                    count += instances.len();
+                    truncated = t;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(count, MAX_ANSWER_INSTANCES);
+        assert!(truncated);
+        // And by bytes.
+        let big = instance(4).with_many_tags().encode();
+        let many = vec![big.as_slice(); 1000];
+        let total: usize = encode_answer_parts(1, &many)
+            .iter()
+            .map(|p| match Message::decode(p).unwrap() {
+                Message::InstancesPart { instances, .. } | Message::Instances { instances, .. } => {
+                    instances.len()
+                }
+                other => panic!("{other:?}"),
+            })
+            .sum();
+        assert_eq!(total, MAX_ANSWER_BYTES / big.len());
     }
 
     impl Instance {
@@ -472,7 +626,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_messages_never_panic(which in 0usize..13, index in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        fn mutated_messages_never_panic(which in 0usize..14, index in any::<prop::sample::Index>(), byte in any::<u8>()) {
             let mut out = Vec::new();
             samples()[which].encode(&mut out).unwrap();
             let i = index.index(out.len());

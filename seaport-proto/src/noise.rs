@@ -65,6 +65,10 @@ impl Capabilities {
     /// Bit 0: meetings ([`crate::meet`]): a registry arranges them, a
     /// service answers `MeetOffer`s.
     pub const MEET: Capabilities = Capabilities(1);
+    /// Bit 1: answers in parts ([`crate::message::Message::InstancesPart`]):
+    /// a client with it assembles an answer of many messages; a registry
+    /// sends one only to such a client.
+    pub const PARTS: Capabilities = Capabilities(1 << 1);
 
     /// Whether every bit of `other` is set here.
     pub fn contains(self, other: Capabilities) -> bool {
@@ -90,7 +94,7 @@ impl Capabilities {
 }
 
 /// What this build supports (see the crate docs, "How the wire grows").
-pub const CAPABILITIES: Capabilities = Capabilities::MEET;
+pub const CAPABILITIES: Capabilities = Capabilities(Capabilities::MEET.0 | Capabilities::PARTS.0);
 
 /// The initiator's first handshake payload.
 ///

@@ -26,18 +26,38 @@
 //!   [`RegistryEvent::SessionClosed`] tells the driver to close that stream
 //!   after writing what `poll_transmit` gave it.
 //!
-//! Bounds: sessions, registrations and watches per session, and bytes queued
-//! for a peer that does not read are all capped by [`RegistryConfig`].
+//! Bounds: sessions, registrations and watches per session, registrations
+//! in all, bytes queued for one peer and bytes queued for all peers together
+//! are all capped by [`RegistryConfig`].
+//!
+//! Queues: a request's answer (a lookup's, an error, a pong) is checked
+//! against the peer's cap *before* it is queued, and a peer it would take
+//! past `max_queued` is dropped as slow, so no peer ever has more than that
+//! queued. A watch's updates are not queued at each change: a change marks
+//! the watch as due, and its answer is made from the directory as it is
+//! then, once everything handed out for that peer before was written, and
+//! when it fits the peer's cap and the registry's total budget. A watch thus
+//! has at most one update waiting, always the latest set, however fast the
+//! registered set churns; a watcher is dropped only for not reading what it
+//! asked for itself.
+//!
+//! Access: with an [`Acl`] ([`Registry::set_acl`]), a key may register,
+//! look up and watch only the role names a grant gives it; anything else is
+//! refused with [`ErrorCode::FORBIDDEN`] and the session goes on. Setting a
+//! new list withdraws the registrations and ends the watches it no longer
+//! grants, at once. Without one, any key may do anything.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::acl::{Acl, Action};
 use crate::directory::Directory;
+use crate::frame::HEADER_LEN;
 use crate::keys::{Keypair, PublicKey};
 use crate::meet::{Arrival, ArrivalError, MeetConfig, MeetSide, Meetings, Party, Ticket};
 use crate::message::{ErrorCode, Instance, MAX_ADDRS, Message, MessageError};
-use crate::noise::{Capabilities, Intent, Stamp};
+use crate::noise::{Capabilities, Intent, Stamp, TAG_LEN};
 use crate::role::Role;
 use crate::session::{Session, SessionError};
 
@@ -59,8 +79,20 @@ pub struct RegistryConfig {
     pub max_registrations: usize,
     /// Most watches one session may hold.
     pub max_watches: usize,
-    /// Most bytes queued for a peer before it is dropped as too slow.
+    /// Most bytes queued for a peer before it is dropped as too slow. Keep
+    /// it at least twice [`crate::message::MAX_ANSWER_BYTES`], so that a
+    /// whole answer fits beside what is under way (below that, a watch
+    /// update that does not fit an empty queue goes as one message, cut).
     pub max_queued: usize,
+    /// Most registrations held at once, all sessions together; more are
+    /// refused with [`ErrorCode::LIMIT`].
+    pub max_total_registrations: usize,
+    /// Most bytes queued for all peers together. Past it, lookups are
+    /// refused with [`ErrorCode::LIMIT`], watch updates wait, and a peer
+    /// that is behind with its reading is dropped rather than sent more;
+    /// only a peer with nothing queued still gets a small message (at most
+    /// one control message over the budget per such peer).
+    pub max_total_queued: usize,
     /// Bounds on meetings (hole punching and relays, [`crate::meet`]).
     pub meet: MeetConfig,
 }
@@ -76,6 +108,8 @@ impl Default for RegistryConfig {
             max_registrations: 64,
             max_watches: 64,
             max_queued: 1 << 20,
+            max_total_registrations: 100_000,
+            max_total_queued: 256 << 20,
             meet: MeetConfig::default(),
         }
     }
@@ -125,6 +159,10 @@ pub enum CloseReason {
     /// A newer session of the same process of this identity replaced this one.
     #[error("superseded by a newer session of the same process")]
     Superseded,
+    /// The registry's total queue budget was spent while this peer had
+    /// bytes it had not read yet.
+    #[error("peer behind with its reading while the registry is at its queue budget: {0} bytes queued")]
+    Budget(usize),
     /// The handshake completed while `max_sessions` sessions were open.
     #[error("registry is at its limit of {0} sessions")]
     Full(usize),
@@ -175,6 +213,14 @@ pub enum RegistryEvent {
         /// Whom it wants to reach.
         service: PublicKey,
     },
+    /// The access control list refused a request, or withdrew what it no
+    /// longer grants ([`Registry::set_acl`]).
+    Forbidden {
+        /// Whose.
+        peer: PublicKey,
+        /// What was refused or withdrawn, as the peer was told.
+        text: String,
+    },
 }
 
 /// The registry cannot take this connection; close it at once.
@@ -211,6 +257,36 @@ struct Peer {
     /// written ([`Registry::handle_written`]): with what the session still
     /// holds, what this peer has not read. The one slow-peer measure.
     unwritten: usize,
+    /// This peer's share of `Registry::queued`, as last counted.
+    counted: usize,
+    /// Watches whose update is due and not made yet (see the module docs).
+    due: BTreeSet<u32>,
+}
+
+impl Peer {
+    /// Bytes queued for this peer and not yet written.
+    fn queued(&self) -> usize {
+        self.session.pending_transmit().saturating_add(self.unwritten)
+    }
+
+    /// Whether its answers may come in parts.
+    fn takes_parts(&self) -> bool {
+        self.session.remote_capabilities().contains(Capabilities::PARTS)
+    }
+}
+
+/// Whether more bytes can be queued for a peer.
+enum Room {
+    Fits,
+    /// Past the peer's own cap: it asks faster than it reads.
+    PeerFull(usize),
+    /// Past the registry's total budget.
+    RegistryFull,
+}
+
+/// The bytes `plain` takes once sealed and framed.
+fn sealed_len(plain: &[u8]) -> usize {
+    plain.len() + TAG_LEN + HEADER_LEN
 }
 
 /// The registry; see the module docs.
@@ -243,6 +319,12 @@ pub struct Registry {
     next_sweep: Option<Instant>,
     /// Lookups and watches answered (for metrics).
     lookups_answered: u64,
+    /// Who may do what; `None`: anyone anything.
+    acl: Option<Acl>,
+    /// Bytes queued for all peers together (the sum of their `counted`).
+    queued: usize,
+    /// Peers with due watch updates that wait for the total budget.
+    starved: BTreeSet<SessionId>,
 }
 
 /// How often silent sessions are looked for: bounds detection to idle + this.
@@ -269,7 +351,70 @@ impl Registry {
             events: VecDeque::new(),
             next_sweep: None,
             lookups_answered: 0,
+            acl: None,
+            queued: 0,
+            starved: BTreeSet::new(),
         }
+    }
+
+    /// Bytes queued for all peers together, not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued
+    }
+
+    /// The access control list in force; `None`: anyone may do anything.
+    pub fn acl(&self) -> Option<&Acl> {
+        self.acl.as_ref()
+    }
+
+    /// Puts `acl` in force (`None`: anyone may do anything). What it no
+    /// longer grants ends at once: such a registration is withdrawn (its
+    /// watchers hear of it) and its service gets an [`ErrorCode::FORBIDDEN`]
+    /// error naming it; such a watch is dropped with the same error.
+    pub fn set_acl(&mut self, acl: Option<Acl>) {
+        self.acl = acl;
+        let mut sessions: Vec<(SessionId, PublicKey)> =
+            self.peers.iter().filter_map(|(id, p)| Some((*id, p.session.remote()?))).collect();
+        sessions.sort_unstable();
+        for (id, key) in sessions {
+            let regs: Vec<(u32, String)> = self
+                .directory
+                .registrations_of(id)
+                .into_iter()
+                .filter(|(_, i)| !self.allows(&key, Action::Register, i.role.name()))
+                .map(|(reg, i)| (reg, i.role.to_string()))
+                .collect();
+            for (reg, role) in regs {
+                self.unregister(id, reg);
+                self.forbid(id, key, reg, &format!("registration of {role} withdrawn: {}", Action::Register));
+            }
+            let watches: Vec<(u32, String)> = self
+                .directory
+                .watches_of(id)
+                .into_iter()
+                .filter(|(_, q)| !self.allows(&key, Action::Lookup, q.name()))
+                .map(|(watch, q)| (watch, q.name().to_owned()))
+                .collect();
+            for (watch, name) in watches {
+                self.directory.unwatch((id, watch));
+                if let Some(peer) = self.peers.get_mut(&id) {
+                    peer.due.remove(&watch);
+                }
+                self.forbid(id, key, watch, &format!("watch of {name} ended: {}", Action::Lookup));
+            }
+        }
+    }
+
+    fn allows(&self, key: &PublicKey, action: Action, name: &str) -> bool {
+        self.acl.as_ref().is_none_or(|acl| acl.allows(key, action, name))
+    }
+
+    /// Refuses request `req` of `key` (session `id`) with FORBIDDEN. `what`
+    /// says what was refused; the text adds that the key is not granted it.
+    fn forbid(&mut self, id: SessionId, key: PublicKey, req: u32, what: &str) {
+        let text = format!("{what}: key {key} is not granted this by the registry's access list");
+        self.send(id, &error(Some(req), ErrorCode::FORBIDDEN, &text));
+        self.events.push_back(RegistryEvent::Forbidden { peer: key, text });
     }
 
     /// The registry's identity.
@@ -364,6 +509,8 @@ impl Registry {
             last_heard: now,
             dirty: false,
             unwritten: 0,
+            counted: 0,
+            due: BTreeSet::new(),
         };
         self.peers.insert(id, peer);
         self.next_sweep.get_or_insert(now + SWEEP_INTERVAL);
@@ -416,6 +563,7 @@ impl Registry {
                 }
             }
         }
+        self.recount(id);
         self.check_queue(id);
     }
 
@@ -513,6 +661,15 @@ impl Registry {
         Ok((id, theirs))
     }
 
+    /// Test shortcut: session `id`'s peer is taken to have advertised
+    /// `capabilities` (an older build's, say).
+    #[cfg(feature = "testing")]
+    pub fn set_remote_capabilities(&mut self, id: SessionId, capabilities: Capabilities) {
+        if let Some(peer) = self.peers.get_mut(&id) {
+            peer.session.set_remote_capabilities(capabilities);
+        }
+    }
+
     /// Session `id`'s stream closed.
     pub fn handle_closed(&mut self, id: SessionId) {
         self.close(id, CloseReason::Closed);
@@ -552,6 +709,9 @@ impl Registry {
             return Some(id);
         }
         while let Some(id) = self.dirty.pop_front() {
+            // While the peer is still marked dirty, so that what this sends
+            // does not queue it again.
+            self.make_due_updates(id);
             if let Some(peer) = self.peers.get_mut(&id) {
                 peer.dirty = false;
                 let before = buf.len();
@@ -564,13 +724,92 @@ impl Registry {
         None
     }
 
+    /// Makes the answers of session `id`'s due watches from the directory
+    /// as it is now, as many as fit, once everything handed out for it
+    /// before was written (see the module docs). The rest stay due: a
+    /// written report or freed budget brings them back here.
+    fn make_due_updates(&mut self, id: SessionId) {
+        let Some(peer) = self.peers.get(&id) else { return };
+        if peer.unwritten > 0 || peer.due.is_empty() {
+            return;
+        }
+        let parts = peer.takes_parts();
+        let due: Vec<u32> = peer.due.iter().copied().collect();
+        for watch in due {
+            let Some(query) = self.directory.watch_query((id, watch)) else {
+                if let Some(peer) = self.peers.get_mut(&id) {
+                    peer.due.remove(&watch);
+                }
+                continue;
+            };
+            let mut answer = self.directory.answer(watch, query, parts);
+            let empty = self.peers.get(&id).is_some_and(|p| p.queued() == 0);
+            match self.room(id, &answer) {
+                Room::Fits => {}
+                // An answer bigger than the whole queue cap would never go:
+                // one message of it, marked truncated, does.
+                Room::PeerFull(_) if empty && parts => {
+                    answer = self.directory.answer(watch, query, false);
+                    if !matches!(self.room(id, &answer), Room::Fits) {
+                        return;
+                    }
+                }
+                Room::PeerFull(_) => return,
+                Room::RegistryFull => {
+                    self.starved.insert(id);
+                    return;
+                }
+            }
+            if let Some(peer) = self.peers.get_mut(&id) {
+                peer.due.remove(&watch);
+            }
+            self.send_all(id, &answer);
+        }
+    }
+
+    /// Whether `plains` can be queued for session `id` now.
+    fn room(&self, id: SessionId, plains: &[Vec<u8>]) -> Room {
+        let Some(peer) = self.peers.get(&id) else { return Room::Fits };
+        let size: usize = plains.iter().map(|p| sealed_len(p)).sum();
+        let queued = peer.queued();
+        if queued.saturating_add(size) > self.config.max_queued {
+            Room::PeerFull(queued)
+        } else if self.queued.saturating_add(size) > self.config.max_total_queued {
+            Room::RegistryFull
+        } else {
+            Room::Fits
+        }
+    }
+
+    /// Brings `Registry::queued` up to date with session `id`'s queue.
+    fn recount(&mut self, id: SessionId) {
+        let Some(peer) = self.peers.get_mut(&id) else { return };
+        let now = peer.queued();
+        self.queued = self.queued.saturating_sub(peer.counted).saturating_add(now);
+        peer.counted = now;
+    }
+
     /// The driver wrote `n` bytes of what [`Registry::poll_transmit`] gave for
     /// session `id` to its stream. A driver that never calls this makes every
     /// peer look slow once `max_queued` bytes went out; one that calls it
     /// when the bytes were handed to the kernel gets the intended measure.
     pub fn handle_written(&mut self, id: SessionId, n: usize) {
-        if let Some(peer) = self.peers.get_mut(&id) {
-            peer.unwritten = peer.unwritten.saturating_sub(n);
+        let Some(peer) = self.peers.get_mut(&id) else { return };
+        peer.unwritten = peer.unwritten.saturating_sub(n);
+        let due = peer.unwritten == 0 && !peer.due.is_empty();
+        self.recount(id);
+        if due {
+            self.mark_dirty(id);
+        }
+        self.retry_starved();
+    }
+
+    /// Budget freed: peers whose updates waited for it try again.
+    fn retry_starved(&mut self) {
+        if !self.starved.is_empty() && self.queued < self.config.max_total_queued {
+            for starved in std::mem::take(&mut self.starved) {
+                self.mark_dirty(starved);
+            }
         }
     }
 
@@ -584,9 +823,23 @@ impl Registry {
         let Some(key) = peer.session.remote() else { return };
         match msg {
             Message::Register { id: reg, role, port, addrs } => {
+                // The access list first: a key that may not register learns
+                // nothing of the limits.
+                if !self.allows(&key, Action::Register, role.name()) {
+                    self.forbid(id, key, reg, &format!("{} {role} refused", Action::Register));
+                    return;
+                }
                 let replacing = self.directory.has_registration((id, reg));
                 if !replacing && self.directory.registration_count(id) >= self.config.max_registrations {
                     let text = format!("at most {} registrations per session", self.config.max_registrations);
+                    self.send(id, &error(Some(reg), ErrorCode::LIMIT, &text));
+                    return;
+                }
+                if !replacing && self.directory.instance_count() >= self.config.max_total_registrations {
+                    let text = format!(
+                        "the registry holds its maximum of {} registrations",
+                        self.config.max_total_registrations
+                    );
                     self.send(id, &error(Some(reg), ErrorCode::LIMIT, &text));
                     return;
                 }
@@ -612,20 +865,36 @@ impl Registry {
                 }
             }
             Message::Lookup { id: req, query } => {
-                let answer = self.directory.answer(req, &query);
-                self.send_plain(id, &answer);
-                self.lookups_answered += 1;
+                if !self.allows(&key, Action::Lookup, query.name()) {
+                    self.forbid(id, key, req, &format!("{} {query} refused", Action::Lookup));
+                    return;
+                }
+                let answer = self.directory.answer(req, &query, peer.takes_parts());
+                match self.room(id, &answer) {
+                    Room::Fits => {
+                        self.send_all(id, &answer);
+                        self.lookups_answered += 1;
+                    }
+                    Room::PeerFull(queued) => self.drop_silently(id, CloseReason::Slow(queued)),
+                    Room::RegistryFull => {
+                        let text = "the registry is at its queue budget: ask again later";
+                        self.send(id, &error(Some(req), ErrorCode::LIMIT, text));
+                    }
+                }
             }
             Message::Watch { id: watch, query } => {
+                if !self.allows(&key, Action::Lookup, query.name()) {
+                    self.forbid(id, key, watch, &format!("watch of {query} refused"));
+                    return;
+                }
                 let replacing = self.directory.has_watch((id, watch));
                 if !replacing && self.directory.watch_count(id) >= self.config.max_watches {
                     let text = format!("at most {} watches per session", self.config.max_watches);
                     self.send(id, &error(Some(watch), ErrorCode::LIMIT, &text));
                     return;
                 }
-                let answer = self.directory.answer(watch, &query);
                 self.directory.watch((id, watch), query);
-                self.send_plain(id, &answer);
+                self.make_due(id, watch);
                 self.lookups_answered += 1;
             }
             Message::Unwatch { id: watch } => {
@@ -647,6 +916,7 @@ impl Registry {
             }
             other @ (Message::Registered { .. }
             | Message::Instances { .. }
+            | Message::InstancesPart { .. }
             | Message::MeetReady { .. }
             | Message::MeetOffer { .. }) => {
                 let text = format!("a registry does not accept {}", other.kind());
@@ -668,7 +938,11 @@ impl Registry {
         service: PublicKey,
         role: &Role,
     ) {
-        let Some(target) = self.directory.owner_of(&service, role) else {
+        // With an access list, only for a role the proxy may look up; to a
+        // proxy that may not, the service is unknown, as if not registered,
+        // so the answer tells nothing it may not know.
+        let owner = self.directory.owner_of(&service, role);
+        let Some(target) = owner.filter(|_| self.allows(&key, Action::Lookup, role.name())) else {
             let text = format!("no service {service} has registered {role}");
             self.send(id, &error(Some(req), ErrorCode::UNKNOWN, &text));
             return;
@@ -707,33 +981,57 @@ impl Registry {
         true
     }
 
-    /// Pushes the new matching set to every watch that `changed` matches.
+    /// Marks every watch that `changed` matches as due for an update.
     fn notify(&mut self, changed: &Role) {
-        let answers: Vec<(SessionId, Vec<u8>)> = self
-            .directory
-            .watchers_of(changed)
-            .into_iter()
-            .map(|((session, watch), query)| (session, self.directory.answer(watch, query)))
-            .collect();
-        for (session, answer) in answers {
-            self.send_plain(session, &answer);
-            self.check_queue(session);
+        let watches: Vec<(SessionId, u32)> =
+            self.directory.watchers_of(changed).into_iter().map(|(key, _)| key).collect();
+        for (session, watch) in watches {
+            self.make_due(session, watch);
         }
     }
 
+    /// Watch `watch` of session `id` is due for an update (see the module
+    /// docs): made at the next `poll_transmit` that has room for it.
+    fn make_due(&mut self, id: SessionId, watch: u32) {
+        if let Some(peer) = self.peers.get_mut(&id) {
+            peer.due.insert(watch);
+            self.mark_dirty(id);
+        }
+    }
+
+    /// Queues a small message for session `id`, within the peer's cap and
+    /// the registry's budget: a peer it does not fit is dropped as slow.
     fn send(&mut self, id: SessionId, msg: &Message) {
         let mut plain = Vec::new();
         // Our own messages are within limits by construction; one that is
         // not is dropped rather than sent half-formed.
-        if msg.encode(&mut plain).is_ok() {
-            self.send_plain(id, &plain);
+        if msg.encode(&mut plain).is_err() {
+            return;
+        }
+        let plains = [plain];
+        match self.room(id, &plains) {
+            Room::Fits => self.send_all(id, &plains),
+            Room::PeerFull(queued) => self.drop_silently(id, CloseReason::Slow(queued)),
+            Room::RegistryFull => match self.peers.get(&id).map(Peer::queued) {
+                // Over the budget by one small message, for a peer that
+                // reads: the bound the config documents.
+                Some(0) => self.send_all(id, &plains),
+                Some(queued) => self.drop_silently(id, CloseReason::Budget(queued)),
+                None => {}
+            },
         }
     }
 
-    /// Seals an encoded message for session `id`.
-    fn send_plain(&mut self, id: SessionId, plain: &[u8]) {
+    /// Seals encoded messages for session `id`, in order; the caller
+    /// checked the room for them.
+    fn send_all(&mut self, id: SessionId, plains: &[Vec<u8>]) {
         let Some(peer) = self.peers.get_mut(&id) else { return };
-        if !plain.is_empty() && peer.session.send(plain).is_ok() {
+        let mut sent = false;
+        for plain in plains {
+            sent |= !plain.is_empty() && peer.session.send(plain).is_ok();
+        }
+        if sent {
+            self.recount(id);
             self.mark_dirty(id);
         }
     }
@@ -778,6 +1076,9 @@ impl Registry {
             self.established = self.established.saturating_sub(1);
         }
         let Some(peer) = self.peers.remove(&id) else { return };
+        self.queued = self.queued.saturating_sub(peer.counted);
+        self.starved.remove(&id);
+        self.retry_starved();
         if let Some(identity) = peer.identity {
             if self.by_identity.get(&identity) == Some(&id) {
                 self.by_identity.remove(&identity);
@@ -821,7 +1122,7 @@ fn error(id: Option<u32>, code: ErrorCode, text: &str) -> Message {
 mod tests {
     use super::*;
     use crate::role::RoleQuery;
-    use crate::testing::{Chunker, Net, RawPeer, keypair};
+    use crate::testing::{Chunker, Net, Peer as _, RawPeer, keypair};
 
     /// A registry and one raw peer with an established session to it.
     fn connected(config: RegistryConfig) -> Net<RawPeer> {
@@ -849,28 +1150,330 @@ mod tests {
         })
     }
 
-    #[test]
-    fn an_answer_too_large_for_a_frame_is_cut_and_says_so() {
-        let config = RegistryConfig { max_registrations: 300, ..RegistryConfig::default() };
-        let mut net = connected(config);
+    /// Roles `NAME@1.0.N` for N in `range`, each with 16 tags of 64
+    /// characters (about 1.1 KB an instance), as registrations `N`.
+    fn big_registrations(name: &str, range: std::ops::Range<u32>) -> Vec<Message> {
         let tags: Vec<String> = (0..16).map(|i| format!("{i:02}{}", "t".repeat(62))).collect();
-        let registrations: Vec<Message> = (0..300u32)
+        range
             .map(|reg| {
-                let role = Role::parse(&format!("big@1.0.{reg}")).unwrap().with_tags(tags.clone()).unwrap();
+                let role =
+                    Role::parse(&format!("{name}@1.0.{reg}")).unwrap().with_tags(tags.clone()).unwrap();
                 Message::Register { id: reg, role, port: 1, addrs: vec![] }
             })
-            .collect();
-        assert_eq!(exchange(&mut net, &registrations).len(), 300);
-        let answer =
-            exchange(&mut net, &[Message::Lookup { id: 7, query: RoleQuery::parse("big").unwrap() }]);
-        let [Message::Instances { id: 7, instances, truncated: true }] = answer.as_slice() else {
+            .collect()
+    }
+
+    /// The instances of one whole answer to `id` at the front of `got`
+    /// (parts, then the last `Instances`), its `truncated`, and how many
+    /// messages it took; the messages are removed.
+    fn whole_answer(got: &mut Vec<Message>, id: u32) -> (Vec<Instance>, bool, usize) {
+        let mut instances = Vec::new();
+        let mut messages = 0;
+        while !got.is_empty() {
+            messages += 1;
+            match got.remove(0) {
+                Message::InstancesPart { id: got_id, instances: part } if got_id == id => {
+                    instances.extend(part)
+                }
+                Message::Instances { id: got_id, instances: last, truncated } if got_id == id => {
+                    instances.extend(last);
+                    return (instances, truncated, messages);
+                }
+                other => panic!("expected a part of answer {id}, got {other:?}"),
+            }
+        }
+        panic!("answer {id} never ended")
+    }
+
+    #[test]
+    fn a_large_answer_comes_whole_in_parts_and_an_older_peer_gets_it_cut_and_flagged() {
+        let config = RegistryConfig { max_registrations: 300, ..RegistryConfig::default() };
+        let mut net = connected(config);
+        assert_eq!(exchange(&mut net, &big_registrations("big", 0..300)).len(), 300);
+        let query = RoleQuery::parse("big").unwrap();
+        let mut answer = exchange(&mut net, &[Message::Lookup { id: 7, query: query.clone() }]);
+        let (instances, truncated, messages) = whole_answer(&mut answer, 7);
+        assert!(answer.is_empty(), "{answer:?}");
+        assert!(messages > 1, "300 big instances do not fit one frame");
+        assert!(!truncated);
+        let versions: Vec<String> = instances.iter().map(|i| i.role.to_string()).collect();
+        let expected: Vec<String> = (0..300).map(|n| format!("big@1.0.{n}")).collect();
+        assert_eq!(versions, expected, "all of them, oldest first");
+
+        // A peer from before parts: one message, cut, and flagged.
+        let id = net.peers[0].session.unwrap();
+        net.registry.set_remote_capabilities(id, Capabilities::MEET);
+        let answer = exchange(&mut net, &[Message::Lookup { id: 8, query }]);
+        let [Message::Instances { id: 8, instances, truncated: true }] = answer.as_slice() else {
             panic!("expected one truncated answer, got {answer:?}");
         };
+        assert!(!instances.is_empty() && instances.len() < 300, "{}", instances.len());
+    }
+
+    /// Sends `msgs` from raw peer `i` in one read, and takes whatever the
+    /// registry queues without ever reporting it written: a peer that asks
+    /// and does not read. Returns the registry's events.
+    fn ask_without_reading(net: &mut Net<RawPeer>, i: usize, msgs: &[Message]) -> Vec<RegistryEvent> {
+        for msg in msgs {
+            assert!(net.peers[i].peer.send(msg));
+        }
+        let mut wire = Vec::new();
+        net.peers[i].peer.poll_transmit(&mut wire);
+        let id = net.peers[i].session.unwrap();
+        let now = net.now;
+        net.registry.handle_input(now, id, &wire);
+        let mut sink = Vec::new();
+        while net.registry.poll_transmit(&mut sink).is_some() {}
+        std::iter::from_fn(|| net.registry.poll_event()).collect()
+    }
+
+    #[test]
+    fn a_peer_that_asks_faster_than_it_reads_is_dropped_at_its_cap_not_after_it() {
+        let max_queued = 256 * 1024;
+        let config = RegistryConfig { max_queued, max_registrations: 50, ..RegistryConfig::default() };
+        let mut net = connected(config);
+        exchange(&mut net, &big_registrations("big", 0..50));
+        // About 55 KB an answer; 400 lookups would queue 22 MB.
+        let lookups: Vec<Message> =
+            (0..400).map(|id| Message::Lookup { id, query: RoleQuery::parse("big").unwrap() }).collect();
+        let events = ask_without_reading(&mut net, 0, &lookups);
+        let slow = events.iter().find_map(|e| match e {
+            RegistryEvent::SessionClosed { reason: CloseReason::Slow(queued), .. } => Some(*queued),
+            _ => None,
+        });
+        let queued = slow.expect("the peer is dropped as slow");
+        assert!(queued <= max_queued, "{queued} bytes were queued for it, over the cap of {max_queued}");
+        assert!(queued > max_queued / 2, "what fitted was queued: {queued}");
+        assert_eq!(net.registry.session_count(), 0);
+        assert_eq!(net.registry.queued_bytes(), 0, "nothing is counted for a dropped peer");
+    }
+
+    #[test]
+    fn churn_gives_each_watch_one_latest_update_and_drops_no_honest_watcher() {
+        let config = RegistryConfig { max_registrations: 64, ..RegistryConfig::default() };
+        let mut net = connected(config);
+        exchange(&mut net, &big_registrations("big", 0..50));
+        let query = RoleQuery::parse("big").unwrap();
+        for w in 1..=10 {
+            net.add(RawPeer::new());
+            net.connect_established(w, &keypair(10 + w as u8));
+            let mut got = net.exchange(w, &Message::Watch { id: 1, query: query.clone() });
+            assert_eq!(whole_answer(&mut got, 1).0.len(), 50);
+        }
+        // 20 register/unregister pairs in one go: 40 changes of a 55 KB set,
+        // 2.2 MB for each watcher if each change were queued.
+        let mut churn = Vec::new();
+        for _ in 0..20 {
+            churn.extend(big_registrations("big", 50..51));
+            churn.push(Message::Unregister { id: 50 });
+        }
+        exchange(&mut net, &churn);
+        assert_eq!(net.registry.session_count(), 11, "{:?}", close_reason(&net));
+        for w in 1..=10 {
+            let mut got = net.peers[w].peer.take_messages();
+            let (instances, truncated, _) = whole_answer(&mut got, 1);
+            assert!(got.is_empty(), "watcher {w} got one update, not {}", got.len() + 1);
+            assert_eq!((instances.len(), truncated), (50, false), "the latest set");
+        }
+    }
+
+    #[test]
+    fn total_registrations_and_queued_bytes_are_capped_across_sessions() {
+        let config = RegistryConfig {
+            max_total_registrations: 3,
+            max_queued: 200 * 1024,
+            max_total_queued: 300 * 1024,
+            ..RegistryConfig::default()
+        };
+        let mut net = connected(config);
+        net.add(RawPeer::new());
+        net.connect_established(1, &keypair(3));
+        exchange(&mut net, &big_registrations("big", 0..2));
+        let got = net.exchange(1, &big_registrations("big", 2..4)[0]);
+        assert_eq!(got, vec![Message::Registered { id: 2 }]);
+        let got = net.exchange(1, &big_registrations("big", 3..4)[0]);
+        assert!(matches!(&got[..], [Message::Error { id: Some(3), code: ErrorCode::LIMIT, .. }]), "{got:?}");
+        assert_eq!(net.registry.instance_count(), 3);
+
+        // Make the answer about 40 KB: replace the three with 36 of one owner.
+        net.close(1);
+        let config = RegistryConfig { max_total_registrations: 100, ..net.registry.config.clone() };
+        net.registry.config = config;
+        exchange(&mut net, &big_registrations("big", 2..36));
+        let lookup = |id| Message::Lookup { id, query: RoleQuery::parse("big").unwrap() };
+        // Two peers that ask and never read fill the budget between them.
+        for (i, n) in [(1, 11u8), (2, 12)] {
+            net.add(RawPeer::new());
+            net.connect_established(i, &keypair(n));
+            let lookups: Vec<Message> = (0..4).map(lookup).collect();
+            ask_without_reading(&mut net, i, &lookups);
+            assert!(net.registry.queued_bytes() <= 300 * 1024, "{}", net.registry.queued_bytes());
+        }
+        assert!(net.registry.queued_bytes() > 200 * 1024);
+        // A peer that reads is refused for now, and keeps its session.
+        let got = exchange(&mut net, &[lookup(9)]);
+        assert!(matches!(&got[..], [Message::Error { id: Some(9), code: ErrorCode::LIMIT, .. }]), "{got:?}");
+        assert!(net.registry.session_count() >= 2);
+        // Once the others are gone, there is room again.
+        net.close(1);
+        net.close(2);
+        let mut got = exchange(&mut net, &[lookup(10)]);
+        assert_eq!(whole_answer(&mut got, 10).0.len(), 36);
+    }
+
+    #[test]
+    fn a_watch_update_waits_for_the_total_budget_and_goes_once_there_is_room() {
+        let config = RegistryConfig {
+            max_registrations: 100,
+            max_queued: 200 * 1024,
+            max_total_queued: 300 * 1024,
+            ..RegistryConfig::default()
+        };
+        let mut net = connected(config);
+        exchange(&mut net, &big_registrations("big", 0..36));
+        // Peer 1 watches (and reads); peers 2 and 3 ask and never read.
+        net.add(RawPeer::new());
+        net.connect_established(1, &keypair(11));
+        let query = RoleQuery::parse("big").unwrap();
+        let mut got = net.exchange(1, &Message::Watch { id: 1, query: query.clone() });
+        assert_eq!(whole_answer(&mut got, 1).0.len(), 36);
+        for (i, n) in [(2, 12u8), (3, 13)] {
+            net.add(RawPeer::new());
+            net.connect_established(i, &keypair(n));
+            let lookups: Vec<Message> =
+                (0..4).map(|id| Message::Lookup { id, query: query.clone() }).collect();
+            ask_without_reading(&mut net, i, &lookups);
+        }
+        let full = net.registry.queued_bytes();
+        assert!(full > 250 * 1024 && full <= 300 * 1024, "{full}");
+        // A change: the watcher's update does not fit the budget, so it waits.
+        exchange(&mut net, &[Message::Unregister { id: 0 }]);
+        assert_eq!(net.peers[1].peer.take_messages(), vec![], "no room yet");
+        assert_eq!(net.registry.session_count(), 4, "no one dropped for it");
+        // The non-readers leave: the update goes, with the set as it is now.
+        net.close(2);
+        net.close(3);
+        net.pump();
+        let mut got = net.peers[1].peer.take_messages();
+        assert_eq!(whole_answer(&mut got, 1).0.len(), 35);
+        assert!(got.is_empty(), "{got:?}");
+    }
+
+    /// An ACL of grants given as (keys, register, lookup); a key `0` is "*".
+    fn acl(grants: &[(&[u8], &[&str], &[&str])]) -> Acl {
+        use crate::acl::{Grant, Grantees, Pattern};
+        let patterns = |ps: &[&str]| ps.iter().map(|p| Pattern::parse(p).unwrap()).collect();
+        Acl::new(
+            grants
+                .iter()
+                .map(|(keys, register, lookup)| Grant {
+                    keys: if keys.contains(&0) {
+                        Grantees::Anyone
+                    } else {
+                        Grantees::Keys(keys.iter().map(|n| keypair(*n).public()).collect())
+                    },
+                    register: patterns(register),
+                    lookup: patterns(lookup),
+                })
+                .collect(),
+        )
+    }
+
+    fn register(id: u32, role: &str) -> Message {
+        Message::Register { id, role: Role::parse(role).unwrap(), port: 1, addrs: vec![] }
+    }
+
+    fn forbidden(got: &[Message], id: u32) -> bool {
+        matches!(got, [Message::Error { id: Some(got_id), code: ErrorCode::FORBIDDEN, .. }] if *got_id == id)
+    }
+
+    #[test]
+    fn the_acl_lets_a_key_register_and_look_up_only_what_it_is_granted() {
+        // Peer 0 is key 2, the real service; peer 1 is key 3, an attacker;
+        // peer 2 is key 4, a proxy that may look up couchdb only.
+        let mut net = connected(RegistryConfig::default());
+        net.registry.set_acl(Some(acl(&[
+            (&[2], &["couchdb", "@acme/*"], &[]),
+            (&[4], &[], &["couchdb"]),
+            (&[0], &[], &["public"]),
+        ])));
+        net.add(RawPeer::new());
+        net.connect_established(1, &keypair(3));
+        net.add(RawPeer::new());
+        net.connect_established(2, &keypair(4));
+
+        let got = net.exchange(1, &register(1, "couchdb@3.2.2"));
+        assert!(forbidden(&got, 1), "{got:?}");
+        let Message::Error { text, .. } = &got[0] else { unreachable!() };
+        assert!(text.contains("couchdb@3.2.2") && text.contains(&keypair(3).public().to_string()), "{text}");
+        assert!(net.events.iter().any(|e| matches!(e, RegistryEvent::Forbidden { .. })));
+        let got = exchange(&mut net, &[register(1, "couchdb@3.2.2"), register(2, "@acme/web@1.0.0")]);
+        assert_eq!(got, vec![Message::Registered { id: 1 }, Message::Registered { id: 2 }]);
+        assert!(forbidden(&exchange(&mut net, &[register(3, "redis@7.0.0")]), 3));
+        assert_eq!(net.registry.instance_count(), 2);
+        assert_eq!(net.registry.session_count(), 3, "refusals keep sessions");
+
+        // Lookups and watches: only granted names; the watch sees couchdb alone.
+        let query = |q: &str| RoleQuery::parse(q).unwrap();
+        assert!(forbidden(&net.exchange(2, &Message::Lookup { id: 5, query: query("@acme/web") }), 5));
+        assert!(forbidden(&net.exchange(2, &Message::Watch { id: 6, query: query("@acme/web") }), 6));
+        assert!(forbidden(&net.exchange(1, &Message::Watch { id: 6, query: query("couchdb") }), 6));
+        let mut got = net.exchange(2, &Message::Watch { id: 7, query: query("couchdb") });
+        let (instances, _, _) = whole_answer(&mut got, 7);
+        assert_eq!(instances.len(), 1);
+        assert_eq!(instances[0].key, keypair(2).public());
+        // "*" names any key, for what it grants.
+        let got = net.exchange(1, &Message::Lookup { id: 8, query: query("public") });
+        assert!(matches!(&got[..], [Message::Instances { id: 8, .. }]), "{got:?}");
+        // A meeting only with a service the asker may look up; to others it is
+        // unknown, exactly as one that is not registered.
+        let service = keypair(2).public();
+        let got =
+            net.exchange(1, &Message::Meet { id: 9, service, role: Role::parse("couchdb@3.2.2").unwrap() });
         assert!(
-            !instances.is_empty() && instances.len() < crate::message::MAX_INSTANCES,
-            "{}",
-            instances.len()
+            matches!(&got[..], [Message::Error { id: Some(9), code: ErrorCode::UNKNOWN, .. }]),
+            "{got:?}"
         );
+        let got =
+            net.exchange(2, &Message::Meet { id: 10, service, role: Role::parse("couchdb@3.2.2").unwrap() });
+        assert!(matches!(&got[..], [Message::MeetReady { id: 10, .. }]), "{got:?}");
+    }
+
+    #[test]
+    fn a_new_acl_withdraws_what_it_no_longer_grants_and_tells_everyone() {
+        let mut net = connected(RegistryConfig::default());
+        net.registry
+            .set_acl(Some(acl(&[(&[2], &["couchdb", "web"], &[]), (&[4], &[], &["couchdb", "web"])])));
+        let got = exchange(&mut net, &[register(1, "couchdb@3.2.2"), register(2, "web@1.0.0")]);
+        assert_eq!(got.len(), 2);
+        net.add(RawPeer::new());
+        net.connect_established(1, &keypair(4));
+        let query = |q: &str| RoleQuery::parse(q).unwrap();
+        assert_eq!(net.exchange(1, &Message::Watch { id: 1, query: query("couchdb") }).len(), 1);
+        assert_eq!(net.exchange(1, &Message::Watch { id: 2, query: query("web") }).len(), 1);
+
+        // Key 2 may no longer register couchdb; key 4 may no longer watch web.
+        net.registry.set_acl(Some(acl(&[(&[2], &["web"], &[]), (&[4], &[], &["couchdb"])])));
+        net.pump();
+        let service = net.peers[0].peer.take_messages();
+        assert!(forbidden(&service, 1), "the service hears its registration was withdrawn: {service:?}");
+        let proxy = net.peers[1].peer.take_messages();
+        assert!(
+            proxy.iter().any(|m| matches!(m, Message::Error { id: Some(2), code: ErrorCode::FORBIDDEN, .. })),
+            "the web watch ends with an error: {proxy:?}"
+        );
+        assert!(
+            proxy.contains(&Message::Instances { id: 1, instances: vec![], truncated: false }),
+            "the couchdb watcher is told its instance left: {proxy:?}"
+        );
+        assert_eq!(net.registry.instance_count(), 1);
+        assert_eq!(net.registry.directory().watch_count(net.peers[1].session.unwrap()), 1);
+        assert!(net.events.iter().any(|e| matches!(e, RegistryEvent::Unregistered { .. })));
+        assert_eq!(net.registry.session_count(), 2, "sessions go on");
+
+        // No list at all: anyone may do anything again.
+        net.registry.set_acl(None);
+        assert_eq!(exchange(&mut net, &[register(1, "couchdb@3.2.2")]), vec![Message::Registered { id: 1 }]);
     }
 
     #[test]

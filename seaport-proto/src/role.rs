@@ -52,7 +52,7 @@ fn name_part_ok(part: &str) -> bool {
         && !part.starts_with('.')
 }
 
-fn check_name(name: &str) -> Result<(), RoleError> {
+pub(crate) fn check_name(name: &str) -> Result<(), RoleError> {
     let ok = name.len() <= MAX_NAME_LEN
         && match name.strip_prefix('@') {
             Some(scoped) => scoped.split_once('/').is_some_and(|(s, n)| name_part_ok(s) && name_part_ok(n)),

@@ -320,6 +320,16 @@ impl std::fmt::Debug for Session {
     }
 }
 
+/// Test support: a session that claims what an older (or newer) peer
+/// advertised, for tests of what the registry sends whom.
+#[cfg(feature = "testing")]
+impl Session {
+    /// Sets what the remote side is taken to support.
+    pub fn set_remote_capabilities(&mut self, capabilities: Capabilities) {
+        self.remote_capabilities = capabilities;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -396,3 +396,70 @@ fn a_meeting_gives_the_proxy_and_the_service_one_ticket_and_the_registry_admits_
         assert!(refused(&w, id), "seed {seed}");
     }
 }
+
+#[test]
+fn three_hundred_instances_with_big_tags_all_reach_the_proxy_whole_and_are_chosen_in_turn() {
+    use seaport_proto::keys::Seed;
+    let registry_key = keypair(50);
+    let reg = registry_key.public();
+    let registry = Registry::new(registry_key.clone(), RegistryConfig::default());
+    let mut net = Net::new(registry, Chunker::seeded(11));
+    // 16 tags of 64 characters: about 1.1 KB an instance, 330 KB in all,
+    // five times what one frame holds.
+    let tags: Vec<String> = (0..16).map(|i| format!("{i:02}{}", "t".repeat(62))).collect();
+    for n in 0..300u16 {
+        let mut seed = [7u8; 32];
+        seed[..2].copy_from_slice(&n.to_be_bytes());
+        let config = ClientConfig::new(Keypair::from_seed(&Seed::from_bytes(seed)), reg);
+        let role = Role::parse("couchdb@3.2.2").unwrap().with_tags(tags.clone()).unwrap();
+        net.add(Node::Service(Client::new(ServiceClient::new(config, vec![role], 7000, vec![]))));
+    }
+    let proxy = ProxyClient::new(
+        ClientConfig::new(keypair(9), reg),
+        RoleQuery::parse("couchdb@3.x").unwrap(),
+        Strategy::RoundRobin,
+        Duration::from_secs(5),
+    );
+    net.add(Node::Proxy(Client::new(proxy)));
+    let redial = (0..net.peers.len())
+        .map(|_| Redial {
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
+            at: None,
+            seen: 0,
+        })
+        .collect();
+    let mut w = World { registry_key, net, redial };
+    // The proxy first, so that it sees the set grow one registration at a time.
+    let proxy_index = w.net.peers.len() - 1;
+    w.dial(proxy_index);
+    w.settle();
+    for i in 0..proxy_index {
+        w.dial(i);
+    }
+    w.run_for(Duration::from_secs(2));
+    assert_eq!(w.net.registry.instance_count(), 300);
+
+    // Every set the proxy reported was a whole one: the registered set only
+    // grew, so a part reported on its own would show as a set that shrank.
+    let sizes: Vec<(usize, bool)> = w
+        .proxy()
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            ProxyEvent::Instances { instances, truncated, .. } => Some((instances.len(), *truncated)),
+            _ => None,
+        })
+        .collect();
+    assert!(sizes.windows(2).all(|p| p[0].0 <= p[1].0), "a set shrank: {sizes:?}");
+    assert_eq!(sizes.last(), Some(&(300, false)), "{sizes:?}");
+    assert!(sizes.iter().all(|(_, truncated)| !truncated));
+    assert_eq!(w.proxy().client.instances().len(), 300);
+
+    // Round-robin puts each of the 300 first once in 300 connections.
+    let now = w.net.now;
+    let proxy = proxy_mut(&mut w);
+    let mut firsts: Vec<PublicKey> = (0..300).map(|_| proxy.choose(now, 0)[0].key).collect();
+    firsts.sort_unstable_by_key(|k| *k.as_bytes());
+    firsts.dedup();
+    assert_eq!(firsts.len(), 300);
+}

@@ -1,5 +1,7 @@
 //! `seaport-registry`: serves the registry on TCP and, unless `--no-dht`,
-//! publishes its addresses in the DHT under its key.
+//! publishes its addresses in the DHT under its key. With `--acl FILE`, only
+//! what the file grants each key is allowed; the file is reread on SIGHUP
+//! (a bad file keeps the list in force).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -15,17 +17,17 @@ use seaport_net::identity::{load_seed, random_seed};
 use seaport_net::meet::RelayCounters;
 use seaport_net::metrics::readiness;
 use seaport_net::page::{RegistryPage, RegistryView};
-use seaport_net::registry::{READY_SESSIONS, RelayOptions};
+use seaport_net::registry::{Command, READY_SESSIONS, RelayOptions};
 use seaport_proto::keys::Keypair;
 use seaport_proto::registry::{CloseReason, Registry, RegistryConfig, RegistryEvent};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// Run a seaport registry. Services register roles with it; proxies look
 /// roles up. Everyone finds it by its public key alone.
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Examples:\n  seaport-registry --seed-file registry.seed\n  seaport-registry --seed-file registry.seed --listen 0.0.0.0:4500 --dht-port 6881\n\nWithout a seed the registry makes an ephemeral key, new on every start."
+    after_help = "Examples:\n  seaport-registry --seed-file registry.seed\n  seaport-registry --seed-file registry.seed --listen 0.0.0.0:4500 --dht-port 6881\n  seaport-registry --seed-file registry.seed --acl /etc/seaport/registry.acl\n\nWithout a seed the registry makes an ephemeral key, new on every start.\n\nAn --acl file is TOML, one [[grant]] table per group of keys:\n  [[grant]]\n  keys = [\"abe213...260f\"]        # public keys (64 hex), or \"*\" for any key\n  register = [\"couchdb\", \"@acme/*\"] # role names they may register; \"*\" = any\n  lookup = [\"couchdb\"]              # role names they may look up and watch\nA key may do only what some grant allows. kill -HUP rereads the file: what it\nno longer grants is withdrawn at once; a bad file keeps the old list."
 )]
 pub struct Args {
     /// The registry's seed (64 hex characters), from `seaport-seed`.
@@ -105,6 +107,21 @@ pub struct Args {
     /// same ADDR as --metrics shares one listener).
     #[arg(long, value_name = "ADDR")]
     pub http: Option<SocketAddr>,
+    /// Who may register and look up which roles (TOML, see below). Without
+    /// it, any key that knows the registry's public key may do anything.
+    /// Reread on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub acl: Option<PathBuf>,
+    /// Most registrations held at once, all sessions together (1 or more);
+    /// more are refused until some leave.
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_total_registrations: u32,
+    /// Most MiB queued for all peers together, answers not yet written (1
+    /// to 65536; each peer also has its own cap of 1 MiB). Past it, lookups
+    /// are refused for a moment, watch updates wait, and peers that are
+    /// behind with their reading are dropped.
+    #[arg(long, value_name = "MIB", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_total_queued: u32,
 }
 
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
@@ -119,6 +136,15 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         random_seed()
     });
     let keypair = Keypair::from_seed(&seed);
+    let acl = match &args.acl {
+        Some(path) => Some(seaport_net::acl::load(path).map_err(Failure::Usage)?),
+        None => {
+            eprintln!(
+                "seaport-registry: no --acl given: any key that knows this registry's public key may register and look up any role"
+            );
+            None
+        }
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}; choose another --listen address", args.listen))?;
@@ -143,9 +169,33 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         max_handshakes_per_source: args.max_handshakes_per_source as usize,
         max_registrations: args.max_registrations as usize,
         max_watches: args.max_watches as usize,
+        max_total_registrations: args.max_total_registrations as usize,
+        max_total_queued: (args.max_total_queued as usize) << 20,
         ..RegistryConfig::default()
     };
-    let registry = Registry::new(keypair.clone(), config);
+    let mut registry = Registry::new(keypair.clone(), config);
+    if let Some(acl) = acl {
+        tracing::info!(grants = acl.grants().len(), "access list in force");
+        registry.set_acl(Some(acl));
+    }
+    let (commands_tx, commands) = mpsc::unbounded_channel::<Command>();
+    // SIGHUP rereads the access list; without one it is only logged (its
+    // default action would end the registry, e.g. on `systemctl reload`).
+    let acl_path = args.acl.clone();
+    tokio::spawn(seaport_net::signal::on_hangup(move || {
+        let Some(path) = &acl_path else {
+            tracing::info!("SIGHUP: no --acl file to reread");
+            return;
+        };
+        match seaport_net::acl::load(path) {
+            Ok(acl) => {
+                tracing::info!("access list reread: {} grants", acl.grants().len());
+                let _ =
+                    commands_tx.send(Box::new(move |registry: &mut Registry| registry.set_acl(Some(acl))));
+            }
+            Err(e) => tracing::error!("access list not reread, the one in force stays: {e}"),
+        }
+    }));
     let relay = RelayOptions {
         enabled: !args.no_relay,
         max: args.max_relays as usize,
@@ -179,7 +229,8 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         counters.clone(),
         stop,
         view,
-        log_event,
+        commands,
+        logger(),
     ));
     seaport_net::signal::shutdown_signal().await;
     tracing::info!("shutting down");
@@ -191,6 +242,32 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     tracing::info!(relays = counters.opened.get(), bytes = relayed, "relayed in all");
     emit(&Event::Stopped);
     Ok(())
+}
+
+/// How often refusals by the access list are logged, at most: any key may
+/// send requests the list refuses, and a flood of them must not become a
+/// flood of log lines.
+const FORBIDDEN_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Logs registry events; refusals by the access list at most once per
+/// [`FORBIDDEN_LOG_EVERY`], with a count of the others (each at debug).
+fn logger() -> impl FnMut(&RegistryEvent) {
+    let mut last: Option<std::time::Instant> = None;
+    let mut since = 0usize;
+    move |event| match event {
+        RegistryEvent::Forbidden { peer, text } => {
+            since += 1;
+            let now = std::time::Instant::now();
+            if last.is_none_or(|at| now.duration_since(at) >= FORBIDDEN_LOG_EVERY) {
+                tracing::warn!(%peer, "access list refused {since} request(s) since the last report; the last: {text}");
+                last = Some(now);
+                since = 0;
+            } else {
+                tracing::debug!(%peer, "access list: {text}");
+            }
+        }
+        other => log_event(other),
+    }
 }
 
 fn log_event(event: &RegistryEvent) {

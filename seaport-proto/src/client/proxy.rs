@@ -2,9 +2,13 @@
 //! keeps the instances last reported for each (across registry reconnects)
 //! and orders them for each new connection.
 //!
-//! Invariant: each query's instance set only ever holds instances that
+//! Invariants: each query's instance set only ever holds instances that
 //! match that query, whatever the registry sends. Query `i` is watch id `i`;
-//! lookups and meetings count from after the last query.
+//! lookups and meetings count from after the last query. An answer that
+//! comes in parts ([`Message::InstancesPart`]s, then the last `Instances`)
+//! is reported only once whole, never a part of it; at most one answer is
+//! being assembled at a time (the registry sends an answer's parts one after
+//! another), and it holds at most [`MAX_ANSWER_INSTANCES`] instances.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -14,7 +18,7 @@ use crate::client::control::{ControlEvent, ControlLink};
 use crate::client::{ClientConfig, ClientError};
 use crate::keys::PublicKey;
 use crate::meet::Ticket;
-use crate::message::{ErrorCode, Instance, Message};
+use crate::message::{ErrorCode, Instance, MAX_ANSWER_INSTANCES, Message};
 use crate::noise::Capabilities;
 use crate::role::{Role, RoleQuery};
 
@@ -88,7 +92,18 @@ pub struct ProxyClient {
     next_lookup: u32,
     /// Meet requests the registry has not answered yet.
     meets: HashSet<u32>,
+    /// The answer being assembled from parts, if any (boxed: rare, and
+    /// the client is moved around whole).
+    partial: Option<Box<Partial>>,
     events: VecDeque<ProxyEvent>,
+}
+
+/// The parts of one answer received so far.
+struct Partial {
+    id: u32,
+    instances: Vec<Instance>,
+    /// More came than [`MAX_ANSWER_INSTANCES`]: the rest was let go.
+    cut: bool,
 }
 
 impl ProxyClient {
@@ -115,6 +130,7 @@ impl ProxyClient {
             next_lookup: first_request_id(watched.len()),
             watched,
             meets: HashSet::new(),
+            partial: None,
             events: VecDeque::new(),
         }
     }
@@ -201,7 +217,45 @@ impl ProxyClient {
         }
     }
 
+    /// Adds a part of answer `id`; a part of another answer than the one
+    /// under way means that one was abandoned (its session cannot carry
+    /// both at once), so it starts afresh.
+    fn add_part(&mut self, id: u32, instances: Vec<Instance>) {
+        let partial = match &mut self.partial {
+            Some(p) if p.id == id => p,
+            other => other.insert(Box::new(Partial { id, instances: Vec::new(), cut: false })),
+        };
+        let room = MAX_ANSWER_INSTANCES.saturating_sub(partial.instances.len());
+        partial.cut |= instances.len() > room;
+        partial.instances.extend(instances.into_iter().take(room));
+    }
+
+    /// Answer `id`'s last part: with the parts before it, the whole set.
+    fn assemble(&mut self, id: u32, last: Vec<Instance>, truncated: bool) -> (Vec<Instance>, bool) {
+        match self.partial.take() {
+            Some(p) if p.id == id => {
+                let mut all = p.instances;
+                let room = MAX_ANSWER_INSTANCES.saturating_sub(all.len());
+                let cut = p.cut || last.len() > room;
+                all.extend(last.into_iter().take(room));
+                (all, truncated || cut)
+            }
+            _ => (last, truncated),
+        }
+    }
+
     fn handle_message(&mut self, msg: Message) {
+        let msg = match msg {
+            Message::InstancesPart { id, instances } => {
+                self.add_part(id, instances);
+                return;
+            }
+            Message::Instances { id, instances, truncated } => {
+                let (instances, truncated) = self.assemble(id, instances, truncated);
+                Message::Instances { id, instances, truncated }
+            }
+            other => other,
+        };
         match msg {
             Message::Instances { id, instances, truncated } if (id as usize) < self.watched.len() => {
                 let query = id as usize;
@@ -246,6 +300,8 @@ impl ProxyClient {
             }
             ControlEvent::Message(msg) => self.handle_message(msg),
             ControlEvent::Closed(reason) => {
+                // Half an answer is no answer: the next session sends it whole.
+                self.partial = None;
                 // Unanswered meetings will not be answered on a new session.
                 for id in std::mem::take(&mut self.meets) {
                     self.events.push_back(ProxyEvent::MeetRefused { id, text: reason.to_string() });
@@ -262,3 +318,116 @@ fn first_request_id(queries: usize) -> u32 {
 }
 
 registry_client!(ProxyClient, ProxyEvent);
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::client::RegistryClient;
+    use crate::keys::{Keypair, Seed};
+    use crate::noise::Intent;
+    use crate::role::Role;
+    use crate::session::Session;
+
+    /// The watch of the proxy's first (here, only) query.
+    const WATCH_ID: u32 = 0;
+
+    fn keypair(n: u8) -> Keypair {
+        Keypair::from_seed(&Seed::from_bytes([n; 32]))
+    }
+
+    /// A proxy client whose session to a hand-driven registry session is open.
+    fn open_proxy() -> (ProxyClient, Session, Instant) {
+        let now = Instant::now();
+        let config = ClientConfig::new(keypair(2), keypair(1).public());
+        let mut proxy = ProxyClient::new(
+            config,
+            RoleQuery::parse("db").unwrap(),
+            Strategy::First,
+            Duration::from_secs(1),
+        );
+        proxy.connect(now, [3; 32]).unwrap();
+        let mut registry =
+            Session::respond(now, &keypair(1), Intent::Control, [4; 32], Duration::from_secs(5)).unwrap();
+        let mut wire = Vec::new();
+        proxy.poll_transmit(&mut wire);
+        registry.handle_input(now, &wire).unwrap();
+        (proxy, registry, now)
+    }
+
+    /// Delivers `msgs` from the registry; returns the proxy's events.
+    fn deliver(
+        proxy: &mut ProxyClient,
+        registry: &mut Session,
+        now: Instant,
+        msgs: &[Message],
+    ) -> Vec<ProxyEvent> {
+        for msg in msgs {
+            let mut plain = Vec::new();
+            msg.encode(&mut plain).unwrap();
+            registry.send(&plain).unwrap();
+        }
+        let mut wire = Vec::new();
+        registry.poll_transmit(&mut wire);
+        proxy.handle_input(now, &wire);
+        std::iter::from_fn(|| proxy.poll_event()).filter(|e| !matches!(e, ProxyEvent::Connected)).collect()
+    }
+
+    fn instances(from: u8, count: u8) -> Vec<Instance> {
+        (from..from + count)
+            .map(|n| Instance {
+                key: keypair(n).public(),
+                role: Role::parse("db@1.0.0").unwrap(),
+                addrs: vec!["127.0.0.1:1".parse().unwrap()],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parts_are_reported_only_once_whole() {
+        let (mut proxy, mut registry, now) = open_proxy();
+        let part = Message::InstancesPart { id: WATCH_ID, instances: instances(10, 3) };
+        assert_eq!(deliver(&mut proxy, &mut registry, now, &[part.clone(), part.clone()]), vec![]);
+        assert!(proxy.instances().is_empty(), "nothing acted on before the last part");
+        let last = Message::Instances { id: WATCH_ID, instances: instances(20, 2), truncated: false };
+        let events = deliver(&mut proxy, &mut registry, now, &[last]);
+        let [ProxyEvent::Instances { query: 0, instances: got, truncated: false }] = events.as_slice() else {
+            panic!("{events:?}")
+        };
+        assert_eq!(got.len(), 8);
+        assert_eq!(got[6].key, keypair(20).public(), "in order: parts, then the last");
+
+        // Parts of an answer given up on are not mixed into the next one.
+        let stale = Message::InstancesPart { id: 5, instances: instances(30, 4) };
+        let fresh = Message::Instances { id: WATCH_ID, instances: instances(40, 1), truncated: false };
+        let events = deliver(&mut proxy, &mut registry, now, &[stale, fresh]);
+        assert!(
+            matches!(&events[..], [ProxyEvent::Instances { instances, .. }] if instances.len() == 1),
+            "{events:?}"
+        );
+
+        // A part cut off by the end of the session is dropped with it.
+        let part = Message::InstancesPart { id: WATCH_ID, instances: instances(50, 2) };
+        deliver(&mut proxy, &mut registry, now, &[part]);
+        proxy.handle_closed();
+        assert!(proxy.partial.is_none());
+    }
+
+    #[test]
+    fn an_answer_in_parts_is_held_to_the_answer_cap() {
+        let (mut proxy, mut registry, now) = open_proxy();
+        let part = Message::InstancesPart { id: WATCH_ID, instances: instances(1, 200) };
+        let rounds = MAX_ANSWER_INSTANCES / 200 + 2;
+        for _ in 0..rounds {
+            deliver(&mut proxy, &mut registry, now, std::slice::from_ref(&part));
+        }
+        assert_eq!(proxy.partial.as_ref().unwrap().instances.len(), MAX_ANSWER_INSTANCES);
+        let last = Message::Instances { id: WATCH_ID, instances: instances(1, 1), truncated: false };
+        let events = deliver(&mut proxy, &mut registry, now, &[last]);
+        let [ProxyEvent::Instances { query: 0, instances: got, truncated: true }] = events.as_slice() else {
+            panic!("{events:?}")
+        };
+        assert_eq!(got.len(), MAX_ANSWER_INSTANCES);
+    }
+}
