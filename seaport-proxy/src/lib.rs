@@ -309,13 +309,13 @@ async fn serve_client(
     };
     let socket = Arc::new(stream);
     let mut failures = Vec::new();
+    let mut opened = None;
     for instance in order {
         match links.open(&instance, socket.clone(), dial).await {
-            Ok((link, id)) => {
+            Ok(stream) => {
                 seaport_net::serve::record_peer_key(&instance.key);
-                let moved = link.run(id).await.map_err(|e| e.to_string())?;
-                tracing::debug!(sent = moved.sent, received = moved.received, "connection closed");
-                return Ok(());
+                opened = Some(stream);
+                break;
             }
             Err(failure) => {
                 tracing::warn!(service = %instance.key, "instance failed, trying the next: {failure}");
@@ -324,5 +324,13 @@ async fn serve_client(
             }
         }
     }
-    Err(format!("every instance failed: {}", failures.join("; ")))
+    // The candidates and their failures are gone before the stream runs:
+    // an idle connection holds only what it needs.
+    let Some((link, id)) = opened else {
+        return Err(format!("every instance failed: {}", failures.join("; ")));
+    };
+    drop(failures);
+    let moved = link.run(id).await.map_err(|e| e.to_string())?;
+    tracing::debug!(sent = moved.sent, received = moved.received, "connection closed");
+    Ok(())
 }
