@@ -27,6 +27,9 @@ use crate::metrics::{metrics, readiness};
 
 /// Most HTTP connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Most of them from one address, so that one client cannot lock the
+/// health checks out.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 16;
 /// How long a client may take to send a request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one connection may stay open.
@@ -54,6 +57,7 @@ pub trait Page: Send + Sync {
 pub async fn serve(listener: TcpListener, site: Site, mut stop: watch::Receiver<bool>) {
     let site = Arc::new(site);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut per_source: std::collections::HashMap<std::net::IpAddr, usize> = std::collections::HashMap::new();
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -63,10 +67,16 @@ pub async fn serve(listener: TcpListener, site: Site, mut stop: watch::Receiver<
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
+                let mine = per_source.entry(peer.ip()).or_default();
+                if *mine >= MAX_CONNECTIONS_PER_SOURCE {
+                    tracing::debug!(%peer, "too many HTTP connections from this address; closing this one");
+                    continue;
+                }
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     tracing::debug!(%peer, "too many HTTP connections; closing this one");
                     continue;
                 };
+                *mine += 1;
                 let site = site.clone();
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
@@ -80,9 +90,19 @@ pub async fn serve(listener: TcpListener, site: Site, mut stop: watch::Receiver<
                         tracing::debug!(%peer, "HTTP connection ended: {e}");
                     }
                     drop(permit);
+                    peer.ip()
                 });
             }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            Some(done) = connections.join_next(), if !connections.is_empty() => {
+                if let Ok(ip) = done {
+                    if let Some(n) = per_source.get_mut(&ip) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            per_source.remove(&ip);
+                        }
+                    }
+                }
+            }
             changed = stop.changed() => if changed.is_err() || *stop.borrow() { return },
         }
     }
@@ -90,7 +110,13 @@ pub async fn serve(listener: TcpListener, site: Site, mut stop: watch::Receiver<
 
 fn answer(site: &Site, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "read-only: GET only\n".to_owned());
+        return text(StatusCode::METHOD_NOT_ALLOWED, "read-only: GET and HEAD only\n".to_owned());
+    }
+    if !plain_host(request) {
+        return text(
+            StatusCode::MISDIRECTED_REQUEST,
+            "name this server by its IP address or localhost: other host names are refused, so that no web page can reach it through DNS rebinding\n".to_owned(),
+        );
     }
     match (request.uri().path(), &site.page) {
         ("/healthz", _) => text(StatusCode::OK, "ok\n".to_owned()),
@@ -107,6 +133,22 @@ fn answer(site: &Site, request: &Request<Incoming>) -> Response<Full<Bytes>> {
         ("/api/instances", Some(page)) => respond(StatusCode::OK, "application/json", page.json()),
         _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
     }
+}
+
+/// Whether the request names this server by an IP literal or `localhost`
+/// (with or without a port). A browser sends the page's own host name, so a
+/// hostile page that rebinds its name to this address is refused, while
+/// curl, Prometheus and a browser pointed at `127.0.0.1:PORT` all pass.
+fn plain_host(request: &Request<Incoming>) -> bool {
+    let Some(host) = request.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()) else {
+        // HTTP/1.0 without Host: not what a browser sends.
+        return true;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => return v6.split(']').next().is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -1,23 +1,27 @@
 //! SIGINT and SIGTERM as one future, for clean shutdowns; SIGHUP as a
 //! stream of reload requests.
 
-/// Calls `reload` on every SIGHUP, for ever (a task's whole job).
-pub async fn on_hangup(mut reload: impl FnMut()) {
+/// Calls `reload` on every SIGHUP, for ever (a task's whole job). The
+/// handler is installed by this call, before the returned future first
+/// runs: a SIGHUP just after start is a reload, never the default action
+/// (which ends the process). Call it inside the runtime.
+pub fn on_hangup(mut reload: impl FnMut() + Send + 'static) -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
-    {
+    let hup = {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::hangup()) {
-            Ok(mut hup) => {
-                while hup.recv().await.is_some() {
-                    reload();
-                }
+        signal(SignalKind::hangup()).map_err(|e| tracing::warn!("cannot watch SIGHUP: {e}")).ok()
+    };
+    async move {
+        #[cfg(unix)]
+        if let Some(mut hup) = hup {
+            while hup.recv().await.is_some() {
+                reload();
             }
-            Err(e) => tracing::warn!("cannot watch SIGHUP: {e}"),
         }
+        #[cfg(not(unix))]
+        let _ = &mut reload;
+        std::future::pending::<()>().await;
     }
-    #[cfg(not(unix))]
-    let _ = &mut reload;
-    std::future::pending::<()>().await;
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

@@ -144,6 +144,12 @@ impl Acl {
         &self.grants
     }
 
+    /// Whether any grant names `key` (or anyone): a key named nowhere may do
+    /// nothing, so it need not hold a session either.
+    pub fn names(&self, key: &PublicKey) -> bool {
+        self.grants.iter().any(|g| g.names(key))
+    }
+
     /// Whether `key` may do `action` with the role name `name`.
     pub fn allows(&self, key: &PublicKey, action: Action, name: &str) -> bool {
         self.grants.iter().filter(|g| g.names(key)).any(|g| {

@@ -165,7 +165,10 @@ impl Directory {
     /// [`encode_answer_parts`]); without, one message cut to what a frame
     /// carries.
     pub fn answer(&self, id: u32, query: &RoleQuery, parts: bool) -> Vec<Vec<u8>> {
-        let matching: Vec<&[u8]> = self.entries(query).map(|e| e.encoded.as_slice()).collect();
+        // One past the most an answer carries: enough to say "truncated"
+        // without collecting every match of a huge registry.
+        let most = crate::message::MAX_ANSWER_INSTANCES + 1;
+        let matching: Vec<&[u8]> = self.entries(query).take(most).map(|e| e.encoded.as_slice()).collect();
         if parts {
             return encode_answer_parts(id, &matching);
         }

@@ -163,6 +163,9 @@ pub enum CloseReason {
     /// bytes it had not read yet.
     #[error("peer behind with its reading while the registry is at its queue budget: {0} bytes queued")]
     Budget(usize),
+    /// Under an access list, the key is in no grant.
+    #[error("key in no grant of the access list")]
+    Forbidden,
     /// The handshake completed while `max_sessions` sessions were open.
     #[error("registry is at its limit of {0} sessions")]
     Full(usize),
@@ -535,6 +538,16 @@ impl Registry {
                 self.close(id, CloseReason::Full(self.config.max_sessions));
                 return;
             }
+            // Under an access list, a key no grant names may do nothing: it
+            // gets no session slot to sit on.
+            if let Some(key) = key.filter(|k| self.acl.as_ref().is_some_and(|acl| !acl.names(k))) {
+                self.send(
+                    id,
+                    &error(None, ErrorCode::FORBIDDEN, &format!("{key} is in no grant of this registry")),
+                );
+                self.close(id, CloseReason::Forbidden);
+                return;
+            }
             self.established += 1;
             if let Some(peer) = self.peers.get_mut(&id) {
                 peer.established = true;
@@ -804,9 +817,12 @@ impl Registry {
         self.retry_starved();
     }
 
-    /// Budget freed: peers whose updates waited for it try again.
+    /// Budget freed: peers whose updates waited for it try again, once the
+    /// total is back to half the budget. Not at every byte written: each
+    /// retry builds a whole answer, and with many peers waiting near the
+    /// limit most would be built only to be thrown away.
     fn retry_starved(&mut self) {
-        if !self.starved.is_empty() && self.queued < self.config.max_total_queued {
+        if !self.starved.is_empty() && self.queued <= self.config.max_total_queued / 2 {
             for starved in std::mem::take(&mut self.starved) {
                 self.mark_dirty(starved);
             }
@@ -1377,6 +1393,34 @@ mod tests {
                 })
                 .collect(),
         )
+    }
+
+    #[test]
+    fn under_an_acl_a_key_in_no_grant_holds_no_session() {
+        let now = Instant::now();
+        let mut registry =
+            Registry::new(keypair(1), RegistryConfig { max_sessions: 2, ..RegistryConfig::default() });
+        registry.set_acl(Some(acl(&[(&[2], &["db"], &[])])));
+        // Strangers (keys 3..8) complete handshakes: each is told and closed.
+        for n in 3..8u8 {
+            let (mut hand, hello) = Hand::start(&mut registry, now, n, Stamp { process: 1, counter: 1 });
+            let got = hand.feed(&mut registry, now, &hello);
+            assert!(
+                matches!(&got[..], [Message::Error { id: None, code: ErrorCode::FORBIDDEN, .. }]),
+                "{got:?}"
+            );
+        }
+        let closed_forbidden =
+            closed(&mut registry).iter().filter(|(_, r)| *r == CloseReason::Forbidden).count();
+        assert_eq!(closed_forbidden, 5);
+        assert_eq!(registry.session_count(), 0);
+        // The granted key still gets in, slots untouched.
+        let (mut granted, hello) = Hand::start(&mut registry, now, 2, Stamp { process: 1, counter: 1 });
+        granted.feed(&mut registry, now, &hello);
+        assert_eq!(
+            granted.send(&mut registry, now, &register(1, "db@1.0.0")),
+            vec![Message::Registered { id: 1 }]
+        );
     }
 
     fn register(id: u32, role: &str) -> Message {
