@@ -192,7 +192,8 @@ fn an_acl_limits_lookups_and_a_bad_file_is_a_usage_error_naming_its_line() {
     let mut open = registry(&[]);
     open.proc.wait_log("no --acl given", WAIT);
     // SIGHUP (`systemctl reload`) then rereads nothing and ends nothing. The
-    // handler is installed by a task of its own: give it a moment.
+    // handler is installed a little after that line is printed (once the
+    // listener is up): give it a moment.
     std::thread::sleep(Duration::from_millis(300));
     open.proc.signal("HUP");
     open.proc.wait_log("SIGHUP: no --acl file to reread", WAIT);
