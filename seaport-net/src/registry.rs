@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use seaport_proto::meet::{Arrival, MeetSide};
-use seaport_proto::registry::{Full, Registry, RegistryEvent, SessionId};
+use seaport_proto::registry::{CloseReason, Full, Registry, RegistryEvent, SessionId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -453,10 +453,15 @@ fn count(event: &RegistryEvent) {
             m.sessions_opened.inc();
             m.handshake(true);
         }
-        RegistryEvent::SessionClosed { peer, .. } => {
+        RegistryEvent::SessionClosed { peer, reason, .. } => {
             m.sessions_closed.inc();
             if peer.is_none() {
                 m.handshake(false);
+            }
+            // Refused once its handshake was done: the limit was reached
+            // between its accept and its completion.
+            if matches!(reason, CloseReason::Full(_)) {
+                m.refuse(Refusal::SessionsFull);
             }
         }
         RegistryEvent::Registered { .. } => {
