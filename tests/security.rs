@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use seaport_proto::keys::{Keypair, PublicKey, Seed};
@@ -136,15 +136,6 @@ fn services_sharing_a_seed_file_coexist() {
     }
     let links = both.count_log("link to");
     assert_eq!(links, 2, "one link per service process: {:#?}", both.errors());
-}
-
-/// A TCP connection to `to` from the loopback address `from`.
-fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
-    use rustix::net::{AddressFamily, SocketType, bind, connect, socket};
-    let fd = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
-    bind(&fd, &SocketAddrV4::new(from.into(), 0)).unwrap();
-    connect(&fd, &to).unwrap();
-    TcpStream::from(fd)
 }
 
 #[test]
