@@ -164,11 +164,14 @@ fn an_acl_limits_lookups_and_a_bad_file_is_a_usage_error_naming_its_line() {
     let (service_seed, service_key) = new_seed();
     let (proxy_seed, proxy_key) = new_seed();
     let file = acl_path("lookup");
-    // The proxy is named, but granted another role only.
+    let (insider_seed, insider_key) = new_seed();
+    // The proxy is named, but granted another role only; the insider is
+    // granted the role, until a reload takes it back.
     let grants = format!(
         "[[grant]]\nkeys = [\"{service_key}\"]\nregister = [\"@acme/*\"]\n\n[[grant]]\nkeys = [\"{proxy_key}\"]\nlookup = [\"public\"]\n"
     );
-    std::fs::write(&file, grants).unwrap();
+    let insider = format!("\n[[grant]]\nkeys = [\"{insider_key}\"]\nlookup = [\"@acme/*\"]\n");
+    std::fs::write(&file, format!("{grants}{insider}")).unwrap();
     let reg = registry(&["--acl", file.to_str().unwrap()]);
     let port = backend.to_string();
     let _svc = Proc::start(
@@ -186,6 +189,18 @@ fn an_acl_limits_lookups_and_a_bad_file_is_a_usage_error_naming_its_line() {
     let line = proxy.wait_line("registry refused lookup @acme/secret", WAIT);
     assert!(line.contains("not granted"), "{line}");
     assert_eq!(proxy.count("found service"), 0);
+
+    // The insider reaches the service until its grant is taken back; then it
+    // forgets the service at once, and a new client finds nothing.
+    let (insider, insider_port) =
+        proxy_as(&reg.target, "@acme/secret", &insider_seed, &["--connect-timeout", "0s"]);
+    insider.wait_line("found service", WAIT);
+    assert_eq!(http_get(insider_port), (200, "secret".to_owned()));
+    std::fs::write(&file, &grants).unwrap();
+    reg.proc.signal("HUP");
+    insider.wait_line(&format!("lost service {service_key}"), WAIT);
+    insider.wait_line("registry refused lookup @acme/secret", WAIT);
+    assert_eq!(http_get(insider_port).0, 0, "no answer: the proxy knows no instance");
     std::fs::remove_file(&file).unwrap();
 
     // Without --acl, one line says that anyone may do anything.

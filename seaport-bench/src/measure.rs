@@ -128,6 +128,21 @@ pub async fn request_response(addr: SocketAddr, rounds: usize) -> Result<Vec<Dur
     Ok(times)
 }
 
+/// The sum and count of a proxy's `seaport_stream_open_seconds` histogram,
+/// from its `--metrics` listener at `addr`.
+pub async fn stream_open_totals(addr: SocketAddr) -> Result<(f64, f64)> {
+    let mut stream = connect(addr).await?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+            .ok_or_else(|| format!("no {name} in the proxy's metrics"))
+    };
+    Ok((value("seaport_stream_open_seconds_sum")?, value("seaport_stream_open_seconds_count")?))
+}
+
 /// `count` fresh connections: connect, send one byte, receive its echo.
 pub async fn new_connections(addr: SocketAddr, count: usize) -> Result<Vec<Duration>> {
     let mut times = Vec::with_capacity(count);

@@ -278,6 +278,16 @@ impl ProxyClient {
                 self.events.push_back(ProxyEvent::MeetRefused { id, text });
             }
             Message::Error { id: Some(id), code, text } => {
+                // A watch the registry no longer grants (its ACL was reloaded
+                // without us): what it found is no longer ours to use.
+                if code == ErrorCode::FORBIDDEN
+                    && let Some(watched) = self.watched.get_mut(id as usize)
+                    && !watched.instances.is_empty()
+                {
+                    watched.instances.clear();
+                    let query = id as usize;
+                    self.events.push_back(ProxyEvent::Instances { query, instances: Vec::new(), truncated: false });
+                }
                 self.events.push_back(ProxyEvent::Refused { id, code, text });
             }
             other => self.control_link.fail(ClientError::Unexpected(other.kind())),
@@ -412,6 +422,29 @@ mod tests {
         deliver(&mut proxy, &mut registry, now, &[part]);
         proxy.handle_closed();
         assert!(proxy.partial.is_none());
+    }
+
+    #[test]
+    fn a_watch_forbidden_later_forgets_what_it_found() {
+        let (mut proxy, mut registry, now) = open_proxy();
+        let found = Message::Instances { id: WATCH_ID, instances: instances(10, 2), truncated: false };
+        deliver(&mut proxy, &mut registry, now, &[found]);
+        assert_eq!(proxy.instances().len(), 2);
+
+        // A refusal of another kind (a limit) leaves the last answer in use.
+        let busy = Message::Error { id: Some(WATCH_ID), code: ErrorCode::LIMIT, text: "busy".into() };
+        let events = deliver(&mut proxy, &mut registry, now, &[busy]);
+        assert!(matches!(&events[..], [ProxyEvent::Refused { code: ErrorCode::LIMIT, .. }]), "{events:?}");
+        assert_eq!(proxy.instances().len(), 2);
+
+        let revoked = Message::Error { id: Some(WATCH_ID), code: ErrorCode::FORBIDDEN, text: "no".into() };
+        let events = deliver(&mut proxy, &mut registry, now, &[revoked]);
+        let [ProxyEvent::Instances { query: 0, instances: left, .. }, ProxyEvent::Refused { .. }] = &events[..] else {
+            panic!("{events:?}")
+        };
+        assert!(left.is_empty());
+        assert!(proxy.instances().is_empty());
+        assert!(proxy.choose_for(0, now, 7).is_empty(), "nothing left to connect to");
     }
 
     #[test]
