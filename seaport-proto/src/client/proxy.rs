@@ -286,7 +286,11 @@ impl ProxyClient {
                 {
                     watched.instances.clear();
                     let query = id as usize;
-                    self.events.push_back(ProxyEvent::Instances { query, instances: Vec::new(), truncated: false });
+                    self.events.push_back(ProxyEvent::Instances {
+                        query,
+                        instances: Vec::new(),
+                        truncated: false,
+                    });
                 }
                 self.events.push_back(ProxyEvent::Refused { id, code, text });
             }
@@ -439,7 +443,9 @@ mod tests {
 
         let revoked = Message::Error { id: Some(WATCH_ID), code: ErrorCode::FORBIDDEN, text: "no".into() };
         let events = deliver(&mut proxy, &mut registry, now, &[revoked]);
-        let [ProxyEvent::Instances { query: 0, instances: left, .. }, ProxyEvent::Refused { .. }] = &events[..] else {
+        let [ProxyEvent::Instances { query: 0, instances: left, .. }, ProxyEvent::Refused { .. }] =
+            &events[..]
+        else {
             panic!("{events:?}")
         };
         assert!(left.is_empty());
