@@ -643,7 +643,7 @@ pub async fn serve(
     done?;
     let key = session.remote().ok_or(HandshakeError::ClosedEarly)?;
     crate::serve::record_peer_key(&key);
-    let share = backend.budget.link(key)?;
+    let share = backend.budget.link(key).inspect_err(|_| metrics().refuse(Refusal::Link))?;
     let (transport, leftover) = session.into_transport().ok_or(HandshakeError::ClosedEarly)?;
     let (sealer, opener) = transport.split();
     let shared = new_shared(Side::Service, config);

@@ -232,8 +232,9 @@ pub async fn pair(
         .await;
         return Ok(());
     }
-    counters.open.inc();
     counters.opened.inc();
+    // Counted while this future lives, however it ends (an abort at shutdown too).
+    let _open = crate::metrics::OpenGuard::count(&counters.open);
     let started = Instant::now();
     let last = AtomicU64::new(0);
     let (pr, pw) = p.into_split();
@@ -256,7 +257,6 @@ pub async fn pair(
         _ = async { tokio::join!(up, down) } => {}
         () = watchdog => tracing::info!("relay idle for {idle:?}: closed"),
     }
-    counters.open.dec();
     let (to_service, to_proxy) = (to_service.load(Ordering::Relaxed), to_proxy.load(Ordering::Relaxed));
     tracing::info!(to_service, to_proxy, "relay ended after {:?}", started.elapsed());
     Ok(())

@@ -94,6 +94,8 @@ pub enum Refusal {
     HandshakesFull,
     /// Registry: a meeting beyond `--max-relays` was not relayed.
     RelaysFull,
+    /// Registry: a meeting beyond the cap on meetings under way.
+    MeetingsFull,
     /// Service: the registry refused a registration.
     Registration,
     /// Proxy: the registry refused a lookup (watch).
@@ -103,18 +105,22 @@ pub enum Refusal {
     /// Service: a stream refused (its backend could not be reached, or the
     /// link's stream limit).
     Stream,
+    /// Service: a link beyond the links one proxy key may hold.
+    Link,
 }
 
 impl Refusal {
     /// Every reason.
-    pub const ALL: [Refusal; 7] = [
+    pub const ALL: [Refusal; 9] = [
         Refusal::SessionsFull,
         Refusal::HandshakesFull,
         Refusal::RelaysFull,
+        Refusal::MeetingsFull,
         Refusal::Registration,
         Refusal::Lookup,
         Refusal::NotAllowed,
         Refusal::Stream,
+        Refusal::Link,
     ];
 
     /// The label value.
@@ -123,10 +129,12 @@ impl Refusal {
             Refusal::SessionsFull => "sessions_full",
             Refusal::HandshakesFull => "handshakes_full",
             Refusal::RelaysFull => "relays_full",
+            Refusal::MeetingsFull => "meetings_full",
             Refusal::Registration => "registration",
             Refusal::Lookup => "lookup",
             Refusal::NotAllowed => "not_allowed",
             Refusal::Stream => "stream",
+            Refusal::Link => "link",
         }
     }
 }
@@ -321,21 +329,27 @@ impl Metrics {
 
     /// A stream is open until the returned guard drops.
     pub fn stream_guard(&self) -> OpenGuard {
-        self.streams.inc();
-        OpenGuard(self.streams.clone())
+        OpenGuard::count(&self.streams)
     }
 
     /// A link is open until the returned guard drops (its driver ended or
     /// was aborted).
     pub fn link_guard(&self) -> OpenGuard {
-        self.links_open.inc();
-        OpenGuard(self.links_open.clone())
+        OpenGuard::count(&self.links_open)
     }
 }
 
 /// Counts one open thing in a gauge while it lives.
 #[derive(Debug)]
 pub struct OpenGuard(Gauge);
+
+impl OpenGuard {
+    /// Counts one more in `gauge` until the guard drops.
+    pub fn count(gauge: &Gauge) -> OpenGuard {
+        gauge.inc();
+        OpenGuard(gauge.clone())
+    }
+}
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {

@@ -289,6 +289,7 @@ pub async fn serve(
                         // of them together are capped.
                         let Ok(slot) = pairs.clone().try_acquire_owned() else {
                             refusals.note(&format!("{MAX_PAIRS} meetings are under way"));
+                            metrics().refuse(Refusal::MeetingsFull);
                             continue;
                         };
                         let (tx, rx) = oneshot::channel();
