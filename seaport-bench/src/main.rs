@@ -268,11 +268,15 @@ async fn run(args: &Args) -> Vec<Row> {
     }
 
     if wants("fair") {
-        let shares = measure::two_downloads(seaport_addr, bytes / 2).await.unwrap();
+        let (shares, rate) = measure::two_downloads(seaport_addr, bytes / 2).await.unwrap();
         let low = shares[0].min(shares[1]) * 100.0;
         rows.push(Row {
             better: Better::Higher,
             ..Row::seaport("two bulk streams on one link: smaller share".into(), "%", low)
+        });
+        rows.push(Row {
+            better: Better::Higher,
+            ..Row::seaport("two bulk streams on one link: together".into(), "MB/s", rate)
         });
     }
 

@@ -77,8 +77,9 @@ pub fn background_download(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
 }
 
 /// Two downloads of `bytes` each through `addr` at once; returns the share of
-/// the bytes each had received when the first one finished (0.5 each is fair).
-pub async fn two_downloads(addr: SocketAddr, bytes: u64) -> Result<[f64; 2]> {
+/// the bytes each had received when the first one finished (0.5 each is
+/// fair), and both together in MB/s until then.
+pub async fn two_downloads(addr: SocketAddr, bytes: u64) -> Result<([f64; 2], f64)> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
     let counts = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
@@ -90,6 +91,7 @@ pub async fn two_downloads(addr: SocketAddr, bytes: u64) -> Result<[f64; 2]> {
         stream.write_all(&request).await?;
         streams.push(stream);
     }
+    let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (mut stream, count) in streams.into_iter().zip(counts.clone()) {
         tasks.spawn(async move {
@@ -105,12 +107,13 @@ pub async fn two_downloads(addr: SocketAddr, bytes: u64) -> Result<[f64; 2]> {
     // The first to finish ends the comparison; the other is cut off.
     tasks.join_next().await;
     let got = counts.map(|c| c.load(Ordering::Relaxed) as f64);
+    let rate = (got[0] + got[1]) / started.elapsed().as_secs_f64() / 1e6;
     tasks.abort_all();
     let total = got[0] + got[1];
     if total == 0.0 {
         return Err("no bytes received".into());
     }
-    Ok(got.map(|g| g / total))
+    Ok((got.map(|g| g / total), rate))
 }
 
 pub async fn request_response(addr: SocketAddr, rounds: usize) -> Result<Vec<Duration>> {
