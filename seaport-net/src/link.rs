@@ -21,7 +21,8 @@
 //!   once written.
 //! - Send: the writer reads a stream's socket straight into the frame slot
 //!   of its batch buffer, after room for the headers, and seals in place. The
-//!   batch holds at most [`BATCH`] bytes and is freed while the link is idle.
+//!   batch stops growing once it holds [`BATCH`] bytes (so it holds less than
+//!   `BATCH` plus one frame) and is freed while the link is idle.
 //!
 //! The state lock is a `std` mutex, held only for non-blocking work (socket
 //! `try_read`/`try_write`, state machine calls), never across an await.
@@ -74,7 +75,12 @@ const BATCH: usize = 4 * MAX_WIRE_FRAME;
 /// the writer's round robin, not the kernel's FIFO, in charge of who goes
 /// next, while bytes in flight still grow to the path's bandwidth-delay
 /// product. Two frames' worth keeps the socket from running dry between
-/// writer wake-ups.
+/// writer wake-ups (Linux reports it writable again below half of it).
+/// So a frame that becomes ready behind a bulk transfer waits for at most
+/// the writer's batch in flight ([`BATCH`]) and this much in the kernel,
+/// plus what the receiver has not read yet. Linux and Android only; a
+/// relayed link's bytes also cross the registry's relay sockets, which keep
+/// the kernel's default.
 const NOTSENT_LOWAT: u32 = 2 * MAX_WIRE_FRAME as u32;
 /// How long the reader and the writer keep their buffers while idle.
 const IDLE_RELEASE: Duration = Duration::from_millis(100);
@@ -660,9 +666,7 @@ async fn drive(
     leftover: Vec<u8>,
     mut service: Option<ServiceSide>,
 ) {
-    // Best effort: where the option is missing the link still works, with
-    // more head-of-line delay.
-    let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(NOTSENT_LOWAT);
+    cap_unsent(&stream);
     let (rd, wr) = stream.into_split();
     let mut streams = JoinSet::new();
     let reader = read_loop(&shared, rd, opener, leftover);
@@ -714,6 +718,17 @@ async fn drive(
     }
     // The link is gone: its streams were reset and finish at once.
     while streams.join_next().await.is_some() {}
+}
+
+/// Sets [`NOTSENT_LOWAT`] on a link socket. Best effort: where the option is
+/// missing the link still works, with more head-of-line delay.
+fn cap_unsent(stream: &TcpStream) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(NOTSENT_LOWAT) {
+        tracing::debug!("TCP_NOTSENT_LOWAT not set on the link socket: {e}");
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = stream;
 }
 
 /// Resolves once the service starts to drain, then never again (the link
@@ -1064,8 +1079,14 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
                 room.copy_from_slice(plain);
             }
             if sealer.seal_frame(frame, plain.len()).is_err() {
+                // A control frame lost (a credit update, an end, a reset)
+                // would leave the peer waiting for ever: end the link.
                 batch.truncate(start);
-                tracing::error!("cannot seal a link frame");
+                tracing::error!("cannot seal a link frame: closing the link");
+                link.handle_closed();
+                *closed = true;
+                plain.clear();
+                break;
             }
             plain.clear();
             progressed = true;
@@ -1102,8 +1123,13 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
                             let _ = link.want_send(id);
                         }
                         None => {
+                            // The bytes left the socket and cannot be sent:
+                            // the stream is cut, and says so with a reset.
                             batch.truncate(start);
-                            tracing::error!("cannot frame data for stream {id}");
+                            tracing::error!("cannot frame data for stream {id}: resetting it");
+                            let _ = link.reset(id, Reason::CANCELLED);
+                            slot.reset = Some(Reason::CANCELLED);
+                            wakes.push(slot.wake.clone());
                         }
                     }
                 }
@@ -1131,4 +1157,47 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
         wake.notify_one();
     }
     closed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_sends_only_what_it_was_given_and_reuses_its_memory() {
+        let mut batch = Batch::new();
+        batch.extend(3).copy_from_slice(b"abc");
+        let big = batch.extend(1000);
+        big.fill(7);
+        assert_eq!(batch.len(), 1003);
+        // A frame given up (a read that would block) leaves nothing behind.
+        batch.truncate(3);
+        assert_eq!(batch.bytes(), b"abc");
+        // Room made again holds the old bytes, but only what is filled and
+        // kept is sent.
+        let room = batch.extend(10);
+        room.get_mut(..2).unwrap().copy_from_slice(b"de");
+        batch.truncate(5);
+        assert_eq!(batch.bytes(), b"abcde");
+        assert_eq!(batch.from(3), b"de");
+        let capacity = batch.buf.capacity();
+        batch.truncate(0);
+        batch.extend(500);
+        assert_eq!(batch.buf.capacity(), capacity, "no new allocation");
+        batch.release();
+        assert!(!batch.holds_buffer());
+        assert!(batch.bytes().is_empty());
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[tokio::test]
+    async fn link_sockets_cap_their_unsent_bytes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let before = socket2::SockRef::from(&stream).tcp_notsent_lowat().unwrap();
+        cap_unsent(&stream);
+        let after = socket2::SockRef::from(&stream).tcp_notsent_lowat().unwrap();
+        assert_ne!(before, NOTSENT_LOWAT, "the kernel's default is not the cap");
+        assert_eq!(after, NOTSENT_LOWAT);
+    }
 }
