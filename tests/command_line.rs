@@ -118,6 +118,11 @@ fn values_that_cannot_work_are_refused_with_their_range() {
     usage_error("seaport-registry", &["--idle-timeout", "0"], &["10s to 1h"]);
     usage_error("seaport-registry", &["--max-sessions", "0"], &["--max-sessions"]);
     usage_error("seaport-registry", &["--handshake-timeout", "-5s"], &["cannot be negative"]);
+    usage_error("seaport-registry", &["--max-queued-per-peer", "0"], &["--max-queued-per-peer", "1..=1024"]);
+    // One peer's cap above everyone's together can never be used.
+    let (code, err) = run("seaport-registry", &["--max-queued-per-peer", "8", "--max-total-queued", "4"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--max-queued-per-peer 8 is above --max-total-queued 4"), "{err}");
 }
 
 #[test]

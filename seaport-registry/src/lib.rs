@@ -117,11 +117,17 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_total_registrations: u32,
     /// Most MiB queued for all peers together, answers not yet written (1
-    /// to 65536; each peer also has its own cap of 1 MiB). Past it, lookups
-    /// are refused for a moment, watch updates wait, and peers that are
-    /// behind with their reading are dropped.
+    /// to 65536; each peer also has its own cap, --max-queued-per-peer).
+    /// Past it, lookups are refused for a moment, watch updates wait, and
+    /// peers that are behind with their reading are dropped.
     #[arg(long, value_name = "MIB", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_total_queued: u32,
+    /// Most MiB queued for one peer (1 to 1024, at most --max-total-queued).
+    /// A peer whose next answer would pass it is dropped as too slow: raise
+    /// it for watchers of large answers over slow, long paths; 1 MiB holds
+    /// two of the largest answers.
+    #[arg(long, value_name = "MIB", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_queued_per_peer: u32,
 }
 
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
@@ -136,6 +142,12 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         random_seed()
     });
     let keypair = Keypair::from_seed(&seed);
+    if args.max_queued_per_peer > args.max_total_queued {
+        return Err(Failure::Usage(format!(
+            "--max-queued-per-peer {} is above --max-total-queued {}: one peer could never use it",
+            args.max_queued_per_peer, args.max_total_queued
+        )));
+    }
     let acl = match &args.acl {
         Some(path) => Some(seaport_net::acl::load(path).map_err(Failure::Usage)?),
         None => {
@@ -171,6 +183,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         max_watches: args.max_watches as usize,
         max_total_registrations: args.max_total_registrations as usize,
         max_total_queued: (args.max_total_queued as usize) << 20,
+        max_queued: (args.max_queued_per_peer as usize) << 20,
         ..RegistryConfig::default()
     };
     let mut registry = Registry::new(keypair.clone(), config);
