@@ -5,14 +5,17 @@
 //!
 //! Invariants: the page is read-only and never touches the registry state
 //! machine: it reads the latest published snapshot (an `Arc` behind a
-//! `watch`), which the server loop replaces at most a few times a second.
+//! `watch`), which the server loop replaces at most a few times a second,
+//! and renders each snapshot's instances and sessions once, however many
+//! viewers poll (the cache holds one snapshot's text).
 //! The snapshot holds public keys, roles and addresses, never a seed. The
 //! HTML has no external asset (inline CSS and JS), so it works offline, and
 //! writes every value as text (`textContent`), never as markup: a role's
 //! tags come from services.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use seaport_proto::keys::PublicKey;
@@ -75,6 +78,35 @@ impl RegistryView {
 
     /// The `/api/instances` document as of `now` (see README).
     pub fn to_json(&self, now: SystemTime) -> Value {
+        let mut document = self.live(now);
+        if let Some(fields) = document.as_object_mut() {
+            fields.insert("roles".into(), self.roles());
+            fields.insert("sessions".into(), self.sessions());
+        }
+        document
+    }
+
+    /// The document's fields that change between snapshots too: uptime
+    /// and relay counters.
+    fn live(&self, now: SystemTime) -> Value {
+        let m = metrics();
+        let relayed = |direction| m.relayed_bytes.get_or_create(&label("direction", direction)).get();
+        json!({
+            "registry": self.key.to_string(),
+            "started": rfc3339(self.started),
+            "uptime_seconds": now.duration_since(self.started).unwrap_or_default().as_secs(),
+            "relays": {
+                "open": m.relays.get(),
+                "opened": m.relays_opened.get(),
+                "bytes_to_service": relayed("to_service"),
+                "bytes_to_proxy": relayed("to_proxy"),
+            },
+        })
+    }
+
+    /// The instances, grouped by role name: the bulk of the document, fixed
+    /// for one snapshot.
+    fn roles(&self) -> Value {
         let mut roles: Vec<(String, Vec<Value>)> = Vec::new();
         for i in &self.instances {
             let entry = json!({
@@ -91,46 +123,75 @@ impl RegistryView {
                 _ => roles.push((i.role.name().to_owned(), vec![entry])),
             }
         }
-        let m = metrics();
-        let relayed = |direction| m.relayed_bytes.get_or_create(&label("direction", direction)).get();
-        json!({
-            "registry": self.key.to_string(),
-            "started": rfc3339(self.started),
-            "uptime_seconds": now.duration_since(self.started).unwrap_or_default().as_secs(),
-            "roles": roles.into_iter().map(|(name, instances)| json!({"name": name, "instances": instances})).collect::<Vec<_>>(),
-            "sessions": self.sessions.iter().map(|s| json!({
-                "key": s.key.map(|k| k.to_string()),
-                "addr": s.addr.to_string(),
-                "since": s.since.map(rfc3339),
-                "registrations": s.registrations,
-                "watches": s.watches,
-            })).collect::<Vec<_>>(),
-            "relays": {
-                "open": m.relays.get(),
-                "opened": m.relays_opened.get(),
-                "bytes_to_service": relayed("to_service"),
-                "bytes_to_proxy": relayed("to_proxy"),
-            },
-        })
+        roles.into_iter().map(|(name, instances)| json!({"name": name, "instances": instances})).collect()
     }
+
+    /// The sessions, fixed for one snapshot.
+    fn sessions(&self) -> Value {
+        self.sessions
+            .iter()
+            .map(|s| {
+                json!({
+                    "key": s.key.map(|k| k.to_string()),
+                    "addr": s.addr.to_string(),
+                    "since": s.since.map(rfc3339),
+                    "registrations": s.registrations,
+                    "watches": s.watches,
+                })
+            })
+            .collect()
+    }
+}
+
+/// One snapshot's roles and sessions, rendered once: the page polls every
+/// second per viewer, and with thousands of instances rendering them is the
+/// whole cost of an answer.
+struct Rendered {
+    view: Arc<RegistryView>,
+    roles: String,
+    sessions: String,
 }
 
 /// The page over the server loop's published snapshots.
 pub struct RegistryPage {
     view: watch::Receiver<Arc<RegistryView>>,
+    rendered: Mutex<Option<Rendered>>,
+    /// Snapshots rendered so far (the cache's hits are the requests beyond).
+    renders: AtomicU64,
 }
 
 impl RegistryPage {
     /// The page showing what `view` publishes.
     pub fn new(view: watch::Receiver<Arc<RegistryView>>) -> RegistryPage {
-        RegistryPage { view }
+        RegistryPage { view, rendered: Mutex::new(None), renders: AtomicU64::new(0) }
+    }
+
+    /// The document as of `now`: the latest snapshot's roles and sessions,
+    /// rendered once per snapshot, around the fields that change anyway.
+    fn document(&self, now: SystemTime) -> String {
+        let view = self.view.borrow().clone();
+        let mut rendered = crate::control::lock(&self.rendered);
+        let cached = rendered.take().filter(|r| Arc::ptr_eq(&r.view, &view));
+        let r = cached.unwrap_or_else(|| {
+            self.renders.fetch_add(1, Ordering::Relaxed);
+            Rendered {
+                roles: view.roles().to_string(),
+                sessions: view.sessions().to_string(),
+                view: view.clone(),
+            }
+        });
+        // `live` is an object: its text ends with `}`; the two fields join it.
+        let live = view.live(now).to_string();
+        let head = live.strip_suffix('}').unwrap_or("{");
+        let document = format!("{head},\"roles\":{},\"sessions\":{}}}", r.roles, r.sessions);
+        *rendered = Some(r);
+        document
     }
 }
 
 impl Page for RegistryPage {
     fn json(&self) -> String {
-        let view = self.view.borrow().clone();
-        view.to_json(SystemTime::now()).to_string()
+        self.document(SystemTime::now())
     }
 
     fn html(&self) -> &'static str {
@@ -307,5 +368,44 @@ mod tests {
         assert_eq!(json["roles"][1]["instances"][0]["addrs"], json!(["127.0.0.1:4000"]));
         assert_eq!(json["sessions"][0]["key"], Value::Null);
         assert!(json["relays"]["open"].is_i64());
+    }
+
+    #[test]
+    fn the_page_renders_a_snapshot_once_and_a_new_one_afresh() {
+        let key = Keypair::from_seed(&Seed::from_bytes([7; 32])).public();
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000);
+        let view = |count: u16| RegistryView {
+            key,
+            started: at,
+            instances: (0..count)
+                .map(|n| InstanceView {
+                    key,
+                    role: Role::parse("db@1.0.0").unwrap(),
+                    addrs: vec![SocketAddr::from(([127, 0, 0, 1], 4000 + n))],
+                    connected: None,
+                    registered: at,
+                })
+                .collect(),
+            sessions: Vec::new(),
+        };
+        let (tx, rx) = watch::channel(Arc::new(view(2)));
+        let page = RegistryPage::new(rx);
+        let later = at + std::time::Duration::from_secs(5);
+        let first: Value = serde_json::from_str(&page.document(later)).unwrap();
+        assert_eq!(first, view(2).to_json(later), "the same document as rendered whole");
+        let renders = || page.renders.load(Ordering::Relaxed);
+        assert_eq!(renders(), 1);
+        // Cached: the uptime still moves.
+        let again: Value =
+            serde_json::from_str(&page.document(later + std::time::Duration::from_secs(1))).unwrap();
+        assert_eq!(again["uptime_seconds"], 6);
+        assert_eq!(again["roles"], first["roles"]);
+        assert_eq!(renders(), 1, "the same text, not rendered again");
+        // A new snapshot is rendered afresh.
+        tx.send_replace(Arc::new(view(3)));
+        let fresh: Value = serde_json::from_str(&page.document(later)).unwrap();
+        assert_eq!(fresh["roles"][0]["instances"].as_array().unwrap().len(), 3);
+        assert_eq!(fresh, view(3).to_json(later));
+        assert_eq!(renders(), 2);
     }
 }
