@@ -20,9 +20,10 @@ use hyper::header::{CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::limit::{Limit, Over};
 use crate::metrics::{metrics, readiness};
 
 /// Most HTTP connections served at once.
@@ -56,8 +57,7 @@ pub trait Page: Send + Sync {
 /// dropped).
 pub async fn serve(listener: TcpListener, site: Site, mut stop: watch::Receiver<bool>) {
     let site = Arc::new(site);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut per_source: std::collections::HashMap<std::net::IpAddr, usize> = std::collections::HashMap::new();
+    let slots = Limit::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE);
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -67,16 +67,17 @@ pub async fn serve(listener: TcpListener, site: Site, mut stop: watch::Receiver<
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
-                let mine = per_source.entry(peer.ip()).or_default();
-                if *mine >= MAX_CONNECTIONS_PER_SOURCE {
-                    tracing::debug!(%peer, "too many HTTP connections from this address; closing this one");
-                    continue;
-                }
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    tracing::debug!(%peer, "too many HTTP connections; closing this one");
-                    continue;
+                let permit = match slots.take(peer.ip()) {
+                    Ok(permit) => permit,
+                    Err(Over::All(_)) => {
+                        tracing::debug!(%peer, "too many HTTP connections; closing this one");
+                        continue;
+                    }
+                    Err(Over::Key(_)) => {
+                        tracing::debug!(%peer, "too many HTTP connections from this address; closing this one");
+                        continue;
+                    }
                 };
-                *mine += 1;
                 let site = site.clone();
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
@@ -90,19 +91,9 @@ pub async fn serve(listener: TcpListener, site: Site, mut stop: watch::Receiver<
                         tracing::debug!(%peer, "HTTP connection ended: {e}");
                     }
                     drop(permit);
-                    peer.ip()
                 });
             }
-            Some(done) = connections.join_next(), if !connections.is_empty() => {
-                if let Ok(ip) = done {
-                    if let Some(n) = per_source.get_mut(&ip) {
-                        *n = n.saturating_sub(1);
-                        if *n == 0 {
-                            per_source.remove(&ip);
-                        }
-                    }
-                }
-            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
             changed = stop.changed() => if changed.is_err() || *stop.borrow() { return },
         }
     }

@@ -41,6 +41,7 @@ pub mod event;
 pub mod handshake;
 pub mod http;
 pub mod identity;
+pub mod limit;
 pub mod link;
 pub mod meet;
 pub mod metrics;

@@ -76,8 +76,11 @@ impl RegistryView {
         RegistryView { key, started: SystemTime::now(), instances: Vec::new(), sessions: Vec::new() }
     }
 
-    /// The `/api/instances` document as of `now` (see README).
-    pub fn to_json(&self, now: SystemTime) -> Value {
+    /// The `/api/instances` document as of `now` as one value: what
+    /// [`RegistryPage`] serves, assembled without its cache (the tests'
+    /// reference).
+    #[cfg(test)]
+    fn to_json(&self, now: SystemTime) -> Value {
         let mut document = self.live(now);
         if let Some(fields) = document.as_object_mut() {
             fields.insert("roles".into(), self.roles());

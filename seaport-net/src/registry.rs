@@ -30,6 +30,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tracing::Instrument;
 
 use crate::identity::entropy;
+use crate::limit::{Limit, Over, Share};
 use crate::meet::{Greeting, RelayCounters, greet, pair};
 use crate::metrics::{Refusal, metrics, readiness};
 use crate::page::{InstanceView, RegistryView, SessionView};
@@ -109,52 +110,12 @@ enum RelayRefusal {
     Source(IpAddr, usize),
 }
 
-/// Relays open, in all and per proxy address.
-struct Relays {
-    max: usize,
-    per_source: usize,
-    open: std::sync::Mutex<(usize, HashMap<IpAddr, usize>)>,
-}
-
-/// One relay's place; given back on drop.
-struct RelayShare {
-    relays: Arc<Relays>,
-    source: IpAddr,
-}
-
-impl Relays {
-    fn new(max: usize, per_source: usize) -> Relays {
-        Relays { max, per_source, open: std::sync::Mutex::default() }
-    }
-
-    fn take(self: &Arc<Self>, source: IpAddr) -> Result<RelayShare, RelayRefusal> {
-        let mut open = crate::control::lock(&self.open);
-        let (all, per) = &mut *open;
-        if *all >= self.max {
-            return Err(RelayRefusal::Full(*all));
-        }
-        let mine = per.entry(source).or_default();
-        if *mine >= self.per_source {
-            return Err(RelayRefusal::Source(source, *mine));
-        }
-        *mine += 1;
-        *all += 1;
-        Ok(RelayShare { relays: self.clone(), source })
-    }
-}
-
-impl Drop for RelayShare {
-    fn drop(&mut self) {
-        let mut open = crate::control::lock(&self.relays.open);
-        let (all, per) = &mut *open;
-        *all = all.saturating_sub(1);
-        if let Some(mine) = per.get_mut(&self.source) {
-            *mine = mine.saturating_sub(1);
-            if *mine == 0 {
-                per.remove(&self.source);
-            }
-        }
-    }
+/// A relay's place among `--max-relays`, and among those of its proxy's address.
+fn take_relay(relays: &Arc<Limit<IpAddr>>, source: IpAddr) -> Result<Share<IpAddr>, RelayRefusal> {
+    relays.take(source).map_err(|over| match over {
+        Over::All(n) => RelayRefusal::Full(n),
+        Over::Key(n) => RelayRefusal::Source(source, n),
+    })
 }
 
 /// Most often a new [`RegistryView`] is published.
@@ -212,10 +173,11 @@ pub async fn serve(
     let mut greeting = JoinSet::new();
     // First sides of meetings, waiting for the second.
     let mut waiting: HashMap<u64, oneshot::Sender<(TcpStream, SocketAddr)>> = HashMap::new();
-    let relays = Arc::new(Relays::new(relay.max, relay.per_source));
+    let relays = Limit::new(relay.max, relay.per_source);
     let pairs = Arc::new(Semaphore::new(MAX_PAIRS));
-    // Greeting connections per source address, to cap each source's share.
-    let mut greeting_from: HashMap<IpAddr, usize> = HashMap::new();
+    // Connections that have not spoken yet, per source address, to cap each
+    // source's share (their total is capped by MAX_GREETING).
+    let greeting_from = Limit::new(usize::MAX, relay.greeting_per_source);
     let mut refusals = Refusals::default();
     let mut buf = Vec::new();
     loop {
@@ -223,17 +185,22 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept(), if greeting.len() < MAX_GREETING => match accepted {
                 Ok((mut stream, peer)) => {
-                    let from = greeting_from.entry(source(peer.ip())).or_default();
-                    if *from >= relay.greeting_per_source {
-                        // "Busy", as a full registry says: not a wrong key.
-                        let _ = stream.try_write(&[0, 0]);
-                        refusals.note(&format!("{} has {from} connections that said nothing yet", peer.ip()));
-                        m.refuse(Refusal::HandshakesFull);
-                        continue;
-                    }
-                    *from += 1;
+                    let share = match greeting_from.take(source(peer.ip())) {
+                        Ok(share) => share,
+                        Err(Over::All(from) | Over::Key(from)) => {
+                            // "Busy", as a full registry says: not a wrong key.
+                            let _ = stream.try_write(&[0, 0]);
+                            refusals.note(&format!("{} has {from} connections that said nothing yet", peer.ip()));
+                            m.refuse(Refusal::HandshakesFull);
+                            continue;
+                        }
+                    };
                     let timeout = relay.greeting_timeout;
-                    greeting.spawn(async move { (greet(&mut stream, timeout).await, stream, peer) });
+                    greeting.spawn(async move {
+                        let greeted = greet(&mut stream, timeout).await;
+                        drop(share);
+                        (greeted, stream, peer)
+                    });
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: pause rather than spin.
@@ -242,12 +209,6 @@ pub async fn serve(
                 }
             },
             Some(Ok((greeted, stream, peer))) = greeting.join_next(), if !greeting.is_empty() => {
-                if let Some(n) = greeting_from.get_mut(&source(peer.ip())) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        greeting_from.remove(&source(peer.ip()));
-                    }
-                }
                 match greeted {
                 Ok(Greeting::Session(first)) => match registry.accept(crate::clock::now(), peer, entropy()) {
                     Ok(id) => {
@@ -308,7 +269,7 @@ pub async fn serve(
                                 MeetSide::Proxy => ((stream, peer), other),
                                 MeetSide::Service => (other, (stream, peer)),
                             };
-                            let share = if relay.enabled { relays.take(proxy.1.ip()) } else { Err(RelayRefusal::Off) };
+                            let share = if relay.enabled { take_relay(&relays, proxy.1.ip()) } else { Err(RelayRefusal::Off) };
                             if let Err(why) = &share {
                                 tracing::info!("meeting not relayed: {why}");
                                 if !matches!(why, RelayRefusal::Off) {

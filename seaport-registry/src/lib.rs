@@ -144,7 +144,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let keypair = Keypair::from_seed(&seed);
     if args.max_queued_per_peer > args.max_total_queued {
         return Err(Failure::Usage(format!(
-            "--max-queued-per-peer {} is above --max-total-queued {}: one peer could never use it",
+            "--max-queued-per-peer {} is above --max-total-queued {}: one peer could never use it; lower the first or raise the second",
             args.max_queued_per_peer, args.max_total_queued
         )));
     }
