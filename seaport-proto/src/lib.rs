@@ -82,7 +82,6 @@
 
 pub mod acl;
 pub mod client;
-pub mod directory;
 pub mod frame;
 pub mod keys;
 pub mod link;

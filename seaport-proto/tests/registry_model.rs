@@ -15,9 +15,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use seaport_proto::directory::Directory;
 use seaport_proto::keys::{Keypair, PublicKey};
 use seaport_proto::message::{Instance, Message};
+use seaport_proto::registry::Directory;
 use seaport_proto::registry::{Registry, RegistryConfig, SessionId};
 use seaport_proto::role::{Role, RoleQuery};
 use seaport_proto::testing::{Chunker, Net, RawPeer, keypair};

@@ -333,7 +333,8 @@ fn wrong_registry_key_never_connects() {
 
 #[test]
 fn a_meeting_gives_the_proxy_and_the_service_one_ticket_and_the_registry_admits_each_side_once() {
-    use seaport_proto::meet::{Arrival, ArrivalError, MeetSide};
+    use seaport_proto::meet::MeetSide;
+    use seaport_proto::registry::{Arrival, ArrivalError};
     for seed in 0..4 {
         let mut w = world(seed);
         w.run_for(Duration::from_secs(1));

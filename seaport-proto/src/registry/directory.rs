@@ -11,9 +11,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use super::SessionId;
 use crate::keys::PublicKey;
 use crate::message::{Instance, encode_answer_parts, encode_instances};
-use crate::registry::SessionId;
 use crate::role::{Role, RoleQuery};
 
 /// One registered instance, with its wire encoding made once for all answers.
