@@ -49,8 +49,7 @@
 //! waits for [`LinkEvent::Writable`].
 //!
 //! # Scheduling
-//! No priorities (HTTP/2's were unused and removed in RFC 9113's era; QUIC
-//! leaves them to the application): round robin. The driver says which
+//! Round robin, no priorities (`schedule.rs` says why). The driver says which
 //! streams have bytes waiting ([`Link::want_send`]) and asks
 //! [`Link::next_send`] which stream goes next and how much it may send; a
 //! stream that sent goes to the back of the queue. While other streams wait,
@@ -86,29 +85,44 @@
 //! `poll_transmit`; call `want_send(id)` again if the socket has more, or
 //! `end(id)` at its EOF.
 //!
+//! Where each concern lives: `mod.rs` (here) the public face, the
+//! `handle_*`/`poll_*` verbs and the stream operations; `receive.rs` what
+//! each peer frame does; `stream.rs` one stream's states; `flow.rs` credit
+//! and windows with their auto-tuning; `schedule.rs` the round robin;
+//! `keepalive.rs` pings, round-trip time and the dead-peer timer;
+//! `event.rs`, `config.rs`, `error.rs` what the driver sees, sets and gets
+//! wrong; `wire.rs` the frames. Resumable links (sequence numbers, a
+//! resend buffer) belong beside these as a concern of their own.
+//!
 //! Invariants: nothing a peer sends panics or grows memory without bound
 //! (streams are capped by [`LinkConfig::max_streams`], buffered bytes by the
 //! windows, control replies to a peer that does not read them by
 //! [`CONTROL_BACKLOG`]); the receiver never accepts a byte beyond the credit
 //! it granted; per stream, `allowed + unconsumed + pending == window`.
 
+mod config;
+mod error;
+mod event;
+mod flow;
+mod keepalive;
+mod receive;
+mod schedule;
+mod stream;
 pub mod wire;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+pub use config::{CONTROL_BACKLOG, INITIAL_LINK_WINDOW, LinkConfig};
+pub use error::{LinkError, StreamError};
+pub use event::{Incoming, LinkEvent};
 pub use wire::{Frame, FrameError, FrameKind, HEADER_LEN, MAX_DATA, MAX_WINDOW, Reason, StreamId};
 
-/// The link window each side may assume before the peer's first link-level
-/// `WINDOW`: a protocol constant, so no settings exchange is needed.
-pub const INITIAL_LINK_WINDOW: u32 = 64 * 1024;
-/// Most control frames queued when a peer's `OPEN` needs a refusal: beyond
-/// it the peer is taken to be flooding (it keeps opening while not reading
-/// our replies). A driver that drains `poll_transmit` after every call
-/// keeps the queue near empty.
-pub const CONTROL_BACKLOG: usize = 4096;
-/// Longest keepalive or dead-after: a day (keeps `Instant` arithmetic far from overflow).
-const MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+use flow::RecvWindow;
+use keepalive::{Due, Keepalive};
+use schedule::RoundRobin;
+use stream::{Acceptance, Half, Stream};
+
 /// Round-trip time assumed for window auto-tuning until the first pong.
 const INITIAL_RTT: Duration = Duration::from_millis(100);
 
@@ -121,328 +135,29 @@ pub enum Side {
     Service,
 }
 
-/// Limits and tuning of one link. Out-of-range values are clamped by
-/// [`Link::new`] (a zero window or keepalive would stall or spin): windows to
-/// 1..=[`MAX_WINDOW`] (the link window to at least [`INITIAL_LINK_WINDOW`]),
-/// frame sizes to 1..=[`MAX_DATA`], intervals to 1 ms..=1 day.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LinkConfig {
-    /// Most concurrent streams; a service refuses more with
-    /// [`Reason::STREAM_LIMIT`], a proxy's `open` fails. Default 1024.
-    pub max_streams: usize,
-    /// Receive window a stream starts with. Default 256 KiB (yamux's), grown
-    /// by auto-tuning for streams whose consumer keeps up.
-    pub initial_stream_window: u32,
-    /// Most a stream's receive window grows to. Default 8 MiB: enough for
-    /// about 1 Gbit/s at 60 ms round trip on one stream.
-    pub max_stream_window: u32,
-    /// Receive window of the link: the most bytes the peer can make us hold
-    /// (received, not yet consumed) over all streams. Default 16 MiB.
-    pub link_window: u32,
-    /// Largest `DATA` payload while other streams wait to send. Default 16 KiB:
-    /// small enough that a request behind a bulk transfer waits microseconds
-    /// at LAN speeds, large enough that headers and seals stay cheap.
-    pub max_frame_shared: usize,
-    /// Largest `DATA` payload for a stream sending alone. Default [`MAX_DATA`].
-    pub max_frame_alone: usize,
-    /// How often to ping. Default 10 s.
-    pub keepalive: Duration,
-    /// A peer silent this long is dead. Default 30 s (three pings lost).
-    pub dead_after: Duration,
+/// Whether a `GOAWAY` went either way: no new streams on the link.
+#[derive(Debug, Default)]
+struct GoAway {
+    sent: bool,
+    received: bool,
 }
 
-impl Default for LinkConfig {
-    fn default() -> LinkConfig {
-        LinkConfig {
-            max_streams: 1024,
-            initial_stream_window: 256 * 1024,
-            max_stream_window: 8 * 1024 * 1024,
-            link_window: 16 * 1024 * 1024,
-            max_frame_shared: 16 * 1024,
-            max_frame_alone: MAX_DATA,
-            keepalive: Duration::from_secs(10),
-            dead_after: Duration::from_secs(30),
-        }
+impl GoAway {
+    fn either(&self) -> bool {
+        self.sent || self.received
     }
 }
 
-impl LinkConfig {
-    fn clamped(mut self) -> LinkConfig {
-        self.initial_stream_window = self.initial_stream_window.clamp(1, MAX_WINDOW);
-        self.max_stream_window = self.max_stream_window.clamp(self.initial_stream_window, MAX_WINDOW);
-        self.link_window = self.link_window.clamp(INITIAL_LINK_WINDOW, MAX_WINDOW);
-        self.max_frame_alone = self.max_frame_alone.clamp(1, MAX_DATA);
-        self.max_frame_shared = self.max_frame_shared.clamp(1, self.max_frame_alone);
-        self.keepalive = self.keepalive.clamp(Duration::from_millis(1), MAX_INTERVAL);
-        self.dead_after = self.dead_after.clamp(self.keepalive, MAX_INTERVAL);
-        self
-    }
-}
-
-/// What the peer did wrong, or why else the link ended. Any of these ends
-/// the link: every stream is reset and [`LinkEvent::Closed`] follows.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum LinkError {
-    /// A frame did not decode.
-    #[error("malformed frame: {0}")]
-    Malformed(#[from] FrameError),
-    /// A frame only the other side may send (a service opening, a proxy accepting).
-    #[error("peer sent {0:?}, which only the other side of a link sends")]
-    WrongDirection(FrameKind),
-    /// A frame on a stream that was never opened.
-    #[error("peer sent {kind:?} on stream {id}, which was never opened")]
-    UnknownStream {
-        /// The stream.
-        id: StreamId,
-        /// The frame.
-        kind: FrameKind,
-    },
-    /// An `OPEN` whose id is not above every earlier one.
-    #[error("peer opened stream {0} again or out of order (ids must increase)")]
-    StreamIdReused(StreamId),
-    /// A frame the stream's state forbids: data before `ACCEPT` or after
-    /// `END`, a second `END` or `ACCEPT`.
-    #[error("peer sent {kind:?} on stream {id} {when}")]
-    Unexpected {
-        /// The stream.
-        id: StreamId,
-        /// The frame.
-        kind: FrameKind,
-        /// The state that forbids it.
-        when: &'static str,
-    },
-    /// More bytes on a stream than the credit we granted.
-    #[error("peer sent {len} bytes on stream {id} with {allowed} bytes of credit")]
-    StreamWindowExceeded {
-        /// The stream.
-        id: StreamId,
-        /// Bytes in the frame.
-        len: usize,
-        /// Credit it had left.
-        allowed: u32,
-    },
-    /// More bytes on the link than the credit we granted.
-    #[error("peer sent {len} bytes with {allowed} bytes of link credit")]
-    LinkWindowExceeded {
-        /// Bytes in the frame.
-        len: usize,
-        /// Link credit it had left.
-        allowed: u32,
-    },
-    /// Increments that add up beyond [`MAX_WINDOW`].
-    #[error("peer granted credit beyond {MAX_WINDOW} on stream {0}")]
-    CreditOverflow(StreamId),
-    /// The peer keeps sending while not reading our answers.
-    #[error("peer does not read: over {CONTROL_BACKLOG} replies queued")]
-    Flooded,
-    /// No frame for [`LinkConfig::dead_after`].
-    #[error("peer silent for {0:?}")]
-    Silent(Duration),
-    /// The peer ended the link with an error `GOAWAY`.
-    #[error("peer ended the link: {0}")]
-    PeerAborted(Reason),
-    /// The driver reported the transport closed ([`Link::handle_closed`]).
-    #[error("transport closed")]
-    Closed,
-}
-
-impl LinkError {
-    /// What to tell the peer in a final `GOAWAY`, if it is worth telling.
-    fn wire_reason(&self) -> Option<Reason> {
-        match self {
-            LinkError::StreamWindowExceeded { .. }
-            | LinkError::LinkWindowExceeded { .. }
-            | LinkError::CreditOverflow(_) => Some(Reason::FLOW_CONTROL),
-            LinkError::Silent(_) | LinkError::PeerAborted(_) | LinkError::Closed => None,
-            _ => Some(Reason::PROTOCOL),
-        }
-    }
-}
-
-/// A stream operation the driver asked for that cannot be done. These are
-/// races (the peer reset the stream first) or driver bugs; the link is
-/// unchanged.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum StreamError {
-    /// The link has closed.
-    #[error("the link is closed")]
-    LinkClosed,
-    /// A proxy-only or service-only operation on the other side.
-    #[error("only the other side of a link does that")]
-    WrongSide,
-    /// The stream is gone (reset, finished) or never existed.
-    #[error("no stream {0} on this link")]
-    Unknown(StreamId),
-    /// Not accepted yet (or the `ACCEPT` is not transmitted yet): nothing
-    /// but a reset may be sent.
-    #[error("stream {0} is not accepted yet")]
-    NotAccepted(StreamId),
-    /// `accept` or `refuse` on a stream already accepted.
-    #[error("stream {0} is already accepted")]
-    AlreadyAccepted(StreamId),
-    /// Data or `END` after `END`.
-    #[error("stream {0} already ended its sending side")]
-    Ended(StreamId),
-    /// A data frame larger than the credit ([`Link::send_credit`]), or empty.
-    #[error("{len} bytes on stream {id} with {credit} bytes of credit")]
-    NoCredit {
-        /// The stream.
-        id: StreamId,
-        /// Bytes asked for.
-        len: usize,
-        /// Bytes allowed (ignoring fairness).
-        credit: usize,
-    },
-    /// The buffer given to `data_header` is shorter than [`HEADER_LEN`].
-    #[error("header buffer shorter than {HEADER_LEN} bytes")]
-    BufferTooSmall,
-    /// `consumed` of more bytes than were received and not yet consumed.
-    #[error("{n} bytes consumed on stream {id}, only {unconsumed} were received")]
-    OverConsumed {
-        /// The stream.
-        id: StreamId,
-        /// Bytes reported.
-        n: usize,
-        /// Bytes outstanding.
-        unconsumed: u32,
-    },
-    /// `open` at [`LinkConfig::max_streams`].
-    #[error("stream limit reached")]
-    StreamLimit,
-    /// `open` after a `GOAWAY` either way.
-    #[error("the link is going away")]
-    GoingAway,
-    /// All 2^32 - 1 stream ids used: open a new link.
-    #[error("stream ids exhausted")]
-    IdsExhausted,
-}
-
-/// What `handle_frame` hands back at once. Non-exhaustive for growth; today
-/// only data, because it borrows the frame and so cannot wait in a queue.
+/// Where the link is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Incoming<'a> {
-    /// Bytes for the stream, in order: write them to its socket, then call
-    /// [`Link::consumed`].
-    Data {
-        /// The stream.
-        id: StreamId,
-        /// The payload, borrowed from the frame given to `handle_frame`.
-        bytes: &'a [u8],
-    },
-}
-
-/// What the driver learns from [`Link::poll_event`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum LinkEvent {
-    /// Service: the proxy opened a stream. Connect the backend, then
-    /// [`Link::accept`] or [`Link::refuse`].
-    Opened {
-        /// The stream.
-        id: StreamId,
-    },
-    /// Proxy: the service reached its backend; the stream carries data now.
-    Accepted {
-        /// The stream.
-        id: StreamId,
-    },
-    /// Proxy: the service reset the stream before accepting it; nothing
-    /// reached a backend, so another instance may be tried.
-    Refused {
-        /// The stream.
-        id: StreamId,
-        /// Why.
-        reason: Reason,
-    },
-    /// The peer sent all its data on the stream: after writing what was
-    /// delivered, shut down the socket's write side.
-    End {
-        /// The stream.
-        id: StreamId,
-    },
-    /// The stream was aborted (by the peer, or [`Reason::LINK_LOST`]): reset
-    /// its socket and drop what it buffers.
-    Reset {
-        /// The stream.
-        id: StreamId,
-        /// Why.
-        reason: Reason,
-    },
-    /// A stream that was told it had no credit has some again.
-    Writable {
-        /// The stream.
-        id: StreamId,
-    },
-    /// The peer sent a graceful `GOAWAY`: no new streams on this link.
-    GoAway,
-    /// A `GOAWAY` went one way or the other and no stream is left: close
-    /// the link.
+enum Phase {
+    /// Carrying streams.
+    Live,
+    /// A `GOAWAY` went one way or the other and the last stream is gone
+    /// ([`LinkEvent::Drained`] was given); the driver closes it.
     Drained,
-    /// The link ended (after a `Reset` for each stream): close the transport.
-    Closed {
-        /// Why.
-        error: LinkError,
-    },
-}
-
-/// One stream's state: counters and flags, no buffers.
-#[derive(Debug)]
-struct Stream {
-    /// Bytes we may still send (the peer's grant).
-    send_credit: u32,
-    /// Our current receive window for the stream (auto-tuned).
-    recv_window: u32,
-    /// Bytes the peer may still send.
-    recv_allowed: u32,
-    /// Bytes delivered to the driver and not yet consumed.
-    unconsumed: u32,
-    /// Bytes consumed and not yet credited back.
-    pending: u32,
-    /// When credit was last returned (auto-tuning).
-    last_update: Instant,
-    /// Proxy: `ACCEPT` received. Service: `accept` called.
-    accepted: bool,
-    /// Service: `ACCEPT` queued and not transmitted yet, so no data may go.
-    accept_unsent: bool,
-    sent_end: bool,
-    recv_end: bool,
-    /// The driver has bytes for it ([`Link::want_send`]).
-    wants_send: bool,
-    /// In the ready queue.
-    queued: bool,
-    /// The driver was told it had no credit: owed a `Writable`.
-    blocked: bool,
-}
-
-impl Stream {
-    fn new(now: Instant, send_credit: u32, recv_window: u32, accepted: bool) -> Stream {
-        Stream {
-            send_credit,
-            recv_window,
-            recv_allowed: recv_window,
-            unconsumed: 0,
-            pending: 0,
-            last_update: now,
-            accepted,
-            accept_unsent: false,
-            sent_end: false,
-            recv_end: false,
-            wants_send: false,
-            queued: false,
-            blocked: false,
-        }
-    }
-
-    fn sendable(&self) -> bool {
-        self.accepted && !self.accept_unsent && !self.sent_end
-    }
-
-    fn finished(&self) -> bool {
-        self.sent_end && self.recv_end && self.unconsumed == 0
-    }
+    /// Ended ([`LinkEvent::Closed`] was given): nothing moves any more.
+    Closed,
 }
 
 /// One end of a link; see the module docs for the call order.
@@ -450,34 +165,21 @@ impl Stream {
 pub struct Link {
     side: Side,
     config: LinkConfig,
-    streams: BTreeMap<u32, Stream>,
+    streams: BTreeMap<StreamId, Stream>,
     /// Ids below this were opened (by the proxy) at some point.
     next_id: u64,
     /// Link credit for sending.
     send_credit: u32,
-    /// Link credit the peer has left.
-    recv_allowed: u32,
-    /// Bytes received on live streams and not consumed.
-    unconsumed: u32,
-    /// Link bytes consumed (or discarded) and not yet credited back.
-    pending: u32,
-    /// Streams waiting to send, round robin; each live stream at most once
-    /// (`queued`), and no forgotten one.
-    ready: VecDeque<u32>,
+    /// The link window we grant, over all streams.
+    window: RecvWindow,
+    /// Streams waiting to send.
+    schedule: RoundRobin,
     /// Control frames to send, in order. Never `Data`.
     control: VecDeque<Frame<'static>>,
-    /// The latest ping to answer; pongs coalesce so pings cannot queue.
-    pong: Option<u64>,
+    keepalive: Keepalive,
     events: VecDeque<LinkEvent>,
-    ping_nonce: u64,
-    ping_sent: Option<(u64, Instant)>,
-    rtt: Option<Duration>,
-    next_ping: Instant,
-    last_heard: Instant,
-    go_away_sent: bool,
-    go_away_received: bool,
-    drained: bool,
-    closed: bool,
+    go_away: GoAway,
+    phase: Phase,
 }
 
 impl Link {
@@ -490,22 +192,13 @@ impl Link {
             streams: BTreeMap::new(),
             next_id: 1,
             send_credit: INITIAL_LINK_WINDOW,
-            recv_allowed: config.link_window,
-            unconsumed: 0,
-            pending: 0,
-            ready: VecDeque::new(),
+            window: RecvWindow::new(config.link_window),
+            schedule: RoundRobin::default(),
             control: VecDeque::new(),
-            pong: None,
+            keepalive: Keepalive::new(now, config.keepalive, config.dead_after),
             events: VecDeque::new(),
-            ping_nonce: 0,
-            ping_sent: None,
-            rtt: None,
-            next_ping: now,
-            last_heard: now,
-            go_away_sent: false,
-            go_away_received: false,
-            drained: false,
-            closed: false,
+            go_away: GoAway::default(),
+            phase: Phase::Live,
             config,
         };
         if let Some(increment) = link.config.link_window.checked_sub(INITIAL_LINK_WINDOW).filter(|n| *n > 0) {
@@ -533,7 +226,7 @@ impl Link {
     /// Bytes delivered by `handle_frame` and not yet `consumed`, over all
     /// streams; never more than [`LinkConfig::link_window`].
     pub fn buffered(&self) -> usize {
-        self.unconsumed as usize
+        self.window.unconsumed as usize
     }
 
     /// Bytes this end may still send on the link as a whole (all streams).
@@ -546,17 +239,17 @@ impl Link {
     /// and nothing buffered, the peer's [`Link::link_credit`] plus this is
     /// the link window: no credit is ever lost.
     pub fn credit_owed(&self) -> usize {
-        self.pending as usize
+        self.window.pending as usize
     }
 
     /// Whether the link has ended.
     pub fn is_closed(&self) -> bool {
-        self.closed
+        self.phase == Phase::Closed
     }
 
     /// The last measured round-trip time.
     pub fn rtt(&self) -> Option<Duration> {
-        self.rtt
+        self.keepalive.rtt()
     }
 
     /// Handles one frame (one Noise message's plaintext). Data comes back at
@@ -568,154 +261,12 @@ impl Link {
         now: Instant,
         frame: &'a [u8],
     ) -> Result<Option<Incoming<'a>>, LinkError> {
-        if self.closed {
+        if self.is_closed() {
             return Ok(None);
         }
         let result = Frame::decode(frame).map_err(LinkError::from).and_then(|f| self.on_frame(now, f));
-        self.last_heard = now;
+        self.keepalive.heard(now);
         result.inspect_err(|e| self.close(e.clone())).inspect(|_| self.check_drained())
-    }
-
-    fn on_frame<'a>(&mut self, now: Instant, frame: Frame<'a>) -> Result<Option<Incoming<'a>>, LinkError> {
-        let kind = frame.kind();
-        match frame {
-            Frame::Open { id, window } => self.on_open(now, id, window)?,
-            Frame::Accept { id, window } => {
-                if self.side == Side::Service {
-                    return Err(LinkError::WrongDirection(kind));
-                }
-                let Some(s) = self.live(id, kind)? else { return Ok(None) };
-                if s.accepted {
-                    return Err(LinkError::Unexpected { id, kind, when: "after ACCEPT" });
-                }
-                s.accepted = true;
-                s.send_credit = window;
-                self.events.push_back(LinkEvent::Accepted { id });
-            }
-            Frame::Data { id, bytes } => return self.on_data(id, bytes),
-            Frame::End { id } => {
-                let Some(s) = self.live(id, kind)? else { return Ok(None) };
-                if !s.accepted || s.accept_unsent {
-                    return Err(LinkError::Unexpected { id, kind, when: "before ACCEPT" });
-                }
-                if s.recv_end {
-                    return Err(LinkError::Unexpected { id, kind, when: "after END" });
-                }
-                s.recv_end = true;
-                self.events.push_back(LinkEvent::End { id });
-                self.forget_if_finished(id);
-            }
-            Frame::Reset { id, reason } => {
-                let proxy = self.side == Side::Proxy;
-                let Some(s) = self.live(id, kind)? else { return Ok(None) };
-                let event = if proxy && !s.accepted {
-                    LinkEvent::Refused { id, reason }
-                } else {
-                    LinkEvent::Reset { id, reason }
-                };
-                self.forget(id);
-                self.events.push_back(event);
-            }
-            Frame::Window { id: StreamId::LINK, increment } => {
-                let was_empty = self.send_credit == 0;
-                self.send_credit = add_credit(self.send_credit, increment, StreamId::LINK)?;
-                if was_empty {
-                    let blocked: Vec<u32> =
-                        self.streams.iter().filter(|(_, s)| s.blocked).map(|(id, _)| *id).collect();
-                    for id in blocked {
-                        self.unblock(id);
-                    }
-                }
-            }
-            Frame::Window { id, increment } => {
-                let Some(s) = self.live(id, kind)? else { return Ok(None) };
-                s.send_credit = add_credit(s.send_credit, increment, id)?;
-                self.unblock(id.get());
-            }
-            Frame::Ping { nonce } => self.pong = Some(nonce),
-            Frame::Pong { nonce } => {
-                if let Some((_, sent)) = self.ping_sent.filter(|(n, _)| *n == nonce) {
-                    self.rtt = Some(now.saturating_duration_since(sent));
-                    self.ping_sent = None;
-                }
-            }
-            Frame::GoAway { reason } if reason != Reason::NO_ERROR => {
-                return Err(LinkError::PeerAborted(reason));
-            }
-            Frame::GoAway { .. } => {
-                if !self.go_away_received {
-                    self.go_away_received = true;
-                    self.events.push_back(LinkEvent::GoAway);
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    fn on_open(&mut self, now: Instant, id: StreamId, window: u32) -> Result<(), LinkError> {
-        if self.side == Side::Proxy {
-            return Err(LinkError::WrongDirection(FrameKind::Open));
-        }
-        if u64::from(id.get()) < self.next_id {
-            return Err(LinkError::StreamIdReused(id));
-        }
-        self.next_id = u64::from(id.get()) + 1;
-        let refusal = if self.go_away_sent {
-            Some(Reason::GOING_AWAY)
-        } else if self.streams.len() >= self.config.max_streams {
-            Some(Reason::STREAM_LIMIT)
-        } else {
-            None
-        };
-        if let Some(reason) = refusal {
-            if self.control.len() >= CONTROL_BACKLOG {
-                return Err(LinkError::Flooded);
-            }
-            self.control.push_back(Frame::Reset { id, reason });
-            return Ok(());
-        }
-        self.streams.insert(id.get(), Stream::new(now, window, self.config.initial_stream_window, false));
-        self.events.push_back(LinkEvent::Opened { id });
-        Ok(())
-    }
-
-    fn on_data<'a>(&mut self, id: StreamId, bytes: &'a [u8]) -> Result<Option<Incoming<'a>>, LinkError> {
-        // At most MAX_DATA, checked by the decoder.
-        let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-        let link_allowed = self.recv_allowed;
-        self.recv_allowed = link_allowed
-            .checked_sub(len)
-            .ok_or(LinkError::LinkWindowExceeded { len: bytes.len(), allowed: link_allowed })?;
-        let Some(s) = self.live(id, FrameKind::Data)? else {
-            // A stream we already forgot: the bytes are dropped, the credit returned.
-            self.pending = self.pending.saturating_add(len);
-            self.maybe_update_link();
-            return Ok(None);
-        };
-        if !s.accepted || s.accept_unsent {
-            return Err(LinkError::Unexpected { id, kind: FrameKind::Data, when: "before ACCEPT" });
-        }
-        if s.recv_end {
-            return Err(LinkError::Unexpected { id, kind: FrameKind::Data, when: "after END" });
-        }
-        s.recv_allowed = s.recv_allowed.checked_sub(len).ok_or(LinkError::StreamWindowExceeded {
-            id,
-            len: bytes.len(),
-            allowed: s.recv_allowed,
-        })?;
-        s.unconsumed = s.unconsumed.saturating_add(len);
-        self.unconsumed = self.unconsumed.saturating_add(len);
-        Ok(Some(Incoming::Data { id, bytes }))
-    }
-
-    /// The stream a peer frame names: `Some` if it lives, `None` if it lived
-    /// once (a frame that crossed our reset or the end: ignored), an error if
-    /// it never existed.
-    fn live(&mut self, id: StreamId, kind: FrameKind) -> Result<Option<&mut Stream>, LinkError> {
-        if u64::from(id.get()) >= self.next_id {
-            return Err(LinkError::UnknownStream { id, kind });
-        }
-        Ok(self.streams.get_mut(&id.get()))
     }
 
     /// The transport ended (EOF, I/O error, a message that failed to
@@ -727,32 +278,30 @@ impl Link {
     /// Sends a ping when one is due; declares the peer dead when it has been
     /// silent for `dead_after`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.closed {
+        if self.is_closed() {
             return;
         }
-        if now.saturating_duration_since(self.last_heard) >= self.config.dead_after {
-            self.close(LinkError::Silent(self.config.dead_after));
-        } else if now >= self.next_ping {
-            self.send_ping(now);
+        match self.keepalive.due(now) {
+            Due::Dead => self.close(LinkError::Silent(self.config.dead_after)),
+            Due::Ping => self.send_ping(now),
+            Due::Nothing => {}
         }
     }
 
     fn send_ping(&mut self, now: Instant) {
-        self.ping_nonce = self.ping_nonce.wrapping_add(1);
-        self.control.push_back(Frame::Ping { nonce: self.ping_nonce });
-        self.ping_sent = Some((self.ping_nonce, now));
-        self.next_ping = now + self.config.keepalive;
+        let nonce = self.keepalive.ping(now);
+        self.control.push_back(Frame::Ping { nonce });
     }
 
     /// When `handle_timeout` is next due; `None` once closed.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        (!self.closed).then(|| self.next_ping.min(self.last_heard + self.config.dead_after))
+        (!self.is_closed()).then(|| self.keepalive.deadline())
     }
 
     /// Appends one control frame's plaintext to `buf` (seal it as one Noise
     /// message); false when there is none. `DATA` never comes from here.
     pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
-        let frame = match self.pong.take() {
+        let frame = match self.keepalive.take_pong() {
             Some(nonce) => Frame::Pong { nonce },
             None => match self.control.pop_front() {
                 Some(frame) => frame,
@@ -760,9 +309,9 @@ impl Link {
             },
         };
         if let Frame::Accept { id, .. } = frame {
-            if let Some(s) = self.streams.get_mut(&id.get()) {
-                s.accept_unsent = false;
-                self.unblock(id.get());
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.acceptance = Acceptance::Accepted;
+                self.unblock(id);
             }
         }
         frame.encode(buf);
@@ -782,17 +331,16 @@ impl Link {
             return Err(StreamError::WrongSide);
         }
         self.check_open()?;
-        if self.go_away_sent || self.go_away_received {
+        if self.go_away.either() {
             return Err(StreamError::GoingAway);
         }
         if self.streams.len() >= self.config.max_streams {
             return Err(StreamError::StreamLimit);
         }
-        let raw = u32::try_from(self.next_id).map_err(|_| StreamError::IdsExhausted)?;
+        let id = StreamId::new(u32::try_from(self.next_id).map_err(|_| StreamError::IdsExhausted)?);
         self.next_id += 1;
         let window = self.config.initial_stream_window;
-        self.streams.insert(raw, Stream::new(now, 0, window, false));
-        let id = StreamId::new(raw);
+        self.streams.insert(id, Stream::new(now, 0, window));
         self.control.push_back(Frame::Open { id, window });
         Ok(id)
     }
@@ -801,9 +349,7 @@ impl Link {
     /// stream may carry data once it has (see [`Link::send_credit`]).
     pub fn accept(&mut self, id: StreamId) -> Result<(), StreamError> {
         let window = self.config.initial_stream_window;
-        let s = self.unaccepted(id)?;
-        s.accepted = true;
-        s.accept_unsent = true;
+        self.unaccepted(id)?.acceptance = Acceptance::Unsent;
         self.control.push_back(Frame::Accept { id, window });
         Ok(())
     }
@@ -823,8 +369,8 @@ impl Link {
             return Err(StreamError::WrongSide);
         }
         self.check_open()?;
-        let s = self.streams.get_mut(&id.get()).ok_or(StreamError::Unknown(id))?;
-        if s.accepted {
+        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
+        if s.accepted() {
             return Err(StreamError::AlreadyAccepted(id));
         }
         Ok(s)
@@ -833,39 +379,42 @@ impl Link {
     /// A stream whose sending side the driver may act on: accepted, not ended.
     fn sending(&mut self, id: StreamId) -> Result<&mut Stream, StreamError> {
         self.check_open()?;
-        let s = self.streams.get_mut(&id.get()).ok_or(StreamError::Unknown(id))?;
-        if s.sent_end {
+        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
+        if s.send == Half::Ended {
             return Err(StreamError::Ended(id));
         }
-        if !s.accepted {
+        if !s.accepted() {
             return Err(StreamError::NotAccepted(id));
         }
         Ok(s)
     }
 
     fn check_open(&self) -> Result<(), StreamError> {
-        if self.closed { Err(StreamError::LinkClosed) } else { Ok(()) }
+        if self.is_closed() { Err(StreamError::LinkClosed) } else { Ok(()) }
     }
 
     /// Bytes the next `DATA` frame on `id` may carry now: the least of the
     /// stream's credit, the link's credit and the fairness cap. 0 means
     /// wait for [`LinkEvent::Writable`] (also 0 for a stream that cannot send).
     pub fn send_credit(&mut self, id: StreamId) -> usize {
-        // `ready` holds each queued stream once: count instead of scanning, so
-        // waking many streams (a link credit update) costs O(1) each.
-        let queued = self.streams.get(&id.get()).is_some_and(|s| s.queued);
-        let others_waiting = self.ready.len() > usize::from(queued);
-        self.credit(id.get(), others_waiting)
+        let others_waiting = self.schedule.others_waiting(self.streams.get(&id).map(|s| &s.turn));
+        self.credit(id, others_waiting)
     }
 
-    fn credit(&mut self, raw: u32, others_waiting: bool) -> usize {
+    fn credit(&mut self, id: StreamId, others_waiting: bool) -> usize {
         let link = self.send_credit;
         let cap = if others_waiting { self.config.max_frame_shared } else { self.config.max_frame_alone };
-        let Some(s) = self.streams.get_mut(&raw).filter(|s| s.accepted && !s.sent_end) else { return 0 };
+        let Some(s) = self.streams.get_mut(&id).filter(|s| s.accepted() && s.send == Half::Open) else {
+            return 0;
+        };
         // An ACCEPT not yet transmitted holds the stream back like missing credit.
-        let credit = if s.accept_unsent { 0 } else { (s.send_credit.min(link) as usize).min(cap) };
+        let credit = if s.acceptance == Acceptance::Unsent {
+            0
+        } else {
+            (s.credit.available.min(link) as usize).min(cap)
+        };
         if credit == 0 {
-            s.blocked = true;
+            s.credit.blocked = true;
         }
         credit
     }
@@ -873,11 +422,9 @@ impl Link {
     /// The driver has bytes for `id`: queue it for [`Link::next_send`]
     /// (once; calling again while queued changes nothing).
     pub fn want_send(&mut self, id: StreamId) -> Result<(), StreamError> {
-        let s = self.sending(id)?;
-        s.wants_send = true;
-        if !s.queued {
-            s.queued = true;
-            self.ready.push_back(id.get());
+        self.sending(id)?;
+        if let Some(s) = self.streams.get_mut(&id) {
+            self.schedule.want(id, &mut s.turn);
         }
         Ok(())
     }
@@ -887,17 +434,16 @@ impl Link {
     /// after which they rejoin the queue by themselves). Call `want_send`
     /// again if the stream has more after this frame: it goes to the back.
     pub fn next_send(&mut self) -> Option<(StreamId, usize)> {
-        while let Some(raw) = self.ready.pop_front() {
-            let Some(s) = self.streams.get_mut(&raw) else { continue };
-            s.queued = false;
-            if !s.wants_send {
+        while let Some(id) = self.schedule.pop() {
+            let Some(s) = self.streams.get_mut(&id) else { continue };
+            if !s.turn.popped() {
                 continue;
             }
-            let others_waiting = !self.ready.is_empty();
-            let credit = self.credit(raw, others_waiting);
-            if let Some(s) = self.streams.get_mut(&raw).filter(|_| credit > 0) {
-                s.wants_send = false;
-                return Some((StreamId::new(raw), credit));
+            let others_waiting = !self.schedule.is_empty();
+            let credit = self.credit(id, others_waiting);
+            if let Some(s) = self.streams.get_mut(&id).filter(|_| credit > 0) {
+                s.turn.wants = false;
+                return Some((id, credit));
             }
         }
         None
@@ -910,18 +456,18 @@ impl Link {
     pub fn data_header(&mut self, id: StreamId, len: usize, out: &mut [u8]) -> Result<usize, StreamError> {
         let link = self.send_credit;
         let s = self.sending(id)?;
-        if s.accept_unsent {
+        if s.acceptance == Acceptance::Unsent {
             return Err(StreamError::NotAccepted(id));
         }
-        let credit = (s.send_credit.min(link) as usize).min(MAX_DATA);
+        let credit = (s.credit.available.min(link) as usize).min(MAX_DATA);
         let n = u32::try_from(len).ok().filter(|n| *n > 0 && len <= credit);
         let n = n.ok_or(StreamError::NoCredit { id, len, credit })?;
         wire::write_data_header(id, out).ok_or(StreamError::BufferTooSmall)?;
         // n <= credit <= both credits, checked above.
-        s.send_credit -= n;
+        s.credit.available -= n;
         let link = link - n;
-        if s.send_credit == 0 || link == 0 {
-            s.blocked = true;
+        if s.credit.available == 0 || link == 0 {
+            s.credit.blocked = true;
         }
         self.send_credit = link;
         Ok(HEADER_LEN)
@@ -931,9 +477,9 @@ impl Link {
     /// `END` goes out next, after the data already sealed.
     pub fn end(&mut self, id: StreamId) -> Result<(), StreamError> {
         let s = self.sending(id)?;
-        s.sent_end = true;
-        s.wants_send = false;
-        s.blocked = false;
+        s.send = Half::Ended;
+        s.turn.wants = false;
+        s.credit.blocked = false;
         self.control.push_back(Frame::End { id });
         self.forget_if_finished(id);
         self.check_drained();
@@ -945,7 +491,7 @@ impl Link {
     /// stream (proxy: its client went away).
     pub fn reset(&mut self, id: StreamId, reason: Reason) -> Result<(), StreamError> {
         self.check_open()?;
-        if !self.streams.contains_key(&id.get()) {
+        if !self.streams.contains_key(&id) {
             return Err(StreamError::Unknown(id));
         }
         self.forget(id);
@@ -958,28 +504,19 @@ impl Link {
     /// the peer, in batches of half a window.
     pub fn consumed(&mut self, now: Instant, id: StreamId, n: usize) -> Result<(), StreamError> {
         self.check_open()?;
-        let rtt = self.rtt.unwrap_or(INITIAL_RTT);
+        let rtt = self.keepalive.rtt().unwrap_or(INITIAL_RTT);
         let max_window = self.config.max_stream_window;
-        let s = self.streams.get_mut(&id.get()).ok_or(StreamError::Unknown(id))?;
-        let unconsumed = s.unconsumed;
+        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
+        let unconsumed = s.window.recv.unconsumed;
         let n32 = u32::try_from(n).ok().filter(|n| *n <= unconsumed);
         let n32 = n32.ok_or(StreamError::OverConsumed { id, n, unconsumed })?;
-        s.unconsumed -= n32;
-        s.pending += n32;
-        if !s.recv_end && s.pending > 0 && s.pending >= s.recv_window / 2 {
-            // Auto-tuning: a window used up again within two round trips is
-            // what limits the stream, so it doubles.
-            let fast = now.saturating_duration_since(s.last_update) < rtt * 2;
-            let grown = if fast { s.recv_window.saturating_mul(2).min(max_window) } else { s.recv_window };
-            let increment = s.pending + (grown - s.recv_window);
-            s.recv_window = grown;
-            s.recv_allowed += increment;
-            s.pending = 0;
-            s.last_update = now;
-            self.control.push_back(Frame::Window { id, increment });
+        s.window.recv.consume(n32);
+        if s.recv == Half::Open {
+            if let Some(increment) = s.window.update(now, rtt, max_window) {
+                self.control.push_back(Frame::Window { id, increment });
+            }
         }
-        self.unconsumed -= n32;
-        self.pending += n32;
+        self.window.consume(n32);
         self.maybe_update_link();
         self.forget_if_finished(id);
         self.check_drained();
@@ -987,10 +524,9 @@ impl Link {
     }
 
     fn maybe_update_link(&mut self) {
-        if self.pending > 0 && self.pending >= self.config.link_window / 2 {
-            self.control.push_back(Frame::Window { id: StreamId::LINK, increment: self.pending });
-            self.recv_allowed += self.pending;
-            self.pending = 0;
+        if self.window.update_due() {
+            let increment = self.window.update(self.window.size);
+            self.control.push_back(Frame::Window { id: StreamId::LINK, increment });
         }
     }
 
@@ -998,30 +534,29 @@ impl Link {
     /// `GOAWAY` goes out next; open streams finish, then
     /// [`LinkEvent::Drained`].
     pub fn go_away(&mut self) {
-        if self.closed || self.go_away_sent {
+        if self.is_closed() || self.go_away.sent {
             return;
         }
-        self.go_away_sent = true;
+        self.go_away.sent = true;
         self.control.push_back(Frame::GoAway { reason: Reason::NO_ERROR });
         self.check_drained();
     }
 
-    fn unblock(&mut self, raw: u32) {
+    /// `id` may have credit again: if it was told it had none, it is owed a
+    /// `Writable`, and rejoins the round robin if it has bytes.
+    fn unblock(&mut self, id: StreamId) {
         let link = self.send_credit;
-        let Some(s) = self.streams.get_mut(&raw) else { return };
-        if !s.blocked || !s.sendable() || s.send_credit.min(link) == 0 {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        if !s.credit.blocked || !s.sendable() || s.credit.available.min(link) == 0 {
             return;
         }
-        s.blocked = false;
-        if s.wants_send && !s.queued {
-            s.queued = true;
-            self.ready.push_back(raw);
-        }
-        self.events.push_back(LinkEvent::Writable { id: StreamId::new(raw) });
+        s.credit.blocked = false;
+        self.schedule.rejoin(id, &mut s.turn);
+        self.events.push_back(LinkEvent::Writable { id });
     }
 
     fn forget_if_finished(&mut self, id: StreamId) {
-        if self.streams.get(&id.get()).is_some_and(Stream::finished) {
+        if self.streams.get(&id).is_some_and(Stream::finished) {
             self.forget(id);
         }
     }
@@ -1029,49 +564,38 @@ impl Link {
     /// Frees a stream; bytes the driver still held for it are dropped, so
     /// their link credit goes back to the peer.
     fn forget(&mut self, id: StreamId) {
-        if let Some(s) = self.streams.remove(&id.get()) {
-            if s.queued {
-                // Keeps the ready queue no longer than the live streams.
-                self.ready.retain(|r| *r != id.get());
-            }
-            self.unconsumed -= s.unconsumed;
-            self.pending += s.unconsumed;
+        if let Some(s) = self.streams.remove(&id) {
+            // Keeps the ready queue no longer than the live streams.
+            self.schedule.remove(id, &s.turn);
+            self.window.consume(s.window.recv.unconsumed);
             self.maybe_update_link();
         }
     }
 
     fn check_drained(&mut self) {
-        if !self.drained
-            && !self.closed
-            && (self.go_away_sent || self.go_away_received)
-            && self.streams.is_empty()
-        {
-            self.drained = true;
+        if self.phase == Phase::Live && self.go_away.either() && self.streams.is_empty() {
+            self.phase = Phase::Drained;
             self.events.push_back(LinkEvent::Drained);
         }
     }
 
     fn close(&mut self, error: LinkError) {
-        if self.closed {
+        if self.is_closed() {
             return;
         }
-        self.closed = true;
+        self.phase = Phase::Closed;
         self.control.clear();
-        self.ready.clear();
-        self.pong = None;
+        self.schedule.clear();
+        self.keepalive.close();
         if let Some(reason) = error.wire_reason() {
             self.control.push_back(Frame::GoAway { reason });
         }
         for id in std::mem::take(&mut self.streams).into_keys() {
-            self.events.push_back(LinkEvent::Reset { id: StreamId::new(id), reason: Reason::LINK_LOST });
+            self.events.push_back(LinkEvent::Reset { id, reason: Reason::LINK_LOST });
         }
-        self.unconsumed = 0;
+        self.window.unconsumed = 0;
         self.events.push_back(LinkEvent::Closed { error });
     }
-}
-
-fn add_credit(credit: u32, increment: u32, id: StreamId) -> Result<u32, LinkError> {
-    credit.checked_add(increment).filter(|c| *c <= MAX_WINDOW).ok_or(LinkError::CreditOverflow(id))
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! happens when it does, and the bookkeeping of one stream's life.
 
 use super::*;
+use config::MAX_INTERVAL;
 
 fn t0() -> Instant {
     Instant::now()
@@ -506,7 +507,7 @@ fn round_robin_caps_frames_while_others_wait() {
     assert_eq!(order, [ids[0], ids[1], ids[2], ids[0], ids[1], ids[2]]);
     // A reset stream leaves the rotation at once.
     p.reset(ids[0], Reason::CANCELLED).unwrap();
-    assert_eq!(p.ready.len(), 2);
+    assert_eq!(p.schedule.len(), 2);
     assert_eq!(p.next_send().map(|(id, _)| id), Some(ids[1]));
 }
 

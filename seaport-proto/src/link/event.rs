@@ -1,0 +1,74 @@
+//! What a link tells its driver: data handed back at once ([`Incoming`])
+//! and everything else as events ([`LinkEvent`]).
+
+use super::error::LinkError;
+use super::wire::{Reason, StreamId};
+
+/// What `handle_frame` hands back at once. Non-exhaustive for growth; today
+/// only data, because it borrows the frame and so cannot wait in a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Incoming<'a> {
+    /// Bytes for the stream, in order: write them to its socket, then call
+    /// [`super::Link::consumed`].
+    Data {
+        /// The stream.
+        id: StreamId,
+        /// The payload, borrowed from the frame given to `handle_frame`.
+        bytes: &'a [u8],
+    },
+}
+
+/// What the driver learns from [`super::Link::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LinkEvent {
+    /// Service: the proxy opened a stream. Connect the backend, then
+    /// [`super::Link::accept`] or [`super::Link::refuse`].
+    Opened {
+        /// The stream.
+        id: StreamId,
+    },
+    /// Proxy: the service reached its backend; the stream carries data now.
+    Accepted {
+        /// The stream.
+        id: StreamId,
+    },
+    /// Proxy: the service reset the stream before accepting it; nothing
+    /// reached a backend, so another instance may be tried.
+    Refused {
+        /// The stream.
+        id: StreamId,
+        /// Why.
+        reason: Reason,
+    },
+    /// The peer sent all its data on the stream: after writing what was
+    /// delivered, shut down the socket's write side.
+    End {
+        /// The stream.
+        id: StreamId,
+    },
+    /// The stream was aborted (by the peer, or [`Reason::LINK_LOST`]): reset
+    /// its socket and drop what it buffers.
+    Reset {
+        /// The stream.
+        id: StreamId,
+        /// Why.
+        reason: Reason,
+    },
+    /// A stream that was told it had no credit has some again.
+    Writable {
+        /// The stream.
+        id: StreamId,
+    },
+    /// The peer sent a graceful `GOAWAY`: no new streams on this link.
+    GoAway,
+    /// A `GOAWAY` went one way or the other and no stream is left: close
+    /// the link.
+    Drained,
+    /// The link ended (after a `Reset` for each stream): close the transport.
+    Closed {
+        /// Why.
+        error: LinkError,
+    },
+}
