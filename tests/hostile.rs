@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use seaport_proto::hello::Intent;
 use seaport_proto::keys::{Keypair, PublicKey, Seed};
-use seaport_proto::noise::Intent;
 use seaport_proto::session::Session;
 use seaport_tests::*;
 

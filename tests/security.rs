@@ -9,9 +9,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use seaport_proto::hello::{Intent, Stamp};
 use seaport_proto::keys::{Keypair, PublicKey, Seed};
 use seaport_proto::message::Message;
-use seaport_proto::noise::{Intent, Stamp};
 use seaport_proto::role::Role;
 use seaport_proto::session::Session;
 use seaport_tests::*;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use seaport_proto::keys::{Keypair, Seed};
-use seaport_proto::noise::Intent;
+use seaport_proto::hello::Intent;
 use seaport_proto::session::Session;
 
 fuzz_target!(|input: (bool, u8, Vec<u8>)| {

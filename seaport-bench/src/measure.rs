@@ -7,9 +7,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use seaport_proto::hello::Intent;
 use seaport_proto::keys::{Keypair, PublicKey, Seed};
 use seaport_proto::message::Message;
-use seaport_proto::noise::Intent;
 use seaport_proto::role::{Role, RoleQuery};
 use seaport_proto::session::Session;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -43,11 +43,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use seaport_proto::frame::{self, FrameDecoder, MAX_WIRE_FRAME};
+use seaport_proto::hello::Intent;
 use seaport_proto::keys::{Keypair, PublicKey};
 use seaport_proto::link::{self as proto, Incoming, Link, LinkConfig, LinkEvent, Reason, Side, StreamId};
 use seaport_proto::message::Instance;
-use seaport_proto::noise::{Intent, Opener, Sealer, TAG_LEN};
+use seaport_proto::noise::{Opener, Sealer, TAG_LEN};
+use seaport_proto::record::{self, MAX_WIRE_RECORD, RecordDecoder};
 use seaport_proto::session::Session;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -66,7 +67,7 @@ use crate::metrics::{Refusal, metrics};
 use crate::reach::{self, Introducer, Path, PathMemo};
 
 /// Most bytes the writer gathers before one write to the link socket.
-const BATCH: usize = 4 * MAX_WIRE_FRAME;
+const BATCH: usize = 4 * MAX_WIRE_RECORD;
 /// Most unsent bytes the kernel queues on a link socket (`TCP_NOTSENT_LOWAT`,
 /// as HTTP/2 servers set it). Every stream shares the link's one TCP
 /// connection, so a byte written behind a bulk transfer waits for all the
@@ -81,7 +82,7 @@ const BATCH: usize = 4 * MAX_WIRE_FRAME;
 /// plus what the receiver has not read yet. Linux and Android only; a
 /// relayed link's bytes also cross the registry's relay sockets, which keep
 /// the kernel's default.
-const NOTSENT_LOWAT: u32 = 2 * MAX_WIRE_FRAME as u32;
+const NOTSENT_LOWAT: u32 = 2 * MAX_WIRE_RECORD as u32;
 /// How long the reader and the writer keep their buffers while idle.
 const IDLE_RELEASE: Duration = Duration::from_millis(100);
 
@@ -876,10 +877,10 @@ fn abandon(shared: &Shared, id: StreamId) {
 
 /// Link socket in, frames to the state machine, data to stream sockets.
 async fn read_loop(shared: &Shared, rd: OwnedReadHalf, mut opener: Opener, leftover: Vec<u8>) {
-    let mut decoder = FrameDecoder::new();
+    let mut decoder = RecordDecoder::new();
     let mut pending = leftover.as_slice();
     loop {
-        while let Some(body) = decoder.next_frame() {
+        while let Some(body) = decoder.next_record() {
             let Ok(plain) = opener.open_in_place(body) else {
                 tracing::info!("link data failed to authenticate");
                 close(shared);
@@ -1074,8 +1075,8 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
         let mut progressed = false;
         while batch.len() < BATCH && link.poll_transmit(plain) {
             let start = batch.len();
-            let frame = batch.extend(frame::HEADER_LEN + plain.len() + TAG_LEN);
-            if let Some(room) = frame.get_mut(frame::HEADER_LEN..frame::HEADER_LEN + plain.len()) {
+            let frame = batch.extend(record::HEADER_LEN + plain.len() + TAG_LEN);
+            if let Some(room) = frame.get_mut(record::HEADER_LEN..record::HEADER_LEN + plain.len()) {
                 room.copy_from_slice(plain);
             }
             if sealer.seal_frame(frame, plain.len()).is_err() {
@@ -1096,7 +1097,7 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
             progressed = true;
             let Some(slot) = streams.get_mut(&id) else { continue };
             let start = batch.len();
-            let body = frame::HEADER_LEN + proto::HEADER_LEN;
+            let body = record::HEADER_LEN + proto::HEADER_LEN;
             let frame = batch.extend(body + credit + TAG_LEN);
             let read = slot.socket.try_read(frame.get_mut(body..body + credit).unwrap_or_default());
             match read {
@@ -1109,7 +1110,7 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
                 }
                 Ok(n) => {
                     let frame = batch.from(start);
-                    let header = frame.get_mut(frame::HEADER_LEN..).unwrap_or_default();
+                    let header = frame.get_mut(record::HEADER_LEN..).unwrap_or_default();
                     let sealed = link
                         .data_header(id, n, header)
                         .ok()

@@ -91,7 +91,7 @@ pub async fn join(registry: SocketAddr, hello: MeetHello, timeout: Duration) -> 
         let local = stream.local_addr()?;
         let mut frame = Vec::with_capacity(2 + HELLO_LEN);
         // A hello is far below the frame limit.
-        let _ = seaport_proto::frame::encode(&hello.encode(), &mut frame);
+        let _ = seaport_proto::record::encode(&hello.encode(), &mut frame);
         stream.write_all(&frame).await?;
         let mut len = [0u8; 2];
         read_exact_or_closed(&mut stream, &mut len).await?;
@@ -216,7 +216,7 @@ pub async fn pair(
     let ((mut p, p_addr), (mut s, s_addr)) = (proxy, service);
     let tell = |addr| {
         let mut frame = Vec::with_capacity(2 + PEER_MAX_LEN);
-        let _ = seaport_proto::frame::encode(&MeetPeer { addr, relaying }.encode(), &mut frame);
+        let _ = seaport_proto::record::encode(&MeetPeer { addr, relaying }.encode(), &mut frame);
         frame
     };
     p.write_all(&tell(s_addr)).await?;

@@ -20,7 +20,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use seaport_proto::meet::{Arrival, MeetSide};
+use seaport_proto::meet::MeetSide;
+use seaport_proto::registry::Arrival;
 use seaport_proto::registry::{CloseReason, Full, Registry, RegistryEvent, SessionId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};

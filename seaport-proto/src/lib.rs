@@ -82,13 +82,14 @@
 
 pub mod acl;
 pub mod client;
-pub mod frame;
+pub mod hello;
 pub mod keys;
 pub mod link;
 pub mod meet;
 pub mod message;
 pub mod noise;
 pub mod range;
+pub mod record;
 pub mod registry;
 pub mod role;
 pub mod session;

@@ -25,7 +25,7 @@ use crate::role::{Role, RoleQuery};
 /// Most addresses one registration or instance carries.
 pub const MAX_ADDRS: usize = 8;
 /// Most instances in one message: a single-message answer (to a client
-/// without [`crate::noise::Capabilities::PARTS`]) reports more as `truncated`.
+/// without [`crate::hello::Capabilities::PARTS`]) reports more as `truncated`.
 pub const MAX_INSTANCES: usize = 256;
 /// Most instances in one answer sent in parts ([`Message::InstancesPart`]):
 /// an answer carries every matching instance, oldest registration first, up
@@ -171,7 +171,7 @@ pub enum Message {
     /// Proxy → registry: arrange a meeting with the service whose key is
     /// `service`, to punch a path to it or relay through the registry
     /// ([`crate::meet`]). Only to a registry whose reply advertised
-    /// [`crate::noise::Capabilities::MEET`].
+    /// [`crate::hello::Capabilities::MEET`].
     Meet {
         /// Echoed in the answer.
         id: u32,
@@ -190,7 +190,7 @@ pub enum Message {
     },
     /// Registry → service: proxy `proxy` wants to meet; connect with
     /// `ticket`. Sent only to services that advertised
-    /// [`crate::noise::Capabilities::MEET`].
+    /// [`crate::hello::Capabilities::MEET`].
     MeetOffer {
         /// What admits the service's meet connection.
         ticket: Ticket,
@@ -202,7 +202,7 @@ pub enum Message {
     /// the other, in order, and the answer ends with `Instances { id, .. }`
     /// (its last part, which says whether it was `truncated`): a proxy acts
     /// on the whole set, never on a part. Sent only to clients whose
-    /// handshake advertised [`crate::noise::Capabilities::PARTS`]; others get
+    /// handshake advertised [`crate::hello::Capabilities::PARTS`]; others get
     /// one `Instances` cut to a message.
     InstancesPart {
         /// The lookup's or watch's id.
@@ -290,7 +290,7 @@ fn encode_list(variant: u32, id: u32, items: &[&[u8]], truncated: Option<bool>, 
 /// Appends the encoding of `Message::Instances { id, instances, truncated }`
 /// built from instances encoded beforehand with [`Instance::encode`], taking
 /// as many as fit in one frame (at most [`MAX_INSTANCES`]). A registry answers
-/// a client without [`crate::noise::Capabilities::PARTS`] this way: the
+/// a client without [`crate::hello::Capabilities::PARTS`] this way: the
 /// instances are encoded once, at registration, instead of once per answer.
 /// `truncated` is set when not all were taken.
 pub fn encode_instances(id: u32, encoded: &[&[u8]], truncated: bool, out: &mut Vec<u8>) {

@@ -15,9 +15,10 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::frame::FrameDecoder;
+use crate::hello::{Capabilities, Intent, Stamp};
 use crate::keys::{Keypair, PublicKey};
-use crate::noise::{Capabilities, Initiator, Intent, NoiseError, Responder, Stamp, Transport};
+use crate::noise::{Initiator, NoiseError, Responder, Transport};
+use crate::record::RecordDecoder;
 
 /// Why a session ended.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,7 +60,7 @@ enum Phase {
 pub struct Session {
     phase: Phase,
     intent: Intent,
-    decoder: FrameDecoder,
+    decoder: RecordDecoder,
     transmit: Vec<u8>,
     received: VecDeque<Vec<u8>>,
     handshake_deadline: Option<Instant>,
@@ -101,7 +102,7 @@ impl Session {
         Ok(Session {
             phase: Phase::Initiating(Box::new(init)),
             intent,
-            decoder: FrameDecoder::new(),
+            decoder: RecordDecoder::new(),
             transmit,
             received: VecDeque::new(),
             handshake_deadline: Some(now + handshake_timeout),
@@ -122,7 +123,7 @@ impl Session {
         Ok(Session {
             phase: Phase::Responding(Box::new(Responder::new(local, entropy)?)),
             intent,
-            decoder: FrameDecoder::new(),
+            decoder: RecordDecoder::new(),
             transmit: Vec::new(),
             received: VecDeque::new(),
             handshake_deadline: Some(now + handshake_timeout),
@@ -149,11 +150,11 @@ impl Session {
         let end = |transport: Transport| Session {
             phase: Phase::Open(Box::new(transport)),
             intent,
-            decoder: FrameDecoder::new(),
+            decoder: RecordDecoder::new(),
             transmit: Vec::new(),
             received: VecDeque::new(),
             handshake_deadline: None,
-            remote_capabilities: crate::noise::CAPABILITIES,
+            remote_capabilities: crate::hello::CAPABILITIES,
             remote_stamp: None,
             after_handshake: Vec::new(),
         };
@@ -175,7 +176,7 @@ impl Session {
     }
 
     /// The optional features the peer advertised in the handshake; use one
-    /// only if [`crate::noise::CAPABILITIES`] has it too.
+    /// only if [`crate::hello::CAPABILITIES`] has it too.
     pub fn remote_capabilities(&self) -> Capabilities {
         self.remote_capabilities
     }
@@ -204,7 +205,7 @@ impl Session {
             let taken = self.decoder.push(input);
             input = input.get(taken..).unwrap_or_default();
             while !self.hands_over()
-                && let Some(frame) = self.decoder.next_frame()
+                && let Some(frame) = self.decoder.next_record()
             {
                 match &mut self.phase {
                     Phase::Open(transport) => {
@@ -356,10 +357,10 @@ mod tests {
         c.handle_input(now, &wire).unwrap();
         assert_eq!(c.poll_event(), None, "a data session opens no frame itself");
         let (mut ours, leftover) = c.into_transport().unwrap();
-        let mut decoder = crate::frame::FrameDecoder::new();
+        let mut decoder = crate::record::RecordDecoder::new();
         decoder.push(&leftover);
         let mut plain = Vec::new();
-        ours.open(decoder.next_frame().unwrap(), &mut plain).unwrap();
+        ours.open(decoder.next_record().unwrap(), &mut plain).unwrap();
         assert_eq!(plain, b"first frame");
     }
 

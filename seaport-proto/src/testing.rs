@@ -21,9 +21,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::client::RegistryClient;
+use crate::hello::Intent;
 use crate::keys::{Keypair, Seed};
 use crate::message::{Message, MessageError};
-use crate::noise::Intent;
 use crate::registry::{Registry, RegistryEvent, SessionId};
 use crate::session::Session;
 

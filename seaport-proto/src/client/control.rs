@@ -13,8 +13,8 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use crate::client::{ClientConfig, ClientError};
+use crate::hello::{Capabilities, Intent, Stamp};
 use crate::message::{Message, MessageError};
-use crate::noise::{Capabilities, Intent, Stamp};
 use crate::session::Session;
 
 /// What a control link reports to the client that owns it.

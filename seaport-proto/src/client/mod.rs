@@ -92,7 +92,7 @@ pub struct ClientConfig {
     /// This process among others of the same identity (random, chosen once
     /// per process by the driver): a registry lets sessions of different
     /// processes of one identity coexist, and a session supersede only an
-    /// earlier one of its own process ([`crate::noise::Stamp`]). 0 means
+    /// earlier one of its own process ([`crate::hello::Stamp`]). 0 means
     /// unset: the client then sends no stamp.
     pub process: u64,
 }

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use crate::client::balance::{Balancer, Strategy};
 use crate::client::control::{ControlEvent, ControlLink};
 use crate::client::{ClientConfig, ClientError};
+use crate::hello::Capabilities;
 use crate::keys::PublicKey;
 use crate::meet::Ticket;
 use crate::message::{ErrorCode, Instance, MAX_ANSWER_INSTANCES, Message};
-use crate::noise::Capabilities;
 use crate::role::{Role, RoleQuery};
 
 /// What a proxy client reports.
@@ -339,8 +339,8 @@ mod tests {
 
     use super::*;
     use crate::client::RegistryClient;
+    use crate::hello::Intent;
     use crate::keys::{Keypair, Seed};
-    use crate::noise::Intent;
     use crate::role::Role;
     use crate::session::Session;
 

@@ -167,8 +167,8 @@ mod tests {
 
     use super::*;
     use crate::client::RegistryClient;
+    use crate::hello::Intent;
     use crate::keys::{Keypair, Seed};
-    use crate::noise::Intent;
     use crate::session::Session;
 
     /// A service client whose session to a hand-driven registry session is open.

@@ -1,4 +1,4 @@
-//! A link: one Noise `IK` session ([`crate::noise::Intent::Link`]) between a
+//! A link: one Noise `IK` session ([`crate::hello::Intent::Link`]) between a
 //! proxy (the initiator) and a service, carrying many **streams**, one per
 //! client connection at the proxy, each connected by the service to its
 //! backend. [`Link`] is the sans-io state machine of one end; [`wire`] holds

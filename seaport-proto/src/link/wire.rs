@@ -21,7 +21,7 @@
 //! where one does), an empty `DATA`, a zero increment or a window above
 //! [`MAX_WINDOW`] is a [`FrameError`]. An unknown type is an error too, not
 //! skipped: a new frame type is only sent to a peer that advertised a
-//! [`crate::noise::Capabilities`] bit for it, so an unknown type means the
+//! [`crate::hello::Capabilities`] bit for it, so an unknown type means the
 //! peer broke that rule, and skipping it could silently lose data or credit
 //! and stall a stream forever.
 

@@ -9,7 +9,7 @@
 //! whose query it matches.
 //!
 //! Identity and replay: a control session's hello carries a
-//! [`Stamp`](crate::noise::Stamp), a random value per process and a counter
+//! [`Stamp`](crate::hello::Stamp), a random value per process and a counter
 //! per session. Sessions of different processes under one key (one seed per
 //! host, several units) coexist, each owning its registrations. A first
 //! message whose counter is not above the last one accepted from that
@@ -60,10 +60,10 @@ pub use directory::{Directory, OwnedId};
 pub use meetings::{Arrival, ArrivalError, MeetConfig, MeetRefusal, Meetings, Party, Tickets};
 
 use crate::acl::Acl;
+use crate::hello::{Capabilities, Intent};
 use crate::keys::{Keypair, PublicKey};
 use crate::meet::{MeetSide, Ticket};
 use crate::message::{ErrorCode, Message, MessageError};
-use crate::noise::{Capabilities, Intent};
 use crate::role::Role;
 use crate::session::{Session, SessionError};
 use admission::Admission;

@@ -21,9 +21,9 @@ use std::collections::{BTreeSet, VecDeque};
 
 use super::requests::error;
 use super::{CloseReason, Registry, SessionId};
-use crate::frame::HEADER_LEN;
 use crate::message::{ErrorCode, Message};
 use crate::noise::TAG_LEN;
+use crate::record::HEADER_LEN;
 
 /// One peer's share of the outbox.
 #[derive(Default)]

@@ -15,8 +15,8 @@
 use std::collections::{HashMap, VecDeque};
 
 use super::SessionId;
+use crate::hello::Stamp;
 use crate::keys::PublicKey;
-use crate::noise::Stamp;
 
 /// One process of an identity: what a session may supersede.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -17,9 +17,9 @@ use std::time::Instant;
 
 use super::{CloseReason, Party, Registry, RegistryEvent, SessionId};
 use crate::acl::{Acl, Action};
+use crate::hello::Capabilities;
 use crate::keys::PublicKey;
 use crate::message::{ErrorCode, Instance, MAX_ADDRS, MAX_ERROR_TEXT, Message};
-use crate::noise::Capabilities;
 use crate::role::Role;
 
 /// The established session a request came from.

@@ -1,7 +1,7 @@
 use super::requests::plausible;
 use super::*;
+use crate::hello::Stamp;
 use crate::message::Instance;
-use crate::noise::Stamp;
 use crate::role::RoleQuery;
 use crate::testing::{Chunker, Net, Peer as _, RawPeer, keypair};
 

@@ -1,47 +1,49 @@
-//! Length-prefixed framing of the byte stream.
+//! Records: the length-prefixed framing of the byte stream, the outermost
+//! of the wire's three layers (a record carries one Noise message, whose
+//! plaintext is a control message or one link frame, [`crate::link::wire`]).
 //!
 //! Every Noise message travels as a 2-byte big-endian length followed by that
-//! many bytes. [`FrameDecoder`] accepts the stream cut at any points and yields
-//! whole frames. Invariant: it never holds more than one frame
-//! ([`MAX_WIRE_FRAME`] bytes), and it grows its buffer only as far as the
-//! frames it is given need.
+//! many bytes. [`RecordDecoder`] accepts the stream cut at any points and yields
+//! whole records. Invariant: it never holds more than one record
+//! ([`MAX_WIRE_RECORD`] bytes), and it grows its buffer only as far as the
+//! records it is given need.
 
-/// Largest Noise message, hence largest frame body.
-pub const MAX_FRAME: usize = u16::MAX as usize;
+/// Largest Noise message, hence largest record body.
+pub const MAX_RECORD: usize = u16::MAX as usize;
 /// Bytes of the length prefix.
 pub const HEADER_LEN: usize = 2;
-/// Largest frame on the wire, prefix included.
-pub const MAX_WIRE_FRAME: usize = HEADER_LEN + MAX_FRAME;
+/// Largest record on the wire, prefix included.
+pub const MAX_WIRE_RECORD: usize = HEADER_LEN + MAX_RECORD;
 
 /// Smallest receive buffer the decoder allocates.
 const MIN_CHUNK: usize = 1024;
 
-/// A message longer than a frame can carry.
+/// A message longer than a record can carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
-pub struct FrameTooLarge(pub usize);
+#[error("record of {0} bytes exceeds the {MAX_RECORD}-byte limit")]
+pub struct RecordTooLarge(pub usize);
 
-/// Appends `body` to `out` as one frame.
-pub fn encode(body: &[u8], out: &mut Vec<u8>) -> Result<(), FrameTooLarge> {
-    let len = u16::try_from(body.len()).map_err(|_| FrameTooLarge(body.len()))?;
+/// Appends `body` to `out` as one record.
+pub fn encode(body: &[u8], out: &mut Vec<u8>) -> Result<(), RecordTooLarge> {
+    let len = u16::try_from(body.len()).map_err(|_| RecordTooLarge(body.len()))?;
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(body);
     Ok(())
 }
 
-/// Incremental decoder of frames from a byte stream.
+/// Incremental decoder of records from a byte stream.
 ///
 /// Feed bytes with [`push`](Self::push) (or read straight into
 /// [`spare_mut`](Self::spare_mut) and [`commit`](Self::commit)), then take
-/// complete frames with [`next_frame`](Self::next_frame) until it returns
+/// complete records with [`next_record`](Self::next_record) until it returns
 /// `None`; repeat while input remains. The buffer never exceeds
-/// [`MAX_WIRE_FRAME`] bytes, and when full it always holds a complete frame, so
+/// [`MAX_WIRE_RECORD`] bytes, and when full it always holds a complete record, so
 /// the loop always makes progress. Frames are handed out mutable so a
 /// transport can decrypt them in place. The buffer is allocated on first use
 /// and can be given back while idle with [`release`](Self::release).
 #[derive(Debug, Default)]
-pub struct FrameDecoder {
-    /// Receive buffer, at most `MAX_WIRE_FRAME` bytes; grown on demand.
+pub struct RecordDecoder {
+    /// Receive buffer, at most `MAX_WIRE_RECORD` bytes; grown on demand.
     buf: Vec<u8>,
     /// Start of the bytes not yet handed out.
     start: usize,
@@ -49,17 +51,17 @@ pub struct FrameDecoder {
     end: usize,
 }
 
-impl FrameDecoder {
+impl RecordDecoder {
     /// A decoder with nothing buffered (and nothing allocated).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Room to receive into, after moving any partial frame to the front.
-    /// Never empty when the buffered bytes hold no complete frame (take those
-    /// with [`next_frame`](Self::next_frame) first). The buffer grows towards
-    /// what the current frame needs, but never to more than twice what has
-    /// arrived, so a peer that only announces a large frame costs little.
+    /// Room to receive into, after moving any partial record to the front.
+    /// Never empty when the buffered bytes hold no complete record (take those
+    /// with [`next_record`](Self::next_record) first). The buffer grows towards
+    /// what the current record needs, but never to more than twice what has
+    /// arrived, so a peer that only announces a large record costs little.
     pub fn spare_mut(&mut self) -> &mut [u8] {
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
@@ -68,7 +70,7 @@ impl FrameDecoder {
         }
         let pending = self.buf.get(..self.end).unwrap_or_default();
         let frame_need = split_len(pending).map_or(HEADER_LEN, |(len, _)| HEADER_LEN + len);
-        let want = frame_need.min(MIN_CHUNK.max(2 * self.end)).clamp(MIN_CHUNK, MAX_WIRE_FRAME);
+        let want = frame_need.min(MIN_CHUNK.max(2 * self.end)).clamp(MIN_CHUNK, MAX_WIRE_RECORD);
         if self.buf.len() < want {
             self.buf.resize(want, 0);
         }
@@ -81,7 +83,7 @@ impl FrameDecoder {
     }
 
     /// Buffers as much of `input` as fits and returns how many bytes it took;
-    /// it stops short only when a complete frame is waiting to be taken.
+    /// it stops short only when a complete record is waiting to be taken.
     pub fn push(&mut self, input: &[u8]) -> usize {
         let mut taken = 0;
         while let Some(rest) = input.get(taken..).filter(|r| !r.is_empty()) {
@@ -97,8 +99,8 @@ impl FrameDecoder {
         taken
     }
 
-    /// The next complete frame's body, if one is buffered.
-    pub fn next_frame(&mut self) -> Option<&mut [u8]> {
+    /// The next complete record's body, if one is buffered.
+    pub fn next_record(&mut self) -> Option<&mut [u8]> {
         let pending = self.buf.get(self.start..self.end)?;
         let (len, _) = split_len(pending)?;
         let begin = self.start + HEADER_LEN;
@@ -110,7 +112,7 @@ impl FrameDecoder {
         self.buf.get_mut(begin..end)
     }
 
-    /// Bytes buffered and not yet handed out as a frame.
+    /// Bytes buffered and not yet handed out as a record.
     pub fn buffered(&self) -> usize {
         self.end - self.start
     }
@@ -123,11 +125,11 @@ impl FrameDecoder {
     /// Frees the buffer if nothing is pending (an idle stream holds no memory).
     pub fn release(&mut self) {
         if self.start == self.end {
-            *self = FrameDecoder::default();
+            *self = RecordDecoder::default();
         }
     }
 
-    /// Hands back the buffered bytes (those after the last frame handed out),
+    /// Hands back the buffered bytes (those after the last record handed out),
     /// for a new owner of the stream.
     pub fn into_buffered(self) -> Vec<u8> {
         self.buf.get(self.start..self.end).unwrap_or_default().to_vec()
@@ -145,7 +147,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn decode_chunked(stream: &[u8], cuts: &[usize]) -> (Vec<Vec<u8>>, usize) {
-        let mut decoder = FrameDecoder::new();
+        let mut decoder = RecordDecoder::new();
         let mut frames = Vec::new();
         let mut start = 0;
         let mut points: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
@@ -156,11 +158,11 @@ mod tests {
             while !input.is_empty() {
                 let taken = decoder.push(input);
                 input = &input[taken..];
-                while let Some(frame) = decoder.next_frame() {
+                while let Some(frame) = decoder.next_record() {
                     frames.push(frame.to_vec());
                 }
             }
-            assert!(decoder.buffered() <= MAX_WIRE_FRAME);
+            assert!(decoder.buffered() <= MAX_WIRE_RECORD);
             start = end;
         }
         (frames, decoder.buffered())
@@ -193,11 +195,11 @@ mod tests {
     #[test]
     fn largest_frame_fits_and_larger_is_refused() {
         let mut out = Vec::new();
-        encode(&vec![1; MAX_FRAME], &mut out).unwrap();
-        assert_eq!(out.len(), MAX_WIRE_FRAME);
-        assert_eq!(encode(&vec![1; MAX_FRAME + 1], &mut out), Err(FrameTooLarge(MAX_FRAME + 1)));
+        encode(&vec![1; MAX_RECORD], &mut out).unwrap();
+        assert_eq!(out.len(), MAX_WIRE_RECORD);
+        assert_eq!(encode(&vec![1; MAX_RECORD + 1], &mut out), Err(RecordTooLarge(MAX_RECORD + 1)));
         let (frames, _) = decode_chunked(&out, &[1, 2, 3, 40_000]);
         assert_eq!(frames.len(), 1);
-        assert_eq!(frames[0].len(), MAX_FRAME);
+        assert_eq!(frames[0].len(), MAX_RECORD);
     }
 }

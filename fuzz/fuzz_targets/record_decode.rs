@@ -1,13 +1,13 @@
-//! Frame decoding: any bytes, cut at any points, never panic, never buffer
-//! more than one frame, and account for every byte.
+//! Record decoding: any bytes, cut at any points, never panic, never buffer
+//! more than one record, and account for every byte.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use seaport_proto::frame::{FrameDecoder, HEADER_LEN, MAX_WIRE_FRAME};
+use seaport_proto::record::{RecordDecoder, HEADER_LEN, MAX_WIRE_RECORD};
 
 fuzz_target!(|input: (Vec<u16>, Vec<u8>)| {
     let (cuts, stream) = input;
-    let mut decoder = FrameDecoder::new();
+    let mut decoder = RecordDecoder::new();
     let mut used = 0;
     let mut rest = stream.as_slice();
     let mut cuts = cuts.into_iter();
@@ -18,10 +18,10 @@ fuzz_target!(|input: (Vec<u16>, Vec<u8>)| {
         while !piece.is_empty() {
             let taken = decoder.push(piece);
             piece = &piece[taken..];
-            while let Some(frame) = decoder.next_frame() {
+            while let Some(frame) = decoder.next_record() {
                 used += frame.len() + HEADER_LEN;
             }
-            assert!(decoder.buffered() <= MAX_WIRE_FRAME);
+            assert!(decoder.buffered() <= MAX_WIRE_RECORD);
         }
     }
     assert_eq!(used + decoder.buffered(), stream.len());
