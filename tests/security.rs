@@ -49,7 +49,7 @@ impl Raw {
             let n = self.stream.read(&mut buf).unwrap();
             assert!(n > 0, "the registry closed the session");
             self.session.handle_input(Instant::now(), &buf[..n]).unwrap();
-            got = self.session.poll_event();
+            got = self.session.poll_message();
         }
         Message::decode(&got.unwrap()).unwrap()
     }

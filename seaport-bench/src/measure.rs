@@ -244,7 +244,7 @@ impl Control {
         }
         self.session.handle_input(std::time::Instant::now(), &self.buf[..n])?;
         let mut msgs = Vec::new();
-        while let Some(plain) = self.session.poll_event() {
+        while let Some(plain) = self.session.poll_message() {
             msgs.push(Message::decode(&plain)?);
         }
         Ok(msgs)

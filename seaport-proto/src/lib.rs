@@ -5,25 +5,44 @@
 //! memory and driven, byte for byte and with time advanced by hand, exactly as
 //! they run over TCP (`tests/world.rs` does).
 //!
-//! # Layers
+//! # Layers, and where a newcomer finds each concern
+//! The wire, outermost first:
+//! - [`record`]: the 2-byte length prefix around every Noise message; an
+//!   incremental decoder for any chunking.
+//! - [`noise`]: the `IK` handshakes (`noise/handshake.rs`, over snow) and
+//!   the transport that seals records in place (`noise/transport.rs`).
+//! - [`hello`]: what every handshake carries and how the wire grows: the
+//!   protocol version, a session's intent, capability bits, stamps.
+//! - [`session`]: handshake then sealed messages over one stream: the part
+//!   every control machine is built on.
+//! - [`message`]: the postcard-encoded control messages; [`link::wire`]
+//!   the frames a link carries instead.
+//!
+//! What the messages are about:
 //! - [`keys`]: seeds, ed25519 identities and their X25519 (Noise) form.
-//! - [`frame`]: 2-byte length prefix; an incremental decoder for any chunking.
-//! - [`noise`]: Noise `IK` handshake (`Noise_IK_25519_AESGCM_SHA256`) and transport.
-//! - [`session`]: a framed, encrypted session over one stream.
-//! - [`message`]: the postcard-encoded control messages.
 //! - [`range`], [`role`]: npm version ranges; `Role` and `RoleQuery`.
-//! - [`directory`]: the registry's index of instances and watches (no sessions).
-//! - [`acl`]: who may register and look up which roles (`--acl`), as the registry consults it.
-//! - [`registry`]: the registry state machine (many sessions), over a [`directory::Directory`].
+//! - [`acl`]: who may register and look up which roles (`--acl`).
+//! - [`meet`]: how a registry brings a proxy and a service together for hole
+//!   punching and relaying: the exchange and its frames.
+//!
+//! The machines:
+//! - [`registry`]: the registry (many sessions). One file per concern:
+//!   admission (which connections it takes), replay (stamps, superseding),
+//!   outbox (queues, caps, due watch updates), requests (each message under
+//!   the access list), its index ([`registry::Directory`]) and its side of
+//!   meetings ([`registry::Meetings`]).
+//! - [`client`]: the service and proxy, each over one
+//!   [`client::ControlSession`] (its control session, keepalive and
+//!   reconnects), with backoff and balancing beside them.
+//! - [`link`]: streams multiplexed on one proxy–service session. One file
+//!   per concern: a stream's states, flow control (credit, windows,
+//!   auto-tuning), the round robin, keepalive, the receive path.
 //! - `testing` (feature `testing`): the in-memory harness every test and the
 //!   registry fuzz target share.
-//! - [`client`]: the service and proxy state machines, each over one
-//!   [`client::ControlLink`] (its control session and keepalive).
-//! - [`link`]: streams multiplexed on one proxy–service session (frames,
-//!   credit windows, fair scheduling, keepalive).
-//! - [`meet`]: meetings the registry arranges between a proxy and a service
-//!   that cannot dial each other: tickets, the meet connection's frames, and
-//!   the registry's bounds (for hole punching and relaying).
+//!
+//! Tests: a module that is a folder (`registry/`, `link/`, `noise/`) keeps
+//! its unit tests in `tests.rs` beside it; a one-file module keeps them
+//! inline. Tests across machines are in `tests/` (the world, the models).
 //!
 //! # The contract every state machine follows
 //! Each is fed input and asked for output, never the other way round:
@@ -43,14 +62,14 @@
 //!
 //! # How the wire grows
 //! Two kinds of change, and only the second breaks anything:
-//! - **Compatible additions** keep [`noise::PROTOCOL_VERSION`]. Each side
-//!   advertises its optional features as [`noise::Capabilities`] bits in the
+//! - **Compatible additions** keep [`hello::PROTOCOL_VERSION`]. Each side
+//!   advertises its optional features as [`hello::Capabilities`] bits in the
 //!   handshake (the initiator in its `Hello`, the responder in its reply),
 //!   and a feature is used on a session only when both set its bit
 //!   ([`session::Session::remote_capabilities`] against
-//!   [`noise::CAPABILITIES`]; e.g. a registry sends an answer in parts,
+//!   [`hello::CAPABILITIES`]; e.g. a registry sends an answer in parts,
 //!   [`message::Message::InstancesPart`], only to a client with
-//!   [`noise::Capabilities::PARTS`]). Unknown bits are ignored, and so are bytes
+//!   [`hello::Capabilities::PARTS`]). Unknown bits are ignored, and so are bytes
 //!   after the fields a build knows in either handshake payload: a newer
 //!   peer adds fields at the end.
 //! - **A new message** is a new [`message::Message`] variant, appended after
@@ -65,14 +84,14 @@
 //!   existing message is a new message. A new error code needs nothing:
 //!   codes are numbers, and unknown ones print as such.
 //! - **Breaking changes** (the cipher suite, the framing, the meaning of an
-//!   existing field) bump [`noise::PROTOCOL_VERSION`] and the prologue that
+//!   existing field) bump [`hello::PROTOCOL_VERSION`] and the prologue that
 //!   binds it: old and new peers then fail the handshake cleanly.
 //!
 //! A known message that does not decode (cut short, an invalid role, over a
 //! limit) is still malformed and ends the session.
 //!
 //! The data path, a [`link`], uses [`session::Session`] for its handshake
-//! only: once established, a data session opens no frame itself and hands
+//! only: once established, a data session opens no record itself and hands
 //! its [`noise::Transport`] and every byte read past the handshake to the
 //! link driver, which carries one [`link::Link`] frame per Noise message.
 

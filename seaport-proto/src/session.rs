@@ -5,12 +5,16 @@
 //! the raw bytes a driver reads into authenticated plaintext messages, and
 //! plaintext into bytes to write. It knows nothing of what the messages mean.
 //!
-//! Contract: after `handle_input`/`handle_timeout`, take what `poll_event`
-//! returns until `None`, then drain `poll_transmit`. A returned error ends the
-//! session: the caller drops it and closes the stream (messages that arrived
-//! before the failure in the same input are still in `poll_event`). Buffers
-//! are bounded: the decoder holds at most one frame, and `poll_event` yields
-//! what one input produced.
+//! Contract: after `handle_input`/`handle_timeout`, take what
+//! `poll_message` returns until `None`, then drain `poll_transmit`. This is
+//! the reverse of the crate's order for whole machines (transmit, then
+//! events), because a session is a part, not a machine: its owner handles
+//! each message first, and the replies that queues are what `poll_transmit`
+//! then carries. A returned error ends the session: the caller drops it and
+//! closes the stream (messages that arrived before the failure in the same
+//! input are still in `poll_message`). Buffers are bounded: the decoder
+//! holds at most one record, and `poll_message` yields what one input
+//! produced.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -261,7 +265,7 @@ impl Session {
     }
 
     /// The next received plaintext message.
-    pub fn poll_event(&mut self) -> Option<Vec<u8>> {
+    pub fn poll_message(&mut self) -> Option<Vec<u8>> {
         self.received.pop_front()
     }
 
@@ -355,7 +359,7 @@ mod tests {
         let (mut theirs, _) = s.into_transport().unwrap();
         theirs.seal(b"first frame", &mut wire).unwrap();
         c.handle_input(now, &wire).unwrap();
-        assert_eq!(c.poll_event(), None, "a data session opens no frame itself");
+        assert_eq!(c.poll_message(), None, "a data session opens no frame itself");
         let (mut ours, leftover) = c.into_transport().unwrap();
         let mut decoder = crate::record::RecordDecoder::new();
         decoder.push(&leftover);
@@ -393,7 +397,7 @@ mod tests {
         s.poll_transmit(&mut wire);
         c.handle_input(now, &wire).unwrap();
         assert_eq!(c.remote(), Some(pair(2).public()));
-        assert_eq!(c.poll_event().as_deref(), Some(&b"hello"[..]));
+        assert_eq!(c.poll_message().as_deref(), Some(&b"hello"[..]));
         assert_eq!(c.poll_timeout(), None);
     }
 

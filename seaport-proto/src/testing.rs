@@ -151,7 +151,7 @@ impl Peer for RawPeer {
     fn handle_input(&mut self, now: Instant, data: &[u8]) {
         let Some(session) = &mut self.session else { return };
         let fed = session.handle_input(now, data);
-        while let Some(plain) = session.poll_event() {
+        while let Some(plain) = session.poll_message() {
             self.inbox.push_back(Message::decode(&plain));
         }
         if fed.is_err() {

@@ -38,7 +38,7 @@ struct Open {
 }
 
 /// A client's control link to the registry; see the module docs.
-pub struct ControlLink {
+pub struct ControlSession {
     config: ClientConfig,
     /// The session, between `connect` and its end.
     open: Option<Open>,
@@ -47,10 +47,10 @@ pub struct ControlLink {
     events: VecDeque<ControlEvent>,
 }
 
-impl ControlLink {
+impl ControlSession {
     /// An idle link; nothing happens before `connect`.
-    pub fn new(config: ClientConfig) -> ControlLink {
-        ControlLink { config, open: None, started: 0, events: VecDeque::new() }
+    pub fn new(config: ClientConfig) -> ControlSession {
+        ControlSession { config, open: None, started: 0, events: VecDeque::new() }
     }
 
     /// Who this link is and whom it talks to.
@@ -105,7 +105,7 @@ impl ControlLink {
         }
         // What arrived before a failure is delivered first, then the failure.
         let mut ended = None;
-        while let Some(plain) = self.open.as_mut().and_then(|o| o.session.poll_event()) {
+        while let Some(plain) = self.open.as_mut().and_then(|o| o.session.poll_message()) {
             match Message::decode(&plain) {
                 Ok(Message::Ping { nonce }) => self.send(&Message::Pong { nonce }),
                 Ok(Message::Pong { .. }) => {}

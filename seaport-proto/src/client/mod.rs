@@ -1,6 +1,6 @@
 //! The two registry clients, [`ServiceClient`] (register roles, keep them
 //! registered) and [`ProxyClient`] (watch a query, choose instances), each
-//! composed of a [`ControlLink`] (the control session and its keepalive) and
+//! composed of a [`ControlSession`] (the control session and its keepalive) and
 //! its own logic; [`Backoff`] paces reconnects and [`balance`] orders
 //! instances for a proxy.
 //!
@@ -24,7 +24,7 @@ use crate::keys::{Keypair, PublicKey};
 use crate::message::{ErrorCode, MessageError};
 use crate::session::SessionError;
 
-/// The glue every client has alike: its `control_link` field is its link,
+/// The glue every client has alike: its `control_session` field is its link,
 /// its events queue in `events`, its event type has `Connected` and
 /// `Disconnected(ClientError)`, its `apply_control_event` interprets the
 /// link's events and its `apply_local_addr` takes the local address of the
@@ -32,11 +32,11 @@ use crate::session::SessionError;
 macro_rules! registry_client {
     ($client:ident, $event:ident) => {
         impl $crate::client::sealed::Composed for $client {
-            fn control_link(&self) -> &ControlLink {
-                &self.control_link
+            fn control_session(&self) -> &ControlSession {
+                &self.control_session
             }
-            fn control_link_mut(&mut self) -> &mut ControlLink {
-                &mut self.control_link
+            fn control_session_mut(&mut self) -> &mut ControlSession {
+                &mut self.control_session
             }
             fn handle_control_event(&mut self, event: ControlEvent) {
                 self.apply_control_event(event);
@@ -72,7 +72,7 @@ pub mod service;
 
 pub use backoff::Backoff;
 pub use balance::Strategy;
-pub use control::{ControlEvent, ControlLink};
+pub use control::{ControlEvent, ControlSession};
 pub use proxy::{ProxyClient, ProxyEvent};
 pub use service::{ServiceClient, ServiceEvent};
 
@@ -144,14 +144,14 @@ pub enum ClientError {
 /// How a client is composed, kept out of the public API: its control link,
 /// and where the link's events go.
 pub(crate) mod sealed {
-    use super::control::{ControlEvent, ControlLink};
+    use super::control::{ControlEvent, ControlSession};
 
     /// Implemented by each client; [`super::RegistryClient`] builds on it.
     pub trait Composed {
         /// The client's control link.
-        fn control_link(&self) -> &ControlLink;
+        fn control_session(&self) -> &ControlSession;
         /// The client's control link, to drive it.
-        fn control_link_mut(&mut self) -> &mut ControlLink;
+        fn control_session_mut(&mut self) -> &mut ControlSession;
         /// Interprets one event of the control link.
         fn handle_control_event(&mut self, event: ControlEvent);
         /// The local address of the stream to the registry.
@@ -174,7 +174,7 @@ pub trait RegistryClient: sealed::Composed {
 
     /// A fresh stream to the registry is up: start the handshake.
     fn connect(&mut self, now: Instant, entropy: [u8; 32]) -> Result<(), ClientError> {
-        self.control_link_mut().connect(now, entropy)
+        self.control_session_mut().connect(now, entropy)
     }
 
     /// The fresh stream's local address (call before `connect`): the
@@ -187,41 +187,41 @@ pub trait RegistryClient: sealed::Composed {
 
     /// Whether the control session is established.
     fn is_connected(&self) -> bool {
-        self.control_link().is_established()
+        self.control_session().is_established()
     }
 
     /// Bytes read from the registry.
     fn handle_input(&mut self, now: Instant, data: &[u8]) {
-        self.control_link_mut().handle_input(now, data);
+        self.control_session_mut().handle_input(now, data);
         drain(self);
     }
 
     /// The stream to the registry closed.
     fn handle_closed(&mut self) {
-        self.control_link_mut().handle_closed();
+        self.control_session_mut().handle_closed();
         drain(self);
     }
 
     /// Timers: handshake deadline, keepalive, dead registry.
     fn handle_timeout(&mut self, now: Instant) {
-        self.control_link_mut().handle_timeout(now);
+        self.control_session_mut().handle_timeout(now);
         drain(self);
     }
 
     /// When `handle_timeout` must next be called.
     fn poll_timeout(&self) -> Option<Instant> {
-        self.control_link().poll_timeout()
+        self.control_session().poll_timeout()
     }
 
     /// Bytes to write to the registry; false if none.
     fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
-        self.control_link_mut().poll_transmit(buf)
+        self.control_session_mut().poll_transmit(buf)
     }
 }
 
 /// Hands every event of the client's control link to the client, in order.
 fn drain<C: sealed::Composed + ?Sized>(client: &mut C) {
-    while let Some(event) = client.control_link_mut().poll_event() {
+    while let Some(event) = client.control_session_mut().poll_event() {
         client.handle_control_event(event);
     }
 }

@@ -14,7 +14,7 @@ use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::client::balance::{Balancer, Strategy};
-use crate::client::control::{ControlEvent, ControlLink};
+use crate::client::control::{ControlEvent, ControlSession};
 use crate::client::{ClientConfig, ClientError};
 use crate::hello::Capabilities;
 use crate::keys::PublicKey;
@@ -87,7 +87,7 @@ struct Watched {
 
 /// The proxy side; see the module docs.
 pub struct ProxyClient {
-    control_link: ControlLink,
+    control_session: ControlSession,
     watched: Vec<Watched>,
     next_lookup: u32,
     /// Meet requests the registry has not answered yet.
@@ -126,7 +126,7 @@ impl ProxyClient {
             .map(|query| Watched { query, balancer: Balancer::new(strategy, me, ban), instances: Vec::new() })
             .collect();
         ProxyClient {
-            control_link: ControlLink::new(config),
+            control_session: ControlSession::new(config),
             next_lookup: first_request_id(watched.len()),
             watched,
             meets: HashSet::new(),
@@ -138,11 +138,11 @@ impl ProxyClient {
     /// Asks the registry once for `query`; the answer comes as
     /// [`ProxyEvent::LookupResult`] with the returned id. `None` when not connected.
     pub fn lookup(&mut self, query: RoleQuery) -> Option<u32> {
-        if !self.control_link.is_established() {
+        if !self.control_session.is_established() {
             return None;
         }
         let id = self.next_request_id();
-        self.control_link.send(&Message::Lookup { id, query });
+        self.control_session.send(&Message::Lookup { id, query });
         Some(id)
     }
 
@@ -152,13 +152,13 @@ impl ProxyClient {
     /// returned id. `None` when not connected, when the registry cannot
     /// meet, or with [`MAX_PENDING_MEETS`] unanswered.
     pub fn meet(&mut self, service: PublicKey, role: Role) -> Option<u32> {
-        let can_meet = self.control_link.remote_capabilities().contains(Capabilities::MEET);
-        if !self.control_link.is_established() || !can_meet || self.meets.len() >= MAX_PENDING_MEETS {
+        let can_meet = self.control_session.remote_capabilities().contains(Capabilities::MEET);
+        if !self.control_session.is_established() || !can_meet || self.meets.len() >= MAX_PENDING_MEETS {
             return None;
         }
         let id = self.next_request_id();
         self.meets.insert(id);
-        self.control_link.send(&Message::Meet { id, service, role });
+        self.control_session.send(&Message::Meet { id, service, role });
         Some(id)
     }
 
@@ -294,7 +294,7 @@ impl ProxyClient {
                 }
                 self.events.push_back(ProxyEvent::Refused { id, code, text });
             }
-            other => self.control_link.fail(ClientError::Unexpected(other.kind())),
+            other => self.control_session.fail(ClientError::Unexpected(other.kind())),
         }
     }
 
@@ -309,7 +309,7 @@ impl ProxyClient {
                 self.events.push_back(ProxyEvent::Connected);
                 for (id, watched) in self.watched.iter().enumerate() {
                     let id = u32::try_from(id).unwrap_or(u32::MAX);
-                    self.control_link.send(&Message::Watch { id, query: watched.query.clone() });
+                    self.control_session.send(&Message::Watch { id, query: watched.query.clone() });
                 }
             }
             ControlEvent::Message(msg) => self.handle_message(msg),

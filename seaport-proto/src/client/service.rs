@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 
-use crate::client::control::{ControlEvent, ControlLink};
+use crate::client::control::{ControlEvent, ControlSession};
 use crate::client::{ClientConfig, ClientError};
 use crate::keys::PublicKey;
 use crate::meet::Ticket;
@@ -45,7 +45,7 @@ pub enum ServiceEvent {
 
 /// The service side; see the module docs.
 pub struct ServiceClient {
-    control_link: ControlLink,
+    control_session: ControlSession,
     roles: Vec<Role>,
     port: u16,
     addrs: Vec<SocketAddr>,
@@ -62,7 +62,7 @@ impl ServiceClient {
     /// A service offering `roles` on link `port` (and at `addrs`).
     pub fn new(config: ClientConfig, roles: Vec<Role>, port: u16, addrs: Vec<SocketAddr>) -> ServiceClient {
         ServiceClient {
-            control_link: ControlLink::new(config),
+            control_session: ControlSession::new(config),
             roles,
             port,
             addrs,
@@ -98,14 +98,14 @@ impl ServiceClient {
             return;
         }
         self.available = available;
-        if !self.control_link.is_established() {
+        if !self.control_session.is_established() {
             return;
         }
         if available {
             self.register_all();
         } else {
             for id in 0..self.roles.len() {
-                self.control_link.send(&Message::Unregister { id: id as u32 });
+                self.control_session.send(&Message::Unregister { id: id as u32 });
             }
         }
     }
@@ -114,7 +114,7 @@ impl ServiceClient {
         for (id, role) in self.roles.iter().enumerate() {
             let msg =
                 Message::Register { id: id as u32, role: role.clone(), port: self.port, addrs: self.addrs() };
-            self.control_link.send(&msg);
+            self.control_session.send(&msg);
         }
     }
 
@@ -134,7 +134,7 @@ impl ServiceClient {
             Message::MeetOffer { ticket, proxy } => {
                 self.events.push_back(ServiceEvent::MeetOffer { ticket, proxy });
             }
-            other => self.control_link.fail(ClientError::Unexpected(other.kind())),
+            other => self.control_session.fail(ClientError::Unexpected(other.kind())),
         }
     }
 

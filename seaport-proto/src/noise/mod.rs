@@ -3,7 +3,7 @@
 //! The initiator always knows the responder's public key (the registry's from
 //! the user, a service's from the registry), so `IK` lets it encrypt its first
 //! message: a peer that does not know the key cannot produce a message the
-//! responder accepts. The first payload is a [`Hello`] naming the initiator's
+//! responder accepts. The first payload is a [`Hello`](crate::hello::Hello) naming the initiator's
 //! ed25519 key, its [`Intent`] and the protocol version; the responder checks
 //! that the ed25519 key maps to the Noise static key the handshake proved.
 //!

@@ -412,7 +412,7 @@ impl Registry {
             return;
         }
         self.mark_dirty(id);
-        while let Some(plain) = self.peers.get_mut(&id).and_then(|p| p.session.poll_event()) {
+        while let Some(plain) = self.peers.get_mut(&id).and_then(|p| p.session.poll_message()) {
             self.confirm(id);
             match Message::decode(&plain) {
                 Ok(msg) => self.handle_message(now, id, msg),

@@ -551,7 +551,7 @@ impl Hand {
             }
             buf.clear();
         }
-        std::iter::from_fn(|| self.session.poll_event()).map(|p| Message::decode(&p).unwrap()).collect()
+        std::iter::from_fn(|| self.session.poll_message()).map(|p| Message::decode(&p).unwrap()).collect()
     }
 
     fn send(&mut self, registry: &mut Registry, now: Instant, msg: &Message) -> Vec<Message> {
