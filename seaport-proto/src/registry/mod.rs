@@ -55,7 +55,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-pub use admission::Full;
+pub use admission::{Full, Source};
 pub use directory::{Directory, OwnedId};
 pub use meetings::{Arrival, ArrivalError, MeetConfig, MeetRefusal, Meetings, Party, Tickets};
 

@@ -415,7 +415,7 @@ fn silent_connections_from_one_source_cannot_keep_a_service_out() {
     for n in 0..3u8 {
         net.registry.accept(now, SocketAddr::new(attacker.ip(), u16::from(n)), [n; 32]).unwrap();
     }
-    assert_eq!(net.registry.accept(now, attacker, [9; 32]), Err(Full::Source(attacker.ip(), 3)));
+    assert_eq!(net.registry.accept(now, attacker, [9; 32]), Err(Full::Source(Source::of(attacker.ip()), 3)));
     // A service from elsewhere still gets in and registers.
     net.add(RawPeer::new());
     net.connect(1, &keypair(3));
@@ -702,4 +702,29 @@ fn only_a_registry_sends_meeting_answers_and_offers() {
     let mut net = connected(RegistryConfig::default());
     exchange(&mut net, &[Message::MeetOffer { ticket: Ticket([1; 16]), proxy: keypair(9).public() }]);
     assert_eq!(close_reason(&net), Some(CloseReason::WrongDirection("MeetOffer")));
+}
+
+#[test]
+fn many_addresses_of_one_ipv6_slash_64_fill_only_that_sources_share_of_handshakes() {
+    // The attack: 1,100 addresses of one /64, each stalling mid-handshake.
+    let config =
+        RegistryConfig { max_handshakes: 1024, max_handshakes_per_source: 16, ..RegistryConfig::default() };
+    let mut net = connected(config);
+    let now = net.now;
+    let mut refused = 0;
+    for n in 0..1100u16 {
+        let addr = SocketAddr::new(format!("2001:db8:7:7::{n:x}").parse().unwrap(), 4000);
+        match net.registry.accept(now, addr, [1; 32]) {
+            Ok(_) => {}
+            Err(Full::Source(source, 16)) => {
+                assert_eq!(source.to_string(), "2001:db8:7:7::/64");
+                refused += 1;
+            }
+            Err(other) => panic!("refused as {other:?}, not per source"),
+        }
+    }
+    assert_eq!(refused, 1100 - 16, "one /64 holds at most its 16 handshakes");
+    // Another /64 (and IPv4) still start handshakes.
+    assert!(net.registry.accept(now, "[2001:db8:7:8::1]:1".parse().unwrap(), [2; 32]).is_ok());
+    assert!(net.registry.accept(now, "192.0.2.1:1".parse().unwrap(), [3; 32]).is_ok());
 }
