@@ -77,7 +77,15 @@ fn public_ranges() {
 
 #[test]
 fn registration_versions() {
-    for v in lines("versions.jsonl") {
+    let vectors = lines("versions.jsonl");
+    // Both kinds must be there, or a file that lost its lines passes.
+    let valid = vectors.iter().filter(|v| v["valid"].as_bool() == Some(true)).count();
+    assert!(
+        valid > 0 && valid < vectors.len(),
+        "versions.jsonl needs valid and invalid vectors: {valid} of {}",
+        vectors.len()
+    );
+    for v in vectors {
         let text = v["version"].as_str().unwrap();
         let parsed = parse_version(text);
         assert_eq!(parsed.is_ok(), v["valid"].as_bool().unwrap(), "{text:?}: {parsed:?}");

@@ -1,4 +1,4 @@
-//! The control link: one client's encrypted control session to the registry,
+//! The control session: one client's encrypted control session to the registry,
 //! with its keepalive, as a state machine of its own. It handles what every
 //! client needs alike (handshake, ping/pong, a dead registry, a session-wide
 //! error) and returns the rest as [`ControlEvent`]s for the client that owns
@@ -7,7 +7,7 @@
 //! Invariants: a session ends exactly once, with one
 //! [`ControlEvent::Closed`]; events come in wire order, so the messages that
 //! arrived before whatever ended the session are still delivered, and nothing
-//! after it is; after `Closed` the link is idle until the next `connect`.
+//! after it is; after `Closed` it is idle until the next `connect`.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -17,7 +17,7 @@ use crate::hello::{Capabilities, Intent, Stamp};
 use crate::message::{Message, MessageError};
 use crate::session::Session;
 
-/// What a control link reports to the client that owns it.
+/// What a control session reports to the client that owns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ControlEvent {
@@ -25,7 +25,7 @@ pub enum ControlEvent {
     Opened,
     /// A message for the client to interpret.
     Message(Message),
-    /// The session ended; the link is idle until the next `connect`.
+    /// The session ended; it is idle until the next `connect`.
     Closed(ClientError),
 }
 
@@ -37,7 +37,7 @@ struct Open {
     nonce: u64,
 }
 
-/// A client's control link to the registry; see the module docs.
+/// A client's control session to the registry; see the module docs.
 pub struct ControlSession {
     config: ClientConfig,
     /// The session, between `connect` and its end.
@@ -48,12 +48,12 @@ pub struct ControlSession {
 }
 
 impl ControlSession {
-    /// An idle link; nothing happens before `connect`.
+    /// Idle; nothing happens before `connect`.
     pub fn new(config: ClientConfig) -> ControlSession {
         ControlSession { config, open: None, started: 0, events: VecDeque::new() }
     }
 
-    /// Who this link is and whom it talks to.
+    /// Who this is and whom it talks to.
     pub fn config(&self) -> &ClientConfig {
         &self.config
     }

@@ -187,6 +187,14 @@ impl Registry {
     /// build can meet, within the asker's budget ([`super::Meetings::open`]).
     fn meet(&mut self, now: Instant, asker: Asker, req: u32, service: PublicKey, role: &Role) {
         let Asker { id, key, .. } = asker;
+        // A key meeting itself would get a splice between two sockets it
+        // holds: a free relay for any bytes, not a path to a service.
+        if service == key {
+            let text =
+                format!("{key} asked to meet itself: a meeting joins a proxy to another key's service");
+            self.send(id, &error(Some(req), ErrorCode::UNSUPPORTED, &text));
+            return;
+        }
         // With an access list, only for a role the proxy may look up; to a
         // proxy that may not, the service is unknown, as if not registered,
         // so the answer tells nothing it may not know.

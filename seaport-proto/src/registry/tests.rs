@@ -728,3 +728,20 @@ fn many_addresses_of_one_ipv6_slash_64_fill_only_that_sources_share_of_handshake
     assert!(net.registry.accept(now, "[2001:db8:7:8::1]:1".parse().unwrap(), [2; 32]).is_ok());
     assert!(net.registry.accept(now, "192.0.2.1:1".parse().unwrap(), [3; 32]).is_ok());
 }
+
+#[test]
+fn a_key_cannot_meet_itself() {
+    // The attack: one key registers a role, then asks for a meeting with
+    // its own registration, to have the registry splice two of its sockets.
+    let mut net = connected(RegistryConfig::default());
+    let role = Role::parse("db@1.0.0").unwrap();
+    exchange(&mut net, &[Message::Register { id: 1, role: role.clone(), port: 1, addrs: vec![] }]);
+    let me = keypair(2).public();
+    let got = exchange(&mut net, &[Message::Meet { id: 2, service: me, role }]);
+    assert!(
+        matches!(&got[..], [Message::Error { id: Some(2), code: ErrorCode::UNSUPPORTED, text }] if text.contains("itself")),
+        "{got:?}"
+    );
+    assert!(!net.events.iter().any(|e| matches!(e, RegistryEvent::MeetArranged { .. })));
+    assert_eq!(net.registry.session_count(), 1, "the session goes on");
+}
