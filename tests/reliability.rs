@@ -276,3 +276,22 @@ fn a_stream_cut_mid_transfer_reaches_the_client_as_a_reset() {
     let err = ended.expect_err("a cut transfer must not look like a clean end");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
+
+#[test]
+fn a_backend_not_up_yet_is_waited_for_not_withdrawn() {
+    // A service started before its backend: nothing was registered, so
+    // nothing is withdrawn; it says what it waits for, then registers.
+    let dir = std::env::temp_dir().join(format!("seaport-late-backend-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("index.html"), "late").unwrap();
+    let backend_port = free_port();
+    let reg = registry(&[]);
+    let port = backend_port.to_string();
+    let args = [reg.target.as_str(), "-p", &port, "-r", "late@1.0.0", "--check-interval", "200ms"];
+    let svc = Proc::start("seaport-service", &args, &[]);
+    svc.wait_log("does not answer", WAIT);
+    let _backend = python_http(backend_port, &dir);
+    svc.wait_line("registered service late@1.0.0", WAIT);
+    assert_eq!(svc.count("withdrew"), 0, "nothing was withdrawn: {:#?}", svc.lines());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -3,6 +3,7 @@
 //! registry.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -125,17 +126,35 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     if local.ip().is_unspecified() {
         service = service.listening_on_every_interface();
     }
+    // A backend that does not answer yet keeps the role from being
+    // registered at all, rather than registered and withdrawn at once.
+    let backend_up = backend_answers(backend, args.check_interval).await;
+    if !backend_up {
+        tracing::warn!(%backend, "backend does not answer: {role} is registered once it does");
+        readiness().set(READY, Some(format!("not registered: backend {backend} does not answer")));
+        service.set_available(false);
+    }
     let client = Arc::new(Mutex::new(service));
     // Meetings the registry offers (a proxy that cannot dial us), and the
     // punched or relayed streams they yield, which are served as links.
     let (offers_tx, offers) = mpsc::channel(reach::MAX_MEETINGS);
     let (met_tx, met) = mpsc::channel(reach::MAX_MEETINGS);
-    let control =
-        ControlTask::spawn(client.clone(), args.client.registry.clone(), resolver, reporter(offers_tx));
+    // Whether the role is registered now: a backend that goes down withdraws
+    // it, one that was never up has nothing to withdraw.
+    let registered = Arc::new(AtomicBool::new(false));
+    let control = ControlTask::spawn(
+        client.clone(),
+        args.client.registry.clone(),
+        resolver,
+        reporter(offers_tx, registered.clone()),
+    );
     let meetings =
         tokio::spawn(reach::answer_meetings(offers, control.registry_addr(), allow.clone(), met_tx));
-    let health =
-        tokio::spawn(watch_backend(client.clone(), role, backend, args.check_interval, control.poke()));
+    let health = tokio::spawn(watch_backend(
+        client.clone(),
+        Health { role, backend, every: args.check_interval, up: backend_up, registered },
+        control.poke(),
+    ));
 
     let timeout = args.handshake_timeout;
     let budget = Budget::new(args.max_streams as usize, args.max_streams_per_proxy as usize);
@@ -187,7 +206,10 @@ const READY: &str = "registered";
 
 /// Turns the client's events into stdout lines and logs. A disconnect is
 /// reported once, and only after a session that was up.
-fn reporter(offers: mpsc::Sender<(Ticket, PublicKey)>) -> impl FnMut(&ServiceEvent) + Send {
+fn reporter(
+    offers: mpsc::Sender<(Ticket, PublicKey)>,
+    registered: Arc<AtomicBool>,
+) -> impl FnMut(&ServiceEvent) + Send {
     let mut connected = false;
     move |event| match event {
         ServiceEvent::MeetOffer { ticket, proxy } => match offers.try_send((*ticket, *proxy)) {
@@ -199,6 +221,7 @@ fn reporter(offers: mpsc::Sender<(Ticket, PublicKey)>) -> impl FnMut(&ServiceEve
             Err(mpsc::error::TrySendError::Closed(_)) => tracing::debug!(%proxy, "meeting offer ignored"),
         },
         ServiceEvent::Registered(role) => {
+            registered.store(true, Ordering::Relaxed);
             readiness().set(READY, None);
             emit(&Event::Registered { role: role.clone() });
             seaport_net::notify::ready();
@@ -213,6 +236,7 @@ fn reporter(offers: mpsc::Sender<(Ticket, PublicKey)>) -> impl FnMut(&ServiceEve
             tracing::info!("connected to registry");
         }
         ServiceEvent::Disconnected(reason) => {
+            registered.store(false, Ordering::Relaxed);
             readiness().set(READY, Some(format!("not registered: no session with the registry ({reason})")));
             if std::mem::take(&mut connected) {
                 emit(&Event::Disconnected { reason: reason.to_string() });
@@ -222,34 +246,49 @@ fn reporter(offers: mpsc::Sender<(Ticket, PublicKey)>) -> impl FnMut(&ServiceEve
     }
 }
 
-/// Checks the backend every `every` with a TCP connect; withdraws the role
-/// while it is down and registers it again when it is back, so no proxy is
-/// sent to a service that cannot answer.
-async fn watch_backend(
-    client: Arc<Mutex<ServiceClient>>,
+/// What the backend check watches, and what it knows of the role.
+struct Health {
     role: Role,
     backend: SocketAddr,
     every: Duration,
-    poke: Arc<Notify>,
-) {
-    let mut up = true;
+    /// Whether it answered the last check.
+    up: bool,
+    /// Set while the registry holds the role (see `reporter`).
+    registered: Arc<AtomicBool>,
+}
+
+/// Checks the backend every `every` with a TCP connect; withdraws the role
+/// while it is down and registers it again when it is back, so no proxy is
+/// sent to a service that cannot answer. A backend that is not up yet keeps
+/// the role from being registered, and says so; only a role that was
+/// registered is reported withdrawn.
+async fn watch_backend(client: Arc<Mutex<ServiceClient>>, health: Health, poke: Arc<Notify>) {
+    let Health { role, backend, every, mut up, registered } = health;
     loop {
-        let check =
-            tokio::time::timeout(every.max(Duration::from_secs(1)), TcpStream::connect(backend)).await;
-        let now_up = matches!(check, Ok(Ok(_)));
-        if now_up != up {
-            up = now_up;
-            if up {
-                tracing::info!(%backend, "backend is back: registering again");
-            } else {
-                tracing::warn!(%backend, "backend is down: withdrawing the registration");
-                let reason = format!("backend {backend} is down");
-                readiness().set(READY, Some(format!("{role} withdrawn: {reason}")));
-                emit(&Event::Withdrawn { role: role.clone(), reason });
-            }
-            lock(&client).set_available(up);
-            poke.notify_one();
-        }
         tokio::time::sleep(every).await;
+        let now_up = backend_answers(backend, every).await;
+        if now_up == up {
+            continue;
+        }
+        up = now_up;
+        if up {
+            tracing::info!(%backend, "backend is back: registering again");
+        } else if registered.swap(false, Ordering::Relaxed) {
+            tracing::warn!(%backend, "backend is down: withdrawing the registration");
+            let reason = format!("backend {backend} is down");
+            readiness().set(READY, Some(format!("{role} withdrawn: {reason}")));
+            emit(&Event::Withdrawn { role: role.clone(), reason });
+        } else {
+            tracing::warn!(%backend, "backend does not answer: {role} is registered once it does");
+            readiness().set(READY, Some(format!("not registered: backend {backend} does not answer")));
+        }
+        lock(&client).set_available(up);
+        poke.notify_one();
     }
+}
+
+/// Whether the backend accepts a TCP connection within `every` (at least 1 s).
+async fn backend_answers(backend: SocketAddr, every: Duration) -> bool {
+    let check = tokio::time::timeout(every.max(Duration::from_secs(1)), TcpStream::connect(backend)).await;
+    matches!(check, Ok(Ok(_)))
 }
