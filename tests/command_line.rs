@@ -14,6 +14,12 @@ fn run(name: &str, args: &[&str]) -> (Option<i32>, String) {
     (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// Runs a binary; its exit code and stdout.
+fn run_out(name: &str, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(bin(name)).args(args).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 #[test]
 fn seed_prints_the_walkthrough_lines() {
     let out = Command::new(bin("seaport-seed")).output().unwrap();
@@ -174,6 +180,20 @@ fn a_seed_file_made_by_seaport_seed_starts_a_registry() {
     let warning = reg.wait_log("can be read by others", Duration::from_secs(5));
     assert!(warning.contains("chmod 600"), "{warning}");
     drop(reg);
+    // --show prints the pubkey of the seed already in the file, as text and JSON.
+    let (code, shown) = run_out("seaport-seed", &["--show", path_text]);
+    assert_eq!(code, Some(0));
+    assert_eq!(shown.trim(), format!("{path_text} holds the seed of pubkey {key}"));
+    let (_, json) = run_out("seaport-seed", &["--show", path_text, "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["pubkey"], key.as_str());
+    // A directory given as a seed file is named as what it is, with no
+    // advice to chmod it.
+    let (code, err) = run("seaport-registry", &["--seed-file", dir.to_str().unwrap(), "--no-dht"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("directory") && !err.contains("chmod"), "{err}");
+    let (code, err) = run("seaport-seed", &["--show", dir.join("missing.seed").to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -63,7 +63,9 @@ fn warn_if_exposed(path: &Path) {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
+        // Only a file holds a seed: anything else is reported by the read.
         if let Ok(meta) = std::fs::metadata(path)
+            && meta.is_file()
             && meta.permissions().mode() & 0o077 != 0
         {
             tracing::warn!(

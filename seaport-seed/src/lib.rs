@@ -13,7 +13,7 @@ use seaport_proto::keys::{Keypair, Seed};
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Examples:\n  seaport-seed --seed-file registry.seed\n  seaport-registry --seed-file registry.seed\n\nGive the printed pubkey to services and proxies; keep the seed secret."
+    after_help = "Examples:\n  seaport-seed --seed-file registry.seed\n  seaport-registry --seed-file registry.seed\n  seaport-seed --show web.seed    # the pubkey of an existing seed file\n\nGive the printed pubkey to services and proxies; keep the seed secret."
 )]
 pub struct Args {
     /// Print {"seed": ..., "pubkey": ...} (or {"seed_file": ..., "pubkey": ...}) instead of text.
@@ -21,8 +21,12 @@ pub struct Args {
     pub json: bool,
     /// Write the seed to this new file (mode 0600; an existing file is never
     /// overwritten) instead of printing it.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "show")]
     pub seed_file: Option<PathBuf>,
+    /// Make no seed: print the pubkey of the seed in this existing file (for
+    /// a service's `--allow` or a registry's `--acl`).
+    #[arg(long, value_name = "PATH")]
+    pub show: Option<PathBuf>,
     /// Print a completion script for this shell (bash, zsh, fish, elvish,
     /// powershell) and exit.
     #[arg(long, value_name = "SHELL", exclusive = true)]
@@ -46,6 +50,17 @@ pub fn render(seed: &Seed, file: Option<&Path>, json: bool) -> String {
             "Generated a random seed for you!\n--seed-file {}\nservices and proxies will connect with pubkey {pubkey}",
             path.display()
         ),
+    }
+}
+
+/// The lines to print for `--show`: the pubkey of the seed in `file`.
+pub fn render_shown(seed: &Seed, file: &Path, json: bool) -> String {
+    let pubkey = Keypair::from_seed(seed).public();
+    if json {
+        let path = serde_json::to_string(&file.to_string_lossy()).unwrap_or_default();
+        format!("{{\"seed_file\": {path}, \"pubkey\": \"{pubkey}\"}}")
+    } else {
+        format!("{} holds the seed of pubkey {pubkey}", file.display())
     }
 }
 

@@ -1,4 +1,4 @@
-//! `seaport-seed [--json] [--seed-file PATH]`
+//! `seaport-seed [--json] [--seed-file PATH | --show PATH]`
 use clap::Parser;
 use seaport_net::cli::{Failure, exit_with};
 
@@ -6,6 +6,17 @@ fn main() {
     let args = seaport_seed::Args::parse();
     if let Some(shell) = args.completions {
         return seaport_net::cli::print_completions::<seaport_seed::Args>(shell, "seaport-seed");
+    }
+    if let Some(path) = &args.show {
+        match seaport_net::identity::load_seed(None, Some(path)) {
+            Ok(Some(seed)) => println!("{}", seaport_seed::render_shown(&seed, path, args.json)),
+            Ok(None) => {
+                let text = format!("{} holds no seed", path.display());
+                exit_with::<seaport_seed::Args>("seaport-seed", Failure::Usage(text));
+            }
+            Err(e) => exit_with::<seaport_seed::Args>("seaport-seed", Failure::Usage(e.to_string())),
+        }
+        return;
     }
     let seed = seaport_net::identity::random_seed();
     if let Some(path) = &args.seed_file {
