@@ -5,11 +5,15 @@
 //! Read-only: every route answers GET (and HEAD) from state the process
 //! already keeps; no request changes anything, and no request body is
 //! read. Bounds: at most [`MAX_CONNECTIONS`] connections at once (more are
-//! closed at once), request headers must arrive within [`HEADER_TIMEOUT`],
-//! and a connection lives at most [`CONNECTION_LIFETIME`] (a page polling
-//! over keep-alive simply opens another).
+//! closed at once), [`RESERVED_FOR_LOCALHOST`] of them kept for 127.0.0.1
+//! and ::1 (a monitor on this host still gets `/healthz` and `/ready` while
+//! others hold every other slot), request headers must arrive within
+//! [`HEADER_TIMEOUT`], and a connection lives at most
+//! [`CONNECTION_LIFETIME`] (a page polling over keep-alive simply opens
+//! another).
 
 use std::convert::Infallible;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +35,9 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// Most of them from one address, so that one client cannot lock the
 /// health checks out.
 pub const MAX_CONNECTIONS_PER_SOURCE: usize = 16;
+/// Of [`MAX_CONNECTIONS`], how many only 127.0.0.1 and ::1 may use. Only
+/// those two addresses: the rest of 127.0.0.0/8 is as foreign as any.
+pub const RESERVED_FOR_LOCALHOST: usize = 8;
 /// How long a client may take to send a request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one connection may stay open.
@@ -57,7 +64,8 @@ pub trait Page: Send + Sync {
 /// dropped).
 pub async fn serve(listener: TcpListener, site: Site, mut stop: watch::Receiver<bool>) {
     let site = Arc::new(site);
-    let slots = Limit::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE);
+    let slots = Limit::new(MAX_CONNECTIONS - RESERVED_FOR_LOCALHOST, MAX_CONNECTIONS_PER_SOURCE);
+    let reserved = Limit::new(RESERVED_FOR_LOCALHOST, RESERVED_FOR_LOCALHOST);
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -67,8 +75,10 @@ pub async fn serve(listener: TcpListener, site: Site, mut stop: watch::Receiver<
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
+                let localhost = peer.ip() == Ipv4Addr::LOCALHOST || peer.ip() == Ipv6Addr::LOCALHOST;
                 let permit = match slots.take(peer.ip()) {
                     Ok(permit) => permit,
+                    Err(_) if localhost && let Ok(permit) = reserved.take(peer.ip()) => permit,
                     Err(Over::All(_)) => {
                         tracing::debug!(%peer, "too many HTTP connections; closing this one");
                         continue;
@@ -127,14 +137,19 @@ fn answer(site: &Site, request: &Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 /// Whether the request names this server by an IP literal or `localhost`
-/// (with or without a port). A browser sends the page's own host name, so a
-/// hostile page that rebinds its name to this address is refused, while
-/// curl, Prometheus and a browser pointed at `127.0.0.1:PORT` all pass.
+/// (with or without a port), in one `Host` header of plain ASCII. A browser
+/// sends the page's own host name, so a hostile page that rebinds its name
+/// to this address is refused, while curl, Prometheus and a browser pointed
+/// at `127.0.0.1:PORT` all pass. Two `Host` headers, or one that is not
+/// ASCII, are refused: the name checked must be the name any proxy between
+/// would use.
 fn plain_host(request: &Request<Incoming>) -> bool {
-    let Some(host) = request.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()) else {
-        // HTTP/1.0 without Host: not what a browser sends.
-        return true;
+    let mut hosts = request.headers().get_all(hyper::header::HOST).iter();
+    let (Some(host), None) = (hosts.next(), hosts.next()) else {
+        // None: HTTP/1.0 without Host, not what a browser sends. Two: refused.
+        return request.headers().get(hyper::header::HOST).is_none();
     };
+    let Ok(host) = host.to_str() else { return false };
     let name = match host.strip_prefix('[') {
         Some(v6) => return v6.split(']').next().is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()),
         None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
@@ -183,4 +198,70 @@ pub async fn start(
         tokio::spawn(serve(listener, site, stop.clone()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpSocket;
+
+    /// A server for `/healthz` on a free loopback port, stopped on drop of
+    /// the sender.
+    async fn server() -> (std::net::SocketAddr, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop) = watch::channel(false);
+        tokio::spawn(serve(listener, Site::default(), stop));
+        (addr, stop_tx)
+    }
+
+    /// Sends `request` from `from` and returns the status code (0 when the
+    /// connection was closed without an answer).
+    async fn status(addr: std::net::SocketAddr, from: [u8; 4], request: &[u8]) -> u16 {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind((std::net::Ipv4Addr::from(from), 0).into()).unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut reply = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut reply)).await;
+        assert!(read.is_ok(), "no answer within 10 s");
+        let reply = String::from_utf8_lossy(&reply);
+        reply.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn a_host_header_that_is_not_ascii_or_comes_twice_is_refused() {
+        let (addr, _stop) = server().await;
+        let plain = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+        assert_eq!(status(addr, [127, 0, 0, 1], plain).await, 200);
+        let foreign = b"GET /healthz HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n";
+        assert_eq!(status(addr, [127, 0, 0, 1], foreign).await, 421);
+        let non_ascii = b"GET /healthz HTTP/1.1\r\nHost: \xe9vil.example\r\nConnection: close\r\n\r\n";
+        assert_eq!(status(addr, [127, 0, 0, 1], non_ascii).await, 421);
+        let twice =
+            b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\nConnection: close\r\n\r\n";
+        assert_eq!(status(addr, [127, 0, 0, 1], twice).await, 421);
+    }
+
+    #[tokio::test]
+    async fn slow_connections_from_elsewhere_leave_localhost_its_slots() {
+        let (addr, _stop) = server().await;
+        // The attack: many connections that never finish their request,
+        // from five addresses, hold every slot they can get.
+        let mut held = Vec::new();
+        for n in 0..(MAX_CONNECTIONS + 16) {
+            let socket = TcpSocket::new_v4().unwrap();
+            let from = std::net::Ipv4Addr::new(127, 0, 0, 2 + (n % 5) as u8);
+            socket.bind((from, 0).into()).unwrap();
+            let mut stream = socket.connect(addr).await.unwrap();
+            stream.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+            held.push(stream);
+        }
+        // Let the server take (or close) each of them.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let health = b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n";
+        assert_eq!(status(addr, [127, 0, 0, 1], health).await, 200, "localhost is still answered");
+        assert_eq!(status(addr, [127, 0, 0, 7], health).await, 0, "another address waits its turn");
+    }
 }
