@@ -189,7 +189,7 @@ where
     F: FnMut(&C::Event),
 {
     if let Ok(local) = stream.local_addr() {
-        lock(client).set_local_addr(local);
+        lock(client).handle_local_addr(local);
     }
     let (mut reader, mut writer) = stream.into_split();
     let started = lock(client).connect(crate::clock::now(), entropy());

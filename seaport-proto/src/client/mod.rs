@@ -24,10 +24,10 @@ use crate::keys::{Keypair, PublicKey};
 use crate::message::{ErrorCode, MessageError};
 use crate::session::SessionError;
 
-/// The glue every client has alike: its `control_session` field is its link,
+/// The glue every client has alike: its `control_session` field is its session,
 /// its events queue in `events`, its event type has `Connected` and
-/// `Disconnected(ClientError)`, its `apply_control_event` interprets the
-/// link's events and its `apply_local_addr` takes the local address of the
+/// `Disconnected(ClientError)`, its `on_control_event` interprets the
+/// session's events and its `on_local_addr` takes the local address of the
 /// stream to the registry.
 macro_rules! registry_client {
     ($client:ident, $event:ident) => {
@@ -38,11 +38,11 @@ macro_rules! registry_client {
             fn control_session_mut(&mut self) -> &mut ControlSession {
                 &mut self.control_session
             }
-            fn handle_control_event(&mut self, event: ControlEvent) {
-                self.apply_control_event(event);
+            fn on_control_event(&mut self, event: ControlEvent) {
+                self.on_control_event(event);
             }
-            fn handle_local_addr(&mut self, local: std::net::SocketAddr) {
-                self.apply_local_addr(local);
+            fn on_local_addr(&mut self, local: std::net::SocketAddr) {
+                self.on_local_addr(local);
             }
         }
 
@@ -141,26 +141,26 @@ pub enum ClientError {
     Silent(Duration),
 }
 
-/// How a client is composed, kept out of the public API: its control link,
+/// How a client is composed, kept out of the public API: its control session,
 /// and where the link's events go.
 pub(crate) mod sealed {
     use super::control::{ControlEvent, ControlSession};
 
     /// Implemented by each client; [`super::RegistryClient`] builds on it.
     pub trait Composed {
-        /// The client's control link.
+        /// The client's control session.
         fn control_session(&self) -> &ControlSession;
-        /// The client's control link, to drive it.
+        /// The client's control session, to drive it.
         fn control_session_mut(&mut self) -> &mut ControlSession;
-        /// Interprets one event of the control link.
-        fn handle_control_event(&mut self, event: ControlEvent);
+        /// Interprets one event of the control session.
+        fn on_control_event(&mut self, event: ControlEvent);
         /// The local address of the stream to the registry.
-        fn handle_local_addr(&mut self, local: std::net::SocketAddr);
+        fn on_local_addr(&mut self, local: std::net::SocketAddr);
     }
 }
 
 /// What a driver needs of either client to keep its control session going:
-/// the common vocabulary, provided once here over the client's control link.
+/// the common vocabulary, provided once here over the client's control session.
 pub trait RegistryClient: sealed::Composed {
     /// The client's event type.
     type Event: std::fmt::Debug;
@@ -181,8 +181,8 @@ pub trait RegistryClient: sealed::Composed {
     /// address this host reaches the registry from, which a service reports
     /// as one of its own when it listens on every interface, so that a proxy
     /// on its LAN dials it directly.
-    fn set_local_addr(&mut self, local: std::net::SocketAddr) {
-        self.handle_local_addr(local);
+    fn handle_local_addr(&mut self, local: std::net::SocketAddr) {
+        self.on_local_addr(local);
     }
 
     /// Whether the control session is established.
@@ -219,9 +219,9 @@ pub trait RegistryClient: sealed::Composed {
     }
 }
 
-/// Hands every event of the client's control link to the client, in order.
+/// Hands every event of the client's control session to the client, in order.
 fn drain<C: sealed::Composed + ?Sized>(client: &mut C) {
     while let Some(event) = client.control_session_mut().poll_event() {
-        client.handle_control_event(event);
+        client.on_control_event(event);
     }
 }

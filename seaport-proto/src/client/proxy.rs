@@ -300,10 +300,10 @@ impl ProxyClient {
 
     /// A proxy reports no addresses: where its control session comes from
     /// does not matter to it.
-    fn apply_local_addr(&mut self, _local: std::net::SocketAddr) {}
+    fn on_local_addr(&mut self, _local: std::net::SocketAddr) {}
 
-    /// Interprets one event of the control link.
-    fn apply_control_event(&mut self, event: ControlEvent) {
+    /// Interprets one event of the control session.
+    fn on_control_event(&mut self, event: ControlEvent) {
         match event {
             ControlEvent::Opened => {
                 self.events.push_back(ProxyEvent::Connected);

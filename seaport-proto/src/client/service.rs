@@ -138,14 +138,14 @@ impl ServiceClient {
         }
     }
 
-    fn apply_local_addr(&mut self, local: SocketAddr) {
+    fn on_local_addr(&mut self, local: SocketAddr) {
         // Loopback is what the registry observes anyway when it is on this
         // host; any other address is news only for a wildcard listener.
         self.route_addr = self.every_interface.then(|| SocketAddr::new(local.ip(), self.port));
     }
 
-    /// Interprets one event of the control link.
-    fn apply_control_event(&mut self, event: ControlEvent) {
+    /// Interprets one event of the control session.
+    fn on_control_event(&mut self, event: ControlEvent) {
         match event {
             ControlEvent::Opened => {
                 self.events.push_back(ServiceEvent::Connected);
@@ -265,14 +265,14 @@ mod tests {
         let lan: SocketAddr = "192.168.1.2:40000".parse().unwrap();
         let given: SocketAddr = "10.0.0.1:7000".parse().unwrap();
         let mut wildcard = client(vec![given]).listening_on_every_interface();
-        wildcard.set_local_addr(lan);
+        wildcard.handle_local_addr(lan);
         assert_eq!(wildcard.addrs(), vec!["192.168.1.2:7000".parse().unwrap(), given]);
         // Reconnecting from elsewhere replaces it; a given address is never doubled.
-        wildcard.set_local_addr("10.0.0.1:1".parse().unwrap());
+        wildcard.handle_local_addr("10.0.0.1:1".parse().unwrap());
         assert_eq!(wildcard.addrs(), vec![given]);
         // A listener on one address reports only what it was given.
         let mut fixed = client(vec![given]);
-        fixed.set_local_addr(lan);
+        fixed.handle_local_addr(lan);
         assert_eq!(fixed.addrs(), vec![given]);
     }
 }
