@@ -62,7 +62,7 @@ impl ErrorCode {
     /// The registry's access control list (`--acl`) does not let this key
     /// register, look up or watch that role name (the text names it); the
     /// request is refused, the session goes on. Also sent when a reloaded
-    /// list withdraws a registration or ends a watch it no longer grants.
+    /// list revokes a registration or ends a watch it no longer grants.
     pub const FORBIDDEN: ErrorCode = ErrorCode(7);
 }
 

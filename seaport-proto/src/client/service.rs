@@ -91,7 +91,8 @@ impl ServiceClient {
         addrs
     }
 
-    /// The backend went down (`false`: withdraw every role) or came back
+    /// The backend went down (`false`: withdraw every role, the one sense of
+    /// "withdraw" in seaport) or came back
     /// (`true`: register again). Also the first step of a clean shutdown.
     pub fn set_available(&mut self, available: bool) {
         if available == self.available {

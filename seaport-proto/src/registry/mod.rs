@@ -205,7 +205,8 @@ pub enum RegistryEvent {
         /// Its role.
         role: Role,
     },
-    /// An instance was withdrawn, explicitly or with its session.
+    /// An instance left: unregistered by its service, revoked by the
+    /// access list, or gone with its session.
     Unregistered {
         /// The service's identity.
         peer: PublicKey,
@@ -219,12 +220,12 @@ pub enum RegistryEvent {
         /// Whom it wants to reach.
         service: PublicKey,
     },
-    /// The access control list refused a request, or withdrew what it no
+    /// The access control list refused a request, or revoked what it no
     /// longer grants ([`Registry::set_acl`]).
     Forbidden {
         /// Whose.
         peer: PublicKey,
-        /// What was refused or withdrawn, as the peer was told.
+        /// What was refused or revoked, as the peer was told.
         text: String,
     },
 }

@@ -5,7 +5,7 @@
 //! Access: with an [`Acl`] ([`Registry::set_acl`]), a key may register,
 //! look up and watch only the role names a grant gives it; anything else is
 //! refused with [`ErrorCode::FORBIDDEN`] and the session goes on. Setting a
-//! new list withdraws the registrations and ends the watches it no longer
+//! new list revokes the registrations and ends the watches it no longer
 //! grants, at once. Without one, any key may do anything.
 //!
 //! Invariants: a refusal answers the request it refuses (by its id) and
@@ -38,7 +38,7 @@ impl Registry {
     }
 
     /// Puts `acl` in force (`None`: anyone may do anything). What it no
-    /// longer grants ends at once: such a registration is withdrawn (its
+    /// longer grants ends at once: such a registration is revoked (its
     /// watchers hear of it) and its service gets an [`ErrorCode::FORBIDDEN`]
     /// error naming it; such a watch is dropped with the same error.
     pub fn set_acl(&mut self, acl: Option<Acl>) {
@@ -56,7 +56,7 @@ impl Registry {
                 .collect();
             for (reg, role) in regs {
                 self.unregister(id, reg);
-                self.forbid(id, key, reg, &format!("registration of {role} withdrawn: {}", Action::Register));
+                self.forbid(id, key, reg, &format!("registration of {role} revoked: {}", Action::Register));
             }
             let watches: Vec<(u32, String)> = self
                 .directory
@@ -227,7 +227,7 @@ impl Registry {
         }
     }
 
-    /// Withdraws registration `reg` of session `id` and tells its watchers;
+    /// Removes registration `reg` of session `id` and tells its watchers;
     /// false if there was none.
     pub(super) fn unregister(&mut self, id: SessionId, reg: u32) -> bool {
         let Some(instance) = self.directory.unregister((id, reg)) else { return false };

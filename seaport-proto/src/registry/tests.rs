@@ -352,7 +352,7 @@ fn a_new_acl_withdraws_what_it_no_longer_grants_and_tells_everyone() {
     net.registry.set_acl(Some(acl(&[(&[2], &["web"], &[]), (&[4], &[], &["couchdb"])])));
     net.pump();
     let service = net.peers[0].peer.take_messages();
-    assert!(forbidden(&service, 1), "the service hears its registration was withdrawn: {service:?}");
+    assert!(forbidden(&service, 1), "the service hears its registration was revoked: {service:?}");
     let proxy = net.peers[1].peer.take_messages();
     assert!(
         proxy.iter().any(|m| matches!(m, Message::Error { id: Some(2), code: ErrorCode::FORBIDDEN, .. })),
