@@ -6,7 +6,7 @@
 //! proxy chooses instances from it); the lock is never held across an await.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use seaport_proto::client::{Backoff, ClientError, RegistryClient};
@@ -20,6 +20,7 @@ use tracing::Instrument;
 use crate::dial::{self, race};
 use crate::event::{Event, emit};
 use crate::identity::{entropy, random_u64};
+use crate::lock::lock;
 use crate::target::{RegistryTarget, ResolveError, Resolver};
 
 /// First reconnect delay; doubles per failure.
@@ -31,12 +32,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a bare key may stay unfound in the DHT before the user is told,
 /// once, what to try instead.
 pub const DHT_HINT_AFTER: Duration = Duration::from_secs(20);
-
-/// Locks, recovering from a panicked holder (the state machines stay consistent
-/// between calls, so a poisoned lock carries no half-done change).
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// A control session in a task of its own: what a service and a proxy both
 /// start, and stop last (after their own listeners), so that whatever the

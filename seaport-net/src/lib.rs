@@ -43,6 +43,7 @@ pub mod http;
 pub mod identity;
 pub mod limit;
 pub mod link;
+pub mod lock;
 pub mod meet;
 pub mod metrics;
 pub mod notify;

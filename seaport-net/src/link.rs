@@ -40,7 +40,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use seaport_proto::frame::{self, FrameDecoder, MAX_WIRE_FRAME};
@@ -62,6 +62,7 @@ use crate::dial;
 use crate::event::{Event, emit};
 use crate::handshake::{HandshakeError, handshake};
 use crate::identity::entropy;
+use crate::lock::lock;
 use crate::metrics::{Refusal, metrics};
 use crate::reach::{self, Introducer, Path, PathMemo};
 
@@ -186,7 +187,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 }
 
@@ -458,13 +459,7 @@ impl Links {
     /// The least loaded usable link to `instance` with room for a stream,
     /// dialed now if there is none.
     async fn get(&self, instance: &Instance) -> Result<LinkHandle, HandshakeError> {
-        let cell = self
-            .links
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(instance_id(instance))
-            .or_default()
-            .clone();
+        let cell = lock(&self.links).entry(instance_id(instance)).or_default().clone();
         let mut links = cell.lock().await;
         // A dead or departing link keeps running for its streams, which hold it.
         links.retain(LinkHandle::is_usable);
@@ -539,7 +534,7 @@ impl Links {
             let keys: Vec<PublicKey> = instances.iter().map(|i| i.key).collect();
             self.memo.retain(&keys);
             let ids: Vec<InstanceId> = instances.iter().map(instance_id).collect();
-            let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut links = lock(&self.links);
             let gone = links.keys().filter(|k| !ids.contains(k)).cloned().collect::<Vec<_>>();
             gone.iter().filter_map(|k| links.remove(k)).collect()
         };

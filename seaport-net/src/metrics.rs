@@ -16,7 +16,7 @@
 //! - No metric carries a seed, a key or an address.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -27,6 +27,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::event::Event;
+use crate::lock::lock;
 
 /// One label, name and value, both from a fixed set.
 pub type Label = Vec<(&'static str, &'static str)>;
@@ -375,13 +376,13 @@ pub struct Readiness {
 impl Readiness {
     /// Sets condition `name`: met (`None`) or not, with a reason.
     pub fn set(&self, name: &str, unmet: Option<String>) {
-        let mut conditions = self.conditions.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut conditions = lock(&self.conditions);
         conditions.insert(name.to_owned(), unmet);
     }
 
     /// `Ok` when ready, else the first unmet condition's reason.
     pub fn check(&self) -> Result<(), String> {
-        let conditions = self.conditions.lock().unwrap_or_else(PoisonError::into_inner);
+        let conditions = lock(&self.conditions);
         if conditions.is_empty() {
             return Err("starting".to_owned());
         }
