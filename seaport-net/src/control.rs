@@ -146,7 +146,7 @@ pub async fn run_client<C, F>(
             Err(e) => {
                 tracing::warn!(registry = %target, "registry not reachable: {e}; retrying");
                 let since = *unresolved_since.get_or_insert_with(Instant::now);
-                let in_dht = matches!(e, ResolveError::NotInDht(_) | ResolveError::EmptyRecord(_));
+                let in_dht = matches!(e, ResolveError::Dht(_));
                 if in_dht && !hinted && since.elapsed() >= DHT_HINT_AFTER {
                     hinted = true;
                     tracing::error!(

@@ -23,8 +23,6 @@ use mainline::{Dht, MutableItem};
 use seaport_proto::keys::{Keypair, PublicKey};
 use tokio::sync::watch;
 
-use crate::target::ResolveError;
-
 /// Salt of seaport's records, so they never collide with other uses of a key.
 pub const SALT: &[u8] = b"seaport/1";
 /// BEP44 values are at most 1000 bytes.
@@ -33,6 +31,18 @@ const MAX_VALUE: usize = 1000;
 pub const PUBLISH_HINT_AFTER: Duration = Duration::from_secs(30);
 /// How often the record is republished while nothing changes.
 pub const REFRESH: Duration = Duration::from_secs(15 * 60);
+
+/// Why a registry's record could not be had from the DHT.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DhtError {
+    /// No DHT node has a record for the key (yet).
+    #[error("registry {0} not found in the DHT (yet)")]
+    NotFound(PublicKey),
+    /// The record found lists no address this build can parse.
+    #[error("the DHT record for {0} lists no address")]
+    EmptyRecord(PublicKey),
+}
 
 /// A running DHT node (or two, for a registry with its own server node).
 pub struct Rendezvous {
@@ -81,15 +91,15 @@ impl Rendezvous {
     }
 
     /// The addresses the registry `key` published last.
-    pub async fn resolve(&self, key: &PublicKey) -> Result<Vec<SocketAddr>, ResolveError> {
+    pub async fn resolve(&self, key: &PublicKey) -> Result<Vec<SocketAddr>, DhtError> {
         let item = self
             .node
             .get_mutable_most_recent(key.as_bytes(), Some(SALT))
             .await
-            .ok_or(ResolveError::NotInDht(*key))?;
+            .ok_or(DhtError::NotFound(*key))?;
         let addrs = std::str::from_utf8(item.value()).map(decode_addrs).unwrap_or_default();
         if addrs.is_empty() {
-            return Err(ResolveError::EmptyRecord(*key));
+            return Err(DhtError::EmptyRecord(*key));
         }
         Ok(addrs)
     }

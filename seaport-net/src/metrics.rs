@@ -8,9 +8,10 @@
 //! dashboard sees zeros rather than gaps.
 //!
 //! Invariants:
-//! - Counters that correspond to stdout events are incremented only by
-//!   [`crate::event::emit`] (through [`Metrics::count_event`]): stdout,
-//!   `--json` and `/metrics` cannot disagree.
+//! - Counters that correspond to stdout events are incremented only where
+//!   the events are emitted (the `event` module counts each event it
+//!   prints, so this module knows nothing of events): stdout, `--json` and
+//!   `/metrics` cannot disagree.
 //! - Label values are a fixed set of `&'static str` chosen here, never a
 //!   peer's text or key: nothing a peer sends can grow a family.
 //! - No metric carries a seed, a key or an address.
@@ -26,7 +27,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::event::Event;
 use crate::lock::lock;
 
 /// One label, name and value, both from a fixed set.
@@ -272,35 +272,6 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
-    }
-
-    /// Counts what `event` stands for. Called by [`crate::event::emit`] only.
-    pub(crate) fn count_event(&self, event: &Event) {
-        let inc = |family: &Family<Label, Counter>, name, value| {
-            family.get_or_create(&label(name, value)).inc();
-        };
-        match event {
-            Event::Registered { .. } => inc(&self.registrations, "event", "registered"),
-            Event::Withdrawn { .. } => inc(&self.registrations, "event", "withdrawn"),
-            Event::RegistrationRefused { .. } => {
-                inc(&self.registrations, "event", "refused");
-                self.refuse(Refusal::Registration);
-            }
-            Event::WatchRefused { .. } => self.refuse(Refusal::Lookup),
-            Event::Found { .. } => {
-                inc(&self.instance_changes, "change", "found");
-                self.instances.inc();
-            }
-            Event::Lost { .. } => {
-                inc(&self.instance_changes, "change", "lost");
-                self.instances.dec();
-            }
-            Event::Disconnected { .. } => {
-                self.registry_disconnects.inc();
-            }
-            Event::LinkUp { path, .. } => inc(&self.links, "path", path),
-            _ => {}
-        }
     }
 
     /// Counts a refusal.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use seaport_proto::keys::PublicKey;
 
-use crate::dht::Rendezvous;
+use crate::dht::{DhtError, Rendezvous};
 
 /// A registry as the user names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,12 +67,9 @@ pub enum ResolveError {
     /// `HOST` resolved to nothing.
     #[error("{0} resolves to no address")]
     NoAddress(String),
-    /// No DHT node has a record for the key (yet).
-    #[error("registry {0} not found in the DHT (yet)")]
-    NotInDht(PublicKey),
-    /// The record found lists no address this build can parse.
-    #[error("the DHT record for {0} lists no address")]
-    EmptyRecord(PublicKey),
+    /// The DHT has no usable record for the key (yet).
+    #[error(transparent)]
+    Dht(#[from] DhtError),
     /// A bare key, but no DHT node was started.
     #[error("no DHT to resolve a bare key; use KEY@HOST:PORT")]
     NoDht,
@@ -112,7 +109,7 @@ impl Resolver {
                 if addrs.is_empty() { Err(ResolveError::NoAddress(host.clone())) } else { Ok(addrs) }
             }
             None => match &self.rendezvous {
-                Some(dht) => dht.resolve(&target.key).await,
+                Some(dht) => Ok(dht.resolve(&target.key).await?),
                 None => Err(ResolveError::NoDht),
             },
         }
