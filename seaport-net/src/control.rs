@@ -62,8 +62,8 @@ impl ControlTask {
         let (registry_tx, registry) = watch::channel(None);
         let poke = Arc::new(Notify::new());
         let span = tracing::info_span!("registry", key = %target.key);
-        let session = Session { stop: stopped, poke: poke.clone(), registry: registry_tx };
-        let task = tokio::spawn(run_client(client, target, resolver, on_event, session).instrument(span));
+        let channels = ControlChannels { stop: stopped, poke: poke.clone(), registry: registry_tx };
+        let task = tokio::spawn(run_client(client, target, resolver, on_event, channels).instrument(span));
         ControlTask { stop, poke, registry, task }
     }
 
@@ -86,8 +86,9 @@ impl ControlTask {
     }
 }
 
-/// How [`run_client`] is steered and what it reports besides events.
-pub struct Session {
+/// The channels that steer [`run_client`] and carry what it reports besides
+/// events.
+pub struct ControlChannels {
     /// Turns true to stop.
     pub stop: watch::Receiver<bool>,
     /// Whoever changes the client from outside (a service's backend health
@@ -97,7 +98,7 @@ pub struct Session {
     pub registry: watch::Sender<Option<SocketAddr>>,
 }
 
-/// Keeps `client` connected to `target` until `session.stop` turns true;
+/// Keeps `client` connected to `target` until `channels.stop` turns true;
 /// `on_event` sees every event. On stop, whatever the client queued last (a
 /// service's unregistrations) is written before the stream is closed.
 pub async fn run_client<C, F>(
@@ -105,12 +106,12 @@ pub async fn run_client<C, F>(
     target: RegistryTarget,
     resolver: Resolver,
     mut on_event: F,
-    session: Session,
+    channels: ControlChannels,
 ) where
     C: RegistryClient + Send + 'static,
     F: FnMut(&C::Event) + Send,
 {
-    let Session { mut stop, poke, registry } = session;
+    let ControlChannels { mut stop, poke, registry } = channels;
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
     // Since when a bare key has not been found in the DHT, and whether the
     // user was told what to try: a walkthrough offline must not hang quietly.

@@ -44,8 +44,9 @@ pub enum DhtError {
     EmptyRecord(PublicKey),
 }
 
-/// A running DHT node (or two, for a registry with its own server node).
-pub struct Rendezvous {
+/// A running DHT node (or two, for a registry with its own server node):
+/// what publishes a registry's addresses and resolves them for clients.
+pub struct DhtNode {
     node: AsyncDht,
     /// Kept alive: the registry's own server node, which others bootstrap from.
     _server: Option<AsyncDht>,
@@ -58,23 +59,23 @@ async fn build(builder: mainline::DhtBuilder) -> std::io::Result<AsyncDht> {
         .map_err(std::io::Error::other)?
 }
 
-impl Rendezvous {
+impl DhtNode {
     /// A node for a service or proxy. With private `bootstrap` nodes it runs
     /// in server mode (so private queries answer fast); else it is a plain
     /// client of the public DHT.
-    pub async fn client(bootstrap: &[String]) -> std::io::Result<Rendezvous> {
+    pub async fn client(bootstrap: &[String]) -> std::io::Result<DhtNode> {
         let mut builder = Dht::builder();
         if !bootstrap.is_empty() {
             // Port 0: a private network's node must not take 6881 from a real client.
             builder.bootstrap(bootstrap).server_mode().port(0);
         }
-        Ok(Rendezvous { node: build(builder).await?, _server: None })
+        Ok(DhtNode { node: build(builder).await?, _server: None })
     }
 
     /// The registry's nodes: with `dht_port`, a server node on that UDP port
     /// plus a publishing node bootstrapped from it.
-    pub async fn registry(bootstrap: &[String], dht_port: Option<u16>) -> std::io::Result<Rendezvous> {
-        let Some(port) = dht_port else { return Rendezvous::client(bootstrap).await };
+    pub async fn registry(bootstrap: &[String], dht_port: Option<u16>) -> std::io::Result<DhtNode> {
+        let Some(port) = dht_port else { return DhtNode::client(bootstrap).await };
         let mut server = Dht::builder();
         server.server_mode().port(port);
         if bootstrap.is_empty() {
@@ -87,7 +88,7 @@ impl Rendezvous {
         own.extend(bootstrap.iter().cloned());
         let mut node = Dht::builder();
         node.server_mode().bootstrap(&own).port(0);
-        Ok(Rendezvous { node: build(node).await?, _server: Some(server) })
+        Ok(DhtNode { node: build(node).await?, _server: Some(server) })
     }
 
     /// The addresses the registry `key` published last.
@@ -117,7 +118,7 @@ impl Rendezvous {
 /// Keeps `addrs` published until `stop`: at once, then every [`REFRESH`],
 /// retrying failures with a growing pause.
 pub async fn publish_loop(
-    rendezvous: std::sync::Arc<Rendezvous>,
+    node: std::sync::Arc<DhtNode>,
     keypair: Keypair,
     addrs: Vec<SocketAddr>,
     mut stop: watch::Receiver<bool>,
@@ -128,7 +129,7 @@ pub async fn publish_loop(
     let mut failing_since: Option<tokio::time::Instant> = None;
     let mut hinted = false;
     loop {
-        let pause = match rendezvous.publish(&keypair, &addrs).await {
+        let pause = match node.publish(&keypair, &addrs).await {
             Ok(()) => {
                 tracing::info!(addrs = %encode_addrs(&addrs), "published registry addresses in the DHT");
                 retry = Duration::from_millis(500);

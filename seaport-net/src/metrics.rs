@@ -25,7 +25,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Registry as MetricsRegistry, Unit};
 
 use crate::lock::lock;
 
@@ -34,7 +34,7 @@ pub type Label = Vec<(&'static str, &'static str)>;
 
 /// Every metric family; see the README's "Metrics" section for meanings.
 pub struct Metrics {
-    registry: Registry,
+    registry: MetricsRegistry,
     /// Registry: sessions open now (handshaking ones included).
     pub sessions: Gauge,
     /// Registry: sessions whose handshake completed.
@@ -147,7 +147,7 @@ pub fn label(name: &'static str, value: &'static str) -> Label {
 
 impl Metrics {
     fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("seaport");
+        let mut registry = MetricsRegistry::with_prefix("seaport");
         // Buckets from 50 µs to about 3 s: a stream opens in a round trip
         // plus the service's backend connect, ~0.1 ms on one host.
         let stream_open = Histogram::new(exponential_buckets(0.00005, 2.0, 17));
@@ -155,7 +155,7 @@ impl Metrics {
         let stream_sent = (*stream_bytes.get_or_create(&label("direction", "sent"))).clone();
         let stream_received = (*stream_bytes.get_or_create(&label("direction", "received"))).clone();
         let m = Metrics {
-            registry: Registry::default(),
+            registry: MetricsRegistry::default(),
             sessions: Gauge::default(),
             sessions_opened: Counter::default(),
             sessions_closed: Counter::default(),

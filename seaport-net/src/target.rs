@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use seaport_proto::keys::PublicKey;
 
-use crate::dht::{DhtError, Rendezvous};
+use crate::dht::{DhtError, DhtNode};
 
 /// A registry as the user names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,13 +78,13 @@ pub enum ResolveError {
 /// Turns a target into addresses to dial.
 #[derive(Clone)]
 pub struct Resolver {
-    rendezvous: Option<Arc<Rendezvous>>,
+    dht: Option<Arc<DhtNode>>,
 }
 
 impl Resolver {
-    /// A resolver that finds bare keys through `rendezvous` (None: bare keys fail).
-    pub fn new(rendezvous: Option<Arc<Rendezvous>>) -> Resolver {
-        Resolver { rendezvous }
+    /// A resolver that finds bare keys through `dht` (None: bare keys fail).
+    pub fn new(dht: Option<Arc<DhtNode>>) -> Resolver {
+        Resolver { dht }
     }
 
     /// A resolver for `target`: it starts a DHT node only when the key must be
@@ -93,8 +93,7 @@ impl Resolver {
         if target.direct.is_some() {
             return Ok(Resolver::new(None));
         }
-        let node =
-            Rendezvous::client(bootstrap).await.map_err(|e| format!("cannot start the DHT node: {e}"))?;
+        let node = DhtNode::client(bootstrap).await.map_err(|e| format!("cannot start the DHT node: {e}"))?;
         Ok(Resolver::new(Some(Arc::new(node))))
     }
 
@@ -108,7 +107,7 @@ impl Resolver {
                     .collect();
                 if addrs.is_empty() { Err(ResolveError::NoAddress(host.clone())) } else { Ok(addrs) }
             }
-            None => match &self.rendezvous {
+            None => match &self.dht {
                 Some(dht) => Ok(dht.resolve(&target.key).await?),
                 None => Err(ResolveError::NoDht),
             },

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use seaport_net::cli::{Bootstrap, Failure, HOUR, MINUTE, duration_in};
-use seaport_net::dht::{Rendezvous, publish_loop};
+use seaport_net::dht::{DhtNode, publish_loop};
 use seaport_net::event::{Event, emit};
 use seaport_net::http::Page;
 use seaport_net::identity::{load_seed, random_seed};
@@ -166,11 +166,11 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let (stop_tx, stop) = watch::channel(false);
     if !args.no_dht {
         let bootstrap = args.bootstrap.clone().unwrap_or_default().0;
-        let rendezvous = Rendezvous::registry(&bootstrap, args.dht_port)
+        let dht = DhtNode::registry(&bootstrap, args.dht_port)
             .await
             .map_err(|e| format!("cannot start the DHT node: {e} (is --dht-port in use?)"))?;
         let addrs = dialable(local);
-        tokio::spawn(publish_loop(Arc::new(rendezvous), keypair.clone(), addrs, stop.clone()));
+        tokio::spawn(publish_loop(Arc::new(dht), keypair.clone(), addrs, stop.clone()));
     }
 
     let config = RegistryConfig {
