@@ -48,6 +48,7 @@ pub mod meet;
 pub mod metrics;
 pub mod notify;
 pub mod page;
+pub mod pool;
 pub mod reach;
 pub mod registry;
 pub mod serve;

@@ -45,8 +45,7 @@ use tokio::time::Instant;
 
 use crate::allow::AllowList;
 use crate::dial::{self, race};
-use crate::handshake::HandshakeError;
-use crate::link::initiate;
+use crate::handshake::{HandshakeError, initiate};
 use crate::lock::lock;
 use crate::meet::{Joined, join, punch};
 
