@@ -17,7 +17,7 @@ use seaport_net::identity::{load_seed, random_seed};
 use seaport_net::meet::RelayCounters;
 use seaport_net::metrics::readiness;
 use seaport_net::page::{RegistryPage, RegistryView};
-use seaport_net::registry::{Command, READY_SESSIONS, RelayOptions};
+use seaport_net::registry::{Command, READY_SESSIONS, RegistryServer, RelayOptions};
 use seaport_proto::keys::Keypair;
 use seaport_proto::registry::{CloseReason, Registry, RegistryConfig, RegistryEvent};
 use tokio::sync::{mpsc, watch};
@@ -235,16 +235,12 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     readiness().set(READY_SESSIONS, None);
     seaport_net::notify::ready();
     let counters = Arc::new(RelayCounters::default());
-    let server = tokio::spawn(seaport_net::registry::serve(
-        listener,
-        registry,
-        relay,
-        counters.clone(),
-        stop,
-        view,
-        commands,
-        logger(),
-    ));
+    let mut server =
+        RegistryServer::new(registry, relay, counters.clone()).with_commands(commands).on_event(logger());
+    if let Some(view) = view {
+        server = server.with_view(view);
+    }
+    let server = tokio::spawn(server.run(listener, stop));
     seaport_net::signal::shutdown_signal().await;
     tracing::info!("shutting down");
     seaport_net::notify::stopping();
