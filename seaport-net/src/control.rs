@@ -4,6 +4,8 @@
 //!
 //! The client sits behind a mutex shared with the rest of the process (the
 //! proxy chooses instances from it); the lock is never held across an await.
+//! [`ControlTask`] is what the binaries start; [`ControlChannels`] are the
+//! channels that steer [`run_client`] and carry what it reports.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -1,4 +1,5 @@
-//! Rendezvous through the BitTorrent mainline DHT.
+//! Rendezvous through the BitTorrent mainline DHT: a [`DhtNode`] publishes a
+//! registry's addresses and resolves them for clients.
 //!
 //! A registry publishes its dialable addresses as a BEP44 mutable item signed
 //! with its own ed25519 key (salt [`SALT`]), and republishes before nodes
@@ -14,6 +15,10 @@
 //! node, and a publishing node bootstrapped from it), and clients given
 //! `--bootstrap` run in server mode too. A node never bootstraps from its own
 //! address (that spins a core).
+//!
+//! Invariants: a record never exceeds BEP44's 1000 bytes (addresses past it
+//! are left out); publishing retries for ever, its pause capped at 30 s, and
+//! tells the user once what to try when it keeps failing.
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -1,5 +1,8 @@
 //! The `REGISTRY` argument: `KEY` (found through the DHT) or `KEY@HOST:PORT`
 //! (dialed directly; the key is still checked by the handshake).
+//!
+//! Invariant: a `KEY@HOST:PORT` never touches the DHT, and a bare `KEY` is
+//! dialed only at addresses its DHT record lists ([`crate::dht`]).
 
 use std::fmt;
 use std::net::SocketAddr;
