@@ -9,9 +9,11 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{PoisonError, RwLock};
+use std::sync::RwLock;
 
 use seaport_proto::keys::PublicKey;
+
+use crate::lock::{read, write};
 
 /// The keys allowed to open links, or everyone.
 #[derive(Debug)]
@@ -32,23 +34,19 @@ impl AllowList {
 
     /// Whether `key` may open a link.
     pub fn admits(&self, key: &PublicKey) -> bool {
-        self.keys
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .is_none_or(|keys| keys.contains(key))
+        read(&self.keys).as_ref().is_none_or(|keys| keys.contains(key))
     }
 
     /// Whether any restriction is in force.
     pub fn is_open(&self) -> bool {
-        self.keys.read().unwrap_or_else(PoisonError::into_inner).is_none()
+        read(&self.keys).is_none()
     }
 
     /// Rereads the file (SIGHUP); on an error the old list stays.
     pub fn reload(&self) -> Result<usize, String> {
         let keys = load(&self.flags, self.file.as_deref())?;
         let count = keys.as_ref().map_or(0, HashSet::len);
-        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
+        *write(&self.keys) = keys;
         Ok(count)
     }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use seaport_proto::keys::PublicKey;
 
-use crate::control::lock;
+use crate::lock::lock;
 
 /// Most links one proxy key may hold to a service: as many as a proxy opens
 /// to one instance (`link::MAX_LINKS_PER_INSTANCE`).

@@ -4,9 +4,11 @@
 //!
 //! The client sits behind a mutex shared with the rest of the process (the
 //! proxy chooses instances from it); the lock is never held across an await.
+//! [`ControlTask`] is what the binaries start; [`ControlChannels`] are the
+//! channels that steer [`run_client`] and carry what it reports.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use seaport_proto::client::{Backoff, ClientError, RegistryClient};
@@ -20,6 +22,7 @@ use tracing::Instrument;
 use crate::dial::{self, race};
 use crate::event::{Event, emit};
 use crate::identity::{entropy, random_u64};
+use crate::lock::lock;
 use crate::target::{RegistryTarget, ResolveError, Resolver};
 
 /// First reconnect delay; doubles per failure.
@@ -31,12 +34,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a bare key may stay unfound in the DHT before the user is told,
 /// once, what to try instead.
 pub const DHT_HINT_AFTER: Duration = Duration::from_secs(20);
-
-/// Locks, recovering from a panicked holder (the state machines stay consistent
-/// between calls, so a poisoned lock carries no half-done change).
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// A control session in a task of its own: what a service and a proxy both
 /// start, and stop last (after their own listeners), so that whatever the
@@ -67,8 +64,8 @@ impl ControlTask {
         let (registry_tx, registry) = watch::channel(None);
         let poke = Arc::new(Notify::new());
         let span = tracing::info_span!("registry", key = %target.key);
-        let session = Session { stop: stopped, poke: poke.clone(), registry: registry_tx };
-        let task = tokio::spawn(run_client(client, target, resolver, on_event, session).instrument(span));
+        let channels = ControlChannels { stop: stopped, poke: poke.clone(), registry: registry_tx };
+        let task = tokio::spawn(run_client(client, target, resolver, on_event, channels).instrument(span));
         ControlTask { stop, poke, registry, task }
     }
 
@@ -91,8 +88,9 @@ impl ControlTask {
     }
 }
 
-/// How [`run_client`] is steered and what it reports besides events.
-pub struct Session {
+/// The channels that steer [`run_client`] and carry what it reports besides
+/// events.
+pub struct ControlChannels {
     /// Turns true to stop.
     pub stop: watch::Receiver<bool>,
     /// Whoever changes the client from outside (a service's backend health
@@ -102,7 +100,7 @@ pub struct Session {
     pub registry: watch::Sender<Option<SocketAddr>>,
 }
 
-/// Keeps `client` connected to `target` until `session.stop` turns true;
+/// Keeps `client` connected to `target` until `channels.stop` turns true;
 /// `on_event` sees every event. On stop, whatever the client queued last (a
 /// service's unregistrations) is written before the stream is closed.
 pub async fn run_client<C, F>(
@@ -110,12 +108,12 @@ pub async fn run_client<C, F>(
     target: RegistryTarget,
     resolver: Resolver,
     mut on_event: F,
-    session: Session,
+    channels: ControlChannels,
 ) where
     C: RegistryClient + Send + 'static,
     F: FnMut(&C::Event) + Send,
 {
-    let Session { mut stop, poke, registry } = session;
+    let ControlChannels { mut stop, poke, registry } = channels;
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
     // Since when a bare key has not been found in the DHT, and whether the
     // user was told what to try: a walkthrough offline must not hang quietly.
@@ -151,7 +149,7 @@ pub async fn run_client<C, F>(
             Err(e) => {
                 tracing::warn!(registry = %target, "registry not reachable: {e}; retrying");
                 let since = *unresolved_since.get_or_insert_with(Instant::now);
-                let in_dht = matches!(e, ResolveError::NotInDht(_) | ResolveError::EmptyRecord(_));
+                let in_dht = matches!(e, ResolveError::Dht(_));
                 if in_dht && !hinted && since.elapsed() >= DHT_HINT_AFTER {
                     hinted = true;
                     tracing::error!(

@@ -1,4 +1,5 @@
-//! Rendezvous through the BitTorrent mainline DHT.
+//! Rendezvous through the BitTorrent mainline DHT: a [`DhtNode`] publishes a
+//! registry's addresses and resolves them for clients.
 //!
 //! A registry publishes its dialable addresses as a BEP44 mutable item signed
 //! with its own ed25519 key (salt [`SALT`]), and republishes before nodes
@@ -14,6 +15,10 @@
 //! node, and a publishing node bootstrapped from it), and clients given
 //! `--bootstrap` run in server mode too. A node never bootstraps from its own
 //! address (that spins a core).
+//!
+//! Invariants: a record never exceeds BEP44's 1000 bytes (addresses past it
+//! are left out); publishing retries for ever, its pause capped at 30 s, and
+//! tells the user once what to try when it keeps failing.
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -22,8 +27,6 @@ use mainline::async_dht::AsyncDht;
 use mainline::{Dht, MutableItem};
 use seaport_proto::keys::{Keypair, PublicKey};
 use tokio::sync::watch;
-
-use crate::target::ResolveError;
 
 /// Salt of seaport's records, so they never collide with other uses of a key.
 pub const SALT: &[u8] = b"seaport/1";
@@ -34,8 +37,21 @@ pub const PUBLISH_HINT_AFTER: Duration = Duration::from_secs(30);
 /// How often the record is republished while nothing changes.
 pub const REFRESH: Duration = Duration::from_secs(15 * 60);
 
-/// A running DHT node (or two, for a registry with its own server node).
-pub struct Rendezvous {
+/// Why a registry's record could not be had from the DHT.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DhtError {
+    /// No DHT node has a record for the key (yet).
+    #[error("registry {0} not found in the DHT (yet)")]
+    NotFound(PublicKey),
+    /// The record found lists no address this build can parse.
+    #[error("the DHT record for {0} lists no address")]
+    EmptyRecord(PublicKey),
+}
+
+/// A running DHT node (or two, for a registry with its own server node):
+/// what publishes a registry's addresses and resolves them for clients.
+pub struct DhtNode {
     node: AsyncDht,
     /// Kept alive: the registry's own server node, which others bootstrap from.
     _server: Option<AsyncDht>,
@@ -48,23 +64,23 @@ async fn build(builder: mainline::DhtBuilder) -> std::io::Result<AsyncDht> {
         .map_err(std::io::Error::other)?
 }
 
-impl Rendezvous {
+impl DhtNode {
     /// A node for a service or proxy. With private `bootstrap` nodes it runs
     /// in server mode (so private queries answer fast); else it is a plain
     /// client of the public DHT.
-    pub async fn client(bootstrap: &[String]) -> std::io::Result<Rendezvous> {
+    pub async fn client(bootstrap: &[String]) -> std::io::Result<DhtNode> {
         let mut builder = Dht::builder();
         if !bootstrap.is_empty() {
             // Port 0: a private network's node must not take 6881 from a real client.
             builder.bootstrap(bootstrap).server_mode().port(0);
         }
-        Ok(Rendezvous { node: build(builder).await?, _server: None })
+        Ok(DhtNode { node: build(builder).await?, _server: None })
     }
 
     /// The registry's nodes: with `dht_port`, a server node on that UDP port
     /// plus a publishing node bootstrapped from it.
-    pub async fn registry(bootstrap: &[String], dht_port: Option<u16>) -> std::io::Result<Rendezvous> {
-        let Some(port) = dht_port else { return Rendezvous::client(bootstrap).await };
+    pub async fn registry(bootstrap: &[String], dht_port: Option<u16>) -> std::io::Result<DhtNode> {
+        let Some(port) = dht_port else { return DhtNode::client(bootstrap).await };
         let mut server = Dht::builder();
         server.server_mode().port(port);
         if bootstrap.is_empty() {
@@ -77,19 +93,19 @@ impl Rendezvous {
         own.extend(bootstrap.iter().cloned());
         let mut node = Dht::builder();
         node.server_mode().bootstrap(&own).port(0);
-        Ok(Rendezvous { node: build(node).await?, _server: Some(server) })
+        Ok(DhtNode { node: build(node).await?, _server: Some(server) })
     }
 
     /// The addresses the registry `key` published last.
-    pub async fn resolve(&self, key: &PublicKey) -> Result<Vec<SocketAddr>, ResolveError> {
+    pub async fn resolve(&self, key: &PublicKey) -> Result<Vec<SocketAddr>, DhtError> {
         let item = self
             .node
             .get_mutable_most_recent(key.as_bytes(), Some(SALT))
             .await
-            .ok_or(ResolveError::NotInDht(*key))?;
+            .ok_or(DhtError::NotFound(*key))?;
         let addrs = std::str::from_utf8(item.value()).map(decode_addrs).unwrap_or_default();
         if addrs.is_empty() {
-            return Err(ResolveError::EmptyRecord(*key));
+            return Err(DhtError::EmptyRecord(*key));
         }
         Ok(addrs)
     }
@@ -107,7 +123,7 @@ impl Rendezvous {
 /// Keeps `addrs` published until `stop`: at once, then every [`REFRESH`],
 /// retrying failures with a growing pause.
 pub async fn publish_loop(
-    rendezvous: std::sync::Arc<Rendezvous>,
+    node: std::sync::Arc<DhtNode>,
     keypair: Keypair,
     addrs: Vec<SocketAddr>,
     mut stop: watch::Receiver<bool>,
@@ -118,7 +134,7 @@ pub async fn publish_loop(
     let mut failing_since: Option<tokio::time::Instant> = None;
     let mut hinted = false;
     loop {
-        let pause = match rendezvous.publish(&keypair, &addrs).await {
+        let pause = match node.publish(&keypair, &addrs).await {
             Ok(()) => {
                 tracing::info!(addrs = %encode_addrs(&addrs), "published registry addresses in the DHT");
                 retry = Duration::from_millis(500);

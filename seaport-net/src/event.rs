@@ -10,15 +10,20 @@
 //! Invariant: every state change a script would act on has a variant here, and
 //! nothing in the registry, service or proxy prints to stdout except [`emit`].
 //! The counters that correspond to events ([`crate::metrics`]) are counted
-//! in [`emit`] alone, so stdout, `--json` and `/metrics` agree.
+//! in [`emit`] alone (by `count`, here), so stdout, `--json` and `/metrics`
+//! agree.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use seaport_proto::keys::PublicKey;
 use seaport_proto::role::{Role, RoleQuery};
+
+use crate::metrics::{Label, Refusal, label, metrics};
 
 /// One thing that happened, as a script sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +105,8 @@ pub enum Event {
     LinkUp {
         /// The instance's key.
         key: PublicKey,
-        /// How the link was reached: `direct` (the only path so far).
+        /// How the link was reached: `direct`, `punched` or `relayed`
+        /// (`Path::name`).
         path: &'static str,
         /// The address it runs over.
         addr: SocketAddr,
@@ -254,11 +260,42 @@ impl fmt::Display for Event {
     }
 }
 
+/// Counts what `event` stands for in the metrics. Called by [`emit`] only,
+/// so a counter moves exactly when its line is printed.
+fn count(event: &Event) {
+    let m = metrics();
+    let inc = |family: &Family<Label, Counter>, name, value| {
+        family.get_or_create(&label(name, value)).inc();
+    };
+    match event {
+        Event::Registered { .. } => inc(&m.registrations, "event", "registered"),
+        Event::Withdrawn { .. } => inc(&m.registrations, "event", "withdrawn"),
+        Event::RegistrationRefused { .. } => {
+            inc(&m.registrations, "event", "refused");
+            m.refuse(Refusal::Registration);
+        }
+        Event::WatchRefused { .. } => m.refuse(Refusal::Lookup),
+        Event::Found { .. } => {
+            inc(&m.instance_changes, "change", "found");
+            m.instances.inc();
+        }
+        Event::Lost { .. } => {
+            inc(&m.instance_changes, "change", "lost");
+            m.instances.dec();
+        }
+        Event::Disconnected { .. } => {
+            m.registry_disconnects.inc();
+        }
+        Event::LinkUp { path, .. } => inc(&m.links, "path", path),
+        _ => {}
+    }
+}
+
 /// Prints `event` as one line on stdout: its text line, or with `--json` its
 /// JSON object. Scripts read these, so each is flushed at once (Rust's
 /// stdout is line-buffered).
 pub fn emit(event: &Event) {
-    crate::metrics::metrics().count_event(event);
+    count(event);
     if JSON.load(Ordering::Relaxed) {
         println!("{}", event.to_json(SystemTime::now()));
     } else if event.has_text() {

@@ -1,5 +1,10 @@
-//! The Noise handshake of a data session (a link) on a TCP stream, with its
-//! deadline, and the errors of opening one.
+//! The Noise handshakes of a link on a TCP stream, both sides of it
+//! ([`initiate`] for the proxy, whatever the path; [`respond`] for the
+//! service, which admits only the keys its allow list names), with their
+//! deadline, and the errors of opening a link.
+//!
+//! Every outcome of a handshake is counted here, once, in the `handshakes`
+//! metric family.
 //!
 //! The handshake reads in small pieces and stops as soon as the session is
 //! established; whatever arrived after it stays sealed in the session
@@ -8,13 +13,17 @@
 
 use std::time::Duration;
 
-use seaport_proto::keys::PublicKey;
+use seaport_proto::keys::{Keypair, PublicKey};
+use seaport_proto::noise::Intent;
 use seaport_proto::session::{Session, SessionError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::allow::AllowList;
 use crate::clock;
 use crate::dial::{DialError, Unreachable};
+use crate::identity::entropy;
+use crate::metrics::{Refusal, metrics};
 
 /// Why a link could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -100,4 +109,48 @@ pub async fn handshake(
         }
     };
     tokio::time::timeout(timeout, work).await.map_err(|_| HandshakeError::Timeout(timeout))?
+}
+
+/// Runs a link handshake as initiator, with `remote`, on `stream` (dialed
+/// directly, punched or relayed: each path is authenticated alike).
+pub async fn initiate(
+    mut stream: TcpStream,
+    local: &Keypair,
+    remote: PublicKey,
+    timeout: Duration,
+) -> Result<(TcpStream, Session), HandshakeError> {
+    let _ = stream.set_nodelay(true);
+    let mut session = Session::initiate(clock::now(), local, &remote, Intent::Link, entropy(), timeout)?;
+    // The service's key was checked by the handshake itself.
+    let done = handshake(&mut stream, &mut session, timeout, &|_| true).await;
+    metrics().handshake(done.is_ok());
+    done?;
+    Ok((stream, session))
+}
+
+/// Runs a link handshake as responder (the service) on `stream`: the proxy
+/// must ask for a link, with a key `allow` admits. Returns the session, ready
+/// for the link driver, and the proxy's key.
+pub async fn respond(
+    stream: &mut TcpStream,
+    local: &Keypair,
+    timeout: Duration,
+    allow: &AllowList,
+) -> Result<(Session, PublicKey), HandshakeError> {
+    let _ = stream.set_nodelay(true);
+    let mut session = Session::respond(clock::now(), local, Intent::Link, entropy(), timeout)?;
+    let done = handshake(stream, &mut session, timeout, &|key| allow.admits(key)).await;
+    match &done {
+        // A proxy that took another path closes the candidates it did not
+        // take before a word: no handshake was tried.
+        Err(HandshakeError::ClosedEarly) => {}
+        Err(HandshakeError::NotAllowed(_)) => {
+            metrics().handshake(false);
+            metrics().refuse(Refusal::NotAllowed);
+        }
+        other => metrics().handshake(other.is_ok()),
+    }
+    done?;
+    let key = session.remote().ok_or(HandshakeError::ClosedEarly)?;
+    Ok((session, key))
 }

@@ -1,31 +1,52 @@
 //! seaport-net: the tokio glue shared by the seaport binaries, and the only
 //! crate that touches sockets, clocks, tasks, OS randomness and the DHT.
 //!
-//! - [`acl`]: the registry's `--acl` file: who may register and look up which roles.
-//! - [`allow`]: which proxy keys may open links to a service.
-//! - [`budget`]: how many links and streams a service's proxies may hold.
-//! - [`clock`]: the one place time is read (tokio's clock).
-//! - [`cli`]: what every binary's `main` shares: logging, durations, exits.
-//! - [`event`]: the stdout event lines, one type for every binary.
-//! - [`http`]: the operations HTTP server (`/metrics`, `/ready`, `/healthz`, the registry's page).
-//! - [`metrics`]: the metric families and readiness the HTTP server reports.
-//! - [`handshake`]: a data session's Noise handshake on a TCP stream.
-//! - [`identity`]: seeds from flags, files or the environment; OS entropy.
-//! - [`target`]: the `KEY` / `KEY@HOST:PORT` registry argument and its resolution.
-//! - [`control`]: runs a service or proxy control session with reconnects.
-//! - [`link`]: links (many streams over one Noise session) on tokio; a proxy's link pool.
-//! - [`meet`]: meet connections: joining, punching, and the registry's pairing and relay.
-//! - [`reach`]: which path a link takes (direct, punched, relayed); a service's meetings.
-//! - [`page`]: the registry's live page and its JSON (`--http`).
-//! - [`notify`]: readiness for systemd (`READY=1`, `STOPPING=1`).
-//! - [`registry`]: serves the registry state machine on a TCP listener.
-//! - [`dial`]: racing a peer's addresses; dial errors.
-//! - [`dht`]: publishing and resolving a registry's addresses on mainline.
-//! - [`serve`]: the accept loop and drain the service and proxy share.
-//! - [`signal`]: SIGINT/SIGTERM as a future.
-//!
 //! Each async driver is a pure adapter: every protocol decision is made by a
 //! seaport-proto state machine; this crate moves bytes and fires timers.
+//! Backpressure is a value and every queue has a cap where it is defined;
+//! [`event::emit`] is the one place where stdout, `--json` and the metrics
+//! agree.
+//!
+//! # Where to find what
+//! Data path (proxy ⇄ service):
+//! - [`pool`]: the proxy's links, one per instance, shared by its client
+//!   connections; a relayed link's upgrade to a better path.
+//! - [`reach`]: which path a link takes (direct, punched, relayed); a
+//!   service's side of meetings.
+//! - [`handshake`]: both sides of a link's Noise handshake, and why a link
+//!   could not be opened.
+//! - [`link`]: a link on tokio (many streams over one session): `link/mod.rs`
+//!   the public face, `state` what its tasks share, `driver` the socket's
+//!   reader and writer, `stream` a stream's task.
+//! - [`meet`]: meet connections: joining, punching, the registry's relay.
+//! - [`budget`], [`allow`]: what a service's proxies may hold; who may link.
+//! - [`dial`]: racing a peer's addresses; dial errors.
+//! - [`serve`]: the accept loop and drain the service and proxy share.
+//!
+//! Control (service and proxy ⇄ registry):
+//! - [`control`]: a control session with reconnects and backoff.
+//! - [`target`]: the `KEY` / `KEY@HOST:PORT` argument and its resolution;
+//!   [`dht`]: publishing and resolving a registry's addresses on mainline.
+//!
+//! Registry:
+//! - [`registry`]: the server driving the registry state machine, one method
+//!   per event (`registry/mod.rs`); its sessions' connections, meeting
+//!   pairing and page snapshots in files beside it.
+//! - [`acl`]: the `--acl` file. [`page`]: the live page and its JSON.
+//! - [`limit`]: counted shares (relays, connections not spoken yet).
+//!
+//! Process plumbing:
+//! - [`event`]: the stdout event lines (and the counters they move).
+//! - [`metrics`]: the metric families and readiness; [`http`]: the
+//!   operations HTTP server that reports them.
+//! - [`cli`]: what every `main` shares: logging, durations, exits.
+//! - [`identity`]: seeds from flags, files or the environment; OS entropy.
+//! - [`clock`]: the one place time is read. [`lock`]: taking a `std` lock.
+//! - [`notify`]: systemd readiness. [`signal`]: SIGINT/SIGTERM/SIGHUP.
+//!
+//! No module imports (through `crate::`) a module that imports it back,
+//! directly or through a chain: the lower layers (`lock`, `clock`,
+//! `metrics`, `dial`, `meet`) know nothing of those above them.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing))]
 
@@ -43,10 +64,12 @@ pub mod http;
 pub mod identity;
 pub mod limit;
 pub mod link;
+pub mod lock;
 pub mod meet;
 pub mod metrics;
 pub mod notify;
 pub mod page;
+pub mod pool;
 pub mod reach;
 pub mod registry;
 pub mod serve;

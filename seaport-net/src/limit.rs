@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
-use crate::control::lock;
+use crate::lock::lock;
 
 /// The caps and what is held against them.
 #[derive(Debug)]

@@ -8,15 +8,16 @@
 //! dashboard sees zeros rather than gaps.
 //!
 //! Invariants:
-//! - Counters that correspond to stdout events are incremented only by
-//!   [`crate::event::emit`] (through [`Metrics::count_event`]): stdout,
-//!   `--json` and `/metrics` cannot disagree.
+//! - Counters that correspond to stdout events are incremented only where
+//!   the events are emitted (the `event` module counts each event it
+//!   prints, so this module knows nothing of events): stdout, `--json` and
+//!   `/metrics` cannot disagree.
 //! - Label values are a fixed set of `&'static str` chosen here, never a
 //!   peer's text or key: nothing a peer sends can grow a family.
 //! - No metric carries a seed, a key or an address.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -24,16 +25,16 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Registry as MetricsRegistry, Unit};
 
-use crate::event::Event;
+use crate::lock::lock;
 
 /// One label, name and value, both from a fixed set.
 pub type Label = Vec<(&'static str, &'static str)>;
 
 /// Every metric family; see the README's "Metrics" section for meanings.
 pub struct Metrics {
-    registry: Registry,
+    registry: MetricsRegistry,
     /// Registry: sessions open now (handshaking ones included).
     pub sessions: Gauge,
     /// Registry: sessions whose handshake completed.
@@ -146,7 +147,7 @@ pub fn label(name: &'static str, value: &'static str) -> Label {
 
 impl Metrics {
     fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("seaport");
+        let mut registry = MetricsRegistry::with_prefix("seaport");
         // Buckets from 50 µs to about 3 s: a stream opens in a round trip
         // plus the service's backend connect, ~0.1 ms on one host.
         let stream_open = Histogram::new(exponential_buckets(0.00005, 2.0, 17));
@@ -154,7 +155,7 @@ impl Metrics {
         let stream_sent = (*stream_bytes.get_or_create(&label("direction", "sent"))).clone();
         let stream_received = (*stream_bytes.get_or_create(&label("direction", "received"))).clone();
         let m = Metrics {
-            registry: Registry::default(),
+            registry: MetricsRegistry::default(),
             sessions: Gauge::default(),
             sessions_opened: Counter::default(),
             sessions_closed: Counter::default(),
@@ -273,35 +274,6 @@ impl Metrics {
         out
     }
 
-    /// Counts what `event` stands for. Called by [`crate::event::emit`] only.
-    pub(crate) fn count_event(&self, event: &Event) {
-        let inc = |family: &Family<Label, Counter>, name, value| {
-            family.get_or_create(&label(name, value)).inc();
-        };
-        match event {
-            Event::Registered { .. } => inc(&self.registrations, "event", "registered"),
-            Event::Withdrawn { .. } => inc(&self.registrations, "event", "withdrawn"),
-            Event::RegistrationRefused { .. } => {
-                inc(&self.registrations, "event", "refused");
-                self.refuse(Refusal::Registration);
-            }
-            Event::WatchRefused { .. } => self.refuse(Refusal::Lookup),
-            Event::Found { .. } => {
-                inc(&self.instance_changes, "change", "found");
-                self.instances.inc();
-            }
-            Event::Lost { .. } => {
-                inc(&self.instance_changes, "change", "lost");
-                self.instances.dec();
-            }
-            Event::Disconnected { .. } => {
-                self.registry_disconnects.inc();
-            }
-            Event::LinkUp { path, .. } => inc(&self.links, "path", path),
-            _ => {}
-        }
-    }
-
     /// Counts a refusal.
     pub fn refuse(&self, why: Refusal) {
         self.refusals.get_or_create(&label("reason", why.name())).inc();
@@ -375,13 +347,13 @@ pub struct Readiness {
 impl Readiness {
     /// Sets condition `name`: met (`None`) or not, with a reason.
     pub fn set(&self, name: &str, unmet: Option<String>) {
-        let mut conditions = self.conditions.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut conditions = lock(&self.conditions);
         conditions.insert(name.to_owned(), unmet);
     }
 
     /// `Ok` when ready, else the first unmet condition's reason.
     pub fn check(&self) -> Result<(), String> {
-        let conditions = self.conditions.lock().unwrap_or_else(PoisonError::into_inner);
+        let conditions = lock(&self.conditions);
         if conditions.is_empty() {
             return Err("starting".to_owned());
         }

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::event::rfc3339;
 use crate::http::Page;
+use crate::lock::lock;
 use crate::metrics::{label, metrics};
 
 /// What the registry holds at one moment.
@@ -173,7 +174,7 @@ impl RegistryPage {
     /// rendered once per snapshot, around the fields that change anyway.
     fn document(&self, now: SystemTime) -> String {
         let view = self.view.borrow().clone();
-        let mut rendered = crate::control::lock(&self.rendered);
+        let mut rendered = lock(&self.rendered);
         let cached = rendered.take().filter(|r| Arc::ptr_eq(&r.view, &view));
         let r = cached.unwrap_or_else(|| {
             self.renders.fetch_add(1, Ordering::Relaxed);

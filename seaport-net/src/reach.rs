@@ -44,10 +44,9 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::allow::AllowList;
-use crate::control::lock;
 use crate::dial::{self, race};
-use crate::handshake::HandshakeError;
-use crate::link::initiate;
+use crate::handshake::{HandshakeError, initiate};
+use crate::lock::lock;
 use crate::meet::{Joined, join, punch};
 
 /// Head start of the direct addresses before a meeting is asked for.

@@ -2,6 +2,9 @@
 //! connection until shutdown, then a bounded drain of the open ones. Each
 //! task runs in a `conn` span naming the peer's address, and its peer's key
 //! (`peer_key`) once a handshake has told it.
+//!
+//! Invariant: every connection task belongs to the `JoinSet` the accept
+//! loop returns, so none outlives the drain.
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,5 +1,8 @@
 //! SIGINT and SIGTERM as one future, for clean shutdowns; SIGHUP as a
 //! stream of reload requests.
+//!
+//! Invariant: a handler is installed before its future first runs, so a
+//! signal that arrives early is never taken by the default action.
 
 /// Calls `reload` on every SIGHUP, for ever (a task's whole job). The
 /// handler is installed by this call, before the returned future first

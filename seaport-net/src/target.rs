@@ -1,5 +1,8 @@
 //! The `REGISTRY` argument: `KEY` (found through the DHT) or `KEY@HOST:PORT`
 //! (dialed directly; the key is still checked by the handshake).
+//!
+//! Invariant: a `KEY@HOST:PORT` never touches the DHT, and a bare `KEY` is
+//! dialed only at addresses its DHT record lists ([`crate::dht`]).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -8,7 +11,7 @@ use std::sync::Arc;
 
 use seaport_proto::keys::PublicKey;
 
-use crate::dht::Rendezvous;
+use crate::dht::{DhtError, DhtNode};
 
 /// A registry as the user names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,12 +70,9 @@ pub enum ResolveError {
     /// `HOST` resolved to nothing.
     #[error("{0} resolves to no address")]
     NoAddress(String),
-    /// No DHT node has a record for the key (yet).
-    #[error("registry {0} not found in the DHT (yet)")]
-    NotInDht(PublicKey),
-    /// The record found lists no address this build can parse.
-    #[error("the DHT record for {0} lists no address")]
-    EmptyRecord(PublicKey),
+    /// The DHT has no usable record for the key (yet).
+    #[error(transparent)]
+    Dht(#[from] DhtError),
     /// A bare key, but no DHT node was started.
     #[error("no DHT to resolve a bare key; use KEY@HOST:PORT")]
     NoDht,
@@ -81,13 +81,13 @@ pub enum ResolveError {
 /// Turns a target into addresses to dial.
 #[derive(Clone)]
 pub struct Resolver {
-    rendezvous: Option<Arc<Rendezvous>>,
+    dht: Option<Arc<DhtNode>>,
 }
 
 impl Resolver {
-    /// A resolver that finds bare keys through `rendezvous` (None: bare keys fail).
-    pub fn new(rendezvous: Option<Arc<Rendezvous>>) -> Resolver {
-        Resolver { rendezvous }
+    /// A resolver that finds bare keys through `dht` (None: bare keys fail).
+    pub fn new(dht: Option<Arc<DhtNode>>) -> Resolver {
+        Resolver { dht }
     }
 
     /// A resolver for `target`: it starts a DHT node only when the key must be
@@ -96,8 +96,7 @@ impl Resolver {
         if target.direct.is_some() {
             return Ok(Resolver::new(None));
         }
-        let node =
-            Rendezvous::client(bootstrap).await.map_err(|e| format!("cannot start the DHT node: {e}"))?;
+        let node = DhtNode::client(bootstrap).await.map_err(|e| format!("cannot start the DHT node: {e}"))?;
         Ok(Resolver::new(Some(Arc::new(node))))
     }
 
@@ -111,8 +110,8 @@ impl Resolver {
                     .collect();
                 if addrs.is_empty() { Err(ResolveError::NoAddress(host.clone())) } else { Ok(addrs) }
             }
-            None => match &self.rendezvous {
-                Some(dht) => dht.resolve(&target.key).await,
+            None => match &self.dht {
+                Some(dht) => Ok(dht.resolve(&target.key).await?),
                 None => Err(ResolveError::NoDht),
             },
         }

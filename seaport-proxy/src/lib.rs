@@ -12,11 +12,12 @@ use std::time::Duration;
 use clap::Parser;
 use seaport_net::allow::AllowList;
 use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
-use seaport_net::control::{ControlTask, lock};
+use seaport_net::control::ControlTask;
 use seaport_net::event::{Event, emit};
 use seaport_net::identity::random_u64;
-use seaport_net::link::{InstanceId, Links};
+use seaport_net::lock::lock;
 use seaport_net::metrics::readiness;
+use seaport_net::pool::{InstanceId, Links};
 use seaport_net::reach::Introducer;
 use seaport_net::serve::{accept_until, drain};
 use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, Strategy};
@@ -233,19 +234,24 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let (stop_tx, stop) = watch::channel(false);
     let mut loops = tokio::task::JoinSet::new();
     for (query, listener) in listeners.into_iter().enumerate() {
-        let (client, links, changed, pinned) =
-            (client.clone(), links.clone(), changed.clone(), pinned.clone());
+        let served_port = ServedPort {
+            query,
+            client: client.clone(),
+            links: links.clone(),
+            pinned: pinned.clone(),
+            changed: changed.clone(),
+            wait,
+            dial,
+        };
         let mut stop = stop.clone();
         loops.spawn(async move {
             let shutdown = async move {
                 let _ = stop.wait_for(|stopped| *stopped).await;
             };
             accept_until(&listener, None, shutdown, |stream, peer| {
-                let (client, links, changed, pinned) =
-                    (client.clone(), links.clone(), changed.clone(), pinned.clone());
+                let served_port = served_port.clone();
                 async move {
-                    let served = serve_client(stream, query, &client, &links, &pinned, changed, wait, dial);
-                    if let Err(e) = served.await {
+                    if let Err(e) = served_port.serve_client(stream).await {
                         tracing::info!(%peer, "connection closed: {e}");
                     }
                 }
@@ -278,59 +284,69 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     Ok(())
 }
 
-/// One client connection: wait for an instance if none is known yet, then try
-/// instances in the strategy's order until one accepts a stream on its link
-/// (the service has reached its backend), and carry it. Nothing of the
-/// client's is read before that, so any instance may fail without the
-/// client seeing it.
-#[allow(clippy::too_many_arguments)] // each is a distinct part of the connection's context
-async fn serve_client(
-    stream: TcpStream,
+/// One local port's mapping: what each of its client connections needs.
+#[derive(Clone)]
+struct ServedPort {
+    /// Which of the proxy's queries the port serves.
     query: usize,
-    client: &Mutex<ProxyClient>,
-    links: &Links,
-    pinned: &AllowList,
-    mut changed: watch::Receiver<u64>,
+    client: Arc<Mutex<ProxyClient>>,
+    links: Arc<Links>,
+    /// The service keys this proxy trusts (`--service-key`).
+    pinned: Arc<AllowList>,
+    /// Bumped on every instance-set change.
+    changed: watch::Receiver<u64>,
+    /// How long a connection waits for an instance to be known.
     wait: Duration,
+    /// How long opening a stream on an instance may take.
     dial: Duration,
-) -> Result<(), String> {
-    let _ = stream.set_nodelay(true);
-    let deadline = tokio::time::Instant::now() + wait;
-    let order = loop {
-        let mut order = lock(client).choose_for(query, seaport_net::clock::now(), random_u64());
-        order.retain(|i| pinned.admits(&i.key));
-        if !order.is_empty() {
-            break order;
-        }
-        match tokio::time::timeout_at(deadline, changed.changed()).await {
-            Ok(Ok(())) => {}
-            _ => return Err(format!("no instance found within {wait:?}")),
-        }
-    };
-    let socket = Arc::new(stream);
-    let mut failures = Vec::new();
-    let mut opened = None;
-    for instance in order {
-        match links.open(&instance, socket.clone(), dial).await {
-            Ok(stream) => {
-                seaport_net::serve::record_peer_key(&instance.key);
-                opened = Some(stream);
-                break;
+}
+
+impl ServedPort {
+    /// One client connection: wait for an instance if none is known yet, then
+    /// try instances in the strategy's order until one accepts a stream on
+    /// its link (the service has reached its backend), and carry it. Nothing
+    /// of the client's is read before that, so any instance may fail without
+    /// the client seeing it.
+    async fn serve_client(mut self, stream: TcpStream) -> Result<(), String> {
+        let _ = stream.set_nodelay(true);
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let order = loop {
+            let mut order =
+                lock(&self.client).choose_for(self.query, seaport_net::clock::now(), random_u64());
+            order.retain(|i| self.pinned.admits(&i.key));
+            if !order.is_empty() {
+                break order;
             }
-            Err(failure) => {
-                tracing::warn!(service = %instance.key, "instance failed, trying the next: {failure}");
-                lock(client).report_failure(seaport_net::clock::now(), instance.key);
-                failures.push(failure.to_string());
+            match tokio::time::timeout_at(deadline, self.changed.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Err(format!("no instance found within {:?}", self.wait)),
+            }
+        };
+        let socket = Arc::new(stream);
+        let mut failures = Vec::new();
+        let mut opened = None;
+        for instance in order {
+            match self.links.open(&instance, socket.clone(), self.dial).await {
+                Ok(stream) => {
+                    seaport_net::serve::record_peer_key(&instance.key);
+                    opened = Some(stream);
+                    break;
+                }
+                Err(failure) => {
+                    tracing::warn!(service = %instance.key, "instance failed, trying the next: {failure}");
+                    lock(&self.client).report_failure(seaport_net::clock::now(), instance.key);
+                    failures.push(failure.to_string());
+                }
             }
         }
+        // The candidates and their failures are gone before the stream runs:
+        // an idle connection holds only what it needs.
+        let Some((link, id)) = opened else {
+            return Err(format!("every instance failed: {}", failures.join("; ")));
+        };
+        drop(failures);
+        let moved = link.run(id).await.map_err(|e| e.to_string())?;
+        tracing::debug!(sent = moved.sent, received = moved.received, "connection closed");
+        Ok(())
     }
-    // The candidates and their failures are gone before the stream runs:
-    // an idle connection holds only what it needs.
-    let Some((link, id)) = opened else {
-        return Err(format!("every instance failed: {}", failures.join("; ")));
-    };
-    drop(failures);
-    let moved = link.run(id).await.map_err(|e| e.to_string())?;
-    tracing::debug!(sent = moved.sent, received = moved.received, "connection closed");
-    Ok(())
 }

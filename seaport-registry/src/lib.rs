@@ -10,14 +10,14 @@ use std::time::Duration;
 
 use clap::Parser;
 use seaport_net::cli::{Bootstrap, Failure, HOUR, MINUTE, duration_in};
-use seaport_net::dht::{Rendezvous, publish_loop};
+use seaport_net::dht::{DhtNode, publish_loop};
 use seaport_net::event::{Event, emit};
 use seaport_net::http::Page;
 use seaport_net::identity::{load_seed, random_seed};
 use seaport_net::meet::RelayCounters;
 use seaport_net::metrics::readiness;
 use seaport_net::page::{RegistryPage, RegistryView};
-use seaport_net::registry::{Command, READY_SESSIONS, RelayOptions};
+use seaport_net::registry::{Command, READY_SESSIONS, RegistryServer, RelayOptions};
 use seaport_proto::keys::Keypair;
 use seaport_proto::registry::{CloseReason, Registry, RegistryConfig, RegistryEvent};
 use tokio::sync::{mpsc, watch};
@@ -166,11 +166,11 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let (stop_tx, stop) = watch::channel(false);
     if !args.no_dht {
         let bootstrap = args.bootstrap.clone().unwrap_or_default().0;
-        let rendezvous = Rendezvous::registry(&bootstrap, args.dht_port)
+        let dht = DhtNode::registry(&bootstrap, args.dht_port)
             .await
             .map_err(|e| format!("cannot start the DHT node: {e} (is --dht-port in use?)"))?;
         let addrs = dialable(local);
-        tokio::spawn(publish_loop(Arc::new(rendezvous), keypair.clone(), addrs, stop.clone()));
+        tokio::spawn(publish_loop(Arc::new(dht), keypair.clone(), addrs, stop.clone()));
     }
 
     let config = RegistryConfig {
@@ -235,16 +235,12 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     readiness().set(READY_SESSIONS, None);
     seaport_net::notify::ready();
     let counters = Arc::new(RelayCounters::default());
-    let server = tokio::spawn(seaport_net::registry::serve(
-        listener,
-        registry,
-        relay,
-        counters.clone(),
-        stop,
-        view,
-        commands,
-        logger(),
-    ));
+    let mut server =
+        RegistryServer::new(registry, relay, counters.clone()).with_commands(commands).on_event(logger());
+    if let Some(view) = view {
+        server = server.with_view(view);
+    }
+    let server = tokio::spawn(server.run(listener, stop));
     seaport_net::signal::shutdown_signal().await;
     tracing::info!("shutting down");
     seaport_net::notify::stopping();

@@ -1,0 +1,439 @@
+//! A link's driver: the task that owns the link socket and joins a
+//! **reader** (link socket → frames → stream sockets) and a **writer**
+//! (frames and stream bytes → link socket), and on a service spawns and owns
+//! the stream tasks.
+//!
+//! # No copies, bounded buffers
+//! - Receive: a frame is opened in place in the reader's decoder buffer and
+//!   its payload written straight to the stream's socket (non-blocking).
+//! - Send: the writer reads a stream's socket straight into the frame slot
+//!   of its batch buffer, after room for the headers, and seals in place. The
+//!   batch stops growing once it holds [`BATCH`] bytes (so it holds less than
+//!   `BATCH` plus one frame) and is freed while the link is idle.
+//!
+//! # Invariants
+//! - Frames are sealed in exactly the order they are written: only the
+//!   writer seals, one batch at a time.
+//! - A stream whose link is lost is reset, never ended cleanly.
+//! - The service's stream tasks are capped by the link's stream limit, not
+//!   only by the machine's count (see [`drive`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use seaport_proto::frame::{self, FrameDecoder, MAX_WIRE_FRAME};
+use seaport_proto::link::{self as proto, Incoming, Reason};
+use seaport_proto::noise::{Opener, Sealer, TAG_LEN};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::state::{Shared, State, changed, close, dispatch};
+use super::stream::{Backend, connect_stream, deliver};
+use crate::budget::{LinkShare, OverBudget};
+use crate::clock;
+use crate::metrics::{Refusal, metrics};
+
+/// Most bytes the writer gathers before one write to the link socket.
+const BATCH: usize = 4 * MAX_WIRE_FRAME;
+/// Most unsent bytes the kernel queues on a link socket (`TCP_NOTSENT_LOWAT`,
+/// as HTTP/2 servers set it). Every stream shares the link's one TCP
+/// connection, so a byte written behind a bulk transfer waits for all the
+/// unsent bytes ahead of it: send-buffer autotuning lets that queue reach
+/// megabytes (milliseconds at loopback speed). Capping the unsent part keeps
+/// the writer's round robin, not the kernel's FIFO, in charge of who goes
+/// next, while bytes in flight still grow to the path's bandwidth-delay
+/// product. Two frames' worth keeps the socket from running dry between
+/// writer wake-ups (Linux reports it writable again below half of it).
+/// So a frame that becomes ready behind a bulk transfer waits for at most
+/// the writer's batch in flight ([`BATCH`]) and this much in the kernel,
+/// plus what the receiver has not read yet. Linux and Android only; a
+/// relayed link's bytes also cross the registry's relay sockets, which keep
+/// the kernel's default.
+const NOTSENT_LOWAT: u32 = 2 * MAX_WIRE_FRAME as u32;
+/// How long the reader and the writer keep their buffers while idle.
+const IDLE_RELEASE: Duration = Duration::from_millis(100);
+
+/// A service's side of a link: where streams go, when to stop taking them,
+/// and the link's share of the budget.
+pub(super) struct ServiceSide {
+    pub(super) backend: Backend,
+    pub(super) drain: watch::Receiver<bool>,
+    pub(super) share: LinkShare,
+}
+
+/// One link's driver: reader and writer, and on a service the stream tasks.
+pub(super) async fn drive(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    sealer: Sealer,
+    opener: Opener,
+    leftover: Vec<u8>,
+    mut service: Option<ServiceSide>,
+) {
+    cap_unsent(&stream);
+    let (rd, wr) = stream.into_split();
+    let mut streams = JoinSet::new();
+    let reader = read_loop(&shared, rd, opener, leftover);
+    let writer = write_loop(&shared, wr, sealer);
+    tokio::pin!(reader, writer);
+    let (mut reading, mut writing) = (true, true);
+    while reading || writing {
+        tokio::select! {
+            () = &mut reader, if reading => reading = false,
+            () = &mut writer, if writing => writing = false,
+            () = shared.opened.notified(), if service.is_some() => {
+                let opened = std::mem::take(&mut shared.lock().opened);
+                if let Some(side) = &service {
+                    for id in opened {
+                        // A stream reset while its backend connect is under way
+                        // leaves the link's count but not this task's: cap the
+                        // tasks too, or OPEN+RESET floods would pile up connects.
+                        let share = if streams.len() >= shared.lock().link.config().max_streams {
+                            Err(OverBudget::Streams(streams.len()))
+                        } else {
+                            side.share.stream()
+                        };
+                        let share = match share {
+                            Ok(share) => share,
+                            Err(e) => {
+                                tracing::debug!("stream refused: {e}");
+                                let mut state = shared.lock();
+                                let _ = state.link.refuse(id, Reason::STREAM_LIMIT);
+                                changed(&mut state, &shared);
+                                metrics().stream_opened("refused");
+                                metrics().refuse(Refusal::Stream);
+                                continue;
+                            }
+                        };
+                        let span = tracing::info_span!("stream", id = id.get());
+                        let work = connect_stream(shared.clone(), id, side.backend.clone(), share);
+                        streams.spawn(work.instrument(span));
+                    }
+                }
+            }
+            () = draining(&mut service) => {
+                let mut state = shared.lock();
+                state.go_away();
+                changed(&mut state, &shared);
+            }
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+    // The link is gone: its streams were reset and finish at once.
+    while streams.join_next().await.is_some() {}
+}
+
+/// Sets [`NOTSENT_LOWAT`] on a link socket. Best effort: where the option is
+/// missing the link still works, with more head-of-line delay.
+fn cap_unsent(stream: &TcpStream) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(NOTSENT_LOWAT) {
+        tracing::debug!("TCP_NOTSENT_LOWAT not set on the link socket: {e}");
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = stream;
+}
+
+/// Resolves once the service starts to drain, then never again (the link
+/// goes away once).
+async fn draining(service: &mut Option<ServiceSide>) {
+    match service {
+        Some(ServiceSide { drain, .. }) if !*drain.borrow() => {
+            if drain.wait_for(|d| *d).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// Link socket in, frames to the state machine, data to stream sockets.
+async fn read_loop(shared: &Shared, rd: OwnedReadHalf, mut opener: Opener, leftover: Vec<u8>) {
+    let mut decoder = FrameDecoder::new();
+    let mut pending = leftover.as_slice();
+    loop {
+        while let Some(body) = decoder.next_frame() {
+            let Ok(plain) = opener.open_in_place(body) else {
+                tracing::info!("link data failed to authenticate");
+                close(shared);
+                return;
+            };
+            let mut state = shared.lock();
+            let State { link, streams, .. } = &mut *state;
+            match link.handle_frame(clock::now(), plain) {
+                Ok(Some(Incoming::Data { id, bytes })) => deliver(link, streams, id, bytes),
+                Ok(_) => {}
+                Err(e) => tracing::info!("link ended: {e}"),
+            }
+            changed(&mut state, shared);
+            if state.is_ended() {
+                return;
+            }
+        }
+        if !pending.is_empty() {
+            let taken = decoder.push(pending);
+            pending = pending.get(taken..).unwrap_or_default();
+            continue;
+        }
+        let deadline = shared.lock().link.poll_timeout().map(tokio::time::Instant::from_std);
+        // An idle link holds no read buffer (a partial frame must stay).
+        let releasable = decoder.holds_buffer() && decoder.buffered() == 0;
+        tokio::select! {
+            () = tokio::time::sleep(IDLE_RELEASE), if releasable => decoder.release(),
+            ready = rd.readable() => {
+                if ready.is_err() {
+                    close(shared);
+                    return;
+                }
+                match rd.try_read(decoder.spare_mut()) {
+                    Ok(0) => {
+                        close(shared);
+                        return;
+                    }
+                    Ok(n) => decoder.commit(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        close(shared);
+                        return;
+                    }
+                }
+            }
+            () = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                let mut state = shared.lock();
+                state.link.handle_timeout(clock::now());
+                changed(&mut state, shared);
+                if state.is_ended() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The writer's sealed frames waiting for one write. Its buffer is zero-filled
+/// only when it grows and is reused after that: zero-filling each frame's
+/// slot before reading a socket into it was a pass over every byte sent, 7 %
+/// of a proxy's CPU during an upload.
+struct Batch {
+    buf: Vec<u8>,
+    /// Bytes of `buf` in use.
+    len: usize,
+}
+
+impl Batch {
+    const fn new() -> Batch {
+        Batch { buf: Vec::new(), len: 0 }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or_default()
+    }
+
+    /// `n` more bytes at the end, for the caller to fill (they hold whatever
+    /// an earlier frame left there).
+    fn extend(&mut self, n: usize) -> &mut [u8] {
+        let (start, end) = (self.len, self.len + n);
+        if self.buf.len() < end {
+            self.buf.resize(end, 0);
+        }
+        self.len = end;
+        self.buf.get_mut(start..end).unwrap_or_default()
+    }
+
+    /// The bytes from `start` on, e.g. the frame whose room `extend` made.
+    fn from(&mut self, start: usize) -> &mut [u8] {
+        self.buf.get_mut(start..self.len).unwrap_or_default()
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Gives the memory back (an idle link holds none).
+    fn release(&mut self) {
+        *self = Batch::new();
+    }
+
+    fn holds_buffer(&self) -> bool {
+        self.buf.capacity() > 0
+    }
+}
+
+/// Frames out: control frames from the state machine, and data read from the
+/// streams whose turn it is, sealed in place and written in batches.
+async fn write_loop(shared: &Shared, mut wr: OwnedWriteHalf, mut sealer: Sealer) {
+    use tokio::io::AsyncWriteExt;
+    let mut batch = Batch::new();
+    let mut plain = Vec::new();
+    // A peer that stops reading must not hold the link for ever.
+    let stuck_after = shared.lock().link.config().dead_after;
+    loop {
+        let closed = fill(shared, &mut sealer, &mut batch, &mut plain);
+        if batch.len() > 0 {
+            let written = tokio::time::timeout(stuck_after, wr.write_all(batch.bytes())).await;
+            if !matches!(written, Ok(Ok(()))) {
+                close(shared);
+                return;
+            }
+            batch.truncate(0);
+            continue;
+        }
+        if closed {
+            let _ = wr.shutdown().await;
+            return;
+        }
+        if batch.holds_buffer() {
+            if tokio::time::timeout(IDLE_RELEASE, shared.work.notified()).await.is_err() {
+                batch.release();
+            }
+        } else {
+            shared.work.notified().await;
+        }
+    }
+}
+
+/// Gathers what is ready to send into `batch`, sealed. Returns whether the
+/// link is closed (nothing more will come).
+fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec<u8>) -> bool {
+    let mut state = shared.lock();
+    let State { link, streams, .. } = &mut *state;
+    let mut wakes = Vec::new();
+    loop {
+        let mut progressed = false;
+        while batch.len() < BATCH && link.poll_transmit(plain) {
+            let start = batch.len();
+            let frame = batch.extend(frame::HEADER_LEN + plain.len() + TAG_LEN);
+            if let Some(room) = frame.get_mut(frame::HEADER_LEN..frame::HEADER_LEN + plain.len()) {
+                room.copy_from_slice(plain);
+            }
+            if sealer.seal_frame(frame, plain.len()).is_err() {
+                // A control frame lost (a credit update, an end, a reset)
+                // would leave the peer waiting for ever: end the link.
+                batch.truncate(start);
+                tracing::error!("cannot seal a link frame: closing the link");
+                link.handle_closed();
+                plain.clear();
+                break;
+            }
+            plain.clear();
+            progressed = true;
+        }
+        while batch.len() < BATCH {
+            let Some((id, credit)) = link.next_send() else { break };
+            progressed = true;
+            let Some(slot) = streams.get_mut(&id) else { continue };
+            let start = batch.len();
+            let body = frame::HEADER_LEN + proto::HEADER_LEN;
+            let frame = batch.extend(body + credit + TAG_LEN);
+            let read = slot.socket.try_read(frame.get_mut(body..body + credit).unwrap_or_default());
+            match read {
+                Ok(0) => {
+                    batch.truncate(start);
+                    slot.read_requested = false;
+                    slot.sent_end = true;
+                    let _ = link.end(id);
+                    wakes.push(slot.wake.clone());
+                }
+                Ok(n) => {
+                    let frame = batch.from(start);
+                    let header = frame.get_mut(frame::HEADER_LEN..).unwrap_or_default();
+                    let sealed = link
+                        .data_header(id, n, header)
+                        .ok()
+                        .and_then(|_| sealer.seal_frame(frame, proto::HEADER_LEN + n).ok());
+                    match sealed {
+                        Some(len) => {
+                            batch.truncate(start + len);
+                            slot.moved.sent += n as u64;
+                            metrics().stream_sent.inc_by(n as u64);
+                            // The socket may hold more: back of the queue.
+                            let _ = link.want_send(id);
+                        }
+                        None => {
+                            // The bytes left the socket and cannot be sent:
+                            // the stream is cut, and says so with a reset.
+                            batch.truncate(start);
+                            tracing::error!("cannot frame data for stream {id}: resetting it");
+                            let _ = link.reset(id, Reason::CANCELLED);
+                            slot.reset = Some(Reason::CANCELLED);
+                            wakes.push(slot.wake.clone());
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    batch.truncate(start);
+                    slot.read_requested = false;
+                    wakes.push(slot.wake.clone());
+                }
+                Err(_) => {
+                    batch.truncate(start);
+                    let _ = link.reset(id, Reason::CANCELLED);
+                    slot.reset = Some(Reason::CANCELLED);
+                    wakes.push(slot.wake.clone());
+                }
+            }
+        }
+        if !progressed || batch.len() >= BATCH {
+            break;
+        }
+    }
+    // Read before the events: what they end shows in the next fill, after
+    // this batch is written.
+    let closed = state.is_ended();
+    dispatch(&mut state, shared);
+    drop(state);
+    for wake in wakes {
+        wake.notify_one();
+    }
+    closed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_sends_only_what_it_was_given_and_reuses_its_memory() {
+        let mut batch = Batch::new();
+        batch.extend(3).copy_from_slice(b"abc");
+        let big = batch.extend(1000);
+        big.fill(7);
+        assert_eq!(batch.len(), 1003);
+        // A frame given up (a read that would block) leaves nothing behind.
+        batch.truncate(3);
+        assert_eq!(batch.bytes(), b"abc");
+        // Room made again holds the old bytes, but only what is filled and
+        // kept is sent.
+        let room = batch.extend(10);
+        room.get_mut(..2).unwrap().copy_from_slice(b"de");
+        batch.truncate(5);
+        assert_eq!(batch.bytes(), b"abcde");
+        assert_eq!(batch.from(3), b"de");
+        let capacity = batch.buf.capacity();
+        batch.truncate(0);
+        batch.extend(500);
+        assert_eq!(batch.buf.capacity(), capacity, "no new allocation");
+        batch.release();
+        assert!(!batch.holds_buffer());
+        assert!(batch.bytes().is_empty());
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[tokio::test]
+    async fn link_sockets_cap_their_unsent_bytes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let before = socket2::SockRef::from(&stream).tcp_notsent_lowat().unwrap();
+        cap_unsent(&stream);
+        let after = socket2::SockRef::from(&stream).tcp_notsent_lowat().unwrap();
+        assert_ne!(before, NOTSENT_LOWAT, "the kernel's default is not the cap");
+        assert_eq!(after, NOTSENT_LOWAT);
+    }
+}

@@ -1,0 +1,223 @@
+//! Links on tokio: one Noise session per proxy–service pair carrying many
+//! streams, driven by [`seaport_proto::link::Link`]. Every protocol decision
+//! (credit, fairness, stream lifecycle, keepalive, go-away) is the state
+//! machine's; this module moves bytes between sockets and fires its timer.
+//! Here is the public face: [`LinkHandle`], the proxy's side of a running
+//! link, and [`serve`], the service's side. A proxy's pool of links is the
+//! `pool` module's, which uses this one; the handshakes are
+//! [`crate::handshake`]'s.
+//!
+//! # Files
+//! - `state`: what the link's tasks share (the machine, each stream's slot)
+//!   and how the machine's events reach them.
+//! - `driver`: the task that owns the link socket (reader and writer).
+//! - `stream`: a stream's task, the service's backend connect, delivery.
+//!
+//! # Invariants
+//! - A link runs in one driver task ([`LinkHandle::start`] spawns it on the
+//!   proxy, [`serve`] is it on the service); each stream has a task of its
+//!   own. The proxy's stream tasks are its client connections; the
+//!   service's are spawned by the driver and owned by it.
+//! - The shared state's lock is a `std` mutex, held only for non-blocking
+//!   work, never across an await.
+//! - Open links and streams are counted in [`crate::metrics`] by guards that
+//!   live exactly as long as the link's driver and the stream's task, so an
+//!   aborted task cannot leave a gauge behind.
+
+mod driver;
+mod state;
+mod stream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use seaport_proto::keys::{Keypair, PublicKey};
+use seaport_proto::link::{self as proto, LinkConfig, Reason, Side, StreamId};
+use seaport_proto::session::Session;
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, watch};
+use tracing::Instrument;
+
+use self::driver::{ServiceSide, drive};
+pub use self::state::Moved;
+use self::state::{Shared, Slot, changed, new_shared};
+use self::stream::run_stream;
+pub use self::stream::{Backend, StreamEnd};
+use crate::allow::AllowList;
+use crate::clock;
+use crate::event::{Event, emit};
+use crate::handshake::{HandshakeError, respond};
+use crate::metrics::{Refusal, metrics};
+use crate::reach::Path;
+
+/// Why a stream could not be opened on a link.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The service could not reach its backend, or refused for another reason
+    /// before anything reached a backend: another instance may be tried.
+    #[error("the service refused the stream: {0}")]
+    Refused(Reason),
+    /// The link cannot open streams (closed, going away, at its stream limit).
+    #[error("the link cannot open a stream: {0}")]
+    Link(#[from] proto::StreamError),
+    /// The link ended while the stream was being opened.
+    #[error("the link ended before the service answered")]
+    Lost,
+    /// No answer in time.
+    #[error("no answer from the service in {0:?}")]
+    Timeout(Duration),
+    /// No link to the service could be opened.
+    #[error(transparent)]
+    Dial(#[from] HandshakeError),
+}
+
+/// A live link seen from the proxy: open streams on it while it is usable.
+#[derive(Clone)]
+pub struct LinkHandle {
+    shared: Arc<Shared>,
+    /// The service's key.
+    pub remote: PublicKey,
+    /// The address the link runs over (the registry's, for a relayed link).
+    pub addr: SocketAddr,
+    /// How the link reached the service.
+    pub path: Path,
+    /// Aborts the driver when the last handle goes.
+    _driver: Arc<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl LinkHandle {
+    /// Starts the driver of a link whose handshake (as initiator, with
+    /// `remote`) completed on `stream`, which runs over `addr` by `path`.
+    pub fn start(
+        stream: TcpStream,
+        session: Session,
+        remote: PublicKey,
+        addr: SocketAddr,
+        path: Path,
+        config: LinkConfig,
+    ) -> Result<LinkHandle, HandshakeError> {
+        let (transport, leftover) = session.into_transport().ok_or(HandshakeError::ClosedEarly)?;
+        let (sealer, opener) = transport.split();
+        let shared = new_shared(Side::Proxy, config);
+        let span = tracing::info_span!("link", service = %remote, %path, %addr);
+        let ended = shared.clone();
+        let driver = tokio::spawn(
+            async move {
+                // Counted while the driver lives, however it ends (an abort too).
+                let _open = metrics().link_guard();
+                drive(ended.clone(), stream, sealer, opener, leftover, None).await;
+                let reason = ended.lock().close_reason.take().unwrap_or_else(|| "closed".into());
+                emit(&Event::LinkDown { key: remote, reason });
+            }
+            .instrument(span),
+        );
+        Ok(LinkHandle { shared, remote, addr, path, _driver: Arc::new(AbortOnDrop(driver.abort_handle())) })
+    }
+
+    /// Whether new streams may go on this link.
+    pub fn is_usable(&self) -> bool {
+        self.shared.lock().can_open()
+    }
+
+    /// Streams open on the link.
+    pub fn stream_count(&self) -> usize {
+        self.shared.lock().link.stream_count()
+    }
+
+    /// Opens a stream for `client` and waits (at most `timeout`) until the
+    /// service reached its backend. Nothing of the client's is read before.
+    pub async fn open(&self, client: Arc<TcpStream>, timeout: Duration) -> Result<StreamId, OpenError> {
+        let started = tokio::time::Instant::now();
+        let opened = self.open_stream(client, timeout).await;
+        let m = metrics();
+        match &opened {
+            Ok(_) => {
+                m.stream_opened("accepted");
+                m.stream_open_took(started.elapsed());
+            }
+            Err(OpenError::Refused(_)) => {
+                m.stream_opened("refused");
+                m.stream_open_took(started.elapsed());
+            }
+            // A full link is retried on another before anything is counted.
+            Err(OpenError::Link(proto::StreamError::StreamLimit)) => {}
+            Err(_) => m.stream_opened("failed"),
+        }
+        opened
+    }
+
+    async fn open_stream(&self, client: Arc<TcpStream>, timeout: Duration) -> Result<StreamId, OpenError> {
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut state = self.shared.lock();
+            if state.is_ended() {
+                return Err(OpenError::Lost);
+            }
+            let id = state.link.open(clock::now())?;
+            let mut slot = Slot::new(client);
+            slot.answer = Some(tx);
+            state.streams.insert(id, slot);
+            changed(&mut state, &self.shared);
+            id
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(()))) => Ok(id),
+            Ok(Ok(Err(reason))) => Err(OpenError::Refused(reason)),
+            Ok(Err(_)) => Err(OpenError::Lost),
+            Err(_) => {
+                let mut state = self.shared.lock();
+                let _ = state.link.reset(id, Reason::CANCELLED);
+                state.streams.remove(&id);
+                changed(&mut state, &self.shared);
+                Err(OpenError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Carries the accepted stream `id` until both directions ended or it
+    /// was reset.
+    pub async fn run(&self, id: StreamId) -> Result<Moved, StreamEnd> {
+        let _open = metrics().stream_guard();
+        run_stream(&self.shared, id).await
+    }
+
+    /// No new streams; open ones finish (link rotation, drain).
+    pub fn go_away(&self) {
+        let mut state = self.shared.lock();
+        state.go_away();
+        changed(&mut state, &self.shared);
+    }
+}
+
+/// Serves one link on the service side: the handshake (the proxy must ask
+/// for a link, with a key `allow` admits), then streams to `backend` until
+/// the link ends or `drain` fires, after which no new stream is accepted and
+/// open ones finish.
+pub async fn serve(
+    mut stream: TcpStream,
+    local: &Keypair,
+    backend: Backend,
+    timeout: Duration,
+    config: LinkConfig,
+    drain: watch::Receiver<bool>,
+    allow: &AllowList,
+) -> Result<(), HandshakeError> {
+    let (session, key) = respond(&mut stream, local, timeout, allow).await?;
+    crate::serve::record_peer_key(&key);
+    let share = backend.budget.link(key).inspect_err(|_| metrics().refuse(Refusal::Link))?;
+    let (transport, leftover) = session.into_transport().ok_or(HandshakeError::ClosedEarly)?;
+    let (sealer, opener) = transport.split();
+    let shared = new_shared(Side::Service, config);
+    drive(shared, stream, sealer, opener, leftover, Some(ServiceSide { backend, drain, share })).await;
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! What a link's tasks share, behind one `std` mutex: the state machine, the
+//! driver's view of each stream (its socket, the bytes its socket has not
+//! taken yet, how it ended), and the wake-ups that carry the machine's
+//! events to the tasks.
+//!
+//! Invariants:
+//! - The lock is held only for non-blocking work (socket `try_read` and
+//!   `try_write`, machine calls), never across an await.
+//! - Whoever changes the machine drains its events ([`changed`], or
+//!   [`dispatch`] in the writer) before letting the lock go, so no task ever
+//!   sees the machine ahead of what its events said.
+//! - Whether the link has ended comes from the machine (`Link::is_closed`);
+//!   the driver keeps only what the machine does not say yet: how far the
+//!   link went away (a `GOAWAY` either way, `Drained`), in one field set in
+//!   one place.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use seaport_proto::link::{Link, LinkConfig, LinkEvent, Reason, Side, StreamId};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, oneshot};
+
+use crate::clock;
+use crate::lock::lock;
+
+/// Bytes one stream moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// From the stream's socket into the link.
+    pub sent: u64,
+    /// From the link to the stream's socket.
+    pub received: u64,
+}
+
+/// One stream as the driver sees it.
+pub(super) struct Slot {
+    pub(super) socket: Arc<TcpStream>,
+    pub(super) wake: Arc<Notify>,
+    /// Proxy: where the service's answer to `OPEN` goes.
+    pub(super) answer: Option<oneshot::Sender<Result<(), Reason>>>,
+    /// Received bytes the socket has not taken yet.
+    pub(super) pending: Vec<u8>,
+    /// The stream asked for a turn to send and the writer has not read yet.
+    pub(super) read_requested: bool,
+    /// The socket reached EOF and `END` was sent. The driver's own, with
+    /// `recv_end`: the machine forgets a stream once both directions ended
+    /// and every byte was consumed, while its task still has to finish the
+    /// socket (write what is pending, shut down, report). Each is set in one
+    /// place only (the writer's `fill`, `dispatch`).
+    pub(super) sent_end: bool,
+    /// The peer's `END` arrived.
+    pub(super) recv_end: bool,
+    /// The stream was reset; the task closes its socket with RST.
+    pub(super) reset: Option<Reason>,
+    pub(super) moved: Moved,
+}
+
+impl Slot {
+    pub(super) fn new(socket: Arc<TcpStream>) -> Slot {
+        Slot {
+            socket,
+            wake: Arc::new(Notify::new()),
+            answer: None,
+            pending: Vec::new(),
+            read_requested: false,
+            sent_end: false,
+            recv_end: false,
+            reset: None,
+            moved: Moved::default(),
+        }
+    }
+}
+
+pub(super) struct State {
+    pub(super) link: Link,
+    pub(super) streams: HashMap<StreamId, Slot>,
+    /// Service: streams opened by the proxy, for the driver to connect.
+    pub(super) opened: Vec<StreamId>,
+    /// How far the link went toward its end, short of closing: the
+    /// machine knows it but does not say it (no accessor), so the driver
+    /// notes it, in [`State::depart`] only.
+    departure: Departure,
+    /// Why the link ended, once it has.
+    pub(super) close_reason: Option<String>,
+}
+
+/// A link's steps toward its end that the machine does not report but by
+/// events: a `GOAWAY` either way, then `Drained`. Only ever moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Departure {
+    /// Streams may be opened.
+    Open,
+    /// A `GOAWAY` went one way or the other: no new streams.
+    GoingAway,
+    /// Going away and no stream left: nothing more to carry.
+    Drained,
+}
+
+impl State {
+    /// The link carries nothing more: the machine closed it, or it drained.
+    pub(super) fn is_ended(&self) -> bool {
+        self.link.is_closed() || self.departure == Departure::Drained
+    }
+
+    /// Whether new streams may go on the link.
+    pub(super) fn can_open(&self) -> bool {
+        !self.link.is_closed() && self.departure == Departure::Open
+    }
+
+    /// No new streams; open ones finish (our `GOAWAY`).
+    pub(super) fn go_away(&mut self) {
+        self.link.go_away();
+        self.depart(Departure::GoingAway);
+    }
+
+    /// Notes `step`, never going back (the peer's `GOAWAY` may come after
+    /// the link drained on ours).
+    fn depart(&mut self, step: Departure) {
+        self.departure = self.departure.max(step);
+    }
+}
+
+pub(super) struct Shared {
+    state: Mutex<State>,
+    /// Wakes the writer: frames to send, or streams waiting for a turn.
+    pub(super) work: Notify,
+    /// Wakes the service driver: streams were opened.
+    pub(super) opened: Notify,
+}
+
+impl Shared {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+}
+
+pub(super) fn new_shared(side: Side, config: LinkConfig) -> Arc<Shared> {
+    let state = State {
+        link: Link::new(side, config, clock::now()),
+        streams: HashMap::new(),
+        opened: Vec::new(),
+        departure: Departure::Open,
+        close_reason: None,
+    };
+    Arc::new(Shared { state: Mutex::new(state), work: Notify::new(), opened: Notify::new() })
+}
+
+/// After a change from outside the writer: react to the link's events and
+/// wake the writer for the frames the change queued.
+pub(super) fn changed(state: &mut State, shared: &Shared) {
+    dispatch(state, shared);
+    shared.work.notify_one();
+}
+
+/// Reacts to what the link says: wakes streams and answers opens. Called
+/// with the lock held. The writer calls this directly (waking itself would spin).
+pub(super) fn dispatch(state: &mut State, shared: &Shared) {
+    while let Some(event) = state.link.poll_event() {
+        match event {
+            LinkEvent::Opened { id } => {
+                state.opened.push(id);
+                shared.opened.notify_one();
+            }
+            LinkEvent::Accepted { id } => {
+                if let Some(answer) = state.streams.get_mut(&id).and_then(|s| s.answer.take()) {
+                    let _ = answer.send(Ok(()));
+                }
+            }
+            LinkEvent::Refused { id, reason } => {
+                if let Some(mut slot) = state.streams.remove(&id)
+                    && let Some(answer) = slot.answer.take()
+                {
+                    let _ = answer.send(Err(reason));
+                }
+            }
+            LinkEvent::End { id } => {
+                if let Some(slot) = state.streams.get_mut(&id) {
+                    slot.recv_end = true;
+                    slot.wake.notify_one();
+                }
+            }
+            LinkEvent::Reset { id, reason } => {
+                let unanswered = state.streams.get(&id).is_some_and(|s| s.answer.is_some());
+                if unanswered {
+                    // No task carries it yet: the opener hears "lost" as its
+                    // answer's sender drops with the slot.
+                    state.streams.remove(&id);
+                } else if let Some(slot) = state.streams.get_mut(&id) {
+                    slot.reset = Some(reason);
+                    slot.pending = Vec::new();
+                    slot.wake.notify_one();
+                }
+            }
+            LinkEvent::Writable { id } => {
+                if let Some(slot) = state.streams.get(&id) {
+                    slot.wake.notify_one();
+                }
+            }
+            LinkEvent::GoAway => state.depart(Departure::GoingAway),
+            // Nothing left to carry: the writer closes its side, the peer
+            // answers with its own end, and the reader ends on it.
+            LinkEvent::Drained => state.depart(Departure::Drained),
+            LinkEvent::Closed { error } => {
+                tracing::debug!("link closed: {error}");
+                state.close_reason = Some(error.to_string());
+            }
+            other => tracing::debug!(?other, "link event"),
+        }
+    }
+}
+
+/// Tells the link its transport is gone; every stream is reset.
+pub(super) fn close(shared: &Shared) {
+    let mut state = shared.lock();
+    state.link.handle_closed();
+    changed(&mut state, shared);
+}

@@ -1,0 +1,216 @@
+//! A stream's side of a link: the task that carries one stream between its
+//! socket and the link, the service's backend connect before it, and the
+//! reader's delivery of received bytes to the stream's socket.
+//!
+//! A stream task only waits: for its socket to become readable (then it asks
+//! the link for a turn to send; the writer reads the socket), for its socket
+//! to take bytes it could not take at once, or for the link's word (end,
+//! reset, credit).
+//!
+//! Invariants:
+//! - Received bytes go straight to the socket; only what it does not take
+//!   is kept (`Slot::pending`), bounded by the stream's credit window and
+//!   freed once written.
+//! - A reset stream's socket is closed with RST, never ended cleanly, so a
+//!   client sees a cut transfer as cut.
+//! - A service connects its backend before it accepts a stream, so a proxy
+//!   can fail over before its client saw a byte.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use seaport_proto::link::{Link, Reason, StreamId};
+
+use super::state::{Moved, Shared, Slot, State, changed};
+use crate::budget::{Budget, StreamShare};
+use crate::clock;
+use crate::dial;
+use crate::metrics::{Refusal, metrics};
+
+/// What a service needs to connect the streams of its links.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// The backend's address.
+    pub addr: SocketAddr,
+    /// How long connecting to it may take before the stream is refused.
+    pub connect_timeout: Duration,
+    /// What the service's proxies may hold at once, shared by every link.
+    pub budget: Arc<Budget>,
+}
+
+/// How a stream ended badly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamEnd {
+    /// Reset by the peer, or because the link was lost.
+    #[error("stream reset: {0}")]
+    Reset(Reason),
+    /// Our own socket failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Service: connects the backend for stream `id`, accepts or refuses it, and
+/// carries it.
+pub(super) async fn connect_stream(shared: Arc<Shared>, id: StreamId, backend: Backend, _share: StreamShare) {
+    let connected = dial::connect(backend.addr, backend.connect_timeout).await;
+    let socket = {
+        let mut state = shared.lock();
+        let socket = match connected {
+            Ok(socket) => match state.link.accept(id) {
+                Ok(()) => {
+                    metrics().stream_opened("accepted");
+                    let socket = Arc::new(socket);
+                    state.streams.insert(id, Slot::new(socket.clone()));
+                    Some(socket)
+                }
+                Err(e) => {
+                    tracing::debug!("stream gone before its backend answered: {e}");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::info!(backend = %backend.addr, "cannot reach the backend: {e}");
+                let _ = state.link.refuse(id, Reason::REFUSED);
+                metrics().stream_opened("refused");
+                metrics().refuse(Refusal::Stream);
+                None
+            }
+        };
+        changed(&mut state, &shared);
+        socket
+    };
+    if socket.is_some() {
+        let _open = metrics().stream_guard();
+        match run_stream(&shared, id).await {
+            Ok(moved) => tracing::debug!(sent = moved.sent, received = moved.received, "stream closed"),
+            Err(e) => tracing::debug!("stream ended: {e}"),
+        }
+    }
+}
+
+/// The stream's waiting: asks for turns to send when its socket is readable,
+/// writes what its socket could not take at once, half-closes after the
+/// peer's end, and closes with RST on a reset.
+pub(super) async fn run_stream(shared: &Shared, id: StreamId) -> Result<Moved, StreamEnd> {
+    let (socket, wake) = match shared.lock().streams.get(&id) {
+        Some(slot) => (slot.socket.clone(), slot.wake.clone()),
+        None => return Err(StreamEnd::Reset(Reason::CANCELLED)),
+    };
+    let mut shut_write = false;
+    loop {
+        let (want_read, has_pending) = {
+            let mut state = shared.lock();
+            let State { link, streams, .. } = &mut *state;
+            let Some(slot) = streams.get_mut(&id) else { return Err(StreamEnd::Reset(Reason::CANCELLED)) };
+            if let Some(reason) = slot.reset {
+                streams.remove(&id);
+                drop(state);
+                let _ = socket.set_zero_linger();
+                return Err(StreamEnd::Reset(reason));
+            }
+            if slot.recv_end && slot.pending.is_empty() && !shut_write {
+                shut_write = true;
+                let _ = socket2::SockRef::from(&*socket).shutdown(std::net::Shutdown::Write);
+            }
+            if slot.sent_end && shut_write {
+                let moved = slot.moved;
+                streams.remove(&id);
+                return Ok(moved);
+            }
+            let want_read = !slot.read_requested && !slot.sent_end && link.send_credit(id) > 0;
+            (want_read, !slot.pending.is_empty())
+        };
+        tokio::select! {
+            ready = socket.readable(), if want_read => {
+                if let Err(e) = ready {
+                    abandon(shared, id);
+                    return Err(e.into());
+                }
+                let mut state = shared.lock();
+                // Refused while the stream cannot send yet (its ACCEPT not
+                // out): it is told `Writable` when it can.
+                let queued = state.link.want_send(id).is_ok();
+                if let Some(slot) = state.streams.get_mut(&id) {
+                    slot.read_requested = queued;
+                }
+                drop(state);
+                shared.work.notify_one();
+            }
+            ready = socket.writable(), if has_pending => {
+                if let Err(e) = ready {
+                    abandon(shared, id);
+                    return Err(e.into());
+                }
+                let mut state = shared.lock();
+                let State { link, streams, .. } = &mut *state;
+                if let Some(slot) = streams.get_mut(&id) {
+                    match slot.socket.try_write(&slot.pending) {
+                        Ok(n) => {
+                            slot.pending.drain(..n);
+                            if slot.pending.is_empty() {
+                                slot.pending = Vec::new();
+                            }
+                            slot.moved.received += n as u64;
+                            metrics().stream_received.inc_by(n as u64);
+                            let _ = link.consumed(clock::now(), id, n);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => {
+                            let _ = link.reset(id, Reason::CANCELLED);
+                            streams.remove(&id);
+                            changed(&mut state, shared);
+                            return Err(e.into());
+                        }
+                    }
+                }
+                changed(&mut state, shared);
+            }
+            () = wake.notified() => {}
+        }
+    }
+}
+
+/// Our side of stream `id` failed: reset it and forget its slot, so it holds
+/// neither a stream slot nor credit.
+fn abandon(shared: &Shared, id: StreamId) {
+    let mut state = shared.lock();
+    let _ = state.link.reset(id, Reason::CANCELLED);
+    state.streams.remove(&id);
+    changed(&mut state, shared);
+}
+
+/// Bytes for stream `id`: straight to its socket if it takes them, the rest
+/// kept (bounded by the stream's window) for the stream task to write.
+pub(super) fn deliver(link: &mut Link, streams: &mut HashMap<StreamId, Slot>, id: StreamId, bytes: &[u8]) {
+    let Some(slot) = streams.get_mut(&id) else {
+        // A stream we already dropped: its credit goes back at once.
+        let _ = link.consumed(clock::now(), id, bytes.len());
+        return;
+    };
+    let written = if slot.pending.is_empty() {
+        match slot.socket.try_write(bytes) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(_) => {
+                let _ = link.reset(id, Reason::CANCELLED);
+                slot.reset = Some(Reason::CANCELLED);
+                slot.wake.notify_one();
+                return;
+            }
+        }
+    } else {
+        0
+    };
+    if written > 0 {
+        slot.moved.received += written as u64;
+        metrics().stream_received.inc_by(written as u64);
+        let _ = link.consumed(clock::now(), id, written);
+    }
+    if let Some(rest) = bytes.get(written..).filter(|r| !r.is_empty()) {
+        slot.pending.extend_from_slice(rest);
+        slot.wake.notify_one();
+    }
+}

@@ -1,0 +1,213 @@
+//! A proxy's pool of links ([`Links`]): one per service instance, opened on
+//! first need by whichever path works ([`crate::reach`]) and shared by every
+//! client connection to that instance, and the upgrade of a relayed link to
+//! a better path.
+//!
+//! Invariants:
+//! - At most [`MAX_LINKS_PER_INSTANCE`] links per instance, so the streams
+//!   to one instance are bounded too; a second link is opened only while
+//!   every usable one is at its stream limit.
+//! - Concurrent first connections to an instance wait for one dial (an
+//!   async lock per instance) instead of dialing each.
+//! - A link is never torn down under its streams: a dead, departing or
+//!   replaced link leaves the pool and goes away; its streams finish on it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use seaport_proto::keys::{Keypair, PublicKey};
+use seaport_proto::link::{self as proto, LinkConfig, StreamId};
+use seaport_proto::message::Instance;
+use tokio::net::TcpStream;
+
+use crate::event::{Event, emit};
+use crate::handshake::HandshakeError;
+use crate::link::{LinkHandle, OpenError};
+use crate::lock::lock;
+use crate::reach::{self, Introducer, Path, PathMemo};
+
+/// When a relayed link first tries for a better path.
+pub const UPGRADE_FIRST: Duration = Duration::from_secs(30);
+/// The longest pause between such tries.
+pub const UPGRADE_MAX: Duration = Duration::from_secs(300);
+
+/// Most links a proxy keeps to one instance; each carries up to
+/// `LinkConfig::max_streams` streams, so this bounds the streams too.
+pub const MAX_LINKS_PER_INSTANCE: usize = 64;
+
+/// A proxy's links: one per service instance, opened on first need and
+/// reused by every stream; another only while every one is at its stream
+/// limit; replaced once dead or going away.
+pub struct Links {
+    keypair: Keypair,
+    config: LinkConfig,
+    dial_timeout: Duration,
+    /// Meetings through the registry, for services no direct path reaches.
+    introducer: Option<Arc<Introducer>>,
+    /// What path worked last, per service.
+    memo: Arc<PathMemo>,
+    /// Per instance, its links; the async lock makes concurrent first
+    /// connections wait for one dial instead of dialing each.
+    links: Mutex<HashMap<InstanceId, Arc<tokio::sync::Mutex<Vec<LinkHandle>>>>>,
+}
+
+/// Tells service processes apart: one identity may run as several processes
+/// (one seed per host), each with its own link port and backend, so a link
+/// belongs to a key *and* the addresses that process reported.
+pub type InstanceId = (PublicKey, Vec<SocketAddr>);
+
+fn instance_id(instance: &Instance) -> InstanceId {
+    (instance.key, instance.addrs.clone())
+}
+
+impl Links {
+    /// No links yet; each will be dialed as `keypair` within `dial_timeout`.
+    pub fn new(keypair: Keypair, config: LinkConfig, dial_timeout: Duration) -> Links {
+        Links {
+            keypair,
+            config,
+            dial_timeout,
+            introducer: None,
+            memo: Arc::default(),
+            links: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Also reaches services through meetings (punched or relayed paths).
+    pub fn with_introducer(mut self, introducer: Introducer) -> Links {
+        self.introducer = Some(Arc::new(introducer));
+        self
+    }
+
+    /// Opens a stream for `client` on a link to `instance` and waits (at most
+    /// `timeout`) for the service to accept it.
+    pub async fn open(
+        &self,
+        instance: &Instance,
+        client: Arc<TcpStream>,
+        timeout: Duration,
+    ) -> Result<(LinkHandle, StreamId), OpenError> {
+        // A link found with room can fill up before our open lands: try once more.
+        for _ in 0..2 {
+            let link = self.get(instance).await?;
+            match link.open(client.clone(), timeout).await {
+                Err(OpenError::Link(proto::StreamError::StreamLimit)) => continue,
+                opened => return opened.map(|id| (link, id)),
+            }
+        }
+        Err(OpenError::Link(proto::StreamError::StreamLimit))
+    }
+
+    /// The least loaded usable link to `instance` with room for a stream,
+    /// dialed now if there is none.
+    async fn get(&self, instance: &Instance) -> Result<LinkHandle, HandshakeError> {
+        let cell = lock(&self.links).entry(instance_id(instance)).or_default().clone();
+        let mut links = cell.lock().await;
+        // A dead or departing link keeps running for its streams, which hold it.
+        links.retain(LinkHandle::is_usable);
+        let least = links.iter().min_by_key(|l| l.stream_count());
+        if let Some(link) = least.filter(|l| l.stream_count() < self.config.max_streams) {
+            return Ok(link.clone());
+        }
+        if let Some(link) = least.filter(|_| links.len() >= MAX_LINKS_PER_INSTANCE) {
+            return Ok(link.clone());
+        }
+        let last = self.memo.get(&instance.key);
+        let introducer = self.introducer.as_deref();
+        // Boxed: the path search is a large future, and every client
+        // connection's task would otherwise carry its size for its whole
+        // life (tens of KiB each with thousands of idle connections).
+        let establish = reach::establish(instance, &self.keypair, self.dial_timeout, introducer, last, true);
+        let reached = Box::pin(establish).await?;
+        let link = announce(&self.memo, &self.config, instance, reached)?;
+        links.push(link.clone());
+        if link.path == Path::Relayed {
+            self.upgrade_later(instance.clone(), link.clone(), cell.clone());
+        }
+        Ok(link)
+    }
+
+    /// A relayed link costs the registry and a detour: now and then (after
+    /// [`UPGRADE_FIRST`], doubling to [`UPGRADE_MAX`]) a direct or punched
+    /// path to the same instance is tried; once one is up, new streams take
+    /// it and the relayed link goes away (its open streams finish on it).
+    /// Stops once the relayed link is no longer usable.
+    fn upgrade_later(
+        &self,
+        instance: Instance,
+        relayed: LinkHandle,
+        cell: Arc<tokio::sync::Mutex<Vec<LinkHandle>>>,
+    ) {
+        let (keypair, config, timeout) = (self.keypair.clone(), self.config.clone(), self.dial_timeout);
+        let (introducer, memo) = (self.introducer.clone(), self.memo.clone());
+        tokio::spawn(async move {
+            let mut pause = UPGRADE_FIRST;
+            loop {
+                tokio::time::sleep(pause).await;
+                if !relayed.is_usable() {
+                    return;
+                }
+                let hint = Some(Path::Punched);
+                match reach::establish(&instance, &keypair, timeout, introducer.as_deref(), hint, false).await
+                {
+                    Ok(reached) => {
+                        let mut links = cell.lock().await;
+                        if links.len() >= MAX_LINKS_PER_INSTANCE {
+                            return;
+                        }
+                        let Ok(link) = announce(&memo, &config, &instance, reached) else { continue };
+                        links.push(link);
+                        relayed.go_away();
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(service = %instance.key, "still no path but the relay: {e}");
+                        pause = (pause * 2).min(UPGRADE_MAX);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Lets the links of instances not in `instances` go away: their open
+    /// streams finish, new ones go elsewhere.
+    pub fn retain(&self, instances: &[Instance]) {
+        let gone: Vec<_> = {
+            let keys: Vec<PublicKey> = instances.iter().map(|i| i.key).collect();
+            self.memo.retain(&keys);
+            let ids: Vec<InstanceId> = instances.iter().map(instance_id).collect();
+            let mut links = lock(&self.links);
+            let gone = links.keys().filter(|k| !ids.contains(k)).cloned().collect::<Vec<_>>();
+            gone.iter().filter_map(|k| links.remove(k)).collect()
+        };
+        for cell in gone {
+            // A dial in progress holds the lock; its link goes when its streams end.
+            if let Ok(links) = cell.try_lock() {
+                links.iter().for_each(LinkHandle::go_away);
+            }
+        }
+    }
+
+    /// Every link goes away (shutdown): open streams finish.
+    pub fn go_away_all(&self) {
+        self.retain(&[]);
+    }
+}
+
+/// Starts the driver of a link that reached `instance`, remembers its path
+/// and says which it took.
+fn announce(
+    memo: &PathMemo,
+    config: &LinkConfig,
+    instance: &Instance,
+    reached: reach::Reached,
+) -> Result<LinkHandle, HandshakeError> {
+    let (path, addr) = (reached.path, reached.addr);
+    let link = LinkHandle::start(reached.stream, reached.session, instance.key, addr, path, config.clone())?;
+    memo.set(instance.key, path);
+    tracing::info!(service = %instance.key, "link to {} via {path} {addr}", instance.key);
+    emit(&Event::LinkUp { key: instance.key, path: path.name(), addr });
+    Ok(link)
+}
