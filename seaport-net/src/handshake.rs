@@ -13,8 +13,8 @@
 
 use std::time::Duration;
 
+use seaport_proto::hello::Intent;
 use seaport_proto::keys::{Keypair, PublicKey};
-use seaport_proto::noise::Intent;
 use seaport_proto::session::{Session, SessionError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

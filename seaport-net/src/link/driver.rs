@@ -21,9 +21,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use seaport_proto::frame::{self, FrameDecoder, MAX_WIRE_FRAME};
 use seaport_proto::link::{self as proto, Incoming, Reason};
 use seaport_proto::noise::{Opener, Sealer, TAG_LEN};
+use seaport_proto::record::{self, MAX_WIRE_RECORD, RecordDecoder};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
@@ -37,7 +37,7 @@ use crate::clock;
 use crate::metrics::{Refusal, metrics};
 
 /// Most bytes the writer gathers before one write to the link socket.
-const BATCH: usize = 4 * MAX_WIRE_FRAME;
+const BATCH: usize = 4 * MAX_WIRE_RECORD;
 /// Most unsent bytes the kernel queues on a link socket (`TCP_NOTSENT_LOWAT`,
 /// as HTTP/2 servers set it). Every stream shares the link's one TCP
 /// connection, so a byte written behind a bulk transfer waits for all the
@@ -52,7 +52,7 @@ const BATCH: usize = 4 * MAX_WIRE_FRAME;
 /// plus what the receiver has not read yet. Linux and Android only; a
 /// relayed link's bytes also cross the registry's relay sockets, which keep
 /// the kernel's default.
-const NOTSENT_LOWAT: u32 = 2 * MAX_WIRE_FRAME as u32;
+const NOTSENT_LOWAT: u32 = 2 * MAX_WIRE_RECORD as u32;
 /// How long the reader and the writer keep their buffers while idle.
 const IDLE_RELEASE: Duration = Duration::from_millis(100);
 
@@ -116,7 +116,7 @@ pub(super) async fn drive(
             }
             () = draining(&mut service) => {
                 let mut state = shared.lock();
-                state.go_away();
+                state.link.go_away();
                 changed(&mut state, &shared);
             }
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
@@ -152,10 +152,10 @@ async fn draining(service: &mut Option<ServiceSide>) {
 
 /// Link socket in, frames to the state machine, data to stream sockets.
 async fn read_loop(shared: &Shared, rd: OwnedReadHalf, mut opener: Opener, leftover: Vec<u8>) {
-    let mut decoder = FrameDecoder::new();
+    let mut decoder = RecordDecoder::new();
     let mut pending = leftover.as_slice();
     loop {
-        while let Some(body) = decoder.next_frame() {
+        while let Some(body) = decoder.next_record() {
             let Ok(plain) = opener.open_in_place(body) else {
                 tracing::info!("link data failed to authenticate");
                 close(shared);
@@ -169,7 +169,7 @@ async fn read_loop(shared: &Shared, rd: OwnedReadHalf, mut opener: Opener, lefto
                 Err(e) => tracing::info!("link ended: {e}"),
             }
             changed(&mut state, shared);
-            if state.is_ended() {
+            if state.link.is_ended() {
                 return;
             }
         }
@@ -205,7 +205,7 @@ async fn read_loop(shared: &Shared, rd: OwnedReadHalf, mut opener: Opener, lefto
                 let mut state = shared.lock();
                 state.link.handle_timeout(clock::now());
                 changed(&mut state, shared);
-                if state.is_ended() {
+                if state.link.is_ended() {
                     return;
                 }
             }
@@ -309,8 +309,8 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
         let mut progressed = false;
         while batch.len() < BATCH && link.poll_transmit(plain) {
             let start = batch.len();
-            let frame = batch.extend(frame::HEADER_LEN + plain.len() + TAG_LEN);
-            if let Some(room) = frame.get_mut(frame::HEADER_LEN..frame::HEADER_LEN + plain.len()) {
+            let frame = batch.extend(record::HEADER_LEN + plain.len() + TAG_LEN);
+            if let Some(room) = frame.get_mut(record::HEADER_LEN..record::HEADER_LEN + plain.len()) {
                 room.copy_from_slice(plain);
             }
             if sealer.seal_frame(frame, plain.len()).is_err() {
@@ -330,7 +330,7 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
             progressed = true;
             let Some(slot) = streams.get_mut(&id) else { continue };
             let start = batch.len();
-            let body = frame::HEADER_LEN + proto::HEADER_LEN;
+            let body = record::HEADER_LEN + proto::HEADER_LEN;
             let frame = batch.extend(body + credit + TAG_LEN);
             let read = slot.socket.try_read(frame.get_mut(body..body + credit).unwrap_or_default());
             match read {
@@ -343,7 +343,7 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
                 }
                 Ok(n) => {
                     let frame = batch.from(start);
-                    let header = frame.get_mut(frame::HEADER_LEN..).unwrap_or_default();
+                    let header = frame.get_mut(record::HEADER_LEN..).unwrap_or_default();
                     let sealed = link
                         .data_header(id, n, header)
                         .ok()
@@ -386,7 +386,7 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
     }
     // Read before the events: what they end shows in the next fill, after
     // this batch is written.
-    let closed = state.is_ended();
+    let closed = state.link.is_ended();
     dispatch(&mut state, shared);
     drop(state);
     for wake in wakes {

@@ -126,7 +126,7 @@ impl LinkHandle {
 
     /// Whether new streams may go on this link.
     pub fn is_usable(&self) -> bool {
-        self.shared.lock().can_open()
+        self.shared.lock().link.can_open()
     }
 
     /// Streams open on the link.
@@ -160,7 +160,7 @@ impl LinkHandle {
         let (tx, rx) = oneshot::channel();
         let id = {
             let mut state = self.shared.lock();
-            if state.is_ended() {
+            if state.link.is_ended() {
                 return Err(OpenError::Lost);
             }
             let id = state.link.open(clock::now())?;
@@ -194,7 +194,7 @@ impl LinkHandle {
     /// No new streams; open ones finish (link rotation, drain).
     pub fn go_away(&self) {
         let mut state = self.shared.lock();
-        state.go_away();
+        state.link.go_away();
         changed(&mut state, &self.shared);
     }
 }

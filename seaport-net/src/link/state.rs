@@ -77,48 +77,8 @@ pub(super) struct State {
     pub(super) streams: HashMap<StreamId, Slot>,
     /// Service: streams opened by the proxy, for the driver to connect.
     pub(super) opened: Vec<StreamId>,
-    /// How far the link went toward its end, short of closing: the
-    /// machine knows it but does not say it (no accessor), so the driver
-    /// notes it, in [`State::depart`] only.
-    departure: Departure,
     /// Why the link ended, once it has.
     pub(super) close_reason: Option<String>,
-}
-
-/// A link's steps toward its end that the machine does not report but by
-/// events: a `GOAWAY` either way, then `Drained`. Only ever moves forward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Departure {
-    /// Streams may be opened.
-    Open,
-    /// A `GOAWAY` went one way or the other: no new streams.
-    GoingAway,
-    /// Going away and no stream left: nothing more to carry.
-    Drained,
-}
-
-impl State {
-    /// The link carries nothing more: the machine closed it, or it drained.
-    pub(super) fn is_ended(&self) -> bool {
-        self.link.is_closed() || self.departure == Departure::Drained
-    }
-
-    /// Whether new streams may go on the link.
-    pub(super) fn can_open(&self) -> bool {
-        !self.link.is_closed() && self.departure == Departure::Open
-    }
-
-    /// No new streams; open ones finish (our `GOAWAY`).
-    pub(super) fn go_away(&mut self) {
-        self.link.go_away();
-        self.depart(Departure::GoingAway);
-    }
-
-    /// Notes `step`, never going back (the peer's `GOAWAY` may come after
-    /// the link drained on ours).
-    fn depart(&mut self, step: Departure) {
-        self.departure = self.departure.max(step);
-    }
 }
 
 pub(super) struct Shared {
@@ -140,7 +100,6 @@ pub(super) fn new_shared(side: Side, config: LinkConfig) -> Arc<Shared> {
         link: Link::new(side, config, clock::now()),
         streams: HashMap::new(),
         opened: Vec::new(),
-        departure: Departure::Open,
         close_reason: None,
     };
     Arc::new(Shared { state: Mutex::new(state), work: Notify::new(), opened: Notify::new() })
@@ -197,10 +156,10 @@ pub(super) fn dispatch(state: &mut State, shared: &Shared) {
                     slot.wake.notify_one();
                 }
             }
-            LinkEvent::GoAway => state.depart(Departure::GoingAway),
-            // Nothing left to carry: the writer closes its side, the peer
-            // answers with its own end, and the reader ends on it.
-            LinkEvent::Drained => state.depart(Departure::Drained),
+            // Nothing left to carry (the machine says so, `is_ended`): the
+            // writer closes its side, the peer answers with its own end, and
+            // the reader ends on it.
+            LinkEvent::GoAway | LinkEvent::Drained => {}
             LinkEvent::Closed { error } => {
                 tracing::debug!("link closed: {error}");
                 state.close_reason = Some(error.to_string());

@@ -30,7 +30,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use seaport_proto::meet::{Arrival, MeetHello};
+use seaport_proto::meet::MeetHello;
+use seaport_proto::registry::Arrival;
 use seaport_proto::registry::{CloseReason, Full, Registry, RegistryEvent, SessionId};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};

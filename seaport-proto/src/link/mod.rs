@@ -105,6 +105,7 @@ mod error;
 mod event;
 mod flow;
 mod keepalive;
+mod lifecycle;
 mod receive;
 mod schedule;
 mod stream;
@@ -120,6 +121,7 @@ pub use wire::{Frame, FrameError, FrameKind, HEADER_LEN, MAX_DATA, MAX_WINDOW, R
 
 use flow::RecvWindow;
 use keepalive::{Due, Keepalive};
+use lifecycle::{GoAway, Phase};
 use schedule::RoundRobin;
 use stream::{Acceptance, Half, Stream};
 
@@ -133,31 +135,6 @@ pub enum Side {
     Proxy,
     /// The responder: accepts streams and connects them to its backend.
     Service,
-}
-
-/// Whether a `GOAWAY` went either way: no new streams on the link.
-#[derive(Debug, Default)]
-struct GoAway {
-    sent: bool,
-    received: bool,
-}
-
-impl GoAway {
-    fn either(&self) -> bool {
-        self.sent || self.received
-    }
-}
-
-/// Where the link is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Carrying streams.
-    Live,
-    /// A `GOAWAY` went one way or the other and the last stream is gone
-    /// ([`LinkEvent::Drained`] was given); the driver closes it.
-    Drained,
-    /// Ended ([`LinkEvent::Closed`] was given): nothing moves any more.
-    Closed,
 }
 
 /// One end of a link; see the module docs for the call order.
@@ -240,11 +217,6 @@ impl Link {
     /// the link window: no credit is ever lost.
     pub fn credit_owed(&self) -> usize {
         self.window.pending as usize
-    }
-
-    /// Whether the link has ended.
-    pub fn is_closed(&self) -> bool {
-        self.phase == Phase::Closed
     }
 
     /// The last measured round-trip time.
@@ -530,18 +502,6 @@ impl Link {
         }
     }
 
-    /// No new streams on this link (drain before shutdown or rotation):
-    /// `GOAWAY` goes out next; open streams finish, then
-    /// [`LinkEvent::Drained`].
-    pub fn go_away(&mut self) {
-        if self.is_closed() || self.go_away.sent {
-            return;
-        }
-        self.go_away.sent = true;
-        self.control.push_back(Frame::GoAway { reason: Reason::NO_ERROR });
-        self.check_drained();
-    }
-
     /// `id` may have credit again: if it was told it had none, it is owed a
     /// `Writable`, and rejoins the round robin if it has bytes.
     fn unblock(&mut self, id: StreamId) {
@@ -570,31 +530,6 @@ impl Link {
             self.window.consume(s.window.recv.unconsumed);
             self.maybe_update_link();
         }
-    }
-
-    fn check_drained(&mut self) {
-        if self.phase == Phase::Live && self.go_away.either() && self.streams.is_empty() {
-            self.phase = Phase::Drained;
-            self.events.push_back(LinkEvent::Drained);
-        }
-    }
-
-    fn close(&mut self, error: LinkError) {
-        if self.is_closed() {
-            return;
-        }
-        self.phase = Phase::Closed;
-        self.control.clear();
-        self.schedule.clear();
-        self.keepalive.close();
-        if let Some(reason) = error.wire_reason() {
-            self.control.push_back(Frame::GoAway { reason });
-        }
-        for id in std::mem::take(&mut self.streams).into_keys() {
-            self.events.push_back(LinkEvent::Reset { id, reason: Reason::LINK_LOST });
-        }
-        self.window.unconsumed = 0;
-        self.events.push_back(LinkEvent::Closed { error });
     }
 }
 
