@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::state::{Shared, State, changed, close, dispatch};
+use super::state::{Half, Shared, State, changed, close, dispatch};
 use super::stream::{Backend, connect_stream, deliver};
 use crate::budget::{LinkShare, OverBudget};
 use crate::clock;
@@ -337,7 +337,7 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
                 Ok(0) => {
                     batch.truncate(start);
                     slot.read_requested = false;
-                    slot.sent_end = true;
+                    slot.sent = Half::Ended;
                     let _ = link.end(id);
                     wakes.push(slot.wake.clone());
                 }

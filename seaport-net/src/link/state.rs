@@ -9,10 +9,8 @@
 //! - Whoever changes the machine drains its events ([`changed`], or
 //!   [`dispatch`] in the writer) before letting the lock go, so no task ever
 //!   sees the machine ahead of what its events said.
-//! - Whether the link has ended comes from the machine (`Link::is_closed`);
-//!   the driver keeps only what the machine does not say yet: how far the
-//!   link went away (a `GOAWAY` either way, `Drained`), in one field set in
-//!   one place.
+//! - Whether the link may open streams or has ended comes from the machine
+//!   (`Link::can_open`, `Link::is_ended`); the driver keeps no copy.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,6 +31,13 @@ pub struct Moved {
     pub received: u64,
 }
 
+/// One direction of a stream, as the driver saw it end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Half {
+    Open,
+    Ended,
+}
+
 /// One stream as the driver sees it.
 pub(super) struct Slot {
     pub(super) socket: Arc<TcpStream>,
@@ -43,14 +48,14 @@ pub(super) struct Slot {
     pub(super) pending: Vec<u8>,
     /// The stream asked for a turn to send and the writer has not read yet.
     pub(super) read_requested: bool,
-    /// The socket reached EOF and `END` was sent. The driver's own, with
-    /// `recv_end`: the machine forgets a stream once both directions ended
-    /// and every byte was consumed, while its task still has to finish the
-    /// socket (write what is pending, shut down, report). Each is set in one
-    /// place only (the writer's `fill`, `dispatch`).
-    pub(super) sent_end: bool,
-    /// The peer's `END` arrived.
-    pub(super) recv_end: bool,
+    /// Ended when the socket reached EOF and `END` was sent. The driver's
+    /// own, with `received`: the machine forgets a stream once both
+    /// directions ended and every byte was consumed, while its task still
+    /// has to finish the socket (write what is pending, shut down, report).
+    /// Each is set in one place only (the writer's `fill`, `dispatch`).
+    pub(super) sent: Half,
+    /// Ended when the peer's `END` arrived.
+    pub(super) received: Half,
     /// The stream was reset; the task closes its socket with RST.
     pub(super) reset: Option<Reason>,
     pub(super) moved: Moved,
@@ -64,8 +69,8 @@ impl Slot {
             answer: None,
             pending: Vec::new(),
             read_requested: false,
-            sent_end: false,
-            recv_end: false,
+            sent: Half::Open,
+            received: Half::Open,
             reset: None,
             moved: Moved::default(),
         }
@@ -135,7 +140,7 @@ pub(super) fn dispatch(state: &mut State, shared: &Shared) {
             }
             LinkEvent::End { id } => {
                 if let Some(slot) = state.streams.get_mut(&id) {
-                    slot.recv_end = true;
+                    slot.received = Half::Ended;
                     slot.wake.notify_one();
                 }
             }

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use seaport_proto::link::{Link, Reason, StreamId};
 
-use super::state::{Moved, Shared, Slot, State, changed};
+use super::state::{Half, Moved, Shared, Slot, State, changed};
 use crate::budget::{Budget, StreamShare};
 use crate::clock;
 use crate::dial;
@@ -111,16 +111,16 @@ pub(super) async fn run_stream(shared: &Shared, id: StreamId) -> Result<Moved, S
                 let _ = socket.set_zero_linger();
                 return Err(StreamEnd::Reset(reason));
             }
-            if slot.recv_end && slot.pending.is_empty() && !shut_write {
+            if slot.received == Half::Ended && slot.pending.is_empty() && !shut_write {
                 shut_write = true;
                 let _ = socket2::SockRef::from(&*socket).shutdown(std::net::Shutdown::Write);
             }
-            if slot.sent_end && shut_write {
+            if slot.sent == Half::Ended && shut_write {
                 let moved = slot.moved;
                 streams.remove(&id);
                 return Ok(moved);
             }
-            let want_read = !slot.read_requested && !slot.sent_end && link.send_credit(id) > 0;
+            let want_read = !slot.read_requested && slot.sent == Half::Open && link.send_credit(id) > 0;
             (want_read, !slot.pending.is_empty())
         };
         tokio::select! {
