@@ -165,10 +165,10 @@ impl Acl {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{Keypair, Seed};
+    use crate::testing::keypair;
 
     fn key(n: u8) -> PublicKey {
-        Keypair::from_seed(&Seed::from_bytes([n; 32])).public()
+        keypair(n).public()
     }
 
     fn patterns(texts: &[&str]) -> Vec<Pattern> {

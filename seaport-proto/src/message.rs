@@ -415,12 +415,12 @@ impl Message {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{Keypair, Seed};
+    use crate::testing::keypair;
     use proptest::prelude::*;
 
     fn instance(n: u8) -> Instance {
         Instance {
-            key: Keypair::from_seed(&Seed::from_bytes([n; 32])).public(),
+            key: keypair(n).public(),
             role: Role::parse("couchdb@3.2.2").unwrap().with_tags(["eu"]).unwrap(),
             addrs: vec!["127.0.0.1:4000".parse().unwrap(), "[::1]:4000".parse().unwrap()],
         }

@@ -384,8 +384,9 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
             break;
         }
     }
-    // Read before the events: what they end shows in the next fill, after
-    // this batch is written.
+    // The machine's word, read before its events are dispatched. An end
+    // that this fill's own `end`/`reset` brought about also queued a frame,
+    // so the batch is not empty and the writer sends it before it stops.
     let closed = state.link.is_ended();
     dispatch(&mut state, shared);
     drop(state);
