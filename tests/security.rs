@@ -257,3 +257,90 @@ fn a_link_handshake_alone_never_touches_the_backend_even_replayed() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A service whose link port is `127.0.0.1:PORT`, with its key.
+fn service_on_known_port(reg: &Registry, backend: u16, role: &str) -> (Proc, SocketAddr, PublicKey) {
+    let link: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let svc = service_with(&reg.target, backend, role, &["--listen", &link.to_string()]);
+    let key: PublicKey = svc.lines()[0].rsplit(' ').next().unwrap().parse().unwrap();
+    (svc, link, key)
+}
+
+/// Whether the server closed `stream` within `limit`.
+fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    while Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+#[test]
+fn a_replayed_link_hello_takes_no_link_from_its_proxy() {
+    // The attack: the first message of an allowed proxy's link handshake,
+    // replayed 64 times (the links one proxy key may hold) to the service's
+    // link port. Each is answered; none may cost the real proxy a link.
+    let backend = http_backend("mine");
+    let reg = registry(&[]);
+    let (seed, proxy_key) = new_seed();
+    let (_svc, link, service_key) = service_on_known_port(&reg, backend, "mine@1.0.0");
+    let me = Keypair::from_seed(&seed.parse::<Seed>().unwrap());
+    assert_eq!(me.public().to_string(), proxy_key);
+    let mut hello = Vec::new();
+    Session::initiate(Instant::now(), &me, &service_key, Intent::Link, [5; 32], WAIT)
+        .unwrap()
+        .poll_transmit(&mut hello);
+    // From four hosts, so that no source's share of handshakes under way
+    // is what stops them.
+    let mut replays: Vec<TcpStream> = (0..64u8)
+        .map(|i| {
+            let mut s = connect_from([127, 0, 0, 3 + i % 4], link);
+            s.write_all(&hello).unwrap();
+            s
+        })
+        .collect();
+    // Each replay is answered: the service cannot tell it from the proxy.
+    for s in &mut replays {
+        let mut reply = [0u8; 256];
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        assert!(s.read(&mut reply).unwrap() > 0, "no handshake reply");
+    }
+    let port = free_port();
+    let args = [reg.target.as_str(), "-p", &port.to_string(), "-r", "mine@1"].map(str::to_owned);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let proxy = Proc::start("seaport-proxy", &args, &[("SEAPORT_SEED", &seed)]);
+    proxy.wait_line("proxy from", WAIT);
+    for _ in 0..3 {
+        assert_eq!(http_get(port), (200, "mine".to_owned()), "{:#?}", proxy.errors());
+    }
+    drop(replays);
+}
+
+#[test]
+fn silent_connections_to_a_link_port_are_capped_per_source() {
+    // The attack: silent TCP connections to a service's link port, as many
+    // as one host can open; each used to be held for the handshake timeout.
+    let backend = http_backend("steady");
+    let reg = registry(&[]);
+    let (svc, link, _) = service_on_known_port(&reg, backend, "steady@1.0.0");
+    let mut silent: Vec<TcpStream> = (0..200).map(|_| connect_from([127, 0, 0, 4], link)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Past its share, the source's connections are closed at once.
+    let closed = silent
+        .iter_mut()
+        .rev()
+        .take(100)
+        .filter_map(|s| closed_within(s, Duration::from_millis(500)).then_some(()))
+        .count();
+    assert_eq!(closed, 100, "the newest 100 of 200 silent connections from one source were closed at once");
+    // Another source is still served.
+    let (_proxy, port) = proxy(&reg.target, "steady", 1);
+    assert_eq!(http_get(port), (200, "steady".to_owned()), "{:#?}", svc.errors());
+}

@@ -108,11 +108,17 @@ pub enum Refusal {
     Stream,
     /// Service: a link beyond the links one proxy key may hold.
     Link,
+    /// Service: a link connection beyond the pool of those that have not
+    /// proved themselves yet (in all, or from one source).
+    Greetings,
+    /// Service: a link whose first record after the handshake did not
+    /// authenticate (a replayed handshake).
+    Unauthenticated,
 }
 
 impl Refusal {
     /// Every reason.
-    pub const ALL: [Refusal; 9] = [
+    pub const ALL: [Refusal; 11] = [
         Refusal::SessionsFull,
         Refusal::HandshakesFull,
         Refusal::RelaysFull,
@@ -122,6 +128,8 @@ impl Refusal {
         Refusal::NotAllowed,
         Refusal::Stream,
         Refusal::Link,
+        Refusal::Greetings,
+        Refusal::Unauthenticated,
     ];
 
     /// The label value.
@@ -136,6 +144,8 @@ impl Refusal {
             Refusal::NotAllowed => "not_allowed",
             Refusal::Stream => "stream",
             Refusal::Link => "link",
+            Refusal::Greetings => "greetings_full",
+            Refusal::Unauthenticated => "unauthenticated",
         }
     }
 }

@@ -14,15 +14,17 @@ use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
 use seaport_net::control::ControlTask;
 use seaport_net::event::{Event, emit};
 use seaport_net::handshake::HandshakeError;
-use seaport_net::link::{self, Backend};
+use seaport_net::limit::Limit;
+use seaport_net::link::{self, Backend, Responder};
 use seaport_net::lock::lock;
-use seaport_net::metrics::readiness;
+use seaport_net::metrics::{Refusal, metrics, readiness};
 use seaport_net::reach;
 use seaport_net::serve::{accept_until, drain};
 use seaport_proto::client::{ClientConfig, ServiceClient, ServiceEvent};
 use seaport_proto::keys::PublicKey;
 use seaport_proto::link::LinkConfig;
 use seaport_proto::meet::Ticket;
+use seaport_proto::registry::Source;
 use seaport_proto::role::Role;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, watch};
@@ -118,7 +120,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     seaport_net::http::start(args.client.metrics, None, http_stop).await?;
     emit(&Event::ServiceStarted { key: keypair.public() });
 
-    let resolver = args.client.resolver().await?;
+    let resolver = args.client.resolver();
     let reported = if local.ip().is_unspecified() { vec![] } else { vec![local] };
     let mut config = ClientConfig::new(keypair.clone(), args.client.registry.key);
     // Tells this process's sessions from those of others with the same seed.
@@ -169,13 +171,31 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             Err(e) => tracing::error!("allow list not reread, the old one stays: {e}"),
         }
     }));
+    let responder = Arc::new(Responder {
+        keypair: keypair.clone(),
+        allow: allow.clone(),
+        timeout,
+        config: LinkConfig::default(),
+    });
+    // Connections that have not proved themselves yet, capped in all and per
+    // source before anything is allocated for them.
+    let greetings = Limit::new(link::MAX_GREETINGS, link::MAX_GREETINGS_PER_SOURCE);
     let links = accept_until(&listener, Some(met), seaport_net::signal::shutdown_signal(), |stream, peer| {
-        let (keypair, draining, allow, backend) =
-            (keypair.clone(), draining.clone(), allow.clone(), backend.clone());
+        let (responder, draining, backend) = (responder.clone(), draining.clone(), backend.clone());
+        // Only connections to the listener count: a socket it accepted has
+        // its port; a meeting's punched or relayed one has another.
+        let direct = stream.local_addr().is_ok_and(|a| a.port() == local.port());
+        let greeting = direct.then(|| greetings.take(Source::of(peer.ip())));
         async move {
-            let served =
-                link::serve(stream, &keypair, backend, timeout, LinkConfig::default(), draining, &allow);
-            match served.await {
+            let greeting = match greeting.transpose() {
+                Ok(greeting) => greeting,
+                Err(_) => {
+                    tracing::debug!(%peer, "too many link handshakes under way from this source; closed");
+                    metrics().refuse(Refusal::Greetings);
+                    return;
+                }
+            };
+            match link::serve(stream, &responder, backend, draining, greeting).await {
                 Ok(()) => tracing::debug!(%peer, "link closed"),
                 // A proxy that took another path closes the ones it did not
                 // take (a meeting's relay or punched socket) without a word.

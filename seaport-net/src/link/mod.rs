@@ -34,7 +34,10 @@ use std::time::Duration;
 
 use seaport_proto::keys::{Keypair, PublicKey};
 use seaport_proto::link::{self as proto, LinkConfig, Reason, Side, StreamId};
+use seaport_proto::record;
+use seaport_proto::registry::Source;
 use seaport_proto::session::Session;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
@@ -48,6 +51,7 @@ use crate::allow::AllowList;
 use crate::clock;
 use crate::event::{Event, emit};
 use crate::handshake::{HandshakeError, respond};
+use crate::limit::Share;
 use crate::metrics::{Refusal, metrics};
 use crate::reach::Path;
 
@@ -199,25 +203,103 @@ impl LinkHandle {
     }
 }
 
+/// Most link connections a service holds that have not proved themselves
+/// yet (handshake and first record), in all: a flood of silent connections
+/// costs a few KiB each (at most [`MAX_FIRST_RECORD`] and a read buffered)
+/// and is refused past this, before any allocation.
+pub const MAX_GREETINGS: usize = 1024;
+/// Of those, most from one source (an IPv4 address or an IPv6 /64).
+pub const MAX_GREETINGS_PER_SOURCE: usize = 16;
+
+/// A place in a service's pool of link connections that have not proved
+/// themselves yet; given back once the first record authenticates. Links
+/// that come through meetings (punched, relayed) have none: meetings are
+/// capped on their own, and relayed ones all come from the registry's
+/// address.
+pub type Greeting = Option<Share<Source>>;
+
+/// How a service answers links: who it is, whom it admits (`--allow`), how
+/// long a handshake (and the first record after it) may take, and each
+/// link's limits.
+pub struct Responder {
+    /// The service's identity.
+    pub keypair: Keypair,
+    /// The proxies it admits.
+    pub allow: Arc<AllowList>,
+    /// How long the handshake and the first record may take.
+    pub timeout: Duration,
+    /// Each link's limits.
+    pub config: LinkConfig,
+}
+
 /// Serves one link on the service side: the handshake (the proxy must ask
-/// for a link, with a key `allow` admits), then streams to `backend` until
-/// the link ends or `drain` fires, after which no new stream is accepted and
-/// open ones finish.
+/// for a link, with a key the allow list admits), then streams to `backend`
+/// until the link ends or `drain` fires, after which no new stream is
+/// accepted and open ones finish. `greeting` is held until the proxy proved
+/// itself.
 pub async fn serve(
     mut stream: TcpStream,
-    local: &Keypair,
+    responder: &Responder,
     backend: Backend,
-    timeout: Duration,
-    config: LinkConfig,
     drain: watch::Receiver<bool>,
-    allow: &AllowList,
+    greeting: Greeting,
 ) -> Result<(), HandshakeError> {
-    let (session, key) = respond(&mut stream, local, timeout, allow).await?;
+    let Responder { keypair, allow, timeout, config } = responder;
+    let timeout = *timeout;
+    let (session, key) = respond(&mut stream, keypair, timeout, allow).await?;
     crate::serve::record_peer_key(&key);
-    let share = backend.budget.link(key).inspect_err(|_| metrics().refuse(Refusal::Link))?;
     let (transport, leftover) = session.into_transport().ok_or(HandshakeError::ClosedEarly)?;
     let (sealer, opener) = transport.split();
-    let shared = new_shared(Side::Service, config);
+    // Nothing is charged to the proxy's key until it proves it holds the
+    // session's keys with its first record (a link opens with a window
+    // raise and a ping): a replayed first handshake message is answered,
+    // but its sender cannot follow it with a record, so it takes no link.
+    let leftover = tokio::time::timeout(timeout, first_record(&mut stream, leftover))
+        .await
+        .map_err(|_| HandshakeError::Timeout(timeout))??;
+    if !opener.authenticates(record_body(&leftover)) {
+        metrics().refuse(Refusal::Unauthenticated);
+        return Err(HandshakeError::Unauthenticated);
+    }
+    drop(greeting);
+    let share = backend.budget.link(key).inspect_err(|_| metrics().refuse(Refusal::Link))?;
+    let shared = new_shared(Side::Service, config.clone());
     drive(shared, stream, sealer, opener, leftover, Some(ServiceSide { backend, drain, share })).await;
     Ok(())
+}
+
+/// Largest first record a proxy may open its link with: its first frames
+/// are a window raise and a ping, tens of bytes; a connection that has not
+/// proved itself gets no more buffer than this.
+const MAX_FIRST_RECORD: usize = 1024;
+
+/// Reads until `buf` (what came after the handshake so far) holds at least
+/// one whole record of at most [`MAX_FIRST_RECORD`] bytes; at most that and
+/// a read more.
+async fn first_record(stream: &mut TcpStream, mut buf: Vec<u8>) -> Result<Vec<u8>, HandshakeError> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if record_body_len(&buf) > MAX_FIRST_RECORD {
+            return Err(HandshakeError::Unauthenticated);
+        }
+        if buf.len() >= record::HEADER_LEN + record_body_len(&buf) {
+            return Ok(buf);
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(HandshakeError::ClosedEarly);
+        }
+        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+    }
+}
+
+/// The length a record at the start of `buf` announces (0 until its header
+/// is there, which `first_record` then waits for).
+fn record_body_len(buf: &[u8]) -> usize {
+    buf.first_chunk::<{ record::HEADER_LEN }>().map_or(0, |len| usize::from(u16::from_be_bytes(*len)))
+}
+
+/// The body of the whole record at the start of `buf`.
+fn record_body(buf: &[u8]) -> &[u8] {
+    buf.get(record::HEADER_LEN..record::HEADER_LEN + record_body_len(buf)).unwrap_or_default()
 }

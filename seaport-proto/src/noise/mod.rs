@@ -33,7 +33,7 @@ use crate::record::MAX_RECORD;
 pub const NOISE_SUITE: &str = "Noise_IK_25519_AESGCM_SHA256";
 /// Largest handshake message (either direction) and so, less its keys and
 /// tags, the room a handshake payload has to grow in.
-const MAX_HANDSHAKE: usize = 1024;
+pub const MAX_HANDSHAKE: usize = 1024;
 /// Authentication tag added to each sealed message.
 pub const TAG_LEN: usize = 16;
 /// Most plaintext one transport frame carries.

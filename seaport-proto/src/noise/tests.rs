@@ -2,13 +2,10 @@ use super::handshake::builder;
 use super::transport::{aead_key, nonce};
 use super::*;
 use crate::hello::{CAPABILITIES, Capabilities, HELLO_BASE_LEN, Hello, Stamp};
-use crate::keys::{Keypair, PublicKey, Seed};
+use crate::keys::{Keypair, PublicKey};
 use crate::record::{self, RecordDecoder};
+use crate::testing::keypair;
 use proptest::prelude::*;
-
-fn pair(n: u8) -> Keypair {
-    Keypair::from_seed(&Seed::from_bytes([n; 32]))
-}
 
 fn body(wire: &[u8]) -> Vec<u8> {
     let mut decoder = RecordDecoder::new();
@@ -17,7 +14,7 @@ fn body(wire: &[u8]) -> Vec<u8> {
 }
 
 fn handshake(e1: [u8; 32], e2: [u8; 32]) -> (Transport, Transport, Hello) {
-    let (client, server) = (pair(1), pair(2));
+    let (client, server) = (keypair(1), keypair(2));
     let mut wire = Vec::new();
     let init = Initiator::start(&client, &server.public(), Intent::Link, e1, &mut wire).unwrap();
     let resp = Responder::new(&server, e2).unwrap();
@@ -56,7 +53,7 @@ fn hello_bytes(client: &Keypair, caps: Option<u64>, extra: &[u8]) -> Vec<u8> {
 
 #[test]
 fn a_newer_initiator_with_unknown_capabilities_and_fields_is_accepted() {
-    let (client, server) = (pair(1), pair(2));
+    let (client, server) = (keypair(1), keypair(2));
     // Capabilities, a stamp, then a field this build does not know.
     let mut after_caps = [5u64.to_be_bytes(), 9u64.to_be_bytes()].concat();
     after_caps.extend_from_slice(b"a field from the future");
@@ -78,7 +75,7 @@ fn every_intent_survives_the_hello() {
             let hello = Hello {
                 version: PROTOCOL_VERSION,
                 intent,
-                key: pair(1).public(),
+                key: keypair(1).public(),
                 capabilities: CAPABILITIES,
                 stamp,
             };
@@ -89,7 +86,7 @@ fn every_intent_survives_the_hello() {
 
 #[test]
 fn a_hello_from_before_capabilities_has_none() {
-    let (client, server) = (pair(1), pair(2));
+    let (client, server) = (keypair(1), keypair(2));
     let (_, first) = first_message_with(&client, &server.public(), &hello_bytes(&client, None, b""));
     let (hello, _) = Responder::new(&server, [4; 32]).unwrap().accept(&first, &mut Vec::new()).unwrap();
     assert_eq!(hello.capabilities, Capabilities::NONE);
@@ -97,7 +94,7 @@ fn a_hello_from_before_capabilities_has_none() {
 
 #[test]
 fn a_hello_cut_short_or_of_another_version_is_refused() {
-    let (client, server) = (pair(1), pair(2));
+    let (client, server) = (keypair(1), keypair(2));
     let full = hello_bytes(&client, Some(0), b"");
     let (_, first) = first_message_with(&client, &server.public(), &full[..HELLO_BASE_LEN - 1]);
     let refused = Responder::new(&server, [4; 32]).unwrap().accept(&first, &mut Vec::new());
@@ -111,7 +108,7 @@ fn a_hello_cut_short_or_of_another_version_is_refused() {
 
 #[test]
 fn a_newer_responder_with_unknown_capabilities_and_fields_is_accepted() {
-    let (client, server) = (pair(1), pair(2));
+    let (client, server) = (keypair(1), keypair(2));
     let mut wire = Vec::new();
     let init = Initiator::start(&client, &server.public(), Intent::Control, [3; 32], &mut wire).unwrap();
     let mut newer = (1u64 << 62).to_be_bytes().to_vec();
@@ -142,10 +139,10 @@ proptest! {
     fn pairs_agree(e1 in any::<[u8; 32]>(), e2 in any::<[u8; 32]>(),
                    msgs in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..200), 1..8)) {
         let (mut c, mut s, hello) = handshake(e1, e2);
-        prop_assert_eq!(hello.key, pair(1).public());
+        prop_assert_eq!(hello.key, keypair(1).public());
         prop_assert_eq!(hello.intent, Intent::Link);
-        prop_assert_eq!(c.remote(), pair(2).public());
-        prop_assert_eq!(s.remote(), pair(1).public());
+        prop_assert_eq!(c.remote(), keypair(2).public());
+        prop_assert_eq!(s.remote(), keypair(1).public());
         for m in &msgs {
             let mut wire = Vec::new();
             c.seal(m, &mut wire).unwrap();
@@ -162,7 +159,7 @@ proptest! {
 
     #[test]
     fn flipped_handshake_byte_fails_cleanly(index in any::<prop::sample::Index>(), bit in 0u8..8) {
-        let (client, server) = (pair(1), pair(2));
+        let (client, server) = (keypair(1), keypair(2));
         let mut wire = Vec::new();
         Initiator::start(&client, &server.public(), Intent::Control, [3; 32], &mut wire).unwrap();
         let mut first = body(&wire);
@@ -174,7 +171,7 @@ proptest! {
 
     #[test]
     fn flipped_reply_byte_fails_cleanly(index in any::<prop::sample::Index>(), bit in 0u8..8) {
-        let (client, server) = (pair(1), pair(2));
+        let (client, server) = (keypair(1), keypair(2));
         let mut wire = Vec::new();
         let init = Initiator::start(&client, &server.public(), Intent::Control, [3; 32], &mut wire).unwrap();
         let mut reply = Vec::new();
@@ -201,7 +198,7 @@ proptest! {
 
     #[test]
     fn arbitrary_first_message_is_refused(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
-        let resp = Responder::new(&pair(2), [4; 32]).unwrap();
+        let resp = Responder::new(&keypair(2), [4; 32]).unwrap();
         prop_assert!(resp.accept(&bytes, &mut Vec::new()).is_err());
     }
 }
@@ -249,7 +246,7 @@ fn both_ends_rekey_at_the_same_message_as_the_noise_spec_says() {
 fn transport_matches_snows_own() {
     // A handshake in plain snow; one side then uses snow's transport, the
     // other ours: each must read what the other sealed.
-    let (client, server) = (pair(1), pair(2));
+    let (client, server) = (keypair(1), keypair(2));
     let (cs, ss) = (client.x25519_secret(), server.x25519_secret());
     let server_x = server.public().to_x25519();
     let mut init = builder(&cs, client.x25519_public(), [1; 32])
@@ -284,8 +281,8 @@ fn transport_matches_snows_own() {
 #[test]
 fn wrong_responder_key_is_refused() {
     let mut wire = Vec::new();
-    Initiator::start(&pair(1), &pair(3).public(), Intent::Control, [3; 32], &mut wire).unwrap();
-    let resp = Responder::new(&pair(2), [4; 32]).unwrap();
+    Initiator::start(&keypair(1), &keypair(3).public(), Intent::Control, [3; 32], &mut wire).unwrap();
+    let resp = Responder::new(&keypair(2), [4; 32]).unwrap();
     assert_eq!(resp.accept(&body(&wire), &mut Vec::new()).unwrap_err(), NoiseError::Decrypt);
 }
 
@@ -299,4 +296,23 @@ fn largest_plaintext_fills_a_frame() {
     let mut out = Vec::new();
     s.open(&body(&wire), &mut out).unwrap();
     assert_eq!(out.len(), MAX_PLAINTEXT);
+}
+
+#[test]
+fn authenticates_checks_the_next_record_without_opening_it() {
+    let (mut client, server, _) = handshake([1; 32], [2; 32]);
+    let mut wire = Vec::new();
+    client.seal(b"first", &mut wire).unwrap();
+    let (_, mut opener) = server.split();
+    let body = wire[record::HEADER_LEN..].to_vec();
+    assert!(opener.authenticates(&body));
+    assert!(opener.authenticates(&body), "nothing moved");
+    let mut flipped = body.clone();
+    flipped[0] ^= 1;
+    assert!(!opener.authenticates(&flipped));
+    assert!(!opener.authenticates(&body[..3]), "shorter than a tag");
+    let mut plain = Vec::new();
+    opener.open(&body, &mut plain).unwrap();
+    assert_eq!(plain, b"first");
+    assert!(!opener.authenticates(&body), "once opened, the next record is another");
 }

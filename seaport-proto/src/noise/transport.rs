@@ -206,6 +206,16 @@ impl Opener {
         Ok(plain)
     }
 
+    /// Whether `body` is the next record the peer sealed, checked on a copy
+    /// without moving the counter: so a responder can see that its peer
+    /// holds the session's keys (which a replayer of the first handshake
+    /// message does not) before it gives the session anything.
+    pub fn authenticates(&self, body: &[u8]) -> bool {
+        let mut copy = body.to_vec();
+        body.len() >= TAG_LEN
+            && self.key.open_in_place(nonce(self.counter), ring::aead::Aad::empty(), &mut copy).is_ok()
+    }
+
     /// Opens one frame body, appending its plaintext to `out`.
     pub fn open(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), NoiseError> {
         let start = out.len();
