@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use hyper::header::{CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use seaport_proto::registry::Source;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -32,8 +33,8 @@ use crate::metrics::{metrics, readiness};
 
 /// Most HTTP connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
-/// Most of them from one address, so that one client cannot lock the
-/// health checks out.
+/// Most of them from one source (an IPv4 address or an IPv6 /64), so that
+/// one client cannot lock the health checks out.
 pub const MAX_CONNECTIONS_PER_SOURCE: usize = 16;
 /// Of [`MAX_CONNECTIONS`], how many only 127.0.0.1 and ::1 may use. Only
 /// those two addresses: the rest of 127.0.0.0/8 is as foreign as any.
@@ -75,10 +76,13 @@ pub async fn serve(listener: TcpListener, site: Site, mut stop: watch::Receiver<
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
-                let localhost = peer.ip() == Ipv4Addr::LOCALHOST || peer.ip() == Ipv6Addr::LOCALHOST;
-                let permit = match slots.take(peer.ip()) {
+                // A dual-stack listener sees 127.0.0.1 as ::ffff:127.0.0.1.
+                let ip = peer.ip().to_canonical();
+                let localhost = ip == Ipv4Addr::LOCALHOST || ip == Ipv6Addr::LOCALHOST;
+                let source = Source::of(peer.ip());
+                let permit = match slots.take(source) {
                     Ok(permit) => permit,
-                    Err(_) if localhost && let Ok(permit) = reserved.take(peer.ip()) => permit,
+                    Err(_) if localhost && let Ok(permit) = reserved.take(source) => permit,
                     Err(Over::All(_)) => {
                         tracing::debug!(%peer, "too many HTTP connections; closing this one");
                         continue;

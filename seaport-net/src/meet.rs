@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use seaport_proto::meet::{HELLO_LEN, MeetHello, MeetPeer, PEER_MAX_LEN};
+use seaport_proto::meet::{HELLO_LEN, MeetHello, MeetPeer, MeetSide, PEER_MAX_LEN, is_handshake_size};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
@@ -232,6 +232,15 @@ pub async fn pair(
         .await;
         return Ok(());
     }
+    // A relay carries links: the proxy's first record and the service's
+    // reply must have a link handshake's size before anything is spliced.
+    let proxy_first = tokio::time::timeout(idle, forward_handshake(&mut p, &mut s, MeetSide::Proxy)).await;
+    let Some(moved) = handshake_forwarded(proxy_first, MeetSide::Proxy, idle) else { return Ok(()) };
+    counters.to_service.inc_by(moved);
+    let service_first =
+        tokio::time::timeout(idle, forward_handshake(&mut s, &mut p, MeetSide::Service)).await;
+    let Some(moved) = handshake_forwarded(service_first, MeetSide::Service, idle) else { return Ok(()) };
+    counters.to_proxy.inc_by(moved);
     counters.opened.inc();
     // Counted while this future lives, however it ends (an abort at shutdown too).
     let _open = crate::metrics::OpenGuard::count(&counters.open);
@@ -260,6 +269,50 @@ pub async fn pair(
     let (to_service, to_proxy) = (to_service.load(Ordering::Relaxed), to_proxy.load(Ordering::Relaxed));
     tracing::info!(to_service, to_proxy, "relay ended after {:?}", started.elapsed());
     Ok(())
+}
+
+/// The bytes `side`'s first record moved, or why the relay ends: a record
+/// that is no link handshake is worth a log line; a side that closed (a
+/// proxy whose punch won closes the relayed path) or said nothing is not.
+fn handshake_forwarded(
+    forwarded: Result<std::io::Result<u64>, tokio::time::error::Elapsed>,
+    side: MeetSide,
+    idle: Duration,
+) -> Option<u64> {
+    match forwarded {
+        Ok(Ok(moved)) => Some(moved),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+            tracing::info!("relay refused: {e}");
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::debug!("relay ended before the {side:?} side's handshake: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("relay: no handshake from the {side:?} side within {idle:?}");
+            None
+        }
+    }
+}
+
+/// Forwards the first record `side` sends, if it has the size of that
+/// side's link handshake message; the bytes moved.
+async fn forward_handshake(from: &mut TcpStream, to: &mut TcpStream, side: MeetSide) -> std::io::Result<u64> {
+    let mut header = [0u8; seaport_proto::record::HEADER_LEN];
+    from.read_exact(&mut header).await?;
+    let len = usize::from(u16::from_be_bytes(header));
+    if !is_handshake_size(side, len) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the {side:?} side's first record ({len} bytes) is not a link handshake"),
+        ));
+    }
+    let mut record = header.to_vec();
+    record.resize(header.len() + len, 0);
+    from.read_exact(record.get_mut(header.len()..).unwrap_or_default()).await?;
+    to.write_all(&record).await?;
+    Ok(record.len() as u64)
 }
 
 /// Copies one direction of a relay, adding what it moves to `mine` (this

@@ -47,6 +47,20 @@ pub const HELLO_LEN: usize = MAGIC.len() + TICKET_LEN + 1;
 /// (32), the encrypted static key (32 + 16) and an empty payload's tag (16).
 pub const MIN_NOISE_FIRST: usize = 32 + 48 + 16;
 const _: () = assert!(HELLO_LEN < MIN_NOISE_FIRST);
+/// The smallest reply of a Noise `IK` handshake: an ephemeral key (32) and
+/// an empty payload's tag (16).
+pub const MIN_NOISE_REPLY: usize = 32 + 16;
+
+/// Whether a relayed record of `len` bytes, the first from `side`, has the
+/// size of that side's link handshake message: a relay carries links, and
+/// its first two records say so before anything else is spliced.
+pub fn is_handshake_size(side: MeetSide, len: usize) -> bool {
+    let min = match side {
+        MeetSide::Proxy => MIN_NOISE_FIRST,
+        MeetSide::Service => MIN_NOISE_REPLY,
+    };
+    (min..=crate::noise::MAX_HANDSHAKE).contains(&len)
+}
 
 /// What admits a meet connection: random to everyone but the registry and
 /// the two peers it was given to.
@@ -190,6 +204,31 @@ mod tests {
             assert_eq!(MeetPeer::decode(&long), None, "trailing byte");
         }
         assert_eq!(MeetPeer::decode(&[2, 4, 1, 2, 3, 4, 0, 1]), None, "unknown flag");
+    }
+
+    #[test]
+    fn only_handshake_sized_records_open_a_relay() {
+        use crate::hello::Intent;
+        use crate::session::Session;
+        use crate::testing::keypair;
+        let now = std::time::Instant::now();
+        let timeout = std::time::Duration::from_secs(1);
+        let mut proxy =
+            Session::initiate(now, &keypair(1), &keypair(2).public(), Intent::Link, [1; 32], timeout)
+                .unwrap();
+        let mut first = Vec::new();
+        proxy.poll_transmit(&mut first);
+        assert!(is_handshake_size(MeetSide::Proxy, first.len() - 2), "a real first message: {}", first.len());
+        let mut service = Session::respond(now, &keypair(2), Intent::Link, [2; 32], timeout).unwrap();
+        service.handle_input(now, &first).unwrap();
+        let mut reply = Vec::new();
+        service.poll_transmit(&mut reply);
+        let reply_len = usize::from(u16::from_be_bytes([reply[0], reply[1]]));
+        assert!(is_handshake_size(MeetSide::Service, reply_len), "a real reply: {reply_len}");
+        // Plaintext through the relay: "GE" read as a length.
+        assert!(!is_handshake_size(MeetSide::Proxy, usize::from(u16::from_be_bytes(*b"GE"))));
+        assert!(!is_handshake_size(MeetSide::Proxy, MIN_NOISE_FIRST - 1));
+        assert!(!is_handshake_size(MeetSide::Service, MIN_NOISE_REPLY - 1));
     }
 
     proptest::proptest! {

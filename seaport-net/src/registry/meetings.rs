@@ -13,11 +13,12 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use seaport_proto::meet::MeetSide;
+use seaport_proto::registry::Source;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tracing::Instrument;
@@ -41,8 +42,8 @@ pub struct RelayOptions {
     pub enabled: bool,
     /// Most relays at once (`--max-relays`); a meeting beyond it is not relayed.
     pub max: usize,
-    /// Most relays at once for proxies at one address: one host cannot
-    /// take every relay.
+    /// Most relays at once for proxies at one source (an IPv4 address or an
+    /// IPv6 /64): one host cannot take every relay.
     pub per_source: usize,
     /// A relay idle this long ends.
     pub idle: Duration,
@@ -75,7 +76,7 @@ enum RelayRefusal {
     #[error("{0} relays open (--max-relays)")]
     Full(usize),
     #[error("{1} relays open for proxies at {0}")]
-    Source(IpAddr, usize),
+    Source(Source, usize),
 }
 
 /// [`MAX_PAIRS`] meetings are under way: a new one is refused.
@@ -87,13 +88,14 @@ pub(super) struct PairsFull;
 struct Relaying {
     enabled: bool,
     idle: Duration,
-    relays: Arc<Limit<IpAddr>>,
+    relays: Arc<Limit<Source>>,
     counters: Arc<RelayCounters>,
 }
 
 impl Relaying {
-    /// A relay's place among `--max-relays`, and among those of its proxy's address.
-    fn take(&self, source: IpAddr) -> Result<Share<IpAddr>, RelayRefusal> {
+    /// A relay's place among `--max-relays`, and among those of its proxy's
+    /// source (an IPv4 address or an IPv6 /64).
+    fn take(&self, source: Source) -> Result<Share<Source>, RelayRefusal> {
         if !self.enabled {
             return Err(RelayRefusal::Off);
         }
@@ -174,7 +176,7 @@ async fn meet(
         MeetSide::Proxy => (arrived, other),
         MeetSide::Service => (other, arrived),
     };
-    let share = relaying.take(proxy.1.ip());
+    let share = relaying.take(Source::of(proxy.1.ip()));
     if let Err(why) = &share {
         tracing::info!("meeting not relayed: {why}");
         if !matches!(why, RelayRefusal::Off) {

@@ -26,13 +26,12 @@ mod meetings;
 mod view;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use seaport_proto::meet::MeetHello;
-use seaport_proto::registry::Arrival;
-use seaport_proto::registry::{CloseReason, Full, Registry, RegistryEvent, SessionId};
+use seaport_proto::registry::{Arrival, CloseReason, Full, Registry, RegistryEvent, SessionId, Source};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -81,7 +80,7 @@ pub struct RegistryServer {
     greeting: JoinSet<Greeted>,
     /// Connections that have not spoken yet, per source address, to cap
     /// each source's share (their total is capped by `MAX_GREETING`).
-    greeting_from: Arc<Limit<IpAddr>>,
+    greeting_from: Arc<Limit<Source>>,
     greeting_timeout: Duration,
     meetings: Meetings,
     commands: Option<mpsc::UnboundedReceiver<Command>>,
@@ -177,7 +176,7 @@ impl RegistryServer {
                 return;
             }
         };
-        let share = match self.greeting_from.take(source(peer.ip())) {
+        let share = match self.greeting_from.take(Source::of(peer.ip())) {
             Ok(share) => share,
             Err(Over::All(from) | Over::Key(from)) => {
                 // "Busy", as a full registry says: not a wrong key.
@@ -343,18 +342,6 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Who a connection counts against: its IPv4 address, or its IPv6 /64 (one
-/// host or site is usually given a whole /64).
-fn source(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => {
-            let [a, b, c, d, ..] = v6.segments();
-            IpAddr::V6(std::net::Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0))
-        }
     }
 }
 
