@@ -62,9 +62,10 @@ impl ClientArgs {
         Ok(Keypair::from_seed(&seed.unwrap_or_else(random_seed)))
     }
 
-    /// A resolver for the registry (a DHT node only for a bare key).
-    pub async fn resolver(&self) -> Result<Resolver, String> {
-        Resolver::for_target(&self.registry, &self.bootstrap.clone().unwrap_or_default().0).await
+    /// A resolver for the registry (a DHT node, started in the background,
+    /// only for a bare key).
+    pub fn resolver(&self) -> Resolver {
+        Resolver::for_target(&self.registry, &self.bootstrap.clone().unwrap_or_default().0)
     }
 }
 

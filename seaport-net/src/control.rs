@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use seaport_proto::client::{Backoff, ClientError, RegistryClient};
+use seaport_proto::message::ErrorCode;
 use seaport_proto::session::SessionError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -114,42 +115,40 @@ pub async fn run_client<C, F>(
     F: FnMut(&C::Event) + Send,
 {
     let ControlChannels { mut stop, poke, registry } = channels;
-    let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
+    let mut pacing = Pacing::new();
     // Since when a bare key has not been found in the DHT, and whether the
     // user was told what to try: a walkthrough offline must not hang quietly.
     let mut unresolved_since: Option<Instant> = None;
     let mut hinted = false;
+    // Where the last session that got established was: dialled at once on
+    // a reconnect while the DHT is asked again, since a registry that
+    // restarted is usually where it was.
+    let mut last_seen: Option<SocketAddr> = None;
     loop {
         if *stop.borrow() {
             return;
         }
-        match resolver.resolve(&target).await {
-            Ok(addrs) => {
+        match dial_registry(&resolver, &target, last_seen).await {
+            Ok((addr, stream)) => {
                 unresolved_since = None;
-                match race(&addrs, |addr| dial::connect(addr, CONNECT_TIMEOUT)).await {
-                    Ok((addr, stream)) => {
-                        let ends = drive(
-                            &client,
-                            stream,
-                            &mut on_event,
-                            &mut backoff,
-                            &mut stop,
-                            &poke,
-                            (&registry, addr),
-                        );
-                        let stopped = ends.await;
-                        registry.send_replace(None);
-                        if stopped {
-                            return;
-                        }
+                pacing.reachable();
+                let session = Session { registry: &registry, addr, poke: &poke };
+                let end = drive(&client, stream, &mut on_event, &mut pacing, &mut stop, session).await;
+                registry.send_replace(None);
+                match end {
+                    SessionEnd::Stopped => return,
+                    SessionEnd::Ended { established } => {
+                        // A handshake that fails there (another registry took
+                        // the address) must not be tried first again.
+                        last_seen = established.then_some(addr);
                     }
-                    Err(e) => tracing::warn!(registry = %target, "registry not reachable: {e}; retrying"),
                 }
             }
             Err(e) => {
-                tracing::warn!(registry = %target, "registry not reachable: {e}; retrying");
+                pacing.unreachable(&target, &e);
                 let since = *unresolved_since.get_or_insert_with(Instant::now);
-                let in_dht = matches!(e, ResolveError::Dht(_));
+                let in_dht =
+                    matches!(e, DialFailure::Resolve(ResolveError::Dht(_) | ResolveError::DhtStarting));
                 if in_dht && !hinted && since.elapsed() >= DHT_HINT_AFTER {
                     hinted = true;
                     tracing::error!(
@@ -163,7 +162,7 @@ pub async fn run_client<C, F>(
                 }
             }
         }
-        let delay = backoff.next_delay(random_u64());
+        let delay = pacing.backoff.next_delay(random_u64());
         tracing::debug!(?delay, "reconnecting after a pause");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -172,16 +171,143 @@ pub async fn run_client<C, F>(
     }
 }
 
-/// Drives one session; true if told to stop, false if the session ended.
+/// Why no stream to the registry could be had.
+#[derive(Debug, thiserror::Error)]
+enum DialFailure {
+    /// Its addresses could not be had.
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    /// None of them answered.
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+/// A stream to the registry: to the addresses `target` resolves to, and,
+/// for a bare key, at the same time to `last_seen` (the DHT can take
+/// seconds; the registry is usually where it was). The first that connects
+/// wins; the handshake then checks the key, wherever it came from.
+async fn dial_registry(
+    resolver: &Resolver,
+    target: &RegistryTarget,
+    last_seen: Option<SocketAddr>,
+) -> Result<(SocketAddr, TcpStream), DialFailure> {
+    let fresh = async {
+        let addrs = resolver.resolve(target).await?;
+        race(&addrs, |addr| dial::connect(addr, CONNECT_TIMEOUT))
+            .await
+            .map_err(|e| DialFailure::Unreachable(e.to_string()))
+    };
+    let Some(seen) = last_seen.filter(|_| target.direct.is_none()) else { return fresh.await };
+    let cached = dial::connect(seen, CONNECT_TIMEOUT);
+    tokio::pin!(fresh, cached);
+    let mut cached_failed = false;
+    loop {
+        tokio::select! {
+            dialled = &mut cached, if !cached_failed => match dialled {
+                Ok(stream) => return Ok((seen, stream)),
+                Err(e) => {
+                    tracing::debug!(%seen, "the registry's last address did not answer: {e}");
+                    cached_failed = true;
+                }
+            },
+            result = &mut fresh => {
+                if result.is_ok() || cached_failed {
+                    return result;
+                }
+                // The DHT failed; the last address may still answer.
+                return match (&mut cached).await {
+                    Ok(stream) => Ok((seen, stream)),
+                    Err(_) => result,
+                };
+            }
+        }
+    }
+}
+
+/// How reconnects are paced and how often their failures are told: the
+/// backoff starts over only after a session that got established and was
+/// not refused, so a key the registry refuses backs off like any failure;
+/// a registry that stays unreachable is reported at the 1st, 2nd, 4th, 8th…
+/// attempt, not at every one; the advice for a refused key is given once.
+struct Pacing {
+    backoff: Backoff,
+    /// Failed attempts in a row to reach the registry.
+    failures: u32,
+    /// The user was told what to do about a key the registry refuses.
+    told_refused: bool,
+}
+
+impl Pacing {
+    fn new() -> Pacing {
+        Pacing { backoff: Backoff::new(BACKOFF_BASE, BACKOFF_MAX), failures: 0, told_refused: false }
+    }
+
+    /// A stream to the registry is up.
+    fn reachable(&mut self) {
+        if self.failures > 1 {
+            tracing::info!("registry reachable again after {} attempts", self.failures);
+        }
+        self.failures = 0;
+    }
+
+    /// An attempt to reach the registry failed.
+    fn unreachable(&mut self, target: &RegistryTarget, e: &DialFailure) {
+        self.failures = self.failures.saturating_add(1);
+        if self.failures.is_power_of_two() {
+            tracing::warn!(
+                registry = %target,
+                "registry not reachable: {e}; retrying (attempt {}, told again at attempt {})",
+                self.failures,
+                self.failures.saturating_mul(2)
+            );
+        } else {
+            tracing::debug!(registry = %target, "registry not reachable: {e}; retrying");
+        }
+    }
+
+    /// The registry refused this key itself (an access list with no grant
+    /// for it): what to do, once; later refusals are logged at debug.
+    fn refused(&mut self, why: &ClientError) {
+        if std::mem::replace(&mut self.told_refused, true) {
+            tracing::debug!("the registry refused this key again: {why}");
+        } else {
+            tracing::error!(
+                "the registry refuses this key: {why}. Add it to a grant in the registry's --acl file and reload \
+                 the registry (systemctl reload seaport-registry, or kill -HUP), or start with a seed the access \
+                 list names; retrying with backoff"
+            );
+        }
+    }
+}
+
+/// How a session ended, for the reconnect loop.
+enum SessionEnd {
+    /// Told to stop.
+    Stopped,
+    /// The session ended; whether its handshake had completed.
+    Ended {
+        /// The handshake completed.
+        established: bool,
+    },
+}
+
+/// What one session reports besides events: the registry's address, while
+/// it is open, and the poke that wakes it.
+struct Session<'a> {
+    registry: &'a watch::Sender<Option<SocketAddr>>,
+    addr: SocketAddr,
+    poke: &'a Notify,
+}
+
+/// Drives one session until it ends or the task is told to stop.
 async fn drive<C, F>(
     client: &Mutex<C>,
     stream: TcpStream,
     on_event: &mut F,
-    backoff: &mut Backoff,
+    pacing: &mut Pacing,
     stop: &mut watch::Receiver<bool>,
-    poke: &Notify,
-    (registry, addr): (&watch::Sender<Option<SocketAddr>>, SocketAddr),
-) -> bool
+    session: Session<'_>,
+) -> SessionEnd
 where
     C: RegistryClient,
     F: FnMut(&C::Event),
@@ -191,9 +317,10 @@ where
     }
     let (mut reader, mut writer) = stream.into_split();
     let started = lock(client).connect(crate::clock::now(), entropy());
+    let Session { registry, addr, poke } = session;
     if let Err(e) = started {
         tracing::warn!("cannot start a session: {e}");
-        return false;
+        return SessionEnd::Ended { established: false };
     }
     let mut buf = vec![0u8; 16 * 1024];
     let mut out = Vec::new();
@@ -208,7 +335,6 @@ where
         let mut ended = false;
         for event in &events {
             if C::is_connected_event(event) {
-                backoff.reset();
                 established = true;
                 registry.send_replace(Some(addr));
             }
@@ -221,7 +347,18 @@ where
                     ClientError::Session(SessionError::Busy) => tracing::warn!(
                         "the registry is at its session limit, or busy with handshakes from this address (its --max-sessions, --max-handshakes-per-source), and refused us; retrying"
                     ),
+                    ClientError::Refused { code, .. } if *code == ErrorCode::FORBIDDEN => {
+                        pacing.refused(reason)
+                    }
                     _ => tracing::warn!("registry session ended: {reason}"),
+                }
+                // Only a session that held starts the backoff over: one the
+                // registry refused (this key, or at its session limit) backs
+                // off like any failure.
+                let refused = matches!(reason, ClientError::Refused { code, .. }
+                    if *code == ErrorCode::FORBIDDEN || *code == ErrorCode::LIMIT);
+                if established && !refused {
+                    pacing.backoff.reset();
                 }
                 ended = true;
             }
@@ -236,7 +373,7 @@ where
             }
         }
         if ended {
-            return false;
+            return SessionEnd::Ended { established };
         }
         let sleep = deadline.map(|d| tokio::time::sleep_until(Instant::from_std(d)));
         tokio::select! {
@@ -260,7 +397,7 @@ where
                     let _ = writer.write_all(&out).await;
                     let _ = writer.shutdown().await;
                 }).await;
-                return true;
+                return SessionEnd::Stopped;
             }
         }
     }

@@ -20,7 +20,9 @@
 //! are left out); publishing retries for ever, its pause capped at 30 s, and
 //! tells the user once what to try when it keeps failing.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mainline::async_dht::AsyncDht;
@@ -34,6 +36,9 @@ pub const SALT: &[u8] = b"seaport/1";
 const MAX_VALUE: usize = 1000;
 /// How long publishing may fail before the user is told, once, what to try.
 pub const PUBLISH_HINT_AFTER: Duration = Duration::from_secs(30);
+/// How long a DHT node may take to start before the user is told what is
+/// going on (its bootstrap host names are being resolved).
+pub const START_HINT_AFTER: Duration = Duration::from_secs(20);
 /// How often the record is republished while nothing changes.
 pub const REFRESH: Duration = Duration::from_secs(15 * 60);
 
@@ -120,6 +125,59 @@ impl DhtNode {
     }
 }
 
+/// A DHT node starting in the background. Starting one resolves the
+/// bootstrap nodes' host names, which takes as long as DNS does (40 s with a
+/// DNS server that does not answer): nothing else waits for it, and a node
+/// still starting after [`START_HINT_AFTER`] says so.
+#[derive(Clone)]
+pub struct Starting(watch::Receiver<Option<Result<Arc<DhtNode>, String>>>);
+
+impl Starting {
+    /// Starts the node that `start` builds, in a task of its own.
+    pub fn spawn(start: impl Future<Output = std::io::Result<DhtNode>> + Send + 'static) -> Starting {
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            tokio::pin!(start);
+            let built = tokio::select! {
+                built = &mut start => built,
+                () = tokio::time::sleep(START_HINT_AFTER) => {
+                    tracing::warn!(
+                        "the DHT node has not started after {}s: it is resolving its bootstrap hosts, and DNS \
+                         does not answer; without the public DHT, dial the registry as KEY@HOST:PORT or use a \
+                         private DHT (--bootstrap HOST:PORT)",
+                        START_HINT_AFTER.as_secs()
+                    );
+                    start.await
+                }
+            };
+            if let Err(e) = &built {
+                tracing::error!(
+                    "cannot start the DHT node: {e}; a bare key cannot be resolved, KEY@HOST:PORT still works"
+                );
+            }
+            let _ = tx.send(Some(built.map(Arc::new).map_err(|e| e.to_string())));
+        });
+        Starting(rx)
+    }
+
+    /// The node once it started (or why it could not); `None` while starting.
+    pub fn node(&self) -> Option<Result<Arc<DhtNode>, String>> {
+        self.0.borrow().clone()
+    }
+
+    /// Waits for the node.
+    pub async fn ready(mut self) -> Result<Arc<DhtNode>, String> {
+        loop {
+            if let Some(node) = self.node() {
+                return node;
+            }
+            if self.0.changed().await.is_err() {
+                return Err("the DHT node's task ended".to_owned());
+            }
+        }
+    }
+}
+
 /// Keeps `addrs` published until `stop`: at once, then every [`REFRESH`],
 /// retrying failures with a growing pause.
 pub async fn publish_loop(
@@ -197,7 +255,12 @@ mod tests {
             (0..200).map(|i| SocketAddr::from(([10, 0, 0, i as u8], 40000))).collect();
         let text = encode_addrs(&many);
         assert!(text.len() <= MAX_VALUE);
-        assert!(decode_addrs(&text).len() > 10);
+        // Exactly the longest prefix that fits: in order, and the next one
+        // would not have.
+        let kept = decode_addrs(&text);
+        assert!(!kept.is_empty() && kept.len() < many.len());
+        assert_eq!(kept[..], many[..kept.len()]);
+        assert!(text.len() + format!(",{}", many[kept.len()]).len() > MAX_VALUE);
         assert_eq!(decode_addrs("garbage,127.0.0.1:1"), vec!["127.0.0.1:1".parse::<SocketAddr>().unwrap()]);
     }
 }

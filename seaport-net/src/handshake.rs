@@ -44,6 +44,17 @@ pub enum HandshakeError {
     /// The peer closed before the handshake finished.
     #[error("peer closed the connection during the handshake")]
     ClosedEarly,
+    /// The proxy's first record after the handshake did not authenticate:
+    /// a replayed first handshake message, or a peer that does not speak
+    /// the protocol.
+    #[error("the peer's first record did not authenticate (a replayed handshake?)")]
+    Unauthenticated,
+    /// The service closed a link handshake this proxy began, without a
+    /// word: what a service with `--allow` does to keys not on its list.
+    #[error(
+        "the service closed the connection during the handshake: if it runs with --allow, this proxy's key {0} must be on its list (else it was busy or shutting down)"
+    )]
+    ClosedByService(PublicKey),
     /// The TCP connect failed.
     #[error("{0}")]
     Dial(#[from] DialError),
@@ -124,7 +135,10 @@ pub async fn initiate(
     // The service's key was checked by the handshake itself.
     let done = handshake(&mut stream, &mut session, timeout, &|_| true).await;
     metrics().handshake(done.is_ok());
-    done?;
+    done.map_err(|e| match e {
+        HandshakeError::ClosedEarly => HandshakeError::ClosedByService(local.public()),
+        other => other,
+    })?;
     Ok((stream, session))
 }
 

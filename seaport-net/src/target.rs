@@ -7,11 +7,10 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::sync::Arc;
 
 use seaport_proto::keys::PublicKey;
 
-use crate::dht::{DhtError, DhtNode};
+use crate::dht::{DhtError, DhtNode, Starting};
 
 /// A registry as the user names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,28 +75,30 @@ pub enum ResolveError {
     /// A bare key, but no DHT node was started.
     #[error("no DHT to resolve a bare key; use KEY@HOST:PORT")]
     NoDht,
+    /// The DHT node is still starting (resolving its bootstrap hosts).
+    #[error("the DHT node is still starting (resolving its bootstrap hosts)")]
+    DhtStarting,
+    /// The DHT node could not start.
+    #[error("the DHT node could not start: {0}")]
+    DhtFailed(String),
 }
 
 /// Turns a target into addresses to dial.
 #[derive(Clone)]
 pub struct Resolver {
-    dht: Option<Arc<DhtNode>>,
+    dht: Option<Starting>,
 }
 
 impl Resolver {
-    /// A resolver that finds bare keys through `dht` (None: bare keys fail).
-    pub fn new(dht: Option<Arc<DhtNode>>) -> Resolver {
-        Resolver { dht }
-    }
-
-    /// A resolver for `target`: it starts a DHT node only when the key must be
-    /// looked up (a bare `KEY`), bootstrapping from `bootstrap` if given.
-    pub async fn for_target(target: &RegistryTarget, bootstrap: &[String]) -> Result<Resolver, String> {
+    /// A resolver for `target`: it starts a DHT node, in the background,
+    /// only when the key must be looked up (a bare `KEY`), bootstrapping
+    /// from `bootstrap` if given.
+    pub fn for_target(target: &RegistryTarget, bootstrap: &[String]) -> Resolver {
         if target.direct.is_some() {
-            return Ok(Resolver::new(None));
+            return Resolver { dht: None };
         }
-        let node = DhtNode::client(bootstrap).await.map_err(|e| format!("cannot start the DHT node: {e}"))?;
-        Ok(Resolver::new(Some(Arc::new(node))))
+        let bootstrap = bootstrap.to_vec();
+        Resolver { dht: Some(Starting::spawn(async move { DhtNode::client(&bootstrap).await })) }
     }
 
     /// The addresses at which the registry may be dialed now.
@@ -110,8 +111,10 @@ impl Resolver {
                     .collect();
                 if addrs.is_empty() { Err(ResolveError::NoAddress(host.clone())) } else { Ok(addrs) }
             }
-            None => match &self.dht {
-                Some(dht) => Ok(dht.resolve(&target.key).await?),
+            None => match self.dht.as_ref().map(Starting::node) {
+                Some(Some(Ok(dht))) => Ok(dht.resolve(&target.key).await?),
+                Some(Some(Err(e))) => Err(ResolveError::DhtFailed(e)),
+                Some(None) => Err(ResolveError::DhtStarting),
                 None => Err(ResolveError::NoDht),
             },
         }

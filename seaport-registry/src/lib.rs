@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use seaport_net::cli::{Bootstrap, Failure, HOUR, MINUTE, duration_in};
-use seaport_net::dht::{DhtNode, publish_loop};
+use seaport_net::dht::{DhtNode, Starting, publish_loop};
 use seaport_net::event::{Event, emit};
 use seaport_net::http::Page;
 use seaport_net::identity::{load_seed, random_seed};
@@ -165,12 +165,24 @@ pub async fn run(args: Args) -> Result<(), Failure> {
 
     let (stop_tx, stop) = watch::channel(false);
     if !args.no_dht {
+        // A port in use is the user's to fix: said at once. The node itself
+        // starts in the background (resolving bootstrap host names can take
+        // as long as DNS does), and publishes once it is up.
+        if let Some(port) = args.dht_port {
+            std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, port)).map_err(|e| {
+                format!("cannot start the DHT node on UDP port {port}: {e}; choose another --dht-port")
+            })?;
+        }
         let bootstrap = args.bootstrap.clone().unwrap_or_default().0;
-        let dht = DhtNode::registry(&bootstrap, args.dht_port)
-            .await
-            .map_err(|e| format!("cannot start the DHT node: {e} (is --dht-port in use?)"))?;
-        let addrs = dialable(local);
-        tokio::spawn(publish_loop(Arc::new(dht), keypair.clone(), addrs, stop.clone()));
+        let dht_port = args.dht_port;
+        let starting = Starting::spawn(async move { DhtNode::registry(&bootstrap, dht_port).await });
+        let (addrs, keypair, stop) = (dialable(local), keypair.clone(), stop.clone());
+        tokio::spawn(async move {
+            // A node that cannot start says so itself (`Starting`).
+            if let Ok(dht) = starting.ready().await {
+                publish_loop(dht, keypair, addrs, stop).await;
+            }
+        });
     }
 
     let config = RegistryConfig {
