@@ -21,8 +21,12 @@ use crate::session::Session;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ControlEvent {
-    /// The handshake completed: the client (re)sends what it wants.
-    Opened,
+    /// The handshake completed, `at` this time: the client (re)sends what
+    /// it wants.
+    Opened {
+        /// When.
+        at: Instant,
+    },
     /// A message for the client to interpret.
     Message(Message),
     /// The session ended; it is idle until the next `connect`.
@@ -101,7 +105,7 @@ impl ControlSession {
         let fed = open.session.handle_input(now, data);
         open.last_heard = now;
         if !was && open.session.is_established() {
-            self.events.push_back(ControlEvent::Opened);
+            self.events.push_back(ControlEvent::Opened { at: now });
         }
         // What arrived before a failure is delivered first, then the failure.
         let mut ended = None;

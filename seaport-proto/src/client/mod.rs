@@ -44,6 +44,12 @@ macro_rules! registry_client {
             fn on_local_addr(&mut self, local: std::net::SocketAddr) {
                 self.on_local_addr(local);
             }
+            fn deadline(&self) -> Option<std::time::Instant> {
+                self.deadline()
+            }
+            fn on_deadline(&mut self, now: std::time::Instant) {
+                self.on_deadline(now);
+            }
         }
 
         impl $crate::client::RegistryClient for $client {
@@ -156,6 +162,10 @@ pub(crate) mod sealed {
         fn on_control_event(&mut self, event: ControlEvent);
         /// The local address of the stream to the registry.
         fn on_local_addr(&mut self, local: std::net::SocketAddr);
+        /// When the client's own timer is next due, if it has one.
+        fn deadline(&self) -> Option<std::time::Instant>;
+        /// The client's own timer came due.
+        fn on_deadline(&mut self, now: std::time::Instant);
     }
 }
 
@@ -202,15 +212,23 @@ pub trait RegistryClient: sealed::Composed {
         drain(self);
     }
 
-    /// Timers: handshake deadline, keepalive, dead registry.
+    /// Timers: handshake deadline, keepalive, dead registry, and the
+    /// client's own (a proxy's grace after a reconnect).
     fn handle_timeout(&mut self, now: Instant) {
         self.control_session_mut().handle_timeout(now);
         drain(self);
+        if self.deadline().is_some_and(|d| d <= now) {
+            self.on_deadline(now);
+        }
     }
 
     /// When `handle_timeout` must next be called.
     fn poll_timeout(&self) -> Option<Instant> {
-        self.control_session().poll_timeout()
+        let session = self.control_session().poll_timeout();
+        match (session, self.deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Bytes to write to the registry; false if none.

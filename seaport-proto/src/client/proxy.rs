@@ -9,6 +9,13 @@
 //! is reported only once whole, never a part of it; at most one answer is
 //! being assembled at a time (the registry sends an answer's parts one after
 //! another), and it holds at most [`MAX_ANSWER_INSTANCES`] instances.
+//!
+//! After a reconnect (a registry that restarted knows nothing until its
+//! services come back), the instances known before are kept for
+//! [`RECONNECT_GRACE`] beside what the new session reports: clients are not
+//! told "no instance" while services are still reconnecting. At the end of
+//! the grace the set is what the registry reports, and an instance gone for
+//! good is lost then.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -74,6 +81,11 @@ pub enum ProxyEvent {
     Disconnected(ClientError),
 }
 
+/// How long after a reconnect the instances known before are kept beside
+/// what the new session reports: longer than a service takes to come back
+/// to a registry that restarted (its backoff is capped at 2 s).
+pub const RECONNECT_GRACE: Duration = Duration::from_secs(5);
+
 /// Most meetings a proxy asks for at once (the registry has its own cap).
 pub const MAX_PENDING_MEETS: usize = 64;
 
@@ -82,7 +94,14 @@ pub const MAX_PENDING_MEETS: usize = 64;
 struct Watched {
     query: RoleQuery,
     balancer: Balancer,
+    /// What connections choose from: the registry's last answer, and
+    /// during a grace the instances known before it too.
     instances: Vec<Instance>,
+    /// During a grace: what was known when it began, kept beside answers.
+    before: Vec<Instance>,
+    /// During a grace: the registry's last answer alone, applied when the
+    /// grace ends.
+    reported: Option<(Vec<Instance>, bool)>,
 }
 
 /// The proxy side; see the module docs.
@@ -95,6 +114,8 @@ pub struct ProxyClient {
     /// The answer being assembled from parts, if any (boxed: rare, and
     /// the client is moved around whole).
     partial: Option<Box<Partial>>,
+    /// Until when the instances known before a reconnect are kept.
+    grace_until: Option<Instant>,
     events: VecDeque<ProxyEvent>,
 }
 
@@ -123,7 +144,13 @@ impl ProxyClient {
         let me = config.keypair.public();
         let watched: Vec<Watched> = queries
             .into_iter()
-            .map(|query| Watched { query, balancer: Balancer::new(strategy, me, ban), instances: Vec::new() })
+            .map(|query| Watched {
+                query,
+                balancer: Balancer::new(strategy, me, ban),
+                instances: Vec::new(),
+                before: Vec::new(),
+                reported: None,
+            })
             .collect();
         ProxyClient {
             control_session: ControlSession::new(config),
@@ -131,6 +158,7 @@ impl ProxyClient {
             watched,
             meets: HashSet::new(),
             partial: None,
+            grace_until: None,
             events: VecDeque::new(),
         }
     }
@@ -261,8 +289,22 @@ impl ProxyClient {
                 let query = id as usize;
                 let Some(watched) = self.watched.get_mut(query) else { return };
                 // Only what we asked for: a confused registry cannot steer us elsewhere.
-                let instances: Vec<Instance> =
+                let mut instances: Vec<Instance> =
                     instances.into_iter().filter(|i| watched.query.matches(&i.role)).collect();
+                if self.grace_until.is_some() {
+                    // What was known before the reconnect, beside the answer
+                    // until the grace ends (at most twice an answer's cap).
+                    watched.reported = Some((instances.clone(), truncated));
+                    let answered: HashSet<(PublicKey, &Role)> =
+                        instances.iter().map(|i| (i.key, &i.role)).collect();
+                    let kept: Vec<Instance> = watched
+                        .before
+                        .iter()
+                        .filter(|i| !answered.contains(&(i.key, &i.role)))
+                        .cloned()
+                        .collect();
+                    instances.extend(kept);
+                }
                 watched.instances.clone_from(&instances);
                 self.events.push_back(ProxyEvent::Instances { query, instances, truncated });
             }
@@ -285,6 +327,8 @@ impl ProxyClient {
                     && !watched.instances.is_empty()
                 {
                     watched.instances.clear();
+                    watched.before.clear();
+                    watched.reported = None;
                     let query = id as usize;
                     self.events.push_back(ProxyEvent::Instances {
                         query,
@@ -302,11 +346,38 @@ impl ProxyClient {
     /// does not matter to it.
     fn on_local_addr(&mut self, _local: std::net::SocketAddr) {}
 
+    /// The end of the grace after a reconnect, if one is running.
+    fn deadline(&self) -> Option<Instant> {
+        self.grace_until
+    }
+
+    /// The grace ended: each query's set is what the registry reported.
+    fn on_deadline(&mut self, _now: Instant) {
+        self.grace_until = None;
+        for (query, watched) in self.watched.iter_mut().enumerate() {
+            watched.before = Vec::new();
+            // A query the new session has not answered yet keeps what it had.
+            let Some((reported, truncated)) = watched.reported.take() else { continue };
+            if reported != watched.instances {
+                watched.instances.clone_from(&reported);
+                self.events.push_back(ProxyEvent::Instances { query, instances: reported, truncated });
+            }
+        }
+    }
+
     /// Interprets one event of the control session.
     fn on_control_event(&mut self, event: ControlEvent) {
         match event {
-            ControlEvent::Opened => {
+            ControlEvent::Opened { at } => {
                 self.events.push_back(ProxyEvent::Connected);
+                // A reconnect: what was known stays for a while (module docs).
+                if self.watched.iter().any(|w| !w.instances.is_empty()) {
+                    self.grace_until = Some(at + RECONNECT_GRACE);
+                    for watched in &mut self.watched {
+                        watched.before.clone_from(&watched.instances);
+                        watched.reported = None;
+                    }
+                }
                 for (id, watched) in self.watched.iter().enumerate() {
                     let id = u32::try_from(id).unwrap_or(u32::MAX);
                     self.control_session.send(&Message::Watch { id, query: watched.query.clone() });
@@ -316,6 +387,13 @@ impl ProxyClient {
             ControlEvent::Closed(reason) => {
                 // Half an answer is no answer: the next session sends it whole.
                 self.partial = None;
+                // A grace belongs to its session: the next one starts its
+                // own from what is known now.
+                self.grace_until = None;
+                for watched in &mut self.watched {
+                    watched.before = Vec::new();
+                    watched.reported = None;
+                }
                 // Unanswered meetings will not be answered on a new session.
                 for id in std::mem::take(&mut self.meets) {
                     self.events.push_back(ProxyEvent::MeetRefused { id, text: reason.to_string() });
@@ -340,16 +418,12 @@ mod tests {
     use super::*;
     use crate::client::RegistryClient;
     use crate::hello::Intent;
-    use crate::keys::{Keypair, Seed};
     use crate::role::Role;
     use crate::session::Session;
+    use crate::testing::keypair;
 
     /// The watch of the proxy's first (here, only) query.
     const WATCH_ID: u32 = 0;
-
-    fn keypair(n: u8) -> Keypair {
-        Keypair::from_seed(&Seed::from_bytes([n; 32]))
-    }
 
     /// A proxy client whose session to a hand-driven registry session is open.
     fn open_proxy() -> (ProxyClient, Session, Instant) {
@@ -468,5 +542,93 @@ mod tests {
             panic!("{events:?}")
         };
         assert_eq!(got.len(), MAX_ANSWER_INSTANCES);
+    }
+
+    #[test]
+    fn known_instances_stay_through_a_reconnect_until_the_grace_ends() {
+        let (mut proxy, mut registry, now) = open_proxy();
+        let known = instances(10, 2);
+        deliver(
+            &mut proxy,
+            &mut registry,
+            now,
+            &[Message::Instances { id: WATCH_ID, instances: known.clone(), truncated: false }],
+        );
+        assert_eq!(proxy.instances(), known);
+        // The registry restarts: a new session, which knows nothing yet.
+        let later = now + Duration::from_secs(1);
+        let mut registry = reconnect(&mut proxy, later);
+        let empty = Message::Instances { id: WATCH_ID, instances: vec![], truncated: false };
+        let events = deliver(&mut proxy, &mut registry, later, &[empty]);
+        assert_eq!(
+            events,
+            vec![ProxyEvent::Instances { query: 0, instances: known.clone(), truncated: false }]
+        );
+        assert_eq!(proxy.instances(), known, "kept while services come back");
+        // One service is back; the other never comes.
+        let back = vec![known[1].clone()];
+        deliver(
+            &mut proxy,
+            &mut registry,
+            later,
+            &[Message::Instances { id: WATCH_ID, instances: back.clone(), truncated: false }],
+        );
+        assert_eq!(proxy.instances().len(), 2);
+        let end = later + RECONNECT_GRACE;
+        assert!(proxy.poll_timeout().is_some_and(|t| t <= end));
+        proxy.handle_timeout(end);
+        let events: Vec<ProxyEvent> = std::iter::from_fn(|| proxy.poll_event()).collect();
+        assert_eq!(
+            events,
+            vec![ProxyEvent::Instances { query: 0, instances: back.clone(), truncated: false }]
+        );
+        assert_eq!(proxy.instances(), back, "what the registry reports, once the grace is over");
+        // Later answers apply at once again.
+        deliver(
+            &mut proxy,
+            &mut registry,
+            end,
+            &[Message::Instances { id: WATCH_ID, instances: vec![], truncated: false }],
+        );
+        assert!(proxy.instances().is_empty());
+    }
+
+    /// The session ends and a new one starts at `at` (its registry's end of
+    /// it, whose handshake reply goes with the next `deliver`).
+    fn reconnect(proxy: &mut ProxyClient, at: Instant) -> Session {
+        proxy.handle_closed();
+        while proxy.poll_event().is_some() {}
+        proxy.connect(at, [5; 32]).unwrap();
+        let mut registry =
+            Session::respond(at, &keypair(1), Intent::Control, [6; 32], Duration::from_secs(5)).unwrap();
+        let mut wire = Vec::new();
+        proxy.poll_transmit(&mut wire);
+        registry.handle_input(at, &wire).unwrap();
+        registry
+    }
+
+    #[test]
+    fn a_grace_ends_with_its_session_and_the_next_keeps_what_is_known() {
+        let (mut proxy, mut registry, now) = open_proxy();
+        let known = instances(10, 2);
+        let answer =
+            |instances: Vec<Instance>| Message::Instances { id: WATCH_ID, instances, truncated: false };
+        deliver(&mut proxy, &mut registry, now, &[answer(known.clone())]);
+        let t1 = now + Duration::from_secs(1);
+        let mut registry = reconnect(&mut proxy, t1);
+        deliver(&mut proxy, &mut registry, t1, &[answer(vec![])]);
+        // That session dies inside its grace: no stale deadline survives it.
+        let t2 = t1 + Duration::from_secs(1);
+        let mut registry = reconnect(&mut proxy, t2);
+        assert_eq!(proxy.instances(), known);
+        let events = deliver(&mut proxy, &mut registry, t2, &[answer(vec![])]);
+        assert_eq!(
+            events,
+            vec![ProxyEvent::Instances { query: 0, instances: known.clone(), truncated: false }]
+        );
+        proxy.handle_timeout(t1 + RECONNECT_GRACE);
+        assert_eq!(proxy.instances(), known, "the first grace's end is not this session's");
+        proxy.handle_timeout(t2 + RECONNECT_GRACE);
+        assert!(proxy.instances().is_empty(), "this session's grace ended");
     }
 }

@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use crate::client::control::{ControlEvent, ControlSession};
 use crate::client::{ClientConfig, ClientError};
@@ -145,10 +146,17 @@ impl ServiceClient {
         self.route_addr = self.every_interface.then(|| SocketAddr::new(local.ip(), self.port));
     }
 
+    /// A service has no timer of its own.
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    fn on_deadline(&mut self, _now: Instant) {}
+
     /// Interprets one event of the control session.
     fn on_control_event(&mut self, event: ControlEvent) {
         match event {
-            ControlEvent::Opened => {
+            ControlEvent::Opened { .. } => {
                 self.events.push_back(ServiceEvent::Connected);
                 if self.available {
                     self.register_all();
@@ -169,15 +177,14 @@ mod tests {
     use super::*;
     use crate::client::RegistryClient;
     use crate::hello::Intent;
-    use crate::keys::{Keypair, Seed};
     use crate::session::Session;
+    use crate::testing::keypair;
 
     /// A service client whose session to a hand-driven registry session is open.
     fn open_service() -> (ServiceClient, Session, Role, Instant) {
         let now = Instant::now();
-        let registry_keys = Keypair::from_seed(&Seed::from_bytes([1; 32]));
-        let config =
-            ClientConfig::new(Keypair::from_seed(&Seed::from_bytes([2; 32])), registry_keys.public());
+        let registry_keys = keypair(1);
+        let config = ClientConfig::new(keypair(2), registry_keys.public());
         let role = Role::parse("db@1.0.0").unwrap();
         let mut service = ServiceClient::new(config, vec![role.clone()], 1, vec![]);
         service.connect(now, [3; 32]).unwrap();
@@ -254,10 +261,7 @@ mod tests {
     }
 
     fn client(addrs: Vec<SocketAddr>) -> ServiceClient {
-        let config = ClientConfig::new(
-            Keypair::from_seed(&Seed::from_bytes([1; 32])),
-            Keypair::from_seed(&Seed::from_bytes([2; 32])).public(),
-        );
+        let config = ClientConfig::new(keypair(1), keypair(2).public());
         ServiceClient::new(config, vec![Role::parse("db@1.0.0").unwrap()], 7000, addrs)
     }
 
