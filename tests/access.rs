@@ -41,7 +41,10 @@ fn a_service_answers_only_the_proxies_it_allows_and_rereads_its_file_on_sighup()
     assert_eq!(http_get(friend_port), (200, "private".to_owned()));
     assert_eq!(http_get(stranger_port).0, 0, "a proxy not on the list gets nothing");
     svc.wait_log(&format!("{stranger_key} is not allowed"), WAIT);
-    stranger.wait_log("every instance failed", WAIT);
+    let failed = stranger.wait_log("every instance failed", WAIT);
+    // The stranger is told what to check, and by which key it is known.
+    assert!(failed.contains("--allow") && failed.contains(&stranger_key), "{failed}");
+    assert_eq!(stranger.count_log(&format!("key={stranger_key}")), 1, "it says its own key at start");
 
     // The stranger is added; SIGHUP rereads the file, no restart.
     std::fs::write(&file, format!("{friend_key}\n{stranger_key}\n")).unwrap();

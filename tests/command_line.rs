@@ -344,4 +344,7 @@ fn every_binary_prints_its_completions_without_other_arguments() {
     }
     let (code, err) = run("seaport-proxy", &["--completions", "tcsh"]);
     assert_eq!(code, Some(2), "{err}");
+    // Values a flag takes are completed too.
+    let (_, script) = run_out("seaport-proxy", &["--completions", "bash"]);
+    assert!(script.contains("first round-robin random hash"), "--balance values missing");
 }

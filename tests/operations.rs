@@ -380,6 +380,11 @@ fn registry_page_updates_itself_in_a_real_browser() {
             // A service that dies leaves the page, without a reload.
             drop(a);
             wait_text(&browser, "couchdb gone", |t| !t.contains(&a_key) && t.contains(&b_key)).await;
+            // One instance is one instance, not "1 instances".
+            wait_text(&browser, "one instance, in the singular", |t| {
+                t.contains("1 instance") && !t.contains("1 instances")
+            })
+            .await;
             let marker = browser.execute("return window.marker;", vec![]).await.unwrap();
             assert_eq!(marker, serde_json::json!(1), "the page reloaded: the marker is gone");
             drop((b, proxy));

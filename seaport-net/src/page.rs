@@ -232,7 +232,7 @@ const HTML: &str = r##"<!doctype html>
 <body>
 <h1>seaport registry</h1>
 <div class="key" id="registry">…</div>
-<div class="stats dim"><span>up <b id="uptime">…</b></span><span><b id="count-instances">0</b> instances</span><span><b id="count-sessions">0</b> sessions</span><span id="status">connecting…</span></div>
+<div class="stats dim"><span>up <b id="uptime">…</b></span><span><b id="count-instances">0</b> <span id="word-instances">instances</span></span><span><b id="count-sessions">0</b> <span id="word-sessions">sessions</span></span><span id="status">connecting…</span></div>
 
 <h2>Roles</h2>
 <div id="roles"><p class="dim">No service registered.</p></div>
@@ -302,7 +302,9 @@ function render(data) {
   }
   if (!data.roles.length) roles.appendChild(el("p", "No service registered.", "dim"));
   document.getElementById("count-instances").textContent = count;
+  document.getElementById("word-instances").textContent = count === 1 ? "instance" : "instances";
   document.getElementById("count-sessions").textContent = data.sessions.length;
+  document.getElementById("word-sessions").textContent = data.sessions.length === 1 ? "session" : "sessions";
   const sessions = document.getElementById("sessions");
   sessions.replaceChildren();
   for (const s of data.sessions) {

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use seaport_net::allow::AllowList;
 use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
 use seaport_net::control::ControlTask;
@@ -54,7 +55,9 @@ pub struct Args {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
     pub bind: std::net::IpAddr,
     /// How to spread connections over instances: first, round-robin, random or hash.
-    #[arg(long, value_name = "STRATEGY", default_value = "round-robin")]
+    #[arg(long, value_name = "STRATEGY", default_value = "round-robin",
+          value_parser = PossibleValuesParser::new(["first", "round-robin", "random", "hash"])
+              .try_map(|s| s.parse::<Strategy>()))]
     pub balance: Strategy,
     /// How long a client waits for a first instance before it is closed (0s to 1h).
     #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
@@ -133,7 +136,9 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     // Lives as long as `run`: dropping it stops the HTTP server.
     let (_http_stop, http_stop) = watch::channel(false);
     seaport_net::http::start(args.client.metrics, None, http_stop).await?;
-    let resolver = args.client.resolver().await?;
+    let resolver = args.client.resolver();
+    // What a service's --allow and a registry's --acl name this proxy by.
+    tracing::info!(key = %keypair.public(), "this proxy's key (for services' --allow lists and the registry's --acl)");
     let mut config = ClientConfig::new(keypair.clone(), args.client.registry.key);
     // Tells this process's sessions from those of others with the same seed.
     config.process = seaport_net::identity::random_u64();
