@@ -72,6 +72,12 @@ pub fn connect_from(from: [u8; 4], to: std::net::SocketAddr) -> TcpStream {
     TcpStream::from(fd)
 }
 
+/// The identity made from seed `[n; 32]`: a fixed key per number, the same
+/// as `seaport_proto::testing::keypair` gives the proto tests.
+pub fn keypair(n: u8) -> seaport_proto::keys::Keypair {
+    seaport_proto::keys::Keypair::from_seed(&seaport_proto::keys::Seed::from_bytes([n; 32]))
+}
+
 /// A TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -17,7 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use seaport_proto::hello::Intent;
-use seaport_proto::keys::{Keypair, PublicKey, Seed};
+use seaport_proto::keys::PublicKey;
 use seaport_proto::session::Session;
 use seaport_tests::*;
 
@@ -40,10 +40,6 @@ fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
         }
     }
     false
-}
-
-fn keypair(n: u8) -> Keypair {
-    Keypair::from_seed(&Seed::from_bytes([n; 32]))
 }
 
 /// The first handshake message of a session to `remote`, framed.

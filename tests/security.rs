@@ -60,7 +60,7 @@ fn a_replayed_first_message_leaves_the_real_session_and_its_registrations_in_pla
     let reg = registry(&[]);
     let addr: SocketAddr = reg.target.split_once('@').unwrap().1.parse().unwrap();
     let registry_key: PublicKey = reg.key.parse().unwrap();
-    let me = Keypair::from_seed(&Seed::from_bytes([21; 32]));
+    let me = keypair(21);
     let stamp = Some(Stamp { process: 42, counter: 1 });
     let mut session = Session::initiate_stamped(
         Instant::now(),
@@ -226,7 +226,7 @@ fn a_link_handshake_alone_never_touches_the_backend_even_replayed() {
     let before = connections.load(Ordering::SeqCst);
     // A stranger's complete link handshake, then its first message replayed
     // 20 times: no stream was opened, so no backend connection may follow.
-    let stranger = Keypair::from_seed(&Seed::from_bytes([33; 32]));
+    let stranger = keypair(33);
     let mut session = Session::initiate(
         Instant::now(),
         &stranger,
