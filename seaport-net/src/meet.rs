@@ -9,7 +9,9 @@
 //!   link's handshake) is left for the link.
 //! - A relay holds two fixed buffers ([`RELAY_BUFFER`] each way), never
 //!   more, and ends after [`RELAY_IDLE`] without a byte either way (a live
-//!   link pings every 10 s).
+//!   link pings every 10 s), after [`RelayLimits::lifetime`], or once it
+//!   carried [`RelayLimits::bytes`]; it splices only once both sides' first
+//!   records have a link handshake's sizes.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -35,6 +37,26 @@ const PUNCH_PAUSE: Duration = Duration::from_millis(50);
 pub const RELAY_BUFFER: usize = 64 * 1024;
 /// A relay with no byte either way for this long ends.
 pub const RELAY_IDLE: Duration = Duration::from_secs(60);
+
+/// What one relay may take of the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Ends after this long without a byte either way.
+    pub idle: Duration,
+    /// Ends after this long in all (`--max-relay-time`): a relay is a
+    /// path of last resort, not a place to live.
+    pub lifetime: Duration,
+    /// Ends once it carried this many bytes, both ways together
+    /// (`--max-relay-mib`).
+    pub bytes: u64,
+}
+
+impl Default for RelayLimits {
+    /// 60 s idle, 24 h, 64 GiB.
+    fn default() -> Self {
+        RelayLimits { idle: RELAY_IDLE, lifetime: Duration::from_secs(24 * 3600), bytes: 64 << 30 }
+    }
+}
 
 /// Why joining a meeting failed.
 #[derive(Debug, thiserror::Error)]
@@ -202,17 +224,18 @@ impl Default for RelayCounters {
 }
 
 /// Tells both sides of a paired meeting where the other is (and whether we
-/// relay), then relays until both directions have ended or neither moved a
-/// byte for `idle`. Without `relaying`, holds the two connections (their
-/// NAT mappings stay open while the sides punch) until either closes or
-/// `idle`.
+/// relay), then relays until both directions have ended, neither moved a
+/// byte for `limits.idle`, or the relay reached its lifetime or its bytes.
+/// Without `relaying`, holds the two connections (their NAT mappings stay
+/// open while the sides punch) until either closes or `limits.idle`.
 pub async fn pair(
     proxy: (TcpStream, SocketAddr),
     service: (TcpStream, SocketAddr),
     relaying: bool,
-    idle: Duration,
+    limits: RelayLimits,
     counters: Arc<RelayCounters>,
 ) -> std::io::Result<()> {
+    let idle = limits.idle;
     let ((mut p, p_addr), (mut s, s_addr)) = (proxy, service);
     let tell = |addr| {
         let mut frame = Vec::with_capacity(2 + PEER_MAX_LEN);
@@ -249,8 +272,12 @@ pub async fn pair(
     let (pr, pw) = p.into_split();
     let (sr, sw) = s.into_split();
     let (to_service, to_proxy) = (AtomicU64::new(0), AtomicU64::new(0));
-    let up = pump(pr, sw, &last, started, &to_service, &counters.to_service);
-    let down = pump(sr, pw, &last, started, &to_proxy, &counters.to_proxy);
+    // The relay's bytes, both ways: past `limits.bytes`, a pump stops and says so.
+    let moved = AtomicU64::new(0);
+    let spent = tokio::sync::Notify::new();
+    let budget = Budget { moved: &moved, limit: limits.bytes, spent: &spent };
+    let up = pump(pr, sw, &last, started, (&to_service, &counters.to_service), &budget);
+    let down = pump(sr, pw, &last, started, (&to_proxy, &counters.to_proxy), &budget);
     let watchdog = async {
         loop {
             tokio::time::sleep(idle / 4).await;
@@ -261,10 +288,13 @@ pub async fn pair(
         }
     };
     // Ends once both directions have ended (a half-closed link may still
-    // carry its other half), or once neither moved a byte for `idle`.
+    // carry its other half), once neither moved a byte for `idle`, at its
+    // lifetime, or once it carried its bytes.
     tokio::select! {
         _ = async { tokio::join!(up, down) } => {}
         () = watchdog => tracing::info!("relay idle for {idle:?}: closed"),
+        () = tokio::time::sleep(limits.lifetime) => tracing::info!("relay open for {:?} (--max-relay-time): closed", limits.lifetime),
+        () = spent.notified() => tracing::info!("relay carried {} MiB (--max-relay-mib): closed", limits.bytes >> 20),
     }
     let (to_service, to_proxy) = (to_service.load(Ordering::Relaxed), to_proxy.load(Ordering::Relaxed));
     tracing::info!(to_service, to_proxy, "relay ended after {:?}", started.elapsed());
@@ -315,15 +345,24 @@ async fn forward_handshake(from: &mut TcpStream, to: &mut TcpStream, side: MeetS
     Ok(record.len() as u64)
 }
 
+/// What one relay may still carry, both ways together.
+struct Budget<'a> {
+    moved: &'a AtomicU64,
+    limit: u64,
+    /// Told once the limit is reached.
+    spent: &'a tokio::sync::Notify,
+}
+
 /// Copies one direction of a relay, adding what it moves to `mine` (this
-/// relay's) and `total` (all relays', the metric).
+/// relay's) and `total` (all relays', the metric), until either end closes
+/// or the relay's `budget` is spent.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     last: &AtomicU64,
     started: Instant,
-    mine: &AtomicU64,
-    total: &Counter,
+    (mine, total): (&AtomicU64, &Counter),
+    budget: &Budget<'_>,
 ) {
     let mut buf = vec![0u8; RELAY_BUFFER];
     loop {
@@ -337,6 +376,103 @@ async fn pump(
         mine.fetch_add(n as u64, Ordering::Relaxed);
         total.inc_by(n as u64);
         last.store(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        if budget.moved.fetch_add(n as u64, Ordering::Relaxed).saturating_add(n as u64) >= budget.limit {
+            budget.spent.notify_one();
+            break;
+        }
     }
     let _ = to.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// Two connected loopback streams.
+    async fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dial = TcpStream::connect(listener.local_addr().unwrap());
+        let (dialed, accepted) = tokio::join!(dial, listener.accept());
+        (dialed.unwrap(), accepted.unwrap().0)
+    }
+
+    /// A relay between two fresh pairs: the proxy's end, the service's
+    /// end, and the relay's task.
+    async fn relay(limits: RelayLimits) -> (TcpStream, TcpStream, tokio::task::JoinHandle<()>) {
+        let (proxy, at_proxy) = connected().await;
+        let (service, at_service) = connected().await;
+        let (p_addr, s_addr) = (proxy.local_addr().unwrap(), service.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let counters = Arc::new(RelayCounters::default());
+            let _ = pair((at_proxy, p_addr), (at_service, s_addr), true, limits, counters).await;
+        });
+        let (mut proxy, mut service) = (proxy, service);
+        // Each side first hears where the other is.
+        for side in [&mut proxy, &mut service] {
+            let mut len = [0u8; 2];
+            side.read_exact(&mut len).await.unwrap();
+            let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            side.read_exact(&mut body).await.unwrap();
+        }
+        (proxy, service, task)
+    }
+
+    fn record(len: usize) -> Vec<u8> {
+        let mut out = u16::try_from(len).unwrap().to_be_bytes().to_vec();
+        out.resize(2 + len, 0xab);
+        out
+    }
+
+    /// Whether `stream` ends (EOF or error) within a few seconds.
+    async fn ends(stream: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        });
+        read.await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn plaintext_is_never_spliced() {
+        // The attack: a key meets a service of its own and pushes plain
+        // HTTP through the registry.
+        let (mut proxy, mut service, task) = relay(RelayLimits::default()).await;
+        proxy.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), service.read_to_end(&mut got)).await;
+        assert!(matches!(read, Ok(Ok(0))), "the service's end is closed without a byte: {read:?} {got:?}");
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_relay_ends_once_it_carried_its_bytes() {
+        let limits = RelayLimits { bytes: 64 << 10, ..RelayLimits::default() };
+        let (mut proxy, mut service, task) = relay(limits).await;
+        // A link handshake's sizes go through, and then data.
+        proxy.write_all(&record(seaport_proto::meet::MIN_NOISE_FIRST)).await.unwrap();
+        let mut first = vec![0u8; 2 + seaport_proto::meet::MIN_NOISE_FIRST];
+        service.read_exact(&mut first).await.unwrap();
+        service.write_all(&record(seaport_proto::meet::MIN_NOISE_REPLY)).await.unwrap();
+        let mut reply = vec![0u8; 2 + seaport_proto::meet::MIN_NOISE_REPLY];
+        proxy.read_exact(&mut reply).await.unwrap();
+        // Past 64 KiB the relay closes both ends.
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 16 << 10];
+            for _ in 0..64 {
+                if proxy.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            proxy
+        });
+        assert!(ends(&mut service).await, "the relay did not end at its byte limit");
+        task.await.unwrap();
+        drop(writer.await.unwrap());
+    }
 }

@@ -14,7 +14,7 @@ use seaport_net::dht::{DhtNode, Starting, publish_loop};
 use seaport_net::event::{Event, emit};
 use seaport_net::http::Page;
 use seaport_net::identity::{load_seed, random_seed};
-use seaport_net::meet::RelayCounters;
+use seaport_net::meet::{RelayCounters, RelayLimits};
 use seaport_net::metrics::readiness;
 use seaport_net::page::{RegistryPage, RegistryView};
 use seaport_net::registry::{Command, READY_SESSIONS, RegistryServer, RelayOptions};
@@ -94,6 +94,20 @@ pub struct Args {
     /// cannot read. Each relay holds 128 KiB of buffers.
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_relays: u32,
+    /// Most links relayed at once for one proxy key (1 or more), whatever
+    /// addresses it comes from (each address, or IPv6 /64, has 8 at most).
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_relays_per_key: u32,
+    /// How long one relay may last (1s to 30d): a relay is a path of last
+    /// resort; at the end its link's streams are reset, and the next
+    /// connection makes a new link.
+    #[arg(long, value_name = "DURATION", default_value = "24h", allow_hyphen_values = true,
+          value_parser = duration_in(Duration::from_secs(1), 720 * HOUR))]
+    pub max_relay_time: Duration,
+    /// Most MiB one relay may carry, both ways together (1 to 16777216);
+    /// at the end its link's streams are reset.
+    #[arg(long, value_name = "MIB", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub max_relay_mib: u32,
     /// Never relay links; meetings then only help proxies and services punch
     /// through their NATs, and a pair that cannot punch cannot connect.
     #[arg(long, conflicts_with = "max_relays")]
@@ -224,6 +238,12 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let relay = RelayOptions {
         enabled: !args.no_relay,
         max: args.max_relays as usize,
+        per_key: args.max_relays_per_key as usize,
+        limits: RelayLimits {
+            lifetime: args.max_relay_time,
+            bytes: u64::from(args.max_relay_mib) << 20,
+            ..RelayLimits::default()
+        },
         greeting_timeout: args.handshake_timeout,
         greeting_per_source: args.max_handshakes_per_source as usize,
         ..RelayOptions::default()

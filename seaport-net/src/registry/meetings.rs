@@ -6,8 +6,10 @@
 //! Invariants:
 //! - At most [`MAX_PAIRS`] meetings are paired at once, relayed or not: each
 //!   holds two sockets.
-//! - Relays are capped in all (`--max-relays`) and per proxy address; a
-//!   meeting past either cap is paired without relaying, and said so.
+//! - Relays are capped in all (`--max-relays`), per proxy source (an IPv4
+//!   address or an IPv6 /64) and per proxy key (`--max-relays-per-key`); a
+//!   meeting past any cap is paired without relaying, and said so. Each
+//!   relay is capped in time and bytes ([`crate::meet::RelayLimits`]).
 //! - The map of first sides holds only waiters whose task may still take a
 //!   second side: the ended ones are dropped at every arrival.
 
@@ -17,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use seaport_proto::keys::PublicKey;
 use seaport_proto::meet::MeetSide;
 use seaport_proto::registry::Source;
 use tokio::net::TcpStream;
@@ -24,7 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tracing::Instrument;
 
 use crate::limit::{Limit, Over, Share};
-use crate::meet::{RelayCounters, pair};
+use crate::meet::{RelayCounters, RelayLimits, pair};
 use crate::metrics::{Refusal, metrics};
 
 /// Most meetings paired at once, relayed or not (each holds two sockets).
@@ -45,8 +48,11 @@ pub struct RelayOptions {
     /// Most relays at once for proxies at one source (an IPv4 address or an
     /// IPv6 /64): one host cannot take every relay.
     pub per_source: usize,
-    /// A relay idle this long ends.
-    pub idle: Duration,
+    /// Most relays at once for one proxy key (`--max-relays-per-key`).
+    pub per_key: usize,
+    /// How long one relay may live, and how much it may carry
+    /// (`--max-relay-time`, `--max-relay-mib`), and how long it may idle.
+    pub limits: RelayLimits,
     /// How long a new connection may take to send its first frame.
     pub greeting_timeout: Duration,
     /// Most new connections from one source address waiting to send their
@@ -61,7 +67,8 @@ impl Default for RelayOptions {
             enabled: true,
             max: 64,
             per_source: 8,
-            idle: crate::meet::RELAY_IDLE,
+            per_key: 8,
+            limits: RelayLimits::default(),
             greeting_timeout: Duration::from_secs(10),
             greeting_per_source: 16,
         }
@@ -77,6 +84,8 @@ enum RelayRefusal {
     Full(usize),
     #[error("{1} relays open for proxies at {0}")]
     Source(Source, usize),
+    #[error("{1} relays open for proxy {0} (--max-relays-per-key)")]
+    Key(PublicKey, usize),
 }
 
 /// [`MAX_PAIRS`] meetings are under way: a new one is refused.
@@ -87,22 +96,30 @@ pub(super) struct PairsFull;
 #[derive(Clone)]
 struct Relaying {
     enabled: bool,
-    idle: Duration,
+    limits: RelayLimits,
     relays: Arc<Limit<Source>>,
+    keys: Arc<Limit<PublicKey>>,
     counters: Arc<RelayCounters>,
 }
+
+/// A relay's places: among all relays and its source's, and among its key's.
+type RelayShare = (Share<Source>, Share<PublicKey>);
 
 impl Relaying {
     /// A relay's place among `--max-relays`, and among those of its proxy's
     /// source (an IPv4 address or an IPv6 /64).
-    fn take(&self, source: Source) -> Result<Share<Source>, RelayRefusal> {
+    fn take(&self, source: Source, proxy: PublicKey) -> Result<RelayShare, RelayRefusal> {
         if !self.enabled {
             return Err(RelayRefusal::Off);
         }
-        self.relays.take(source).map_err(|over| match over {
+        let place = self.relays.take(source).map_err(|over| match over {
             Over::All(n) => RelayRefusal::Full(n),
             Over::Key(n) => RelayRefusal::Source(source, n),
-        })
+        })?;
+        let mine = self.keys.take(proxy).map_err(|over| match over {
+            Over::All(n) | Over::Key(n) => RelayRefusal::Key(proxy, n),
+        })?;
+        Ok((place, mine))
     }
 }
 
@@ -122,8 +139,9 @@ impl Meetings {
             pairs: Arc::new(Semaphore::new(MAX_PAIRS)),
             relaying: Relaying {
                 enabled: options.enabled,
-                idle: options.idle,
+                limits: options.limits,
                 relays: Limit::new(options.max, options.per_source),
+                keys: Limit::new(options.max, options.per_key),
                 counters,
             },
         }
@@ -133,8 +151,7 @@ impl Meetings {
     /// for the second side until `until`, then pairs the two.
     pub(super) fn first(
         &mut self,
-        meeting: u64,
-        until: std::time::Instant,
+        (meeting, until, proxy): (u64, std::time::Instant, PublicKey),
         side: MeetSide,
         arrived: (TcpStream, SocketAddr),
     ) -> Result<impl Future<Output = ()> + Send + 'static, PairsFull> {
@@ -147,7 +164,7 @@ impl Meetings {
         let relaying = self.relaying.clone();
         let until = tokio::time::Instant::from_std(until);
         let span = tracing::info_span!("meeting", meeting);
-        Ok(meet(slot, until, side, arrived, rx, relaying).instrument(span))
+        Ok(meet(slot, (until, proxy), side, arrived, rx, relaying).instrument(span))
     }
 
     /// The second side of `meeting` arrived: it goes to the first's task.
@@ -162,7 +179,7 @@ impl Meetings {
 /// then pairs them, relayed if a relay may be had.
 async fn meet(
     _slot: OwnedSemaphorePermit,
-    until: tokio::time::Instant,
+    (until, asker): (tokio::time::Instant, PublicKey),
     side: MeetSide,
     arrived: (TcpStream, SocketAddr),
     other: oneshot::Receiver<(TcpStream, SocketAddr)>,
@@ -176,16 +193,37 @@ async fn meet(
         MeetSide::Proxy => (arrived, other),
         MeetSide::Service => (other, arrived),
     };
-    let share = relaying.take(Source::of(proxy.1.ip()));
+    let share = relaying.take(Source::of(proxy.1.ip()), asker);
     if let Err(why) = &share {
         tracing::info!("meeting not relayed: {why}");
         if !matches!(why, RelayRefusal::Off) {
             metrics().refuse(Refusal::RelaysFull);
         }
     }
-    let hold = if share.is_ok() { relaying.idle } else { UNRELAYED_HOLD };
-    if let Err(e) = pair(proxy, service, share.is_ok(), hold, relaying.counters).await {
+    let limits =
+        if share.is_ok() { relaying.limits } else { RelayLimits { idle: UNRELAYED_HOLD, ..relaying.limits } };
+    if let Err(e) = pair(proxy, service, share.is_ok(), limits, relaying.counters).await {
         tracing::debug!("meeting ended: {e}");
     }
     drop(share);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_proxy_key_holds_its_share_of_relays_from_any_address() {
+        let options = RelayOptions { per_key: 2, ..RelayOptions::default() };
+        let meetings = Meetings::new(&options, Arc::new(RelayCounters::default()));
+        let relaying = &meetings.relaying;
+        let key =
+            seaport_proto::keys::Keypair::from_seed(&seaport_proto::keys::Seed::from_bytes([1; 32])).public();
+        let from = |n: u8| Source::of(std::net::IpAddr::from([192, 0, 2, n]));
+        let first = relaying.take(from(1), key).unwrap();
+        let _second = relaying.take(from(2), key).unwrap();
+        assert!(matches!(relaying.take(from(3), key), Err(RelayRefusal::Key(k, 2)) if k == key));
+        drop(first);
+        assert!(relaying.take(from(4), key).is_ok(), "a share comes back when its relay ends");
+    }
 }

@@ -239,8 +239,8 @@ impl RegistryServer {
         // opens) at once: Nagle would hold them for a delayed ACK.
         let _ = stream.set_nodelay(true);
         match self.registry.arrive(clock::now(), hello.ticket, hello.side, peer.ip()) {
-            Ok(Arrival::First { meeting, until }) => {
-                match self.meetings.first(meeting, until, hello.side, (stream, peer)) {
+            Ok(Arrival::First { meeting, until, proxy }) => {
+                match self.meetings.first((meeting, until, proxy), hello.side, (stream, peer)) {
                     Ok(meet) => {
                         self.tasks.spawn(meet);
                     }

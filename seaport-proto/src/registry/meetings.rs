@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::SessionId;
-use crate::keys::Keypair;
+use crate::keys::{Keypair, PublicKey};
 use crate::meet::{MeetSide, TICKET_LEN, Ticket};
 
 /// Limits on meetings.
@@ -75,6 +75,8 @@ pub enum Arrival {
         meeting: u64,
         /// When the meeting expires.
         until: Instant,
+        /// Who asked for it: what a relay for it is counted against.
+        proxy: PublicKey,
     },
     /// The second side: pair it with the first, tell both, relay.
     Second {
@@ -110,14 +112,16 @@ pub struct Tickets {
     pub service: Ticket,
 }
 
-/// One side of a meeting as the registry knows it: its control session and
-/// the address that session comes from.
+/// One side of a meeting as the registry knows it: its control session, the
+/// address that session comes from, and its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Party {
     /// The side's control session.
     pub session: SessionId,
     /// Where it comes from; its meet connection must come from there too.
     pub ip: IpAddr,
+    /// Its identity (a relay is counted against the proxy's).
+    pub key: PublicKey,
 }
 
 struct Meeting {
@@ -248,7 +252,7 @@ impl Meetings {
         match meeting.arrived {
             None => {
                 meeting.arrived = Some(side);
-                Ok(Arrival::First { meeting: number, until: meeting.expires })
+                Ok(Arrival::First { meeting: number, until: meeting.expires, proxy: meeting.proxy.key })
             }
             Some(first) if first == side => Err(ArrivalError::Duplicate),
             Some(_) => {
@@ -298,7 +302,7 @@ mod tests {
 
     /// Session `n` from 10.0.0.n.
     fn party(n: u64) -> Party {
-        Party { session: SessionId(n), ip: IpAddr::from([10, 0, 0, n as u8]) }
+        Party { session: SessionId(n), ip: IpAddr::from([10, 0, 0, n as u8]), key: keypair(n as u8).public() }
     }
 
     #[test]

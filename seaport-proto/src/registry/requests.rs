@@ -213,8 +213,10 @@ impl Registry {
             self.send(id, &error(Some(req), ErrorCode::UNSUPPORTED, &text));
             return;
         }
-        let party =
-            |session: SessionId| self.peers.get(&session).map(|p| Party { session, ip: p.observed.ip() });
+        let party = |session: SessionId| {
+            let p = self.peers.get(&session)?;
+            Some(Party { session, ip: p.observed.ip(), key: p.session.remote()? })
+        };
         let (Some(proxy), Some(met)) = (party(id), party(target)) else { return };
         match self.meetings.open(now, proxy, met) {
             Ok(tickets) => {
