@@ -128,6 +128,32 @@ fn registry_restart_keeps_tunnels_and_everyone_comes_back() {
 }
 
 #[test]
+fn a_registry_back_at_its_address_is_found_without_asking_the_dht() {
+    let web = http_backend("cached");
+    let (seed, key) = new_seed();
+    let dht = free_udp_port().to_string();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let reg =
+        Proc::start("seaport-registry", &["--seed", &seed, "--listen", &listen, "--dht-port", &dht], &[]);
+    reg.wait_line("Registry listening", WAIT);
+    let bootstrap = format!("127.0.0.1:{dht}");
+    let env = [("SEAPORT_BOOTSTRAP", bootstrap.as_str())];
+    let svc = Proc::start("seaport-service", &[&key, "-p", &web.to_string(), "-r", "cached@1.0.0"], &env);
+    svc.wait_line("registered service", WAIT);
+    reg.signal("KILL");
+    drop(reg);
+    // Back where it was, but with no DHT node at all: only the address of
+    // the service's last session can lead it there.
+    let reg = Proc::start("seaport-registry", &["--seed", &seed, "--listen", &listen, "--no-dht"], &[]);
+    reg.wait_line("Registry listening", WAIT);
+    let deadline = Instant::now() + WAIT;
+    while reg.count_log("registered peer") < 1 {
+        assert!(Instant::now() < deadline, "the service did not come back: {:#?}", svc.errors());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn registry_found_again_through_the_dht_on_a_new_port() {
     let web = http_backend("moved");
     let (seed, key) = new_seed();
