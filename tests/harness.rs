@@ -78,6 +78,22 @@ pub fn keypair(n: u8) -> seaport_proto::keys::Keypair {
     seaport_proto::keys::Keypair::from_seed(&seaport_proto::keys::Seed::from_bytes([n; 32]))
 }
 
+/// Whether the server closed `stream` within `limit` (EOF or reset).
+pub fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    while Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
 /// A TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -9,7 +9,7 @@
 // Test code: a panic is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -25,22 +25,6 @@ use seaport_tests::*;
 const HANDSHAKE: Duration = Duration::from_secs(2);
 /// Dropped within the handshake timeout plus the registry's 1 s sweep, with room for a loaded machine.
 const DROPPED_WITHIN: Duration = Duration::from_secs(8);
-
-/// Whether the server closed `stream` within `limit` (EOF or reset).
-fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    let mut buf = [0u8; 4096];
-    stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-    while Instant::now() < deadline {
-        match stream.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => return true,
-        }
-    }
-    false
-}
 
 /// The first handshake message of a session to `remote`, framed.
 fn first_message(remote: &PublicKey, intent: Intent) -> Vec<u8> {

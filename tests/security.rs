@@ -266,22 +266,6 @@ fn service_on_known_port(reg: &Registry, backend: u16, role: &str) -> (Proc, Soc
     (svc, link, key)
 }
 
-/// Whether the server closed `stream` within `limit`.
-fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    let mut buf = [0u8; 4096];
-    stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-    while Instant::now() < deadline {
-        match stream.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => return true,
-        }
-    }
-    false
-}
-
 #[test]
 fn a_replayed_link_hello_takes_no_link_from_its_proxy() {
     // The attack: the first message of an allowed proxy's link handshake,
