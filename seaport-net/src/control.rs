@@ -131,7 +131,6 @@ pub async fn run_client<C, F>(
         match dial_registry(&resolver, &target, last_seen).await {
             Ok((addr, stream)) => {
                 unresolved_since = None;
-                pacing.reachable();
                 let session = Session { registry: &registry, addr, poke: &poke };
                 let end = drive(&client, stream, &mut on_event, &mut pacing, &mut stop, session).await;
                 registry.send_replace(None);
@@ -265,6 +264,28 @@ impl Pacing {
         }
     }
 
+    /// A stream to the registry was up but no session came of it: told
+    /// as often as an unreachable registry is.
+    fn no_session(&mut self, reason: &ClientError) {
+        self.failures = self.failures.saturating_add(1);
+        if !self.failures.is_power_of_two() {
+            tracing::debug!("no session with the registry: {reason}; retrying");
+            return;
+        }
+        let attempt = self.failures;
+        match reason {
+            ClientError::Closed => tracing::error!(
+                "the registry closed the connection during the handshake: the registry key is probably wrong (a \
+                 registry drops handshakes meant for another key); check the pubkey it printed (attempt {attempt})"
+            ),
+            ClientError::Session(SessionError::Busy) => tracing::warn!(
+                "the registry is at its session limit, or busy with handshakes from this address (its \
+                 --max-sessions, --max-handshakes-per-source), and refused us; retrying (attempt {attempt})"
+            ),
+            _ => tracing::warn!("no session with the registry: {reason}; retrying (attempt {attempt})"),
+        }
+    }
+
     /// The registry refused this key itself (an access list with no grant
     /// for it): what to do, once; later refusals are logged at debug.
     fn refused(&mut self, why: &ClientError) {
@@ -336,21 +357,17 @@ where
         for event in &events {
             if C::is_connected_event(event) {
                 established = true;
+                pacing.reachable();
                 registry.send_replace(Some(addr));
             }
             if let Some(reason) = C::disconnect_reason(event) {
                 match reason {
-                    ClientError::Closed if !established => tracing::error!(
-                        "the registry closed the connection during the handshake: the registry key is probably \
-                         wrong (a registry drops handshakes meant for another key); check the pubkey it printed"
-                    ),
-                    ClientError::Session(SessionError::Busy) => tracing::warn!(
-                        "the registry is at its session limit, or busy with handshakes from this address (its --max-sessions, --max-handshakes-per-source), and refused us; retrying"
-                    ),
                     ClientError::Refused { code, .. } if *code == ErrorCode::FORBIDDEN => {
                         pacing.refused(reason)
                     }
-                    _ => tracing::warn!("registry session ended: {reason}"),
+                    _ if established => tracing::warn!("registry session ended: {reason}"),
+                    // No session: a failed attempt like an unreachable one.
+                    _ => pacing.no_session(reason),
                 }
                 // Only a session that held starts the backoff over: one the
                 // registry refused (this key, or at its session limit) backs

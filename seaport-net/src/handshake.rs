@@ -52,7 +52,7 @@ pub enum HandshakeError {
     /// The service closed a link handshake this proxy began, without a
     /// word: what a service with `--allow` does to keys not on its list.
     #[error(
-        "the service closed the connection during the handshake: if it runs with --allow, this proxy's key {0} must be on its list (else it was busy or shutting down)"
+        "the service closed the connection during the handshake: if it runs with --allow, this proxy's key {0} must be on its list (else it was busy, its handshake slots were full, or it was shutting down)"
     )]
     ClosedByService(PublicKey),
     /// The TCP connect failed.

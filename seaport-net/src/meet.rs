@@ -43,6 +43,9 @@ pub const RELAY_IDLE: Duration = Duration::from_secs(60);
 pub struct RelayLimits {
     /// Ends after this long without a byte either way.
     pub idle: Duration,
+    /// How long each side may take to send its handshake record before
+    /// anything is spliced (the registry's `--handshake-timeout`).
+    pub handshake: Duration,
     /// Ends after this long in all (`--max-relay-time`): a relay is a
     /// path of last resort, not a place to live.
     pub lifetime: Duration,
@@ -54,7 +57,12 @@ pub struct RelayLimits {
 impl Default for RelayLimits {
     /// 60 s idle, 24 h, 64 GiB.
     fn default() -> Self {
-        RelayLimits { idle: RELAY_IDLE, lifetime: Duration::from_secs(24 * 3600), bytes: 64 << 30 }
+        RelayLimits {
+            idle: RELAY_IDLE,
+            handshake: Duration::from_secs(10),
+            lifetime: Duration::from_secs(24 * 3600),
+            bytes: 64 << 30,
+        }
     }
 }
 
@@ -257,12 +265,16 @@ pub async fn pair(
     }
     // A relay carries links: the proxy's first record and the service's
     // reply must have a link handshake's size before anything is spliced.
-    let proxy_first = tokio::time::timeout(idle, forward_handshake(&mut p, &mut s, MeetSide::Proxy)).await;
-    let Some(moved) = handshake_forwarded(proxy_first, MeetSide::Proxy, idle) else { return Ok(()) };
+    // Both within one handshake timeout: a relay that carries nothing yet
+    // holds its share no longer than an unproved connection would.
+    let (deadline, wait) = (tokio::time::Instant::now() + limits.handshake, limits.handshake);
+    let proxy_first =
+        tokio::time::timeout_at(deadline, forward_handshake(&mut p, &mut s, MeetSide::Proxy)).await;
+    let Some(moved) = handshake_forwarded(proxy_first, MeetSide::Proxy, wait) else { return Ok(()) };
     counters.to_service.inc_by(moved);
     let service_first =
-        tokio::time::timeout(idle, forward_handshake(&mut s, &mut p, MeetSide::Service)).await;
-    let Some(moved) = handshake_forwarded(service_first, MeetSide::Service, idle) else { return Ok(()) };
+        tokio::time::timeout_at(deadline, forward_handshake(&mut s, &mut p, MeetSide::Service)).await;
+    let Some(moved) = handshake_forwarded(service_first, MeetSide::Service, wait) else { return Ok(()) };
     counters.to_proxy.inc_by(moved);
     counters.opened.inc();
     // Counted while this future lives, however it ends (an abort at shutdown too).

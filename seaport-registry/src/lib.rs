@@ -240,6 +240,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         max: args.max_relays as usize,
         per_key: args.max_relays_per_key as usize,
         limits: RelayLimits {
+            handshake: args.handshake_timeout,
             lifetime: args.max_relay_time,
             bytes: u64::from(args.max_relay_mib) << 20,
             ..RelayLimits::default()

@@ -246,6 +246,9 @@ pub async fn serve(
 ) -> Result<(), HandshakeError> {
     let Responder { keypair, allow, timeout, config } = responder;
     let timeout = *timeout;
+    // One deadline for the handshake and the first record together: an
+    // unproved connection holds its greeting for one timeout, not two.
+    let deadline = tokio::time::Instant::now() + timeout;
     let (session, key) = respond(&mut stream, keypair, timeout, allow).await?;
     crate::serve::record_peer_key(&key);
     let (transport, leftover) = session.into_transport().ok_or(HandshakeError::ClosedEarly)?;
@@ -254,7 +257,7 @@ pub async fn serve(
     // session's keys with its first record (a link opens with a window
     // raise and a ping): a replayed first handshake message is answered,
     // but its sender cannot follow it with a record, so it takes no link.
-    let leftover = tokio::time::timeout(timeout, first_record(&mut stream, leftover))
+    let leftover = tokio::time::timeout_at(deadline, first_record(&mut stream, leftover))
         .await
         .map_err(|_| HandshakeError::Timeout(timeout))??;
     if !opener.authenticates(record_body(&leftover)) {

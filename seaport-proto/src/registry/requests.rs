@@ -217,7 +217,13 @@ impl Registry {
             let p = self.peers.get(&session)?;
             Some(Party { session, ip: p.observed.ip(), key: p.session.remote()? })
         };
-        let (Some(proxy), Some(met)) = (party(id), party(target)) else { return };
+        let (Some(proxy), Some(met)) = (party(id), party(target)) else {
+            // Both are established sessions, so both have keys; were one
+            // gone, the request is still answered.
+            let text = format!("no service {service} has registered {role}");
+            self.send(id, &error(Some(req), ErrorCode::UNKNOWN, &text));
+            return;
+        };
         match self.meetings.open(now, proxy, met) {
             Ok(tickets) => {
                 self.send(id, &Message::MeetReady { id: req, ticket: tickets.proxy });
