@@ -131,8 +131,8 @@ pub async fn run_client<C, F>(
         match dial_registry(&resolver, &target, last_seen).await {
             Ok((addr, stream)) => {
                 unresolved_since = None;
-                let session = Session { registry: &registry, addr, poke: &poke };
-                let end = drive(&client, stream, &mut on_event, &mut pacing, &mut stop, session).await;
+                let signals = Signals { registry: &registry, addr, poke: &poke };
+                let end = drive(&client, stream, &mut on_event, &mut pacing, &mut stop, signals).await;
                 registry.send_replace(None);
                 match end {
                     SessionEnd::Stopped => return,
@@ -314,7 +314,7 @@ enum SessionEnd {
 
 /// What one session reports besides events: the registry's address, while
 /// it is open, and the poke that wakes it.
-struct Session<'a> {
+struct Signals<'a> {
     registry: &'a watch::Sender<Option<SocketAddr>>,
     addr: SocketAddr,
     poke: &'a Notify,
@@ -327,7 +327,7 @@ async fn drive<C, F>(
     on_event: &mut F,
     pacing: &mut Pacing,
     stop: &mut watch::Receiver<bool>,
-    session: Session<'_>,
+    signals: Signals<'_>,
 ) -> SessionEnd
 where
     C: RegistryClient,
@@ -338,7 +338,7 @@ where
     }
     let (mut reader, mut writer) = stream.into_split();
     let started = lock(client).connect(crate::clock::now(), entropy());
-    let Session { registry, addr, poke } = session;
+    let Signals { registry, addr, poke } = signals;
     if let Err(e) = started {
         tracing::warn!("cannot start a session: {e}");
         return SessionEnd::Ended { established: false };
