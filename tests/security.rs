@@ -328,3 +328,51 @@ fn silent_connections_to_a_link_port_are_capped_per_source() {
     let (_proxy, port) = proxy(&reg.target, "steady", 1);
     assert_eq!(http_get(port), (200, "steady".to_owned()), "{:#?}", svc.errors());
 }
+
+#[test]
+fn a_link_peer_that_opens_with_any_authentic_frame_is_served() {
+    // What the service asks of a proxy before it charges its key is an
+    // authentic first record, whatever frame it holds: a peer driven by
+    // hand (as an older or another implementation would be) that opens
+    // with a single PING, and no window raise, is answered.
+    use seaport_proto::link::Frame;
+    use seaport_proto::record::RecordDecoder;
+    let backend = http_backend("any");
+    let reg = registry(&[]);
+    let (_svc, link, service_key) = service_on_known_port(&reg, backend, "any@1.0.0");
+    let mut stream = TcpStream::connect(link).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut session =
+        Session::initiate(Instant::now(), &keypair(40), &service_key, Intent::Link, [4; 32], WAIT).unwrap();
+    let mut wire = Vec::new();
+    session.poll_transmit(&mut wire);
+    stream.write_all(&wire).unwrap();
+    let mut buf = [0u8; 4096];
+    while !session.is_established() {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "the service closed during the handshake");
+        session.handle_input(Instant::now(), &buf[..n]).unwrap();
+    }
+    let (mut transport, leftover) = session.into_transport().unwrap();
+    let mut ping = Vec::new();
+    Frame::Ping { nonce: 77 }.encode(&mut ping);
+    let mut sealed = Vec::new();
+    transport.seal(&ping, &mut sealed).unwrap();
+    stream.write_all(&sealed).unwrap();
+    let mut decoder = RecordDecoder::new();
+    decoder.push(&leftover);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        while let Some(body) = decoder.next_record() {
+            let mut plain = Vec::new();
+            transport.open(body, &mut plain).unwrap();
+            if Frame::decode(&plain).unwrap() == (Frame::Pong { nonce: 77 }) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "no PONG: the link was not served");
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "the service closed the link");
+        assert_eq!(decoder.push(&buf[..n]), n);
+    }
+}
