@@ -321,3 +321,95 @@ fn a_backend_not_up_yet_is_waited_for_not_withdrawn() {
     assert_eq!(svc.count("withdrew"), 0, "nothing was withdrawn: {:#?}", svc.lines());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Registries of one seed on loopback, without DHT, each at its own port:
+/// the members of a static set.
+struct Set {
+    seed: String,
+    key: String,
+    listens: Vec<String>,
+    members: Vec<Proc>,
+}
+
+impl Set {
+    fn start(n: usize) -> Set {
+        let (seed, key) = new_seed();
+        let listens: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let mut set = Set { seed, key, listens, members: Vec::new() };
+        set.members = (0..n).map(|i| set.member(i)).collect();
+        set
+    }
+
+    /// Starts member `i` at its address.
+    fn member(&self, i: usize) -> Proc {
+        let args = ["--listen", self.listens[i].as_str(), "--no-dht"];
+        let p = Proc::start("seaport-registry", &args, &[("SEAPORT_REGISTRY_SEED", &self.seed)]);
+        p.wait_line("Registry listening", WAIT);
+        p
+    }
+
+    /// `KEY@HOST:PORT,HOST:PORT,...`
+    fn target(&self) -> String {
+        format!("{}@{}", self.key, self.listens.join(","))
+    }
+
+    /// Waits until each member holds `n` registrations.
+    fn wait_registered(&self, n: usize) {
+        let deadline = Instant::now() + WAIT;
+        for member in &self.members {
+            while member.count_log("registered peer") < n {
+                assert!(Instant::now() < deadline, "a member lacks registrations: {:#?}", member.errors());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_set_of_three_fails_nothing_while_one_is_killed_and_another_restarted() {
+    let mut set = Set::start(3);
+    let target = set.target();
+    let (web, bulk) = (http_backend("from the set"), bulk_backend());
+    let _web_svc = service(&target, web, "web@1.0.0");
+    let _bulk_svc = service(&target, bulk, "bulk@1.0.0");
+    set.wait_registered(2);
+    let bulk_port = free_port();
+    let (web_proxy, port) = proxy_with(&target, "web", 2, &["--map", &format!("bulk@1={bulk_port}")]);
+    let deadline = Instant::now() + WAIT;
+    while web_proxy.count("connected to registry at") < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy has no session with each registry: {:#?}",
+            web_proxy.lines()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    const LEN: usize = 200 << 20;
+    let download = std::thread::spawn(move || download(bulk_port, 21, LEN));
+    for i in 0..1000 {
+        if i == 300 {
+            set.members[0].signal("KILL");
+        }
+        if i == 600 {
+            set.members[1].signal("TERM");
+            set.members[1].wait_exit(WAIT);
+            set.members[1] = set.member(1);
+        }
+        let (status, body) = http_get(port);
+        assert_eq!((status, body.as_str()), (200, "from the set"), "request {i} failed");
+    }
+    let (len, sha) = download.join().unwrap();
+    assert_eq!(len, LEN);
+    assert_eq!(sha, pattern_sha256(21, LEN), "the download is intact");
+    assert_eq!(web_proxy.count("lost service"), 0, "{:#?}", web_proxy.lines());
+
+    // The restarted member is repopulated by the clients' reconnects, and a
+    // proxy started now finds the service through the members left.
+    while set.members[1].count_log("registered peer") < 2 {
+        assert!(Instant::now() < deadline + WAIT, "not repopulated: {:#?}", set.members[1].errors());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_late, late_port) = proxy(&target, "web", 1);
+    assert_eq!(http_get(late_port), (200, "from the set".to_owned()));
+}

@@ -1,17 +1,30 @@
-//! Runs a service's or proxy's control session on TCP: resolve, dial, drive
-//! the state machine, and reconnect with jittered, capped backoff after any
-//! failure (the first attempt included), until told to stop.
+//! Runs a service's or proxy's control sessions on TCP, one for each
+//! registry of the set ([`ControlSet`]): find the set's members, keep a
+//! client connected to each, reconnecting with jittered, capped backoff
+//! after any failure (the first attempt included), until told to stop.
 //!
-//! The client sits behind a mutex shared with the rest of the process (the
-//! proxy chooses instances from it); the lock is never held across an await.
-//! [`ControlTask`] is what the binaries start; [`ControlChannels`] are the
-//! channels that steer [`run_client`] and carry what it reports.
+//! - **Members.** A static set (`KEY@HOST:PORT,...`) is followed as named. A
+//!   bare key's set is read from the DHT, and read again every
+//!   [`REDISCOVER`] (at the reconnect pace while no member answers), so a
+//!   registry added later is followed within that; a member the record no
+//!   longer lists is let go once its session is down. At most
+//!   [`MAX_MEMBERS`] are followed; each has a *slot* (0 to 7), its name in
+//!   metrics and events, reused once it is let go.
+//! - **Clients.** Each member has its own client, made by the caller's
+//!   factory, behind a mutex shared with the rest of the process (the
+//!   proxy chooses instances from them); the lock is never held across an
+//!   await. A client's session is that member's business alone: one
+//!   member's refusal or death changes nothing at another.
+//! - **Repopulating.** A registry that comes back is found by each client's
+//!   own backoff (jittered, from [`BACKOFF_BASE`] up to [`BACKOFF_MAX`]), so
+//!   the reconnects of a restart are spread out, not a thundering herd.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use seaport_proto::client::{Backoff, ClientError, RegistryClient};
+use seaport_proto::client::{Backoff, ClientError, MAX_MEMBERS, RegistryClient};
+use seaport_proto::keys::PublicKey;
 use seaport_proto::message::ErrorCode;
 use seaport_proto::session::SessionError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,7 +37,8 @@ use crate::dial::{self, race};
 use crate::event::{Event, emit};
 use crate::identity::{entropy, random_u64};
 use crate::lock::lock;
-use crate::target::{RegistryTarget, ResolveError, Resolver};
+use crate::metrics::metrics;
+use crate::target::{Member, RegistryTarget, ResolveError, Resolver};
 
 /// First reconnect delay; doubles per failure.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(250);
@@ -35,131 +49,349 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a bare key may stay unfound in the DHT before the user is told,
 /// once, what to try instead.
 pub const DHT_HINT_AFTER: Duration = Duration::from_secs(20);
+/// How often a bare key's set is read again from the DHT while some member
+/// answers: a registry added to the set is followed within it.
+pub const REDISCOVER: Duration = Duration::from_secs(30);
 
-/// A control session in a task of its own: what a service and a proxy both
-/// start, and stop last (after their own listeners), so that whatever the
-/// client queued on the way out (a service's unregistrations) is sent.
-pub struct ControlTask {
+/// Where an event came from: the member's slot and name, and the address
+/// its session runs to.
+#[derive(Debug, Clone, Copy)]
+pub struct At<'a> {
+    /// The member's slot (0 to 7).
+    pub slot: usize,
+    /// The member.
+    pub member: &'a Member,
+    /// The address its session runs to.
+    pub addr: SocketAddr,
+}
+
+/// What sees every client event: shared by the members' tasks.
+pub type OnEvent<E> = Arc<dyn Fn(At<'_>, &E) + Send + Sync>;
+
+/// One member followed: its client and the task that keeps it connected.
+struct Followed<C> {
+    view: MemberView<C>,
     stop: watch::Sender<bool>,
-    poke: Arc<Notify>,
-    registry: watch::Receiver<Option<SocketAddr>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl ControlTask {
-    /// Says `connecting to registry KEY` and starts keeping `client`
-    /// connected to `target` (see [`run_client`]).
-    pub fn spawn<C, F>(
-        client: Arc<Mutex<C>>,
+/// A member as the rest of the process uses it.
+pub struct MemberView<C> {
+    /// Its slot (0 to 7).
+    pub slot: usize,
+    /// The registry.
+    pub member: Member,
+    /// Its client.
+    pub client: Arc<Mutex<C>>,
+    /// What to notify after changing the client from outside, so that
+    /// what it queued is sent.
+    pub poke: Arc<Notify>,
+    /// The registry's address while a session with it is open, `None`
+    /// between sessions: where meet connections go.
+    pub registry: watch::Receiver<Option<SocketAddr>>,
+}
+
+impl<C> Clone for MemberView<C> {
+    fn clone(&self) -> Self {
+        MemberView {
+            slot: self.slot,
+            member: self.member.clone(),
+            client: self.client.clone(),
+            poke: self.poke.clone(),
+            registry: self.registry.clone(),
+        }
+    }
+}
+
+impl<C> MemberView<C> {
+    /// Whether a session with it is open now.
+    pub fn is_connected(&self) -> bool {
+        self.registry.borrow().is_some()
+    }
+}
+
+/// What the members' tasks and the discovery share.
+struct Shared<C: RegistryClient> {
+    key: PublicKey,
+    /// Makes the client of a new member, given its slot.
+    make: Box<dyn Fn(usize) -> C + Send + Sync>,
+    on_event: OnEvent<C::Event>,
+    members: Mutex<Vec<Followed<C>>>,
+    /// Bumped whenever a member is followed or let go.
+    changed: watch::Sender<u64>,
+}
+
+/// The control sessions of one process, one per member of the registry set;
+/// see the module docs.
+pub struct ControlSet<C: RegistryClient> {
+    shared: Arc<Shared<C>>,
+    stop: watch::Sender<bool>,
+    discovery: tokio::task::JoinHandle<()>,
+}
+
+impl<C> ControlSet<C>
+where
+    C: RegistryClient + Send + 'static,
+    C::Event: Send,
+{
+    /// Says `connecting to registry KEY` and starts following `target`'s
+    /// set: each member gets a client from `make` (given its slot), kept
+    /// connected; `on_event` sees every event of every member.
+    pub fn spawn(
         target: RegistryTarget,
         resolver: Resolver,
-        on_event: F,
-    ) -> ControlTask
-    where
-        C: RegistryClient + Send + 'static,
-        C::Event: Send,
-        F: FnMut(&C::Event) + Send + 'static,
-    {
+        make: impl Fn(usize) -> C + Send + Sync + 'static,
+        on_event: OnEvent<C::Event>,
+    ) -> ControlSet<C> {
         emit(&Event::Connecting { registry: target.key });
+        let (changed, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            key: target.key,
+            make: Box::new(make),
+            on_event,
+            members: Mutex::new(Vec::new()),
+            changed,
+        });
+        let (stop, stopped) = watch::channel(false);
+        let span = tracing::info_span!("registry", key = %target.key);
+        let discovery = tokio::spawn(discover(shared.clone(), target, resolver, stopped).instrument(span));
+        ControlSet { shared, stop, discovery }
+    }
+
+    /// What the rest of the process holds to reach the members' clients.
+    pub fn handle(&self) -> ControlHandle<C> {
+        ControlHandle(self.shared.clone())
+    }
+
+    /// Sends what each client queued last, closes the sessions and waits for
+    /// the tasks.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.discovery.await;
+        let followed: Vec<Followed<C>> = std::mem::take(&mut *lock(&self.shared.members));
+        for f in &followed {
+            let _ = f.stop.send(true);
+        }
+        for f in followed {
+            let _ = f.task.await;
+        }
+    }
+}
+
+/// The members' clients, for the rest of the process: cloned freely,
+/// outlived by nothing it starts.
+pub struct ControlHandle<C: RegistryClient>(Arc<Shared<C>>);
+
+impl<C: RegistryClient> Clone for ControlHandle<C> {
+    fn clone(&self) -> Self {
+        ControlHandle(self.0.clone())
+    }
+}
+
+impl<C: RegistryClient> ControlHandle<C> {
+    /// The members followed now, by slot.
+    pub fn members(&self) -> Vec<MemberView<C>> {
+        lock(&self.0.members).iter().map(|f| f.view.clone()).collect()
+    }
+
+    /// Changes when a member is followed or let go.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.0.changed.subscribe()
+    }
+
+    /// Applies `change` to every member's client and wakes their sessions
+    /// to send what it queued. Members followed later get their client from
+    /// the factory, which must see the same state (the caller's job).
+    pub fn change_all(&self, mut change: impl FnMut(&mut C)) {
+        let members = lock(&self.0.members);
+        for followed in members.iter() {
+            change(&mut lock(&followed.view.client));
+            followed.view.poke.notify_one();
+        }
+    }
+}
+
+impl<C> Shared<C>
+where
+    C: RegistryClient + Send + 'static,
+    C::Event: Send,
+{
+    /// Follows the members of `found` not followed yet (up to
+    /// [`MAX_MEMBERS`]), and lets go of those it no longer lists whose
+    /// session is down. Returns whether anything changed, and how many
+    /// members found were left out for the cap.
+    fn adopt(self: &Arc<Self>, found: &[Member]) -> (bool, usize) {
+        let mut members = lock(&self.members);
+        let before = members.len();
+        let mut gone = Vec::new();
+        members.retain(|f| {
+            let keep = f.view.is_connected() || found.iter().any(|m| m.is(&f.view.member));
+            if !keep {
+                let _ = f.stop.send(true);
+                gone.push(f.view.member.to_string());
+            }
+            keep
+        });
+        let mut left_out = 0;
+        for member in found {
+            if members.iter().any(|f| f.view.member.is(member)) {
+                continue;
+            }
+            let Some(slot) = (0..MAX_MEMBERS).find(|s| !members.iter().any(|f| f.view.slot == *s)) else {
+                left_out += 1;
+                continue;
+            };
+            members.push(self.follow(slot, member.clone()));
+        }
+        for name in &gone {
+            tracing::info!(registry = %name, "the set no longer lists this registry: let go");
+        }
+        let changed = members.len() != before || !gone.is_empty();
+        if changed {
+            members.sort_by_key(|f| f.view.slot);
+            let names: Vec<String> =
+                members.iter().map(|f| format!("{}={}", f.view.slot, f.view.member)).collect();
+            tracing::info!("following {} registries of the set: {}", members.len(), names.join(", "));
+            self.changed.send_modify(|n| *n += 1);
+        }
+        (changed, left_out)
+    }
+
+    /// Starts the task that keeps `member`'s client connected.
+    fn follow(self: &Arc<Self>, slot: usize, member: Member) -> Followed<C> {
+        let client = Arc::new(Mutex::new((self.make)(slot)));
         let (stop, stopped) = watch::channel(false);
         let (registry_tx, registry) = watch::channel(None);
         let poke = Arc::new(Notify::new());
-        let span = tracing::info_span!("registry", key = %target.key);
-        let channels = ControlChannels { stop: stopped, poke: poke.clone(), registry: registry_tx };
-        let task = tokio::spawn(run_client(client, target, resolver, on_event, channels).instrument(span));
-        ControlTask { stop, poke, registry, task }
+        let view =
+            MemberView { slot, member: member.clone(), client: client.clone(), poke: poke.clone(), registry };
+        let channels = ControlChannels { stop: stopped, poke, registry: registry_tx };
+        let span = tracing::info_span!("member", slot, registry = %member);
+        let on_event = self.on_event.clone();
+        let task = tokio::spawn(run_member(client, slot, member, on_event, channels).instrument(span));
+        Followed { view, stop, task }
     }
 
-    /// The registry's address while a session with it is open, `None`
-    /// between sessions: where meet connections go.
-    pub fn registry_addr(&self) -> watch::Receiver<Option<SocketAddr>> {
-        self.registry.clone()
-    }
-
-    /// What to notify after changing the client from outside, so that what
-    /// it queued is sent.
-    pub fn poke(&self) -> Arc<Notify> {
-        self.poke.clone()
-    }
-
-    /// Sends what the client queued last, closes the session and waits for the task.
-    pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
+    fn is_any_connected(&self) -> bool {
+        lock(&self.members).iter().any(|f| f.view.is_connected())
     }
 }
 
-/// The channels that steer [`run_client`] and carry what it reports besides
-/// events.
-pub struct ControlChannels {
-    /// Turns true to stop.
-    pub stop: watch::Receiver<bool>,
-    /// Whoever changes the client from outside (a service's backend health
-    /// check) notifies this so that what it queued is sent.
-    pub poke: Arc<Notify>,
-    /// Set to the registry's address while a session is open.
-    pub registry: watch::Sender<Option<SocketAddr>>,
-}
-
-/// Keeps `client` connected to `target` until `channels.stop` turns true;
-/// `on_event` sees every event. On stop, whatever the client queued last (a
-/// service's unregistrations) is written before the stream is closed.
-pub async fn run_client<C, F>(
-    client: Arc<Mutex<C>>,
+/// Finds the members of `target`'s set and follows them: a static set once,
+/// a bare key's again and again (module docs), until `stop`.
+async fn discover<C>(
+    shared: Arc<Shared<C>>,
     target: RegistryTarget,
     resolver: Resolver,
-    mut on_event: F,
-    channels: ControlChannels,
+    mut stop: watch::Receiver<bool>,
 ) where
     C: RegistryClient + Send + 'static,
-    F: FnMut(&C::Event) + Send,
+    C::Event: Send,
 {
-    let ControlChannels { mut stop, poke, registry } = channels;
-    let mut pacing = Pacing::new();
-    // Since when a bare key has not been found in the DHT, and whether the
+    let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
+    let mut failures: u32 = 0;
+    // Since when the set has not been found in the DHT, and whether the
     // user was told what to try: a walkthrough offline must not hang quietly.
     let mut unresolved_since: Option<Instant> = None;
     let mut hinted = false;
-    // Where the last session that got established was: dialled at once on
-    // a reconnect while the DHT is asked again, since a registry that
-    // restarted is usually where it was.
-    let mut last_seen: Option<SocketAddr> = None;
+    let mut told_left_out = 0;
     loop {
-        if *stop.borrow() {
-            return;
-        }
-        match dial_registry(&resolver, &target, last_seen).await {
-            Ok((addr, stream)) => {
+        match resolver.members(&target).await {
+            Ok(found) => {
                 unresolved_since = None;
-                let signals = Signals { registry: &registry, addr, poke: &poke };
-                let end = drive(&client, stream, &mut on_event, &mut pacing, &mut stop, signals).await;
-                registry.send_replace(None);
-                match end {
-                    SessionEnd::Stopped => return,
-                    SessionEnd::Ended { established } => {
-                        // A handshake that fails there (another registry took
-                        // the address) must not be tried first again.
-                        last_seen = established.then_some(addr);
-                    }
+                failures = 0;
+                let (_, left_out) = shared.adopt(&found);
+                if left_out > 0 && left_out != told_left_out {
+                    tracing::warn!(
+                        "the set lists {} registries: {left_out} are not followed (a client follows at most {MAX_MEMBERS})",
+                        found.len()
+                    );
+                }
+                told_left_out = left_out;
+                if !target.in_dht() {
+                    return;
                 }
             }
             Err(e) => {
-                pacing.unreachable(&target, &e);
+                failures = failures.saturating_add(1);
+                if failures.is_power_of_two() {
+                    tracing::warn!(registry = %shared.key, "registry set not found: {e}; retrying (attempt {failures})");
+                } else {
+                    tracing::debug!("registry set not found: {e}; retrying");
+                }
                 let since = *unresolved_since.get_or_insert_with(Instant::now);
-                let in_dht =
-                    matches!(e, DialFailure::Resolve(ResolveError::Dht(_) | ResolveError::DhtStarting));
+                let in_dht = matches!(e, ResolveError::Dht(_) | ResolveError::DhtStarting);
                 if in_dht && !hinted && since.elapsed() >= DHT_HINT_AFTER {
                     hinted = true;
                     tracing::error!(
                         "registry {} still not found in the DHT after {}s: is this host online (the DHT needs UDP)? \
                          Is the registry running, and with DHT? Without the public DHT, dial it directly as \
                          {}@HOST:PORT, or use a private DHT with --bootstrap HOST:PORT",
-                        target.key,
+                        shared.key,
                         DHT_HINT_AFTER.as_secs(),
-                        target.key
+                        shared.key
                     );
                 }
             }
+        }
+        // While no member answers, the set may have moved: read it at the
+        // reconnect pace; else now and then, for members added later.
+        let pause = if shared.is_any_connected() {
+            backoff.reset();
+            REDISCOVER
+        } else {
+            backoff.next_delay(random_u64())
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The channels that steer [`run_member`] and carry what it reports besides
+/// events.
+struct ControlChannels {
+    /// Turns true to stop.
+    stop: watch::Receiver<bool>,
+    /// Whoever changes the client from outside (a service's backend health
+    /// check) notifies this so that what it queued is sent.
+    poke: Arc<Notify>,
+    /// Set to the registry's address while a session is open.
+    registry: watch::Sender<Option<SocketAddr>>,
+}
+
+/// Keeps `client` connected to `member` until `channels.stop` turns true;
+/// `on_event` sees every event. On stop, whatever the client queued last (a
+/// service's unregistrations) is written before the stream is closed.
+async fn run_member<C>(
+    client: Arc<Mutex<C>>,
+    slot: usize,
+    member: Member,
+    on_event: OnEvent<C::Event>,
+    channels: ControlChannels,
+) where
+    C: RegistryClient + Send + 'static,
+{
+    let ControlChannels { mut stop, poke, registry } = channels;
+    let mut pacing = Pacing::new();
+    let connected = metrics().registry_connected(slot);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match dial_member(&member).await {
+            Ok((addr, stream)) => {
+                let at = At { slot, member: &member, addr };
+                let signals = Signals { registry: &registry, at, poke: &poke, connected: &connected };
+                let end = drive(&client, stream, &on_event, &mut pacing, &mut stop, signals).await;
+                registry.send_replace(None);
+                connected.set(0);
+                if let SessionEnd::Stopped = end {
+                    return;
+                }
+            }
+            Err(e) => pacing.unreachable(&member, &e),
         }
         let delay = pacing.backoff.next_delay(random_u64());
         tracing::debug!(?delay, "reconnecting after a pause");
@@ -170,7 +402,7 @@ pub async fn run_client<C, F>(
     }
 }
 
-/// Why no stream to the registry could be had.
+/// Why no stream to a registry could be had.
 #[derive(Debug, thiserror::Error)]
 enum DialFailure {
     /// Its addresses could not be had.
@@ -181,46 +413,13 @@ enum DialFailure {
     Unreachable(String),
 }
 
-/// A stream to the registry: to the addresses `target` resolves to, and,
-/// for a bare key, at the same time to `last_seen` (the DHT can take
-/// seconds; the registry is usually where it was). The first that connects
-/// wins; the handshake then checks the key, wherever it came from.
-async fn dial_registry(
-    resolver: &Resolver,
-    target: &RegistryTarget,
-    last_seen: Option<SocketAddr>,
-) -> Result<(SocketAddr, TcpStream), DialFailure> {
-    let fresh = async {
-        let addrs = resolver.resolve(target).await?;
-        race(&addrs, |addr| dial::connect(addr, CONNECT_TIMEOUT))
-            .await
-            .map_err(|e| DialFailure::Unreachable(e.to_string()))
-    };
-    let Some(seen) = last_seen.filter(|_| target.direct.is_none()) else { return fresh.await };
-    let cached = dial::connect(seen, CONNECT_TIMEOUT);
-    tokio::pin!(fresh, cached);
-    let mut cached_failed = false;
-    loop {
-        tokio::select! {
-            dialled = &mut cached, if !cached_failed => match dialled {
-                Ok(stream) => return Ok((seen, stream)),
-                Err(e) => {
-                    tracing::debug!(%seen, "the registry's last address did not answer: {e}");
-                    cached_failed = true;
-                }
-            },
-            result = &mut fresh => {
-                if result.is_ok() || cached_failed {
-                    return result;
-                }
-                // The DHT failed; the last address may still answer.
-                return match (&mut cached).await {
-                    Ok(stream) => Ok((seen, stream)),
-                    Err(_) => result,
-                };
-            }
-        }
-    }
+/// A stream to `member`: the first of its addresses that connects. The
+/// handshake then checks the key, wherever the address came from.
+async fn dial_member(member: &Member) -> Result<(SocketAddr, TcpStream), DialFailure> {
+    let addrs = member.addrs().await?;
+    race(&addrs, |addr| dial::connect(addr, CONNECT_TIMEOUT))
+        .await
+        .map_err(|e| DialFailure::Unreachable(e.to_string()))
 }
 
 /// How reconnects are paced and how often their failures are told: the
@@ -250,17 +449,17 @@ impl Pacing {
     }
 
     /// An attempt to reach the registry failed.
-    fn unreachable(&mut self, target: &RegistryTarget, e: &DialFailure) {
+    fn unreachable(&mut self, member: &Member, e: &DialFailure) {
         self.failures = self.failures.saturating_add(1);
         if self.failures.is_power_of_two() {
             tracing::warn!(
-                registry = %target,
+                registry = %member,
                 "registry not reachable: {e}; retrying (attempt {}, told again at attempt {})",
                 self.failures,
                 self.failures.saturating_mul(2)
             );
         } else {
-            tracing::debug!(registry = %target, "registry not reachable: {e}; retrying");
+            tracing::debug!(registry = %member, "registry not reachable: {e}; retrying");
         }
     }
 
@@ -305,43 +504,38 @@ impl Pacing {
 enum SessionEnd {
     /// Told to stop.
     Stopped,
-    /// The session ended; whether its handshake had completed.
-    Ended {
-        /// The handshake completed.
-        established: bool,
-    },
+    /// The session ended (reconnect).
+    Ended,
 }
 
 /// What one session reports besides events: the registry's address, while
 /// it is open, and the poke that wakes it.
 struct Signals<'a> {
     registry: &'a watch::Sender<Option<SocketAddr>>,
-    addr: SocketAddr,
+    at: At<'a>,
     poke: &'a Notify,
+    /// The member's `seaport_registry_connected` gauge.
+    connected: &'a prometheus_client::metrics::gauge::Gauge,
 }
 
 /// Drives one session until it ends or the task is told to stop.
-async fn drive<C, F>(
+async fn drive<C: RegistryClient>(
     client: &Mutex<C>,
     stream: TcpStream,
-    on_event: &mut F,
+    on_event: &OnEvent<C::Event>,
     pacing: &mut Pacing,
     stop: &mut watch::Receiver<bool>,
     signals: Signals<'_>,
-) -> SessionEnd
-where
-    C: RegistryClient,
-    F: FnMut(&C::Event),
-{
+) -> SessionEnd {
     if let Ok(local) = stream.local_addr() {
         lock(client).handle_local_addr(local);
     }
     let (mut reader, mut writer) = stream.into_split();
     let started = lock(client).connect(crate::clock::now(), entropy());
-    let Signals { registry, addr, poke } = signals;
+    let Signals { registry, at, poke, connected } = signals;
     if let Err(e) = started {
         tracing::warn!("cannot start a session: {e}");
-        return SessionEnd::Ended { established: false };
+        return SessionEnd::Ended;
     }
     let mut buf = vec![0u8; 16 * 1024];
     let mut out = Vec::new();
@@ -358,7 +552,8 @@ where
             if C::is_connected_event(event) {
                 established = true;
                 pacing.reachable();
-                registry.send_replace(Some(addr));
+                registry.send_replace(Some(at.addr));
+                connected.set(1);
             }
             if let Some(reason) = C::disconnect_reason(event) {
                 match reason {
@@ -379,7 +574,7 @@ where
                 }
                 ended = true;
             }
-            on_event(event);
+            on_event(at, event);
         }
         if !out.is_empty() {
             let written = writer.write_all(&out).await;
@@ -390,7 +585,7 @@ where
             }
         }
         if ended {
-            return SessionEnd::Ended { established };
+            return SessionEnd::Ended;
         }
         let sleep = deadline.map(|d| tokio::time::sleep_until(Instant::from_std(d)));
         tokio::select! {

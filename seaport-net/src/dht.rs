@@ -102,7 +102,7 @@ impl DhtNode {
     }
 
     /// The addresses the registry `key` published last.
-    pub async fn resolve(&self, key: &PublicKey) -> Result<Vec<SocketAddr>, DhtError> {
+    pub async fn resolve(&self, key: &PublicKey) -> Result<Vec<Vec<SocketAddr>>, DhtError> {
         let item = self
             .node
             .get_mutable_most_recent(key.as_bytes(), Some(SALT))
@@ -112,7 +112,7 @@ impl DhtNode {
         if addrs.is_empty() {
             return Err(DhtError::EmptyRecord(*key));
         }
-        Ok(addrs)
+        Ok(vec![addrs])
     }
 
     /// Publishes `addrs` under `keypair`'s key, signed by it.

@@ -44,10 +44,20 @@ pub enum Event {
         /// The registry's key.
         registry: PublicKey,
     },
-    /// The control session to the registry is open.
-    Connected,
-    /// The control session ended; the client reconnects by itself.
+    /// The control session to one registry of the set is open.
+    Connected {
+        /// Where it runs to.
+        addr: SocketAddr,
+        /// The registry's slot among those followed (0 to 7).
+        member: usize,
+    },
+    /// The control session to one registry of the set ended; the client
+    /// reconnects by itself.
     Disconnected {
+        /// Where it ran to.
+        addr: SocketAddr,
+        /// The registry's slot among those followed (0 to 7).
+        member: usize,
         /// Why, for people.
         reason: String,
     },
@@ -131,7 +141,7 @@ impl Event {
             Event::RegistryListening { .. } => "registry_listening",
             Event::ServiceStarted { .. } => "service_started",
             Event::Connecting { .. } => "registry_connecting",
-            Event::Connected => "registry_connected",
+            Event::Connected { .. } => "registry_connected",
             Event::Disconnected { .. } => "registry_lost",
             Event::Registered { .. } => "registered",
             Event::Withdrawn { .. } => "withdrawn",
@@ -162,8 +172,15 @@ impl Event {
                 vec![("key", json!(key.to_string()))]
             }
             Event::Connecting { registry } => vec![("registry", json!(registry.to_string()))],
-            Event::Connected | Event::Draining | Event::Stopped => vec![],
-            Event::Disconnected { reason } => vec![("reason", json!(reason))],
+            Event::Draining | Event::Stopped => vec![],
+            Event::Connected { addr, member } => {
+                vec![("registry_addr", json!(addr.to_string())), ("member", json!(member))]
+            }
+            Event::Disconnected { addr, member, reason } => vec![
+                ("registry_addr", json!(addr.to_string())),
+                ("member", json!(member)),
+                ("reason", json!(reason)),
+            ],
             Event::Registered { role } => role_fields(role),
             Event::Withdrawn { role, reason } => {
                 [role_fields(role), vec![("reason", json!(reason))]].concat()
@@ -237,8 +254,10 @@ impl fmt::Display for Event {
             Event::RegistryListening { key } => write!(f, "Registry listening. Connect with pubkey {key}"),
             Event::ServiceStarted { key } => write!(f, "started p2p service on {key}"),
             Event::Connecting { registry } => write!(f, "connecting to registry {registry}"),
-            Event::Connected => f.write_str("connected to registry"),
-            Event::Disconnected { reason } => write!(f, "disconnected from registry: {reason}"),
+            Event::Connected { addr, .. } => write!(f, "connected to registry at {addr}"),
+            Event::Disconnected { addr, reason, .. } => {
+                write!(f, "disconnected from registry at {addr}: {reason}")
+            }
             Event::Registered { role } => write!(f, "registered service {role}"),
             Event::Withdrawn { role, reason } => write!(f, "withdrew service {role}: {reason}"),
             Event::RegistrationRefused { role, text } => write!(f, "registry refused service {role}: {text}"),
@@ -345,6 +364,7 @@ mod tests {
             rfc3339(UNIX_EPOCH + std::time::Duration::from_secs(951_782_400)),
             "2000-02-29T00:00:00.000Z"
         );
-        assert!(!Event::Stopped.has_text() && Event::Connected.has_text());
+        let connected = Event::Connected { addr: "127.0.0.1:4500".parse().unwrap(), member: 0 };
+        assert!(!Event::Stopped.has_text() && connected.has_text());
     }
 }

@@ -54,6 +54,9 @@ pub struct Metrics {
     pub instance_changes: Family<Label, Counter>,
     /// Service and proxy: control sessions to the registry that ended.
     pub registry_disconnects: Counter,
+    /// Service and proxy: 1 while the session with the registry of slot
+    /// `member` (0 to 7, as logged at start) is open, else 0.
+    pub registry_connected: Family<Label, Gauge>,
     /// Noise handshakes by `result`: ok, failed.
     pub handshakes: Family<Label, Counter>,
     /// Proxy: links opened, by `path`: direct, punched, relayed.
@@ -175,6 +178,7 @@ impl Metrics {
             registrations: Family::default(),
             instance_changes: Family::default(),
             registry_disconnects: Counter::default(),
+            registry_connected: Family::default(),
             handshakes: Family::default(),
             links: Family::default(),
             links_open: Gauge::default(),
@@ -238,6 +242,11 @@ impl Metrics {
             "Service and proxy: control sessions to the registry that ended",
             m.registry_disconnects.clone(),
         );
+        r.register(
+            "registry_connected",
+            "Service and proxy: 1 while the session with the registry of slot member (0 to 7) is open",
+            m.registry_connected.clone(),
+        );
         r.register("handshakes", "Noise handshakes by result: ok, failed", m.handshakes.clone());
         r.register("links", "Proxy: links opened, by path: direct, punched, relayed", m.links.clone());
         r.register("links_open", "Proxy: links open now", m.links_open.clone());
@@ -297,6 +306,14 @@ impl Metrics {
     /// Counts a punching attempt's outcome.
     pub fn punch(&self, punched: bool) {
         self.punches.get_or_create(&label("result", if punched { "punched" } else { "failed" })).inc();
+    }
+
+    /// The `registry_connected` gauge of the member in `slot` (0 to 7; a
+    /// larger slot shares 7's, though a client follows no more than 8).
+    pub fn registry_connected(&self, slot: usize) -> Gauge {
+        const SLOTS: [&str; 8] = ["0", "1", "2", "3", "4", "5", "6", "7"];
+        let slot = SLOTS.get(slot).or(SLOTS.last()).copied().unwrap_or("7");
+        (*self.registry_connected.get_or_create(&label("member", slot))).clone()
     }
 
     /// Counts a stream's opening (`result`: accepted, refused, failed).

@@ -31,6 +31,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,10 +41,11 @@ use seaport_proto::meet::{MeetHello, MeetSide, Ticket};
 use seaport_proto::message::Instance;
 use seaport_proto::session::Session;
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::allow::AllowList;
+use crate::control::{ControlHandle, MemberView};
 use crate::dial::{self, race};
 use crate::handshake::{HandshakeError, initiate};
 use crate::lock::lock;
@@ -114,62 +116,100 @@ impl PathMemo {
 
 type Answer = oneshot::Sender<Result<Ticket, String>>;
 
-/// A proxy's way to meetings: asks over its control session, matches the
-/// registry's answers to the askers, and joins the meeting.
+/// A registry's answer to a meeting request: the slot of the registry, the
+/// request's id, and the ticket or why not.
+pub type MeetAnswer = (usize, u32, Result<Ticket, String>);
+
+/// A proxy's way to meetings: asks over a control session to a registry of
+/// the set where both sides have a session (the service is listed there),
+/// matches the registries' answers to the askers, and joins the meeting.
+/// Meetings are spread over the registries that can arrange them (each new
+/// one starts at the next), and one that fails at a registry is asked for
+/// at the next, within the same deadline.
 pub struct Introducer {
-    client: Arc<Mutex<ProxyClient>>,
-    poke: Arc<Notify>,
-    registry: watch::Receiver<Option<SocketAddr>>,
-    pending: Arc<Mutex<HashMap<u32, Answer>>>,
+    control: ControlHandle<ProxyClient>,
+    /// Askers waiting for an answer, by registry slot and request id.
+    pending: Arc<Mutex<HashMap<(usize, u32), Answer>>>,
+    /// Where the next meeting starts among the registries that can arrange it.
+    turn: AtomicUsize,
 }
 
 impl Introducer {
-    /// Meetings through `client`'s session (whose task `poke` wakes; the
-    /// registry is at `registry` while connected). The registry's answers
+    /// Meetings through the sessions of `control`. The registries' answers
     /// arrive on `answers`, which the proxy's event handler feeds from
     /// `ProxyEvent::MeetReady` and `ProxyEvent::MeetRefused`.
     pub fn new(
-        client: Arc<Mutex<ProxyClient>>,
-        poke: Arc<Notify>,
-        registry: watch::Receiver<Option<SocketAddr>>,
-        mut answers: mpsc::UnboundedReceiver<(u32, Result<Ticket, String>)>,
+        control: ControlHandle<ProxyClient>,
+        mut answers: mpsc::UnboundedReceiver<MeetAnswer>,
     ) -> Introducer {
-        let pending: Arc<Mutex<HashMap<u32, Answer>>> = Arc::default();
+        let pending: Arc<Mutex<HashMap<(usize, u32), Answer>>> = Arc::default();
         let route = pending.clone();
         tokio::spawn(async move {
-            while let Some((id, answer)) = answers.recv().await {
-                if let Some(asker) = lock(&route).remove(&id) {
+            while let Some((slot, id, answer)) = answers.recv().await {
+                if let Some(asker) = lock(&route).remove(&(slot, id)) {
                     let _ = asker.send(answer);
                 }
             }
         });
-        Introducer { client, poke, registry, pending }
+        Introducer { control, pending, turn: AtomicUsize::new(0) }
     }
 
-    /// Asks for a meeting with `instance` and joins it, by `deadline`.
+    /// Asks for a meeting with `instance` and joins it, by `deadline`: at
+    /// each registry that lists it in turn, until one works.
     async fn meet(&self, instance: &Instance, deadline: Instant) -> Result<Joined, HandshakeError> {
-        let no_meeting = |why: String| HandshakeError::NoMeeting(why);
-        let mut registry = self.registry.clone();
-        let addr = tokio::time::timeout_at(deadline, registry.wait_for(Option::is_some))
-            .await
-            .map_err(|_| no_meeting("not connected to the registry".into()))?
-            .map_err(|_| no_meeting("the registry session has stopped".into()))?
-            .ok_or_else(|| no_meeting("not connected to the registry".into()))?;
+        let mut members: Vec<MemberView<ProxyClient>> = self
+            .control
+            .members()
+            .into_iter()
+            .filter(|m| m.is_connected() && lock(&m.client).lists(&instance.key, &instance.role))
+            .collect();
+        if members.is_empty() {
+            return Err(HandshakeError::NoMeeting(
+                "no registry of the set that lists the service has a session with this proxy".into(),
+            ));
+        }
+        let start = self.turn.fetch_add(1, Ordering::Relaxed) % members.len();
+        members.rotate_left(start);
+        let mut why = Vec::new();
+        for member in &members {
+            match self.meet_at(member, instance, deadline).await {
+                Ok(joined) => return Ok(joined),
+                Err(e) => {
+                    tracing::info!(registry = %member.member, service = %instance.key, "no meeting there: {e}");
+                    why.push(format!("at {}: {e}", member.member));
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        Err(HandshakeError::NoMeeting(why.join("; ")))
+    }
+
+    /// Asks `member`'s registry for a meeting with `instance` and joins it.
+    async fn meet_at(
+        &self,
+        member: &MemberView<ProxyClient>,
+        instance: &Instance,
+        deadline: Instant,
+    ) -> Result<Joined, HandshakeError> {
+        let no_meeting = |why: &str| HandshakeError::NoMeeting(why.to_owned());
+        let addr = (*member.registry.borrow()).ok_or_else(|| no_meeting("not connected to the registry"))?;
         let (tx, rx) = oneshot::channel();
         {
             // Both locks at once, so the answer cannot overtake the asker.
-            let mut client = lock(&self.client);
+            let mut client = lock(&member.client);
             let id = client.meet(instance.key, instance.role.clone()).ok_or_else(|| {
-                no_meeting("the registry cannot arrange meetings (or too many are pending)".into())
+                no_meeting("the registry cannot arrange meetings (or too many are pending)")
             })?;
-            lock(&self.pending).insert(id, tx);
+            lock(&self.pending).insert((member.slot, id), tx);
         }
-        self.poke.notify_one();
+        member.poke.notify_one();
         let ticket = tokio::time::timeout_at(deadline, rx)
             .await
-            .map_err(|_| no_meeting("the registry did not answer in time".into()))?
-            .map_err(|_| no_meeting("the registry session ended".into()))?
-            .map_err(|why| no_meeting(format!("the registry refused: {why}")))?;
+            .map_err(|_| no_meeting("the registry did not answer in time"))?
+            .map_err(|_| no_meeting("the registry session ended"))?
+            .map_err(|why| HandshakeError::NoMeeting(format!("the registry refused: {why}")))?;
         let left = deadline.saturating_duration_since(Instant::now());
         Ok(join(addr, MeetHello { ticket, side: MeetSide::Proxy }, left).await?)
     }
@@ -278,14 +318,13 @@ async fn first_ok<T, E>(
     }
 }
 
-/// A service's side of the meetings the registry offers: for each offer from
-/// a proxy `allow` admits (while the registry is at `registry`), joins the
-/// meeting, and hands `links` the meet connection (when relayed) and a
-/// punched socket (when punching works) as candidate links, each with the
-/// address it runs over.
+/// A service's side of the meetings the registries offer: for each offer from
+/// a proxy `allow` admits, joins the meeting at the registry that offered
+/// it, and hands `links` the meet connection (when relayed) and a punched
+/// socket (when punching works) as candidate links, each with the address
+/// it runs over.
 pub async fn answer_meetings(
-    mut offers: mpsc::Receiver<(Ticket, PublicKey)>,
-    registry: watch::Receiver<Option<SocketAddr>>,
+    mut offers: mpsc::Receiver<(Ticket, PublicKey, SocketAddr)>,
     allow: Arc<AllowList>,
     links: mpsc::Sender<(TcpStream, SocketAddr)>,
 ) {
@@ -307,12 +346,11 @@ pub async fn answer_meetings(
                 continue;
             }
         };
-        let Some((ticket, proxy)) = offer else { return };
+        let Some((ticket, proxy, addr)) = offer else { return };
         if !allow.admits(&proxy) {
             tracing::debug!(%proxy, "meeting offer from a proxy not allowed here: ignored");
             continue;
         }
-        let Some(addr) = *registry.borrow() else { continue };
         let theirs = per_proxy.get(&proxy).copied().unwrap_or(0);
         if meetings.len() >= MAX_MEETINGS || theirs >= MAX_MEETINGS_PER_PROXY {
             tracing::warn!(%proxy, "{} meetings under way ({theirs} with this proxy): this one is let go", meetings.len());

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use seaport_proto::client::{
     Backoff, ClientConfig, ClientError, ProxyClient, ProxyEvent, RegistryClient, ServiceClient, ServiceEvent,
-    Strategy,
+    SetView, Strategy,
 };
 use seaport_proto::keys::{Keypair, PublicKey};
 use seaport_proto::noise::NoiseError;
@@ -165,6 +165,14 @@ impl World {
     }
 }
 
+/// How the proxy's connections choose among what it knows (one registry:
+/// its view is what that registry reports).
+fn round_robin(proxy: &ProxyClient) -> SetView {
+    let mut view = SetView::new(1, Strategy::RoundRobin, keypair(9).public(), Duration::from_secs(5));
+    view.update(&[proxy]);
+    view
+}
+
 fn service(registry: PublicKey, n: u8, role: &str) -> Node {
     let config = ClientConfig::new(keypair(n), registry);
     let client = ServiceClient::new(config, vec![Role::parse(role).unwrap()], 7000 + u16::from(n), vec![]);
@@ -175,12 +183,8 @@ fn world(seed: u64) -> World {
     let registry_key = keypair(50);
     let registry = Registry::new(registry_key.clone(), RegistryConfig::default());
     let reg = registry_key.public();
-    let proxy = ProxyClient::new(
-        ClientConfig::new(keypair(9), reg),
-        RoleQuery::parse("couchdb@3.x").unwrap(),
-        Strategy::RoundRobin,
-        Duration::from_secs(5),
-    );
+    let proxy =
+        ProxyClient::new(ClientConfig::new(keypair(9), reg), RoleQuery::parse("couchdb@3.x").unwrap());
     let mut net = Net::new(registry, Chunker::seeded(seed));
     net.add(service(reg, 1, "couchdb@3.2.2"));
     net.add(service(reg, 2, "couchdb@3.3.0"));
@@ -233,14 +237,14 @@ fn proxy_finds_both_matching_services() {
         assert_eq!(w.net.registry.instance_count(), 3);
         // Round-robin spreads new connections over both, failover order lists both.
         let now = w.net.now;
-        let proxy = proxy_mut(&mut w);
-        let first: Vec<PublicKey> = (0..4).map(|_| proxy.choose(now, 0)[0].key).collect();
+        let mut view = round_robin(proxy_mut(&mut w));
+        let first: Vec<PublicKey> = (0..4).map(|_| view.choose_for(0, now, 0)[0].key).collect();
         assert_eq!(first[0], first[2]);
         assert_ne!(first[0], first[1]);
         // A failure bans that instance for a while.
-        proxy.report_failure(now, first[0]);
-        assert_eq!(proxy.choose(now, 0)[0].key, first[1]);
-        assert_eq!(proxy.choose(now, 0)[1].key, first[0], "banned one is last resort");
+        view.report_failure(now, first[0]);
+        assert_eq!(view.choose_for(0, now, 0)[0].key, first[1]);
+        assert_eq!(view.choose_for(0, now, 0)[1].key, first[0], "banned one is last resort");
     }
 }
 
@@ -415,12 +419,8 @@ fn three_hundred_instances_with_big_tags_all_reach_the_proxy_whole_and_are_chose
         let role = Role::parse("couchdb@3.2.2").unwrap().with_tags(tags.clone()).unwrap();
         net.add(Node::Service(Client::new(ServiceClient::new(config, vec![role], 7000, vec![]))));
     }
-    let proxy = ProxyClient::new(
-        ClientConfig::new(keypair(9), reg),
-        RoleQuery::parse("couchdb@3.x").unwrap(),
-        Strategy::RoundRobin,
-        Duration::from_secs(5),
-    );
+    let proxy =
+        ProxyClient::new(ClientConfig::new(keypair(9), reg), RoleQuery::parse("couchdb@3.x").unwrap());
     net.add(Node::Proxy(Client::new(proxy)));
     let redial = (0..net.peers.len())
         .map(|_| Redial {
@@ -458,8 +458,8 @@ fn three_hundred_instances_with_big_tags_all_reach_the_proxy_whole_and_are_chose
 
     // Round-robin puts each of the 300 first once in 300 connections.
     let now = w.net.now;
-    let proxy = proxy_mut(&mut w);
-    let mut firsts: Vec<PublicKey> = (0..300).map(|_| proxy.choose(now, 0)[0].key).collect();
+    let mut view = round_robin(proxy_mut(&mut w));
+    let mut firsts: Vec<PublicKey> = (0..300).map(|_| view.choose_for(0, now, 0)[0].key).collect();
     firsts.sort_unstable_by_key(|k| *k.as_bytes());
     firsts.dedup();
     assert_eq!(firsts.len(), 300);

@@ -4,7 +4,7 @@
 //! strategy, failing over to the next instance until one's service has
 //! reached its backend.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,15 +13,15 @@ use clap::Parser;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use seaport_net::allow::AllowList;
 use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
-use seaport_net::control::ControlTask;
+use seaport_net::control::{At, ControlHandle, ControlSet};
 use seaport_net::event::{Event, emit};
 use seaport_net::identity::random_u64;
 use seaport_net::lock::lock;
 use seaport_net::metrics::readiness;
 use seaport_net::pool::{InstanceId, Links};
-use seaport_net::reach::Introducer;
+use seaport_net::reach::{Introducer, MeetAnswer};
 use seaport_net::serve::{accept_until, drain};
-use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, Strategy};
+use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, SetView, Strategy};
 use seaport_proto::keys::PublicKey;
 use seaport_proto::link::LinkConfig;
 use seaport_proto::message::Instance;
@@ -139,100 +139,45 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let resolver = args.client.resolver();
     // What a service's --allow and a registry's --acl name this proxy by.
     tracing::info!(key = %keypair.public(), "this proxy's key (for services' --allow lists and the registry's --acl)");
-    let mut config = ClientConfig::new(keypair.clone(), args.client.registry.key);
-    // Tells this process's sessions from those of others with the same seed.
-    config.process = seaport_net::identity::random_u64();
-    let client =
-        Arc::new(Mutex::new(ProxyClient::with_queries(config, queries.clone(), args.balance, args.ban)));
+    // Tells this process's sessions from those of others with the same seed;
+    // each registry of the set gets its own (slot added).
+    let process = seaport_net::identity::random_u64();
+    let make = {
+        let (keypair, registry, queries) = (keypair.clone(), args.client.registry.key, queries.clone());
+        move |slot: usize| {
+            let mut config = ClientConfig::new(keypair.clone(), registry);
+            config.process = process.wrapping_add(slot as u64).max(1);
+            ProxyClient::with_queries(config, queries.clone())
+        }
+    };
+    let view = Arc::new(Mutex::new(SetView::new(queries.len(), args.balance, keypair.public(), args.ban)));
     // Bumped on every instance-set change, so waiting clients wake up.
     let (changed_tx, changed) = watch::channel(0u64);
-    // The registry's answers to meeting requests, for the introducer below.
+    // The registries' answers to meeting requests, for the introducer below.
     let (answers_tx, answers) = mpsc::unbounded_channel();
     let pinned = Arc::new(AllowList::new(args.service_keys.clone(), None).map_err(Failure::Usage)?);
-    let pinned_view = pinned.clone();
-    // Filled once the control task exists: the event handler needs it first.
-    let links_cell: Arc<std::sync::OnceLock<Arc<Links>>> = Arc::default();
-    let links_view = links_cell.clone();
-    // Per query: the instances known (to report arrivals and departures).
-    let mut known: Vec<HashMap<InstanceId, Role>> = vec![HashMap::new(); queries.len()];
-    let mut ready = false;
-    let mut connected = false;
-    let served = queries.clone();
-    let client_view = client.clone();
-    let on_event = move |e: &ProxyEvent| match e {
-        ProxyEvent::Connected => {
-            connected = true;
-            emit(&Event::Connected);
-        }
-        ProxyEvent::Disconnected(reason) => {
-            if std::mem::take(&mut connected) {
-                emit(&Event::Disconnected { reason: reason.to_string() });
-            }
-        }
-        ProxyEvent::Instances { query, instances, truncated } => {
-            let (Some(port), Some(wanted)) = (ports.get(*query), served.get(*query)) else { return };
-            // With --service-key, the others do not exist for this proxy.
-            let now: HashMap<InstanceId, Role> = instances
-                .iter()
-                .filter(|i| pinned_view.admits(&i.key))
-                .map(|i| ((i.key, i.addrs.clone()), i.role.clone()))
-                .collect();
-            let before = known.get(*query).cloned().unwrap_or_default();
-            for ((key, addrs), role) in &before {
-                if !now.contains_key(&(*key, addrs.clone())) {
-                    tracing::info!(service = %key, "service gone from the registry");
-                    emit(&Event::Lost { key: *key, role: role.clone() });
-                }
-            }
-            for ((key, addrs), role) in &now {
-                if !before.contains_key(&(*key, addrs.clone())) {
-                    emit(&Event::Found { key: *key, role: role.clone() });
-                    emit(&Event::Serving { port: *port, key: *key });
-                }
-            }
-            if now.is_empty() {
-                tracing::warn!(query = %wanted, "no instance matches the query right now");
-                readiness().set(&format!("role {wanted}"), Some(format!("no instance of {wanted} known")));
-            } else {
-                readiness().set(&format!("role {wanted}"), None);
-            }
-            if let Some(slot) = known.get_mut(*query) {
-                *slot = now;
-            }
-            // Ready once every role served has an instance (systemd's After=).
-            if !ready && known.iter().all(|k| !k.is_empty()) {
-                ready = true;
-                seaport_net::notify::ready();
-            }
-            // Links of instances that left go away: their streams finish.
-            if let Some(links) = links_view.get() {
-                let all: Vec<Instance> = lock(&client_view).all_instances();
-                links.retain(&all);
-            }
-            if *truncated {
-                tracing::warn!("more instances match than the registry sent");
-            }
-            changed_tx.send_modify(|n| *n += 1);
-        }
-        ProxyEvent::MeetReady { id, ticket } => {
-            let _ = answers_tx.send((*id, Ok(*ticket)));
-        }
-        ProxyEvent::MeetRefused { id, text } => {
-            let _ = answers_tx.send((*id, Err(text.clone())));
-        }
-        ProxyEvent::Refused { id, code, text } => {
-            let Some(query) = usize::try_from(*id).ok().and_then(|i| served.get(i)) else { return };
-            tracing::error!(%code, %query, "registry refused the lookup: {text}; asking again after the next reconnect");
-            emit(&Event::WatchRefused { query: query.clone(), text: text.clone() });
-        }
-        other => tracing::debug!(?other),
+    let watcher = Arc::new(Watcher {
+        view: view.clone(),
+        control: std::sync::OnceLock::new(),
+        links: std::sync::OnceLock::new(),
+        pinned: pinned.clone(),
+        ports,
+        served: queries.clone(),
+        answers: answers_tx,
+        changed: changed_tx,
+        state: Mutex::new(Watched { known: vec![HashMap::new(); queries.len()], ..Watched::default() }),
+    });
+    let on_event = {
+        let watcher = watcher.clone();
+        Arc::new(move |at: At<'_>, event: &ProxyEvent| watcher.on_event(at, event))
     };
-    let control = ControlTask::spawn(client.clone(), args.client.registry.clone(), resolver, on_event);
-    let introducer = Introducer::new(client.clone(), control.poke(), control.registry_addr(), answers);
+    let control = ControlSet::spawn(args.client.registry.clone(), resolver, make, on_event);
+    let _ = watcher.control.set(control.handle());
+    let introducer = Introducer::new(control.handle(), answers);
     let links = Arc::new(
         Links::new(keypair.clone(), LinkConfig::default(), args.dial_timeout).with_introducer(introducer),
     );
-    let _ = links_cell.set(links.clone());
+    let _ = watcher.links.set(links.clone());
 
     let (wait, dial) = (args.connect_timeout, args.dial_timeout);
     // One accept loop per mapping, all stopped by the one shutdown signal.
@@ -241,7 +186,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     for (query, listener) in listeners.into_iter().enumerate() {
         let served_port = ServedPort {
             query,
-            client: client.clone(),
+            view: view.clone(),
             links: links.clone(),
             pinned: pinned.clone(),
             changed: changed.clone(),
@@ -289,12 +234,146 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     Ok(())
 }
 
+/// What the proxy does with its clients' events (one client per registry
+/// of the set): their union is what connections choose from, and what the
+/// stdout lines report.
+struct Watcher {
+    view: Arc<Mutex<SetView>>,
+    /// Set once the control set exists (its events come after).
+    control: std::sync::OnceLock<ControlHandle<ProxyClient>>,
+    /// Set once the links exist.
+    links: std::sync::OnceLock<Arc<Links>>,
+    /// The service keys this proxy trusts (`--service-key`).
+    pinned: Arc<AllowList>,
+    /// The local port of each query.
+    ports: Vec<u16>,
+    served: Vec<RoleQuery>,
+    answers: mpsc::UnboundedSender<MeetAnswer>,
+    /// Bumped on every change of the union.
+    changed: watch::Sender<u64>,
+    state: Mutex<Watched>,
+}
+
+/// What the watcher reported so far.
+#[derive(Default)]
+struct Watched {
+    /// Per query: the instances reported found (to report departures).
+    known: Vec<HashMap<InstanceId, Role>>,
+    /// Slots whose session is up.
+    connected: BTreeSet<usize>,
+    /// Every role served has had an instance (systemd was told).
+    ready: bool,
+}
+
+impl Watcher {
+    fn on_event(&self, at: At<'_>, event: &ProxyEvent) {
+        match event {
+            ProxyEvent::Connected => {
+                lock(&self.state).connected.insert(at.slot);
+                emit(&Event::Connected { addr: at.addr, member: at.slot });
+                self.update();
+            }
+            ProxyEvent::Disconnected(reason) => {
+                if lock(&self.state).connected.remove(&at.slot) {
+                    emit(&Event::Disconnected { addr: at.addr, member: at.slot, reason: reason.to_string() });
+                }
+                self.update();
+            }
+            ProxyEvent::Instances { truncated, .. } => {
+                if *truncated {
+                    tracing::warn!(registry = %at.addr, "more instances match than the registry sent");
+                }
+                self.update();
+            }
+            ProxyEvent::MeetReady { id, ticket } => {
+                let _ = self.answers.send((at.slot, *id, Ok(*ticket)));
+            }
+            ProxyEvent::MeetRefused { id, text } => {
+                let _ = self.answers.send((at.slot, *id, Err(text.clone())));
+            }
+            ProxyEvent::Refused { id, code, text } => {
+                let Some(query) = usize::try_from(*id).ok().and_then(|i| self.served.get(i)) else { return };
+                // Another registry of the set may answer: what it answers is acted on.
+                tracing::error!(registry = %at.addr, %code, %query, "registry refused the lookup: {text}; asking again after the next reconnect");
+                emit(&Event::WatchRefused { query: query.clone(), text: text.clone() });
+            }
+            other => tracing::debug!(?other),
+        }
+    }
+
+    /// Takes the union of the registries' answers anew, and reports what
+    /// it changed.
+    fn update(&self) {
+        let Some(control) = self.control.get() else { return };
+        let (changed, unions) = {
+            // The view's lock first, then the clients' in slot order: the
+            // only place that holds several clients at once.
+            let mut view = lock(&self.view);
+            let members = control.members();
+            let guards: Vec<_> = members.iter().map(|m| lock(&m.client)).collect();
+            let clients: Vec<&ProxyClient> = guards.iter().map(|g| &**g).collect();
+            let changed = view.update(&clients);
+            let unions: Vec<Vec<Instance>> = changed.iter().map(|q| view.instances_of(*q).to_vec()).collect();
+            (changed, unions)
+        };
+        for (query, instances) in changed.into_iter().zip(unions) {
+            self.report(query, &instances);
+        }
+        // Links of instances that left go away: their streams finish.
+        if let Some(links) = self.links.get() {
+            let all = lock(&self.view).all_instances();
+            links.retain(&all);
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Says which instances of query `query` appeared and left.
+    fn report(&self, query: usize, instances: &[Instance]) {
+        let (Some(port), Some(wanted)) = (self.ports.get(query), self.served.get(query)) else { return };
+        // With --service-key, the others do not exist for this proxy.
+        let now: HashMap<InstanceId, Role> = instances
+            .iter()
+            .filter(|i| self.pinned.admits(&i.key))
+            .map(|i| ((i.key, i.addrs.clone()), i.role.clone()))
+            .collect();
+        let mut state = lock(&self.state);
+        let before = state.known.get(query).cloned().unwrap_or_default();
+        for ((key, addrs), role) in &before {
+            if !now.contains_key(&(*key, addrs.clone())) {
+                tracing::info!(service = %key, "service gone from the registry set");
+                emit(&Event::Lost { key: *key, role: role.clone() });
+            }
+        }
+        for ((key, addrs), role) in &now {
+            if !before.contains_key(&(*key, addrs.clone())) {
+                emit(&Event::Found { key: *key, role: role.clone() });
+                emit(&Event::Serving { port: *port, key: *key });
+            }
+        }
+        if now.is_empty() {
+            tracing::warn!(query = %wanted, "no instance matches the query right now");
+            readiness().set(&format!("role {wanted}"), Some(format!("no instance of {wanted} known")));
+        } else {
+            readiness().set(&format!("role {wanted}"), None);
+        }
+        if let Some(slot) = state.known.get_mut(query) {
+            *slot = now;
+        }
+        // Ready once every role served has an instance (systemd's After=).
+        if !state.ready && state.known.iter().all(|k| !k.is_empty()) {
+            state.ready = true;
+            seaport_net::notify::ready();
+        }
+    }
+}
+
 /// One local port's mapping: what each of its client connections needs.
 #[derive(Clone)]
 struct ServedPort {
     /// Which of the proxy's queries the port serves.
     query: usize,
-    client: Arc<Mutex<ProxyClient>>,
+    /// The union of the registries' answers, and how to choose from it.
+    view: Arc<Mutex<SetView>>,
     links: Arc<Links>,
     /// The service keys this proxy trusts (`--service-key`).
     pinned: Arc<AllowList>,
@@ -316,8 +395,7 @@ impl ServedPort {
         let _ = stream.set_nodelay(true);
         let deadline = tokio::time::Instant::now() + self.wait;
         let order = loop {
-            let mut order =
-                lock(&self.client).choose_for(self.query, seaport_net::clock::now(), random_u64());
+            let mut order = lock(&self.view).choose_for(self.query, seaport_net::clock::now(), random_u64());
             order.retain(|i| self.pinned.admits(&i.key));
             if !order.is_empty() {
                 break order;
@@ -339,7 +417,7 @@ impl ServedPort {
                 }
                 Err(failure) => {
                     tracing::warn!(service = %instance.key, "instance failed, trying the next: {failure}");
-                    lock(&self.client).report_failure(seaport_net::clock::now(), instance.key);
+                    lock(&self.view).report_failure(seaport_net::clock::now(), instance.key);
                     failures.push(failure.to_string());
                 }
             }

@@ -1,7 +1,8 @@
 //! `seaport-service`: answers links from proxies, connects each of their
-//! streams to a local TCP backend, and keeps its role registered with the
-//! registry.
+//! streams to a local TCP backend, and keeps its role registered with every
+//! registry of the set.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,7 @@ use clap::Parser;
 use seaport_net::allow::AllowList;
 use seaport_net::budget::Budget;
 use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
-use seaport_net::control::ControlTask;
+use seaport_net::control::{At, ControlHandle, ControlSet};
 use seaport_net::event::{Event, emit};
 use seaport_net::handshake::HandshakeError;
 use seaport_net::limit::Limit;
@@ -27,7 +28,7 @@ use seaport_proto::meet::Ticket;
 use seaport_proto::registry::Source;
 use seaport_proto::role::Role;
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 /// Expose a local TCP port under a role: proxies anywhere that look the role
 /// up in the registry reach it over an encrypted link.
@@ -122,41 +123,49 @@ pub async fn run(args: Args) -> Result<(), Failure> {
 
     let resolver = args.client.resolver();
     let reported = if local.ip().is_unspecified() { vec![] } else { vec![local] };
-    let mut config = ClientConfig::new(keypair.clone(), args.client.registry.key);
-    // Tells this process's sessions from those of others with the same seed.
-    config.process = seaport_net::identity::random_u64();
-    let mut service = ServiceClient::new(config, vec![role.clone()], local.port(), reported);
-    if local.ip().is_unspecified() {
-        service = service.listening_on_every_interface();
-    }
+    // Tells this process's sessions from those of others with the same seed;
+    // each registry of the set gets its own (slot added), so two names of one
+    // registry do not supersede each other's session.
+    let process = seaport_net::identity::random_u64();
     // A backend that does not answer yet keeps the role from being
     // registered at all, rather than registered and withdrawn at once.
     let backend_up = backend_answers(backend, args.check_interval).await;
     if !backend_up {
         tracing::warn!(%backend, "backend does not answer: {role} is registered once it does");
         readiness().set(READY, Some(format!("not registered: backend {backend} does not answer")));
-        service.set_available(false);
     }
-    let client = Arc::new(Mutex::new(service));
-    // Meetings the registry offers (a proxy that cannot dial us), and the
+    // Whether the backend answers: what a registry's client is made with,
+    // also for a registry of the set followed later.
+    let available = Arc::new(AtomicBool::new(backend_up));
+    let make = {
+        let (keypair, registry, role, available) =
+            (keypair.clone(), args.client.registry.key, role.clone(), available.clone());
+        move |slot: usize| {
+            let mut config = ClientConfig::new(keypair.clone(), registry);
+            config.process = process.wrapping_add(slot as u64).max(1);
+            let mut service = ServiceClient::new(config, vec![role.clone()], local.port(), reported.clone());
+            if local.ip().is_unspecified() {
+                service = service.listening_on_every_interface();
+            }
+            service.set_available(available.load(Ordering::Relaxed));
+            service
+        }
+    };
+    // Meetings the registries offer (a proxy that cannot dial us), and the
     // punched or relayed streams they yield, which are served as links.
     let (offers_tx, offers) = mpsc::channel(reach::MAX_MEETINGS);
     let (met_tx, met) = mpsc::channel(reach::MAX_MEETINGS);
-    // Whether the role is registered now: a backend that goes down withdraws
-    // it, one that was never up has nothing to withdraw.
-    let registered = Arc::new(AtomicBool::new(false));
-    let control = ControlTask::spawn(
-        client.clone(),
-        args.client.registry.clone(),
-        resolver,
-        reporter(offers_tx, registered.clone()),
-    );
-    let meetings =
-        tokio::spawn(reach::answer_meetings(offers, control.registry_addr(), allow.clone(), met_tx));
+    let reporter = Arc::new(Reporter { offers: offers_tx, state: Mutex::default() });
+    let on_event = {
+        let reporter = reporter.clone();
+        Arc::new(move |at: At<'_>, event: &ServiceEvent| reporter.on_event(at, event))
+    };
+    let control = ControlSet::spawn(args.client.registry.clone(), resolver, make, on_event);
+    let meetings = tokio::spawn(reach::answer_meetings(offers, allow.clone(), met_tx));
     let health = tokio::spawn(watch_backend(
-        client.clone(),
-        Health { role, backend, every: args.check_interval, up: backend_up, registered },
-        control.poke(),
+        Health { role, backend, every: args.check_interval, up: backend_up, available },
+        reporter.clone(),
+        control.handle(),
     ));
 
     let timeout = args.handshake_timeout;
@@ -213,7 +222,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     health.abort();
     reloads.abort();
     meetings.abort();
-    lock(&client).set_available(false);
+    control.handle().change_all(|c| c.set_available(false));
     control.stop().await;
     drop(listener);
     let _ = drain_tx.send(true);
@@ -225,45 +234,89 @@ pub async fn run(args: Args) -> Result<(), Failure> {
 /// The readiness condition: the role is registered.
 const READY: &str = "registered";
 
-/// Turns the client's events into stdout lines and logs. A disconnect is
-/// reported once, and only after a session that was up.
-fn reporter(
-    offers: mpsc::Sender<(Ticket, PublicKey)>,
-    registered: Arc<AtomicBool>,
-) -> impl FnMut(&ServiceEvent) + Send {
-    let mut connected = false;
-    move |event| match event {
-        ServiceEvent::MeetOffer { ticket, proxy } => match offers.try_send((*ticket, *proxy)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(%proxy, "too many meetings under way: this offer is let go");
+/// Turns the clients' events (one client per registry of the set) into
+/// stdout lines, logs and readiness: the role counts as registered while
+/// some registry holds it, and the lines say so once, not once per registry.
+struct Reporter {
+    /// Where meeting offers go, with the address of the registry that
+    /// arranges each.
+    offers: mpsc::Sender<(Ticket, PublicKey, SocketAddr)>,
+    state: Mutex<Reported>,
+}
+
+/// What the reporter knows, by registry slot.
+#[derive(Default)]
+struct Reported {
+    /// Slots whose session is up.
+    connected: BTreeSet<usize>,
+    /// Slots whose registry holds the role now.
+    registered: BTreeSet<usize>,
+}
+
+impl Reporter {
+    fn on_event(&self, at: At<'_>, event: &ServiceEvent) {
+        match event {
+            ServiceEvent::MeetOffer { ticket, proxy } => match self
+                .offers
+                .try_send((*ticket, *proxy, at.addr))
+            {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(%proxy, "too many meetings under way: this offer is let go");
+                }
+                // --no-meet: nobody takes offers.
+                Err(mpsc::error::TrySendError::Closed(_)) => tracing::debug!(%proxy, "meeting offer ignored"),
+            },
+            ServiceEvent::Registered(role) => {
+                let first = {
+                    let mut state = lock(&self.state);
+                    state.registered.insert(at.slot);
+                    state.registered.len() == 1
+                };
+                readiness().set(READY, None);
+                if first {
+                    emit(&Event::Registered { role: role.clone() });
+                    seaport_net::notify::ready();
+                } else {
+                    tracing::info!(registry = %at.addr, %role, "registered with another registry of the set");
+                }
             }
-            // --no-meet: nobody takes offers.
-            Err(mpsc::error::TrySendError::Closed(_)) => tracing::debug!(%proxy, "meeting offer ignored"),
-        },
-        ServiceEvent::Registered(role) => {
-            registered.store(true, Ordering::Relaxed);
-            readiness().set(READY, None);
-            emit(&Event::Registered { role: role.clone() });
-            seaport_net::notify::ready();
-        }
-        ServiceEvent::Refused { role, code, text } => {
-            tracing::error!(%role, %code, "registry refused: {text}; asking again after the next reconnect");
-            readiness().set(READY, Some(format!("the registry refused {role}: {text}")));
-            emit(&Event::RegistrationRefused { role: role.clone(), text: text.clone() });
-        }
-        ServiceEvent::Connected => {
-            connected = true;
-            tracing::info!("connected to registry");
-        }
-        ServiceEvent::Disconnected(reason) => {
-            registered.store(false, Ordering::Relaxed);
-            readiness().set(READY, Some(format!("not registered: no session with the registry ({reason})")));
-            if std::mem::take(&mut connected) {
-                emit(&Event::Disconnected { reason: reason.to_string() });
+            ServiceEvent::Refused { role, code, text } => {
+                tracing::error!(registry = %at.addr, %role, %code, "registry refused: {text}; asking again after the next reconnect");
+                if lock(&self.state).registered.is_empty() {
+                    readiness().set(READY, Some(format!("the registry refused {role}: {text}")));
+                }
+                emit(&Event::RegistrationRefused { role: role.clone(), text: text.clone() });
             }
+            ServiceEvent::Connected => {
+                lock(&self.state).connected.insert(at.slot);
+                tracing::info!(registry = %at.addr, "connected to registry");
+            }
+            ServiceEvent::Disconnected(reason) => {
+                let (was_connected, none_left) = {
+                    let mut state = lock(&self.state);
+                    state.registered.remove(&at.slot);
+                    (state.connected.remove(&at.slot), state.registered.is_empty())
+                };
+                if none_left {
+                    readiness()
+                        .set(READY, Some(format!("not registered: no session with any registry ({reason})")));
+                }
+                if was_connected {
+                    emit(&Event::Disconnected { addr: at.addr, member: at.slot, reason: reason.to_string() });
+                }
+            }
+            other => tracing::debug!(?other),
         }
-        other => tracing::debug!(?other),
+    }
+
+    /// The role is withdrawn everywhere (its backend is down): whether it
+    /// was registered anywhere.
+    fn withdraw(&self) -> bool {
+        let mut state = lock(&self.state);
+        let was = !state.registered.is_empty();
+        state.registered.clear();
+        was
     }
 }
 
@@ -274,8 +327,8 @@ struct Health {
     every: Duration,
     /// Whether it answered the last check.
     up: bool,
-    /// Set while the registry holds the role (see `reporter`).
-    registered: Arc<AtomicBool>,
+    /// Shared with the factory of the registries' clients.
+    available: Arc<AtomicBool>,
 }
 
 /// Checks the backend every `every` with a TCP connect; withdraws the role
@@ -283,8 +336,8 @@ struct Health {
 /// sent to a service that cannot answer. A backend that is not up yet keeps
 /// the role from being registered, and says so; only a role that was
 /// registered is reported withdrawn.
-async fn watch_backend(client: Arc<Mutex<ServiceClient>>, health: Health, poke: Arc<Notify>) {
-    let Health { role, backend, every, mut up, registered } = health;
+async fn watch_backend(health: Health, reporter: Arc<Reporter>, control: ControlHandle<ServiceClient>) {
+    let Health { role, backend, every, mut up, available } = health;
     loop {
         tokio::time::sleep(every).await;
         let now_up = backend_answers(backend, every).await;
@@ -294,7 +347,7 @@ async fn watch_backend(client: Arc<Mutex<ServiceClient>>, health: Health, poke: 
         up = now_up;
         if up {
             tracing::info!(%backend, "backend is back: registering again");
-        } else if registered.swap(false, Ordering::Relaxed) {
+        } else if reporter.withdraw() {
             tracing::warn!(%backend, "backend is down: withdrawing the registration");
             let reason = format!("backend {backend} is down");
             readiness().set(READY, Some(format!("{role} withdrawn: {reason}")));
@@ -303,8 +356,9 @@ async fn watch_backend(client: Arc<Mutex<ServiceClient>>, health: Health, poke: 
             tracing::warn!(%backend, "backend does not answer: {role} is registered once it does");
             readiness().set(READY, Some(format!("not registered: backend {backend} does not answer")));
         }
-        lock(&client).set_available(up);
-        poke.notify_one();
+        // Before the clients: a registry followed from now on starts right.
+        available.store(up, Ordering::Relaxed);
+        control.change_all(|c| c.set_available(up));
     }
 }
 

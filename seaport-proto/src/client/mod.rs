@@ -1,8 +1,10 @@
 //! The two registry clients, [`ServiceClient`] (register roles, keep them
-//! registered) and [`ProxyClient`] (watch a query, choose instances), each
-//! composed of a [`ControlSession`] (the control session and its keepalive) and
-//! its own logic; [`Backoff`] paces reconnects and [`balance`] orders
-//! instances for a proxy.
+//! registered) and [`ProxyClient`] (watch a query), each composed of a
+//! [`ControlSession`] (the control session and its keepalive) and its own
+//! logic; [`Backoff`] paces reconnects. A client follows one registry: of
+//! a registry set (several registries under one key) a process runs one
+//! client per member, and a proxy acts on their union ([`set::SetView`]),
+//! ordered for each connection by [`balance`].
 //!
 //! Driving either (sans-io, through [`RegistryClient`]): when the driver has
 //! a fresh TCP stream to the registry it calls `connect(now, entropy)`; bytes
@@ -75,12 +77,14 @@ pub mod balance;
 pub mod control;
 pub mod proxy;
 pub mod service;
+pub mod set;
 
 pub use backoff::Backoff;
 pub use balance::Strategy;
 pub use control::{ControlEvent, ControlSession};
 pub use proxy::{ProxyClient, ProxyEvent};
 pub use service::{ServiceClient, ServiceEvent};
+pub use set::{MAX_MEMBERS, SetView};
 
 /// Who to talk to and how patiently.
 #[derive(Debug, Clone)]

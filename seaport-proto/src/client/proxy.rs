@@ -1,6 +1,7 @@
-//! The proxy side: watches one or more queries (one per role it serves),
-//! keeps the instances last reported for each (across registry reconnects)
-//! and orders them for each new connection.
+//! The proxy side of one registry: watches one or more queries (one per
+//! role it serves) and keeps the instances last reported for each (across
+//! registry reconnects). Choosing among them, over every registry of a set,
+//! is [`crate::client::set::SetView`]'s.
 //!
 //! Invariants: each query's instance set only ever holds instances that
 //! match that query, whatever the registry sends. Query `i` is watch id `i`;
@@ -20,7 +21,6 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::client::balance::{Balancer, Strategy};
 use crate::client::control::{ControlEvent, ControlSession};
 use crate::client::{ClientConfig, ClientError};
 use crate::hello::Capabilities;
@@ -89,11 +89,9 @@ pub const RECONNECT_GRACE: Duration = Duration::from_secs(5);
 /// Most meetings a proxy asks for at once (the registry has its own cap).
 pub const MAX_PENDING_MEETS: usize = 64;
 
-/// One query the proxy serves: what it asks, what matched last, and how it
-/// chooses among them.
+/// One query the proxy serves: what it asks and what matched last.
 struct Watched {
     query: RoleQuery,
-    balancer: Balancer,
     /// What connections choose from: the registry's last answer, and
     /// during a grace the instances known before it too.
     instances: Vec<Instance>,
@@ -128,29 +126,17 @@ struct Partial {
 }
 
 impl ProxyClient {
-    /// A proxy for `query`; a failed instance is avoided for `ban`.
-    pub fn new(config: ClientConfig, query: RoleQuery, strategy: Strategy, ban: Duration) -> ProxyClient {
-        ProxyClient::with_queries(config, vec![query], strategy, ban)
+    /// A proxy for `query`.
+    pub fn new(config: ClientConfig, query: RoleQuery) -> ProxyClient {
+        ProxyClient::with_queries(config, vec![query])
     }
 
     /// A proxy for several queries at once (one per role it serves), over
     /// one control session.
-    pub fn with_queries(
-        config: ClientConfig,
-        queries: Vec<RoleQuery>,
-        strategy: Strategy,
-        ban: Duration,
-    ) -> ProxyClient {
-        let me = config.keypair.public();
+    pub fn with_queries(config: ClientConfig, queries: Vec<RoleQuery>) -> ProxyClient {
         let watched: Vec<Watched> = queries
             .into_iter()
-            .map(|query| Watched {
-                query,
-                balancer: Balancer::new(strategy, me, ban),
-                instances: Vec::new(),
-                before: Vec::new(),
-                reported: None,
-            })
+            .map(|query| Watched { query, instances: Vec::new(), before: Vec::new(), reported: None })
             .collect();
         ProxyClient {
             control_session: ControlSession::new(config),
@@ -224,25 +210,10 @@ impl ProxyClient {
         all
     }
 
-    /// The order in which to try instances of the first query for one new
-    /// connection; see [`ProxyClient::choose_for`].
-    pub fn choose(&mut self, now: Instant, random: u64) -> Vec<Instance> {
-        self.choose_for(0, now, random)
-    }
-
-    /// The order in which to try instances of query `query` for one new
-    /// connection: the strategy's choice first, then the others, instances
-    /// banned for a recent failure last. `random` is used by [`Strategy::Random`].
-    pub fn choose_for(&mut self, query: usize, now: Instant, random: u64) -> Vec<Instance> {
-        self.watched.get_mut(query).map(|w| w.balancer.order(now, random, &w.instances)).unwrap_or_default()
-    }
-
-    /// Dialing or handshaking with `key` failed: avoid it for a while, for
-    /// every query.
-    pub fn report_failure(&mut self, now: Instant, key: PublicKey) {
-        for watched in &mut self.watched {
-            watched.balancer.report_failure(now, key);
-        }
+    /// Whether an instance of `key` with `role` is among those last
+    /// reported for any query.
+    pub fn lists(&self, key: &PublicKey, role: &Role) -> bool {
+        self.watched.iter().flat_map(|w| &w.instances).any(|i| i.key == *key && i.role == *role)
     }
 
     /// Adds a part of answer `id`; a part of another answer than the one
@@ -429,12 +400,7 @@ mod tests {
     fn open_proxy() -> (ProxyClient, Session, Instant) {
         let now = Instant::now();
         let config = ClientConfig::new(keypair(2), keypair(1).public());
-        let mut proxy = ProxyClient::new(
-            config,
-            RoleQuery::parse("db").unwrap(),
-            Strategy::First,
-            Duration::from_secs(1),
-        );
+        let mut proxy = ProxyClient::new(config, RoleQuery::parse("db").unwrap());
         proxy.connect(now, [3; 32]).unwrap();
         let mut registry =
             Session::respond(now, &keypair(1), Intent::Control, [4; 32], Duration::from_secs(5)).unwrap();
@@ -524,7 +490,6 @@ mod tests {
         };
         assert!(left.is_empty());
         assert!(proxy.instances().is_empty());
-        assert!(proxy.choose_for(0, now, 7).is_empty(), "nothing left to connect to");
     }
 
     #[test]

@@ -1,0 +1,180 @@
+//! A proxy's view of a registry set: several registries under one key, each
+//! followed by a [`ProxyClient`] of its own (a *member*), whose answers are
+//! merged here into one set of instances per query, and ordered for each
+//! new connection by the balance strategy.
+//!
+//! The registries share nothing, so the union is the whole truth:
+//! - **One instance through two registries is one instance.** Two reports
+//!   are the same instance when key and role are equal and their addresses
+//!   meet (a registry adds the address it observed, which can differ
+//!   between registries); the merged instance has the addresses of both, in
+//!   the order of the members that report it.
+//! - **An instance is lost only when no registry lists it any more.** The
+//!   union is taken over the members whose session is open. A member whose
+//!   session ended says nothing about the present, so what it reported
+//!   before is not counted; while *no* member has a session, what every
+//!   member knew last stays (as with one registry, a proxy keeps its
+//!   instances while the registry is away).
+//! - A member that reconnects keeps what it knew before for its own grace
+//!   ([`crate::client::proxy::RECONNECT_GRACE`]), so a restarted registry
+//!   that is still being repopulated hides nothing.
+//!
+//! Invariants: each query's union holds at most [`MAX_MEMBERS`] times a
+//! member's cap of instances, every instance at most once; the balance
+//! state (turns, bans) belongs to the union, not to a member, so a
+//! connection's choice does not depend on which registry answered.
+
+use std::time::{Duration, Instant};
+
+use crate::client::RegistryClient;
+use crate::client::balance::{Balancer, Strategy};
+use crate::client::proxy::ProxyClient;
+use crate::keys::PublicKey;
+use crate::message::Instance;
+
+/// Most registries of a set a client follows at once: each costs the client
+/// a session and the registry a session per client.
+pub const MAX_MEMBERS: usize = 8;
+
+/// One query's union and how connections choose from it.
+struct Chosen {
+    balancer: Balancer,
+    instances: Vec<Instance>,
+}
+
+/// The union of a set's answers, per query; see the module docs.
+pub struct SetView {
+    queries: Vec<Chosen>,
+}
+
+impl SetView {
+    /// A view for `queries` queries, balanced by `strategy` for the proxy
+    /// `me`; a failed instance goes last for `ban`.
+    pub fn new(queries: usize, strategy: Strategy, me: PublicKey, ban: Duration) -> SetView {
+        let queries = (0..queries)
+            .map(|_| Chosen { balancer: Balancer::new(strategy, me, ban), instances: Vec::new() })
+            .collect();
+        SetView { queries }
+    }
+
+    /// Takes each query's union anew from `members` (at most
+    /// [`MAX_MEMBERS`] are read); returns the queries whose union changed.
+    pub fn update(&mut self, members: &[&ProxyClient]) -> Vec<usize> {
+        let members = members.get(..MAX_MEMBERS).unwrap_or(members);
+        let connected: Vec<&ProxyClient> = members.iter().copied().filter(|m| m.is_connected()).collect();
+        let heard = if connected.is_empty() { members } else { &connected };
+        let mut changed = Vec::new();
+        for (query, chosen) in self.queries.iter_mut().enumerate() {
+            let union = union(heard.iter().map(|m| m.instances_of(query)));
+            if union != chosen.instances {
+                chosen.instances = union;
+                changed.push(query);
+            }
+        }
+        changed
+    }
+
+    /// The union for query `query`.
+    pub fn instances_of(&self, query: usize) -> &[Instance] {
+        self.queries.get(query).map_or(&[], |c| c.instances.as_slice())
+    }
+
+    /// Every query's union, each instance once.
+    pub fn all_instances(&self) -> Vec<Instance> {
+        union(self.queries.iter().map(|c| c.instances.as_slice()))
+    }
+
+    /// The order in which to try instances of query `query` for one new
+    /// connection: the strategy's choice first, then the others, instances
+    /// banned for a recent failure last. `random` is used by [`Strategy::Random`].
+    pub fn choose_for(&mut self, query: usize, now: Instant, random: u64) -> Vec<Instance> {
+        self.queries.get_mut(query).map(|c| c.balancer.order(now, random, &c.instances)).unwrap_or_default()
+    }
+
+    /// Dialing or handshaking with `key` failed: avoid it for a while, for
+    /// every query.
+    pub fn report_failure(&mut self, now: Instant, key: PublicKey) {
+        for chosen in &mut self.queries {
+            chosen.balancer.report_failure(now, key);
+        }
+    }
+}
+
+/// The members (by index) whose session is open and that list `instance`:
+/// where a meeting with it can be arranged, since both sides have a session
+/// there.
+pub fn members_listing(members: &[&ProxyClient], instance: &Instance) -> Vec<usize> {
+    members
+        .iter()
+        .enumerate()
+        .take(MAX_MEMBERS)
+        .filter(|(_, m)| m.is_connected() && m.lists(&instance.key, &instance.role))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The union of `reports`, in order: an instance that meets one already
+/// taken (module docs) adds its addresses to it.
+fn union<'a>(reports: impl Iterator<Item = &'a [Instance]>) -> Vec<Instance> {
+    let mut all: Vec<Instance> = Vec::new();
+    for instance in reports.flatten() {
+        let same = all.iter_mut().find(|known| {
+            known.key == instance.key
+                && known.role == instance.role
+                && known.addrs.iter().any(|a| instance.addrs.contains(a))
+        });
+        match same {
+            Some(known) => {
+                for addr in &instance.addrs {
+                    if !known.addrs.contains(addr) {
+                        known.addrs.push(*addr);
+                    }
+                }
+            }
+            None => all.push(instance.clone()),
+        }
+    }
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::role::Role;
+    use crate::testing::keypair;
+
+    fn instance(n: u8, addrs: &[&str]) -> Instance {
+        Instance {
+            key: keypair(n).public(),
+            role: Role::parse("db@1.0.0").unwrap(),
+            addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn one_instance_through_two_registries_is_one_instance() {
+        let a = [instance(1, &["10.0.0.1:7000"]), instance(2, &["10.0.0.2:7000"])];
+        let b = [instance(2, &["10.0.0.2:7000", "192.0.2.2:7000"]), instance(3, &["10.0.0.3:7000"])];
+        let all = union([a.as_slice(), b.as_slice()].into_iter());
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[1].addrs.len(), 2, "the addresses of both reports: {:?}", all[1]);
+        // The same key at other addresses is another process of that identity.
+        let other = [instance(1, &["10.0.0.9:7000"])];
+        assert_eq!(union([a.as_slice(), other.as_slice()].into_iter()).len(), 3);
+        // Another role of the same process is another instance.
+        let mut web = instance(1, &["10.0.0.1:7000"]);
+        web.role = Role::parse("web@1.0.0").unwrap();
+        assert_eq!(union([a.as_slice(), std::slice::from_ref(&web)].into_iter()).len(), 3);
+    }
+
+    #[test]
+    fn a_ban_holds_whichever_registry_reports_the_instance() {
+        let mut view = SetView::new(1, Strategy::First, keypair(9).public(), Duration::from_secs(30));
+        view.queries[0].instances = vec![instance(1, &["10.0.0.1:7000"]), instance(2, &["10.0.0.2:7000"])];
+        let now = Instant::now();
+        assert_eq!(view.choose_for(0, now, 0)[0].key, keypair(1).public());
+        view.report_failure(now, keypair(1).public());
+        assert_eq!(view.choose_for(0, now, 0)[0].key, keypair(2).public());
+        assert!(view.choose_for(5, now, 0).is_empty(), "no such query");
+    }
+}
