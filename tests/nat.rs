@@ -202,7 +202,13 @@ impl Net {
 
     /// The registry on pub with `seed`, once listening.
     fn registry(&self, seed: &str) -> Proc {
-        let args = ["--listen", REGISTRY_ADDR, "--no-dht"];
+        self.registry_at(seed, REGISTRY_ADDR)
+    }
+
+    /// A registry on pub with `seed` listening on `addr` (one of a set, when
+    /// several are started with the same seed), once listening.
+    fn registry_at(&self, seed: &str, addr: &str) -> Proc {
+        let args = ["--listen", addr, "--no-dht"];
         let p =
             Proc::start_in(&self.ns("pub"), "seaport-registry", &args, &[("SEAPORT_REGISTRY_SEED", seed)]);
         p.wait_line("Registry listening. Connect with pubkey", WAIT);
@@ -636,7 +642,81 @@ fn relayed_stream_is_reset_by_a_registry_death_and_relaying_resumes() {
     });
 }
 
-// ---- f. NATs that answer unsolicited packets with RST / ICMP ---------------------------------
+// ---- f. a registry set: one registry dies, the other arranges ----------------------------
+
+/// A second registry of the set on pub, beside [`REGISTRY_ADDR`].
+const SECOND_REGISTRY_ADDR: &str = "203.0.113.10:4001";
+
+/// Two registries of one set on pub (same seed, two ports); service on h1,
+/// proxies on h2, all given both. The registry that arranged the first link
+/// is killed: the next new link is arranged (and relayed) by the other, and
+/// a proxy started after the kill connects through it too.
+///
+/// nat2 is symmetric, so every link is relayed, and a relayed link's address
+/// is the registry that arranged the meeting and carries the bytes: which
+/// registry did it is read off the proxy's `link to` line. (A punched link
+/// would need the registries to say which meetings they arrange, which they
+/// do not at the info level.) It also makes the new link necessary: the
+/// relayed one dies with its registry.
+#[test]
+fn a_link_is_arranged_through_the_other_registry_when_one_dies() {
+    nat_test("nb-", &["--symmetric"], |net| {
+        let (seed, key) = new_seed();
+        let target = format!("{key}@{REGISTRY_ADDR},{SECOND_REGISTRY_ADDR}");
+        let mut registries = vec![
+            (REGISTRY_ADDR, Some(net.registry_at(&seed, REGISTRY_ADDR))),
+            (SECOND_REGISTRY_ADDR, Some(net.registry_at(&seed, SECOND_REGISTRY_ADDR))),
+        ];
+        let web = net.run("h1", || http_backend("through the set"));
+        let (svc, svc_key) = net.service("h1", &target, web, "web@1.0.0");
+        // Registered with both, and the proxy follows both: either may
+        // arrange the first meeting.
+        svc.wait_log("registered with another registry of the set", WAIT);
+        let (proxy, port) = net.proxy("h2", &target, "web@1");
+        wait_count(&proxy, "connected to registry at ", 2);
+
+        assert_http(&net, "h2", port, &proxy, "through the set");
+        let first = the_link(&proxy, &svc_key);
+        assert_eq!(first.path, "relayed", "{first:?}");
+        let dead = registries.iter().position(|(addr, _)| *addr == first.addr);
+        let dead = dead.unwrap_or_else(|| panic!("the relay is neither registry of the set: {first:?}"));
+        let (dead_addr, survivor) = (registries[dead].0, registries[1 - dead].0);
+
+        let arranger = registries[dead].1.take().unwrap();
+        arranger.signal("KILL");
+        drop(arranger);
+        // Both sides see that session end; the other stays up.
+        let gone = format!("disconnected from registry at {dead_addr}");
+        wait_count(&svc, &gone, 1);
+        wait_count(&proxy, &gone, 1);
+
+        // The relayed link died with its registry: this request needs a new
+        // link, which only the survivor can arrange.
+        assert_http(&net, "h2", port, &proxy, "through the set");
+        let all = wait_links(&proxy, 2);
+        assert_eq!(all.len(), 2, "one new link: {all:#?}");
+        assert_eq!(
+            (all[1].key.as_str(), all[1].path.as_str(), all[1].addr.as_str()),
+            (svc_key.as_str(), "relayed", survivor),
+            "{all:#?}"
+        );
+
+        // A proxy started after the kill: its session with the dead registry
+        // never comes up, the survivor's does, and it links through it.
+        let (late, late_port) = net.proxy("h2", &target, "web@1");
+        wait_count(&late, &format!("connected to registry at {survivor}"), 1);
+        assert_http(&net, "h2", late_port, &late, "through the set");
+        let link = the_link(&late, &svc_key);
+        assert_eq!((link.path.as_str(), link.addr.as_str()), ("relayed", survivor), "{link:?}");
+        assert_eq!(late.count(&format!("connected to registry at {dead_addr}")), 0, "{:#?}", late.lines());
+
+        // The first proxy still serves, on its new link.
+        assert_http(&net, "h2", port, &proxy, "through the set");
+        assert_eq!(links(&proxy).len(), 2, "no third link: {:#?}", links(&proxy));
+    });
+}
+
+// ---- g. NATs that answer unsolicited packets with RST / ICMP ---------------------------------
 
 /// Routers that reject (TCP RST, ICMP unreachable) instead of dropping break
 /// TCP simultaneous open in ways plain drops do not; the link must still come

@@ -23,7 +23,9 @@ use crate::target::{RegistryTarget, Resolver};
 /// and how to find the registry.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientArgs {
-    /// The registry: KEY (found through the DHT) or KEY@HOST:PORT.
+    /// The registry: KEY (the registries under it are found through the
+    /// DHT) or KEY@HOST:PORT, or several registries of one seed (a set,
+    /// each followed at once) as KEY@HOST:PORT,HOST:PORT (at most 8).
     #[arg(env = "SEAPORT_REGISTRY", hide_env_values = true, value_name = "REGISTRY")]
     pub registry: RegistryTarget,
     /// This process's seed (default: a fresh identity each start).

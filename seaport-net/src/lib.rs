@@ -24,9 +24,10 @@
 //! - [`serve`]: the accept loop and drain the service and proxy share.
 //!
 //! Control (service and proxy ⇄ registry):
-//! - [`control`]: a control session with reconnects and backoff.
-//! - [`target`]: the `KEY` / `KEY@HOST:PORT` argument and its resolution;
-//!   [`dht`]: publishing and resolving a registry's addresses on mainline.
+//! - [`control`]: one control session per registry of the set, with
+//!   reconnects and backoff, and finding the set's members.
+//! - [`target`]: the `KEY` / `KEY@HOST:PORT,...` argument and its members;
+//!   [`dht`]: publishing and resolving a registry set's record on mainline.
 //!
 //! Registry:
 //! - [`registry`]: the server driving the registry state machine, one method

@@ -57,6 +57,10 @@ pub const MEET_AFTER: Duration = Duration::from_millis(150);
 pub const RELAY_AFTER: Duration = Duration::from_millis(500);
 /// How long a service keeps punching toward a proxy.
 pub const PUNCH_FOR: Duration = Duration::from_secs(5);
+/// How long a proxy waits for a registry's answer to a meeting request
+/// before it asks the next registry of the set (a registry answers in a
+/// round trip; one that does not within this is frozen or cut off).
+pub const MEET_ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// How long either side waits for a meeting to come together.
 pub const MEET_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most meetings a service answers at once; more offers are let go.
@@ -171,8 +175,16 @@ impl Introducer {
         let start = self.turn.fetch_add(1, Ordering::Relaxed) % members.len();
         members.rotate_left(start);
         let mut why = Vec::new();
-        for member in &members {
-            match self.meet_at(member, instance, deadline).await {
+        for (i, member) in members.iter().enumerate() {
+            // A registry that holds its session but does not answer (frozen,
+            // cut off) must leave the next one time to: only the last waits
+            // out the whole deadline for its answer.
+            let answer_by = if i + 1 == members.len() {
+                deadline
+            } else {
+                deadline.min(Instant::now() + MEET_ANSWER_WAIT)
+            };
+            match self.meet_at(member, instance, answer_by, deadline).await {
                 Ok(joined) => return Ok(joined),
                 Err(e) => {
                     tracing::info!(registry = %member.member, service = %instance.key, "no meeting there: {e}");
@@ -186,11 +198,13 @@ impl Introducer {
         Err(HandshakeError::NoMeeting(why.join("; ")))
     }
 
-    /// Asks `member`'s registry for a meeting with `instance` and joins it.
+    /// Asks `member`'s registry for a meeting with `instance`, waits for
+    /// its answer until `answer_by`, and joins it by `deadline`.
     async fn meet_at(
         &self,
         member: &MemberView<ProxyClient>,
         instance: &Instance,
+        answer_by: Instant,
         deadline: Instant,
     ) -> Result<Joined, HandshakeError> {
         let no_meeting = |why: &str| HandshakeError::NoMeeting(why.to_owned());
@@ -205,7 +219,7 @@ impl Introducer {
             lock(&self.pending).insert((member.slot, id), tx);
         }
         member.poke.notify_one();
-        let ticket = tokio::time::timeout_at(deadline, rx)
+        let ticket = tokio::time::timeout_at(answer_by, rx)
             .await
             .map_err(|_| no_meeting("the registry did not answer in time"))?
             .map_err(|_| no_meeting("the registry session ended"))?
