@@ -155,7 +155,10 @@ impl Introducer {
                 }
             }
         });
-        Introducer { control, pending, turn: AtomicUsize::new(0) }
+        // A random first turn: proxies started together do not all begin
+        // with the same registry.
+        let turn = AtomicUsize::new(crate::identity::random_u64() as usize);
+        Introducer { control, pending, turn }
     }
 
     /// Asks for a meeting with `instance` and joins it, by `deadline`: at
