@@ -289,7 +289,10 @@ pub async fn establish(
                 return Err(HandshakeError::NoMeeting("not relayed: looking for a better path".into()));
             }
             if !peer.relaying {
-                return Err(HandshakeError::NoMeeting("the registry does not relay (--no-relay)".into()));
+                return Err(HandshakeError::NoMeeting(
+                    "the registry does not relay this link (--no-relay, or its relay limits are reached)"
+                        .into(),
+                ));
             }
             tokio::time::sleep(relay_after).await;
             let registry = meet.peer_addr()?;
