@@ -286,11 +286,13 @@ fn json_events_follow_the_walkthrough() {
     let events = json_events(&svc);
     assert_eq!(
         names(&events),
-        ["service_started", "registry_connecting", "registered", "draining", "stopped"],
+        ["service_started", "registry_connecting", "registry_connected", "registered", "draining", "stopped"],
         "{events:#?}"
     );
-    assert_eq!(events[2]["role"], "db@1.0.0");
-    assert_eq!(events[2]["tags"], serde_json::json!(["eu"]));
+    assert_eq!(events[2]["registry_addr"], listen.as_str());
+    assert_eq!(events[2]["member"], 0);
+    assert_eq!(events[3]["role"], "db@1.0.0");
+    assert_eq!(events[3]["tags"], serde_json::json!(["eu"]));
     for event in json_events(&proxy).iter().chain(&events).chain(&json_events(&reg)) {
         let ts = event["ts"].as_str().unwrap();
         assert!(ts.len() == 24 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "{ts}");

@@ -663,7 +663,7 @@ fn a_link_is_arranged_through_the_other_registry_when_one_dies() {
     nat_test("nb-", &["--symmetric"], |net| {
         let (seed, key) = new_seed();
         let target = format!("{key}@{REGISTRY_ADDR},{SECOND_REGISTRY_ADDR}");
-        let mut registries = vec![
+        let mut registries = [
             (REGISTRY_ADDR, Some(net.registry_at(&seed, REGISTRY_ADDR))),
             (SECOND_REGISTRY_ADDR, Some(net.registry_at(&seed, SECOND_REGISTRY_ADDR))),
         ];

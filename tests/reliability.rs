@@ -413,3 +413,51 @@ fn a_set_of_three_fails_nothing_while_one_is_killed_and_another_restarted() {
     let (_late, late_port) = proxy(&target, "web", 1);
     assert_eq!(http_get(late_port), (200, "from the set".to_owned()));
 }
+
+#[test]
+fn a_set_found_through_a_private_dht_survives_a_member_killed() {
+    let web = http_backend("through the dht");
+    let (seed, key) = new_seed();
+    let dht: Vec<String> = (0..3).map(|_| free_udp_port().to_string()).collect();
+    let first_dht = format!("127.0.0.1:{}", dht[0]);
+    let mut members: Vec<Proc> = (0..3)
+        .map(|i| {
+            let listen = format!("127.0.0.1:{}", free_port());
+            let mut args = vec!["--listen", listen.as_str(), "--dht-port", dht[i].as_str()];
+            // Each DHT node of a member knows the first: one private DHT.
+            if i > 0 {
+                args.extend(["--bootstrap", first_dht.as_str()]);
+            }
+            let p = Proc::start("seaport-registry", &args, &[("SEAPORT_REGISTRY_SEED", &seed)]);
+            p.wait_line("Registry listening", WAIT);
+            p
+        })
+        .collect();
+    let bootstrap: Vec<String> = dht.iter().map(|d| format!("127.0.0.1:{d}")).collect();
+    let bootstrap = bootstrap.join(",");
+    let env = [("SEAPORT_BOOTSTRAP", bootstrap.as_str())];
+    let svc = Proc::start("seaport-service", &[&key, "-p", &web.to_string(), "-r", "dht@1.0.0"], &env);
+    svc.wait_line("registered service", WAIT);
+    let port = free_port();
+    let proxy = Proc::start("seaport-proxy", &[&key, "-p", &port.to_string(), "-r", "dht"], &env);
+    // Given only the key, each client follows all three.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    for client in [&svc, &proxy] {
+        while client.count_log("following 3 registries of the set") < 1 {
+            assert!(Instant::now() < deadline, "not all three found: {:#?}", client.errors());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    proxy.wait_line("proxy from", WAIT);
+    assert_eq!(http_get(port), (200, "through the dht".to_owned()));
+
+    members[0].signal("KILL");
+    members.remove(0);
+    // A proxy started after the kill still reaches the service, through the
+    // members left (the dead one's entry is still in the record for a while).
+    let late_port = free_port();
+    let late = Proc::start("seaport-proxy", &[&key, "-p", &late_port.to_string(), "-r", "dht"], &env);
+    late.wait_line("proxy from", Duration::from_secs(40));
+    assert_eq!(http_get(late_port), (200, "through the dht".to_owned()));
+    assert_eq!(http_get(port), (200, "through the dht".to_owned()));
+}

@@ -9,7 +9,8 @@
 //!   registry added later is followed within that; a member the record no
 //!   longer lists is let go once its session is down. At most
 //!   [`MAX_MEMBERS`] are followed; each has a *slot* (0 to 7), its name in
-//!   metrics and events, reused once it is let go.
+//!   metrics and events, given again once the task of the member let go
+//!   has ended.
 //! - **Clients.** Each member has its own client, made by the caller's
 //!   factory, behind a mutex shared with the rest of the process (the
 //!   proxy chooses instances from them); the lock is never held across an
@@ -49,6 +50,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a bare key may stay unfound in the DHT before the user is told,
 /// once, what to try instead.
 pub const DHT_HINT_AFTER: Duration = Duration::from_secs(20);
+/// How long stopping may wait for the sessions to send their last words.
+pub const STOP_WITHIN: Duration = Duration::from_secs(3);
 /// How often a bare key's set is read again from the DHT while some member
 /// answers: a registry added to the set is followed within it.
 pub const REDISCOVER: Duration = Duration::from_secs(30);
@@ -117,6 +120,9 @@ struct Shared<C: RegistryClient> {
     make: Box<dyn Fn(usize) -> C + Send + Sync>,
     on_event: OnEvent<C::Event>,
     members: Mutex<Vec<Followed<C>>>,
+    /// Tasks of members let go that may still be finishing, by slot: their
+    /// slots are not given again before they end.
+    retiring: Mutex<Vec<(usize, tokio::task::JoinHandle<()>)>>,
     /// Bumped whenever a member is followed or let go.
     changed: watch::Sender<u64>,
 }
@@ -150,6 +156,7 @@ where
             make: Box::new(make),
             on_event,
             members: Mutex::new(Vec::new()),
+            retiring: Mutex::new(Vec::new()),
             changed,
         });
         let (stop, stopped) = watch::channel(false);
@@ -164,16 +171,26 @@ where
     }
 
     /// Sends what each client queued last, closes the sessions and waits for
-    /// the tasks.
+    /// the tasks, at most [`STOP_WITHIN`] (a registry that reads nothing
+    /// cannot hold the process).
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        let _ = self.discovery.await;
         let followed: Vec<Followed<C>> = std::mem::take(&mut *lock(&self.shared.members));
         for f in &followed {
             let _ = f.stop.send(true);
         }
-        for f in followed {
-            let _ = f.task.await;
+        let mut tasks: Vec<tokio::task::JoinHandle<()>> = followed.into_iter().map(|f| f.task).collect();
+        tasks.extend(std::mem::take(&mut *lock(&self.shared.retiring)).into_iter().map(|(_, task)| task));
+        tasks.push(self.discovery);
+        let aborts: Vec<tokio::task::AbortHandle> = tasks.iter().map(|t| t.abort_handle()).collect();
+        let all = async {
+            for task in tasks {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(STOP_WITHIN, all).await.is_err() {
+            tracing::warn!("a registry session did not close within {STOP_WITHIN:?}: dropped");
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
         }
     }
 }
@@ -224,20 +241,25 @@ where
         let mut members = lock(&self.members);
         let before = members.len();
         let mut gone = Vec::new();
-        members.retain(|f| {
-            let keep = f.view.is_connected() || found.iter().any(|m| m.is(&f.view.member));
-            if !keep {
-                let _ = f.stop.send(true);
-                gone.push(f.view.member.to_string());
-            }
-            keep
-        });
+        let mut retiring = lock(&self.retiring);
+        retiring.retain(|(_, task)| !task.is_finished());
+        let (kept, left): (Vec<Followed<C>>, Vec<Followed<C>>) = std::mem::take(&mut *members)
+            .into_iter()
+            .partition(|f| f.view.is_connected() || found.iter().any(|m| m.is(&f.view.member)));
+        *members = kept;
+        for f in left {
+            let _ = f.stop.send(true);
+            gone.push(f.view.member.to_string());
+            retiring.push((f.view.slot, f.task));
+        }
         let mut left_out = 0;
         for member in found {
             if members.iter().any(|f| f.view.member.is(member)) {
                 continue;
             }
-            let Some(slot) = (0..MAX_MEMBERS).find(|s| !members.iter().any(|f| f.view.slot == *s)) else {
+            let taken =
+                |s: &usize| members.iter().any(|f| f.view.slot == *s) || retiring.iter().any(|r| r.0 == *s);
+            let Some(slot) = (0..MAX_MEMBERS).find(|s| !taken(s)) else {
                 left_out += 1;
                 continue;
             };
@@ -296,7 +318,11 @@ async fn discover<C>(
     let mut hinted = false;
     let mut told_left_out = 0;
     loop {
-        match resolver.members(&target).await {
+        let found = tokio::select! {
+            found = resolver.members(&target) => found,
+            _ = stop.changed() => return,
+        };
+        match found {
             Ok(found) => {
                 unresolved_since = None;
                 failures = 0;

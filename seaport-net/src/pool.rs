@@ -48,18 +48,26 @@ pub struct Links {
     introducer: Option<Arc<Introducer>>,
     /// What path worked last, per service.
     memo: Arc<PathMemo>,
-    /// Per instance, its links; the async lock makes concurrent first
-    /// connections wait for one dial instead of dialing each.
-    links: Mutex<HashMap<InstanceId, Arc<tokio::sync::Mutex<Vec<LinkHandle>>>>>,
+    /// Per service key, its processes and their links.
+    links: Mutex<HashMap<PublicKey, Vec<Process>>>,
 }
 
-/// Tells service processes apart: one identity may run as several processes
-/// (one seed per host), each with its own link port and backend, so a link
-/// belongs to a key *and* the addresses that process reported.
-pub type InstanceId = (PublicKey, Vec<SocketAddr>);
+/// One process of a service identity: one identity may run as several
+/// processes (one seed per host), each with its own link port and backend,
+/// so a link belongs to a key *and* the addresses that process reported.
+/// The addresses may change (which registries of a set answer decides which
+/// the proxy knows): a process stays the same while some address stays
+/// ([`seaport_proto::client::set::is_same_instance`]).
+struct Process {
+    addrs: Vec<SocketAddr>,
+    /// Its links; the async lock makes concurrent first connections wait
+    /// for one dial instead of dialing each.
+    cell: Arc<tokio::sync::Mutex<Vec<LinkHandle>>>,
+}
 
-fn instance_id(instance: &Instance) -> InstanceId {
-    (instance.key, instance.addrs.clone())
+/// Whether a process reported at `addrs` is the one known at `known`.
+fn same_process(known: &[SocketAddr], addrs: &[SocketAddr]) -> bool {
+    known.iter().any(|a| addrs.contains(a))
 }
 
 impl Links {
@@ -103,7 +111,21 @@ impl Links {
     /// The least loaded usable link to `instance` with room for a stream,
     /// dialed now if there is none.
     async fn get(&self, instance: &Instance) -> Result<LinkHandle, HandshakeError> {
-        let cell = lock(&self.links).entry(instance_id(instance)).or_default().clone();
+        let cell = {
+            let mut links = lock(&self.links);
+            let processes = links.entry(instance.key).or_default();
+            match processes.iter_mut().find(|p| same_process(&p.addrs, &instance.addrs)) {
+                Some(known) => {
+                    known.addrs.clone_from(&instance.addrs);
+                    known.cell.clone()
+                }
+                None => {
+                    let cell = Arc::default();
+                    processes.push(Process { addrs: instance.addrs.clone(), cell: Arc::clone(&cell) });
+                    cell
+                }
+            }
+        };
         let mut links = cell.lock().await;
         // A dead or departing link keeps running for its streams, which hold it.
         links.retain(LinkHandle::is_usable);
@@ -177,10 +199,18 @@ impl Links {
         let gone: Vec<_> = {
             let keys: Vec<PublicKey> = instances.iter().map(|i| i.key).collect();
             self.memo.retain(&keys);
-            let ids: Vec<InstanceId> = instances.iter().map(instance_id).collect();
             let mut links = lock(&self.links);
-            let gone = links.keys().filter(|k| !ids.contains(k)).cloned().collect::<Vec<_>>();
-            gone.iter().filter_map(|k| links.remove(k)).collect()
+            let mut gone = Vec::new();
+            for (key, processes) in links.iter_mut() {
+                let (kept, left): (Vec<Process>, Vec<Process>) =
+                    std::mem::take(processes).into_iter().partition(|p| {
+                        instances.iter().any(|i| i.key == *key && same_process(&p.addrs, &i.addrs))
+                    });
+                *processes = kept;
+                gone.extend(left.into_iter().map(|p| p.cell));
+            }
+            links.retain(|_, processes| !processes.is_empty());
+            gone
         };
         for cell in gone {
             // A dial in progress holds the lock; its link goes when its streams end.

@@ -4,7 +4,7 @@
 //! strategy, failing over to the next instance until one's service has
 //! reached its backend.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,14 +18,15 @@ use seaport_net::event::{Event, emit};
 use seaport_net::identity::random_u64;
 use seaport_net::lock::lock;
 use seaport_net::metrics::readiness;
-use seaport_net::pool::{InstanceId, Links};
+use seaport_net::pool::Links;
 use seaport_net::reach::{Introducer, MeetAnswer};
 use seaport_net::serve::{accept_until, drain};
+use seaport_proto::client::set::is_same_instance;
 use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, SetView, Strategy};
 use seaport_proto::keys::PublicKey;
 use seaport_proto::link::LinkConfig;
 use seaport_proto::message::Instance;
-use seaport_proto::role::{Role, RoleQuery};
+use seaport_proto::role::RoleQuery;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
@@ -165,7 +166,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         served: queries.clone(),
         answers: answers_tx,
         changed: changed_tx,
-        state: Mutex::new(Watched { known: vec![HashMap::new(); queries.len()], ..Watched::default() }),
+        state: Mutex::new(Watched { known: vec![Vec::new(); queries.len()], ..Watched::default() }),
     });
     let on_event = {
         let watcher = watcher.clone();
@@ -173,6 +174,14 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     };
     let control = ControlSet::spawn(args.client.registry.clone(), resolver, make, on_event);
     let _ = watcher.control.set(control.handle());
+    // A registry let go of (the set no longer lists it) counts no more.
+    let mut members_changed = control.handle().changes();
+    let following = watcher.clone();
+    tokio::spawn(async move {
+        while members_changed.changed().await.is_ok() {
+            following.update();
+        }
+    });
     let introducer = Introducer::new(control.handle(), answers);
     let links = Arc::new(
         Links::new(keypair.clone(), LinkConfig::default(), args.dial_timeout).with_introducer(introducer),
@@ -258,7 +267,7 @@ struct Watcher {
 #[derive(Default)]
 struct Watched {
     /// Per query: the instances reported found (to report departures).
-    known: Vec<HashMap<InstanceId, Role>>,
+    known: Vec<Vec<Instance>>,
     /// Slots whose session is up.
     connected: BTreeSet<usize>,
     /// Every role served has had an instance (systemd was told).
@@ -302,53 +311,47 @@ impl Watcher {
     }
 
     /// Takes the union of the registries' answers anew, and reports what
-    /// it changed.
+    /// it changed. One update at a time, reported before the next is taken:
+    /// the lines, `/ready` and the links follow the unions in order.
     fn update(&self) {
         let Some(control) = self.control.get() else { return };
-        let (changed, unions) = {
-            // The view's lock first, then the clients' in slot order: the
-            // only place that holds several clients at once.
-            let mut view = lock(&self.view);
-            let members = control.members();
+        // The order of locks: the reports, the view, then each client in
+        // slot order; only here are several held at once.
+        let mut state = lock(&self.state);
+        let mut view = lock(&self.view);
+        let members = control.members();
+        let changed = {
             let guards: Vec<_> = members.iter().map(|m| lock(&m.client)).collect();
             let clients: Vec<&ProxyClient> = guards.iter().map(|g| &**g).collect();
-            let changed = view.update(&clients);
-            let unions: Vec<Vec<Instance>> = changed.iter().map(|q| view.instances_of(*q).to_vec()).collect();
-            (changed, unions)
+            view.update(&clients)
         };
-        for (query, instances) in changed.into_iter().zip(unions) {
-            self.report(query, &instances);
+        if changed.is_empty() {
+            return;
+        }
+        for query in changed {
+            self.report(&mut state, query, view.instances_of(query));
         }
         // Links of instances that left go away: their streams finish.
         if let Some(links) = self.links.get() {
-            let all = lock(&self.view).all_instances();
-            links.retain(&all);
+            links.retain(&view.all_instances());
         }
+        drop((view, state));
         self.changed.send_modify(|n| *n += 1);
     }
 
     /// Says which instances of query `query` appeared and left.
-    fn report(&self, query: usize, instances: &[Instance]) {
+    fn report(&self, state: &mut Watched, query: usize, instances: &[Instance]) {
         let (Some(port), Some(wanted)) = (self.ports.get(query), self.served.get(query)) else { return };
         // With --service-key, the others do not exist for this proxy.
-        let now: HashMap<InstanceId, Role> = instances
-            .iter()
-            .filter(|i| self.pinned.admits(&i.key))
-            .map(|i| ((i.key, i.addrs.clone()), i.role.clone()))
-            .collect();
-        let mut state = lock(&self.state);
+        let now: Vec<Instance> = instances.iter().filter(|i| self.pinned.admits(&i.key)).cloned().collect();
         let before = state.known.get(query).cloned().unwrap_or_default();
-        for ((key, addrs), role) in &before {
-            if !now.contains_key(&(*key, addrs.clone())) {
-                tracing::info!(service = %key, "service gone from the registry set");
-                emit(&Event::Lost { key: *key, role: role.clone() });
-            }
+        for gone in before.iter().filter(|b| !now.iter().any(|n| is_same_instance(b, n))) {
+            tracing::info!(service = %gone.key, "service gone from the registry set");
+            emit(&Event::Lost { key: gone.key, role: gone.role.clone() });
         }
-        for ((key, addrs), role) in &now {
-            if !before.contains_key(&(*key, addrs.clone())) {
-                emit(&Event::Found { key: *key, role: role.clone() });
-                emit(&Event::Serving { port: *port, key: *key });
-            }
+        for found in now.iter().filter(|n| !before.iter().any(|b| is_same_instance(b, n))) {
+            emit(&Event::Found { key: found.key, role: found.role.clone() });
+            emit(&Event::Serving { port: *port, key: found.key });
         }
         if now.is_empty() {
             tracing::warn!(query = %wanted, "no instance matches the query right now");

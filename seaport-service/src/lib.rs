@@ -163,7 +163,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let control = ControlSet::spawn(args.client.registry.clone(), resolver, make, on_event);
     let meetings = tokio::spawn(reach::answer_meetings(offers, allow.clone(), met_tx));
     let health = tokio::spawn(watch_backend(
-        Health { role, backend, every: args.check_interval, up: backend_up, available },
+        Health { role, backend, every: args.check_interval, up: backend_up, available: available.clone() },
         reporter.clone(),
         control.handle(),
     ));
@@ -222,6 +222,8 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     health.abort();
     reloads.abort();
     meetings.abort();
+    // Also for a registry of the set followed from now on.
+    available.store(false, Ordering::Relaxed);
     control.handle().change_all(|c| c.set_available(false));
     control.stop().await;
     drop(listener);
@@ -283,14 +285,21 @@ impl Reporter {
             }
             ServiceEvent::Refused { role, code, text } => {
                 tracing::error!(registry = %at.addr, %role, %code, "registry refused: {text}; asking again after the next reconnect");
-                if lock(&self.state).registered.is_empty() {
+                // A refusal can come after a registration (an access list
+                // reloaded without this key): that registry holds it no more.
+                let none_left = {
+                    let mut state = lock(&self.state);
+                    state.registered.remove(&at.slot);
+                    state.registered.is_empty()
+                };
+                if none_left {
                     readiness().set(READY, Some(format!("the registry refused {role}: {text}")));
                 }
                 emit(&Event::RegistrationRefused { role: role.clone(), text: text.clone() });
             }
             ServiceEvent::Connected => {
                 lock(&self.state).connected.insert(at.slot);
-                tracing::info!(registry = %at.addr, "connected to registry");
+                emit(&Event::Connected { addr: at.addr, member: at.slot });
             }
             ServiceEvent::Disconnected(reason) => {
                 let (was_connected, none_left) = {

@@ -12,9 +12,15 @@
 //! - **An instance is lost only when no registry lists it any more.** The
 //!   union is taken over the members whose session is open. A member whose
 //!   session ended says nothing about the present, so what it reported
-//!   before is not counted; while *no* member has a session, what every
-//!   member knew last stays (as with one registry, a proxy keeps its
-//!   instances while the registry is away).
+//!   before is not counted; while *no* member has a session, the last union
+//!   stays as it was (as with one registry, a proxy keeps its instances
+//!   while the registry is away), and nothing a member knew before its own
+//!   session ended comes back.
+//! - **An instance keeps its identity while its addresses change.** Which
+//!   registries answer decides which addresses the union has; an instance
+//!   is the same while key and role are equal and some address stays
+//!   ([`is_same_instance`]), so that a proxy reports no departure and keeps
+//!   its link when a registry comes or goes.
 //! - A member that reconnects keeps what it knew before for its own grace
 //!   ([`crate::client::proxy::RECONNECT_GRACE`]), so a restarted registry
 //!   that is still being repopulated hides nothing.
@@ -24,6 +30,7 @@
 //! state (turns, bans) belongs to the union, not to a member, so a
 //! connection's choice does not depend on which registry answered.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::client::RegistryClient;
@@ -62,10 +69,12 @@ impl SetView {
     pub fn update(&mut self, members: &[&ProxyClient]) -> Vec<usize> {
         let members = members.get(..MAX_MEMBERS).unwrap_or(members);
         let connected: Vec<&ProxyClient> = members.iter().copied().filter(|m| m.is_connected()).collect();
-        let heard = if connected.is_empty() { members } else { &connected };
+        if connected.is_empty() {
+            return Vec::new();
+        }
         let mut changed = Vec::new();
         for (query, chosen) in self.queries.iter_mut().enumerate() {
-            let union = union(heard.iter().map(|m| m.instances_of(query)));
+            let union = union(connected.iter().map(|m| m.instances_of(query)));
             if union != chosen.instances {
                 chosen.instances = union;
                 changed.push(query);
@@ -100,30 +109,25 @@ impl SetView {
     }
 }
 
-/// The members (by index) whose session is open and that list `instance`:
-/// where a meeting with it can be arranged, since both sides have a session
-/// there.
-pub fn members_listing(members: &[&ProxyClient], instance: &Instance) -> Vec<usize> {
-    members
-        .iter()
-        .enumerate()
-        .take(MAX_MEMBERS)
-        .filter(|(_, m)| m.is_connected() && m.lists(&instance.key, &instance.role))
-        .map(|(i, _)| i)
-        .collect()
+/// Whether `a` and `b` are one instance seen twice (through two registries,
+/// or through one at two times): one key, one role, and an address in
+/// common. One identity can run as several processes (one seed on several
+/// hosts), each with its own addresses: those are different instances.
+pub fn is_same_instance(a: &Instance, b: &Instance) -> bool {
+    a.key == b.key && a.role == b.role && a.addrs.iter().any(|x| b.addrs.contains(x))
 }
 
 /// The union of `reports`, in order: an instance that meets one already
 /// taken (module docs) adds its addresses to it.
 fn union<'a>(reports: impl Iterator<Item = &'a [Instance]>) -> Vec<Instance> {
     let mut all: Vec<Instance> = Vec::new();
+    // Where each key's instances are in `all`: the union stays linear in
+    // the answers' size (thousands of instances, on every change).
+    let mut by_key: HashMap<PublicKey, Vec<usize>> = HashMap::new();
     for instance in reports.flatten() {
-        let same = all.iter_mut().find(|known| {
-            known.key == instance.key
-                && known.role == instance.role
-                && known.addrs.iter().any(|a| instance.addrs.contains(a))
-        });
-        match same {
+        let slots = by_key.entry(instance.key).or_default();
+        let same = slots.iter().copied().find(|i| all.get(*i).is_some_and(|k| is_same_instance(k, instance)));
+        match same.and_then(|i| all.get_mut(i)) {
             Some(known) => {
                 for addr in &instance.addrs {
                     if !known.addrs.contains(addr) {
@@ -131,7 +135,10 @@ fn union<'a>(reports: impl Iterator<Item = &'a [Instance]>) -> Vec<Instance> {
                     }
                 }
             }
-            None => all.push(instance.clone()),
+            None => {
+                slots.push(all.len());
+                all.push(instance.clone());
+            }
         }
     }
     all
