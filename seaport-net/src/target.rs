@@ -112,7 +112,7 @@ impl Resolver {
                 if addrs.is_empty() { Err(ResolveError::NoAddress(host.clone())) } else { Ok(addrs) }
             }
             None => match self.dht.as_ref().map(Starting::node) {
-                Some(Some(Ok(dht))) => Ok(dht.resolve(&target.key).await?),
+                Some(Some(Ok(dht))) => Ok(dht.resolve(&target.key).await?.concat()),
                 Some(Some(Err(e))) => Err(ResolveError::DhtFailed(e)),
                 Some(None) => Err(ResolveError::DhtStarting),
                 None => Err(ResolveError::NoDht),
