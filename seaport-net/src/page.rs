@@ -1,6 +1,7 @@
 //! The registry's live page (`--http`): what the registry holds, as a
-//! snapshot the server loop publishes ([`RegistryView`]), served as JSON at
-//! `/api/instances` and shown by one self-contained HTML page at `/` that
+//! snapshot the server loop publishes ([`RegistryView`]), and the registry
+//! set as of the DHT publisher's last merge ([`SetMember`]s), served as JSON
+//! at `/api/instances` and shown by one self-contained HTML page at `/` that
 //! polls the JSON every second.
 //!
 //! Invariants: the page is read-only and never touches the registry state
@@ -23,6 +24,7 @@ use seaport_proto::role::Role;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::dht::SetMember;
 use crate::event::rfc3339;
 use crate::http::Page;
 use crate::lock::lock;
@@ -77,13 +79,14 @@ impl RegistryView {
         RegistryView { key, started: SystemTime::now(), instances: Vec::new(), sessions: Vec::new() }
     }
 
-    /// The `/api/instances` document as of `now` as one value: what
-    /// [`RegistryPage`] serves, assembled without its cache (the tests'
-    /// reference).
+    /// The `/api/instances` document as of `now`, with the registry set
+    /// `set`, as one value: what [`RegistryPage`] serves, assembled without
+    /// its cache (the tests' reference).
     #[cfg(test)]
-    fn to_json(&self, now: SystemTime) -> Value {
+    fn to_json(&self, now: SystemTime, set: &[SetMember]) -> Value {
         let mut document = self.live(now);
         if let Some(fields) = document.as_object_mut() {
+            fields.insert("set".into(), set_json(set));
             fields.insert("roles".into(), self.roles());
             fields.insert("sessions".into(), self.sessions());
         }
@@ -147,6 +150,19 @@ impl RegistryView {
     }
 }
 
+/// The registries of the set, each with its addresses and the unix seconds
+/// of its last refresh (`null`: not published in the DHT).
+fn set_json(set: &[SetMember]) -> Value {
+    set.iter()
+        .map(|m| {
+            json!({
+                "addrs": m.addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "refreshed": m.refreshed,
+            })
+        })
+        .collect()
+}
+
 /// One snapshot's roles and sessions, rendered once: the page polls every
 /// second per viewer, and with thousands of instances rendering them is the
 /// whole cost of an answer.
@@ -159,15 +175,22 @@ struct Rendered {
 /// The page over the server loop's published snapshots.
 pub struct RegistryPage {
     view: watch::Receiver<Arc<RegistryView>>,
+    /// The registry set as the DHT publisher last saw it: a few members,
+    /// rendered at each request.
+    set: watch::Receiver<Vec<SetMember>>,
     rendered: Mutex<Option<Rendered>>,
     /// Snapshots rendered so far (the cache's hits are the requests beyond).
     renders: AtomicU64,
 }
 
 impl RegistryPage {
-    /// The page showing what `view` publishes.
-    pub fn new(view: watch::Receiver<Arc<RegistryView>>) -> RegistryPage {
-        RegistryPage { view, rendered: Mutex::new(None), renders: AtomicU64::new(0) }
+    /// The page showing what `view` publishes, and the registry set that
+    /// `set` holds.
+    pub fn new(
+        view: watch::Receiver<Arc<RegistryView>>,
+        set: watch::Receiver<Vec<SetMember>>,
+    ) -> RegistryPage {
+        RegistryPage { view, set, rendered: Mutex::new(None), renders: AtomicU64::new(0) }
     }
 
     /// The document as of `now`: the latest snapshot's roles and sessions,
@@ -184,10 +207,11 @@ impl RegistryPage {
                 view: view.clone(),
             }
         });
-        // `live` is an object: its text ends with `}`; the two fields join it.
+        // `live` is an object: its text ends with `}`; the other fields join it.
         let live = view.live(now).to_string();
         let head = live.strip_suffix('}').unwrap_or("{");
-        let document = format!("{head},\"roles\":{},\"sessions\":{}}}", r.roles, r.sessions);
+        let set = set_json(&self.set.borrow());
+        let document = format!("{head},\"set\":{set},\"roles\":{},\"sessions\":{}}}", r.roles, r.sessions);
         *rendered = Some(r);
         document
     }
@@ -234,6 +258,10 @@ const HTML: &str = r##"<!doctype html>
 <div class="key" id="registry">…</div>
 <div class="stats dim"><span>up <b id="uptime">…</b></span><span><b id="count-instances">0</b> <span id="word-instances">instances</span></span><span><b id="count-sessions">0</b> <span id="word-sessions">sessions</span></span><span id="status">connecting…</span></div>
 
+<h2>Registry set</h2>
+<table><thead><tr><th>registry addresses</th><th>refreshed in the DHT</th></tr></thead>
+<tbody id="set"></tbody></table>
+
 <h2>Roles</h2>
 <div id="roles"><p class="dim">No service registered.</p></div>
 
@@ -277,6 +305,14 @@ function bytes(n) {
 function render(data) {
   document.getElementById("registry").textContent = data.registry;
   document.getElementById("uptime").textContent = duration(data.uptime_seconds);
+  const set = document.getElementById("set");
+  set.replaceChildren();
+  for (const m of data.set || []) {
+    const addrs = el("span");
+    for (const a of m.addrs) { addrs.appendChild(el("code", a)); addrs.appendChild(document.createElement("br")); }
+    const at = new Date(m.refreshed * 1000);
+    set.appendChild(row([addrs, m.refreshed === null ? el("span", "not published", "dim") : isNaN(at) ? String(m.refreshed) : ago(at.toISOString())]));
+  }
   let count = 0;
   const roles = document.getElementById("roles");
   roles.replaceChildren();
@@ -365,7 +401,10 @@ mod tests {
                 watches: 0,
             }],
         };
-        let json = view.to_json(at + std::time::Duration::from_secs(61));
+        let set =
+            [SetMember { addrs: vec!["127.0.0.1:4500".parse().unwrap()], refreshed: Some(1_765_000_000) }];
+        let json = view.to_json(at + std::time::Duration::from_secs(61), &set);
+        assert_eq!(json["set"], json!([{"addrs": ["127.0.0.1:4500"], "refreshed": 1_765_000_000}]));
         assert_eq!(json["uptime_seconds"], 61);
         assert_eq!(json["roles"].as_array().unwrap().len(), 2);
         assert_eq!(json["roles"][0]["name"], "couchdb");
@@ -395,10 +434,17 @@ mod tests {
             sessions: Vec::new(),
         };
         let (tx, rx) = watch::channel(Arc::new(view(2)));
-        let page = RegistryPage::new(rx);
+        let own = SetMember { addrs: vec!["127.0.0.1:4500".parse().unwrap()], refreshed: None };
+        let (set_tx, set) = watch::channel(vec![own.clone()]);
+        let page = RegistryPage::new(rx, set);
         let later = at + std::time::Duration::from_secs(5);
         let first: Value = serde_json::from_str(&page.document(later)).unwrap();
-        assert_eq!(first, view(2).to_json(later), "the same document as rendered whole");
+        assert_eq!(
+            first,
+            view(2).to_json(later, std::slice::from_ref(&own)),
+            "the same document as rendered whole"
+        );
+        assert_eq!(first["set"], json!([{"addrs": ["127.0.0.1:4500"], "refreshed": null}]));
         let renders = || page.renders.load(Ordering::Relaxed);
         assert_eq!(renders(), 1);
         // Cached: the uptime still moves.
@@ -411,7 +457,15 @@ mod tests {
         tx.send_replace(Arc::new(view(3)));
         let fresh: Value = serde_json::from_str(&page.document(later)).unwrap();
         assert_eq!(fresh["roles"][0]["instances"].as_array().unwrap().len(), 3);
-        assert_eq!(fresh, view(3).to_json(later));
+        assert_eq!(fresh, view(3).to_json(later, std::slice::from_ref(&own)));
+        // The set as the DHT publisher saw it last, in the same snapshot's text.
+        let other =
+            SetMember { addrs: vec!["10.0.0.2:4500".parse().unwrap()], refreshed: Some(1_765_000_011) };
+        set_tx.send_replace(vec![own.clone(), other.clone()]);
+        let known: Value = serde_json::from_str(&page.document(later)).unwrap();
+        assert_eq!(known, view(3).to_json(later, &[own, other]));
+        assert_eq!(known["set"][1]["refreshed"], 1_765_000_011);
+        assert_eq!(renders(), 2, "the set does not render the roles again");
         assert_eq!(renders(), 2);
     }
 }

@@ -1,7 +1,9 @@
 //! `seaport-registry`: serves the registry on TCP and, unless `--no-dht`,
-//! publishes its addresses in the DHT under its key. With `--acl FILE`, only
-//! what the file grants each key is allowed; the file is reread on SIGHUP
-//! (a bad file keeps the list in force).
+//! publishes its addresses in the DHT under its key, in the one record of
+//! all registries started with the same seed (its set), which it leaves
+//! when it stops. With `--acl FILE`, only what the file grants each key is
+//! allowed; the file is reread on SIGHUP (a bad file keeps the list in
+//! force).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -10,7 +12,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use seaport_net::cli::{Bootstrap, Failure, HOUR, MINUTE, duration_in};
-use seaport_net::dht::{DhtNode, Starting, publish_loop};
+use seaport_net::dht::{DhtNode, LEAVE_TIMEOUT, SetMember, Starting, publish_loop};
 use seaport_net::event::{Event, emit};
 use seaport_net::http::Page;
 use seaport_net::identity::{load_seed, random_seed};
@@ -178,6 +180,11 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     tracing::info!(%local, "listening");
 
     let (stop_tx, stop) = watch::channel(false);
+    // The registry set as this registry knows it, for the page: itself,
+    // unpublished, until the DHT publisher's first merge.
+    let addrs = dialable(local);
+    let (set_tx, set_view) = watch::channel(vec![SetMember { addrs: addrs.clone(), refreshed: None }]);
+    let mut publishing = None;
     if !args.no_dht {
         // A port in use is the user's to fix: said at once. The node itself
         // starts in the background (resolving bootstrap host names can take
@@ -190,13 +197,18 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         let bootstrap = args.bootstrap.clone().unwrap_or_default().0;
         let dht_port = args.dht_port;
         let starting = Starting::spawn(async move { DhtNode::registry(&bootstrap, dht_port).await });
-        let (addrs, keypair, stop) = (dialable(local), keypair.clone(), stop.clone());
-        tokio::spawn(async move {
-            // A node that cannot start says so itself (`Starting`).
-            if let Ok(dht) = starting.ready().await {
-                publish_loop(dht, keypair, addrs, stop).await;
+        let (keypair, stop) = (keypair.clone(), stop.clone());
+        let mut stopped = stop.clone();
+        publishing = Some(tokio::spawn(async move {
+            // A node that cannot start says so itself (`Starting`); a
+            // registry stopped before its node started has nothing to leave.
+            tokio::select! {
+                dht = starting.ready() => if let Ok(dht) = dht {
+                    publish_loop(dht, keypair, addrs, set_tx, stop).await;
+                },
+                () = async { let _ = stopped.wait_for(|stopped| *stopped).await; } => {}
             }
-        });
+        }));
     }
 
     let config = RegistryConfig {
@@ -258,7 +270,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let (view, page) = match args.http {
         Some(addr) => {
             let (tx, rx) = watch::channel(Arc::new(RegistryView::new(keypair.public())));
-            let page: Arc<dyn Page> = Arc::new(RegistryPage::new(rx));
+            let page: Arc<dyn Page> = Arc::new(RegistryPage::new(rx, set_view));
             (Some(tx), Some((addr, page)))
         }
         None => (None, None),
@@ -280,6 +292,11 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     readiness().set(READY_SESSIONS, Some("shutting down".to_owned()));
     let _ = stop_tx.send(true);
     let _ = server.await;
+    // Leaving the set ran alongside the server's shutdown; the publisher
+    // bounds it by LEAVE_TIMEOUT, and this wait never outlasts that much.
+    if let Some(publishing) = publishing {
+        let _ = tokio::time::timeout(LEAVE_TIMEOUT + Duration::from_secs(1), publishing).await;
+    }
     let relayed = counters.to_service.get() + counters.to_proxy.get();
     tracing::info!(relays = counters.opened.get(), bytes = relayed, "relayed in all");
     emit(&Event::Stopped);
