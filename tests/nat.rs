@@ -208,7 +208,13 @@ impl Net {
     /// A registry on pub with `seed` listening on `addr` (one of a set, when
     /// several are started with the same seed), once listening.
     fn registry_at(&self, seed: &str, addr: &str) -> Proc {
-        let args = ["--listen", addr, "--no-dht"];
+        self.registry_with(seed, addr, &[])
+    }
+
+    /// A registry on pub at `addr` with `extra` flags.
+    fn registry_with(&self, seed: &str, addr: &str, extra: &[&str]) -> Proc {
+        let mut args = vec!["--listen", addr, "--no-dht"];
+        args.extend_from_slice(extra);
         let p =
             Proc::start_in(&self.ns("pub"), "seaport-registry", &args, &[("SEAPORT_REGISTRY_SEED", seed)]);
         p.wait_line("Registry listening. Connect with pubkey", WAIT);
@@ -713,6 +719,44 @@ fn a_link_is_arranged_through_the_other_registry_when_one_dies() {
         // The first proxy still serves, on its new link.
         assert_http(&net, "h2", port, &proxy, "through the set");
         assert_eq!(links(&proxy).len(), 2, "no third link: {:#?}", links(&proxy));
+    });
+}
+
+/// A registry that meets but does not relay (`--no-relay` here; at its relay
+/// limits it is the same) hands the relay to another of the set. The proxy's
+/// meetings take the two registries in turn, so of two links one meeting is
+/// arranged by the registry that does not relay, whichever it starts with.
+#[test]
+fn a_relay_the_arranging_registry_refuses_is_carried_by_another() {
+    nat_test("nr-", &["--symmetric"], |net| {
+        let (seed, key) = new_seed();
+        let target = format!("{key}@{REGISTRY_ADDR},{SECOND_REGISTRY_ADDR}");
+        let _no_relay = net.registry_with(&seed, REGISTRY_ADDR, &["--no-relay"]);
+        let _relays = net.registry_at(&seed, SECOND_REGISTRY_ADDR);
+        let (a, b) = (net.run("h1", || http_backend("one")), net.run("h1", || http_backend("two")));
+        let (svc_a, _) = net.service("h1", &target, a, "web@1.0.0");
+        let (svc_b, _) = net.service("h1", &target, b, "web@1.0.1");
+        for svc in [&svc_a, &svc_b] {
+            svc.wait_log("registered with another registry of the set", WAIT);
+        }
+        let (proxy, port) = net.proxy("h2", &target, "web@1");
+        wait_count(&proxy, "found service", 2);
+        wait_count(&proxy, "connected to registry at ", 2);
+        let mut bodies = std::collections::BTreeSet::new();
+        for _ in 0..2 {
+            let (status, body) = net.run("h2", move || http_get(port));
+            assert_eq!(status, 200, "{:#?}", proxy.errors());
+            bodies.insert(body);
+        }
+        assert_eq!(bodies.len(), 2, "both instances served: {bodies:?}");
+        let all = wait_links(&proxy, 2);
+        for link in &all {
+            assert_eq!(
+                (link.path.as_str(), link.addr.as_str()),
+                ("relayed", SECOND_REGISTRY_ADDR),
+                "{all:#?}"
+            );
+        }
     });
 }
 

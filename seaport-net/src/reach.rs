@@ -163,11 +163,19 @@ impl Introducer {
 
     /// Asks for a meeting with `instance` and joins it, by `deadline`: at
     /// each registry that lists it in turn, until one works.
-    async fn meet(&self, instance: &Instance, deadline: Instant) -> Result<Joined, HandshakeError> {
+    /// Skips the registry in slot `except` (one that met but did not relay).
+    /// Returns the slot of the registry that arranged the meeting.
+    async fn meet(
+        &self,
+        instance: &Instance,
+        deadline: Instant,
+        except: Option<usize>,
+    ) -> Result<(usize, Joined), HandshakeError> {
         let mut members: Vec<MemberView<ProxyClient>> = self
             .control
             .members()
             .into_iter()
+            .filter(|m| Some(m.slot) != except)
             .filter(|m| m.is_connected() && lock(&m.client).lists(&instance.key, &instance.role))
             .collect();
         if members.is_empty() {
@@ -188,7 +196,7 @@ impl Introducer {
                 deadline.min(Instant::now() + MEET_ANSWER_WAIT)
             };
             match self.meet_at(member, instance, answer_by, deadline).await {
-                Ok(joined) => return Ok(joined),
+                Ok(joined) => return Ok((member.slot, joined)),
                 Err(e) => {
                     tracing::info!(registry = %member.member, service = %instance.key, "no meeting there: {e}");
                     why.push(format!("at {}: {e}", member.member));
@@ -275,7 +283,8 @@ pub async fn establish(
     };
     let via_meeting = async {
         tokio::time::sleep(meet_after).await;
-        let Joined { stream: meet, local: port, peer } = introducer.meet(instance, deadline).await?;
+        let (slot, Joined { stream: meet, local: port, peer }) =
+            introducer.meet(instance, deadline, None).await?;
         let punched = async {
             // Counted once it ends: a punch the relay overtook is dropped uncounted.
             let punched = punch(port, peer.addr, deadline).await;
@@ -288,12 +297,26 @@ pub async fn establish(
             if !relay {
                 return Err(HandshakeError::NoMeeting("not relayed: looking for a better path".into()));
             }
-            if !peer.relaying {
-                return Err(HandshakeError::NoMeeting(
-                    "the registry does not relay this link (--no-relay, or its relay limits are reached)"
-                        .into(),
-                ));
-            }
+            let meet = if peer.relaying {
+                meet
+            } else {
+                // This registry does not relay (--no-relay, or at its relay
+                // limits): another of the set may. The first meeting's
+                // connection stays open while its punch goes on.
+                let (_, other) = introducer.meet(instance, deadline, Some(slot)).await.map_err(|e| {
+                    HandshakeError::NoMeeting(format!(
+                        "the registry does not relay this link (--no-relay, or its relay limits are reached), \
+                         and no other registry of the set would: {e}"
+                    ))
+                })?;
+                if !other.peer.relaying {
+                    return Err(HandshakeError::NoMeeting(
+                        "no registry of the set relays this link (--no-relay, or their relay limits are reached)"
+                            .into(),
+                    ));
+                }
+                other.stream
+            };
             tokio::time::sleep(relay_after).await;
             let registry = meet.peer_addr()?;
             let (stream, session) = initiate(meet, local, remote, timeout).await?;
