@@ -340,11 +340,11 @@ impl Message {
     pub fn decode(bytes: &[u8]) -> Result<Message, MessageError> {
         // The variant index comes first; postcard cannot tell an unknown one
         // from a broken message, so it is looked at before postcard is asked.
-        if let Ok((kind, rest)) = postcard::take_from_bytes::<u32>(bytes) {
-            if kind >= KNOWN_KINDS {
-                let id = postcard::take_from_bytes::<u32>(rest).ok().map(|(id, _)| id);
-                return Err(MessageError::UnknownKind { kind, id });
-            }
+        if let Ok((kind, rest)) = postcard::take_from_bytes::<u32>(bytes)
+            && kind >= KNOWN_KINDS
+        {
+            let id = postcard::take_from_bytes::<u32>(rest).ok().map(|(id, _)| id);
+            return Err(MessageError::UnknownKind { kind, id });
         }
         let (msg, rest): (Message, &[u8]) =
             postcard::take_from_bytes(bytes).map_err(|e| MessageError::Malformed(e.to_string()))?;

@@ -190,10 +190,10 @@ fn split_suffixes(body: &str) -> Option<(&str, &str)> {
         Some((b, build)) => (b, Some(build)),
         None => (body, None),
     };
-    if let Some(build) = build {
-        if !build.split('.').all(build_id) {
-            return None;
-        }
+    if let Some(build) = build
+        && !build.split('.').all(build_id)
+    {
+        return None;
     }
     let (main, pre) = body.split_once('-').unwrap_or((body, ""));
     if body.contains('-') && !pre.split('.').all(prerelease_id) {

@@ -281,7 +281,7 @@ impl World {
         let live = alive.iter().filter(|a| **a).count();
         match self.rng.next_u64() % 6 {
             // Keep one alive mostly; one time in four let the last die too.
-            0 if live > 1 || self.rng.next_u64() % 4 == 0 => {
+            0 if live > 1 || self.rng.next_u64().is_multiple_of(4) => {
                 let Some(r) = self.pick(REGISTRIES, |r| alive[r]) else { return "-".into() };
                 if live == 1 {
                     self.kept = Some(self.union());
@@ -299,7 +299,7 @@ impl World {
                 format!("restart {r}")
             }
             2 | 3 => {
-                let start = self.rng.next_u64() % 2 == 0;
+                let start = self.rng.next_u64().is_multiple_of(2);
                 let Some(s) = self.pick(SERVICES, |s| up[s] != start) else { return "-".into() };
                 self.set_up(s, start);
                 format!("{} {s}", if start { "start" } else { "stop" })

@@ -19,10 +19,10 @@ fn main() {
         return;
     }
     let seed = seaport_net::identity::random_seed();
-    if let Some(path) = &args.seed_file {
-        if let Err(e) = seaport_seed::write_seed_file(path, &seed) {
-            exit_with::<seaport_seed::Args>("seaport-seed", Failure::Usage(e));
-        }
+    if let Some(path) = &args.seed_file
+        && let Err(e) = seaport_seed::write_seed_file(path, &seed)
+    {
+        exit_with::<seaport_seed::Args>("seaport-seed", Failure::Usage(e));
     }
     println!("{}", seaport_seed::render(&seed, args.seed_file.as_deref(), args.json));
 }

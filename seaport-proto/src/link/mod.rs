@@ -280,11 +280,11 @@ impl Link {
                 None => return false,
             },
         };
-        if let Frame::Accept { id, .. } = frame {
-            if let Some(s) = self.streams.get_mut(&id) {
-                s.acceptance = Acceptance::Accepted;
-                self.unblock(id);
-            }
+        if let Frame::Accept { id, .. } = frame
+            && let Some(s) = self.streams.get_mut(&id)
+        {
+            s.acceptance = Acceptance::Accepted;
+            self.unblock(id);
         }
         frame.encode(buf);
         true
@@ -483,10 +483,10 @@ impl Link {
         let n32 = u32::try_from(n).ok().filter(|n| *n <= unconsumed);
         let n32 = n32.ok_or(StreamError::OverConsumed { id, n, unconsumed })?;
         s.window.recv.consume(n32);
-        if s.recv == Half::Open {
-            if let Some(increment) = s.window.update(now, rtt, max_window) {
-                self.control.push_back(Frame::Window { id, increment });
-            }
+        if s.recv == Half::Open
+            && let Some(increment) = s.window.update(now, rtt, max_window)
+        {
+            self.control.push_back(Frame::Window { id, increment });
         }
         self.window.consume(n32);
         self.maybe_update_link();

@@ -113,7 +113,7 @@ fn advance(key: &mut ring::aead::LessSafeKey, counter: &mut u64) -> Result<(), N
         .checked_add(1)
         .filter(|c| *c < u64::MAX)
         .ok_or(NoiseError::State("nonce exhausted".into()))?;
-    if *counter % REKEY_EVERY == 0 {
+    if (*counter).is_multiple_of(REKEY_EVERY) {
         *key = rekey(key)?;
     }
     Ok(())

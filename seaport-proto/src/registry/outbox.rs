@@ -284,10 +284,10 @@ impl Registry {
     }
 
     pub(super) fn mark_dirty(&mut self, id: SessionId) {
-        if let Some(peer) = self.peers.get_mut(&id) {
-            if !std::mem::replace(&mut peer.queue.dirty, true) {
-                self.outbox.dirty.push_back(id);
-            }
+        if let Some(peer) = self.peers.get_mut(&id)
+            && !std::mem::replace(&mut peer.queue.dirty, true)
+        {
+            self.outbox.dirty.push_back(id);
         }
     }
 
