@@ -379,12 +379,13 @@ pub async fn answer_meetings(
             offer = offers.recv() => offer,
             Some(done) = meetings.join_next(), if !meetings.is_empty() => {
                 if let Ok(proxy) = done
-                    && let Some(n) = per_proxy.get_mut(&proxy) {
-                        *n = n.saturating_sub(1);
-                        if *n == 0 {
-                            per_proxy.remove(&proxy);
-                        }
+                    && let Some(n) = per_proxy.get_mut(&proxy)
+                {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        per_proxy.remove(&proxy);
                     }
+                }
                 continue;
             }
         };
