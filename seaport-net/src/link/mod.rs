@@ -274,7 +274,7 @@ pub async fn serve(
 /// Largest first record a proxy may open its link with: its first frames
 /// are a window raise and a ping, tens of bytes; a connection that has not
 /// proved itself gets no more buffer than this.
-const MAX_FIRST_RECORD: usize = 1024;
+pub const MAX_FIRST_RECORD: usize = 1024;
 
 /// Reads until `buf` (what came after the handshake so far) holds at least
 /// one whole record of at most [`MAX_FIRST_RECORD`] bytes; at most that and
