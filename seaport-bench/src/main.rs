@@ -13,6 +13,7 @@
 
 mod measure;
 mod peers;
+mod scale;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -38,10 +39,18 @@ struct Args {
     /// Rounds of the bulk transfers (median reported; default 3, 1 with --quick).
     #[arg(long)]
     repeat: Option<usize>,
+    /// Service sessions for the `scale` part (10 roles each, as many
+    /// watcher sessions besides): default 10,000 (100,000 instances, 1,000
+    /// watchers on each of 10 roles), 200 with --quick.
+    #[arg(long)]
+    sessions: Option<usize>,
     /// Run only these parts, comma-separated: bulk, latency, connect, hol,
-    /// fair, redis, idle, lookups (to profile one with perf). `redis` needs
-    /// redis-server and redis-benchmark (Debian's redis-server, redis-tools)
-    /// and is skipped with a note without them.
+    /// fair, redis, idle, lookups, scale (to profile one with perf). `redis`
+    /// needs redis-server and redis-benchmark (Debian's redis-server,
+    /// redis-tools) and is skipped with a note without them. `scale` drives
+    /// a registry of its own with many sessions from this process (one
+    /// registry at scale: RSS per session and instance, fan-out of one
+    /// change, lookups/s, churn, and every session back after a restart).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     #[command(subcommand)]
@@ -330,6 +339,14 @@ async fn run(args: &Args) -> Vec<Row> {
         });
     }
     drop((backend, hop1, hop2, registry, service, proxy, other_proxy));
+
+    if wants("scale") {
+        let size = scale::Size::new(quick, args.sessions);
+        for f in scale::run(&bin, size, limit).await {
+            let better = if f.higher_is_better { Better::Higher } else { Better::Lower };
+            rows.push(Row { better, ..Row::seaport(f.name, f.unit, f.value) });
+        }
+    }
     rows
 }
 
