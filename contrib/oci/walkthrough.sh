@@ -49,24 +49,24 @@ START=$SECONDS
 
 work="$(mktemp -d)"
 STATE="$work/runc"            # runc's state: ours only
-ids=() backend_pid=""
+ids=() made=() backend_pid=""
 say() { printf 'walkthrough: %s\n' "$*" >&2; }
 
 cleanup() {
     local rc=$?
-    trap - EXIT INT TERM
+    trap - EXIT
+    trap '' INT TERM   # a second Ctrl-C must not cut the cleanup short
     set +e
     for id in "${ids[@]}"; do
         runc --root "$STATE" kill "$id" KILL >/dev/null 2>&1
         runc --root "$STATE" delete -f "$id" >/dev/null 2>&1
     done
     if [[ -n "$backend_pid" ]]; then kill "$backend_pid" 2>/dev/null; wait "$backend_pid" 2>/dev/null; fi
-    for n in "${NAMES[@]}" sw; do
-        if ip netns list | grep -qw "$P$n"; then
-            # Anything still in the namespace is ours: stop it by its pid.
-            for pid in $(ip netns pids "$P$n" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
-            ip netns del "$P$n"
-        fi
+    # Only the namespaces this run made: another's are not ours to end.
+    for ns in "${made[@]}"; do
+        # Anything still in the namespace is ours: stop it by its pid.
+        for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
+        ip netns del "$ns" 2>/dev/null
     done
     if [[ $rc -ne 0 ]]; then
         for n in "${NAMES[@]}"; do
@@ -91,15 +91,26 @@ wait_for() {
 }
 
 # ---- the network ----------------------------------------------------------------------------
+# One run at a time per prefix; holding the lock, namespaces of the prefix
+# are a crashed run's leftovers (SIGKILL, a CI timeout: no trap ran).
+mkdir -p /run/lock
+exec 9>"/run/lock/seaport-oci-walkthrough-$P.lock"
+flock -n 9 || fail "another walkthrough with prefix $P is running (set OCI_WALK_PREFIX)"
 for n in "${NAMES[@]}" sw; do
-    ! ip netns list | grep -qw "$P$n" || fail "namespace $P$n exists already (another run? OCI_WALK_PREFIX)"
+    if ip netns list | awk '{print $1}' | grep -qx "$P$n"; then
+        say "removing $P$n, left by an earlier run"
+        for pid in $(ip netns pids "$P$n" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
+        ip netns del "$P$n"
+    fi
 done
 ip netns add "${P}sw"
+made+=("${P}sw")
 ip -n "${P}sw" link add br0 type bridge
 ip -n "${P}sw" link set br0 up
 i=1
 for n in "${NAMES[@]}"; do
     ip netns add "$P$n"
+    made+=("$P$n")
     ip -n "$P$n" link set lo up
     ip link add "$P$n" netns "${P}sw" type veth peer name eth0 netns "$P$n"
     ip -n "${P}sw" link set "$P$n" master br0 up
@@ -116,11 +127,10 @@ bin="$work/bundle-reg/rootfs/usr/local/bin"   # seaport-seed from the image, run
 
 # ---- the seeds: made outside, readable by the image's user only ---------------------------
 mkdir -m 0700 "$work/seeds"
-declare -A KEY SEED
+declare -A KEY
 for n in "${NAMES[@]}"; do
     f="$work/seeds/$n.seed"
     KEY[$n]="$("$bin/seaport-seed" --json --seed-file "$f" | python3 -c 'import json,sys; print(json.load(sys.stdin)["pubkey"])')"
-    SEED[$n]="$(tr -d '[:space:]' < "$f")"
     chown 65532:65532 "$f"
     chmod 0400 "$f"
 done
@@ -152,9 +162,9 @@ EOF
 # start NAME: runs the container detached, its stdout and stderr to files.
 start() {
     local n="$1" id="$P$1-$$"
+    ids+=("$id")   # first: a half-created container is deleted too
     runc --root "$STATE" run --detach --pid-file "$work/$n.pid" --bundle "$work/bundle-$n" "$id" \
         >"$work/$n.out" 2>"$work/$n.err" </dev/null
-    ids+=("$id")
 }
 # check NAME: the container's process as it should be.
 check() {
@@ -163,17 +173,18 @@ check() {
     grep -Eq '^Gid:[[:space:]]+65532[[:space:]]+65532' "/proc/$pid/status" || fail "$n does not run as gid 65532"
     grep -Eq '^CapEff:[[:space:]]+0+$' "/proc/$pid/status" || fail "$n has capabilities"
     awk '$5 == "/" { print $6 }' "/proc/$pid/mountinfo" | grep -Eq '(^|,)ro(,|$)' || fail "$n's root is not read-only"
-    for s in "${SEED[@]}"; do
-        ! tr '\0' '\n' < "/proc/$pid/cmdline" | grep -qi "$s" || fail "a seed is in $n's argv"
-        ! tr '\0' '\n' < "/proc/$pid/environ" | grep -qi "$s" || fail "a seed is in $n's environment"
+    # The seeds are read from their files (-f): never on a command line, not even grep's.
+    for f in "$work"/seeds/*.seed; do
+        ! tr '\0' '\n' < "/proc/$pid/cmdline" | grep -qiFf "$f" || fail "a seed is in $n's argv"
+        ! tr '\0' '\n' < "/proc/$pid/environ" | grep -qiFf "$f" || fail "a seed is in $n's environment"
     done
     [[ "$(readlink "/proc/$pid/ns/net")" == "$(ip netns exec "$P$n" readlink /proc/self/ns/net)" ]] \
         || fail "$n is not in the namespace $P$n"
 }
 
 # The image's own config carries no seed either.
-for s in "${SEED[@]}"; do
-    ! grep -qi "$s" "$work"/bundle-*/config.json || fail "a seed is in a bundle's config.json"
+for f in "$work"/seeds/*.seed; do
+    ! grep -qiFf "$f" "$work"/bundle-*/config.json || fail "a seed is in a bundle's config.json"
 done
 
 # ---- the walkthrough ----------------------------------------------------------------------
