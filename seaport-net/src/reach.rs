@@ -163,19 +163,19 @@ impl Introducer {
 
     /// Asks for a meeting with `instance` and joins it, by `deadline`: at
     /// each registry that lists it in turn, until one works.
-    /// Skips the registry in slot `except` (one that met but did not relay).
-    /// Returns the slot of the registry that arranged the meeting.
+    /// Skips the registries in the slots `except` (ones that met but did
+    /// not relay). Returns the slot of the registry that arranged the meeting.
     async fn meet(
         &self,
         instance: &Instance,
         deadline: Instant,
-        except: Option<usize>,
+        except: &[usize],
     ) -> Result<(usize, Joined), HandshakeError> {
         let mut members: Vec<MemberView<ProxyClient>> = self
             .control
             .members()
             .into_iter()
-            .filter(|m| Some(m.slot) != except)
+            .filter(|m| !except.contains(&m.slot))
             .filter(|m| m.is_connected() && lock(&m.client).lists(&instance.key, &instance.role))
             .collect();
         if members.is_empty() {
@@ -284,7 +284,7 @@ pub async fn establish(
     let via_meeting = async {
         tokio::time::sleep(meet_after).await;
         let (slot, Joined { stream: meet, local: port, peer }) =
-            introducer.meet(instance, deadline, None).await?;
+            introducer.meet(instance, deadline, &[]).await?;
         let punched = async {
             // Counted once it ends: a punch the relay overtook is dropped uncounted.
             let punched = punch(port, peer.addr, deadline).await;
@@ -297,27 +297,27 @@ pub async fn establish(
             if !relay {
                 return Err(HandshakeError::NoMeeting("not relayed: looking for a better path".into()));
             }
+            tokio::time::sleep(relay_after).await;
             let meet = if peer.relaying {
                 meet
             } else {
                 // This registry does not relay (--no-relay, or at its relay
-                // limits): another of the set may. The first meeting's
-                // connection stays open while its punch goes on.
-                let (_, other) = introducer.meet(instance, deadline, Some(slot)).await.map_err(|e| {
-                    HandshakeError::NoMeeting(format!(
-                        "the registry does not relay this link (--no-relay, or its relay limits are reached), \
-                         and no other registry of the set would: {e}"
-                    ))
-                })?;
-                if !other.peer.relaying {
-                    return Err(HandshakeError::NoMeeting(
-                        "no registry of the set relays this link (--no-relay, or their relay limits are reached)"
-                            .into(),
-                    ));
+                // limits): the others of the set may, each asked in turn
+                // (at most once: the set is small). The first meeting's
+                // connection stays open meanwhile, while its punch goes on.
+                let mut refused = vec![slot];
+                loop {
+                    let (other, joined) = introducer.meet(instance, deadline, &refused).await.map_err(|e| {
+                        HandshakeError::NoMeeting(format!(
+                            "no registry of the set relays this link (--no-relay, or at their relay limits): {e}"
+                        ))
+                    })?;
+                    if joined.peer.relaying {
+                        break joined.stream;
+                    }
+                    refused.push(other);
                 }
-                other.stream
             };
-            tokio::time::sleep(relay_after).await;
             let registry = meet.peer_addr()?;
             let (stream, session) = initiate(meet, local, remote, timeout).await?;
             Ok(Reached { stream, session, path: Path::Relayed, addr: registry })
