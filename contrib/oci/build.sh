@@ -39,6 +39,9 @@
 # 12 host: the packages come from its apt sources), umoci, python3, and
 # cargo unless --bin is given. Prints the layers' compressed sizes.
 set -euo pipefail
+# The image's files get their modes from here, whatever the caller's umask.
+umask 022
+CALLER=$PWD
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 
@@ -55,6 +58,9 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 [[ -n "$OUT" ]] || { usage >&2; exit 2; }
+# Relative paths are the caller's, not the repository's.
+[[ "$OUT" == /* ]] || OUT="$CALLER/$OUT"
+[[ -z "$BIN" || "$BIN" == /* ]] || BIN="$CALLER/$BIN"
 [[ $(id -u) -eq 0 ]] || { echo "build.sh: needs root (the image's files belong to root and to uid 65532)" >&2; exit 1; }
 for tool in umoci apt-get dpkg-deb python3; do
     command -v "$tool" >/dev/null || { echo "build.sh: $tool is missing (apt-get install -y umoci)" >&2; exit 1; }
