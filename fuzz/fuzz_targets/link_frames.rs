@@ -2,7 +2,9 @@
 //! arbitrary fields, which reach deeper than random bytes) interleaved with
 //! arbitrary driver operations and time passing. It must never panic, never
 //! hold more than its link window or its stream cap, send only frames that
-//! decode, and free every stream once closed.
+//! decode, and free every stream once closed. Half the inputs run a
+//! resumable link, with acknowledgements, detaching and resuming at
+//! arbitrary points: its resend buffer stays within its limit.
 #![no_main]
 
 use std::time::{Duration, Instant};
@@ -10,7 +12,8 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use seaport_proto::link::{
-    Frame, HEADER_LEN, Incoming, Link, LinkConfig, LinkEvent, MAX_DATA, Reason, Side, StreamId,
+    Frame, HEADER_LEN, Incoming, Link, LinkConfig, LinkEvent, MAX_DATA, RESEND_SLACK, Reason, Side,
+    StreamId,
 };
 
 #[derive(Arbitrary, Debug)]
@@ -25,6 +28,7 @@ enum Op {
     Ping { nonce: u64 },
     Pong { nonce: u64 },
     GoAway { reason: u8 },
+    Ack { received: u64 },
     // Driver operations.
     LocalOpen,
     LocalAccept { id: u8 },
@@ -38,6 +42,8 @@ enum Op {
     LocalGoAway,
     Closed,
     Tick { millis: u16 },
+    Detach,
+    Attach { received: u64 },
 }
 
 fuzz_target!(|input: (bool, u8, Vec<Op>)| {
@@ -52,9 +58,14 @@ fuzz_target!(|input: (bool, u8, Vec<Op>)| {
         max_frame_alone: 1000,
         keepalive: Duration::from_secs(1),
         dead_after: Duration::from_secs(3),
+        resume_within: Duration::from_secs(2),
+        resend_limit: 0,
     };
     let mut now = Instant::now();
-    let mut link = Link::new(side, config, now);
+    let resumable = shape >= 128;
+    let mut link =
+        if resumable { Link::new_resumable(side, config, now, [7; 32]) } else { Link::new(side, config, now) };
+    let resend_limit = link.config().resend_limit;
     let window = link.config().link_window as usize;
     let payload = vec![0x5a; MAX_DATA];
     let mut frame = Vec::new();
@@ -76,6 +87,7 @@ fuzz_target!(|input: (bool, u8, Vec<Op>)| {
             Op::Ping { nonce } => Some(Frame::Ping { nonce: *nonce }),
             Op::Pong { nonce } => Some(Frame::Pong { nonce: *nonce }),
             Op::GoAway { reason } => Some(Frame::GoAway { reason: Reason(u32::from(reason % 3)) }),
+            Op::Ack { received } => Some(Frame::Ack { received: *received % 64 }),
             _ => None,
         };
         if let Some(f) = peer {
@@ -92,14 +104,21 @@ fuzz_target!(|input: (bool, u8, Vec<Op>)| {
             | Op::Window { .. }
             | Op::Ping { .. }
             | Op::Pong { .. }
-            | Op::GoAway { .. } => feed(&mut link, now, &frame),
+            | Op::GoAway { .. }
+            | Op::Ack { .. } => feed(&mut link, now, &frame),
+            Op::Detach => link.detach(now),
+            Op::Attach { received } => {
+                let handover = link.handover();
+                assert_eq!(handover.is_some(), link.is_resumable());
+                drop(link.attach(now, received % 64));
+            }
             Op::LocalOpen => drop(link.open(now)),
             Op::LocalAccept { id: n } => drop(link.accept(id(n))),
             Op::LocalRefuse { id: n } => drop(link.refuse(id(n), Reason::REFUSED)),
             Op::Send { id: n, len } => {
                 let credit = link.send_credit(id(n));
                 let len = usize::from(len);
-                let result = link.data_header(id(n), len, &mut out);
+                let result = link.data_header(now, id(n), len, &mut out);
                 // What send_credit promised (fairness aside) is always accepted.
                 assert!(len == 0 || len > credit || result.is_ok() || credit == 0, "{result:?}");
                 if let Ok(header) = result {
@@ -113,7 +132,7 @@ fuzz_target!(|input: (bool, u8, Vec<Op>)| {
             Op::NextSend => {
                 if let Some((sid, credit)) = link.next_send() {
                     assert!(credit > 0 && credit <= 1000);
-                    link.data_header(sid, credit, &mut out).unwrap();
+                    link.data_header(now, sid, credit, &mut out).unwrap();
                 }
             }
             Op::LocalEnd { id: n } => drop(link.end(id(n))),
@@ -131,9 +150,10 @@ fuzz_target!(|input: (bool, u8, Vec<Op>)| {
         // The driver's duty: drain what the link wants to send, then its events.
         let mut sent = Vec::new();
         let mut frames = 0;
-        while link.poll_transmit(&mut sent) {
+        while link.poll_transmit(now, &mut sent) {
             let f = Frame::decode(&sent).expect("the link sent a frame that does not decode");
-            assert!(!matches!(f, Frame::Data { .. }), "data from poll_transmit");
+            // Resent data comes from here; new data never does.
+            assert!(resumable || !matches!(f, Frame::Data { .. }), "data from poll_transmit");
             sent.clear();
             frames += 1;
             assert!(frames <= 4096 + 16, "control queue grew without bound");
@@ -144,6 +164,7 @@ fuzz_target!(|input: (bool, u8, Vec<Op>)| {
             }
         }
         assert!(link.buffered() <= window);
+        assert!(link.resend_buffered() <= resend_limit + RESEND_SLACK + MAX_DATA, "resend buffer unbounded");
         assert!(link.stream_count() <= link.config().max_streams);
         if link.is_closed() {
             assert_eq!(link.stream_count(), 0);

@@ -57,6 +57,10 @@ impl Capabilities {
     /// a client with it assembles an answer of many messages; a registry
     /// sends one only to such a client.
     pub const PARTS: Capabilities = Capabilities(1 << 1);
+    /// Bit 2: resumable links ([`crate::link`]'s `resume`): both ends number
+    /// their frames, acknowledge them (`ACK`) and keep what the peer has not
+    /// acknowledged, so the link can continue on a new transport (`RESUME`).
+    pub const RESUME: Capabilities = Capabilities(1 << 2);
 
     /// Whether every bit of `other` is set here.
     pub fn contains(self, other: Capabilities) -> bool {
@@ -82,7 +86,8 @@ impl Capabilities {
 }
 
 /// What this build supports (see the crate docs, "How the wire grows").
-pub const CAPABILITIES: Capabilities = Capabilities(Capabilities::MEET.0 | Capabilities::PARTS.0);
+pub const CAPABILITIES: Capabilities =
+    Capabilities(Capabilities::MEET.0 | Capabilities::PARTS.0 | Capabilities::RESUME.0);
 
 /// The initiator's first handshake payload.
 ///

@@ -9,6 +9,11 @@
 //! exactly the ones its driver still tracks; at the end, after a `GOAWAY`
 //! drain, no state is left. Also: fairness between a bulk and a small stream,
 //! and keepalive with a live and a silent peer.
+//!
+//! Resumable links run the same world with transports that die at random
+//! points (what was in flight is lost, each end detaches) and are replaced
+//! after a random delay: every byte still arrives exactly once, in order,
+//! no stream is reset for it, and the resend buffers end empty.
 
 // Test code: a panic is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -20,7 +25,7 @@ use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use seaport_proto::link::{
-    HEADER_LEN, Incoming, Link, LinkConfig, LinkError, LinkEvent, Reason, Side, StreamId,
+    Frame, HEADER_LEN, Incoming, Link, LinkConfig, LinkError, LinkEvent, Reason, Side, StreamId,
 };
 
 /// The byte at `offset` of the payload sent by `from` on stream `id`: it
@@ -63,8 +68,8 @@ struct Peer {
 }
 
 impl Peer {
-    fn new(side: Side, config: LinkConfig, now: Instant) -> Peer {
-        let link = Link::new(side, config, now);
+    fn new(side: Side, config: LinkConfig, now: Instant, resumable: bool) -> Peer {
+        let link = if resumable { Link::new_resumable(side, config, now, [1; 32]) } else { Link::new(side, config, now) };
         Peer {
             side,
             link,
@@ -88,21 +93,32 @@ struct Pair {
     lengths: HashMap<(Side, StreamId), usize>,
     refused: usize,
     completed: usize,
+    /// Transports replaced so far.
+    resumes: usize,
+    /// The transport is dead: whatever either end sends is lost, until a
+    /// new one comes.
+    dead: bool,
 }
 
 impl Pair {
     fn new(seed: u64, config: LinkConfig) -> Pair {
+        Pair::with_resume(seed, config, false)
+    }
+
+    fn with_resume(seed: u64, config: LinkConfig, resumable: bool) -> Pair {
         let now = Instant::now();
         let mut pair = Pair {
             now,
             rng: ChaCha8Rng::seed_from_u64(seed),
-            proxy: Peer::new(Side::Proxy, config.clone(), now),
-            service: Peer::new(Side::Service, config.clone(), now),
+            proxy: Peer::new(Side::Proxy, config.clone(), now, resumable),
+            service: Peer::new(Side::Service, config.clone(), now, resumable),
             config,
             to_accept: Vec::new(),
             lengths: HashMap::new(),
             refused: 0,
             completed: 0,
+            resumes: 0,
+            dead: false,
         };
         pair.flush(Side::Proxy);
         pair.flush(Side::Service);
@@ -127,9 +143,14 @@ impl Pair {
     /// The driver's duty after every call: drain transmit, then events.
     fn flush(&mut self, side: Side) {
         let mut buf = Vec::new();
-        while self.peer(side).link.poll_transmit(&mut buf) {
+        let now = self.now;
+        let detached = self.peer(side).link.is_detached();
+        while self.peer(side).link.poll_transmit(now, &mut buf) {
+            assert!(!detached, "{side:?} sent while detached");
             let frame = std::mem::take(&mut buf);
-            self.peer(side).wire.push_back(frame);
+            if !self.dead {
+                self.peer(side).wire.push_back(frame);
+            }
         }
         while let Some(event) = self.peer(side).link.poll_event() {
             self.on_event(side, event);
@@ -175,6 +196,14 @@ impl Pair {
             LinkEvent::Writable { id } => assert!(self.peer(side).streams.contains_key(&id)),
             LinkEvent::GoAway => self.peer(side).go_away_seen = true,
             LinkEvent::Drained => self.peer(side).drained = true,
+            // Found by the machine itself (frames unacknowledged too long):
+            // the driver drops the transport, so nothing more crosses it.
+            LinkEvent::PathLost { .. } => {
+                assert!(self.peer(side).link.is_detached());
+                self.proxy.wire.clear();
+                self.service.wire.clear();
+                self.dead = true;
+            }
             other => panic!("{side:?}: {other:?}"),
         }
     }
@@ -233,15 +262,19 @@ impl Pair {
             let left = model.len - model.sent;
             assert!(left > 0 && credit > 0);
             let n = self.rng.random_range(1..=credit.min(left));
+            let (dead, now) = (self.dead, self.now);
             let peer = self.peer(side);
             let model = peer.streams.get_mut(&id).unwrap();
             let mut frame = vec![0; HEADER_LEN + n];
             for (i, b) in frame[HEADER_LEN..].iter_mut().enumerate() {
                 *b = byte(side, id, model.sent + i);
             }
-            assert_eq!(peer.link.data_header(id, n, &mut frame), Ok(HEADER_LEN));
+            assert_eq!(peer.link.data_header(now, id, n, &mut frame), Ok(HEADER_LEN));
             model.sent += n;
-            peer.wire.push_back(frame);
+            // On a dead transport what is sent is lost (and kept for resending).
+            if !dead {
+                peer.wire.push_back(frame);
+            }
             if model.sent < model.len {
                 peer.link.want_send(id).unwrap();
             }
@@ -327,6 +360,43 @@ impl Pair {
         self.flush(side);
     }
 
+    /// The transport dies: what was in flight is lost and both ends detach
+    /// (each on its own discovery, here at once).
+    fn cut(&mut self) {
+        self.proxy.wire.clear();
+        self.service.wire.clear();
+        self.dead = true;
+        for side in [Side::Proxy, Side::Service] {
+            let now = self.now;
+            self.peer(side).link.detach(now);
+            assert!(self.peer(side).link.is_detached());
+            self.flush(side);
+        }
+    }
+
+    /// A new transport: each end says what it received, then both resend
+    /// what the other lacks. Nothing may be sent before.
+    fn reconnect(&mut self) {
+        let Some(Frame::Resume { received: proxy_has, token }) = self.proxy.link.handover() else {
+            panic!("no RESUME")
+        };
+        assert_eq!(token, [1; 32]);
+        let Some(Frame::Resumed { received: service_has }) = self.service.link.handover() else {
+            panic!("no RESUMED")
+        };
+        let now = self.now;
+        self.dead = false;
+        self.proxy.link.attach(now, service_has).unwrap();
+        self.service.link.attach(now, proxy_has).unwrap();
+        self.resumes += 1;
+        self.flush(Side::Proxy);
+        self.flush(Side::Service);
+    }
+
+    fn detached(&self) -> bool {
+        self.proxy.link.is_detached() || self.service.link.is_detached()
+    }
+
     fn tick(&mut self, by: Duration) {
         self.now += by;
         for side in [Side::Proxy, Side::Service] {
@@ -340,6 +410,18 @@ impl Pair {
 
     fn step(&mut self) {
         let side = if self.rng.random_bool(0.5) { Side::Proxy } else { Side::Service };
+        if self.detached() {
+            // A path search takes a while; the ends keep working meanwhile.
+            if self.rng.random_bool(0.3) {
+                if !(self.proxy.link.is_detached() && self.service.link.is_detached()) {
+                    // One end found the path dead before the other noticed.
+                    self.cut();
+                }
+                return self.reconnect();
+            }
+        } else if self.proxy.link.is_resumable() && self.rng.random_range(0..100) < 3 {
+            return self.cut();
+        }
         match self.rng.random_range(0..100) {
             0..10 => self.open(),
             10..18 => self.answer_open(true),
@@ -364,6 +446,10 @@ impl Pair {
     /// No more opens; everything is answered, sent, delivered and consumed
     /// while the service drains the link.
     fn settle(&mut self) {
+        if self.detached() {
+            self.cut();
+            self.reconnect();
+        }
         self.service.link.go_away();
         self.flush(Side::Service);
         for _ in 0..100_000 {
@@ -377,6 +463,10 @@ impl Pair {
             self.consume(Side::Proxy, true);
             self.consume(Side::Service, true);
             self.tick(Duration::from_millis(1));
+            if self.detached() {
+                self.cut();
+                self.reconnect();
+            }
             if self.proxy.streams.is_empty()
                 && self.service.streams.is_empty()
                 && self.proxy.wire.is_empty()
@@ -437,6 +527,38 @@ proptest! {
         }
     }
 
+    /// The same world over transports that die at random points and are
+    /// replaced after random delays.
+    #[test]
+    fn a_resumable_link_loses_nothing_when_its_transport_dies(
+        seed in any::<u64>(),
+        steps in 50usize..600,
+        config in arb_config(),
+        resend_limit in 0usize..512 * 1024,
+    ) {
+        let config = LinkConfig { resend_limit, ..config };
+        let mut pair = Pair::with_resume(seed, config, true);
+        for _ in 0..steps {
+            pair.step();
+        }
+        pair.settle();
+        // Acknowledge what is left, so the resend buffers can empty.
+        pair.tick(Duration::from_millis(50));
+        pair.deliver(Side::Proxy, usize::MAX);
+        pair.deliver(Side::Service, usize::MAX);
+        for peer in [&pair.proxy, &pair.service] {
+            prop_assert_eq!(peer.link.stream_count(), 0);
+            prop_assert_eq!(peer.link.buffered(), 0);
+            prop_assert!(peer.drained, "{:?} did not drain", peer.side);
+            prop_assert!(!peer.link.is_closed());
+            prop_assert_eq!(peer.link.resend_buffered(), 0, "{:?} keeps acknowledged frames", peer.side);
+        }
+        for (sender, receiver) in [(&pair.proxy, &pair.service), (&pair.service, &pair.proxy)] {
+            let window = receiver.link.config().link_window as usize;
+            prop_assert_eq!(sender.link.link_credit() + receiver.link.credit_owed(), window, "link credit lost");
+        }
+    }
+
     /// A bulk stream saturating its credit and a small request that becomes
     /// ready: the request's frame goes out next but one, and while both
     /// wait, the bulk stream's frames stay within the shared cap.
@@ -471,7 +593,7 @@ proptest! {
             if let Some(expect) = expect {
                 assert_eq!(id, expect);
             }
-            link.data_header(id, credit, &mut [0; HEADER_LEN]).unwrap();
+            link.data_header(Instant::now(), id, credit, &mut [0; HEADER_LEN]).unwrap();
             (id, credit)
         };
         for _ in 0..bulk_frames {
@@ -492,6 +614,22 @@ proptest! {
             link.want_send(bulk).unwrap();
         }
         prop_assert!(frames <= 2, "request went out as frame {}", frames);
+    }
+}
+
+#[test]
+fn many_transports_die_under_many_streams_and_nothing_is_lost() {
+    let config = LinkConfig { resend_limit: 64 * 1024, ..LinkConfig::default() };
+    let mut pair = Pair::with_resume(42, config, true);
+    for _ in 0..5000 {
+        pair.step();
+    }
+    pair.settle();
+    assert!(pair.resumes >= 20, "only {} resumes", pair.resumes);
+    assert!(pair.completed >= 100, "only {} streams completed", pair.completed);
+    for peer in [&pair.proxy, &pair.service] {
+        assert_eq!(peer.link.stream_count(), 0);
+        assert!(!peer.link.is_closed());
     }
 }
 
@@ -521,7 +659,7 @@ fn a_live_peer_keeps_the_link_up_and_a_silent_one_is_found_dead() {
         pair.now = deadline;
         pair.proxy.link.handle_timeout(deadline);
         let mut buf = Vec::new();
-        while pair.proxy.link.poll_transmit(&mut buf) {}
+        while pair.proxy.link.poll_transmit(deadline, &mut buf) {}
         while let Some(event) = pair.proxy.link.poll_event() {
             match event {
                 LinkEvent::Reset { id: reset, reason } => {

@@ -22,7 +22,8 @@ pub(super) const MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// Limits and tuning of one link. Out-of-range values are clamped by
 /// [`super::Link::new`] (a zero window or keepalive would stall or spin): windows to
 /// 1..=[`MAX_WINDOW`] (the link window to at least [`INITIAL_LINK_WINDOW`]),
-/// frame sizes to 1..=[`MAX_DATA`], intervals to 1 ms..=1 day.
+/// frame sizes to 1..=[`MAX_DATA`], intervals to 1 ms..=1 day, the resend
+/// limit to two frames..=[`MAX_WINDOW`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkConfig {
     /// Most concurrent streams; a service refuses more with
@@ -47,6 +48,17 @@ pub struct LinkConfig {
     pub keepalive: Duration,
     /// A peer silent this long is dead. Default 30 s (three pings lost).
     pub dead_after: Duration,
+    /// How long a resumable link whose transport is lost waits for a new
+    /// one before its streams are reset. Default 10 s: enough to find a
+    /// path again through another registry of a set (a meeting, a punch and
+    /// a relay's head start take a few seconds), short enough that a client
+    /// whose service is really gone hears so soon.
+    pub resume_within: Duration,
+    /// Most bytes of `DATA` a resumable link keeps for resending (sent, not
+    /// acknowledged). Default 16 MiB, the default link window: what the
+    /// peer may hold unread anyway. At the limit, streams get no credit
+    /// until an acknowledgement frees room.
+    pub resend_limit: usize,
 }
 
 impl Default for LinkConfig {
@@ -60,6 +72,8 @@ impl Default for LinkConfig {
             max_frame_alone: MAX_DATA,
             keepalive: Duration::from_secs(10),
             dead_after: Duration::from_secs(30),
+            resume_within: Duration::from_secs(10),
+            resend_limit: 16 * 1024 * 1024,
         }
     }
 }
@@ -73,6 +87,10 @@ impl LinkConfig {
         self.max_frame_shared = self.max_frame_shared.clamp(1, self.max_frame_alone);
         self.keepalive = self.keepalive.clamp(Duration::from_millis(1), MAX_INTERVAL);
         self.dead_after = self.dead_after.clamp(self.keepalive, MAX_INTERVAL);
+        self.resume_within = self.resume_within.clamp(Duration::from_millis(1), MAX_INTERVAL);
+        // Room for two of the largest frames, so sending never stalls on a
+        // single one; at most what a window can hold.
+        self.resend_limit = self.resend_limit.clamp(2 * MAX_DATA, MAX_WINDOW as usize);
         self
     }
 }

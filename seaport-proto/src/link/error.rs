@@ -73,6 +73,42 @@ pub enum LinkError {
     /// The driver reported the transport closed ([`super::Link::handle_closed`]).
     #[error("transport closed")]
     Closed,
+    /// A resumable link's frame to a peer that did not advertise
+    /// resumption, or a `RESUME`/`RESUMED` in the middle of a transport.
+    #[error("peer sent {0:?}, which this link does not take here")]
+    NotResumable(FrameKind),
+    /// An `ACK` for frames never sent on this transport, or behind one
+    /// already acknowledged.
+    #[error("peer acknowledged {received} frames: {kept_from} were acknowledged before, {sent} sent")]
+    BadAck {
+        /// The count it sent.
+        received: u64,
+        /// Frames sent on this transport.
+        sent: u64,
+        /// Frames acknowledged before.
+        kept_from: u64,
+    },
+    /// A resume from a point outside what was sent and kept.
+    #[error("peer resumes after {received} frames: {kept_from} were acknowledged before, {sent} sent")]
+    BadResume {
+        /// The count it sent.
+        received: u64,
+        /// Frames sent on the link.
+        sent: u64,
+        /// Frames acknowledged before.
+        kept_from: u64,
+    },
+    /// The peer let this many bytes of ours wait for its acknowledgement,
+    /// far beyond the resend limit: it does not acknowledge as it should.
+    #[error("peer leaves {0} bytes unacknowledged")]
+    Unacknowledged(usize),
+    /// The transport was lost and no new one came in time.
+    #[error("no new path within {0:?}")]
+    NotResumed(Duration),
+    /// Frames waited this long for an acknowledgement: the path is dead.
+    /// Ends a link only where it cannot be resumed.
+    #[error("path silent for {0:?} with frames unacknowledged")]
+    PathDead(Duration),
 }
 
 impl LinkError {
@@ -82,7 +118,11 @@ impl LinkError {
             LinkError::StreamWindowExceeded { .. }
             | LinkError::LinkWindowExceeded { .. }
             | LinkError::CreditOverflow(_) => Some(Reason::FLOW_CONTROL),
-            LinkError::Silent(_) | LinkError::PeerAborted(_) | LinkError::Closed => None,
+            LinkError::Silent(_)
+            | LinkError::PeerAborted(_)
+            | LinkError::Closed
+            | LinkError::NotResumed(_)
+            | LinkError::PathDead(_) => None,
             _ => Some(Reason::PROTOCOL),
         }
     }

@@ -66,6 +66,13 @@ pub enum LinkEvent {
     /// A `GOAWAY` went one way or the other and no stream is left: close
     /// the link.
     Drained,
+    /// A resumable link found its path dead (frames unacknowledged for too
+    /// long, or a silent peer) and is detached ([`super::Link::is_detached`]):
+    /// drop the transport; a proxy looks for a new path and resumes on it.
+    PathLost {
+        /// What showed the path dead.
+        error: LinkError,
+    },
     /// The link ended (after a `Reset` for each stream): close the transport.
     Closed {
         /// Why.

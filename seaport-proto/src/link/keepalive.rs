@@ -60,6 +60,12 @@ impl Keepalive {
         self.nonce
     }
 
+    /// Our ping in flight will not be answered (its transport is gone): a
+    /// pong for it after a resume would measure the outage, not the path.
+    pub(super) fn forget_ping(&mut self) {
+        self.ping_sent = None;
+    }
+
     /// The peer pinged.
     pub(super) fn on_ping(&mut self, nonce: u64) {
         self.pong = Some(nonce);

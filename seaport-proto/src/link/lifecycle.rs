@@ -81,6 +81,10 @@ impl Link {
         self.control.clear();
         self.schedule.clear();
         self.keepalive.close();
+        if let Some(r) = &mut self.resume {
+            r.journal.clear();
+            r.detached = None;
+        }
         if let Some(reason) = error.wire_reason() {
             self.control.push_back(Frame::GoAway { reason });
         }

@@ -107,6 +107,7 @@ mod flow;
 mod keepalive;
 mod lifecycle;
 mod receive;
+mod resume;
 mod schedule;
 mod stream;
 pub mod wire;
@@ -117,11 +118,15 @@ use std::time::{Duration, Instant};
 pub use config::{CONTROL_BACKLOG, INITIAL_LINK_WINDOW, LinkConfig};
 pub use error::{LinkError, StreamError};
 pub use event::{Incoming, LinkEvent};
-pub use wire::{Frame, FrameError, FrameKind, HEADER_LEN, MAX_DATA, MAX_WINDOW, Reason, StreamId};
+pub use resume::{ACK_DELAY, PATH_TIMEOUT, RESEND_SLACK, token as resume_token};
+pub use wire::{
+    Frame, FrameError, FrameKind, HEADER_LEN, MAX_DATA, MAX_WINDOW, RESUME_TOKEN_LEN, Reason, StreamId,
+};
 
 use flow::RecvWindow;
 use keepalive::{Due, Keepalive};
 use lifecycle::{GoAway, Phase};
+use resume::Resume;
 use schedule::RoundRobin;
 use stream::{Acceptance, Half, Stream};
 
@@ -157,6 +162,8 @@ pub struct Link {
     events: VecDeque<LinkEvent>,
     go_away: GoAway,
     phase: Phase,
+    /// Set on a resumable link: what makes it outlive its transport.
+    resume: Option<Resume>,
 }
 
 impl Link {
@@ -176,6 +183,7 @@ impl Link {
             events: VecDeque::new(),
             go_away: GoAway::default(),
             phase: Phase::Live,
+            resume: None,
             config,
         };
         if let Some(increment) = link.config.link_window.checked_sub(INITIAL_LINK_WINDOW).filter(|n| *n > 0) {
@@ -183,6 +191,32 @@ impl Link {
         }
         link.send_ping(now);
         link
+    }
+
+    /// A resumable link (both ends advertised
+    /// [`Capabilities::RESUME`](crate::hello::Capabilities::RESUME)) whose
+    /// handshake just completed; `token` is [`resume_token`] of that
+    /// session's handshake hash. See `resume.rs` for what it adds.
+    pub fn new_resumable(side: Side, config: LinkConfig, now: Instant, token: [u8; RESUME_TOKEN_LEN]) -> Link {
+        let mut link = Link::new(side, config, now);
+        link.resume = Some(Resume::new(token, link.config.resend_limit, link.config.resume_within));
+        link
+    }
+
+    /// Whether the link can continue on a new transport.
+    pub fn is_resumable(&self) -> bool {
+        self.resume.is_some() && !self.is_closed()
+    }
+
+    /// Whether the link waits for a new transport (streams kept, nothing sent).
+    pub fn is_detached(&self) -> bool {
+        self.resume.as_ref().is_some_and(|r| r.detached.is_some()) && !self.is_closed()
+    }
+
+    /// Bytes kept for resending (sent, not acknowledged): 0 on an idle or
+    /// non-resumable link.
+    pub fn resend_buffered(&self) -> usize {
+        self.resume.as_ref().map_or(0, |r| r.journal.kept_bytes())
     }
 
     /// Which end this is.
@@ -236,7 +270,7 @@ impl Link {
         if self.is_closed() {
             return Ok(None);
         }
-        let result = Frame::decode(frame).map_err(LinkError::from).and_then(|f| self.on_frame(now, f));
+        let result = Frame::decode(frame).map_err(LinkError::from).and_then(|f| self.on_frame(now, f, frame.len()));
         self.keepalive.heard(now);
         result.inspect_err(|e| self.close(e.clone())).inspect(|_| self.check_drained())
     }
@@ -247,13 +281,83 @@ impl Link {
         self.close(LinkError::Closed);
     }
 
+    /// The transport is gone (closed, failed, or left for a better one): a
+    /// resumable link keeps its streams and waits for a new transport
+    /// ([`Link::attach`]) until [`LinkConfig::resume_within`] has passed;
+    /// any other link closes as [`Link::handle_closed`] does. Nothing is
+    /// sent while detached; streams get no credit.
+    pub fn detach(&mut self, now: Instant) {
+        let closed = self.is_closed();
+        match &mut self.resume {
+            Some(r) if !closed => r.detach(now),
+            _ => self.handle_closed(),
+        }
+    }
+
+    /// The first frame for a new transport, before anything else (and
+    /// before [`Link::attach`]): the proxy's `RESUME` or the service's
+    /// `RESUMED`, carrying what this end received. `None` if the link is
+    /// not resumable (or closed).
+    pub fn handover(&self) -> Option<Frame<'static>> {
+        let r = self.resume.as_ref().filter(|_| !self.is_closed())?;
+        Some(match self.side {
+            Side::Proxy => Frame::Resume { received: r.received, token: r.token },
+            Side::Service => Frame::Resumed { received: r.received },
+        })
+    }
+
+    /// The link's resume token, to find it by when a `RESUME` arrives.
+    pub fn resume_token(&self) -> Option<[u8; RESUME_TOKEN_LEN]> {
+        self.resume.as_ref().map(|r| r.token)
+    }
+
+    /// A new transport carries the link: the peer has every frame before
+    /// `peer_received` (its `RESUME` or `RESUMED` said so) and was sent our
+    /// [`Link::handover`]. Frames after that go again, first, from
+    /// `poll_transmit`; then the link carries on. A point outside what was
+    /// sent ends the link (the peer's error).
+    pub fn attach(&mut self, now: Instant, peer_received: u64) -> Result<(), LinkError> {
+        if self.is_closed() {
+            return Err(LinkError::Closed);
+        }
+        let Some(r) = &mut self.resume else {
+            self.close(LinkError::NotResumable(FrameKind::Resume));
+            return Err(LinkError::NotResumable(FrameKind::Resume));
+        };
+        if let Err(e) = r.attach(now, peer_received) {
+            self.close(e.clone());
+            return Err(e);
+        }
+        self.keepalive.heard(now);
+        self.keepalive.forget_ping();
+        self.unblock_all();
+        Ok(())
+    }
+
     /// Sends a ping when one is due; declares the peer dead when it has been
     /// silent for `dead_after`.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.is_closed() {
             return;
         }
+        let rtt = self.keepalive.rtt();
+        if let Some(r) = &mut self.resume {
+            let detached = r.detached.is_some();
+            match r.due(now, rtt) {
+                Some(e @ LinkError::NotResumed(_)) => return self.close(e),
+                Some(e) => {
+                    self.events.push_back(LinkEvent::PathLost { error: e });
+                    return self.detach(now);
+                }
+                None if detached => return,
+                None => {}
+            }
+        }
         match self.keepalive.due(now) {
+            Due::Dead if self.resume.is_some() => {
+                self.events.push_back(LinkEvent::PathLost { error: LinkError::Silent(self.config.dead_after) });
+                self.detach(now);
+            }
             Due::Dead => self.close(LinkError::Silent(self.config.dead_after)),
             Due::Ping => self.send_ping(now),
             Due::Nothing => {}
@@ -267,12 +371,39 @@ impl Link {
 
     /// When `handle_timeout` is next due; `None` once closed.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        (!self.is_closed()).then(|| self.keepalive.deadline())
+        if self.is_closed() {
+            return None;
+        }
+        let rtt = self.keepalive.rtt();
+        match &self.resume {
+            Some(r) if r.detached.is_some() => r.deadline(rtt),
+            Some(r) => Some(r.deadline(rtt).map_or(self.keepalive.deadline(), |d| d.min(self.keepalive.deadline()))),
+            None => Some(self.keepalive.deadline()),
+        }
     }
 
     /// Appends one control frame's plaintext to `buf` (seal it as one Noise
-    /// message); false when there is none. `DATA` never comes from here.
-    pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
+    /// message); false when there is none. `DATA` never comes from here,
+    /// except frames resent on a new transport, which come first.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> bool {
+        let start = buf.len();
+        if !self.phase_is_closed()
+            && let Some(r) = &mut self.resume
+        {
+            if r.detached.is_some() {
+                return false;
+            }
+            if r.journal.resend_next(buf) {
+                if !r.journal.resending() {
+                    self.unblock_all();
+                }
+                return true;
+            }
+            if let Some(received) = r.take_ack() {
+                Frame::Ack { received }.encode(buf);
+                return true;
+            }
+        }
         let frame = match self.keepalive.take_pong() {
             Some(nonce) => Frame::Pong { nonce },
             None => match self.control.pop_front() {
@@ -287,7 +418,17 @@ impl Link {
             self.unblock(id);
         }
         frame.encode(buf);
+        if !self.phase_is_closed()
+            && let Some(r) = &mut self.resume
+            && let Err(e) = r.sent(now, buf.get(start..).unwrap_or_default())
+        {
+            self.close(e);
+        }
         true
+    }
+
+    fn phase_is_closed(&self) -> bool {
+        self.phase == Phase::Closed
     }
 
     /// The next event, if any.
@@ -374,7 +515,7 @@ impl Link {
     }
 
     fn credit(&mut self, id: StreamId, others_waiting: bool) -> usize {
-        let link = self.send_credit;
+        let link = self.send_limit();
         let cap = if others_waiting { self.config.max_frame_shared } else { self.config.max_frame_alone };
         let Some(s) = self.streams.get_mut(&id).filter(|s| s.accepted() && s.send == Half::Open) else {
             return 0;
@@ -424,25 +565,55 @@ impl Link {
     /// Writes the header of a `DATA` frame carrying `len` bytes on `id` into
     /// `out[..HEADER_LEN]` (the payload follows it in the same buffer) and
     /// debits the credit. Returns [`HEADER_LEN`]. `len` must be 1 to the
-    /// credit; the fairness cap is advice, not checked.
-    pub fn data_header(&mut self, id: StreamId, len: usize, out: &mut [u8]) -> Result<usize, StreamError> {
+    /// credit; the fairness cap is advice, not checked. On a resumable link
+    /// the payload must already be in `out[HEADER_LEN..HEADER_LEN + len]`:
+    /// the whole frame is kept for resending.
+    pub fn data_header(
+        &mut self,
+        now: Instant,
+        id: StreamId,
+        len: usize,
+        out: &mut [u8],
+    ) -> Result<usize, StreamError> {
+        let limit = self.send_limit();
         let link = self.send_credit;
+        // A resumable link keeps the whole frame: the payload must be there.
+        let keeps = self.resume.is_some();
         let s = self.sending(id)?;
         if s.acceptance == Acceptance::Unsent {
             return Err(StreamError::NotAccepted(id));
         }
-        let credit = (s.credit.available.min(link) as usize).min(MAX_DATA);
+        let credit = (s.credit.available.min(limit) as usize).min(MAX_DATA);
         let n = u32::try_from(len).ok().filter(|n| *n > 0 && len <= credit);
         let n = n.ok_or(StreamError::NoCredit { id, len, credit })?;
+        if keeps && out.len() < HEADER_LEN + len {
+            return Err(StreamError::BufferTooSmall);
+        }
         wire::write_data_header(id, out).ok_or(StreamError::BufferTooSmall)?;
         // n <= credit <= both credits, checked above.
         s.credit.available -= n;
         let link = link - n;
-        if s.credit.available == 0 || link == 0 {
+        if s.credit.available == 0 || limit - n == 0 {
             s.credit.blocked = true;
         }
         self.send_credit = link;
+        if let Some(r) = &mut self.resume
+            && let Err(e) = r.sent(now, out.get(..HEADER_LEN + len).unwrap_or_default())
+        {
+            self.close(e);
+        }
         Ok(HEADER_LEN)
+    }
+
+    /// What the link as a whole lets a stream send now: the peer's link
+    /// credit, less on a resumable link by what its resend limit has room
+    /// for, and nothing while it is detached or resending.
+    fn send_limit(&self) -> u32 {
+        match &self.resume {
+            Some(r) if r.paused() => 0,
+            Some(r) => self.send_credit.min(u32::try_from(r.room()).unwrap_or(u32::MAX)),
+            None => self.send_credit,
+        }
     }
 
     /// The sending side of `id` is done (the client or backend sent EOF):
@@ -505,7 +676,7 @@ impl Link {
     /// `id` may have credit again: if it was told it had none, it is owed a
     /// `Writable`, and rejoins the round robin if it has bytes.
     fn unblock(&mut self, id: StreamId) {
-        let link = self.send_credit;
+        let link = self.send_limit();
         let Some(s) = self.streams.get_mut(&id) else { return };
         if !s.credit.blocked || !s.sendable() || s.credit.available.min(link) == 0 {
             return;
@@ -513,6 +684,19 @@ impl Link {
         s.credit.blocked = false;
         self.schedule.rejoin(id, &mut s.turn);
         self.events.push_back(LinkEvent::Writable { id });
+    }
+
+    /// Every stream told it had no credit may have some again (the link's
+    /// credit or resend room grew, or the link was attached).
+    pub(super) fn unblock_all(&mut self) {
+        if self.send_limit() == 0 {
+            return;
+        }
+        let blocked: Vec<StreamId> =
+            self.streams.iter().filter(|(_, s)| s.credit.blocked).map(|(id, _)| *id).collect();
+        for id in blocked {
+            self.unblock(id);
+        }
     }
 
     fn forget_if_finished(&mut self, id: StreamId) {

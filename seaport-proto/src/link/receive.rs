@@ -16,12 +16,27 @@ use super::wire::{Frame, FrameKind, Reason, StreamId};
 use super::{Link, Side};
 
 impl Link {
+    /// Handles one decoded frame of `len` bytes.
     pub(super) fn on_frame<'a>(
         &mut self,
         now: Instant,
         frame: Frame<'a>,
+        len: usize,
     ) -> Result<Option<Incoming<'a>>, LinkError> {
         let kind = frame.kind();
+        match (&mut self.resume, frame) {
+            (Some(r), Frame::Ack { received }) => {
+                if r.on_ack(now, received)? {
+                    self.unblock_all();
+                }
+                return Ok(None);
+            }
+            (_, Frame::Ack { .. } | Frame::Resume { .. } | Frame::Resumed { .. }) => {
+                return Err(LinkError::NotResumable(kind));
+            }
+            (Some(r), _) => r.received(now, len),
+            (None, _) => {}
+        }
         match frame {
             Frame::Open { id, window } => self.on_open(now, id, window)?,
             Frame::Accept { id, window } => {
@@ -64,11 +79,7 @@ impl Link {
                 let was_empty = self.send_credit == 0;
                 self.send_credit = add_credit(self.send_credit, increment, StreamId::LINK)?;
                 if was_empty {
-                    let blocked: Vec<StreamId> =
-                        self.streams.iter().filter(|(_, s)| s.credit.blocked).map(|(id, _)| *id).collect();
-                    for id in blocked {
-                        self.unblock(id);
-                    }
+                    self.unblock_all();
                 }
             }
             Frame::Window { id, increment } => {
@@ -86,6 +97,8 @@ impl Link {
                     self.events.push_back(LinkEvent::GoAway);
                 }
             }
+            // Handled above.
+            Frame::Ack { .. } | Frame::Resume { .. } | Frame::Resumed { .. } => {}
         }
         Ok(None)
     }

@@ -18,7 +18,7 @@ fn frame(f: Frame<'_>) -> Vec<u8> {
 fn sent(link: &mut Link) -> Vec<Frame<'static>> {
     let mut out = Vec::new();
     let mut buf = Vec::new();
-    while link.poll_transmit(&mut buf) {
+    while link.poll_transmit(Instant::now(), &mut buf) {
         let f = Frame::decode(&buf).unwrap();
         out.push(match f {
             Frame::Data { .. } => panic!("data from poll_transmit"),
@@ -30,6 +30,9 @@ fn sent(link: &mut Link) -> Vec<Frame<'static>> {
             Frame::Ping { nonce } => Frame::Ping { nonce },
             Frame::Pong { nonce } => Frame::Pong { nonce },
             Frame::GoAway { reason } => Frame::GoAway { reason },
+            Frame::Ack { received } => Frame::Ack { received },
+            Frame::Resume { received, token } => Frame::Resume { received, token },
+            Frame::Resumed { received } => Frame::Resumed { received },
         });
         buf.clear();
     }
@@ -131,7 +134,7 @@ fn a_full_stream_life_frees_its_state() {
     assert_eq!(s.buffered(), 30);
     let mut buf = vec![0; HEADER_LEN + 50];
     assert_eq!(s.send_credit(id), 50);
-    assert_eq!(s.data_header(id, 50, &mut buf), Ok(HEADER_LEN));
+    assert_eq!(s.data_header(Instant::now(), id, 50, &mut buf), Ok(HEADER_LEN));
     assert_eq!(Frame::decode(&buf), Ok(Frame::Data { id, bytes: &[0; 50] }));
     assert_eq!(s.send_credit(id), 0);
     s.end(id).unwrap();
@@ -390,7 +393,7 @@ fn proxy_sees_refusal_before_accept_and_reset_after() {
     assert_eq!(sent(&mut p), [Frame::Open { id: a, window: 100 }, Frame::Open { id: b, window: 100 }]);
     assert_eq!(p.send_credit(a), 0);
     assert_eq!(p.want_send(a), Err(StreamError::NotAccepted(a)));
-    assert_eq!(p.data_header(a, 1, &mut [0; 8]), Err(StreamError::NotAccepted(a)));
+    assert_eq!(p.data_header(Instant::now(), a, 1, &mut [0; 8]), Err(StreamError::NotAccepted(a)));
     assert_eq!(p.end(a), Err(StreamError::NotAccepted(a)));
     assert_eq!(p.accept(a), Err(StreamError::WrongSide));
     p.handle_frame(now, &frame(Frame::Reset { id: a, reason: Reason::REFUSED })).unwrap();
@@ -423,15 +426,15 @@ fn misuse_is_an_error_value_and_changes_nothing() {
     assert_eq!(s.accept(id), Err(StreamError::AlreadyAccepted(id)));
     assert_eq!(s.refuse(id, Reason::REFUSED), Err(StreamError::AlreadyAccepted(id)));
     assert_eq!(s.accept(StreamId::new(9)), Err(StreamError::Unknown(StreamId::new(9))));
-    assert_eq!(s.data_header(id, 11, &mut [0; 32]), Err(StreamError::NoCredit { id, len: 11, credit: 10 }));
-    assert_eq!(s.data_header(id, 0, &mut [0; 32]), Err(StreamError::NoCredit { id, len: 0, credit: 10 }));
-    assert_eq!(s.data_header(id, 1, &mut [0; 4]), Err(StreamError::BufferTooSmall));
+    assert_eq!(s.data_header(Instant::now(), id, 11, &mut [0; 32]), Err(StreamError::NoCredit { id, len: 11, credit: 10 }));
+    assert_eq!(s.data_header(Instant::now(), id, 0, &mut [0; 32]), Err(StreamError::NoCredit { id, len: 0, credit: 10 }));
+    assert_eq!(s.data_header(Instant::now(), id, 1, &mut [0; 4]), Err(StreamError::BufferTooSmall));
     assert_eq!(s.consumed(now, id, 1), Err(StreamError::OverConsumed { id, n: 1, unconsumed: 0 }));
     assert_eq!(s.send_credit(id), 10);
     s.end(id).unwrap();
     assert_eq!(s.end(id), Err(StreamError::Ended(id)));
     assert_eq!(s.want_send(id), Err(StreamError::Ended(id)));
-    assert_eq!(s.data_header(id, 1, &mut [0; 32]), Err(StreamError::Ended(id)));
+    assert_eq!(s.data_header(Instant::now(), id, 1, &mut [0; 32]), Err(StreamError::Ended(id)));
     assert_eq!(s.send_credit(id), 0);
     s.reset(id, Reason::CANCELLED).unwrap();
     assert_eq!(s.reset(id, Reason::CANCELLED), Err(StreamError::Unknown(id)));
@@ -447,11 +450,11 @@ fn accepted_stream_sends_only_once_accept_is_out_and_wakes_on_credit() {
     s.accept(id).unwrap();
     s.want_send(id).unwrap();
     assert_eq!(s.next_send(), None, "ACCEPT not transmitted yet");
-    assert_eq!(s.data_header(id, 1, &mut [0; 8]), Err(StreamError::NotAccepted(id)));
+    assert_eq!(s.data_header(Instant::now(), id, 1, &mut [0; 8]), Err(StreamError::NotAccepted(id)));
     sent(&mut s);
     assert_eq!(events(&mut s), [LinkEvent::Opened { id }, LinkEvent::Writable { id }]);
     assert_eq!(s.next_send(), Some((id, 10)));
-    s.data_header(id, 10, &mut [0; 8]).unwrap();
+    s.data_header(Instant::now(), id, 10, &mut [0; 8]).unwrap();
     s.want_send(id).unwrap();
     assert_eq!(s.next_send(), None);
     s.handle_frame(now, &frame(Frame::Window { id, increment: 4 })).unwrap();
@@ -472,7 +475,7 @@ fn streams_blocked_on_the_link_window_wake_when_it_opens() {
     let mut buf = vec![0; HEADER_LEN];
     let mut total = 0;
     while let Some(credit) = Some(p.send_credit(a)).filter(|c| *c > 0) {
-        p.data_header(a, credit, &mut buf).unwrap();
+        p.data_header(Instant::now(), a, credit, &mut buf).unwrap();
         total += credit;
     }
     assert_eq!(total, INITIAL_LINK_WINDOW as usize);
@@ -500,7 +503,7 @@ fn round_robin_caps_frames_while_others_wait() {
     for _ in 0..6 {
         let (id, credit) = p.next_send().unwrap();
         order.push(id);
-        p.data_header(id, credit, &mut [0; HEADER_LEN]).unwrap();
+        p.data_header(Instant::now(), id, credit, &mut [0; HEADER_LEN]).unwrap();
         p.want_send(id).unwrap();
         assert!(credit <= 16 * 1024);
     }

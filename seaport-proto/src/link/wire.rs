@@ -16,6 +16,15 @@
 //! | 0x07 | `PING`   | 0         | nonce (u64)                 |
 //! | 0x08 | `PONG`   | 0         | nonce (u64)                 |
 //! | 0x09 | `GOAWAY` | 0         | reason (u32)                |
+//! | 0x0a | `ACK`    | 0         | frames received (u64)       |
+//! | 0x0b | `RESUME` | 0         | frames received (u64), token (32 bytes) |
+//! | 0x0c | `RESUMED`| 0         | frames received (u64)       |
+//!
+//! `ACK`, `RESUME` and `RESUMED` belong to resumable links (`resume.rs`) and
+//! go only to a peer that advertised
+//! [`Capabilities::RESUME`](crate::hello::Capabilities::RESUME). They are
+//! about the transport, not the link: they are neither numbered nor kept for
+//! resending.
 //!
 //! Decoding is strict: a wrong size, a stream id where none belongs (or none
 //! where one does), an empty `DATA`, a zero increment or a window above
@@ -145,6 +154,12 @@ pub enum FrameKind {
     Pong,
     /// `GOAWAY`
     GoAway,
+    /// `ACK`
+    Ack,
+    /// `RESUME`
+    Resume,
+    /// `RESUMED`
+    Resumed,
 }
 
 impl FrameKind {
@@ -159,6 +174,9 @@ impl FrameKind {
             0x07 => FrameKind::Ping,
             0x08 => FrameKind::Pong,
             0x09 => FrameKind::GoAway,
+            0x0a => FrameKind::Ack,
+            0x0b => FrameKind::Resume,
+            0x0c => FrameKind::Resumed,
             _ => return None,
         })
     }
@@ -174,6 +192,9 @@ impl FrameKind {
             FrameKind::Ping => 0x07,
             FrameKind::Pong => 0x08,
             FrameKind::GoAway => 0x09,
+            FrameKind::Ack => 0x0a,
+            FrameKind::Resume => 0x0b,
+            FrameKind::Resumed => 0x0c,
         }
     }
 }
@@ -238,7 +259,30 @@ pub enum Frame<'a> {
         /// Why.
         reason: Reason,
     },
+    /// The sender has received (and handled) this many numbered frames of
+    /// the link: the receiver of this frame may forget what it kept of them.
+    Ack {
+        /// Numbered frames received since the link began.
+        received: u64,
+    },
+    /// Proxy → service, first on a new transport: continue the link that
+    /// `token` names ([`super::resume::token`]), resending from frame
+    /// `received` on.
+    Resume {
+        /// Numbered frames the proxy received on the link.
+        received: u64,
+        /// The link's secret, known only to its two ends.
+        token: [u8; RESUME_TOKEN_LEN],
+    },
+    /// Service → proxy, first on a new transport: the link is continued.
+    Resumed {
+        /// Numbered frames the service received on the link.
+        received: u64,
+    },
 }
+
+/// Bytes of the secret a `RESUME` names its link by.
+pub const RESUME_TOKEN_LEN: usize = 32;
 
 /// Why a frame did not decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -303,6 +347,9 @@ impl<'a> Frame<'a> {
             Frame::Ping { .. } => FrameKind::Ping,
             Frame::Pong { .. } => FrameKind::Pong,
             Frame::GoAway { .. } => FrameKind::GoAway,
+            Frame::Ack { .. } => FrameKind::Ack,
+            Frame::Resume { .. } => FrameKind::Resume,
+            Frame::Resumed { .. } => FrameKind::Resumed,
         }
     }
 
@@ -317,7 +364,12 @@ impl<'a> Frame<'a> {
             | Frame::End { id }
             | Frame::Reset { id, .. }
             | Frame::Window { id, .. } => id.0,
-            Frame::Ping { .. } | Frame::Pong { .. } | Frame::GoAway { .. } => 0,
+            Frame::Ping { .. }
+            | Frame::Pong { .. }
+            | Frame::GoAway { .. }
+            | Frame::Ack { .. }
+            | Frame::Resume { .. }
+            | Frame::Resumed { .. } => 0,
         };
         out.push(self.kind().byte());
         out.extend_from_slice(&id.to_be_bytes());
@@ -328,7 +380,14 @@ impl<'a> Frame<'a> {
             | Frame::Reset { reason: Reason(n), .. }
             | Frame::GoAway { reason: Reason(n) } => out.extend_from_slice(&n.to_be_bytes()),
             Frame::Data { bytes, .. } => out.extend_from_slice(bytes),
-            Frame::Ping { nonce } | Frame::Pong { nonce } => out.extend_from_slice(&nonce.to_be_bytes()),
+            Frame::Ping { nonce: n }
+            | Frame::Pong { nonce: n }
+            | Frame::Ack { received: n }
+            | Frame::Resumed { received: n } => out.extend_from_slice(&n.to_be_bytes()),
+            Frame::Resume { received, token } => {
+                out.extend_from_slice(&received.to_be_bytes());
+                out.extend_from_slice(token);
+            }
             Frame::End { .. } => {}
         }
     }
@@ -340,7 +399,15 @@ impl<'a> Frame<'a> {
         let kind = FrameKind::from_byte(ty).ok_or(FrameError::UnknownType(ty))?;
         let raw_id = u32::from_be_bytes(id);
         let id = StreamId(raw_id);
-        let on_link = matches!(kind, FrameKind::Ping | FrameKind::Pong | FrameKind::GoAway);
+        let on_link = matches!(
+            kind,
+            FrameKind::Ping
+                | FrameKind::Pong
+                | FrameKind::GoAway
+                | FrameKind::Ack
+                | FrameKind::Resume
+                | FrameKind::Resumed
+        );
         if on_link && raw_id != 0 {
             return Err(FrameError::StreamOnLinkFrame { kind, id: raw_id });
         }
@@ -352,7 +419,7 @@ impl<'a> Frame<'a> {
             value if value > MAX_WINDOW => Err(FrameError::WindowTooLarge { kind, value }),
             value => Ok(value),
         };
-        let nonce = || body.try_into().map(u64::from_be_bytes).map_err(|_| length(kind, body, 8));
+        let long = || body.try_into().map(u64::from_be_bytes).map_err(|_| length(kind, body, 8));
         Ok(match kind {
             FrameKind::Open => Frame::Open { id, window: window()? },
             FrameKind::Accept => Frame::Accept { id, window: window()? },
@@ -366,9 +433,18 @@ impl<'a> Frame<'a> {
                 0 => return Err(FrameError::ZeroIncrement),
                 increment => Frame::Window { id, increment },
             },
-            FrameKind::Ping => Frame::Ping { nonce: nonce()? },
-            FrameKind::Pong => Frame::Pong { nonce: nonce()? },
+            FrameKind::Ping => Frame::Ping { nonce: long()? },
+            FrameKind::Pong => Frame::Pong { nonce: long()? },
             FrameKind::GoAway => Frame::GoAway { reason: Reason(word()?) },
+            FrameKind::Ack => Frame::Ack { received: long()? },
+            FrameKind::Resumed => Frame::Resumed { received: long()? },
+            FrameKind::Resume => {
+                let (received, token) = body
+                    .split_first_chunk::<8>()
+                    .and_then(|(n, rest)| Some((u64::from_be_bytes(*n), <[u8; RESUME_TOKEN_LEN]>::try_from(rest).ok()?)))
+                    .ok_or_else(|| length(kind, body, 8 + RESUME_TOKEN_LEN))?;
+                Frame::Resume { received, token }
+            }
         })
     }
 }
@@ -398,7 +474,7 @@ mod tests {
     }
 
     fn arb_frame() -> impl Strategy<Value = (u8, u32, u32, u64, Vec<u8>)> {
-        (1u8..=9, 1u32.., 1u32..=MAX_WINDOW, any::<u64>(), prop::collection::vec(any::<u8>(), 1..300))
+        (1u8..=12, 1u32.., 1u32..=MAX_WINDOW, any::<u64>(), prop::collection::vec(any::<u8>(), 1..300))
     }
 
     proptest! {
@@ -414,7 +490,10 @@ mod tests {
                 6 => Frame::Window { id, increment: n },
                 7 => Frame::Ping { nonce },
                 8 => Frame::Pong { nonce },
-                _ => Frame::GoAway { reason: Reason(n) },
+                9 => Frame::GoAway { reason: Reason(n) },
+                10 => Frame::Ack { received: nonce },
+                11 => Frame::Resume { received: nonce, token: [n as u8; RESUME_TOKEN_LEN] },
+                _ => Frame::Resumed { received: nonce },
             };
             let wire = encoded(frame);
             prop_assert_eq!(Frame::decode(&wire), Ok(frame));
@@ -457,7 +536,19 @@ mod tests {
             (vec![], FrameError::Short(0)),
             (vec![1, 0, 0, 0], FrameError::Short(4)),
             (vec![0, 0, 0, 0, 1], FrameError::UnknownType(0)),
-            (vec![0x0a, 0, 0, 0, 1], FrameError::UnknownType(0x0a)),
+            (vec![0x0d, 0, 0, 0, 1], FrameError::UnknownType(0x0d)),
+            (
+                encoded(Frame::Resume { received: 1, token: [0; RESUME_TOKEN_LEN] })[..20].to_vec(),
+                FrameError::BodyLength { kind: FrameKind::Resume, len: 15, expected: 40 },
+            ),
+            (
+                {
+                    let mut ack = encoded(Frame::Ack { received: 1 });
+                    ack[4] = 2;
+                    ack
+                },
+                FrameError::StreamOnLinkFrame { kind: FrameKind::Ack, id: 2 },
+            ),
             (vec![0xff, 0, 0, 0, 0], FrameError::UnknownType(0xff)),
             (
                 encoded(Frame::Open { id, window: 1 })[..7].to_vec(),

@@ -1,0 +1,395 @@
+//! Resumable links: a link that outlives its transport. Both ends number the
+//! frames they send (the link's, not `ACK`/`RESUME`/`RESUMED`), acknowledge
+//! what they received, and keep what the peer has not acknowledged in a
+//! bounded [`Journal`]; when the transport goes, the link is *detached*: its
+//! streams stay, and it waits up to [`super::LinkConfig::resume_within`] for
+//! a new transport, on which each end tells the other how much it received
+//! and resends the rest. The link machine above this sees one unbroken
+//! sequence of frames, so every rule it keeps (credit, stream states) holds
+//! across the move.
+//!
+//! # Acknowledgements
+//! `ACK` carries the count of numbered frames received and handled. It goes
+//! once a quarter of the resend limit arrived since the last one (so a sender
+//! at its limit is never stuck waiting), and otherwise [`ACK_DELAY`] after
+//! the first frame it does not cover: a few a second at most on a busy
+//! link, none on an idle one. `RESUME` and `RESUMED` carry the same count.
+//!
+//! # Bounds
+//! The journal holds at most [`super::LinkConfig::resend_limit`] bytes of
+//! `DATA` (control frames are few and bounded by the machine's own queues):
+//! at the limit, no stream gets credit until an `ACK` frees room, so the
+//! driver stops reading its sockets instead of the journal growing. Control
+//! frames beyond it are allowed [`RESEND_SLACK`] more, past which the peer
+//! is taken to withhold its acknowledgements and the link ends. Emptied,
+//! the journal gives its memory back: an idle link keeps none.
+//!
+//! # Dead paths
+//! A path is dead when frames wait for an acknowledgement and none came for
+//! [`PATH_TIMEOUT`] (or four round trips, if longer): much sooner than the
+//! keepalive's silence, because with data outstanding an `ACK` is due within
+//! [`ACK_DELAY`] of its arrival. The link is then detached, and the driver
+//! finds another path.
+//!
+//! # Security
+//! A link is named on a new transport by a token derived from the handshake
+//! hash of the session it began on ([`token`]): only its two ends know it,
+//! and it travels only inside a new session authenticated to the same two
+//! keys, so a recorded `RESUME` replayed on another connection fails that
+//! connection's handshake, and another key cannot name the link.
+//!
+//! Invariants: the journal holds exactly the frames numbered
+//! `first .. first + len` (the peer acknowledged everything before); an
+//! acknowledgement or resume point outside what was sent is the peer's
+//! error; nothing is resent that the peer said it had.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::error::LinkError;
+use super::wire::RESUME_TOKEN_LEN;
+
+/// Longest an `ACK` waits for more frames to cover.
+pub const ACK_DELAY: Duration = Duration::from_millis(20);
+/// A path with frames outstanding and no acknowledgement for this long (or
+/// four round trips, if longer) is dead.
+pub const PATH_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Bytes of control frames a resumable link keeps beyond its resend limit
+/// before it takes the peer to be withholding acknowledgements (an end that
+/// acknowledges as this one does keeps far fewer: its control frames are
+/// replies, a few per round trip).
+pub const RESEND_SLACK: usize = 1024 * 1024;
+
+/// The secret that names a link on a new transport: derived from the
+/// handshake hash of the Noise session the link began on, which both ends
+/// share and no one else can compute.
+pub fn token(handshake_hash: &[u8]) -> [u8; RESUME_TOKEN_LEN] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"seaport link resume token v1\0");
+    ctx.update(handshake_hash);
+    let mut out = [0u8; RESUME_TOKEN_LEN];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// The frames sent and not yet acknowledged, oldest first, with where
+/// resending stands on the current transport.
+#[derive(Debug, Default)]
+pub(super) struct Journal {
+    /// The frames' bytes, back to back.
+    bytes: VecDeque<u8>,
+    /// Each frame's length.
+    lens: VecDeque<u32>,
+    /// The number of the oldest frame kept.
+    first: u64,
+    /// The number of the next frame to resend; `next()` when none is due.
+    resend: u64,
+    /// Where that frame starts in `bytes`.
+    resend_at: usize,
+}
+
+impl Journal {
+    /// The number the next frame sent gets.
+    pub(super) fn next(&self) -> u64 {
+        self.first + self.lens.len() as u64
+    }
+
+    /// Bytes kept.
+    pub(super) fn kept_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.lens.is_empty()
+    }
+
+    /// Frames are waiting to be resent on this transport.
+    pub(super) fn resending(&self) -> bool {
+        self.resend < self.next()
+    }
+
+    /// Keeps a frame just sent.
+    pub(super) fn push(&mut self, frame: &[u8]) {
+        let at_end = !self.resending();
+        self.bytes.extend(frame);
+        self.lens.push_back(u32::try_from(frame.len()).unwrap_or(u32::MAX));
+        if at_end {
+            self.resend = self.next();
+            self.resend_at = self.bytes.len();
+        }
+    }
+
+    /// The peer has every frame before `n`: forgets them. `n` may not pass
+    /// what was sent on this transport. Returns whether anything was freed.
+    pub(super) fn ack(&mut self, n: u64) -> Result<bool, LinkError> {
+        if n < self.first || n > self.resend {
+            return Err(LinkError::BadAck { received: n, sent: self.resend, kept_from: self.first });
+        }
+        let mut freed = 0usize;
+        while self.first < n {
+            freed += self.lens.pop_front().map_or(0, |l| l as usize);
+            self.first += 1;
+        }
+        self.bytes.drain(..freed.min(self.bytes.len()));
+        self.resend_at = self.resend_at.saturating_sub(freed);
+        if self.lens.is_empty() {
+            // An idle link keeps no memory.
+            self.bytes = VecDeque::new();
+            self.lens = VecDeque::new();
+        }
+        Ok(freed > 0)
+    }
+
+    /// A new transport, on which the peer says it has every frame before
+    /// `n`: forgets those and resends the rest, from the oldest.
+    pub(super) fn restart(&mut self, n: u64) -> Result<(), LinkError> {
+        if n < self.first || n > self.next() {
+            return Err(LinkError::BadResume { received: n, sent: self.next(), kept_from: self.first });
+        }
+        self.resend = self.next();
+        self.ack(n)?;
+        self.resend = n;
+        self.resend_at = 0;
+        Ok(())
+    }
+
+    /// Appends the next frame to resend to `out`; false when none is due.
+    pub(super) fn resend_next(&mut self, out: &mut Vec<u8>) -> bool {
+        if !self.resending() {
+            return false;
+        }
+        let index = usize::try_from(self.resend - self.first).unwrap_or(usize::MAX);
+        let Some(len) = self.lens.get(index).map(|l| *l as usize) else { return false };
+        let (front, back) = self.bytes.as_slices();
+        let start = self.resend_at;
+        let end = start + len;
+        if end <= front.len() {
+            out.extend_from_slice(front.get(start..end).unwrap_or_default());
+        } else if start >= front.len() {
+            out.extend_from_slice(back.get(start - front.len()..end - front.len()).unwrap_or_default());
+        } else {
+            out.extend_from_slice(front.get(start..).unwrap_or_default());
+            out.extend_from_slice(back.get(..end - front.len()).unwrap_or_default());
+        }
+        self.resend += 1;
+        self.resend_at = end;
+        true
+    }
+
+    /// Forgets everything (the link ended).
+    pub(super) fn clear(&mut self) {
+        *self = Journal { first: self.next(), resend: self.next(), ..Journal::default() };
+    }
+}
+
+/// One end's resumption state: see the module docs.
+#[derive(Debug)]
+pub(super) struct Resume {
+    pub(super) token: [u8; RESUME_TOKEN_LEN],
+    pub(super) journal: Journal,
+    /// Numbered frames received and handled.
+    pub(super) received: u64,
+    /// `received` as last told to the peer.
+    told: u64,
+    /// Bytes of numbered frames received since then.
+    untold_bytes: usize,
+    /// An `ACK` goes with the next transmit.
+    pub(super) ack_now: bool,
+    /// When an `ACK` falls due though few bytes came.
+    ack_at: Option<Instant>,
+    /// Since when frames wait for the peer's acknowledgement without any
+    /// progress; `None` while nothing waits.
+    waiting_since: Option<Instant>,
+    /// Set while detached: the transport is gone, and the link is given up
+    /// at this instant unless a new one comes.
+    pub(super) detached: Option<Instant>,
+    /// Most bytes of `DATA` kept.
+    limit: usize,
+    /// How long a detached link waits.
+    within: Duration,
+}
+
+impl Resume {
+    pub(super) fn new(token: [u8; RESUME_TOKEN_LEN], limit: usize, within: Duration) -> Resume {
+        Resume {
+            token,
+            journal: Journal::default(),
+            received: 0,
+            told: 0,
+            untold_bytes: 0,
+            ack_now: false,
+            ack_at: None,
+            waiting_since: None,
+            detached: None,
+            limit,
+            within,
+        }
+    }
+
+    /// Bytes of `DATA` that may still be kept before sending must wait.
+    pub(super) fn room(&self) -> usize {
+        self.limit.saturating_sub(self.journal.kept_bytes())
+    }
+
+    /// Whether no data may be read from streams now: detached, or frames
+    /// still to resend first.
+    pub(super) fn paused(&self) -> bool {
+        self.detached.is_some() || self.journal.resending()
+    }
+
+    /// A frame was sent for the first time. An error if the peer lets
+    /// far more wait for its acknowledgement than it should.
+    pub(super) fn sent(&mut self, now: Instant, frame: &[u8]) -> Result<(), LinkError> {
+        self.journal.push(frame);
+        self.waiting_since.get_or_insert(now);
+        if self.journal.kept_bytes() > self.limit + RESEND_SLACK {
+            return Err(LinkError::Unacknowledged(self.journal.kept_bytes()));
+        }
+        Ok(())
+    }
+
+    /// A numbered frame of `len` bytes was received and handled.
+    pub(super) fn received(&mut self, now: Instant, len: usize) {
+        self.received += 1;
+        self.untold_bytes += len;
+        if self.untold_bytes >= (self.limit / 4).max(1) {
+            self.ack_now = true;
+        } else {
+            self.ack_at.get_or_insert(now + ACK_DELAY);
+        }
+    }
+
+    /// The count to put in an `ACK` now, if one is due; it is then told.
+    pub(super) fn take_ack(&mut self) -> Option<u64> {
+        if !self.ack_now || self.detached.is_some() {
+            return None;
+        }
+        self.ack_now = false;
+        self.ack_at = None;
+        self.untold_bytes = 0;
+        self.told = self.received;
+        (self.told > 0).then_some(self.told)
+    }
+
+    /// The peer acknowledged frames before `n`. Returns whether room was
+    /// freed.
+    pub(super) fn on_ack(&mut self, now: Instant, n: u64) -> Result<bool, LinkError> {
+        let freed = self.journal.ack(n)?;
+        if freed {
+            self.waiting_since = (!self.journal.is_empty()).then_some(now);
+        }
+        Ok(freed)
+    }
+
+    /// The transport is gone: waits for a new one until `now + within`.
+    pub(super) fn detach(&mut self, now: Instant) {
+        if self.detached.is_none() {
+            self.detached = Some(now + self.within);
+        }
+        self.ack_now = false;
+        self.ack_at = None;
+        self.waiting_since = None;
+    }
+
+    /// A new transport, on which the peer has frames before `peer_received`
+    /// and was told ours.
+    pub(super) fn attach(&mut self, now: Instant, peer_received: u64) -> Result<(), LinkError> {
+        self.journal.restart(peer_received)?;
+        self.detached = None;
+        self.told = self.received;
+        self.untold_bytes = 0;
+        self.waiting_since = (!self.journal.is_empty()).then_some(now);
+        Ok(())
+    }
+
+    /// What falls due at `now`.
+    pub(super) fn due(&mut self, now: Instant, rtt: Option<Duration>) -> Option<LinkError> {
+        if let Some(deadline) = self.detached {
+            return (now >= deadline).then_some(LinkError::NotResumed(self.within));
+        }
+        if self.ack_at.is_some_and(|at| now >= at) {
+            self.ack_now = true;
+        }
+        let timeout = self.path_timeout(rtt);
+        self.waiting_since.filter(|since| now >= *since + timeout).map(|_| LinkError::PathDead(timeout))
+    }
+
+    /// When [`Resume::due`] next has something to do.
+    pub(super) fn deadline(&self, rtt: Option<Duration>) -> Option<Instant> {
+        if let Some(deadline) = self.detached {
+            return Some(deadline);
+        }
+        let path = self.waiting_since.map(|since| since + self.path_timeout(rtt));
+        [self.ack_at.filter(|_| !self.ack_now), path].into_iter().flatten().min()
+    }
+
+    fn path_timeout(&self, rtt: Option<Duration>) -> Duration {
+        PATH_TIMEOUT.max(rtt.unwrap_or_default() * 4)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(j: &mut Journal) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        while j.resend_next(&mut buf) {
+            out.push(std::mem::take(&mut buf));
+        }
+        out
+    }
+
+    #[test]
+    fn a_journal_resends_exactly_what_the_peer_lacks() {
+        let mut j = Journal::default();
+        for i in 0..5u8 {
+            j.push(&vec![i; usize::from(i) + 1]);
+        }
+        assert_eq!((j.next(), j.kept_bytes()), (5, 15));
+        assert!(!j.resending());
+        assert_eq!(j.ack(2), Ok(true));
+        assert_eq!(j.kept_bytes(), 12);
+        // Beyond what was sent, or behind what was acknowledged: the peer's error.
+        assert!(j.ack(6).is_err());
+        assert!(j.ack(1).is_err());
+        assert!(j.restart(6).is_err());
+        assert!(j.restart(1).is_err());
+        j.restart(3).unwrap();
+        assert!(j.resending());
+        // A frame sent meanwhile queues behind the resend.
+        j.push(&[9, 9]);
+        assert_eq!(frames(&mut j), [vec![3; 4], vec![4; 5], vec![9, 9]]);
+        // Acknowledgements only up to what went on this transport.
+        j.restart(4).unwrap();
+        assert!(j.ack(5).is_err(), "frame 4 was not resent yet");
+        assert_eq!(frames(&mut j).len(), 2);
+        assert_eq!(j.ack(6), Ok(true));
+        assert!(j.is_empty() && j.kept_bytes() == 0 && j.bytes.capacity() == 0);
+    }
+
+    #[test]
+    fn a_wrapped_journal_resends_whole_frames() {
+        let mut j = Journal::default();
+        let mut n = 0u64;
+        for round in 0..50u8 {
+            for k in 0..7u8 {
+                j.push(&vec![round ^ k; usize::from(k) * 3 + 1]);
+            }
+            n += 7;
+            j.ack(n - 3).unwrap();
+            j.restart(n - 3).unwrap();
+            let got = frames(&mut j);
+            let want: Vec<Vec<u8>> = (4..7u8).map(|k| vec![round ^ k; usize::from(k) * 3 + 1]).collect();
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn tokens_differ_per_session() {
+        assert_ne!(token(&[1; 32]), token(&[2; 32]));
+        assert_eq!(token(&[1; 32]), token(&[1; 32]));
+    }
+}
