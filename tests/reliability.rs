@@ -461,3 +461,67 @@ fn a_set_found_through_a_private_dht_survives_a_member_killed() {
     assert_eq!(http_get(late_port), (200, "through the dht".to_owned()));
     assert_eq!(http_get(port), (200, "through the dht".to_owned()));
 }
+
+/// Kills the TCP connections whose remote port is `port` (`ss -K`, which
+/// needs root): to the process on the other side they are cut, as by a
+/// NAT that forgot them or a path that went away. Returns how many it cut.
+fn cut_connections_to(port: u16) -> usize {
+    let out = std::process::Command::new("ss")
+        .args(["-K", "-t", "state", "established", "dport", "=", &format!(":{port}")])
+        .output()
+        .expect("ss runs");
+    assert!(out.status.success(), "ss -K failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(&format!(":{port}"))).count()
+}
+
+/// Whether sockets can be cut from outside here (root); under
+/// `SEAPORT_NETLAB=require` (CI) they must be.
+fn can_cut_connections() -> bool {
+    let root = rustix::process::geteuid().is_root();
+    assert!(
+        root || std::env::var("SEAPORT_NETLAB").as_deref() != Ok("require"),
+        "SEAPORT_NETLAB=require, but cutting connections (ss -K) needs root"
+    );
+    if !root {
+        eprintln!("skipped: cutting a link's connection from outside (ss -K) needs root");
+    }
+    root
+}
+
+#[test]
+fn a_download_survives_its_link_connection_cut_again_and_again() {
+    if !can_cut_connections() {
+        return;
+    }
+    let backend = bulk_backend();
+    let reg = registry(&[]);
+    let link_port = free_port();
+    let svc =
+        service_with(&reg.target, backend, "bulk@1.0.0", &["--listen", &format!("127.0.0.1:{link_port}")]);
+    let (proxy, port) = proxy(&reg.target, "bulk", 1);
+
+    const LEN: usize = 300 << 20;
+    let download = std::thread::spawn(move || download(port, 33, LEN));
+    proxy.wait_log("via direct", WAIT);
+    let mut cuts = 0;
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(400));
+        if download.is_finished() {
+            break;
+        }
+        cuts += cut_connections_to(link_port);
+        // Each cut is resumed on a new connection before the next.
+        let deadline = Instant::now() + WAIT;
+        while proxy.count_log("moved to direct") < cuts {
+            assert!(Instant::now() < deadline, "the link did not resume: {:#?}", proxy.errors());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let (len, sha) = download.join().unwrap();
+    assert!(cuts >= 1, "the download ended before any cut");
+    assert_eq!(len, LEN);
+    assert_eq!(sha, pattern_sha256(33, LEN), "every byte arrived once, in order");
+    assert_eq!(proxy.count_log("via direct"), 1, "one link, resumed, not replaced: {:#?}", proxy.errors());
+    assert_eq!(proxy.count_log("down:"), 0, "{:#?}", proxy.errors());
+    assert_eq!(svc.count_log("link resumed on a new connection"), cuts, "{:#?}", svc.errors());
+}

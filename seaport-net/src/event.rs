@@ -121,6 +121,16 @@ pub enum Event {
         /// The address it runs over.
         addr: SocketAddr,
     },
+    /// A proxy's link to an instance moved to another path, its streams
+    /// with it (JSON only; the log says it too).
+    LinkMoved {
+        /// The instance's key.
+        key: PublicKey,
+        /// The new path: `direct`, `punched` or `relayed`.
+        path: &'static str,
+        /// The address it runs over now.
+        addr: SocketAddr,
+    },
     /// A proxy's link to an instance ended (JSON only).
     LinkDown {
         /// The instance's key.
@@ -151,6 +161,7 @@ impl Event {
             Event::Serving { .. } => "serving",
             Event::Lost { .. } => "instance_lost",
             Event::LinkUp { .. } => "link_up",
+            Event::LinkMoved { .. } => "link_moved",
             Event::LinkDown { .. } => "link_down",
             Event::Draining => "draining",
             Event::Stopped => "stopped",
@@ -159,7 +170,14 @@ impl Event {
 
     /// Whether the event has a text line (the others are JSON only).
     pub fn has_text(&self) -> bool {
-        !matches!(self, Event::LinkUp { .. } | Event::LinkDown { .. } | Event::Draining | Event::Stopped)
+        !matches!(
+            self,
+            Event::LinkUp { .. }
+                | Event::LinkMoved { .. }
+                | Event::LinkDown { .. }
+                | Event::Draining
+                | Event::Stopped
+        )
     }
 
     /// The event as one JSON object: `ts`, `event`, then its fields (keys as
@@ -195,7 +213,7 @@ impl Event {
                 [vec![("key", json!(key.to_string()))], role_fields(role)].concat()
             }
             Event::Serving { port, key } => vec![("port", json!(port)), ("key", json!(key.to_string()))],
-            Event::LinkUp { key, path, addr } => {
+            Event::LinkUp { key, path, addr } | Event::LinkMoved { key, path, addr } => {
                 vec![
                     ("key", json!(key.to_string())),
                     ("path", json!(path)),
@@ -272,6 +290,7 @@ impl fmt::Display for Event {
             Event::Serving { port, key } => write!(f, "proxy from {port} to p2p service {key}"),
             Event::Lost { key, role } => write!(f, "lost service {key} {role}"),
             Event::LinkUp { key, path, addr } => write!(f, "link to {key} via {path} {addr}"),
+            Event::LinkMoved { key, path, addr } => write!(f, "link to {key} moved to {path} {addr}"),
             Event::LinkDown { key, reason } => write!(f, "link to {key} down: {reason}"),
             Event::Draining => f.write_str("draining"),
             Event::Stopped => f.write_str("stopped"),

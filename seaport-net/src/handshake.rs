@@ -78,6 +78,9 @@ pub enum HandshakeError {
         /// Why relaying failed.
         relay: Box<HandshakeError>,
     },
+    /// A new transport could not continue the link.
+    #[error("the link could not be resumed: {0}")]
+    NotResumed(String),
     /// No path at all: neither directly nor through the registry.
     #[error("{direct}; through the registry: {meeting}")]
     NoPath {

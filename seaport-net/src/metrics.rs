@@ -63,6 +63,10 @@ pub struct Metrics {
     pub links: Family<Label, Counter>,
     /// Proxy: links open now.
     pub links_open: Gauge,
+    /// Service and proxy: resumable links' transports, by `event`: lost
+    /// (the link waits for a new one), resumed (it carries on on a new one,
+    /// after a loss or a move to a better path).
+    pub link_paths: Family<Label, Counter>,
     /// Streams open now.
     pub streams: Gauge,
     /// Streams opened, by `result`: accepted, refused, failed.
@@ -182,6 +186,7 @@ impl Metrics {
             handshakes: Family::default(),
             links: Family::default(),
             links_open: Gauge::default(),
+            link_paths: Family::default(),
             streams: Gauge::default(),
             streams_opened: Family::default(),
             stream_open,
@@ -196,11 +201,12 @@ impl Metrics {
         };
         // Every label value up front: a family shows zeros, not nothing,
         // before its first event.
-        let families: [(&Family<Label, Counter>, &str, &[&'static str]); 8] = [
+        let families: [(&Family<Label, Counter>, &str, &[&'static str]); 9] = [
             (&m.registrations, "event", &["registered", "unregistered", "refused", "withdrawn"]),
             (&m.instance_changes, "change", &["found", "lost"]),
             (&m.handshakes, "result", &["ok", "failed"]),
             (&m.links, "path", &["direct", "punched", "relayed"]),
+            (&m.link_paths, "event", &["lost", "resumed"]),
             (&m.streams_opened, "result", &["accepted", "refused", "failed"]),
             (&m.relayed_bytes, "direction", &["to_service", "to_proxy"]),
             (&m.punches, "result", &["punched", "failed"]),
@@ -250,6 +256,11 @@ impl Metrics {
         r.register("handshakes", "Noise handshakes by result: ok, failed", m.handshakes.clone());
         r.register("links", "Proxy: links opened, by path: direct, punched, relayed", m.links.clone());
         r.register("links_open", "Proxy: links open now", m.links_open.clone());
+        r.register(
+            "link_paths",
+            "Service and proxy: link transports by event: lost (the link waits for another), resumed (it carries on over a new one)",
+            m.link_paths.clone(),
+        );
         r.register("streams", "Streams open now", m.streams.clone());
         r.register(
             "streams_opened",
@@ -301,6 +312,16 @@ impl Metrics {
     /// Counts a Noise handshake's outcome.
     pub fn handshake(&self, ok: bool) {
         self.handshakes.get_or_create(&label("result", if ok { "ok" } else { "failed" })).inc();
+    }
+
+    /// Counts a link's transport lost under it (the link waits to resume).
+    pub fn link_path_lost(&self) {
+        self.link_paths.get_or_create(&label("event", "lost")).inc();
+    }
+
+    /// Counts a link carried on over a new transport.
+    pub fn link_resumed(&self) {
+        self.link_paths.get_or_create(&label("event", "resumed")).inc();
     }
 
     /// Counts a punching attempt's outcome.

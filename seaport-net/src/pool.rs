@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 
 use crate::event::{Event, emit};
 use crate::handshake::HandshakeError;
-use crate::link::{LinkHandle, OpenError};
+use crate::link::{LinkHandle, OpenError, Repath};
 use crate::lock::lock;
 use crate::reach::{self, Introducer, Path, PathMemo};
 
@@ -143,19 +143,40 @@ impl Links {
         // life (tens of KiB each with thousands of idle connections).
         let establish = reach::establish(instance, &self.keypair, self.dial_timeout, introducer, last, true);
         let reached = Box::pin(establish).await?;
-        let link = announce(&self.memo, &self.config, instance, reached)?;
+        let link = announce(&self.memo, &self.config, instance, reached, self.repath(instance))?;
         links.push(link.clone());
-        if link.path == Path::Relayed {
+        if link.path() == Path::Relayed {
             self.upgrade_later(instance.clone(), link.clone(), cell.clone());
         }
         Ok(link)
     }
 
+    /// How a link to `instance` finds a new path when it loses its own:
+    /// the same search as a new link's (relaying included), starting with
+    /// what worked last.
+    fn repath(&self, instance: &Instance) -> Repath {
+        let (keypair, timeout) = (self.keypair.clone(), self.dial_timeout);
+        let (introducer, memo, instance) = (self.introducer.clone(), self.memo.clone(), instance.clone());
+        Arc::new(move || {
+            let (keypair, introducer, memo, instance) =
+                (keypair.clone(), introducer.clone(), memo.clone(), instance.clone());
+            Box::pin(async move {
+                let last = memo.get(&instance.key);
+                let reached =
+                    reach::establish(&instance, &keypair, timeout, introducer.as_deref(), last, true).await?;
+                memo.set(instance.key, reached.path);
+                Ok(reached)
+            })
+        })
+    }
+
     /// A relayed link costs the registry and a detour: now and then (after
     /// [`UPGRADE_FIRST`], doubling to [`UPGRADE_MAX`]) a direct or punched
-    /// path to the same instance is tried; once one is up, new streams take
-    /// it and the relayed link goes away (its open streams finish on it).
-    /// Stops once the relayed link is no longer usable.
+    /// path to the same instance is tried; once one is up, the link moves
+    /// onto it with its open streams (a service that cannot resume links
+    /// gets a new link for new streams, and the relayed one goes away once
+    /// its streams finish). Stops once the link is no longer usable or no
+    /// longer relayed.
     fn upgrade_later(
         &self,
         instance: Instance,
@@ -164,22 +185,32 @@ impl Links {
     ) {
         let (keypair, config, timeout) = (self.keypair.clone(), self.config.clone(), self.dial_timeout);
         let (introducer, memo) = (self.introducer.clone(), self.memo.clone());
+        let repath = self.repath(&instance);
         tokio::spawn(async move {
             let mut pause = UPGRADE_FIRST;
             loop {
                 tokio::time::sleep(pause).await;
-                if !relayed.is_usable() {
+                if !relayed.is_usable() || relayed.path() != Path::Relayed {
                     return;
                 }
                 let hint = Some(Path::Punched);
                 match reach::establish(&instance, &keypair, timeout, introducer.as_deref(), hint, false).await
                 {
+                    Ok(reached) if relayed.is_resumable() => {
+                        memo.set(instance.key, reached.path);
+                        match relayed.move_to(reached).await {
+                            Ok(()) => return,
+                            Err(e) => tracing::debug!(service = %instance.key, "the link did not move: {e}"),
+                        }
+                    }
                     Ok(reached) => {
                         let mut links = cell.lock().await;
                         if links.len() >= MAX_LINKS_PER_INSTANCE {
                             return;
                         }
-                        let Ok(link) = announce(&memo, &config, &instance, reached) else { continue };
+                        let Ok(link) = announce(&memo, &config, &instance, reached, repath.clone()) else {
+                            continue;
+                        };
                         links.push(link);
                         relayed.go_away();
                         return;
@@ -215,7 +246,10 @@ impl Links {
         for cell in gone {
             // A dial in progress holds the lock; its link goes when its streams end.
             if let Ok(links) = cell.try_lock() {
-                links.iter().for_each(LinkHandle::go_away);
+                for link in links.iter() {
+                    link.go_away();
+                    link.abandon_if_detached();
+                }
             }
         }
     }
@@ -233,9 +267,10 @@ fn announce(
     config: &LinkConfig,
     instance: &Instance,
     reached: reach::Reached,
+    repath: Repath,
 ) -> Result<LinkHandle, HandshakeError> {
     let (path, addr) = (reached.path, reached.addr);
-    let link = LinkHandle::start(reached.stream, reached.session, instance.key, addr, path, config.clone())?;
+    let link = LinkHandle::start(reached, config.clone(), repath)?;
     memo.set(instance.key, path);
     tracing::info!(service = %instance.key, "link to {} via {path} {addr}", instance.key);
     emit(&Event::LinkUp { key: instance.key, path: path.name(), addr });

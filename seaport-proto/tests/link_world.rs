@@ -69,7 +69,11 @@ struct Peer {
 
 impl Peer {
     fn new(side: Side, config: LinkConfig, now: Instant, resumable: bool) -> Peer {
-        let link = if resumable { Link::new_resumable(side, config, now, [1; 32]) } else { Link::new(side, config, now) };
+        let link = if resumable {
+            Link::new_resumable(side, config, now, [1; 32])
+        } else {
+            Link::new(side, config, now)
+        };
         Peer {
             side,
             link,

@@ -74,6 +74,13 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "3s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::from_millis(100), MINUTE))]
     pub dial_timeout: Duration,
+    /// How long a link whose path is lost (a registry relaying it died, a
+    /// NAT forgot it, an address went away) waits to be resumed on another
+    /// path before its streams are reset (1s to 10m). Streams ride through
+    /// such a loss unharmed when a path comes back within it.
+    #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
+          value_parser = duration_in(Duration::from_secs(1), 10 * MINUTE))]
+    pub resume_within: Duration,
     /// How long a failed instance is avoided (0s to 1h).
     #[arg(long, value_name = "DURATION", default_value = "30s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::ZERO, HOUR))]
@@ -183,9 +190,9 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         }
     });
     let introducer = Introducer::new(control.handle(), answers);
-    let links = Arc::new(
-        Links::new(keypair.clone(), LinkConfig::default(), args.dial_timeout).with_introducer(introducer),
-    );
+    let link_config = LinkConfig { resume_within: args.resume_within, ..LinkConfig::default() };
+    let links =
+        Arc::new(Links::new(keypair.clone(), link_config, args.dial_timeout).with_introducer(introducer));
     let _ = watcher.links.set(links.clone());
 
     let (wait, dial) = (args.connect_timeout, args.dial_timeout);

@@ -93,6 +93,13 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::from_millis(100), 10 * MINUTE))]
     pub handshake_timeout: Duration,
+    /// How long a link whose path is lost (a registry relaying it died, a
+    /// NAT forgot it, an address went away) waits to be resumed on another
+    /// path before its streams are reset (1s to 10m). Streams ride through
+    /// such a loss unharmed when a path comes back within it.
+    #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
+          value_parser = duration_in(Duration::from_secs(1), 10 * MINUTE))]
+    pub resume_within: Duration,
 }
 
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
@@ -184,7 +191,8 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         keypair: keypair.clone(),
         allow: allow.clone(),
         timeout,
-        config: LinkConfig::default(),
+        config: LinkConfig { resume_within: args.resume_within, ..LinkConfig::default() },
+        resumables: Arc::default(),
     });
     // Connections that have not proved themselves yet, capped in all and per
     // source before anything is allocated for them.

@@ -18,6 +18,8 @@
 //! - The service's stream tasks are capped by the link's stream limit, not
 //!   only by the machine's count (see [`drive`]).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,14 +28,20 @@ use seaport_proto::noise::{Opener, Sealer, TAG_LEN};
 use seaport_proto::record::{self, MAX_WIRE_RECORD, RecordDecoder};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::state::{Half, Shared, State, changed, close, dispatch};
+use super::resume::{
+    Carrier, Handover, Repath, SEARCH_AGAIN_AFTER, Search, resume_as_proxy, resume_as_service,
+};
+use super::state::{Half, Shared, State, changed, dispatch, lose};
 use super::stream::{Backend, connect_stream, deliver};
 use crate::budget::{LinkShare, OverBudget};
 use crate::clock;
+use crate::event::{Event, emit};
+use crate::handshake::HandshakeError;
+use crate::lock::lock;
 use crate::metrics::{Refusal, metrics};
 
 /// Most bytes the writer gathers before one write to the link socket.
@@ -65,25 +73,90 @@ pub(super) struct ServiceSide {
 }
 
 /// One link's driver: reader and writer, and on a service the stream tasks.
+/// It carries the link over one transport after another: when a resumable
+/// link loses its transport, a proxy looks for a new path (`repath`) and a
+/// service waits for the proxy's `RESUME` (`handovers`), until the machine
+/// gives the link up; a proxy's better path arrives through `handovers` too.
 pub(super) async fn drive(
     shared: Arc<Shared>,
-    stream: TcpStream,
-    sealer: Sealer,
-    opener: Opener,
-    leftover: Vec<u8>,
+    first: Carrier,
     mut service: Option<ServiceSide>,
+    mut handovers: mpsc::Receiver<Handover>,
+    repath: Option<Repath>,
 ) {
-    cap_unsent(&stream);
-    let (rd, wr) = stream.into_split();
     let mut streams = JoinSet::new();
-    let reader = read_loop(&shared, rd, opener, leftover);
-    let writer = write_loop(&shared, wr, sealer);
-    tokio::pin!(reader, writer);
-    let (mut reading, mut writing) = (true, true);
-    while reading || writing {
+    let mut carrying: Option<Pin<Box<dyn Future<Output = ()> + Send>>> =
+        Some(Box::pin(carry(shared.clone(), first)));
+    let mut searching: Option<Search> = None;
+    loop {
+        // Without a transport no reader fires the machine's timers: the
+        // driver does (the resume deadline, above all).
+        let detached_deadline = if carrying.is_none() {
+            shared.lock().link.poll_timeout().map(tokio::time::Instant::from_std)
+        } else {
+            None
+        };
         tokio::select! {
-            () = &mut reader, if reading => reading = false,
-            () = &mut writer, if writing => writing = false,
+            () = async { if let Some(c) = carrying.as_mut() { c.await } }, if carrying.is_some() => {
+                carrying = None;
+                if !path_lost(&shared) {
+                    break;
+                }
+                if let Some(repath) = &repath {
+                    searching = Some(repath());
+                }
+            }
+            found = async { match searching.as_mut() { Some(s) => s.await, None => std::future::pending().await } }, if searching.is_some() => {
+                searching = None;
+                let handover = found.and_then(Handover::from_reached);
+                match handover {
+                    Ok(handover) => match take_over(&shared, handover).await {
+                        Ok(carrier) => carrying = Some(Box::pin(carry(shared.clone(), carrier))),
+                        Err(e) => {
+                            tracing::info!("the new path did not take the link: {e}");
+                            if shared.lock().link.is_closed() {
+                                break;
+                            }
+                            searching = repath.as_ref().map(|r| search_again(r.clone()));
+                        }
+                    },
+                    Err(e) => {
+                        tracing::info!("no new path yet: {e}");
+                        searching = repath.as_ref().map(|r| search_again(r.clone()));
+                    }
+                }
+            }
+            Some(handover) = handovers.recv() => {
+                // A move: the old transport (if any) is dropped, which
+                // closes it (and frees a relay at once).
+                carrying = None;
+                searching = None;
+                match take_over(&shared, handover).await {
+                    Ok(carrier) => carrying = Some(Box::pin(carry(shared.clone(), carrier))),
+                    Err(e) => {
+                        tracing::info!("the link could not move: {e}");
+                        if shared.lock().link.is_closed() {
+                            break;
+                        }
+                        searching = repath.as_ref().map(|r| r());
+                    }
+                }
+            }
+            () = async { match detached_deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } }, if detached_deadline.is_some() => {
+                let mut state = shared.lock();
+                state.link.handle_timeout(clock::now());
+                changed(&mut state, &shared);
+                if state.link.is_closed() {
+                    break;
+                }
+            }
+            // Without a transport nobody else waits for work: a change from
+            // outside (the proxy abandoning the link) lands here.
+            () = shared.work.notified(), if carrying.is_none() => {
+                if shared.lock().link.is_closed() {
+                    break;
+                }
+            }
             () = shared.opened.notified(), if service.is_some() => {
                 let opened = std::mem::take(&mut shared.lock().opened);
                 if let Some(side) = &service {
@@ -126,6 +199,80 @@ pub(super) async fn drive(
     while streams.join_next().await.is_some() {}
 }
 
+/// After a transport ended: whether the link lives on without one
+/// (detached, waiting for another); says so. False once it has closed.
+fn path_lost(shared: &Shared) -> bool {
+    let mut state = shared.lock();
+    if !state.link.is_detached() {
+        // A transport that ended under a live link closes it (a link that
+        // cannot be resumed, or one that drained).
+        if !state.link.is_closed() {
+            state.link.handle_closed();
+            changed(&mut state, shared);
+        }
+        return false;
+    }
+    let why = state.path_lost.take().unwrap_or_else(|| "transport closed".into());
+    tracing::info!("the link lost its path ({why}): waiting to resume it on another");
+    metrics().link_path_lost();
+    true
+}
+
+/// Another search for a path, after a pause.
+fn search_again(repath: Repath) -> Search {
+    Box::pin(async move {
+        tokio::time::sleep(SEARCH_AGAIN_AFTER).await;
+        repath().await
+    })
+}
+
+/// Starts a new transport for the link with the resume exchange; the
+/// transport to carry it on, once attached.
+async fn take_over(shared: &Arc<Shared>, handover: Handover) -> Result<Carrier, HandshakeError> {
+    match handover {
+        Handover::Proxy { mut carrier, path, addr } => {
+            resume_as_proxy(shared, &mut carrier).await?;
+            let key = shared.remote;
+            *lock(&shared.route) = Some((path, addr));
+            tracing::info!(service = %key, "link to {key} moved to {path} {addr}");
+            emit(&Event::LinkMoved { key, path: path.name(), addr });
+            metrics().link_resumed();
+            Ok(carrier)
+        }
+        Handover::Service { mut carrier, peer_received } => {
+            resume_as_service(shared, &mut carrier, peer_received).await?;
+            tracing::info!(
+                "link resumed on a new connection from {}",
+                carrier.stream.peer_addr().map_or("?".into(), |a| a.to_string())
+            );
+            metrics().link_resumed();
+            Ok(carrier)
+        }
+    }
+}
+
+/// Carries the link over one transport: its reader and writer, until both
+/// end (the link closed and the transport with it) or the link is detached
+/// from it (the path is lost or left).
+async fn carry(shared: Arc<Shared>, carrier: Carrier) {
+    let Carrier { stream, sealer, opener, decoder } = carrier;
+    cap_unsent(&stream);
+    let (rd, wr) = stream.into_split();
+    let reader = read_loop(&shared, rd, opener, decoder);
+    let writer = write_loop(&shared, wr, sealer);
+    tokio::pin!(reader, writer);
+    let (mut reading, mut writing) = (true, true);
+    while reading || writing {
+        tokio::select! {
+            () = &mut reader, if reading => reading = false,
+            () = &mut writer, if writing => writing = false,
+        }
+        if shared.lock().link.is_detached() {
+            return;
+        }
+    }
+}
+
 /// Sets [`NOTSENT_LOWAT`] on a link socket. Best effort: where the option is
 /// missing the link still works, with more head-of-line delay.
 fn cap_unsent(stream: &TcpStream) {
@@ -151,14 +298,11 @@ async fn draining(service: &mut Option<ServiceSide>) {
 }
 
 /// Link socket in, frames to the state machine, data to stream sockets.
-async fn read_loop(shared: &Shared, rd: OwnedReadHalf, mut opener: Opener, leftover: Vec<u8>) {
-    let mut decoder = RecordDecoder::new();
-    let mut pending = leftover.as_slice();
+async fn read_loop(shared: &Shared, rd: OwnedReadHalf, mut opener: Opener, mut decoder: RecordDecoder) {
     loop {
         while let Some(body) = decoder.next_record() {
             let Ok(plain) = opener.open_in_place(body) else {
-                tracing::info!("link data failed to authenticate");
-                close(shared);
+                lose(shared, "link data failed to authenticate");
                 return;
             };
             let mut state = shared.lock();
@@ -169,14 +313,9 @@ async fn read_loop(shared: &Shared, rd: OwnedReadHalf, mut opener: Opener, lefto
                 Err(e) => tracing::info!("link ended: {e}"),
             }
             changed(&mut state, shared);
-            if state.link.is_ended() {
+            if state.link.is_ended() || state.link.is_detached() {
                 return;
             }
-        }
-        if !pending.is_empty() {
-            let taken = decoder.push(pending);
-            pending = pending.get(taken..).unwrap_or_default();
-            continue;
         }
         let deadline = shared.lock().link.poll_timeout().map(tokio::time::Instant::from_std);
         // An idle link holds no read buffer (a partial frame must stay).
@@ -184,19 +323,19 @@ async fn read_loop(shared: &Shared, rd: OwnedReadHalf, mut opener: Opener, lefto
         tokio::select! {
             () = tokio::time::sleep(IDLE_RELEASE), if releasable => decoder.release(),
             ready = rd.readable() => {
-                if ready.is_err() {
-                    close(shared);
+                if let Err(e) = ready {
+                    lose(shared, &e.to_string());
                     return;
                 }
                 match rd.try_read(decoder.spare_mut()) {
                     Ok(0) => {
-                        close(shared);
+                        lose(shared, "transport closed");
                         return;
                     }
                     Ok(n) => decoder.commit(n),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => {
-                        close(shared);
+                    Err(e) => {
+                        lose(shared, &e.to_string());
                         return;
                     }
                 }
@@ -205,7 +344,7 @@ async fn read_loop(shared: &Shared, rd: OwnedReadHalf, mut opener: Opener, lefto
                 let mut state = shared.lock();
                 state.link.handle_timeout(clock::now());
                 changed(&mut state, shared);
-                if state.link.is_ended() {
+                if state.link.is_ended() || state.link.is_detached() {
                     return;
                 }
             }
@@ -278,12 +417,16 @@ async fn write_loop(shared: &Shared, mut wr: OwnedWriteHalf, mut sealer: Sealer)
         let closed = fill(shared, &mut sealer, &mut batch, &mut plain);
         if batch.len() > 0 {
             let written = tokio::time::timeout(stuck_after, wr.write_all(batch.bytes())).await;
-            if !matches!(written, Ok(Ok(()))) {
-                close(shared);
-                return;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return lose(shared, &e.to_string()),
+                Err(_) => return lose(shared, "the peer stopped reading"),
             }
             batch.truncate(0);
             continue;
+        }
+        if shared.lock().link.is_detached() {
+            return;
         }
         if closed {
             let _ = wr.shutdown().await;
@@ -305,9 +448,10 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
     let mut state = shared.lock();
     let State { link, streams, .. } = &mut *state;
     let mut wakes = Vec::new();
+    let now = clock::now();
     loop {
         let mut progressed = false;
-        while batch.len() < BATCH && link.poll_transmit(plain) {
+        while batch.len() < BATCH && link.poll_transmit(now, plain) {
             let start = batch.len();
             let frame = batch.extend(record::HEADER_LEN + plain.len() + TAG_LEN);
             if let Some(room) = frame.get_mut(record::HEADER_LEN..record::HEADER_LEN + plain.len()) {
@@ -345,7 +489,7 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
                     let frame = batch.from(start);
                     let header = frame.get_mut(record::HEADER_LEN..).unwrap_or_default();
                     let sealed = link
-                        .data_header(id, n, header)
+                        .data_header(now, id, n, header)
                         .ok()
                         .and_then(|_| sealer.seal_frame(frame, proto::HEADER_LEN + n).ok());
                     match sealed {

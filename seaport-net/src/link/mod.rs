@@ -12,6 +12,8 @@
 //!   and how the machine's events reach them.
 //! - `driver`: the task that owns the link socket (reader and writer).
 //! - `stream`: a stream's task, the service's backend connect, delivery.
+//! - `resume`: carrying a resumable link over to a new transport (a path
+//!   lost, or a better one found), and the service's table of such links.
 //!
 //! # Invariants
 //! - A link runs in one driver task ([`LinkHandle::start`] spawns it on the
@@ -25,6 +27,7 @@
 //!   aborted task cannot leave a gauge behind.
 
 mod driver;
+mod resume;
 mod state;
 mod stream;
 
@@ -32,17 +35,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use seaport_proto::hello::Capabilities;
 use seaport_proto::keys::{Keypair, PublicKey};
-use seaport_proto::link::{self as proto, LinkConfig, Reason, Side, StreamId};
+use seaport_proto::link::{self as proto, LinkConfig, Reason, Side, StreamId, resume_token};
 use seaport_proto::record;
 use seaport_proto::registry::Source;
-use seaport_proto::session::Session;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use self::driver::{ServiceSide, drive};
+use self::resume::{Carrier, Handover, first_record_len, peek_resume, refuse_resume, split_session};
+pub use self::resume::{Repath, Resumables};
 pub use self::state::Moved;
 use self::state::{Shared, Slot, changed, new_shared};
 use self::stream::run_stream;
@@ -52,8 +57,9 @@ use crate::clock;
 use crate::event::{Event, emit};
 use crate::handshake::{HandshakeError, respond};
 use crate::limit::Share;
+use crate::lock::lock;
 use crate::metrics::{Refusal, metrics};
-use crate::reach::Path;
+use crate::reach::{Path, Reached};
 
 /// Why a stream could not be opened on a link.
 #[derive(Debug, thiserror::Error)]
@@ -83,10 +89,8 @@ pub struct LinkHandle {
     shared: Arc<Shared>,
     /// The service's key.
     pub remote: PublicKey,
-    /// The address the link runs over (the registry's, for a relayed link).
-    pub addr: SocketAddr,
-    /// How the link reached the service.
-    pub path: Path,
+    /// New transports for the driver (a better path).
+    handovers: mpsc::Sender<Handover>,
     /// Aborts the driver when the last handle goes.
     _driver: Arc<AbortOnDrop>,
 }
@@ -101,31 +105,62 @@ impl Drop for AbortOnDrop {
 
 impl LinkHandle {
     /// Starts the driver of a link whose handshake (as initiator, with
-    /// `remote`) completed on `stream`, which runs over `addr` by `path`.
-    pub fn start(
-        stream: TcpStream,
-        session: Session,
-        remote: PublicKey,
-        addr: SocketAddr,
-        path: Path,
-        config: LinkConfig,
-    ) -> Result<LinkHandle, HandshakeError> {
-        let (transport, leftover) = session.into_transport().ok_or(HandshakeError::ClosedEarly)?;
-        let (sealer, opener) = transport.split();
-        let shared = new_shared(Side::Proxy, config);
-        let span = tracing::info_span!("link", service = %remote, %path, %addr);
+    /// the instance's key) completed on the path `reached`. A link the
+    /// service can resume looks for a new path with `repath` when it loses
+    /// its own.
+    pub fn start(reached: Reached, config: LinkConfig, repath: Repath) -> Result<LinkHandle, HandshakeError> {
+        let Reached { stream, session, path, addr } = reached;
+        let remote = session.remote().ok_or(HandshakeError::ClosedEarly)?;
+        let resumable = session.remote_capabilities().contains(Capabilities::RESUME);
+        let (sealer, opener, leftover, hash) = split_session(session)?;
+        let token = resumable.then(|| resume_token(&hash));
+        let shared = new_shared(Side::Proxy, config, remote, token, Some((path, addr)));
+        let span = tracing::info_span!("link", service = %remote);
         let ended = shared.clone();
+        let (handovers, moves) = mpsc::channel(1);
+        let carrier = Carrier::new(stream, sealer, opener, &leftover);
+        let repath = resumable.then_some(repath);
         let driver = tokio::spawn(
             async move {
                 // Counted while the driver lives, however it ends (an abort too).
                 let _open = metrics().link_guard();
-                drive(ended.clone(), stream, sealer, opener, leftover, None).await;
+                drive(ended.clone(), carrier, None, moves, repath).await;
                 let reason = ended.lock().close_reason.take().unwrap_or_else(|| "closed".into());
                 emit(&Event::LinkDown { key: remote, reason });
             }
             .instrument(span),
         );
-        Ok(LinkHandle { shared, remote, addr, path, _driver: Arc::new(AbortOnDrop(driver.abort_handle())) })
+        Ok(LinkHandle { shared, remote, handovers, _driver: Arc::new(AbortOnDrop(driver.abort_handle())) })
+    }
+
+    /// How the link reaches the service now.
+    pub fn path(&self) -> Path {
+        lock(&self.shared.route).map_or(Path::Direct, |(path, _)| path)
+    }
+
+    /// The address the link runs over now (the registry's, when relayed).
+    pub fn addr(&self) -> Option<SocketAddr> {
+        lock(&self.shared.route).map(|(_, addr)| addr)
+    }
+
+    /// Whether the link can move to another path with its streams.
+    pub fn is_resumable(&self) -> bool {
+        self.shared.lock().link.is_resumable()
+    }
+
+    /// Moves the link, open streams and all, onto `reached` (a better path
+    /// to the same service); the old transport is closed once the new one
+    /// took over. Returns once the driver has the new path; the move itself
+    /// is logged (`link to KEY moved to PATH ADDR`).
+    pub async fn move_to(&self, reached: Reached) -> Result<(), HandshakeError> {
+        if !self.is_resumable() {
+            return Err(HandshakeError::NotResumed("the service cannot resume links".into()));
+        }
+        let handover = Handover::from_reached(reached)?;
+        self.handovers
+            .send(handover)
+            .await
+            .map_err(|_| HandshakeError::NotResumed("the link has ended".into()))
     }
 
     /// Whether new streams may go on this link.
@@ -195,6 +230,18 @@ impl LinkHandle {
         run_stream(&self.shared, id).await
     }
 
+    /// The service is gone (the registries no longer list it): a link
+    /// waiting for a new path gives up now, resetting its streams, rather
+    /// than search for the rest of its resume window.
+    pub fn abandon_if_detached(&self) {
+        let mut state = self.shared.lock();
+        if state.link.is_detached() {
+            state.close_reason = Some("the service is gone".into());
+            state.link.handle_closed();
+            changed(&mut state, &self.shared);
+        }
+    }
+
     /// No new streams; open ones finish (link rotation, drain).
     pub fn go_away(&self) {
         let mut state = self.shared.lock();
@@ -219,8 +266,8 @@ pub const MAX_GREETINGS_PER_SOURCE: usize = 16;
 pub type Greeting = Option<Share<Source>>;
 
 /// How a service answers links: who it is, whom it admits (`--allow`), how
-/// long a handshake (and the first record after it) may take, and each
-/// link's limits.
+/// long a handshake (and the first record after it) may take, each link's
+/// limits, and the links running now (for a `RESUME` to find).
 pub struct Responder {
     /// The service's identity.
     pub keypair: Keypair,
@@ -230,6 +277,8 @@ pub struct Responder {
     pub timeout: Duration,
     /// Each link's limits.
     pub config: LinkConfig,
+    /// The resumable links running now.
+    pub resumables: Arc<Resumables>,
 }
 
 /// Serves one link on the service side: the handshake (the proxy must ask
@@ -244,15 +293,15 @@ pub async fn serve(
     drain: watch::Receiver<bool>,
     greeting: Greeting,
 ) -> Result<(), HandshakeError> {
-    let Responder { keypair, allow, timeout, config } = responder;
+    let Responder { keypair, allow, timeout, config, resumables } = responder;
     let timeout = *timeout;
     // One deadline for the handshake and the first record together: an
     // unproved connection holds its greeting for one timeout, not two.
     let deadline = tokio::time::Instant::now() + timeout;
     let (session, key) = respond(&mut stream, keypair, timeout, allow).await?;
     crate::serve::record_peer_key(&key);
-    let (transport, leftover) = session.into_transport().ok_or(HandshakeError::ClosedEarly)?;
-    let (sealer, opener) = transport.split();
+    let resumable = session.remote_capabilities().contains(Capabilities::RESUME);
+    let (sealer, mut opener, leftover, hash) = split_session(session)?;
     // Nothing is charged to the proxy's key until it proves it holds the
     // session's keys with its first record (a link opens with a window
     // raise and a ping): a replayed first handshake message is answered,
@@ -265,9 +314,33 @@ pub async fn serve(
         return Err(HandshakeError::Unauthenticated);
     }
     drop(greeting);
+    if resumable && let Some((peer_received, token)) = peek_resume(&opener, record_body(&leftover)) {
+        // A link resumed on a new path: it keeps the budget share it has.
+        let mut resume = Vec::new();
+        opener.open(record_body(&leftover), &mut resume).map_err(|_| HandshakeError::Unauthenticated)?;
+        let rest = leftover.get(first_record_len(&leftover)..).unwrap_or_default();
+        let carrier = Carrier::new(stream, sealer, opener, rest);
+        let Some(running) = resumables.find(&token, &key) else {
+            tracing::info!(proxy = %key, "a proxy asked to resume a link this service does not have");
+            let mut carrier = carrier;
+            refuse_resume(&mut carrier).await;
+            return Err(HandshakeError::NotResumed("no such link".into()));
+        };
+        if let Err(mpsc::error::SendError(Handover::Service { mut carrier, .. })) =
+            running.send(Handover::Service { carrier, peer_received }).await
+        {
+            refuse_resume(&mut carrier).await;
+        }
+        return Ok(());
+    }
     let share = backend.budget.link(key).inspect_err(|_| metrics().refuse(Refusal::Link))?;
-    let shared = new_shared(Side::Service, config.clone());
-    drive(shared, stream, sealer, opener, leftover, Some(ServiceSide { backend, drain, share })).await;
+    let token = resumable.then(|| resume_token(&hash));
+    let shared = new_shared(Side::Service, config.clone(), key, token, None);
+    let (handovers, resumed) = mpsc::channel(1);
+    // Findable by a RESUME exactly while the driver runs.
+    let _listed = token.map(|token| Resumables::list(resumables, token, key, handovers));
+    let carrier = Carrier::new(stream, sealer, opener, &leftover);
+    drive(shared, carrier, Some(ServiceSide { backend, drain, share }), resumed, None).await;
     Ok(())
 }
 

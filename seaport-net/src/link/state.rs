@@ -13,14 +13,17 @@
 //!   (`Link::can_open`, `Link::is_ended`); the driver keeps no copy.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use seaport_proto::link::{Link, LinkConfig, LinkEvent, Reason, Side, StreamId};
+use seaport_proto::keys::PublicKey;
+use seaport_proto::link::{Link, LinkConfig, LinkEvent, RESUME_TOKEN_LEN, Reason, Side, StreamId};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot};
 
 use crate::clock;
 use crate::lock::lock;
+use crate::reach::Path;
 
 /// Bytes one stream moved.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -84,10 +87,16 @@ pub(super) struct State {
     pub(super) opened: Vec<StreamId>,
     /// Why the link ended, once it has.
     pub(super) close_reason: Option<String>,
+    /// Why its last transport was lost, until the driver says so.
+    pub(super) path_lost: Option<String>,
 }
 
 pub(super) struct Shared {
     state: Mutex<State>,
+    /// The other end's key.
+    pub(super) remote: PublicKey,
+    /// Proxy: the path the link runs over now, and its address.
+    pub(super) route: Mutex<Option<(Path, SocketAddr)>>,
     /// Wakes the writer: frames to send, or streams waiting for a turn.
     pub(super) work: Notify,
     /// Wakes the service driver: streams were opened.
@@ -100,14 +109,29 @@ impl Shared {
     }
 }
 
-pub(super) fn new_shared(side: Side, config: LinkConfig) -> Arc<Shared> {
-    let state = State {
-        link: Link::new(side, config, clock::now()),
-        streams: HashMap::new(),
-        opened: Vec::new(),
-        close_reason: None,
+/// The shared state of a link whose handshake with `remote` just completed;
+/// resumable (named by `token`) when both ends advertised it.
+pub(super) fn new_shared(
+    side: Side,
+    config: LinkConfig,
+    remote: PublicKey,
+    token: Option<[u8; RESUME_TOKEN_LEN]>,
+    route: Option<(Path, SocketAddr)>,
+) -> Arc<Shared> {
+    let now = clock::now();
+    let link = match token {
+        Some(token) => Link::new_resumable(side, config, now, token),
+        None => Link::new(side, config, now),
     };
-    Arc::new(Shared { state: Mutex::new(state), work: Notify::new(), opened: Notify::new() })
+    let state =
+        State { link, streams: HashMap::new(), opened: Vec::new(), close_reason: None, path_lost: None };
+    Arc::new(Shared {
+        state: Mutex::new(state),
+        remote,
+        route: Mutex::new(route),
+        work: Notify::new(),
+        opened: Notify::new(),
+    })
 }
 
 /// After a change from outside the writer: react to the link's events and
@@ -165,18 +189,28 @@ pub(super) fn dispatch(state: &mut State, shared: &Shared) {
             // writer closes its side, the peer answers with its own end, and
             // the reader ends on it.
             LinkEvent::GoAway | LinkEvent::Drained => {}
+            LinkEvent::PathLost { error } => {
+                // The reader sees the link detached and ends the transport.
+                state.path_lost = Some(error.to_string());
+            }
             LinkEvent::Closed { error } => {
                 tracing::debug!("link closed: {error}");
-                state.close_reason = Some(error.to_string());
+                state.close_reason.get_or_insert_with(|| error.to_string());
             }
             other => tracing::debug!(?other, "link event"),
         }
     }
 }
 
-/// Tells the link its transport is gone; every stream is reset.
-pub(super) fn close(shared: &Shared) {
+/// Tells the link its transport is gone (`why`): a resumable link is
+/// detached and waits for another, any other is closed and every stream
+/// reset.
+pub(super) fn lose(shared: &Shared, why: &str) {
     let mut state = shared.lock();
-    state.link.handle_closed();
+    if state.link.is_detached() || state.link.is_closed() {
+        return;
+    }
+    state.path_lost = Some(why.to_owned());
+    state.link.detach(clock::now());
     changed(&mut state, shared);
 }

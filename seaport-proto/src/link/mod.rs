@@ -197,7 +197,12 @@ impl Link {
     /// [`Capabilities::RESUME`](crate::hello::Capabilities::RESUME)) whose
     /// handshake just completed; `token` is [`resume_token`] of that
     /// session's handshake hash. See `resume.rs` for what it adds.
-    pub fn new_resumable(side: Side, config: LinkConfig, now: Instant, token: [u8; RESUME_TOKEN_LEN]) -> Link {
+    pub fn new_resumable(
+        side: Side,
+        config: LinkConfig,
+        now: Instant,
+        token: [u8; RESUME_TOKEN_LEN],
+    ) -> Link {
         let mut link = Link::new(side, config, now);
         link.resume = Some(Resume::new(token, link.config.resend_limit, link.config.resume_within));
         link
@@ -270,7 +275,8 @@ impl Link {
         if self.is_closed() {
             return Ok(None);
         }
-        let result = Frame::decode(frame).map_err(LinkError::from).and_then(|f| self.on_frame(now, f, frame.len()));
+        let result =
+            Frame::decode(frame).map_err(LinkError::from).and_then(|f| self.on_frame(now, f, frame.len()));
         self.keepalive.heard(now);
         result.inspect_err(|e| self.close(e.clone())).inspect(|_| self.check_drained())
     }
@@ -284,12 +290,14 @@ impl Link {
     /// The transport is gone (closed, failed, or left for a better one): a
     /// resumable link keeps its streams and waits for a new transport
     /// ([`Link::attach`]) until [`LinkConfig::resume_within`] has passed;
-    /// any other link closes as [`Link::handle_closed`] does. Nothing is
+    /// any other link (or one drained after a `GOAWAY`) closes as
+    /// [`Link::handle_closed`] does. Nothing is
     /// sent while detached; streams get no credit.
     pub fn detach(&mut self, now: Instant) {
-        let closed = self.is_closed();
+        // A drained link has nothing left to carry: it just ends.
+        let live = self.phase == Phase::Live;
         match &mut self.resume {
-            Some(r) if !closed => r.detach(now),
+            Some(r) if live => r.detach(now),
             _ => self.handle_closed(),
         }
     }
@@ -355,7 +363,8 @@ impl Link {
         }
         match self.keepalive.due(now) {
             Due::Dead if self.resume.is_some() => {
-                self.events.push_back(LinkEvent::PathLost { error: LinkError::Silent(self.config.dead_after) });
+                self.events
+                    .push_back(LinkEvent::PathLost { error: LinkError::Silent(self.config.dead_after) });
                 self.detach(now);
             }
             Due::Dead => self.close(LinkError::Silent(self.config.dead_after)),
@@ -377,7 +386,9 @@ impl Link {
         let rtt = self.keepalive.rtt();
         match &self.resume {
             Some(r) if r.detached.is_some() => r.deadline(rtt),
-            Some(r) => Some(r.deadline(rtt).map_or(self.keepalive.deadline(), |d| d.min(self.keepalive.deadline()))),
+            Some(r) => {
+                Some(r.deadline(rtt).map_or(self.keepalive.deadline(), |d| d.min(self.keepalive.deadline())))
+            }
             None => Some(self.keepalive.deadline()),
         }
     }

@@ -426,8 +426,14 @@ fn misuse_is_an_error_value_and_changes_nothing() {
     assert_eq!(s.accept(id), Err(StreamError::AlreadyAccepted(id)));
     assert_eq!(s.refuse(id, Reason::REFUSED), Err(StreamError::AlreadyAccepted(id)));
     assert_eq!(s.accept(StreamId::new(9)), Err(StreamError::Unknown(StreamId::new(9))));
-    assert_eq!(s.data_header(Instant::now(), id, 11, &mut [0; 32]), Err(StreamError::NoCredit { id, len: 11, credit: 10 }));
-    assert_eq!(s.data_header(Instant::now(), id, 0, &mut [0; 32]), Err(StreamError::NoCredit { id, len: 0, credit: 10 }));
+    assert_eq!(
+        s.data_header(Instant::now(), id, 11, &mut [0; 32]),
+        Err(StreamError::NoCredit { id, len: 11, credit: 10 })
+    );
+    assert_eq!(
+        s.data_header(Instant::now(), id, 0, &mut [0; 32]),
+        Err(StreamError::NoCredit { id, len: 0, credit: 10 })
+    );
     assert_eq!(s.data_header(Instant::now(), id, 1, &mut [0; 4]), Err(StreamError::BufferTooSmall));
     assert_eq!(s.consumed(now, id, 1), Err(StreamError::OverConsumed { id, n: 1, unconsumed: 0 }));
     assert_eq!(s.send_credit(id), 10);

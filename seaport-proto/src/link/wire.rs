@@ -99,6 +99,9 @@ impl Reason {
     pub const LINK_LOST: Reason = Reason(8);
     /// The backend's connection failed after it was established.
     pub const BACKEND_ERROR: Reason = Reason(9);
+    /// A `RESUME` named a link the service does not have (it restarted,
+    /// or gave the link up): the proxy's streams on it are lost.
+    pub const UNKNOWN_LINK: Reason = Reason(10);
 
     fn name(self) -> Option<&'static str> {
         Some(match self {
@@ -112,6 +115,7 @@ impl Reason {
             Reason::FLOW_CONTROL => "flow control error",
             Reason::LINK_LOST => "link lost",
             Reason::BACKEND_ERROR => "backend error",
+            Reason::UNKNOWN_LINK => "no such link",
             _ => return None,
         })
     }
@@ -441,7 +445,9 @@ impl<'a> Frame<'a> {
             FrameKind::Resume => {
                 let (received, token) = body
                     .split_first_chunk::<8>()
-                    .and_then(|(n, rest)| Some((u64::from_be_bytes(*n), <[u8; RESUME_TOKEN_LEN]>::try_from(rest).ok()?)))
+                    .and_then(|(n, rest)| {
+                        Some((u64::from_be_bytes(*n), <[u8; RESUME_TOKEN_LEN]>::try_from(rest).ok()?))
+                    })
                     .ok_or_else(|| length(kind, body, 8 + RESUME_TOKEN_LEN))?;
                 Frame::Resume { received, token }
             }

@@ -20,6 +20,9 @@ pub struct Transport {
     sealer: Sealer,
     opener: Opener,
     remote: PublicKey,
+    /// Noise's handshake hash `h`: unique to this session and known only to
+    /// its two ends (what a resumable link's token is derived from).
+    handshake_hash: [u8; 32],
 }
 
 impl Transport {
@@ -31,13 +34,16 @@ impl Transport {
         if !state.is_handshake_finished() {
             return Err(NoiseError::State("handshake not finished".into()));
         }
+        let mut handshake_hash = [0u8; 32];
+        let h = state.get_handshake_hash();
+        handshake_hash.copy_from_slice(h.get(..32).unwrap_or(&[0; 32]));
         let (initiator_to_responder, responder_to_initiator) = state.dangerously_get_raw_split();
         let (send, receive) = if state.is_initiator() {
             (initiator_to_responder, responder_to_initiator)
         } else {
             (responder_to_initiator, initiator_to_responder)
         };
-        Ok(Transport { sealer: Sealer::new(&send)?, opener: Opener::new(&receive)?, remote })
+        Ok(Transport { sealer: Sealer::new(&send)?, opener: Opener::new(&receive)?, remote, handshake_hash })
     }
 
     /// Both ends of a transport keyed by `k1` one way and `k2` the other,
@@ -49,13 +55,19 @@ impl Transport {
         k1: [u8; 32],
         k2: [u8; 32],
     ) -> (Transport, Transport) {
-        fn transport(
-            send: &[u8; 32],
-            receive: &[u8; 32],
-            remote: PublicKey,
-        ) -> Result<Transport, NoiseError> {
-            Ok(Transport { sealer: Sealer::new(send)?, opener: Opener::new(receive)?, remote })
-        }
+        // The same at both ends, as a handshake's would be.
+        let mut h = k1;
+        h.iter_mut().zip(k2).for_each(|(a, b)| *a ^= b);
+        let transport =
+            |send: &[u8; 32], receive: &[u8; 32], remote: PublicKey| -> Result<Transport, NoiseError> {
+                let handshake_hash = h;
+                Ok(Transport {
+                    sealer: Sealer::new(send)?,
+                    opener: Opener::new(receive)?,
+                    remote,
+                    handshake_hash,
+                })
+            };
         let pair = transport(&k1, &k2, b).and_then(|ta| Ok((ta, transport(&k2, &k1, a)?)));
         // AES-256-GCM accepts any 32-byte key, so this cannot fail.
         #[allow(clippy::expect_used)]
@@ -76,6 +88,12 @@ impl Transport {
     /// Opens one frame body, appending its plaintext to `out`.
     pub fn open(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), NoiseError> {
         self.opener.open(body, out)
+    }
+
+    /// The session's handshake hash (Noise's `h`): the same at both ends,
+    /// different for every session, secret to anyone else.
+    pub fn handshake_hash(&self) -> &[u8; 32] {
+        &self.handshake_hash
     }
 
     /// The two directions, to be driven independently (a link driver reads and writes at once).
@@ -211,9 +229,20 @@ impl Opener {
     /// holds the session's keys (which a replayer of the first handshake
     /// message does not) before it gives the session anything.
     pub fn authenticates(&self, body: &[u8]) -> bool {
+        self.peek(body).is_some()
+    }
+
+    /// The plaintext of the next frame body, opened from a copy without
+    /// moving the counter; `None` if it does not authenticate.
+    pub fn peek(&self, body: &[u8]) -> Option<Vec<u8>> {
         let mut copy = body.to_vec();
-        body.len() >= TAG_LEN
-            && self.key.open_in_place(nonce(self.counter), ring::aead::Aad::empty(), &mut copy).is_ok()
+        if body.len() < TAG_LEN {
+            return None;
+        }
+        let len =
+            self.key.open_in_place(nonce(self.counter), ring::aead::Aad::empty(), &mut copy).ok()?.len();
+        copy.truncate(len);
+        Some(copy)
     }
 
     /// Opens one frame body, appending its plaintext to `out`.
