@@ -142,10 +142,14 @@ impl Links {
         // connection's task would otherwise carry its size for its whole
         // life (tens of KiB each with thousands of idle connections).
         let establish = reach::establish(instance, &self.keypair, self.dial_timeout, introducer, last, true);
-        let reached = Box::pin(establish).await?;
+        let mut reached = Box::pin(establish).await?;
+        let better = reached.better.take();
         let link = announce(&self.memo, &self.config, instance, reached, self.repath(instance))?;
         links.push(link.clone());
-        if link.path() == Path::Relayed {
+        if let Some(better) = better {
+            move_when_found(link.clone(), better, self.memo.clone());
+        }
+        if self.introducer.is_some() && (link.path() == Path::Relayed || link.is_resumable()) {
             self.upgrade_later(instance.clone(), link.clone(), cell.clone());
         }
         Ok(link)
@@ -175,8 +179,9 @@ impl Links {
     /// path to the same instance is tried; once one is up, the link moves
     /// onto it with its open streams (a service that cannot resume links
     /// gets a new link for new streams, and the relayed one goes away once
-    /// its streams finish). Stops once the link is no longer usable or no
-    /// longer relayed.
+    /// its streams finish). Stops once the link is no longer usable; a
+    /// resumable link is watched for its whole life, since a lost path may
+    /// leave it relayed later.
     fn upgrade_later(
         &self,
         instance: Instance,
@@ -190,8 +195,15 @@ impl Links {
             let mut pause = UPGRADE_FIRST;
             loop {
                 tokio::time::sleep(pause).await;
-                if !relayed.is_usable() || relayed.path() != Path::Relayed {
+                if !relayed.is_usable() {
                     return;
+                }
+                if relayed.path() != Path::Relayed {
+                    if !relayed.is_resumable() {
+                        return;
+                    }
+                    pause = UPGRADE_FIRST;
+                    continue;
                 }
                 let hint = Some(Path::Punched);
                 match reach::establish(&instance, &keypair, timeout, introducer.as_deref(), hint, false).await
@@ -258,6 +270,22 @@ impl Links {
     pub fn go_away_all(&self) {
         self.retain(&[]);
     }
+}
+
+/// Moves `link` onto the punched path `better` once (and if) its punch
+/// succeeds: the relay it started on is left (and freed) at once.
+fn move_when_found(link: LinkHandle, better: reach::Search, memo: Arc<PathMemo>) {
+    tokio::spawn(async move {
+        let Ok(mut reached) = better.await else { return };
+        reached.better = None;
+        if !link.is_usable() || link.path() != Path::Relayed {
+            return;
+        }
+        memo.set(link.remote, reached.path);
+        if let Err(e) = link.move_to(reached).await {
+            tracing::debug!(service = %link.remote, "the link did not move to its punched path: {e}");
+        }
+    });
 }
 
 /// Starts the driver of a link that reached `instance`, remembers its path

@@ -136,6 +136,8 @@ pub struct Introducer {
     pending: Arc<Mutex<HashMap<(usize, u32), Answer>>>,
     /// Where the next meeting starts among the registries that can arrange it.
     turn: AtomicUsize,
+    /// How long after a meeting punching starts (0: at once).
+    punch_after: Duration,
 }
 
 impl Introducer {
@@ -158,7 +160,16 @@ impl Introducer {
         // A random first turn: proxies started together do not all begin
         // with the same registry.
         let turn = AtomicUsize::new(crate::identity::random_u64() as usize);
-        Introducer { control, pending, turn }
+        Introducer { control, pending, turn, punch_after: Duration::ZERO }
+    }
+
+    /// Punches only `after` a meeting came together (the relay still starts
+    /// at its usual time): a link then starts relayed and moves to the
+    /// punched path once it is up. For testing that move, or to keep
+    /// punching out of the first moment of a connection.
+    pub fn with_punch_after(mut self, after: Duration) -> Introducer {
+        self.punch_after = after;
+        self
     }
 
     /// Asks for a meeting with `instance` and joins it, by `deadline`: at
@@ -250,7 +261,13 @@ pub struct Reached {
     pub path: Path,
     /// Where it goes (the registry's address for a relayed link).
     pub addr: SocketAddr,
+    /// A relayed path's punch, still under way when the relay won: the
+    /// link moves onto it if it succeeds.
+    pub better: Option<Search>,
 }
+
+/// A search for a path to a service, under way.
+pub type Search = std::pin::Pin<Box<dyn Future<Output = Result<Reached, HandshakeError>> + Send>>;
 
 /// Finds a path to `instance` and runs the link handshake on it, within
 /// `timeout` (see the module docs), starting with what worked `last`.
@@ -272,7 +289,7 @@ pub async fn establish(
         };
         let (addr, (stream, session)) =
             race(&instance.addrs, attempt).await.map_err(HandshakeError::Unreachable)?;
-        Ok(Reached { stream, session, path: Path::Direct, addr })
+        Ok(Reached { stream, session, path: Path::Direct, addr, better: None })
     };
     let Some(introducer) = introducer else { return direct.await };
     let deadline = Instant::now() + timeout;
@@ -285,13 +302,16 @@ pub async fn establish(
         tokio::time::sleep(meet_after).await;
         let (slot, Joined { stream: meet, local: port, peer }) =
             introducer.meet(instance, deadline, &[]).await?;
-        let punched = async {
-            // Counted once it ends: a punch the relay overtook is dropped uncounted.
-            let punched = punch(port, peer.addr, deadline).await;
+        let (punch_from, punch_to, owned, punch_after) =
+            (port, peer.addr, local.clone(), introducer.punch_after);
+        let punched = async move {
+            tokio::time::sleep(punch_after).await;
+            // Counted once it ends: a punch abandoned with its meeting is uncounted.
+            let punched = punch(punch_from, punch_to, deadline).await;
             crate::metrics::metrics().punch(punched.is_ok());
             let stream = punched?;
-            let (stream, session) = initiate(stream, local, remote, timeout).await?;
-            Ok(Reached { stream, session, path: Path::Punched, addr: peer.addr })
+            let (stream, session) = initiate(stream, &owned, remote, timeout).await?;
+            Ok(Reached { stream, session, path: Path::Punched, addr: punch_to, better: None })
         };
         let relayed = async {
             if !relay {
@@ -320,12 +340,39 @@ pub async fn establish(
             };
             let registry = meet.peer_addr()?;
             let (stream, session) = initiate(meet, local, remote, timeout).await?;
-            Ok(Reached { stream, session, path: Path::Relayed, addr: registry })
+            Ok(Reached { stream, session, path: Path::Relayed, addr: registry, better: None })
         };
-        first_ok(punched, relayed).await.map_err(|(punch, relay)| HandshakeError::Meeting {
-            punch: Box::new(punch),
-            relay: Box::new(relay),
-        })
+        // The relay may win while the punch is still under way: the punch
+        // goes on, and the link moves onto it if it comes up.
+        let mut punched: Option<Search> = Some(Box::pin(punched));
+        let (mut punch_err, mut relay_err) = (None, None);
+        tokio::pin!(relayed);
+        loop {
+            tokio::select! {
+                done = async { match punched.as_mut() { Some(p) => p.await, None => std::future::pending().await } }, if punched.is_some() => {
+                    punched = None;
+                    match done {
+                        Ok(won) => return Ok(won),
+                        Err(e) => punch_err = Some(e),
+                    }
+                }
+                done = &mut relayed, if relay_err.is_none() => match done {
+                    Ok(mut won) => {
+                        won.better = punched.take();
+                        return Ok(won);
+                    }
+                    Err(e) => relay_err = Some(e),
+                },
+            }
+            if punch_err.is_some() && relay_err.is_some() {
+                let (punch, relay) = (punch_err.take(), relay_err.take());
+                let missing = || HandshakeError::NoMeeting("no attempt".into());
+                return Err(HandshakeError::Meeting {
+                    punch: Box::new(punch.unwrap_or_else(missing)),
+                    relay: Box::new(relay.unwrap_or_else(missing)),
+                });
+            }
+        }
     };
     let via_meeting = async {
         tokio::time::timeout_at(deadline, via_meeting).await.map_err(|_| HandshakeError::Timeout(timeout))?

@@ -81,6 +81,14 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::from_secs(1), 10 * MINUTE))]
     pub resume_within: Duration,
+    /// After a meeting, wait this long before punching (0s to 1m; default:
+    /// at once). The relay starts at its usual time, so a link starts
+    /// relayed and moves, with its streams, to the punched path once that is
+    /// up: for trying that move, or to keep punching out of the first
+    /// moment of a connection.
+    #[arg(long, value_name = "DURATION", default_value = "0s", allow_hyphen_values = true,
+          value_parser = duration_in(Duration::ZERO, MINUTE))]
+    pub punch_after: Duration,
     /// How long a failed instance is avoided (0s to 1h).
     #[arg(long, value_name = "DURATION", default_value = "30s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::ZERO, HOUR))]
@@ -189,7 +197,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             following.update();
         }
     });
-    let introducer = Introducer::new(control.handle(), answers);
+    let introducer = Introducer::new(control.handle(), answers).with_punch_after(args.punch_after);
     let link_config = LinkConfig { resume_within: args.resume_within, ..LinkConfig::default() };
     let links =
         Arc::new(Links::new(keypair.clone(), link_config, args.dial_timeout).with_introducer(introducer));

@@ -32,9 +32,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::resume::{
-    Carrier, Handover, Repath, SEARCH_AGAIN_AFTER, Search, resume_as_proxy, resume_as_service,
-};
+use super::resume::{Carrier, Handover, Repath, SEARCH_AGAIN_AFTER, resume_as_proxy, resume_as_service};
 use super::state::{Half, Shared, State, changed, dispatch, lose};
 use super::stream::{Backend, connect_stream, deliver};
 use crate::budget::{LinkShare, OverBudget};
@@ -43,6 +41,7 @@ use crate::event::{Event, emit};
 use crate::handshake::HandshakeError;
 use crate::lock::lock;
 use crate::metrics::{Refusal, metrics};
+use crate::reach::Search;
 
 /// Most bytes the writer gathers before one write to the link socket.
 const BATCH: usize = 4 * MAX_WIRE_RECORD;

@@ -109,7 +109,7 @@ impl LinkHandle {
     /// service can resume looks for a new path with `repath` when it loses
     /// its own.
     pub fn start(reached: Reached, config: LinkConfig, repath: Repath) -> Result<LinkHandle, HandshakeError> {
-        let Reached { stream, session, path, addr } = reached;
+        let Reached { stream, session, path, addr, .. } = reached;
         let remote = session.remote().ok_or(HandshakeError::ClosedEarly)?;
         let resumable = session.remote_capabilities().contains(Capabilities::RESUME);
         let (sealer, opener, leftover, hash) = split_session(session)?;
@@ -126,6 +126,7 @@ impl LinkHandle {
                 let _open = metrics().link_guard();
                 drive(ended.clone(), carrier, None, moves, repath).await;
                 let reason = ended.lock().close_reason.take().unwrap_or_else(|| "closed".into());
+                tracing::info!("link to {remote} ended: {reason}");
                 emit(&Event::LinkDown { key: remote, reason });
             }
             .instrument(span),
@@ -379,3 +380,6 @@ fn record_body_len(buf: &[u8]) -> usize {
 fn record_body(buf: &[u8]) -> &[u8] {
     buf.get(record::HEADER_LEN..record::HEADER_LEN + record_body_len(buf)).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests;

@@ -14,9 +14,7 @@
 //!   a link exactly while its driver runs (a guard removes it).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,7 +31,7 @@ use super::state::{Shared, changed};
 use crate::clock;
 use crate::handshake::HandshakeError;
 use crate::lock::lock;
-use crate::reach::{Path, Reached};
+use crate::reach::{Path, Reached, Search};
 
 /// How long the proxy waits for the service's `RESUMED`.
 pub const RESUME_ANSWER_WAIT: Duration = Duration::from_secs(5);
@@ -66,7 +64,7 @@ impl Carrier {
     }
 
     /// Seals and writes one frame.
-    async fn send(&mut self, frame: Frame<'_>) -> std::io::Result<()> {
+    pub(super) async fn send(&mut self, frame: Frame<'_>) -> std::io::Result<()> {
         let mut plain = Vec::new();
         frame.encode(&mut plain);
         let mut sealed = Vec::new();
@@ -75,7 +73,7 @@ impl Carrier {
     }
 
     /// Reads and opens the next frame's plaintext.
-    async fn receive(&mut self) -> Result<Vec<u8>, HandshakeError> {
+    pub(super) async fn receive(&mut self) -> Result<Vec<u8>, HandshakeError> {
         loop {
             if let Some(body) = self.decoder.next_record() {
                 let plain = self.opener.open_in_place(body).map_err(|_| HandshakeError::Unauthenticated)?;
@@ -119,9 +117,6 @@ impl Handover {
         Ok(Handover::Proxy { carrier, path: reached.path, addr: reached.addr })
     }
 }
-
-/// A search for a path to a link's service, under way.
-pub type Search = Pin<Box<dyn Future<Output = Result<Reached, HandshakeError>> + Send>>;
 
 /// What a proxy's driver calls to find a new path when its link lost one:
 /// the pool's search, for this link's instance.
@@ -167,6 +162,12 @@ impl Resumables {
         proxy: &PublicKey,
     ) -> Option<mpsc::Sender<Handover>> {
         lock(&self.0).get(token).filter(|e| e.proxy == *proxy).map(|e| e.handovers.clone())
+    }
+
+    /// The tokens listed now.
+    #[cfg(test)]
+    pub(super) fn tokens(&self) -> Vec<[u8; RESUME_TOKEN_LEN]> {
+        lock(&self.0).keys().copied().collect()
     }
 
     /// Links listed now.
