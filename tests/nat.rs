@@ -372,6 +372,8 @@ struct Download {
     stream: TcpStream,
     hash: Sha256,
     got: usize,
+    /// The longest any one read waited: how long the stream stalled.
+    longest_wait: Duration,
 }
 
 impl Download {
@@ -380,7 +382,7 @@ impl Download {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
         stream.set_read_timeout(Some(WAIT)).unwrap();
         stream.write_all(format!("DOWN {seed} {len}\n").as_bytes()).unwrap();
-        Download { stream, hash: Sha256::new(), got: 0 }
+        Download { stream, hash: Sha256::new(), got: 0, longest_wait: Duration::ZERO }
     }
 
     /// Reads `n` more bytes, or up to the end; returns how many it got.
@@ -389,7 +391,10 @@ impl Download {
         let mut taken = 0;
         while taken < n {
             let want = buf.len().min(n - taken);
-            match self.stream.read(&mut buf[..want])? {
+            let asked = Instant::now();
+            let read = self.stream.read(&mut buf[..want])?;
+            self.longest_wait = self.longest_wait.max(asked.elapsed());
+            match read {
                 0 => break,
                 k => {
                     self.hash.update(&buf[..k]);
@@ -747,7 +752,9 @@ fn a_punched_download_survives_the_nats_forgetting_their_connections() {
             assert!(out.status.success(), "conntrack -F in {nat}: {}", String::from_utf8_lossy(&out.stderr));
         }
         let rest = len - dl.got;
+        dl.longest_wait = Duration::ZERO;
         assert_took(&mut dl, rest, "the rest after the NATs forgot the connection", &proxy);
+        eprintln!("the stream stalled at most {:?} after the NATs forgot its connection", dl.longest_wait);
         assert_eq!(dl.take(1).ok(), Some(0), "a clean end after {len} bytes");
         assert_eq!(dl.digest(), pattern_sha256(19, len), "download digest");
         eprintln!("paths taken: {:?}", routes(&proxy).iter().map(|r| (&r.path, &r.addr)).collect::<Vec<_>>());
@@ -797,7 +804,12 @@ fn a_relayed_download_resumes_through_the_other_registry_when_its_relay_dies() {
         arranger.signal("KILL");
         drop(arranger);
         let rest = len - dl.got;
+        dl.longest_wait = Duration::ZERO;
         assert_took(&mut dl, rest, "the rest after the relaying registry died", &proxy);
+        eprintln!(
+            "the stream stalled at most {:?} while its link resumed through the other registry",
+            dl.longest_wait
+        );
         assert_eq!(dl.take(1).ok(), Some(0), "a clean end after {len} bytes");
         assert_eq!(dl.digest(), pattern_sha256(13, len), "download digest");
         let all = routes(&proxy);

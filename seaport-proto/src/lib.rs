@@ -69,7 +69,9 @@
 //!   ([`session::Session::remote_capabilities`] against
 //!   [`hello::CAPABILITIES`]; e.g. a registry sends an answer in parts,
 //!   [`message::Message::InstancesPart`], only to a client with
-//!   [`hello::Capabilities::PARTS`]). Unknown bits are ignored, and so are bytes
+//!   [`hello::Capabilities::PARTS`]; a link is resumable, with `ACK`,
+//!   `RESUME` and `RESUMED` frames, only when both ends set
+//!   [`hello::Capabilities::RESUME`]). Unknown bits are ignored, and so are bytes
 //!   after the fields a build knows in either handshake payload: a newer
 //!   peer adds fields at the end.
 //! - **A new message** is a new [`message::Message`] variant, appended after

@@ -10,10 +10,11 @@
 //!
 //! # Acknowledgements
 //! `ACK` carries the count of numbered frames received and handled. It goes
-//! once a quarter of the resend limit arrived since the last one (so a sender
-//! at its limit is never stuck waiting), and otherwise [`ACK_DELAY`] after
-//! the first frame it does not cover: a few a second at most on a busy
-//! link, none on an idle one. `RESUME` and `RESUMED` carry the same count.
+//! once [`ACK_EVERY`] bytes (or a quarter of the resend limit, if less: a
+//! sender at its limit is never stuck waiting) arrived since the last one,
+//! and otherwise [`ACK_DELAY`] after the first frame it does not cover: one
+//! 29-byte record per 256 KiB under bulk, a few a second at most otherwise,
+//! none on an idle link. `RESUME` and `RESUMED` carry the same count.
 //!
 //! # Bounds
 //! The journal holds at most [`super::LinkConfig::resend_limit`] bytes of
@@ -51,6 +52,9 @@ use super::wire::RESUME_TOKEN_LEN;
 
 /// Longest an `ACK` waits for more frames to cover.
 pub const ACK_DELAY: Duration = Duration::from_millis(20);
+/// Bytes received after which an `ACK` goes at once: what a sender keeps
+/// beyond the bytes in flight is at most about this much.
+pub const ACK_EVERY: usize = 256 * 1024;
 /// A path with frames outstanding and no acknowledgement for this long (or
 /// four round trips, if longer) is dead.
 pub const PATH_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -253,7 +257,7 @@ impl Resume {
     pub(super) fn received(&mut self, now: Instant, len: usize) {
         self.received += 1;
         self.untold_bytes += len;
-        if self.untold_bytes >= (self.limit / 4).max(1) {
+        if self.untold_bytes >= (self.limit / 4).clamp(1, ACK_EVERY) {
             self.ack_now = true;
         } else {
             self.ack_at.get_or_insert(now + ACK_DELAY);
