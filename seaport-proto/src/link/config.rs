@@ -55,9 +55,11 @@ pub struct LinkConfig {
     /// whose service is really gone hears so soon.
     pub resume_within: Duration,
     /// Most bytes of `DATA` a resumable link keeps for resending (sent, not
-    /// acknowledged). Default 16 MiB, the default link window: what the
-    /// peer may hold unread anyway. At the limit, streams get no credit
-    /// until an acknowledgement frees room.
+    /// acknowledged). At the limit, streams get no credit until an
+    /// acknowledgement frees room, so it also caps the bytes in flight on
+    /// the link: default 8 MiB, about 1 Gbit/s at 60 ms round trip. On a
+    /// fast local path the kernel's socket buffers hold megabytes that this
+    /// would keep again; 8 MiB bounds that at a few MB of a process's RSS.
     pub resend_limit: usize,
 }
 
@@ -73,7 +75,7 @@ impl Default for LinkConfig {
             keepalive: Duration::from_secs(10),
             dead_after: Duration::from_secs(30),
             resume_within: Duration::from_secs(10),
-            resend_limit: 16 * 1024 * 1024,
+            resend_limit: 8 * 1024 * 1024,
         }
     }
 }

@@ -78,34 +78,34 @@ pub fn token(handshake_hash: &[u8]) -> [u8; RESUME_TOKEN_LEN] {
 }
 
 /// The frames sent and not yet acknowledged, oldest first, with where
-/// resending stands on the current transport.
+/// resending stands on the current transport. Each frame is kept in an
+/// allocation of its own size: memory follows what is kept, with no ring
+/// to double, and an acknowledged frame gives its memory back at once.
 #[derive(Debug, Default)]
 pub(super) struct Journal {
-    /// The frames' bytes, back to back.
-    bytes: VecDeque<u8>,
-    /// Each frame's length.
-    lens: VecDeque<u32>,
+    /// The frames kept.
+    frames: VecDeque<Box<[u8]>>,
+    /// Their bytes in all.
+    bytes: usize,
     /// The number of the oldest frame kept.
     first: u64,
     /// The number of the next frame to resend; `next()` when none is due.
     resend: u64,
-    /// Where that frame starts in `bytes`.
-    resend_at: usize,
 }
 
 impl Journal {
     /// The number the next frame sent gets.
     pub(super) fn next(&self) -> u64 {
-        self.first + self.lens.len() as u64
+        self.first + self.frames.len() as u64
     }
 
     /// Bytes kept.
     pub(super) fn kept_bytes(&self) -> usize {
-        self.bytes.len()
+        self.bytes
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        self.lens.is_empty()
+        self.frames.is_empty()
     }
 
     /// Frames are waiting to be resent on this transport.
@@ -116,11 +116,10 @@ impl Journal {
     /// Keeps a frame just sent.
     pub(super) fn push(&mut self, frame: &[u8]) {
         let at_end = !self.resending();
-        self.bytes.extend(frame);
-        self.lens.push_back(u32::try_from(frame.len()).unwrap_or(u32::MAX));
+        self.frames.push_back(frame.into());
+        self.bytes += frame.len();
         if at_end {
             self.resend = self.next();
-            self.resend_at = self.bytes.len();
         }
     }
 
@@ -130,19 +129,16 @@ impl Journal {
         if n < self.first || n > self.resend {
             return Err(LinkError::BadAck { received: n, sent: self.resend, kept_from: self.first });
         }
-        let mut freed = 0usize;
+        let freed = n > self.first;
         while self.first < n {
-            freed += self.lens.pop_front().map_or(0, |l| l as usize);
+            self.bytes -= self.frames.pop_front().map_or(0, |f| f.len());
             self.first += 1;
         }
-        self.bytes.drain(..freed.min(self.bytes.len()));
-        self.resend_at = self.resend_at.saturating_sub(freed);
-        if self.lens.is_empty() {
+        if self.frames.is_empty() {
             // An idle link keeps no memory.
-            self.bytes = VecDeque::new();
-            self.lens = VecDeque::new();
+            self.frames = VecDeque::new();
         }
-        Ok(freed > 0)
+        Ok(freed)
     }
 
     /// A new transport, on which the peer says it has every frame before
@@ -154,7 +150,6 @@ impl Journal {
         self.resend = self.next();
         self.ack(n)?;
         self.resend = n;
-        self.resend_at = 0;
         Ok(())
     }
 
@@ -164,20 +159,9 @@ impl Journal {
             return false;
         }
         let index = usize::try_from(self.resend - self.first).unwrap_or(usize::MAX);
-        let Some(len) = self.lens.get(index).map(|l| *l as usize) else { return false };
-        let (front, back) = self.bytes.as_slices();
-        let start = self.resend_at;
-        let end = start + len;
-        if end <= front.len() {
-            out.extend_from_slice(front.get(start..end).unwrap_or_default());
-        } else if start >= front.len() {
-            out.extend_from_slice(back.get(start - front.len()..end - front.len()).unwrap_or_default());
-        } else {
-            out.extend_from_slice(front.get(start..).unwrap_or_default());
-            out.extend_from_slice(back.get(..end - front.len()).unwrap_or_default());
-        }
+        let Some(frame) = self.frames.get(index) else { return false };
+        out.extend_from_slice(frame);
         self.resend += 1;
-        self.resend_at = end;
         true
     }
 
@@ -371,11 +355,11 @@ mod tests {
         assert!(j.ack(5).is_err(), "frame 4 was not resent yet");
         assert_eq!(frames(&mut j).len(), 2);
         assert_eq!(j.ack(6), Ok(true));
-        assert!(j.is_empty() && j.kept_bytes() == 0 && j.bytes.capacity() == 0);
+        assert!(j.is_empty() && j.kept_bytes() == 0 && j.frames.capacity() == 0);
     }
 
     #[test]
-    fn a_wrapped_journal_resends_whole_frames() {
+    fn a_journal_used_again_and_again_resends_whole_frames() {
         let mut j = Journal::default();
         let mut n = 0u64;
         for round in 0..50u8 {
