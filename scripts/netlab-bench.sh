@@ -257,13 +257,18 @@ proxy() {
     PORT="$(sed -n 's/^proxy from \([0-9]*\) .*/\1/p' "$W/$name.out" | head -1)"
     STARTED=$pid
 }
-# path_of NAME: the path of the proxy's first link (direct|punched|relayed), or "none".
+# path_of NAME: the path the proxy's first link ends up on (direct|punched|relayed), or
+# "none". The relay races the punch, so a link may start relayed and move to the punched path
+# a moment later (`link to KEY moved to punched ADDR`): a relayed one is given 2 s to move.
 path_of() {
-    if wait_for "$W/$1.err" "link to .* via " 5; then
-        sed -n 's/.*link to [0-9a-f]* via \([a-z]*\) .*/\1/p' "$W/$1.err" | head -1
-    else
+    if ! wait_for "$W/$1.err" "link to .* via " 5; then
         echo none
+        return
     fi
+    if grep -q "link to .* via relayed " "$W/$1.err"; then
+        wait_for "$W/$1.err" "link to .* moved to " 2 || true
+    fi
+    sed -n 's/.*link to [0-9a-f]* \(via\|moved to\) \([a-z]*\) .*/\2/p' "$W/$1.err" | tail -1
 }
 # cpu PID: the process's utime + stime, in clock ticks.
 # (Fields 14 and 15 of /proc/PID/stat; counted after the ") " that ends the command

@@ -320,6 +320,24 @@ fn wait_routes(proxy: &Proc, n: usize) -> Vec<Link> {
     }
 }
 
+/// Waits until the proxy's link to `service` runs over `path` (it may start
+/// relayed and move: the relay races the punch); returns every path taken.
+fn wait_path(proxy: &Proc, service: &str, path: &str) -> Vec<Link> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let all = routes(proxy);
+        if all.iter().rev().find(|r| r.key == service).is_some_and(|r| r.path == path) {
+            return all;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {path} link to {service} within {WAIT:?}: {all:#?}\n{}",
+            log_of(proxy)
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits for the proxy to have logged `n` links; returns them all.
 fn wait_links(proxy: &Proc, n: usize) -> Vec<Link> {
     let deadline = Instant::now() + WAIT;
@@ -512,12 +530,12 @@ fn cone_nats_link_is_punched_and_carries_100_mib_each_way() {
         let (bulk_proxy, bulk_port) = net.proxy("h2", &target, "bulk@1");
 
         assert_http(&net, "h2", web_port, &web_proxy, "through two cone NATs");
-        let link = the_link(&web_proxy, &web_key);
-        assert_eq!(link.path, "punched", "{link:?}");
+        the_link(&web_proxy, &web_key);
+        wait_path(&web_proxy, &web_key, "punched");
 
         assert_bulk_each_way(&net, "h2", bulk_port, &bulk_proxy, 100 * MIB);
-        let link = the_link(&bulk_proxy, &bulk_key);
-        assert_eq!(link.path, "punched", "{link:?}");
+        the_link(&bulk_proxy, &bulk_key);
+        wait_path(&bulk_proxy, &bulk_key, "punched");
     });
 }
 
@@ -604,8 +622,12 @@ fn public_proxy_reaches_a_natted_service_without_relay() {
         let (proxy, port) = net.proxy("pub", &target, "web@1");
 
         assert_http(&net, "pub", port, &proxy, "behind nat1");
-        let link = the_link(&proxy, &key);
-        assert!(["direct", "punched"].contains(&link.path.as_str()), "not relayed expected: {link:?}");
+        the_link(&proxy, &key);
+        let deadline = Instant::now() + WAIT;
+        while !routes(&proxy).last().is_some_and(|r| ["direct", "punched"].contains(&r.path.as_str())) {
+            assert!(Instant::now() < deadline, "not relayed in the end expected: {:#?}", routes(&proxy));
+            thread::sleep(Duration::from_millis(20));
+        }
     });
 }
 
@@ -626,8 +648,8 @@ fn punched_stream_survives_a_registry_restart() {
         let len = 64 * MIB;
         let mut dl = net.client("h2", &proxy, move || Download::start(port, 5, len));
         assert_took(&mut dl, MIB, "the first MiB", &proxy);
-        let link = the_link(&proxy, &key);
-        assert_eq!(link.path, "punched", "{link:?}");
+        the_link(&proxy, &key);
+        wait_path(&proxy, &key, "punched");
 
         reg.signal("KILL");
         drop(reg);
@@ -746,7 +768,8 @@ fn a_punched_download_survives_the_nats_forgetting_their_connections() {
         let len = 128 * MIB;
         let mut dl = net.client("h2", &proxy, move || Download::start(port, 19, len));
         assert_took(&mut dl, 8 * MIB, "the first 8 MiB", &proxy);
-        assert_eq!(the_link(&proxy, &key).path, "punched");
+        the_link(&proxy, &key);
+        let before = wait_path(&proxy, &key, "punched").len();
         for nat in ["nat1", "nat2"] {
             let out = netlab(&net.prefix, &["exec", nat, "conntrack", "-F"]);
             assert!(out.status.success(), "conntrack -F in {nat}: {}", String::from_utf8_lossy(&out.stderr));
@@ -757,7 +780,9 @@ fn a_punched_download_survives_the_nats_forgetting_their_connections() {
         eprintln!("the stream stalled at most {:?} after the NATs forgot its connection", dl.longest_wait);
         assert_eq!(dl.take(1).ok(), Some(0), "a clean end after {len} bytes");
         assert_eq!(dl.digest(), pattern_sha256(19, len), "download digest");
-        eprintln!("paths taken: {:?}", routes(&proxy).iter().map(|r| (&r.path, &r.addr)).collect::<Vec<_>>());
+        let after: Vec<_> =
+            routes(&proxy).iter().skip(before).map(|r| (r.path.clone(), r.addr.clone())).collect();
+        eprintln!("paths taken after the flush: {after:?}");
         assert_eq!(links(&proxy).len(), 1, "one link throughout: {:#?}", routes(&proxy));
     });
 }
@@ -1235,8 +1260,14 @@ fn punched_link_is_counted_by_the_metrics() {
         let port: u16 = line.split_whitespace().nth(2).and_then(|w| w.parse().ok()).unwrap();
 
         assert_http(&net, "h2", port, &proxy, "punched");
-        assert_eq!(the_link(&proxy, &key).path, "punched");
-        assert_eq!(scrape_in(&net, "h2", METRICS, "seaport_links_total{path=\"punched\"}"), 1.0);
+        the_link(&proxy, &key);
+        let taken = wait_path(&proxy, &key, "punched");
+        // The relay races the punch: the link is counted by the path it was
+        // made on, and a move to the punched path as a resume.
+        let made_on = format!("seaport_links_total{{path=\"{}\"}}", taken[0].path);
+        assert_eq!(scrape_in(&net, "h2", METRICS, &made_on), 1.0);
+        let moves = (taken.len() - 1) as f64;
+        assert_eq!(scrape_in(&net, "h2", METRICS, "seaport_link_paths_total{event=\"resumed\"}"), moves);
         assert!(scrape_in(&net, "h2", METRICS, "seaport_punch_attempts_total{result=\"punched\"}") >= 1.0);
         assert!(scrape_in(&net, "h1", METRICS, "seaport_punch_attempts_total{result=\"punched\"}") >= 1.0);
         assert_eq!(scrape_in(&net, "h1", METRICS, "seaport_streams_opened_total{result=\"accepted\"}"), 1.0);

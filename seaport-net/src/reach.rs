@@ -6,18 +6,23 @@
 //! # Choosing a path (proxy)
 //! 1. **Direct**: every address the instance reported (the one the registry
 //!    observed, its LAN address, any it was given) is dialed at once.
-//! 2. **Meeting**, [`MEET_AFTER`] later (at once if this service's last
-//!    link was punched or relayed): the proxy asks the registry for a meeting
-//!    and joins it; then it **punches** toward the service's observed
-//!    address from the meet connection's port, and after [`RELAY_AFTER`]
-//!    (at once if the last link to this service was relayed) it runs the
-//!    handshake through the meet connection itself: the **relay**.
+//! 2. **Meeting**, after a head start of the direct addresses
+//!    ([`MEET_AFTER_NEW`] for a service not linked before, [`MEET_AFTER`]
+//!    for one whose last link went direct, none for one whose last link was
+//!    punched or relayed): the proxy asks the registry for a meeting and
+//!    joins it; then, at once and side by side, it **punches** toward the
+//!    service's observed address from the meet connection's port, and runs
+//!    the handshake through the meet connection itself: the **relay**.
 //!
-//! The first path whose Noise handshake completes carries the link; the
-//! attempts still running are dropped, which closes their sockets (the
-//! service's side of a dropped path sees its end and lets it go). Every path
-//! runs the same `IK` handshake as initiator, so none is trusted more than
-//! a direct one. What worked is remembered per service ([`PathMemo`]).
+//! The first path whose Noise handshake completes carries the link, so the
+//! first byte waits for no timer beyond the direct head start. When the
+//! relay wins while the punch is still under way, the punch goes on
+//! ([`Reached::better`]) and the link moves onto it, with its streams, once
+//! it is up; the relay is then freed at once. Other attempts still running
+//! are dropped, which closes their sockets (the service's side of a dropped
+//! path sees its end and lets it go). Every path runs the same `IK`
+//! handshake as initiator, so none is trusted more than a direct one. What
+//! worked is remembered per service ([`PathMemo`]).
 //!
 //! # Answering a meeting (service)
 //! [`answer_meetings`] joins each meeting it is offered (only for proxies
@@ -51,10 +56,15 @@ use crate::handshake::{HandshakeError, initiate};
 use crate::lock::lock;
 use crate::meet::{Joined, join, punch};
 
-/// Head start of the direct addresses before a meeting is asked for.
+/// Head start of the direct addresses before a meeting is asked for, for a
+/// service whose last link went direct: it most likely will again, and a
+/// meeting costs the registry and the service work a direct link does not.
 pub const MEET_AFTER: Duration = Duration::from_millis(150);
-/// Head start of punching over relaying, once the meeting is joined.
-pub const RELAY_AFTER: Duration = Duration::from_millis(500);
+/// The same for a service this proxy has not linked to yet: long enough for
+/// a dial on a LAN or to a public address to answer (a few ms), short
+/// enough that a service behind a NAT is met, and relayed, within the
+/// first-byte budget of 100 ms.
+pub const MEET_AFTER_NEW: Duration = Duration::from_millis(30);
 /// How long a service keeps punching toward a proxy.
 pub const PUNCH_FOR: Duration = Duration::from_secs(5);
 /// How long a proxy waits for a registry's answer to a meeting request
@@ -293,10 +303,10 @@ pub async fn establish(
     };
     let Some(introducer) = introducer else { return direct.await };
     let deadline = Instant::now() + timeout;
-    let (meet_after, relay_after) = match last {
-        Some(Path::Relayed) => (Duration::ZERO, Duration::ZERO),
-        Some(Path::Punched) => (Duration::ZERO, RELAY_AFTER),
-        _ => (MEET_AFTER, RELAY_AFTER),
+    let meet_after = match last {
+        Some(Path::Direct) => MEET_AFTER,
+        Some(Path::Punched | Path::Relayed) => Duration::ZERO,
+        None => MEET_AFTER_NEW,
     };
     let via_meeting = async {
         tokio::time::sleep(meet_after).await;
@@ -317,7 +327,6 @@ pub async fn establish(
             if !relay {
                 return Err(HandshakeError::NoMeeting("not relayed: looking for a better path".into()));
             }
-            tokio::time::sleep(relay_after).await;
             let meet = if peer.relaying {
                 meet
             } else {

@@ -232,10 +232,11 @@ async fn take_over(shared: &Arc<Shared>, handover: Handover) -> Result<Carrier, 
         Handover::Proxy { mut carrier, path, addr } => {
             resume_as_proxy(shared, &mut carrier).await?;
             let key = shared.remote;
+            // Counted before it is said, so whoever reads the line finds it counted.
+            metrics().link_resumed();
             *lock(&shared.route) = Some((path, addr));
             tracing::info!(service = %key, "link to {key} moved to {path} {addr}");
             emit(&Event::LinkMoved { key, path: path.name(), addr });
-            metrics().link_resumed();
             Ok(carrier)
         }
         Handover::Service { mut carrier, peer_received } => {
