@@ -739,9 +739,25 @@ fn a_relayed_download_moves_to_the_punched_path_without_a_break() {
         assert_took(&mut dl, 4 * MIB, "the first 4 MiB", &proxy);
         let first = the_link(&proxy, &key);
         assert_eq!(first.path, "relayed", "{first:?}");
-        // The client reads nothing meanwhile: the stream is mid-transfer
-        // (the backend sends only as fast as it is read) when the link moves.
-        let all = wait_routes(&proxy, 2);
+        // The client reads slowly meanwhile (64 KiB every 10 ms; the backend
+        // sends only as fast as it is read), so the stream is mid-transfer
+        // when the link moves, and a stall would show in its reads.
+        dl.longest_wait = Duration::ZERO;
+        let deadline = Instant::now() + WAIT;
+        while routes(&proxy).len() < 2 {
+            assert!(Instant::now() < deadline, "no move within {WAIT:?}: {}", log_of(&proxy));
+            assert_took(&mut dl, 64 * 1024, "64 KiB while the link may move", &proxy);
+            thread::sleep(Duration::from_millis(10));
+        }
+        for _ in 0..20 {
+            assert_took(&mut dl, 64 * 1024, "64 KiB after the move", &proxy);
+            thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!(
+            "the stream stalled at most {:?} while its link moved from relayed to punched",
+            dl.longest_wait
+        );
+        let all = routes(&proxy);
         assert_eq!((all[1].key.as_str(), all[1].path.as_str()), (key.as_str(), "punched"), "{all:#?}");
         let rest = len - dl.got;
         assert_took(&mut dl, rest, "the rest after the move", &proxy);
@@ -784,6 +800,53 @@ fn a_punched_download_survives_the_nats_forgetting_their_connections() {
             routes(&proxy).iter().skip(before).map(|r| (r.path.clone(), r.addr.clone())).collect();
         eprintln!("paths taken after the flush: {after:?}");
         assert_eq!(links(&proxy).len(), 1, "one link throughout: {:#?}", routes(&proxy));
+    });
+}
+
+/// The punched path goes silent in the middle of a download: nat2 starts
+/// dropping every packet toward the service's punched address (a cable
+/// pulled, a route gone: no RST, no FIN). Frames go unacknowledged, the
+/// path is declared dead within about 1.5 s, and the link resumes on a new
+/// path (a new punch from new ports, or the relay): the download completes
+/// intact over the one link.
+#[test]
+fn a_punched_download_survives_its_path_going_silent() {
+    nat_test("nd-", &[], |net| {
+        let (seed, target) = registry_target();
+        let _reg = net.registry(&seed);
+        let bulk = net.run("h1", bulk_backend);
+        let (_svc, key) = net.service("h1", &target, bulk, "bulk@1.0.0");
+        let (proxy, port) = net.proxy("h2", &target, "bulk@1");
+
+        let len = 128 * MIB;
+        let mut dl = net.client("h2", &proxy, move || Download::start(port, 23, len));
+        assert_took(&mut dl, 8 * MIB, "the first 8 MiB", &proxy);
+        the_link(&proxy, &key);
+        let taken = wait_path(&proxy, &key, "punched");
+        let dead = taken.last().unwrap().addr.clone();
+        let (ip, dport) = dead.rsplit_once(':').unwrap();
+        let drop = [
+            "exec", "nat2", "iptables", "-w", "5", "-I", "FORWARD", "-d", ip, "-p", "tcp", "--dport", dport,
+            "-j", "DROP",
+        ];
+        let out = netlab(&net.prefix, &drop);
+        assert!(out.status.success(), "iptables: {}", String::from_utf8_lossy(&out.stderr));
+        let rest = len - dl.got;
+        dl.longest_wait = Duration::ZERO;
+        assert_took(&mut dl, rest, "the rest after the path went silent", &proxy);
+        assert_eq!(dl.take(1).ok(), Some(0), "a clean end after {len} bytes");
+        let stalled = dl.longest_wait;
+        assert_eq!(dl.digest(), pattern_sha256(23, len), "download digest");
+        let all = routes(&proxy);
+        assert!(all.len() > taken.len(), "the link moved off the silent path: {all:#?}");
+        assert_ne!(all.last().unwrap().addr, dead, "{all:#?}");
+        assert_eq!(links(&proxy).len(), 1, "one link throughout: {all:#?}");
+        eprintln!(
+            "the stream stalled at most {:?} while a silent path was found dead and the link resumed on {} {}",
+            stalled,
+            all.last().unwrap().path,
+            all.last().unwrap().addr
+        );
     });
 }
 
@@ -1186,6 +1249,75 @@ fn rejecting_nats_still_link_without_client_failures() {
         assert!(all.iter().all(|l| l.key == key), "{all:#?}");
         let link = &all[0];
         assert!(["punched", "relayed"].contains(&link.path.as_str()), "{link:?}");
+    });
+}
+
+// ---- h. harder NATs: what punching achieves, and the relay where it cannot -------------------
+
+/// Fresh proxies on h2, one after another, each linking to the service on
+/// h1 for one request: every request must be answered. Returns how many
+/// links ended up punched and how many relayed (a link starts on whichever
+/// path comes first and moves to the punched one if that comes up).
+fn punch_census(net: &Net, proxies: usize) -> (usize, usize) {
+    let (seed, target) = registry_target();
+    let _reg = net.registry(&seed);
+    let web = net.run("h1", || http_backend("census"));
+    let (_svc, key) = net.service("h1", &target, web, "web@1.0.0");
+    let (mut punched, mut relayed) = (0, 0);
+    for _ in 0..proxies {
+        let (proxy, port) = net.proxy("h2", &target, "web@1");
+        assert_http(net, "h2", port, &proxy, "census");
+        let first = the_link(&proxy, &key);
+        if first.path == "relayed" {
+            // Give a punch still under way its moment to move the link.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while routes(&proxy).len() < 2 && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        match routes(&proxy).last().map(|r| r.path.clone()).as_deref() {
+            Some("punched") => punched += 1,
+            Some("relayed") => relayed += 1,
+            other => panic!("a link neither punched nor relayed: {other:?}; {:#?}", routes(&proxy)),
+        }
+    }
+    (punched, relayed)
+}
+
+/// Proxies linked through each harder NAT in the census.
+const CENSUS: usize = 6;
+
+/// nat2 gives every connection a fresh random port (`MASQUERADE
+/// --random-fully`): the port a punch aims at is never the one the NAT
+/// picks, so links stay relayed; every request is still answered.
+#[test]
+fn a_port_changing_nat_still_carries_every_request() {
+    nat_test("nr-", &[], |net| {
+        let lan = "192.168.2.0/24";
+        let masquerade = ["POSTROUTING", "-s", lan, "-o", "wan0", "-j", "MASQUERADE"];
+        for (op, extra) in [("-D", &[][..]), ("-A", &["--random-fully"][..])] {
+            let args =
+                [&["exec", "nat2", "iptables", "-w", "5", "-t", "nat", op][..], &masquerade[..], extra]
+                    .concat();
+            let out = netlab(&net.prefix, &args);
+            assert!(out.status.success(), "iptables {op}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let (punched, relayed) = punch_census(&net, CENSUS);
+        eprintln!("port-changing NAT (--random-fully): {punched} punched, {relayed} relayed of {CENSUS}");
+        assert_eq!(punched + relayed, CENSUS);
+    });
+}
+
+/// Both NATs answer unsolicited packets with RST (or ICMP unreachable):
+/// the SYN each side sends first is refused by the other side's NAT, but
+/// the simultaneous open may still meet; whatever punching achieves, every
+/// request is answered.
+#[test]
+fn rst_answering_nats_punch_or_relay() {
+    nat_test("nj-", &["--inbound=reject"], |net| {
+        let (punched, relayed) = punch_census(&net, CENSUS);
+        eprintln!("RST-answering NATs (--inbound=reject): {punched} punched, {relayed} relayed of {CENSUS}");
+        assert_eq!(punched + relayed, CENSUS);
     });
 }
 
