@@ -706,7 +706,8 @@ fn relayed_stream_is_reset_when_no_path_returns_within_its_resume_window() {
                 log()
             ),
         }
-        assert_eq!(proxy.count_log("no new path within 2s"), 1, "{}", log());
+        // Said as the stream is reset: the log line may trail the client's error.
+        wait_log_count(&proxy, "no new path within 2s", 1);
 
         let _reg = net.registry(&seed);
         wait_count(&svc, "registered service", 2);
@@ -1292,7 +1293,7 @@ const CENSUS: usize = 6;
 /// picks, so links stay relayed; every request is still answered.
 #[test]
 fn a_port_changing_nat_still_carries_every_request() {
-    nat_test("nr-", &[], |net| {
+    nat_test("nq-", &[], |net| {
         let lan = "192.168.2.0/24";
         let masquerade = ["POSTROUTING", "-s", lan, "-o", "wan0", "-j", "MASQUERADE"];
         for (op, extra) in [("-D", &[][..]), ("-A", &["--random-fully"][..])] {

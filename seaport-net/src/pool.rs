@@ -210,9 +210,11 @@ impl Links {
                 {
                     Ok(reached) if relayed.is_resumable() => {
                         memo.set(instance.key, reached.path);
-                        match relayed.move_to(reached).await {
-                            Ok(()) => return,
-                            Err(e) => tracing::debug!(service = %instance.key, "the link did not move: {e}"),
+                        // Watched on: a move can fail, and a later loss can
+                        // leave the link relayed again.
+                        pause = UPGRADE_FIRST;
+                        if let Err(e) = relayed.move_to(reached).await {
+                            tracing::debug!(service = %instance.key, "the link did not move: {e}");
                         }
                     }
                     Ok(reached) => {

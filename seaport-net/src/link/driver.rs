@@ -322,6 +322,8 @@ async fn read_loop(shared: &Shared, rd: OwnedReadHalf, mut opener: Opener, mut d
         let releasable = decoder.holds_buffer() && decoder.buffered() == 0;
         tokio::select! {
             () = tokio::time::sleep(IDLE_RELEASE), if releasable => decoder.release(),
+            // The deadline moved earlier: loop, and sleep until the new one.
+            () = shared.timer.notified() => {}
             ready = rd.readable() => {
                 if let Err(e) = ready {
                     lose(shared, &e.to_string());
@@ -449,6 +451,7 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
     let State { link, streams, .. } = &mut *state;
     let mut wakes = Vec::new();
     let now = clock::now();
+    let deadline = link.poll_timeout();
     loop {
         let mut progressed = false;
         while batch.len() < BATCH && link.poll_transmit(now, plain) {
@@ -532,6 +535,12 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
     // that this fill's own `end`/`reset` brought about also queued a frame,
     // so the batch is not empty and the writer sends it before it stops.
     let closed = state.link.is_ended();
+    // Frames just sent may have started the wait for an acknowledgement:
+    // the reader, asleep until an older deadline, must time it.
+    let sooner = state.link.poll_timeout();
+    if sooner.is_some() && deadline.is_none_or(|d| sooner < Some(d)) {
+        shared.timer.notify_one();
+    }
     dispatch(&mut state, shared);
     drop(state);
     for wake in wakes {

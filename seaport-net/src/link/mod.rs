@@ -157,6 +157,16 @@ impl LinkHandle {
         if !self.is_resumable() {
             return Err(HandshakeError::NotResumed("the service cannot resume links".into()));
         }
+        // The service lists a link for resuming before its end sends a
+        // frame: a move before the first frame came could reach it before
+        // the link does, and be told there is no such link.
+        let deadline = tokio::time::Instant::now() + resume::RESUME_ANSWER_WAIT;
+        while self.shared.lock().link.frames_received() == 0 {
+            if tokio::time::Instant::now() >= deadline || !self.is_usable() {
+                return Err(HandshakeError::NotResumed("the service has not spoken on the link yet".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let handover = Handover::from_reached(reached)?;
         self.handovers
             .send(handover)

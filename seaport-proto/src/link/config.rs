@@ -52,7 +52,9 @@ pub struct LinkConfig {
     /// one before its streams are reset. Default 10 s: enough to find a
     /// path again through another registry of a set (a meeting, a punch and
     /// a relay's head start take a few seconds), short enough that a client
-    /// whose service is really gone hears so soon.
+    /// whose service is really gone hears so soon. A service waits longer
+    /// by a keepalive and a path timeout: only the proxy looks for a new
+    /// path, and it may notice the loss that much later.
     pub resume_within: Duration,
     /// Most bytes of `DATA` a resumable link keeps for resending (sent, not
     /// acknowledged). At the limit, streams get no credit until an

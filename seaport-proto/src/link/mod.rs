@@ -204,7 +204,14 @@ impl Link {
         token: [u8; RESUME_TOKEN_LEN],
     ) -> Link {
         let mut link = Link::new(side, config, now);
-        link.resume = Some(Resume::new(token, link.config.resend_limit, link.config.resume_within));
+        // Only the proxy can find a new path: a service that notices the
+        // loss first waits, beyond the window, for as long as the proxy may
+        // take to notice it too (a keepalive and a path timeout).
+        let within = match side {
+            Side::Proxy => link.config.resume_within,
+            Side::Service => link.config.resume_within + link.config.keepalive + PATH_TIMEOUT,
+        };
+        link.resume = Some(Resume::new(token, link.config.resend_limit, within));
         link
     }
 
@@ -216,6 +223,12 @@ impl Link {
     /// Whether the link waits for a new transport (streams kept, nothing sent).
     pub fn is_detached(&self) -> bool {
         self.resume.as_ref().is_some_and(|r| r.detached.is_some()) && !self.is_closed()
+    }
+
+    /// Numbered frames received from the peer on a resumable link (0 on
+    /// another): more than 0 once the peer's end of the link is running.
+    pub fn frames_received(&self) -> u64 {
+        self.resume.as_ref().map_or(0, |r| r.received)
     }
 
     /// Bytes kept for resending (sent, not acknowledged): 0 on an idle or
@@ -272,7 +285,10 @@ impl Link {
         now: Instant,
         frame: &'a [u8],
     ) -> Result<Option<Incoming<'a>>, LinkError> {
-        if self.is_closed() {
+        // A detached link takes nothing in: whatever it received is what it
+        // told (or will tell) the peer in its RESUME or RESUMED, and a frame
+        // from a transport it left will come again on the new one.
+        if self.is_closed() || self.is_detached() {
             return Ok(None);
         }
         let result =
@@ -404,14 +420,17 @@ impl Link {
             if r.detached.is_some() {
                 return false;
             }
+            // An ACK due goes even before resent frames: it is not numbered,
+            // and a peer kept waiting for one while megabytes are resent
+            // would take this new path for dead.
+            if let Some(received) = r.take_ack() {
+                Frame::Ack { received }.encode(buf);
+                return true;
+            }
             if r.journal.resend_next(buf) {
                 if !r.journal.resending() {
                     self.unblock_all();
                 }
-                return true;
-            }
-            if let Some(received) = r.take_ack() {
-                Frame::Ack { received }.encode(buf);
                 return true;
             }
         }

@@ -63,7 +63,17 @@ pub const PATH_TIMEOUT: Duration = Duration::from_millis(1500);
 /// before it takes the peer to be withholding acknowledgements (an end that
 /// acknowledges as this one does keeps far fewer: its control frames are
 /// replies, a few per round trip).
-pub const RESEND_SLACK: usize = 1024 * 1024;
+pub const RESEND_SLACK: usize = 256 * 1024;
+
+/// What a kept frame counts for at least: its allocation and its place in
+/// the queue cost about this much however small it is, so a flood of tiny
+/// control frames is bounded by memory, not by their payload.
+pub const MIN_CHARGE: usize = 64;
+
+/// What keeping a frame of `len` bytes counts for.
+fn charge(len: usize) -> usize {
+    len.max(MIN_CHARGE)
+}
 
 /// The secret that names a link on a new transport: derived from the
 /// handshake hash of the Noise session the link began on, which both ends
@@ -99,7 +109,7 @@ impl Journal {
         self.first + self.frames.len() as u64
     }
 
-    /// Bytes kept.
+    /// Bytes kept, each frame counted at least [`MIN_CHARGE`].
     pub(super) fn kept_bytes(&self) -> usize {
         self.bytes
     }
@@ -117,7 +127,7 @@ impl Journal {
     pub(super) fn push(&mut self, frame: &[u8]) {
         let at_end = !self.resending();
         self.frames.push_back(frame.into());
-        self.bytes += frame.len();
+        self.bytes += charge(frame.len());
         if at_end {
             self.resend = self.next();
         }
@@ -131,7 +141,7 @@ impl Journal {
         }
         let freed = n > self.first;
         while self.first < n {
-            self.bytes -= self.frames.pop_front().map_or(0, |f| f.len());
+            self.bytes -= self.frames.pop_front().map_or(0, |f| charge(f.len()));
             self.first += 1;
         }
         if self.frames.is_empty() {
@@ -336,10 +346,10 @@ mod tests {
         for i in 0..5u8 {
             j.push(&vec![i; usize::from(i) + 1]);
         }
-        assert_eq!((j.next(), j.kept_bytes()), (5, 15));
+        assert_eq!((j.next(), j.kept_bytes()), (5, 5 * MIN_CHARGE));
         assert!(!j.resending());
         assert_eq!(j.ack(2), Ok(true));
-        assert_eq!(j.kept_bytes(), 12);
+        assert_eq!(j.kept_bytes(), 3 * MIN_CHARGE);
         // Beyond what was sent, or behind what was acknowledged: the peer's error.
         assert!(j.ack(6).is_err());
         assert!(j.ack(1).is_err());
