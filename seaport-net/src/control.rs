@@ -55,6 +55,9 @@ pub const STOP_WITHIN: Duration = Duration::from_secs(3);
 /// How often a bare key's set is read again from the DHT while some member
 /// answers: a registry added to the set is followed within it.
 pub const REDISCOVER: Duration = Duration::from_secs(30);
+/// How often a discovery waiting out [`REDISCOVER`] checks that some member
+/// still answers.
+const LOST_CHECK: Duration = Duration::from_secs(1);
 
 /// Where an event came from: the member's slot and name, and the address
 /// its session runs to.
@@ -362,15 +365,26 @@ async fn discover<C>(
         }
         // While no member answers, the set may have moved: read it at the
         // reconnect pace; else now and then, for members added later.
-        let pause = if shared.is_any_connected() {
+        let connected = shared.is_any_connected();
+        let pause = if connected {
             backoff.reset();
             REDISCOVER
         } else {
             backoff.next_delay(random_u64())
         };
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = stop.changed() => return,
+        // A long pause is cut short when the last member stops answering
+        // (checked each second): the set may have moved, and waiting out the
+        // rest of REDISCOVER would keep the client away from it that long.
+        let until = Instant::now() + pause;
+        loop {
+            let step = until.saturating_duration_since(Instant::now()).min(LOST_CHECK);
+            tokio::select! {
+                _ = tokio::time::sleep(step) => {}
+                _ = stop.changed() => return,
+            }
+            if Instant::now() >= until || (connected && !shared.is_any_connected()) {
+                break;
+            }
         }
     }
 }

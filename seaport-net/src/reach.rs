@@ -65,6 +65,10 @@ pub const MEET_AFTER: Duration = Duration::from_millis(150);
 /// enough that a service behind a NAT is met, and relayed, within the
 /// first-byte budget of 100 ms.
 pub const MEET_AFTER_NEW: Duration = Duration::from_millis(30);
+/// How long a relayed link to a service that cannot resume links (a build
+/// from before them) waits for its punch before it settles for the relay:
+/// the head start punching had over relaying then.
+pub const OLD_PEER_PUNCH_WAIT: Duration = Duration::from_millis(500);
 /// How long a service keeps punching toward a proxy.
 pub const PUNCH_FOR: Duration = Duration::from_secs(5);
 /// How long a proxy waits for a registry's answer to a meeting request
@@ -276,6 +280,11 @@ pub struct Reached {
     pub better: Option<Search>,
 }
 
+/// Whether the service on the other end of `reached` can resume links.
+fn resumable(reached: &Reached) -> bool {
+    reached.session.remote_capabilities().contains(seaport_proto::hello::Capabilities::RESUME)
+}
+
 /// A search for a path to a service, under way.
 pub type Search = std::pin::Pin<Box<dyn Future<Output = Result<Reached, HandshakeError>> + Send>>;
 
@@ -366,9 +375,22 @@ pub async fn establish(
                     }
                 }
                 done = &mut relayed, if relay_err.is_none() => match done {
-                    Ok(mut won) => {
+                    Ok(mut won) if resumable(&won) || punched.is_none() => {
                         won.better = punched.take();
                         return Ok(won);
+                    }
+                    Ok(won) => {
+                        // A service from before resumable links cannot move
+                        // the link later: give the punch the head start it
+                        // had then, and take the relay only if it fails.
+                        let punch = punched.take();
+                        return match punch {
+                            Some(p) => match tokio::time::timeout(OLD_PEER_PUNCH_WAIT, p).await {
+                                Ok(Ok(better)) => Ok(better),
+                                _ => Ok(won),
+                            },
+                            None => Ok(won),
+                        };
                     }
                     Err(e) => relay_err = Some(e),
                 },
