@@ -816,7 +816,7 @@ fn a_punched_download_survives_its_path_going_silent() {
         let (seed, target) = registry_target();
         let _reg = net.registry(&seed);
         let bulk = net.run("h1", bulk_backend);
-        let (_svc, key) = net.service("h1", &target, bulk, "bulk@1.0.0");
+        let (svc, key) = net.service("h1", &target, bulk, "bulk@1.0.0");
         let (proxy, port) = net.proxy("h2", &target, "bulk@1");
 
         let len = 128 * MIB;
@@ -842,6 +842,9 @@ fn a_punched_download_survives_its_path_going_silent() {
         assert!(all.len() > taken.len(), "the link moved off the silent path: {all:#?}");
         assert_ne!(all.last().unwrap().addr, dead, "{all:#?}");
         assert_eq!(links(&proxy).len(), 1, "one link throughout: {all:#?}");
+        for line in svc.errors().iter().chain(proxy.errors().iter()).filter(|l| l.contains("path")) {
+            eprintln!("{line}");
+        }
         eprintln!(
             "the stream stalled at most {:?} while a silent path was found dead and the link resumed on {} {}",
             stalled,

@@ -322,8 +322,6 @@ async fn read_loop(shared: &Shared, rd: OwnedReadHalf, mut opener: Opener, mut d
         let releasable = decoder.holds_buffer() && decoder.buffered() == 0;
         tokio::select! {
             () = tokio::time::sleep(IDLE_RELEASE), if releasable => decoder.release(),
-            // The deadline moved earlier: loop, and sleep until the new one.
-            () = shared.timer.notified() => {}
             ready = rd.readable() => {
                 if let Err(e) = ready {
                     lose(shared, &e.to_string());
@@ -418,11 +416,30 @@ async fn write_loop(shared: &Shared, mut wr: OwnedWriteHalf, mut sealer: Sealer)
     loop {
         let closed = fill(shared, &mut sealer, &mut batch, &mut plain);
         if batch.len() > 0 {
-            let written = tokio::time::timeout(stuck_after, wr.write_all(batch.bytes())).await;
-            match written {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return lose(shared, &e.to_string()),
-                Err(_) => return lose(shared, "the peer stopped reading"),
+            // A write blocked on a silent path must not hide the machine's
+            // deadlines (frames unacknowledged, above all): they are timed
+            // here too while the write waits.
+            let stuck = tokio::time::Instant::now() + stuck_after;
+            let write = wr.write_all(batch.bytes());
+            tokio::pin!(write);
+            loop {
+                let deadline = shared.lock().link.poll_timeout().map(tokio::time::Instant::from_std);
+                let until = deadline.map_or(stuck, |d| d.min(stuck));
+                match tokio::time::timeout_at(until, &mut write).await {
+                    Ok(Ok(())) => break,
+                    Ok(Err(e)) => return lose(shared, &e.to_string()),
+                    Err(_) if tokio::time::Instant::now() >= stuck => {
+                        return lose(shared, "the peer stopped reading");
+                    }
+                    Err(_) => {
+                        let mut state = shared.lock();
+                        state.link.handle_timeout(clock::now());
+                        dispatch(&mut state, shared);
+                        if state.link.is_closed() || state.link.is_detached() {
+                            return;
+                        }
+                    }
+                }
             }
             batch.truncate(0);
             continue;
@@ -434,12 +451,31 @@ async fn write_loop(shared: &Shared, mut wr: OwnedWriteHalf, mut sealer: Sealer)
             let _ = wr.shutdown().await;
             return;
         }
-        if batch.holds_buffer() {
-            if tokio::time::timeout(IDLE_RELEASE, shared.work.notified()).await.is_err() {
+        // Idle: wait for work, but not past the machine's next deadline.
+        // Frames just sent start a wait for their acknowledgement that the
+        // reader, asleep until an older deadline, does not know of: the
+        // writer times it too (handling a timeout twice changes nothing).
+        let deadline = shared.lock().link.poll_timeout().map(tokio::time::Instant::from_std);
+        let release = batch.holds_buffer().then(|| tokio::time::Instant::now() + IDLE_RELEASE);
+        let wake = [deadline, release].into_iter().flatten().min();
+        let notified = shared.work.notified();
+        let timed_out = match wake {
+            Some(at) => tokio::time::timeout_at(at, notified).await.is_err(),
+            None => {
+                notified.await;
+                false
+            }
+        };
+        if timed_out {
+            let now = tokio::time::Instant::now();
+            if release.is_some_and(|r| now >= r) {
                 batch.release();
             }
-        } else {
-            shared.work.notified().await;
+            if deadline.is_some_and(|d| now >= d) {
+                let mut state = shared.lock();
+                state.link.handle_timeout(clock::now());
+                dispatch(&mut state, shared);
+            }
         }
     }
 }
@@ -451,7 +487,6 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
     let State { link, streams, .. } = &mut *state;
     let mut wakes = Vec::new();
     let now = clock::now();
-    let deadline = link.poll_timeout();
     loop {
         let mut progressed = false;
         while batch.len() < BATCH && link.poll_transmit(now, plain) {
@@ -535,12 +570,6 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
     // that this fill's own `end`/`reset` brought about also queued a frame,
     // so the batch is not empty and the writer sends it before it stops.
     let closed = state.link.is_ended();
-    // Frames just sent may have started the wait for an acknowledgement:
-    // the reader, asleep until an older deadline, must time it.
-    let sooner = state.link.poll_timeout();
-    if sooner.is_some() && deadline.is_none_or(|d| sooner < Some(d)) {
-        shared.timer.notify_one();
-    }
     dispatch(&mut state, shared);
     drop(state);
     for wake in wakes {

@@ -99,9 +99,6 @@ pub(super) struct Shared {
     pub(super) route: Mutex<Option<(Path, SocketAddr)>>,
     /// Wakes the writer: frames to send, or streams waiting for a turn.
     pub(super) work: Notify,
-    /// Wakes the reader: the machine's next deadline moved earlier (frames
-    /// sent now wait for an acknowledgement, and the reader times that).
-    pub(super) timer: Notify,
     /// Wakes the service driver: streams were opened.
     pub(super) opened: Notify,
 }
@@ -133,7 +130,6 @@ pub(super) fn new_shared(
         remote,
         route: Mutex::new(route),
         work: Notify::new(),
-        timer: Notify::new(),
         opened: Notify::new(),
     })
 }

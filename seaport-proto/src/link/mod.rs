@@ -376,6 +376,9 @@ impl Link {
                 None if detached => return,
                 None => {}
             }
+            if std::mem::take(&mut r.probe_now) {
+                return self.send_ping(now);
+            }
         }
         match self.keepalive.due(now) {
             Due::Dead if self.resume.is_some() => {

@@ -34,7 +34,12 @@ impl Link {
             (_, Frame::Ack { .. } | Frame::Resume { .. } | Frame::Resumed { .. }) => {
                 return Err(LinkError::NotResumable(kind));
             }
-            (Some(r), _) => r.received(now, len),
+            (Some(r), frame) => {
+                if let Frame::Data { .. } = frame {
+                    r.heard_data(now);
+                }
+                r.received(now, len);
+            }
             (None, _) => {}
         }
         match frame {

@@ -30,7 +30,11 @@
 //! [`PATH_TIMEOUT`] (or four round trips, if longer): much sooner than the
 //! keepalive's silence, because with data outstanding an `ACK` is due within
 //! [`ACK_DELAY`] of its arrival. The link is then detached, and the driver
-//! finds another path.
+//! finds another path. The receiving end of a transfer has nothing waiting
+//! for an `ACK`: when `DATA` stops arriving for half a [`PATH_TIMEOUT`] it
+//! probes with a ping (once per pause), so it finds a dead path within one
+//! and a half path timeouts, and the proxy, the one that can look for a new path, learns of
+//! it even when it is the one downloading.
 //!
 //! # Security
 //! A link is named on a new transport by a token derived from the handshake
@@ -202,6 +206,12 @@ pub(super) struct Resume {
     /// Set while detached: the transport is gone, and the link is given up
     /// at this instant unless a new one comes.
     pub(super) detached: Option<Instant>,
+    /// When to probe the path with a ping: half a path timeout after the
+    /// last `DATA` received, so a transfer that stops dead is noticed by its
+    /// receiver too, which has nothing of its own waiting for an ACK.
+    probe_at: Option<Instant>,
+    /// A probe is to go with the next transmit chance.
+    pub(super) probe_now: bool,
     /// Most bytes of `DATA` kept.
     limit: usize,
     /// How long a detached link waits.
@@ -220,6 +230,8 @@ impl Resume {
             ack_at: None,
             waiting_since: None,
             detached: None,
+            probe_at: None,
+            probe_now: false,
             limit,
             within,
         }
@@ -245,6 +257,11 @@ impl Resume {
             return Err(LinkError::Unacknowledged(self.journal.kept_bytes()));
         }
         Ok(())
+    }
+
+    /// A `DATA` frame arrived: the path is probed if data then stops.
+    pub(super) fn heard_data(&mut self, now: Instant) {
+        self.probe_at = Some(now + PATH_TIMEOUT / 2);
     }
 
     /// A numbered frame of `len` bytes was received and handled.
@@ -288,6 +305,8 @@ impl Resume {
         self.ack_now = false;
         self.ack_at = None;
         self.waiting_since = None;
+        self.probe_at = None;
+        self.probe_now = false;
     }
 
     /// A new transport, on which the peer has frames before `peer_received`
@@ -309,6 +328,10 @@ impl Resume {
         if self.ack_at.is_some_and(|at| now >= at) {
             self.ack_now = true;
         }
+        if self.probe_at.is_some_and(|at| now >= at) {
+            self.probe_at = None;
+            self.probe_now = true;
+        }
         let timeout = self.path_timeout(rtt);
         self.waiting_since.filter(|since| now >= *since + timeout).map(|_| LinkError::PathDead(timeout))
     }
@@ -319,7 +342,7 @@ impl Resume {
             return Some(deadline);
         }
         let path = self.waiting_since.map(|since| since + self.path_timeout(rtt));
-        [self.ack_at.filter(|_| !self.ack_now), path].into_iter().flatten().min()
+        [self.ack_at.filter(|_| !self.ack_now), path, self.probe_at].into_iter().flatten().min()
     }
 
     fn path_timeout(&self, rtt: Option<Duration>) -> Duration {
