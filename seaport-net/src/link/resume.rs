@@ -203,13 +203,7 @@ pub(super) async fn refuse_resume(carrier: &mut Carrier) {
 /// attaches. On an error the link stays detached (or closed, if the service
 /// no longer knows it).
 pub(super) async fn resume_as_proxy(shared: &Shared, carrier: &mut Carrier) -> Result<(), HandshakeError> {
-    let resume = {
-        let mut state = shared.lock();
-        state.link.detach(clock::now());
-        changed(&mut state, shared);
-        state.link.handover().ok_or(HandshakeError::ClosedEarly)?
-    };
-    carrier.send(resume).await?;
+    carrier.send(leave_transport(shared)?).await?;
     let answer = tokio::time::timeout(RESUME_ANSWER_WAIT, carrier.receive())
         .await
         .map_err(|_| HandshakeError::Timeout(RESUME_ANSWER_WAIT))??;
@@ -239,17 +233,21 @@ pub(super) async fn resume_as_service(
     carrier: &mut Carrier,
     peer_received: u64,
 ) -> Result<(), HandshakeError> {
-    let resumed = {
-        let mut state = shared.lock();
-        state.link.detach(clock::now());
-        changed(&mut state, shared);
-        state.link.handover().ok_or(HandshakeError::ClosedEarly)?
-    };
-    carrier.send(resumed).await?;
+    carrier.send(leave_transport(shared)?).await?;
     let mut state = shared.lock();
     let attached = state.link.attach(clock::now(), peer_received);
     changed(&mut state, shared);
     attached.map_err(|e| HandshakeError::NotResumed(e.to_string()))
+}
+
+/// Detaches the link from the transport it had (if it still had one) and
+/// returns this end's first frame for the new one (`RESUME` or `RESUMED`):
+/// what it received is frozen from here until it attaches again.
+fn leave_transport(shared: &Shared) -> Result<Frame<'static>, HandshakeError> {
+    let mut state = shared.lock();
+    state.link.detach(clock::now());
+    changed(&mut state, shared);
+    state.link.handover().ok_or(HandshakeError::ClosedEarly)
 }
 
 /// The length of the whole record at the start of `buf`, header included.

@@ -579,3 +579,32 @@ fn config_is_clamped() {
     assert_eq!(c.keepalive, Duration::from_millis(1));
     assert_eq!(c.dead_after, MAX_INTERVAL);
 }
+
+#[test]
+fn a_link_without_resumption_speaks_the_old_wire() {
+    // A peer that did not advertise RESUME (a build from before it): no
+    // frame of the resumable kinds goes to it, one from it is an error, and
+    // a lost transport ends the link as it always did.
+    let now = t0();
+    let mut s = service_with_stream(now, 100);
+    assert!(!s.is_resumable());
+    assert_eq!(s.handover(), None);
+    assert_eq!(s.resume_token(), None);
+    s.handle_frame(now, &data(1, 50)).unwrap();
+    s.consumed(now, StreamId::new(1), 50).unwrap();
+    s.handle_timeout(now + Duration::from_secs(1));
+    let out = sent(&mut s);
+    assert!(
+        out.iter().all(|f| !matches!(f, Frame::Ack { .. } | Frame::Resume { .. } | Frame::Resumed { .. })),
+        "{out:?}"
+    );
+    assert_eq!(s.resend_buffered(), 0);
+    let ack = frame(Frame::Ack { received: 1 });
+    fails(&mut s, &ack, LinkError::NotResumable(FrameKind::Ack));
+
+    let mut p = Link::new(Side::Proxy, small(), now);
+    sent(&mut p);
+    p.detach(now);
+    assert!(p.is_closed() && !p.is_detached());
+    assert_eq!(events(&mut p), [LinkEvent::Closed { error: LinkError::Closed }]);
+}
