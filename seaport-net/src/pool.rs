@@ -212,10 +212,13 @@ impl Links {
                         memo.set(instance.key, reached.path);
                         // Watched on: a move can fail, and a later loss can
                         // leave the link relayed again.
-                        pause = UPGRADE_FIRST;
-                        if let Err(e) = relayed.move_to(reached).await {
-                            tracing::debug!(service = %instance.key, "the link did not move: {e}");
-                        }
+                        pause = match relayed.move_to(reached).await {
+                            Ok(()) => UPGRADE_FIRST,
+                            Err(e) => {
+                                tracing::debug!(service = %instance.key, "the link did not move: {e}");
+                                (pause * 2).min(UPGRADE_MAX)
+                            }
+                        };
                     }
                     Ok(reached) => {
                         let mut links = cell.lock().await;

@@ -385,7 +385,7 @@ pub async fn establish(
                         // had then, and take the relay only if it fails.
                         let punch = punched.take();
                         return match punch {
-                            Some(p) => match tokio::time::timeout(OLD_PEER_PUNCH_WAIT, p).await {
+                            Some(p) => match tokio::time::timeout_at((Instant::now() + OLD_PEER_PUNCH_WAIT).min(deadline), p).await {
                                 Ok(Ok(better)) => Ok(better),
                                 _ => Ok(won),
                             },

@@ -66,6 +66,11 @@ impl Keepalive {
         self.ping_sent = None;
     }
 
+    /// Whether a ping of ours is still unanswered.
+    pub(super) fn awaiting_pong(&self) -> bool {
+        self.ping_sent.is_some()
+    }
+
     /// The peer pinged.
     pub(super) fn on_ping(&mut self, nonce: u64) {
         self.pong = Some(nonce);

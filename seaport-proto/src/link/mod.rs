@@ -376,7 +376,9 @@ impl Link {
                 None if detached => return,
                 None => {}
             }
-            if std::mem::take(&mut r.probe_now) {
+            // A ping in flight already probes (and its round trip stays
+            // measured).
+            if std::mem::take(&mut r.probe_now) && !self.keepalive.awaiting_pong() {
                 return self.send_ping(now);
             }
         }

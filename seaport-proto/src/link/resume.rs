@@ -330,7 +330,8 @@ impl Resume {
         }
         if self.probe_at.is_some_and(|at| now >= at) {
             self.probe_at = None;
-            self.probe_now = true;
+            // Frames of ours waiting for an ACK already time the path.
+            self.probe_now = self.waiting_since.is_none();
         }
         let timeout = self.path_timeout(rtt);
         self.waiting_since.filter(|since| now >= *since + timeout).map(|_| LinkError::PathDead(timeout))
