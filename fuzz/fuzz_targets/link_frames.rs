@@ -4,7 +4,9 @@
 //! hold more than its link window or its stream cap, send only frames that
 //! decode, and free every stream once closed. Half the inputs run a
 //! resumable link, with acknowledgements, detaching and resuming at
-//! arbitrary points: its resend buffer stays within its limit.
+//! arbitrary points: its resend buffer stays within its limit. Inputs with
+//! an odd shape take datagrams, which never spend credit nor fill the
+//! resend buffer.
 #![no_main]
 
 use std::time::{Duration, Instant};
@@ -12,8 +14,8 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use seaport_proto::link::{
-    Frame, HEADER_LEN, Incoming, Link, LinkConfig, LinkEvent, MAX_DATA, RESEND_SLACK, Reason, Side,
-    StreamId,
+    FlowId, Frame, HEADER_LEN, Incoming, Link, LinkConfig, LinkEvent, MAX_DATA, MAX_DATAGRAM, RESEND_SLACK,
+    Reason, Side, StreamId,
 };
 
 #[derive(Arbitrary, Debug)]
@@ -29,6 +31,7 @@ enum Op {
     Pong { nonce: u64 },
     GoAway { reason: u8 },
     Ack { received: u64 },
+    Datagram { flow: u8, len: u16 },
     // Driver operations.
     LocalOpen,
     LocalAccept { id: u8 },
@@ -44,6 +47,7 @@ enum Op {
     Tick { millis: u16 },
     Detach,
     Attach { received: u64 },
+    SendDatagram { flow: u8, len: u16 },
 }
 
 fuzz_target!(|input: (bool, u8, Vec<Op>)| {
@@ -65,11 +69,14 @@ fuzz_target!(|input: (bool, u8, Vec<Op>)| {
     let resumable = shape >= 128;
     let mut link =
         if resumable { Link::new_resumable(side, config, now, [7; 32]) } else { Link::new(side, config, now) };
+    if shape % 2 == 1 {
+        link.allow_datagrams();
+    }
     let resend_limit = link.config().resend_limit;
     let window = link.config().link_window as usize;
     let payload = vec![0x5a; MAX_DATA];
     let mut frame = Vec::new();
-    let mut out = vec![0; HEADER_LEN + MAX_DATA];
+    let mut out = vec![0; HEADER_LEN + MAX_DATA.max(MAX_DATAGRAM + 8)];
     for op in ops.into_iter().take(512) {
         let id = |n: u8| StreamId::new(u32::from(n));
         let peer = match &op {
@@ -88,6 +95,10 @@ fuzz_target!(|input: (bool, u8, Vec<Op>)| {
             Op::Pong { nonce } => Some(Frame::Pong { nonce: *nonce }),
             Op::GoAway { reason } => Some(Frame::GoAway { reason: Reason(u32::from(reason % 3)) }),
             Op::Ack { received } => Some(Frame::Ack { received: *received % 64 }),
+            Op::Datagram { flow, len } => Some(Frame::Datagram {
+                flow: FlowId::new(u32::from(*flow)),
+                bytes: &payload[..usize::from(*len).min(MAX_DATAGRAM)],
+            }),
             _ => None,
         };
         if let Some(f) = peer {
@@ -105,7 +116,8 @@ fuzz_target!(|input: (bool, u8, Vec<Op>)| {
             | Op::Ping { .. }
             | Op::Pong { .. }
             | Op::GoAway { .. }
-            | Op::Ack { .. } => feed(&mut link, now, &frame),
+            | Op::Ack { .. }
+            | Op::Datagram { .. } => feed(&mut link, now, &frame),
             Op::Detach => link.detach(now),
             Op::Attach { received } => {
                 let handover = link.handover();
@@ -126,6 +138,16 @@ fuzz_target!(|input: (bool, u8, Vec<Op>)| {
                         Frame::decode(&out[..header + len]).map(|f| f.kind()).ok(),
                         Some(seaport_proto::link::FrameKind::Data)
                     );
+                }
+            }
+            Op::SendDatagram { flow, len } => {
+                let (len, credit, kept) = (usize::from(len), link.link_credit(), link.resend_buffered());
+                let result = link.datagram_header(FlowId::new(u32::from(flow)), len, &mut out);
+                assert_eq!((link.link_credit(), link.resend_buffered()), (credit, kept), "a datagram spent credit");
+                if let Ok(header) = result {
+                    assert!(link.takes_datagrams() && len <= MAX_DATAGRAM);
+                    let decoded = Frame::decode(&out[..header + len]).map(|f| f.kind()).ok();
+                    assert_eq!(decoded, Some(seaport_proto::link::FrameKind::Datagram));
                 }
             }
             Op::Schedule { id: n } => drop(link.want_send(id(n))),

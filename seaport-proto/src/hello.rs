@@ -61,6 +61,9 @@ impl Capabilities {
     /// their frames, acknowledge them (`ACK`) and keep what the peer has not
     /// acknowledged, so the link can continue on a new transport (`RESUME`).
     pub const RESUME: Capabilities = Capabilities(1 << 2);
+    /// Bit 3: datagrams on links ([`crate::link`]'s `DATAGRAM` frame): UDP
+    /// flows ride beside the streams, unnumbered and never resent.
+    pub const DATAGRAM: Capabilities = Capabilities(1 << 3);
 
     /// Whether every bit of `other` is set here.
     pub fn contains(self, other: Capabilities) -> bool {
@@ -86,8 +89,9 @@ impl Capabilities {
 }
 
 /// What this build supports (see the crate docs, "How the wire grows").
-pub const CAPABILITIES: Capabilities =
-    Capabilities(Capabilities::MEET.0 | Capabilities::PARTS.0 | Capabilities::RESUME.0);
+pub const CAPABILITIES: Capabilities = Capabilities(
+    Capabilities::MEET.0 | Capabilities::PARTS.0 | Capabilities::RESUME.0 | Capabilities::DATAGRAM.0,
+);
 
 /// The initiator's first handshake payload.
 ///

@@ -105,6 +105,11 @@ pub enum LinkError {
     /// The transport was lost and no new one came in time.
     #[error("no new path within {0:?}")]
     NotResumed(Duration),
+    /// A `DATAGRAM` from a peer this end did not offer datagrams to
+    /// ([`Capabilities::DATAGRAM`](crate::hello::Capabilities::DATAGRAM)
+    /// not common to both).
+    #[error("peer sent a DATAGRAM on a link without datagrams")]
+    NoDatagrams,
     /// Frames waited this long for an acknowledgement: the path is dead.
     /// Ends a link only where it cannot be resumed.
     #[error("path silent for {0:?} with frames unacknowledged")]
@@ -185,4 +190,15 @@ pub enum StreamError {
     /// All 2^32 - 1 stream ids used: open a new link.
     #[error("stream ids exhausted")]
     IdsExhausted,
+    /// A datagram on a link whose peer does not take datagrams (it is
+    /// older, or did not advertise them).
+    #[error("the peer does not take datagrams")]
+    NoDatagrams,
+    /// A datagram above [`super::MAX_DATAGRAM`] bytes: refused, never cut.
+    #[error("a datagram of {0} bytes exceeds {max}", max = super::MAX_DATAGRAM)]
+    DatagramTooLong(usize),
+    /// A datagram while the link has no transport (detached): it would
+    /// arrive late, so it is dropped rather than kept.
+    #[error("the link is between paths")]
+    Detached,
 }

@@ -2,10 +2,10 @@
 //! and everything else as events ([`LinkEvent`]).
 
 use super::error::LinkError;
-use super::wire::{Reason, StreamId};
+use super::wire::{FlowId, Reason, StreamId};
 
-/// What `handle_frame` hands back at once. Non-exhaustive for growth; today
-/// only data, because it borrows the frame and so cannot wait in a queue.
+/// What `handle_frame` hands back at once: what borrows the frame and so
+/// cannot wait in a queue. Non-exhaustive for growth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Incoming<'a> {
@@ -15,6 +15,14 @@ pub enum Incoming<'a> {
         /// The stream.
         id: StreamId,
         /// The payload, borrowed from the frame given to `handle_frame`.
+        bytes: &'a [u8],
+    },
+    /// One datagram of a UDP flow: send it on the flow's socket now, or
+    /// drop it (nothing is owed back: datagrams take no credit).
+    Datagram {
+        /// The flow.
+        flow: FlowId,
+        /// The whole datagram, borrowed from the frame.
         bytes: &'a [u8],
     },
 }

@@ -91,8 +91,9 @@
 //! and windows with their auto-tuning; `schedule.rs` the round robin;
 //! `keepalive.rs` pings, round-trip time and the dead-peer timer;
 //! `event.rs`, `config.rs`, `error.rs` what the driver sees, sets and gets
-//! wrong; `wire.rs` the frames. Resumable links (sequence numbers, a
-//! resend buffer) belong beside these as a concern of their own.
+//! wrong; `wire.rs` the frames; `resume.rs` resumable links (sequence
+//! numbers, a resend buffer); `datagram.rs` UDP datagrams beside the
+//! streams.
 //!
 //! Invariants: nothing a peer sends panics or grows memory without bound
 //! (streams are capped by [`LinkConfig::max_streams`], buffered bytes by the
@@ -101,6 +102,7 @@
 //! it granted; per stream, `allowed + unconsumed + pending == window`.
 
 mod config;
+mod datagram;
 mod error;
 mod event;
 mod flow;
@@ -120,7 +122,8 @@ pub use error::{LinkError, StreamError};
 pub use event::{Incoming, LinkEvent};
 pub use resume::{ACK_DELAY, PATH_TIMEOUT, RESEND_SLACK, token as resume_token};
 pub use wire::{
-    Frame, FrameError, FrameKind, HEADER_LEN, MAX_DATA, MAX_WINDOW, RESUME_TOKEN_LEN, Reason, StreamId,
+    FlowId, Frame, FrameError, FrameKind, HEADER_LEN, MAX_DATA, MAX_DATAGRAM, MAX_WINDOW, RESUME_TOKEN_LEN,
+    Reason, StreamId,
 };
 
 use flow::RecvWindow;
@@ -164,6 +167,8 @@ pub struct Link {
     phase: Phase,
     /// Set on a resumable link: what makes it outlive its transport.
     resume: Option<Resume>,
+    /// Both ends take `DATAGRAM` frames (`datagram.rs`).
+    datagrams: bool,
 }
 
 impl Link {
@@ -184,6 +189,7 @@ impl Link {
             go_away: GoAway::default(),
             phase: Phase::Live,
             resume: None,
+            datagrams: false,
             config,
         };
         if let Some(increment) = link.config.link_window.checked_sub(INITIAL_LINK_WINDOW).filter(|n| *n > 0) {

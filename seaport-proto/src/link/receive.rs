@@ -24,6 +24,10 @@ impl Link {
         len: usize,
     ) -> Result<Option<Incoming<'a>>, LinkError> {
         let kind = frame.kind();
+        // Unnumbered on a resumable link: never kept, never counted.
+        if let Frame::Datagram { flow, bytes } = frame {
+            return self.on_datagram(flow, bytes);
+        }
         match (&mut self.resume, frame) {
             (Some(r), Frame::Ack { received }) => {
                 if r.on_ack(now, received)? {
@@ -103,7 +107,7 @@ impl Link {
                 }
             }
             // Handled above.
-            Frame::Ack { .. } | Frame::Resume { .. } | Frame::Resumed { .. } => {}
+            Frame::Ack { .. } | Frame::Resume { .. } | Frame::Resumed { .. } | Frame::Datagram { .. } => {}
         }
         Ok(None)
     }

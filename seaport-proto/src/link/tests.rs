@@ -33,6 +33,7 @@ fn sent(link: &mut Link) -> Vec<Frame<'static>> {
             Frame::Ack { received } => Frame::Ack { received },
             Frame::Resume { received, token } => Frame::Resume { received, token },
             Frame::Resumed { received } => Frame::Resumed { received },
+            Frame::Datagram { .. } => panic!("a datagram from poll_transmit"),
         });
         buf.clear();
     }
@@ -607,4 +608,70 @@ fn a_link_without_resumption_speaks_the_old_wire() {
     p.detach(now);
     assert!(p.is_closed() && !p.is_detached());
     assert_eq!(events(&mut p), [LinkEvent::Closed { error: LinkError::Closed }]);
+}
+
+#[test]
+fn datagrams_go_only_where_both_ends_take_them_and_whole() {
+    let now = t0();
+    let flow = FlowId::new(3);
+    let mut p = Link::new(Side::Proxy, small(), now);
+    sent(&mut p);
+    let mut out = vec![0u8; HEADER_LEN + 10];
+    // Not offered: refused on the way out, and a protocol error on the way in.
+    assert_eq!(p.datagram_header(flow, 10, &mut out), Err(StreamError::NoDatagrams));
+    let mut s = Link::new(Side::Service, small(), now);
+    sent(&mut s);
+    fails(&mut s, &frame(Frame::Datagram { flow, bytes: b"x" }), LinkError::NoDatagrams);
+
+    let mut s = Link::new(Side::Service, small(), now);
+    sent(&mut s);
+    p.allow_datagrams();
+    s.allow_datagrams();
+    for len in [0, 1, 1400, MAX_DATAGRAM] {
+        let mut buf = vec![0u8; HEADER_LEN + len];
+        buf[HEADER_LEN..].fill(len as u8);
+        assert_eq!(p.datagram_header(flow, len, &mut buf), Ok(HEADER_LEN));
+        let got = s.handle_frame(now, &buf).unwrap();
+        assert_eq!(got, Some(Incoming::Datagram { flow, bytes: &buf[HEADER_LEN..] }));
+    }
+    // Too long is refused, never cut; nothing is queued by either side.
+    let mut buf = vec![0u8; HEADER_LEN + MAX_DATAGRAM + 1];
+    assert_eq!(p.datagram_header(flow, MAX_DATAGRAM + 1, &mut buf), Err(StreamError::DatagramTooLong(MAX_DATAGRAM + 1)));
+    assert_eq!(sent(&mut p), []);
+    assert_eq!(events(&mut s), []);
+    // The service sends them back on the same flow.
+    let mut back = vec![0u8; HEADER_LEN + 4];
+    s.datagram_header(flow, 4, &mut back).unwrap();
+    assert_eq!(p.handle_frame(now, &back).unwrap(), Some(Incoming::Datagram { flow, bytes: &[0; 4] }));
+}
+
+#[test]
+fn datagrams_take_no_credit_and_are_not_numbered() {
+    // A stream with no credit left does not hold a datagram back, and on a
+    // resumable link a datagram is neither kept nor counted.
+    let now = t0();
+    let token = [5; RESUME_TOKEN_LEN];
+    let mut p = Link::new_resumable(Side::Proxy, small(), now, token);
+    let mut s = Link::new_resumable(Side::Service, small(), now, token);
+    p.allow_datagrams();
+    s.allow_datagrams();
+    sent(&mut p);
+    sent(&mut s);
+    let received = s.frames_received();
+    let kept = p.resend_buffered();
+    let mut buf = vec![0u8; HEADER_LEN + 100];
+    for _ in 0..1000 {
+        p.datagram_header(FlowId::new(1), 100, &mut buf).unwrap();
+        s.handle_frame(now, &buf).unwrap();
+    }
+    assert_eq!(s.frames_received(), received, "datagrams are not numbered");
+    assert_eq!(p.resend_buffered(), kept, "datagrams are not kept for resending");
+    assert_eq!(p.link_credit(), INITIAL_LINK_WINDOW as usize, "no credit spent");
+    // Between paths a datagram would come late: it is refused (and dropped).
+    p.detach(now);
+    assert!(p.is_detached());
+    assert_eq!(p.datagram_header(FlowId::new(1), 100, &mut buf), Err(StreamError::Detached));
+    // A closed link carries none.
+    s.handle_closed();
+    assert_eq!(s.datagram_header(FlowId::new(1), 1, &mut buf), Err(StreamError::LinkClosed));
 }

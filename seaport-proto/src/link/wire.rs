@@ -19,6 +19,15 @@
 //! | 0x0a | `ACK`    | 0         | frames received (u64)       |
 //! | 0x0b | `RESUME` | 0         | frames received (u64), token (32 bytes) |
 //! | 0x0c | `RESUMED`| 0         | frames received (u64)       |
+//! | 0x0d | `DATAGRAM`| flow ≠ 0 | 0 to [`MAX_DATAGRAM`] bytes |
+//!
+//! `DATAGRAM` carries one UDP datagram of a flow (`datagram.rs`) and goes
+//! only to a peer that advertised
+//! [`Capabilities::DATAGRAM`](crate::hello::Capabilities::DATAGRAM). It is
+//! unnumbered like `ACK`: never kept for resending, since a datagram
+//! resent after a path loss would arrive late and a UDP peer copes with
+//! loss anyway. Its id names a flow, not a stream: flows have ids of their
+//! own.
 //!
 //! `ACK`, `RESUME` and `RESUMED` belong to resumable links (`resume.rs`) and
 //! go only to a peer that advertised
@@ -42,6 +51,11 @@ use crate::noise::MAX_PLAINTEXT;
 pub const HEADER_LEN: usize = 5;
 /// Most payload one `DATA` frame carries: a Noise message's plaintext less the header.
 pub const MAX_DATA: usize = MAX_PLAINTEXT - HEADER_LEN;
+/// Largest datagram a `DATAGRAM` frame carries: the largest UDP payload
+/// over IPv4 (65,535 less the 20-byte IP and 8-byte UDP headers). It fits
+/// one Noise message, so a datagram is never cut or split.
+pub const MAX_DATAGRAM: usize = 65_507;
+const _: () = assert!(MAX_DATAGRAM <= MAX_DATA);
 /// Largest window or credit either side may grant (HTTP/2's limit, 2^31 - 1):
 /// the sum of increments a peer sends beyond it is a flow-control error.
 pub const MAX_WINDOW: u32 = (1 << 31) - 1;
@@ -69,6 +83,30 @@ impl StreamId {
 impl fmt::Display for StreamId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "#{}", self.0)
+    }
+}
+
+/// A UDP flow's number on its link, chosen by the proxy (one per client
+/// address of a UDP port): 1, 2, 3, … and never reused. Flows are numbered
+/// apart from streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlowId(u32);
+
+impl FlowId {
+    /// The flow with this number (0 is not a flow: the peer refuses it).
+    pub const fn new(n: u32) -> FlowId {
+        FlowId(n)
+    }
+
+    /// Its number on the wire.
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Display for FlowId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "flow {}", self.0)
     }
 }
 
@@ -102,6 +140,9 @@ impl Reason {
     /// A `RESUME` named a link the service does not have (it restarted,
     /// or gave the link up): the proxy's streams on it are lost.
     pub const UNKNOWN_LINK: Reason = Reason(10);
+    /// The service forwards the other protocol (a stream to a UDP service):
+    /// no instance of that service can take it.
+    pub const WRONG_PROTOCOL: Reason = Reason(11);
 
     fn name(self) -> Option<&'static str> {
         Some(match self {
@@ -116,6 +157,7 @@ impl Reason {
             Reason::LINK_LOST => "link lost",
             Reason::BACKEND_ERROR => "backend error",
             Reason::UNKNOWN_LINK => "no such link",
+            Reason::WRONG_PROTOCOL => "the service forwards UDP, not TCP",
             _ => return None,
         })
     }
@@ -164,6 +206,8 @@ pub enum FrameKind {
     Resume,
     /// `RESUMED`
     Resumed,
+    /// `DATAGRAM`
+    Datagram,
 }
 
 impl FrameKind {
@@ -181,6 +225,7 @@ impl FrameKind {
             0x0a => FrameKind::Ack,
             0x0b => FrameKind::Resume,
             0x0c => FrameKind::Resumed,
+            0x0d => FrameKind::Datagram,
             _ => return None,
         })
     }
@@ -199,6 +244,7 @@ impl FrameKind {
             FrameKind::Ack => 0x0a,
             FrameKind::Resume => 0x0b,
             FrameKind::Resumed => 0x0c,
+            FrameKind::Datagram => 0x0d,
         }
     }
 }
@@ -283,6 +329,13 @@ pub enum Frame<'a> {
         /// Numbered frames the service received on the link.
         received: u64,
     },
+    /// One UDP datagram of flow `flow`, either way.
+    Datagram {
+        /// The flow.
+        flow: FlowId,
+        /// 0 to [`MAX_DATAGRAM`] bytes (UDP allows an empty datagram).
+        bytes: &'a [u8],
+    },
 }
 
 /// Bytes of the secret a `RESUME` names its link by.
@@ -325,6 +378,9 @@ pub enum FrameError {
     /// A `DATA` frame larger than a Noise message can carry.
     #[error("DATA frame of {0} bytes exceeds {MAX_DATA}")]
     DataTooLong(usize),
+    /// A `DATAGRAM` frame larger than a UDP datagram can be.
+    #[error("DATAGRAM frame of {0} bytes exceeds {MAX_DATAGRAM}")]
+    DatagramTooLong(usize),
     /// A `WINDOW` frame granting nothing.
     #[error("WINDOW frame with a zero increment")]
     ZeroIncrement,
@@ -354,6 +410,7 @@ impl<'a> Frame<'a> {
             Frame::Ack { .. } => FrameKind::Ack,
             Frame::Resume { .. } => FrameKind::Resume,
             Frame::Resumed { .. } => FrameKind::Resumed,
+            Frame::Datagram { .. } => FrameKind::Datagram,
         }
     }
 
@@ -368,6 +425,7 @@ impl<'a> Frame<'a> {
             | Frame::End { id }
             | Frame::Reset { id, .. }
             | Frame::Window { id, .. } => id.0,
+            Frame::Datagram { flow, .. } => flow.0,
             Frame::Ping { .. }
             | Frame::Pong { .. }
             | Frame::GoAway { .. }
@@ -383,7 +441,7 @@ impl<'a> Frame<'a> {
             | Frame::Window { increment: n, .. }
             | Frame::Reset { reason: Reason(n), .. }
             | Frame::GoAway { reason: Reason(n) } => out.extend_from_slice(&n.to_be_bytes()),
-            Frame::Data { bytes, .. } => out.extend_from_slice(bytes),
+            Frame::Data { bytes, .. } | Frame::Datagram { bytes, .. } => out.extend_from_slice(bytes),
             Frame::Ping { nonce: n }
             | Frame::Pong { nonce: n }
             | Frame::Ack { received: n }
@@ -440,6 +498,10 @@ impl<'a> Frame<'a> {
             FrameKind::Ping => Frame::Ping { nonce: long()? },
             FrameKind::Pong => Frame::Pong { nonce: long()? },
             FrameKind::GoAway => Frame::GoAway { reason: Reason(word()?) },
+            FrameKind::Datagram if body.len() > MAX_DATAGRAM => {
+                return Err(FrameError::DatagramTooLong(body.len()));
+            }
+            FrameKind::Datagram => Frame::Datagram { flow: FlowId(raw_id), bytes: body },
             FrameKind::Ack => Frame::Ack { received: long()? },
             FrameKind::Resumed => Frame::Resumed { received: long()? },
             FrameKind::Resume => {
@@ -468,6 +530,15 @@ pub(super) fn write_data_header(id: StreamId, out: &mut [u8]) -> Option<()> {
     Some(())
 }
 
+/// Writes the header of a `DATAGRAM` frame of `flow` into `out[..HEADER_LEN]`.
+pub(super) fn write_datagram_header(flow: FlowId, out: &mut [u8]) -> Option<()> {
+    let header = out.first_chunk_mut::<HEADER_LEN>()?;
+    let [ty, rest @ ..] = header;
+    *ty = FrameKind::Datagram.byte();
+    *rest = flow.0.to_be_bytes();
+    Some(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,7 +551,7 @@ mod tests {
     }
 
     fn arb_frame() -> impl Strategy<Value = (u8, u32, u32, u64, Vec<u8>)> {
-        (1u8..=12, 1u32.., 1u32..=MAX_WINDOW, any::<u64>(), prop::collection::vec(any::<u8>(), 1..300))
+        (1u8..=13, 1u32.., 1u32..=MAX_WINDOW, any::<u64>(), prop::collection::vec(any::<u8>(), 1..300))
     }
 
     proptest! {
@@ -499,7 +570,8 @@ mod tests {
                 9 => Frame::GoAway { reason: Reason(n) },
                 10 => Frame::Ack { received: nonce },
                 11 => Frame::Resume { received: nonce, token: [n as u8; RESUME_TOKEN_LEN] },
-                _ => Frame::Resumed { received: nonce },
+                12 => Frame::Resumed { received: nonce },
+                _ => Frame::Datagram { flow: FlowId(id.0), bytes: &bytes },
             };
             let wire = encoded(frame);
             prop_assert_eq!(Frame::decode(&wire), Ok(frame));
@@ -507,10 +579,12 @@ mod tests {
             let mut longer = wire.clone();
             longer.push(0);
             let shorter = &wire[..wire.len() - 1];
-            if kind != 3 {
+            // DATA and DATAGRAM bodies take any size (in their bounds).
+            let sized = kind != 3 && kind != 13;
+            if sized {
                 prop_assert!(Frame::decode(&longer).is_err());
             }
-            prop_assert!(kind == 3 && bytes.len() > 1 || Frame::decode(shorter).is_err());
+            prop_assert!(kind == 13 || kind == 3 && bytes.len() > 1 || Frame::decode(shorter).is_err());
         }
 
         #[test]
@@ -533,6 +607,16 @@ mod tests {
         write_data_header(StreamId(9), &mut header).unwrap();
         assert_eq!(header, wire[..HEADER_LEN]);
         assert_eq!(write_data_header(StreamId(9), &mut [0; 4]), None);
+        // The largest datagram and an empty one travel whole.
+        let big = vec![9; MAX_DATAGRAM];
+        for bytes in [&big[..], &[][..]] {
+            let d = Frame::Datagram { flow: FlowId(4), bytes };
+            let wire = encoded(d);
+            assert_eq!(Frame::decode(&wire), Ok(d));
+            let mut header = [0u8; HEADER_LEN];
+            write_datagram_header(FlowId(4), &mut header).unwrap();
+            assert_eq!(header, wire[..HEADER_LEN]);
+        }
     }
 
     #[test]
@@ -542,7 +626,15 @@ mod tests {
             (vec![], FrameError::Short(0)),
             (vec![1, 0, 0, 0], FrameError::Short(4)),
             (vec![0, 0, 0, 0, 1], FrameError::UnknownType(0)),
-            (vec![0x0d, 0, 0, 0, 1], FrameError::UnknownType(0x0d)),
+            (vec![0x0e, 0, 0, 0, 1], FrameError::UnknownType(0x0e)),
+            (
+                encoded(Frame::Datagram { flow: FlowId(0), bytes: b"x" }),
+                FrameError::ZeroStream(FrameKind::Datagram),
+            ),
+            (
+                encoded(Frame::Datagram { flow: FlowId(1), bytes: &vec![0; MAX_DATAGRAM + 1] }),
+                FrameError::DatagramTooLong(MAX_DATAGRAM + 1),
+            ),
             (
                 encoded(Frame::Resume { received: 1, token: [0; RESUME_TOKEN_LEN] })[..20].to_vec(),
                 FrameError::BodyLength { kind: FrameKind::Resume, len: 15, expected: 40 },
