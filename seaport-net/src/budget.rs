@@ -61,6 +61,12 @@ pub enum OverBudget {
     /// This proxy holds `--max-streams-per-proxy` streams.
     #[error("this proxy holds its limit of {0} streams (--max-streams-per-proxy)")]
     PeerStreams(usize),
+    /// The service holds `--max-flows` UDP flows.
+    #[error("the service holds its limit of {0} flows (--max-flows)")]
+    Flows(usize),
+    /// This proxy holds `--max-flows-per-proxy` UDP flows.
+    #[error("this proxy holds its limit of {0} flows (--max-flows-per-proxy)")]
+    PeerFlows(usize),
     /// This proxy holds [`MAX_LINKS_PER_PEER`] links.
     #[error("this proxy holds its limit of {0} links")]
     PeerLinks(usize),
@@ -81,6 +87,16 @@ impl Budget {
         }
         entry.links += 1;
         Ok(LinkShare { budget: self.clone(), peer })
+    }
+
+    /// A UDP flow for `peer`, on a service of a UDP port, whose budget
+    /// counts flows (made from `--max-flows` and `--max-flows-per-proxy`).
+    pub fn flow(self: &Arc<Self>, peer: PublicKey) -> Result<StreamShare, OverBudget> {
+        self.stream(peer).map_err(|e| match e {
+            OverBudget::Streams(n) => OverBudget::Flows(n),
+            OverBudget::PeerStreams(n) => OverBudget::PeerFlows(n),
+            other => other,
+        })
     }
 
     /// Streams held now, in all.

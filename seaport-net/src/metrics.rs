@@ -90,6 +90,61 @@ pub struct Metrics {
     pub punches: Family<Label, Counter>,
     /// Refusals by `reason` (see [`Refusal`]).
     pub refusals: Family<Label, Counter>,
+    /// Service and proxy: UDP flows open now (proxy: client addresses
+    /// served; service: sockets toward the backend).
+    pub udp_flows: Gauge,
+    /// Service and proxy: UDP flows ever opened.
+    pub udp_flows_opened: Counter,
+    /// Datagrams by `direction`: sent (local socket → link), received
+    /// (link → local socket).
+    pub datagrams: Family<Label, Counter>,
+    /// Datagrams dropped, by `reason` (see [`DatagramDrop`]).
+    pub datagrams_dropped: Family<Label, Counter>,
+}
+
+/// Why a datagram was dropped: the `reason` label of
+/// `seaport_datagrams_dropped_total`. UDP may lose datagrams; these say
+/// where and why seaport did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatagramDrop {
+    /// The link's queue was full (the path carries less than comes in):
+    /// its oldest datagram made room for the new one.
+    QueueFull,
+    /// Above the largest datagram a link carries (65,507 bytes).
+    TooLarge,
+    /// No flow could take it: beyond `--max-flows`, or no instance.
+    FlowLimit,
+    /// The link was between paths, or ended.
+    NoPath,
+    /// The local UDP socket's send buffer was full.
+    SocketFull,
+    /// For a flow this end does not know (it ended here), or a datagram
+    /// sent to a service that forwards TCP.
+    NoFlow,
+}
+
+impl DatagramDrop {
+    /// Every reason.
+    pub const ALL: [DatagramDrop; 6] = [
+        DatagramDrop::QueueFull,
+        DatagramDrop::TooLarge,
+        DatagramDrop::FlowLimit,
+        DatagramDrop::NoPath,
+        DatagramDrop::SocketFull,
+        DatagramDrop::NoFlow,
+    ];
+
+    /// Its label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            DatagramDrop::QueueFull => "queue_full",
+            DatagramDrop::TooLarge => "too_large",
+            DatagramDrop::FlowLimit => "flow_limit",
+            DatagramDrop::NoPath => "no_path",
+            DatagramDrop::SocketFull => "socket_full",
+            DatagramDrop::NoFlow => "no_flow",
+        }
+    }
 }
 
 /// Why something was refused: the `reason` label of `seaport_refusals_total`.
@@ -198,10 +253,14 @@ impl Metrics {
             relayed_bytes: Family::default(),
             punches: Family::default(),
             refusals: Family::default(),
+            udp_flows: Gauge::default(),
+            udp_flows_opened: Counter::default(),
+            datagrams: Family::default(),
+            datagrams_dropped: Family::default(),
         };
         // Every label value up front: a family shows zeros, not nothing,
         // before its first event.
-        let families: [(&Family<Label, Counter>, &str, &[&'static str]); 9] = [
+        let families: [(&Family<Label, Counter>, &str, &[&'static str]); 11] = [
             (&m.registrations, "event", &["registered", "unregistered", "refused", "withdrawn"]),
             (&m.instance_changes, "change", &["found", "lost"]),
             (&m.handshakes, "result", &["ok", "failed"]),
@@ -211,6 +270,8 @@ impl Metrics {
             (&m.relayed_bytes, "direction", &["to_service", "to_proxy"]),
             (&m.punches, "result", &["punched", "failed"]),
             (&m.refusals, "reason", &Refusal::ALL.map(Refusal::name)),
+            (&m.datagrams, "direction", &["sent", "received"]),
+            (&m.datagrams_dropped, "reason", &DatagramDrop::ALL.map(DatagramDrop::name)),
         ];
         for (family, name, values) in families {
             for value in values {
@@ -288,6 +349,18 @@ impl Metrics {
             m.relayed_bytes.clone(),
         );
         r.register("punch_attempts", "Hole punching attempts by result: punched, failed", m.punches.clone());
+        r.register("udp_flows", "Service and proxy: UDP flows open now", m.udp_flows.clone());
+        r.register("udp_flows_opened", "Service and proxy: UDP flows ever opened", m.udp_flows_opened.clone());
+        r.register(
+            "datagrams",
+            "Datagrams by direction: sent (local socket to link), received (link to local socket)",
+            m.datagrams.clone(),
+        );
+        r.register(
+            "datagrams_dropped",
+            "Datagrams dropped by reason: queue_full, too_large, flow_limit, no_path, socket_full, no_flow",
+            m.datagrams_dropped.clone(),
+        );
         r.register(
             "refusals",
             "Refusals by reason: sessions_full, handshakes_full, relays_full, registration, lookup, not_allowed, stream",
@@ -307,6 +380,22 @@ impl Metrics {
     /// Counts a refusal.
     pub fn refuse(&self, why: Refusal) {
         self.refusals.get_or_create(&label("reason", why.name())).inc();
+    }
+
+    /// Counts a datagram dropped.
+    pub fn drop_datagram(&self, why: DatagramDrop) {
+        self.datagrams_dropped.get_or_create(&label("reason", why.name())).inc();
+    }
+
+    /// Counts a datagram carried (`direction`: sent, received).
+    pub fn datagram(&self, direction: &'static str) {
+        self.datagrams.get_or_create(&label("direction", direction)).inc();
+    }
+
+    /// A UDP flow is open until the returned guard drops.
+    pub fn flow_guard(&self) -> OpenGuard {
+        self.udp_flows_opened.inc();
+        OpenGuard::count(&self.udp_flows)
     }
 
     /// Counts a Noise handshake's outcome.

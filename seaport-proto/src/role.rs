@@ -125,6 +125,48 @@ impl Role {
     pub fn tags(&self) -> &[String] {
         &self.tags
     }
+
+    /// The protocol its service forwards: a service of a UDP port registers
+    /// its role with the tag [`UDP_TAG`], so registries of any version
+    /// carry it and proxies of any version see it.
+    pub fn protocol(&self) -> Protocol {
+        if self.tags.iter().any(|t| t == UDP_TAG) { Protocol::Udp } else { Protocol::Tcp }
+    }
+
+    /// The role marked as forwarded over `protocol` (the tag added or
+    /// left out); fails only when it already has [`MAX_TAGS`] tags.
+    pub fn with_protocol(self, protocol: Protocol) -> Result<Role, RoleError> {
+        match (protocol, self.protocol()) {
+            (Protocol::Udp, Protocol::Tcp) => self.with_tags([UDP_TAG]),
+            _ => Ok(self),
+        }
+    }
+}
+
+/// Tags beginning so are seaport's own; a user may not set them.
+pub const RESERVED_TAG_PREFIX: &str = "seaport:";
+/// The tag that marks a role whose service forwards UDP datagrams.
+pub const UDP_TAG: &str = "seaport:udp";
+
+/// What a service forwards: TCP connections (streams) or UDP datagrams
+/// (flows). A proxy serves a role only over the protocol its instances
+/// forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Protocol {
+    /// TCP connections: a proxy port is a TCP listener.
+    #[default]
+    Tcp,
+    /// UDP datagrams: a proxy port is a UDP socket.
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
 }
 
 impl fmt::Display for Role {
@@ -265,5 +307,26 @@ mod tests {
         assert!(matches!(role.clone().with_tags(["a b"]), Err(RoleError::Tag(_))));
         let many: Vec<String> = (0..=MAX_TAGS).map(|i| i.to_string()).collect();
         assert_eq!(role.with_tags(many).unwrap_err(), RoleError::TooManyTags);
+    }
+}
+
+#[cfg(test)]
+mod protocol_tests {
+    use super::*;
+
+    #[test]
+    fn a_role_carries_its_protocol_in_a_reserved_tag() {
+        let role = Role::parse("dns@1.0.0").unwrap().with_tags(["eu"]).unwrap();
+        assert_eq!(role.protocol(), Protocol::Tcp);
+        let udp = role.clone().with_protocol(Protocol::Udp).unwrap();
+        assert_eq!(udp.protocol(), Protocol::Udp);
+        assert_eq!(udp.tags(), ["eu", UDP_TAG]);
+        // Marking twice adds nothing; TCP adds nothing.
+        assert_eq!(udp.clone().with_protocol(Protocol::Udp).unwrap(), udp);
+        assert_eq!(role.clone().with_protocol(Protocol::Tcp).unwrap(), role);
+        assert!(UDP_TAG.starts_with(RESERVED_TAG_PREFIX));
+        // It survives the wire as any tag does.
+        let wire = postcard::to_allocvec(&udp).unwrap();
+        assert_eq!(postcard::from_bytes::<Role>(&wire).unwrap().protocol(), Protocol::Udp);
     }
 }

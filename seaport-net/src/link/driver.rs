@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use super::datagram;
 use super::resume::{Carrier, Handover, Repath, SEARCH_AGAIN_AFTER, resume_as_proxy, resume_as_service};
 use super::state::{Half, Shared, State, changed, dispatch, lose};
 use super::stream::{Backend, connect_stream, deliver};
@@ -40,8 +41,9 @@ use crate::clock;
 use crate::event::{Event, emit};
 use crate::handshake::HandshakeError;
 use crate::lock::lock;
-use crate::metrics::{Refusal, metrics};
+use crate::metrics::{DatagramDrop, Refusal, metrics};
 use crate::reach::Search;
+use seaport_proto::role::Protocol;
 
 /// Most bytes the writer gathers before one write to the link socket.
 const BATCH: usize = 4 * MAX_WIRE_RECORD;
@@ -160,6 +162,16 @@ pub(super) async fn drive(
                 let opened = std::mem::take(&mut shared.lock().opened);
                 if let Some(side) = &service {
                     for id in opened {
+                        // A service of a UDP port takes no streams; the
+                        // proxy should not have asked (the registry says
+                        // which protocol a role is served over).
+                        if side.backend.protocol == Protocol::Udp {
+                            let mut state = shared.lock();
+                            let _ = state.link.refuse(id, Reason::WRONG_PROTOCOL);
+                            changed(&mut state, &shared);
+                            metrics().stream_opened("refused");
+                            continue;
+                        }
                         // A stream reset while its backend connect is under way
                         // leaves the link's count but not this task's: cap the
                         // tasks too, or OPEN+RESET floods would pile up connects.
@@ -194,7 +206,9 @@ pub(super) async fn drive(
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
         }
     }
-    // The link is gone: its streams were reset and finish at once.
+    // The link is gone: its streams were reset and finish at once; its
+    // flows end now (a service's sockets and their tasks with them).
+    shared.lock().datagrams.clear();
     while streams.join_next().await.is_some() {}
 }
 
@@ -298,7 +312,7 @@ async fn draining(service: &mut Option<ServiceSide>) {
 }
 
 /// Link socket in, frames to the state machine, data to stream sockets.
-async fn read_loop(shared: &Shared, rd: OwnedReadHalf, mut opener: Opener, mut decoder: RecordDecoder) {
+async fn read_loop(shared: &Arc<Shared>, rd: OwnedReadHalf, mut opener: Opener, mut decoder: RecordDecoder) {
     loop {
         while let Some(body) = decoder.next_record() {
             let Ok(plain) = opener.open_in_place(body) else {
@@ -309,6 +323,7 @@ async fn read_loop(shared: &Shared, rd: OwnedReadHalf, mut opener: Opener, mut d
             let State { link, streams, .. } = &mut *state;
             match link.handle_frame(clock::now(), plain) {
                 Ok(Some(Incoming::Data { id, bytes })) => deliver(link, streams, id, bytes),
+                Ok(Some(Incoming::Datagram { flow, bytes })) => datagram::deliver(shared, &mut state, flow, bytes),
                 Ok(_) => {}
                 Err(e) => tracing::info!("link ended: {e}"),
             }
@@ -484,7 +499,7 @@ async fn write_loop(shared: &Shared, mut wr: OwnedWriteHalf, mut sealer: Sealer)
 /// link is closed (nothing more will come).
 fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec<u8>) -> bool {
     let mut state = shared.lock();
-    let State { link, streams, .. } = &mut *state;
+    let State { link, streams, datagrams, .. } = &mut *state;
     let mut wakes = Vec::new();
     let now = clock::now();
     loop {
@@ -508,7 +523,20 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
             progressed = true;
         }
         while batch.len() < BATCH {
-            let Some((id, credit)) = link.next_send() else { break };
+            // Datagrams and stream frames take turns: a datagram waits
+            // behind at most one frame of stream data in the batch, and a
+            // flood of datagrams takes at most every other frame.
+            let framed = datagram_frame(link, datagrams, sealer, batch);
+            progressed |= framed;
+            if batch.len() >= BATCH {
+                break;
+            }
+            let Some((id, credit)) = link.next_send() else {
+                if framed {
+                    continue;
+                }
+                break;
+            };
             progressed = true;
             let Some(slot) = streams.get_mut(&id) else { continue };
             let start = batch.len();
@@ -576,6 +604,39 @@ fn fill(shared: &Shared, sealer: &mut Sealer, batch: &mut Batch, plain: &mut Vec
         wake.notify_one();
     }
     closed
+}
+
+/// Frames and seals the next waiting datagram into `batch`, if one waits;
+/// whether one was taken (sent, or dropped when the link cannot carry it).
+fn datagram_frame(
+    link: &mut proto::Link,
+    datagrams: &mut datagram::Datagrams,
+    sealer: &mut Sealer,
+    batch: &mut Batch,
+) -> bool {
+    let Some((flow, bytes)) = datagrams.pop() else { return false };
+    let start = batch.len();
+    let body = record::HEADER_LEN + proto::HEADER_LEN;
+    let frame = batch.extend(body + bytes.len() + TAG_LEN);
+    if let Some(room) = frame.get_mut(body..body + bytes.len()) {
+        room.copy_from_slice(&bytes);
+    }
+    let header = frame.get_mut(record::HEADER_LEN..).unwrap_or_default();
+    let sealed = match link.datagram_header(flow, bytes.len(), header) {
+        Ok(_) => sealer.seal_frame(frame, proto::HEADER_LEN + bytes.len()).ok(),
+        Err(e) => {
+            tracing::trace!(%flow, "datagram dropped: {e}");
+            None
+        }
+    };
+    match sealed {
+        Some(len) => batch.truncate(start + len),
+        None => {
+            batch.truncate(start);
+            metrics().drop_datagram(DatagramDrop::NoPath);
+        }
+    }
+    true
 }
 
 #[cfg(test)]

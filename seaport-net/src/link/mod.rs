@@ -14,6 +14,8 @@
 //! - `stream`: a stream's task, the service's backend connect, delivery.
 //! - `resume`: carrying a resumable link over to a new transport (a path
 //!   lost, or a better one found), and the service's table of such links.
+//! - `datagram`: UDP flows beside the streams, and a service's socket per
+//!   flow toward its UDP backend.
 //!
 //! # Invariants
 //! - A link runs in one driver task ([`LinkHandle::start`] spawns it on the
@@ -26,6 +28,7 @@
 //!   live exactly as long as the link's driver and the stream's task, so an
 //!   aborted task cannot leave a gauge behind.
 
+mod datagram;
 mod driver;
 mod resume;
 mod state;
@@ -37,7 +40,7 @@ use std::time::Duration;
 
 use seaport_proto::hello::Capabilities;
 use seaport_proto::keys::{Keypair, PublicKey};
-use seaport_proto::link::{self as proto, LinkConfig, Reason, Side, StreamId, resume_token};
+use seaport_proto::link::{self as proto, FlowId, LinkConfig, Reason, Side, StreamId, resume_token};
 use seaport_proto::record;
 use seaport_proto::registry::Source;
 use tokio::io::AsyncReadExt;
@@ -45,6 +48,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
+pub use self::datagram::{QUEUE_BYTES, QUEUE_DATAGRAMS, UdpBackend, recv_with};
 use self::driver::{ServiceSide, drive};
 use self::resume::{Carrier, Handover, first_record_len, peek_resume, refuse_resume, split_session};
 pub use self::resume::{Repath, Resumables};
@@ -58,8 +62,9 @@ use crate::event::{Event, emit};
 use crate::handshake::{HandshakeError, respond};
 use crate::limit::Share;
 use crate::lock::lock;
-use crate::metrics::{Refusal, metrics};
+use crate::metrics::{DatagramDrop, Refusal, metrics};
 use crate::reach::{Path, Reached};
+use seaport_proto::role::Protocol;
 
 /// Why a stream could not be opened on a link.
 #[derive(Debug, thiserror::Error)]
@@ -112,9 +117,13 @@ impl LinkHandle {
         let Reached { stream, session, path, addr, .. } = reached;
         let remote = session.remote().ok_or(HandshakeError::ClosedEarly)?;
         let resumable = session.remote_capabilities().contains(Capabilities::RESUME);
+        let datagrams = session.remote_capabilities().contains(Capabilities::DATAGRAM);
         let (sealer, opener, leftover, hash) = split_session(session)?;
         let token = resumable.then(|| resume_token(&hash));
         let shared = new_shared(Side::Proxy, config, remote, token, Some((path, addr)));
+        if datagrams {
+            shared.lock().link.allow_datagrams();
+        }
         let span = tracing::info_span!("link", service = %remote);
         let ended = shared.clone();
         let (handovers, moves) = mpsc::channel(1);
@@ -253,6 +262,42 @@ impl LinkHandle {
         }
     }
 
+    /// A new UDP flow on this link for the client at `client` of the port
+    /// `socket`: the service's datagrams on it go to `client` through
+    /// `socket`. `None` when the link carries no new flows (it is ending,
+    /// or the service is too old for datagrams).
+    pub fn open_flow(&self, socket: Arc<tokio::net::UdpSocket>, client: SocketAddr) -> Option<FlowId> {
+        let mut state = self.shared.lock();
+        if !state.link.can_open() || !state.link.takes_datagrams() {
+            return None;
+        }
+        datagram::open_flow(&mut state, socket, client)
+    }
+
+    /// Whether the link can carry datagrams, now or once it has a path
+    /// again: a flow on a link that cannot moves to another.
+    pub fn carries_flows(&self) -> bool {
+        let state = self.shared.lock();
+        state.link.takes_datagrams() && !state.link.is_ended()
+    }
+
+    /// Sends one datagram of `flow` (queued for the writer; dropped and
+    /// counted when the link cannot carry it now).
+    pub fn send_datagram(&self, flow: FlowId, bytes: &[u8]) -> Result<(), DatagramDrop> {
+        let mut state = self.shared.lock();
+        datagram::send(&mut state, &self.shared, flow, bytes)
+    }
+
+    /// When `flow` last carried a datagram either way; `None` once closed.
+    pub fn flow_active_at(&self, flow: FlowId) -> Option<std::time::Instant> {
+        datagram::last_active(&self.shared.lock(), flow)
+    }
+
+    /// The flow is over: datagrams still coming for it are dropped.
+    pub fn close_flow(&self, flow: FlowId) {
+        datagram::close_flow(&mut self.shared.lock(), flow);
+    }
+
     /// No new streams; open ones finish (link rotation, drain).
     pub fn go_away(&self) {
         let mut state = self.shared.lock();
@@ -312,6 +357,7 @@ pub async fn serve(
     let (session, key) = respond(&mut stream, keypair, timeout, allow).await?;
     crate::serve::record_peer_key(&key);
     let resumable = session.remote_capabilities().contains(Capabilities::RESUME);
+    let datagrams = session.remote_capabilities().contains(Capabilities::DATAGRAM);
     let (sealer, mut opener, leftover, hash) = split_session(session)?;
     // Nothing is charged to the proxy's key until it proves it holds the
     // session's keys with its first record (a link opens with a window
@@ -347,6 +393,16 @@ pub async fn serve(
     let share = backend.budget.link(key).inspect_err(|_| metrics().refuse(Refusal::Link))?;
     let token = resumable.then(|| resume_token(&hash));
     let shared = new_shared(Side::Service, config.clone(), key, token, None);
+    {
+        let mut state = shared.lock();
+        if datagrams {
+            state.link.allow_datagrams();
+        }
+        if backend.protocol == Protocol::Udp {
+            let budget = backend.budget.clone();
+            state.datagrams.backend = Some(UdpBackend { addr: backend.addr, idle: backend.flow_idle, budget });
+        }
+    }
     let (handovers, resumed) = mpsc::channel(1);
     // Findable by a RESUME exactly while the driver runs.
     let _listed = token.map(|token| Resumables::list(resumables, token, key, handovers));

@@ -1,6 +1,6 @@
 //! What a link's tasks share, behind one `std` mutex: the state machine, the
 //! driver's view of each stream (its socket, the bytes its socket has not
-//! taken yet, how it ended), and the wake-ups that carry the machine's
+//! taken yet, how it ended), its UDP flows, and the wake-ups that carry the machine's
 //! events to the tasks.
 //!
 //! Invariants:
@@ -21,6 +21,7 @@ use seaport_proto::link::{Link, LinkConfig, LinkEvent, RESUME_TOKEN_LEN, Reason,
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot};
 
+use super::datagram::Datagrams;
 use crate::clock;
 use crate::lock::lock;
 use crate::reach::Path;
@@ -89,6 +90,8 @@ pub(super) struct State {
     pub(super) close_reason: Option<String>,
     /// Why its last transport was lost, until the driver says so.
     pub(super) path_lost: Option<String>,
+    /// UDP flows and their datagrams waiting for the writer.
+    pub(super) datagrams: Datagrams,
 }
 
 pub(super) struct Shared {
@@ -123,8 +126,14 @@ pub(super) fn new_shared(
         Some(token) => Link::new_resumable(side, config, now, token),
         None => Link::new(side, config, now),
     };
-    let state =
-        State { link, streams: HashMap::new(), opened: Vec::new(), close_reason: None, path_lost: None };
+    let state = State {
+        link,
+        streams: HashMap::new(),
+        opened: Vec::new(),
+        close_reason: None,
+        path_lost: None,
+        datagrams: Datagrams::default(),
+    };
     Arc::new(Shared {
         state: Mutex::new(state),
         remote,

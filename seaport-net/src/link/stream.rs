@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use seaport_proto::link::{Link, Reason, StreamId};
+use seaport_proto::role::Protocol;
 
 use super::state::{Half, Moved, Shared, Slot, State, changed};
 use crate::budget::{Budget, StreamShare};
@@ -36,8 +37,13 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// How long connecting to it may take before the stream is refused.
     pub connect_timeout: Duration,
-    /// What the service's proxies may hold at once, shared by every link.
+    /// What the service's proxies may hold at once, shared by every link
+    /// (streams, or on a service of a UDP port, flows).
     pub budget: Arc<Budget>,
+    /// Whether the backend takes TCP connections (streams) or UDP datagrams (flows).
+    pub protocol: Protocol,
+    /// How long a UDP flow lives without a datagram either way.
+    pub flow_idle: Duration,
 }
 
 /// How a stream ended badly.

@@ -7,11 +7,13 @@
 // Test code: a panic is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use seaport_proto::keys::{Keypair, Seed};
-use seaport_proto::link::{Frame, LinkConfig, RESUME_TOKEN_LEN, Reason};
+use seaport_proto::link::{Frame, LinkConfig, MAX_DATAGRAM, RESUME_TOKEN_LEN, Reason};
+use tokio::net::UdpSocket;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -21,6 +23,8 @@ use crate::budget::Budget;
 use crate::handshake::initiate;
 
 const WAIT: Duration = Duration::from_secs(10);
+/// A service's flows end after this without a datagram.
+const FLOW_IDLE: Duration = Duration::from_millis(300);
 
 fn keypair(n: u8) -> Keypair {
     Keypair::from_seed(&Seed::from_bytes([n; 32]))
@@ -43,6 +47,16 @@ async fn echo_backend() -> SocketAddr {
 
 /// A service answering links on a listener; its responder, for its table.
 async fn service(keypair: Keypair, backend: SocketAddr) -> (SocketAddr, Arc<Responder>) {
+    service_of(keypair, backend, Protocol::Tcp, Budget::new(64, 64)).await
+}
+
+/// A service of a TCP or UDP backend.
+async fn service_of(
+    keypair: Keypair,
+    backend: SocketAddr,
+    protocol: Protocol,
+    budget: Arc<Budget>,
+) -> (SocketAddr, Arc<Responder>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let responder = Arc::new(Responder {
@@ -52,7 +66,7 @@ async fn service(keypair: Keypair, backend: SocketAddr) -> (SocketAddr, Arc<Resp
         config: LinkConfig::default(),
         resumables: Arc::default(),
     });
-    let backend = Backend { addr: backend, connect_timeout: WAIT, budget: Budget::new(64, 64) };
+    let backend = Backend { addr: backend, connect_timeout: WAIT, budget, protocol, flow_idle: FLOW_IDLE };
     let (_drain_tx, drain) = watch::channel(false);
     let serving = responder.clone();
     tokio::spawn(async move {
@@ -222,4 +236,101 @@ async fn a_stream_lives_through_cuts_and_a_replayed_or_forged_resume_takes_nothi
     let expected = ["before any cut", "after cut 1", "after cut 2", "after a replay", "after forgeries"];
     let total: usize = expected.iter().map(|t| t.len()).sum();
     assert_eq!((moved.sent, moved.received), (total as u64, total as u64));
+}
+
+/// Answers every datagram with its sender's port (2 bytes) and the datagram.
+async fn udp_echo_backend() -> SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let reply = [&from.port().to_be_bytes()[..], &buf[..n]].concat();
+            let _ = socket.send_to(&reply, from).await;
+        }
+    });
+    addr
+}
+
+/// A client's datagram through the flow: the reply's payload, and the
+/// port the backend saw it from.
+async fn udp_round_trip(client: &UdpSocket, text: &[u8]) -> u16 {
+    client.send(text).await.unwrap();
+    let mut back = vec![0u8; 70_000];
+    let n = tokio::time::timeout(WAIT, client.recv(&mut back)).await.expect("reply in time").unwrap();
+    assert_eq!(&back[2..n], text);
+    u16::from_be_bytes([back[0], back[1]])
+}
+
+#[tokio::test]
+async fn udp_flows_carry_whole_datagrams_to_their_own_clients_and_end_when_idle() {
+    let (service_key, proxy_key) = (keypair(1), keypair(2));
+    let budget = Budget::new(2, 2);
+    let (service_addr, _) = service_of(service_key.clone(), udp_echo_backend().await, Protocol::Udp, budget.clone()).await;
+    let remote = service_key.public();
+    let dialer = proxy_key.clone();
+    let repath: Repath = Arc::new(move || {
+        let local = dialer.clone();
+        Box::pin(async move { dial(service_addr, &local, remote).await })
+    });
+    let reached = dial(service_addr, &proxy_key, remote).await.unwrap();
+    let link = LinkHandle::start(reached, LinkConfig::default(), repath).unwrap();
+
+    // The proxy's port: one socket; each client its own flow.
+    let port = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let forward = {
+        let (port, link) = (port.clone(), link.clone());
+        let flows: Arc<Mutex<HashMap<SocketAddr, FlowId>>> = Arc::default();
+        tokio::spawn(async move {
+            loop {
+                port.readable().await.unwrap();
+                let _ = recv_with(&port, |bytes, from| {
+                    let flow = *flows
+                        .lock()
+                        .unwrap()
+                        .entry(from)
+                        .or_insert_with(|| link.open_flow(port.clone(), from).unwrap());
+                    let _ = link.send_datagram(flow, bytes);
+                });
+            }
+        })
+    };
+    let client = |_: u8| async {
+        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        c.connect(port.local_addr().unwrap()).await.unwrap();
+        c
+    };
+    let (a, b) = (client(1).await, client(2).await);
+    let seen_a = udp_round_trip(&a, b"from a").await;
+    let seen_b = udp_round_trip(&b, b"from b").await;
+    assert_ne!(seen_a, seen_b, "each flow has its own socket toward the backend");
+    assert_eq!(udp_round_trip(&a, b"again from a").await, seen_a, "a flow keeps its socket");
+    // The largest datagram and an empty one arrive whole. (65,507 bytes
+    // leave 2 for the echo's port prefix within what IPv4 carries, so the
+    // largest sent through is 2 less.)
+    let big: Vec<u8> = (0..MAX_DATAGRAM - 2).map(|i| i as u8).collect();
+    assert_eq!(udp_round_trip(&a, &big).await, seen_a);
+    assert_eq!(udp_round_trip(&b, b"").await, seen_b);
+
+    // The budget caps flows: a third client gets nothing while two live.
+    let c = client(3).await;
+    c.send(b"third").await.unwrap();
+    let mut buf = [0u8; 64];
+    let answered = tokio::time::timeout(Duration::from_millis(200), c.recv(&mut buf)).await;
+    assert!(answered.is_err(), "a flow beyond --max-flows is dropped");
+    assert_eq!(budget.streams(), 2);
+
+    // Idle flows end at the service; a flow used again gets a new socket.
+    until("idle flows end", || budget.streams() == 0).await;
+    assert_ne!(udp_round_trip(&a, b"after idle").await, seen_a);
+
+    // A stream to a UDP service is refused as the wrong protocol.
+    let pair = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _app = TcpStream::connect(pair.local_addr().unwrap()).await.unwrap();
+    let tcp_client = Arc::new(pair.accept().await.unwrap().0);
+    match link.open(tcp_client, WAIT).await {
+        Err(OpenError::Refused(reason)) => assert_eq!(reason, Reason::WRONG_PROTOCOL),
+        other => panic!("a stream to a UDP service: {other:?}"),
+    }
+    forward.abort();
 }
