@@ -108,6 +108,12 @@ impl Links {
         Err(OpenError::Link(proto::StreamError::StreamLimit))
     }
 
+    /// A usable link to `instance` (for UDP flows, which need no stream):
+    /// the least loaded one, dialed now if there is none.
+    pub async fn link_for(&self, instance: &Instance) -> Result<LinkHandle, HandshakeError> {
+        self.get(instance).await
+    }
+
     /// The least loaded usable link to `instance` with room for a stream,
     /// dialed now if there is none.
     async fn get(&self, instance: &Instance) -> Result<LinkHandle, HandshakeError> {

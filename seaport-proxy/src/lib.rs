@@ -2,7 +2,10 @@
 //! client connection is a stream on the link to one instance (one link per
 //! instance, opened on first need and reused), chosen by the balance
 //! strategy, failing over to the next instance until one's service has
-//! reached its backend.
+//! reached its backend. A UDP port's client addresses are flows on the same
+//! links (`udp`).
+
+mod udp;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -26,7 +29,7 @@ use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, SetView, Stra
 use seaport_proto::keys::PublicKey;
 use seaport_proto::link::LinkConfig;
 use seaport_proto::message::Instance;
-use seaport_proto::role::RoleQuery;
+use seaport_proto::role::{Protocol, RoleQuery};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
@@ -35,7 +38,7 @@ use tokio::sync::{mpsc, watch};
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Examples (REGKEY: the 64-character key the registry printed):\n  seaport-proxy REGKEY -p 6000 -r couchdb@3.x\n  curl http://127.0.0.1:6000/\n  seaport-proxy REGKEY --map couchdb@3.x=6000 --map redis@7=6379"
+    after_help = "Examples (REGKEY: the 64-character key the registry printed):\n  seaport-proxy REGKEY -p 6000 -r couchdb@3.x\n  curl http://127.0.0.1:6000/\n  seaport-proxy REGKEY --map couchdb@3.x=6000 --map redis@7=6379\n  seaport-proxy REGKEY --map dns@1=5353/udp --map web@1=8080\n  dig @127.0.0.1 -p 5353 example.lan"
 )]
 pub struct Args {
     /// Registry, identity and DHT options, shared with the other client binary.
@@ -47,10 +50,15 @@ pub struct Args {
     /// The role and npm version range wanted, e.g. couchdb@3.x or couchdb@^3.2.0.
     #[arg(short, long, value_name = "ROLE@RANGE", requires = "port", value_parser = |s: &str| RoleQuery::parse(s).map_err(|e| e.to_string()))]
     pub role: Option<RoleQuery>,
-    /// Serve a role on a local port, e.g. couchdb@3.x=6000 (repeatable;
-    /// beside or instead of -p/-r): one process, one registry session and
-    /// one link per service instance, whatever the number of roles.
-    #[arg(long = "map", value_name = "ROLE@RANGE=PORT", value_parser = parse_mapping)]
+    /// The -p/-r port is UDP: each client address is a flow to one instance
+    /// of a role whose services forward UDP (`seaport-service --udp`).
+    #[arg(long, requires = "port")]
+    pub udp: bool,
+    /// Serve a role on a local port, e.g. couchdb@3.x=6000, or a UDP port
+    /// with /udp, e.g. dns@1=5353/udp (repeatable; beside or instead of
+    /// -p/-r): one process, one registry session and one link per service
+    /// instance, whatever the number of roles.
+    #[arg(long = "map", value_name = "ROLE@RANGE=PORT[/udp]", value_parser = parse_mapping)]
     pub map: Vec<Mapping>,
     /// The local address to bind the port on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
@@ -97,6 +105,15 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::ZERO, HOUR))]
     pub drain: Duration,
+    /// UDP ports: how long a client address's flow lives without a datagram
+    /// either way (1s to 1h); its next datagram then starts a new flow.
+    #[arg(long, value_name = "DURATION", default_value = "60s", allow_hyphen_values = true,
+          value_parser = duration_in(Duration::from_secs(1), HOUR))]
+    pub flow_idle: Duration,
+    /// UDP ports: most flows (client addresses) all of them together serve
+    /// at once (1 or more); a datagram from one more client is dropped.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_flows: u32,
 }
 
 /// One role served on one local port.
@@ -106,15 +123,30 @@ pub struct Mapping {
     pub query: RoleQuery,
     /// Where it is served (0: any free port).
     pub port: u16,
+    /// A TCP listener or a UDP socket; only instances forwarding the same
+    /// protocol serve it.
+    pub protocol: Protocol,
 }
 
 fn parse_mapping(text: &str) -> Result<Mapping, String> {
     let (query, port) = text
         .rsplit_once('=')
-        .ok_or_else(|| format!("{text:?} is not ROLE@RANGE=PORT, e.g. couchdb@3.x=6000"))?;
+        .ok_or_else(|| format!("{text:?} is not ROLE@RANGE=PORT[/udp], e.g. couchdb@3.x=6000 or dns@1=5353/udp"))?;
     let query = RoleQuery::parse(query).map_err(|e| e.to_string())?;
+    let (port, protocol) = match port.split_once('/') {
+        None => (port, Protocol::Tcp),
+        Some((port, "tcp")) => (port, Protocol::Tcp),
+        Some((port, "udp")) => (port, Protocol::Udp),
+        Some((_, other)) => return Err(format!("{other:?} is not a protocol: write PORT/udp, or PORT for TCP")),
+    };
     let port = port.parse().map_err(|_| format!("{port:?} is not a port (0 to 65535)"))?;
-    Ok(Mapping { query, port })
+    Ok(Mapping { query, port, protocol })
+}
+
+/// A mapping's local socket.
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Udp(tokio::net::UdpSocket),
 }
 
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
@@ -123,7 +155,8 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let keypair = args.client.keypair()?;
     let mut mappings = args.map.clone();
     if let (Some(port), Some(query)) = (args.port, args.role.clone()) {
-        mappings.insert(0, Mapping { query, port });
+        let protocol = if args.udp { Protocol::Udp } else { Protocol::Tcp };
+        mappings.insert(0, Mapping { query, port, protocol });
     }
     if mappings.is_empty() {
         return Err(Failure::Usage(
@@ -134,14 +167,26 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let mut ports = Vec::new();
     for mapping in &mappings {
         let addr = SocketAddr::new(args.bind, mapping.port);
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let cannot = |e: std::io::Error| {
             format!(
-                "cannot listen on {addr} (for {}): {e}; choose another port or --bind address",
-                mapping.query
+                "cannot listen on {addr}/{} (for {}): {e}; choose another port or --bind address",
+                mapping.protocol, mapping.query
             )
-        })?;
+        };
+        let (listener, local) = match mapping.protocol {
+            Protocol::Tcp => {
+                let listener = tokio::net::TcpListener::bind(addr).await.map_err(cannot)?;
+                let local = listener.local_addr().map_err(|e| e.to_string())?;
+                (Listener::Tcp(listener), local)
+            }
+            Protocol::Udp => {
+                let socket = tokio::net::UdpSocket::bind(addr).await.map_err(cannot)?;
+                let local = socket.local_addr().map_err(|e| e.to_string())?;
+                (Listener::Udp(socket), local)
+            }
+        };
         // With port 0 the kernel picks the port: report that one, not 0.
-        ports.push(listener.local_addr().map_err(|e| e.to_string())?.port());
+        ports.push(local.port());
         listeners.push(listener);
     }
     let queries: Vec<RoleQuery> = mappings.iter().map(|m| m.query.clone()).collect();
@@ -179,6 +224,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         pinned: pinned.clone(),
         ports,
         served: queries.clone(),
+        protocols: mappings.iter().map(|m| m.protocol).collect(),
         answers: answers_tx,
         changed: changed_tx,
         state: Mutex::new(Watched { known: vec![Vec::new(); queries.len()], ..Watched::default() }),
@@ -207,7 +253,29 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     // One accept loop per mapping, all stopped by the one shutdown signal.
     let (stop_tx, stop) = watch::channel(false);
     let mut loops = tokio::task::JoinSet::new();
+    let mut udp_ports = tokio::task::JoinSet::new();
+    let flow_cap = udp::FlowCap::new(args.max_flows as usize);
     for (query, listener) in listeners.into_iter().enumerate() {
+        let listener = match listener {
+            Listener::Tcp(listener) => listener,
+            Listener::Udp(socket) => {
+                let port = udp::UdpPort {
+                    query,
+                    name: queries.get(query).map(ToString::to_string).unwrap_or_default(),
+                    view: view.clone(),
+                    links: links.clone(),
+                    pinned: pinned.clone(),
+                    idle: args.flow_idle,
+                    cap: flow_cap.clone(),
+                    warned: Arc::default(),
+                };
+                let mut stop = stop.clone();
+                udp_ports.spawn(port.serve(socket, async move {
+                    let _ = stop.wait_for(|stopped| *stopped).await;
+                }));
+                continue;
+            }
+        };
         let served_port = ServedPort {
             query,
             view: view.clone(),
@@ -240,6 +308,8 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     readiness().set("shutdown", Some("shutting down".to_owned()));
     seaport_net::notify::stopping();
     let _ = stop_tx.send(true);
+    // Datagrams have nothing to finish: UDP ports stop at once.
+    while udp_ports.join_next().await.is_some() {}
     let mut conns = Vec::new();
     while let Some(open) = loops.join_next().await {
         if let Ok(open) = open {
@@ -272,6 +342,8 @@ struct Watcher {
     /// The local port of each query.
     ports: Vec<u16>,
     served: Vec<RoleQuery>,
+    /// The protocol each query's port serves.
+    protocols: Vec<Protocol>,
     answers: mpsc::UnboundedSender<MeetAnswer>,
     /// Bumped on every change of the union.
     changed: watch::Sender<u64>,
@@ -357,8 +429,21 @@ impl Watcher {
     /// Says which instances of query `query` appeared and left.
     fn report(&self, state: &mut Watched, query: usize, instances: &[Instance]) {
         let (Some(port), Some(wanted)) = (self.ports.get(query), self.served.get(query)) else { return };
+        let protocol = self.protocols.get(query).copied().unwrap_or_default();
         // With --service-key, the others do not exist for this proxy.
-        let now: Vec<Instance> = instances.iter().filter(|i| self.pinned.admits(&i.key)).cloned().collect();
+        let admitted = instances.iter().filter(|i| self.pinned.admits(&i.key));
+        // Nor do those of the other protocol, but they are worth a word:
+        // the user probably mixed them up.
+        let (now, other): (Vec<Instance>, Vec<Instance>) =
+            admitted.cloned().partition(|i| i.role.protocol() == protocol);
+        if now.is_empty() && !other.is_empty() {
+            let fix = match protocol {
+                Protocol::Tcp => format!("serve it on a UDP port: --map {wanted}=PORT/udp, or -p PORT --udp"),
+                Protocol::Udp => format!("serve it on a TCP port: --map {wanted}=PORT, without /udp"),
+            };
+            let theirs = other.first().map(|i| i.role.protocol()).unwrap_or_default();
+            tracing::warn!(query = %wanted, "its instances forward {theirs}, but port {port} serves {protocol}: {fix}");
+        }
         let before = state.known.get(query).cloned().unwrap_or_default();
         for gone in before.iter().filter(|b| !now.iter().any(|n| is_same_instance(b, n))) {
             tracing::info!(service = %gone.key, "service gone from the registry set");
@@ -368,9 +453,11 @@ impl Watcher {
             emit(&Event::Found { key: found.key, role: found.role.clone() });
             emit(&Event::Serving { port: *port, key: found.key });
         }
-        if now.is_empty() {
+        if now.is_empty() && other.is_empty() {
             tracing::warn!(query = %wanted, "no instance matches the query right now");
-            readiness().set(&format!("role {wanted}"), Some(format!("no instance of {wanted} known")));
+        }
+        if now.is_empty() {
+            readiness().set(&format!("role {wanted}"), Some(format!("no {protocol} instance of {wanted} known")));
         } else {
             readiness().set(&format!("role {wanted}"), None);
         }
@@ -415,8 +502,13 @@ impl ServedPort {
         let order = loop {
             let mut order = lock(&self.view).choose_for(self.query, seaport_net::clock::now(), random_u64());
             order.retain(|i| self.pinned.admits(&i.key));
+            let any = !order.is_empty();
+            order.retain(|i| i.role.protocol() == Protocol::Tcp);
             if !order.is_empty() {
                 break order;
+            }
+            if any {
+                return Err("the role's instances forward UDP: serve it on a UDP port (--map ROLE=PORT/udp)".into());
             }
             match tokio::time::timeout_at(deadline, self.changed.changed()).await {
                 Ok(Ok(())) => {}

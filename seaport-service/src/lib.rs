@@ -1,5 +1,6 @@
 //! `seaport-service`: answers links from proxies, connects each of their
-//! streams to a local TCP backend, and keeps its role registered with every
+//! streams to a local TCP backend (or, with `--udp`, each of their UDP
+//! flows to a local UDP backend), and keeps its role registered with every
 //! registry of the set.
 
 use std::collections::BTreeSet;
@@ -16,7 +17,7 @@ use seaport_net::control::{At, ControlHandle, ControlSet};
 use seaport_net::event::{Event, emit};
 use seaport_net::handshake::HandshakeError;
 use seaport_net::limit::Limit;
-use seaport_net::link::{self, Backend, Responder};
+use seaport_net::link::{self, Backend, Responder, UdpBackend};
 use seaport_net::lock::lock;
 use seaport_net::metrics::{Refusal, metrics, readiness};
 use seaport_net::reach;
@@ -26,7 +27,7 @@ use seaport_proto::keys::PublicKey;
 use seaport_proto::link::LinkConfig;
 use seaport_proto::meet::Ticket;
 use seaport_proto::registry::Source;
-use seaport_proto::role::Role;
+use seaport_proto::role::{Protocol, RESERVED_TAG_PREFIX, Role, UDP_TAG};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
@@ -35,15 +36,29 @@ use tokio::sync::{mpsc, watch};
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Example:\n  seaport-service 5b64a8...0d45 -p 5984 -r couchdb@3.2.2\n  seaport-service 5b64a8...0d45@registry.lan:4500 -p 8080 -r web@1.4.0 --tag eu"
+    after_help = "Examples:\n  seaport-service 5b64a8...0d45 -p 5984 -r couchdb@3.2.2\n  seaport-service 5b64a8...0d45@registry.lan:4500 -p 8080 -r web@1.4.0 --tag eu\n  seaport-service 5b64a8...0d45 -p 53 --udp -r dns@1.0.0\n  seaport-service 5b64a8...0d45 -p 53 --udp-port 53 -r dns@1.0.0   (TCP and UDP)"
 )]
 pub struct Args {
     /// Registry, identity and DHT options, shared with the other client binary.
     #[command(flatten)]
     pub client: ClientArgs,
-    /// The local TCP port of the backend to expose.
+    /// The local TCP port of the backend to expose (a UDP port with --udp).
     #[arg(short, long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub port: u16,
+    /// The backend is a UDP port (DNS, WireGuard, syslog, a game server):
+    /// each client address at a proxy becomes a flow with its own socket
+    /// toward the backend. The role is registered as UDP and is served only
+    /// by proxies asked for UDP (`--udp`, `--map ROLE=PORT/udp`). A UDP
+    /// backend is not checked (UDP has nothing to connect to): the role is
+    /// registered at once.
+    #[arg(long, conflicts_with = "udp_port")]
+    pub udp: bool,
+    /// Also forward UDP datagrams of the role to this local UDP port, beside
+    /// TCP connections to -p (DNS on 53/tcp and 53/udp): the role is
+    /// registered for both, and a proxy's TCP and UDP ports for it share
+    /// one link to this service.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub udp_port: Option<u16>,
     /// The role and exact version offered, e.g. couchdb@3.2.2.
     #[arg(short, long, value_name = "ROLE@VERSION", value_parser = |s: &str| Role::parse(s).map_err(|e| e.to_string()))]
     pub role: Role,
@@ -65,6 +80,19 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "2s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::from_millis(100), HOUR))]
     pub check_interval: Duration,
+    /// With --udp or --udp-port: how long a flow lives without a datagram either way
+    /// before its socket toward the backend is closed (1s to 1h).
+    #[arg(long, value_name = "DURATION", default_value = "60s", allow_hyphen_values = true,
+          value_parser = duration_in(Duration::from_secs(1), HOUR))]
+    pub flow_idle: Duration,
+    /// With --udp or --udp-port: most flows (each a socket toward the backend) all proxies
+    /// together may hold at once (1 or more); a datagram that would open
+    /// one more is dropped.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_flows: u32,
+    /// With --udp or --udp-port: most flows one proxy (by key) may hold at once (1 or more).
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_flows_per_proxy: u32,
     /// Accept links only from this proxy key (repeatable; default: any
     /// proxy, since the registry tells this service's key to anyone who looks
     /// its role up). See also --allow-file.
@@ -105,18 +133,43 @@ pub struct Args {
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
 pub async fn run(args: Args) -> Result<(), Failure> {
     seaport_net::event::use_json(args.client.json);
-    let role = args.role.clone().with_tags(args.tags.clone()).map_err(|e| Failure::Usage(e.to_string()))?;
+    if let Some(tag) = args.tags.iter().find(|t| t.starts_with(RESERVED_TAG_PREFIX)) {
+        return Err(Failure::Usage(format!(
+            "tag {tag:?}: tags beginning with {RESERVED_TAG_PREFIX:?} are seaport's own (--udp sets {UDP_TAG:?})"
+        )));
+    }
+    let tagged = args.role.clone().with_tags(args.tags.clone());
+    let udp_role = tagged.clone().and_then(|r| r.with_protocol(Protocol::Udp));
+    let usage = |e: seaport_proto::role::RoleError| Failure::Usage(e.to_string());
+    // The role once per protocol forwarded: its TCP registration first.
+    let role = if args.udp { udp_role.clone() } else { tagged }.map_err(usage)?;
+    let mut roles = vec![role.clone()];
+    if args.udp_port.is_some() {
+        roles.push(udp_role.map_err(usage)?);
+    }
+    let tcp = !args.udp;
     let keypair = args.client.keypair()?;
     let allow =
         Arc::new(AllowList::new(args.allow.clone(), args.allow_file.clone()).map_err(Failure::Usage)?);
     if allow.is_open() {
         tracing::info!("any proxy that knows this service's key may connect (restrict with --allow)");
     }
-    let backend = tokio::net::lookup_host((args.host.as_str(), args.port))
-        .await
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| format!("cannot resolve backend host {:?}", args.host))?;
+    let resolve = |port: u16| {
+        let host = args.host.clone();
+        async move {
+            tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| format!("cannot resolve backend host {host:?}"))
+        }
+    };
+    let backend = resolve(args.port).await?;
+    let udp_backend = match (args.udp, args.udp_port) {
+        (true, _) => Some(backend),
+        (false, Some(port)) => Some(resolve(port).await?),
+        (false, None) => None,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen for links on {}: {e}; choose another --listen", args.listen))?;
@@ -135,8 +188,9 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     // registry do not supersede each other's session.
     let process = seaport_net::identity::random_u64();
     // A backend that does not answer yet keeps the role from being
-    // registered at all, rather than registered and withdrawn at once.
-    let backend_up = backend_answers(backend, args.check_interval).await;
+    // registered at all, rather than registered and withdrawn at once. A
+    // UDP backend cannot be asked: it counts as up.
+    let backend_up = !tcp || backend_answers(backend, args.check_interval).await;
     if !backend_up {
         tracing::warn!(%backend, "backend does not answer: {role} is registered once it does");
         readiness().set(READY, Some(format!("not registered: backend {backend} does not answer")));
@@ -145,12 +199,12 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     // also for a registry of the set followed later.
     let available = Arc::new(AtomicBool::new(backend_up));
     let make = {
-        let (keypair, registry, role, available) =
-            (keypair.clone(), args.client.registry.key, role.clone(), available.clone());
+        let (keypair, registry, roles, available) =
+            (keypair.clone(), args.client.registry.key, roles.clone(), available.clone());
         move |slot: usize| {
             let mut config = ClientConfig::new(keypair.clone(), registry);
             config.process = process.wrapping_add(slot as u64).max(1);
-            let mut service = ServiceClient::new(config, vec![role.clone()], local.port(), reported.clone());
+            let mut service = ServiceClient::new(config, roles.clone(), local.port(), reported.clone());
             if local.ip().is_unspecified() {
                 service = service.listening_on_every_interface();
             }
@@ -173,11 +227,17 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         Health { role, backend, every: args.check_interval, up: backend_up, available: available.clone() },
         reporter.clone(),
         control.handle(),
+        tcp,
     ));
 
     let timeout = args.handshake_timeout;
     let budget = Budget::new(args.max_streams as usize, args.max_streams_per_proxy as usize);
-    let backend = Backend { addr: backend, connect_timeout: timeout, budget };
+    let udp = udp_backend.map(|addr| UdpBackend {
+        addr,
+        idle: args.flow_idle,
+        budget: Budget::new(args.max_flows as usize, args.max_flows_per_proxy as usize),
+    });
+    let backend = Backend { addr: backend, tcp, connect_timeout: timeout, budget, udp };
     // Turns true on shutdown: every link goes away, its open streams finish.
     let (drain_tx, draining) = watch::channel(false);
     let reloads = tokio::spawn(seaport_net::signal::on_hangup({
@@ -353,7 +413,11 @@ struct Health {
 /// sent to a service that cannot answer. A backend that is not up yet keeps
 /// the role from being registered, and says so; only a role that was
 /// registered is reported withdrawn.
-async fn watch_backend(health: Health, reporter: Arc<Reporter>, control: ControlHandle<ServiceClient>) {
+async fn watch_backend(health: Health, reporter: Arc<Reporter>, control: ControlHandle<ServiceClient>, tcp: bool) {
+    // Nothing to connect to on a UDP port.
+    if !tcp {
+        return std::future::pending().await;
+    }
     let Health { role, backend, every, mut up, available } = health;
     loop {
         tokio::time::sleep(every).await;

@@ -43,7 +43,6 @@ use crate::handshake::HandshakeError;
 use crate::lock::lock;
 use crate::metrics::{DatagramDrop, Refusal, metrics};
 use crate::reach::Search;
-use seaport_proto::role::Protocol;
 
 /// Most bytes the writer gathers before one write to the link socket.
 const BATCH: usize = 4 * MAX_WIRE_RECORD;
@@ -165,7 +164,7 @@ pub(super) async fn drive(
                         // A service of a UDP port takes no streams; the
                         // proxy should not have asked (the registry says
                         // which protocol a role is served over).
-                        if side.backend.protocol == Protocol::Udp {
+                        if !side.backend.tcp {
                             let mut state = shared.lock();
                             let _ = state.link.refuse(id, Reason::WRONG_PROTOCOL);
                             changed(&mut state, &shared);

@@ -64,7 +64,6 @@ use crate::limit::Share;
 use crate::lock::lock;
 use crate::metrics::{DatagramDrop, Refusal, metrics};
 use crate::reach::{Path, Reached};
-use seaport_proto::role::Protocol;
 
 /// Why a stream could not be opened on a link.
 #[derive(Debug, thiserror::Error)]
@@ -398,10 +397,7 @@ pub async fn serve(
         if datagrams {
             state.link.allow_datagrams();
         }
-        if backend.protocol == Protocol::Udp {
-            let budget = backend.budget.clone();
-            state.datagrams.backend = Some(UdpBackend { addr: backend.addr, idle: backend.flow_idle, budget });
-        }
+        state.datagrams.backend.clone_from(&backend.udp);
     }
     let (handovers, resumed) = mpsc::channel(1);
     // Findable by a RESUME exactly while the driver runs.

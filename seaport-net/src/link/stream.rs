@@ -22,28 +22,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use seaport_proto::link::{Link, Reason, StreamId};
-use seaport_proto::role::Protocol;
 
+use super::datagram::UdpBackend;
 use super::state::{Half, Moved, Shared, Slot, State, changed};
 use crate::budget::{Budget, StreamShare};
 use crate::clock;
 use crate::dial;
 use crate::metrics::{Refusal, metrics};
 
-/// What a service needs to connect the streams of its links.
+/// What a service needs to connect the streams (and flows) of its links.
 #[derive(Debug, Clone)]
 pub struct Backend {
-    /// The backend's address.
+    /// The TCP backend's address.
     pub addr: SocketAddr,
+    /// Whether streams go to `addr`; a service of a UDP port only refuses
+    /// them ([`Reason::WRONG_PROTOCOL`]).
+    pub tcp: bool,
     /// How long connecting to it may take before the stream is refused.
     pub connect_timeout: Duration,
-    /// What the service's proxies may hold at once, shared by every link
-    /// (streams, or on a service of a UDP port, flows).
+    /// The streams the service's proxies may hold at once, shared by every link.
     pub budget: Arc<Budget>,
-    /// Whether the backend takes TCP connections (streams) or UDP datagrams (flows).
-    pub protocol: Protocol,
-    /// How long a UDP flow lives without a datagram either way.
-    pub flow_idle: Duration,
+    /// Where UDP flows go, if the service forwards UDP.
+    pub udp: Option<UdpBackend>,
 }
 
 /// How a stream ended badly.

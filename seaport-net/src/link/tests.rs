@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 
 use super::*;
 use crate::budget::Budget;
+use seaport_proto::role::Protocol;
 use crate::handshake::initiate;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -66,7 +67,13 @@ async fn service_of(
         config: LinkConfig::default(),
         resumables: Arc::default(),
     });
-    let backend = Backend { addr: backend, connect_timeout: WAIT, budget, protocol, flow_idle: FLOW_IDLE };
+    let backend = match protocol {
+        Protocol::Tcp => Backend { addr: backend, tcp: true, connect_timeout: WAIT, budget, udp: None },
+        Protocol::Udp => {
+            let udp = Some(UdpBackend { addr: backend, idle: FLOW_IDLE, budget });
+            Backend { addr: backend, tcp: false, connect_timeout: WAIT, budget: Budget::new(64, 64), udp }
+        }
+    };
     let (_drain_tx, drain) = watch::channel(false);
     let serving = responder.clone();
     tokio::spawn(async move {
