@@ -10,7 +10,6 @@
 // Test code: a panic is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
-use std::collections::HashMap;
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
@@ -21,47 +20,6 @@ use seaport_tests::*;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// The samples of an OpenMetrics/Prometheus text page: `name{labels}` → value.
-fn parse_metrics(text: &str) -> HashMap<String, f64> {
-    let mut samples = HashMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line:?}"));
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("not a number: {line:?}"));
-        assert!(samples.insert(name.to_owned(), value).is_none(), "sample twice: {line:?}");
-    }
-    samples
-}
-
-/// Scrapes `/metrics` on `port`, checking the answer's form.
-fn scrape(port: u16) -> HashMap<String, f64> {
-    let (status, body) = http_get_path(port, "/metrics");
-    assert_eq!(status, 200, "{body}");
-    assert!(body.ends_with("# EOF\n"), "an OpenMetrics page ends with # EOF: {body}");
-    parse_metrics(&body)
-}
-
-/// Scrapes until `check` holds for the samples (counters move a little after
-/// the traffic that caused them; registry gauges refresh every second).
-fn scrape_until(
-    port: u16,
-    what: &str,
-    check: impl Fn(&HashMap<String, f64>) -> bool,
-) -> HashMap<String, f64> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let samples = scrape(port);
-        if check(&samples) {
-            return samples;
-        }
-        assert!(Instant::now() < deadline, "{what}: not so within 5 s: {samples:#?}");
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn sample(samples: &HashMap<String, f64>, name: &str) -> f64 {
-    *samples.get(name).unwrap_or_else(|| panic!("no sample {name}: {samples:#?}"))
-}
 
 /// `http://127.0.0.1:PORT` for `--metrics`/`--http`.
 fn addr(port: u16) -> String {
