@@ -559,3 +559,113 @@ pub fn scrape_until(
 pub fn sample(samples: &HashMap<String, f64>, name: &str) -> f64 {
     *samples.get(name).unwrap_or_else(|| panic!("no sample {name}: {samples:#?}"))
 }
+
+// ---- WireGuard -------------------------------------------------------------------------------
+
+/// Runs `args` (a command line) in network namespace `ns` (or here, for
+/// ""), failing the test on error; its stdout.
+pub fn run_in(ns: &str, args: &[&str]) -> String {
+    let mut cmd = if ns.is_empty() {
+        Command::new(args[0])
+    } else {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, args[0]]);
+        c
+    };
+    let out = cmd.args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?} in {ns:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Two WireGuard identities: a server (address 10.99.0.2, listening) and a
+/// client (10.99.0.1, which dials the server's endpoint), for tunnels
+/// carried by seaport. Runs `wireguard-go` (userspace; needs root and
+/// `/dev/net/tun`) in network namespaces.
+pub struct WgPair {
+    keys: [(String, String); 2],
+}
+
+impl WgPair {
+    /// Fresh keys (`wg genkey`, `wg pubkey`).
+    pub fn new() -> WgPair {
+        let key = || {
+            let private = run_in("", &["wg", "genkey"]).trim().to_owned();
+            let mut pubkey = Command::new("wg")
+                .arg("pubkey")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            pubkey.stdin.take().unwrap().write_all(private.as_bytes()).unwrap();
+            let public =
+                String::from_utf8(pubkey.wait_with_output().unwrap().stdout).unwrap().trim().to_owned();
+            (private, public)
+        };
+        WgPair { keys: [key(), key()] }
+    }
+
+    /// The server's device `dev` in `ns`, listening on UDP `port`, as 10.99.0.2.
+    pub fn server(&self, ns: &str, dev: &str, port: u16) -> Proc {
+        let port = port.to_string();
+        self.up(ns, dev, 1, &["listen-port", &port, "peer", &self.keys[0].1, "allowed-ips", "10.99.0.1/32"])
+    }
+
+    /// The client's device `dev` in `ns`, as 10.99.0.1, sending to `endpoint`.
+    pub fn client(&self, ns: &str, dev: &str, endpoint: &str) -> Proc {
+        let peer = &self.keys[1].1;
+        self.up(
+            ns,
+            dev,
+            0,
+            &["peer", peer, "allowed-ips", "10.99.0.2/32", "endpoint", endpoint, "persistent-keepalive", "1"],
+        )
+    }
+
+    fn up(&self, ns: &str, dev: &str, me: usize, settings: &[&str]) -> Proc {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, "wireguard-go", "-f", dev])
+            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1");
+        let daemon = Proc::spawn(&format!("wireguard-go in {ns}"), cmd);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !Command::new("ip")
+            .args(["netns", "exec", ns, "ip", "link", "show", dev])
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {
+            assert!(Instant::now() < deadline, "wireguard-go made no {dev}: {:#?}", daemon.errors());
+            thread::sleep(Duration::from_millis(50));
+        }
+        let key_file = std::env::temp_dir().join(format!("seaport-{}-{dev}.key", std::process::id()));
+        std::fs::write(&key_file, &self.keys[me].0).unwrap();
+        let key_path = key_file.to_string_lossy().into_owned();
+        run_in(ns, &[&["wg", "set", dev, "private-key", &key_path], settings].concat());
+        let _ = std::fs::remove_file(&key_file);
+        run_in(ns, &["ip", "addr", "add", &format!("10.99.0.{}/24", me + 1), "dev", dev]);
+        run_in(ns, &["ip", "link", "set", dev, "up"]);
+        daemon
+    }
+}
+
+impl Default for WgPair {
+    fn default() -> WgPair {
+        WgPair::new()
+    }
+}
+
+/// Through a tunnel of a [`WgPair`] (client in `client_ns`, server in
+/// `server_ns`): `ping` answers, and an `iperf3` TCP transfer of 3 s
+/// arrives. Its rate in bits per second.
+pub fn wg_ping_and_iperf3(client_ns: &str, server_ns: &str) -> f64 {
+    run_in(client_ns, &["ping", "-c", "3", "-W", "5", "10.99.0.2"]);
+    let mut server = Command::new("ip");
+    server.args(["netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", "10.99.0.2"]);
+    let _server = Proc::spawn("iperf3 -s", server);
+    thread::sleep(Duration::from_millis(300));
+    let report = run_in(client_ns, &["iperf3", "-c", "10.99.0.2", "-t", "3", "-J"]);
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let received = report["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    assert!(received > 1e6, "iperf3 across the tunnel moved {received} bytes: {report}");
+    report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0)
+}

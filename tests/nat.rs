@@ -539,6 +539,40 @@ fn cone_nats_link_is_punched_and_carries_100_mib_each_way() {
     });
 }
 
+/// WireGuard across two cone NATs, carried by seaport: the WireGuard
+/// server on h1 behind a service of its UDP port, the client on h2 with
+/// its endpoint at a proxy's UDP port there; the link is punched, and
+/// `ping` and an `iperf3` transfer cross the tunnel. Needs `wireguard-go`,
+/// `wg`, `iperf3` and `ping` besides the lab (CI installs them).
+#[test]
+fn wireguard_crosses_two_cone_nats_on_a_punched_link() {
+    let tools = ["/usr/bin/wireguard-go", "/usr/bin/wg", "/usr/bin/iperf3", "/usr/bin/ping", "/dev/net/tun"];
+    if let Some(missing) = tools.iter().find(|t| !std::path::Path::new(t).exists()) {
+        assert!(
+            std::env::var("SEAPORT_TOOLS").as_deref() != Ok("require"),
+            "SEAPORT_TOOLS=require, but {missing} is missing"
+        );
+        eprintln!("skipped: needs {missing} (WireGuard through seaport); CI runs it");
+        return;
+    }
+    nat_test("nu-", &[], |net| {
+        let (seed, target) = registry_target();
+        let _reg = net.registry(&seed);
+        let (h1, h2) = (net.ns("h1"), net.ns("h2"));
+        let pair = WgPair::new();
+        let _server = pair.server(&h1, "nuw1", 51820);
+        let svc =
+            Proc::start_in(&h1, "seaport-service", &[&target, "-p", "51820", "--udp", "-r", "wg@1.0.0"], &[]);
+        svc.wait_line("registered service", WAIT);
+        let key = svc.wait_line("started p2p service on ", WAIT).rsplit(' ').next().unwrap().to_owned();
+        let (proxy, port) = net.proxy_with("h2", &target, "wg@1", &["--udp"]);
+        let _client = pair.client(&h2, "nuw2", &format!("127.0.0.1:{port}"));
+        let rate = wg_ping_and_iperf3(&h2, &h1);
+        eprintln!("iperf3 over WireGuard over a punched seaport link: {:.0} Mbit/s", rate / 1e6);
+        wait_path(&proxy, &key, "punched");
+    });
+}
+
 // ---- b. symmetric NAT: relay -----------------------------------------------------------------
 
 /// nat2 symmetric: no punch can work, so the link goes through the

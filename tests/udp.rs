@@ -8,6 +8,9 @@
 //! `bind9-dnsutils`); where they are missing it skips, saying so, unless
 //! `SEAPORT_TOOLS=require` (set by `.ci/run`), where that is a failure.
 
+// Test code: a panic is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::Command;
 use std::thread;
@@ -41,7 +44,12 @@ fn proxy_maps(target: &str, maps: &[String], services: usize, extra: &[&str]) ->
     let p = Proc::start("seaport-proxy", &args, &[]);
     let deadline = Instant::now() + WAIT;
     while p.count("found service") < services {
-        assert!(Instant::now() < deadline, "proxy found {} of {services}: {:#?}", p.count("found"), p.errors());
+        assert!(
+            Instant::now() < deadline,
+            "proxy found {} of {services}: {:#?}",
+            p.count("found"),
+            p.errors()
+        );
         thread::sleep(Duration::from_millis(20));
     }
     p
@@ -62,7 +70,8 @@ fn udp_echo() -> u16 {
 
 /// A client socket talking to `to`.
 fn client(to: SocketAddr) -> UdpSocket {
-    let bind: SocketAddr = if to.is_ipv4() { "127.0.0.1:0".parse().unwrap() } else { "[::1]:0".parse().unwrap() };
+    let bind: SocketAddr =
+        if to.is_ipv4() { "127.0.0.1:0".parse().unwrap() } else { "[::1]:0".parse().unwrap() };
     let c = UdpSocket::bind(bind).unwrap();
     c.connect(to).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -180,7 +189,10 @@ fn tcp_and_udp_of_one_role_share_a_link_and_a_flood_of_clients_is_capped() {
     assert_eq!(echoed(&client(target), b"udp"), b"udp");
     assert_eq!(http_get(tcp), (200, "tcp beside udp".into()));
     let s = scrape(metrics);
-    let links: f64 = ["direct", "punched", "relayed"].iter().map(|p| sample(&s, &format!("seaport_links_total{{path=\"{p}\"}}"))).sum();
+    let links: f64 = ["direct", "punched", "relayed"]
+        .iter()
+        .map(|p| sample(&s, &format!("seaport_links_total{{path=\"{p}\"}}")))
+        .sum();
     assert_eq!(links, 1.0, "one link carries the role's TCP and UDP");
 
     // 500 client addresses at once, 20 datagrams each: the proxy serves
@@ -202,7 +214,11 @@ fn tcp_and_udp_of_one_role_share_a_link_and_a_flood_of_clients_is_capped() {
     }
     flood.join().unwrap();
     latencies.sort();
-    eprintln!("TCP request during the flood: p50 {:?}, max {:?}", latencies[latencies.len() / 2], latencies.last().unwrap());
+    eprintln!(
+        "TCP request during the flood: p50 {:?}, max {:?}",
+        latencies[latencies.len() / 2],
+        latencies.last().unwrap()
+    );
     let s = scrape_until(metrics, "flows beyond the cap dropped", |s| {
         sample(s, "seaport_datagrams_dropped_total{reason=\"flow_limit\"}") > 0.0
     });
@@ -220,7 +236,11 @@ fn a_port_of_the_other_protocol_says_what_to_do() {
     let _udp = service_with(&reg.target, udp_echo(), "dns@1.0.0", &["--udp"]);
     let _tcp = service_with(&reg.target, http_backend("web"), "web@1.0.0", &[]);
     let (tcp, udp) = (free_port(), free_udp_port());
-    let proxy = Proc::start("seaport-proxy", &[&reg.target, "--map", &format!("dns@1={tcp}"), "--map", &format!("web@1={udp}/udp")], &[]);
+    let proxy = Proc::start(
+        "seaport-proxy",
+        &[&reg.target, "--map", &format!("dns@1={tcp}"), "--map", &format!("web@1={udp}/udp")],
+        &[],
+    );
     proxy.wait_log("forward UDP, but port", WAIT);
     let line = proxy.wait_log("forward TCP, but port", WAIT);
     assert!(line.contains("without /udp"), "{line}");
@@ -228,7 +248,8 @@ fn a_port_of_the_other_protocol_says_what_to_do() {
     let mut c = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
     assert!(closed_within(&mut c, Duration::from_secs(15)));
     // The flags say what they take.
-    let bad = Command::new(bin("seaport-proxy")).args([&reg.target, "--map", "dns@1=53/sctp"]).output().unwrap();
+    let bad =
+        Command::new(bin("seaport-proxy")).args([&reg.target, "--map", "dns@1=53/sctp"]).output().unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("write PORT/udp"));
     let reserved = Command::new(bin("seaport-service"))
@@ -237,4 +258,91 @@ fn a_port_of_the_other_protocol_says_what_to_do() {
         .unwrap();
     assert!(!reserved.status.success());
     assert!(String::from_utf8_lossy(&reserved.stderr).contains("seaport's own"));
+}
+
+// ---- WireGuard through seaport ----------------------------------------------------------------
+
+/// Two namespaces, each a WireGuard peer behind a veth pair to this one;
+/// deleted (with whatever runs in them) on drop.
+struct WgLab {
+    names: [String; 2],
+}
+
+impl Drop for WgLab {
+    fn drop(&mut self) {
+        for ns in &self.names {
+            let _ = Command::new("ip").args(["netns", "pids", ns]).output().map(|o| {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            });
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = Command::new("ip").args(["link", "del", &format!("{ns}h")]).output();
+        }
+    }
+}
+
+/// Whether WireGuard can run here: root, `ip`, `wg`, `wireguard-go`,
+/// `iperf3` and a TUN device. Without them the test skips (a failure in CI).
+fn wireguard_available() -> bool {
+    let tools = [
+        ("/usr/bin/wireguard-go", "wireguard-go"),
+        ("/usr/bin/wg", "wireguard-tools"),
+        ("/usr/bin/iperf3", "iperf3"),
+        ("/usr/bin/ping", "iputils-ping"),
+        ("/dev/net/tun", "a TUN device"),
+    ];
+    if !tools.iter().all(|(path, package)| tool(path, package).is_some()) {
+        return false;
+    }
+    if !rustix::process::geteuid().is_root() {
+        assert!(
+            std::env::var("SEAPORT_TOOLS").as_deref() != Ok("require"),
+            "SEAPORT_TOOLS=require, but not root"
+        );
+        eprintln!("skipped: WireGuard in namespaces needs root; CI runs it");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn wireguard_tunnels_through_seaport_carry_ping_and_an_iperf3_transfer() {
+    if !wireguard_available() {
+        return;
+    }
+    // Namespaces a (the WireGuard client, whose endpoint is the proxy's UDP
+    // port) and b (the WireGuard server, the service's backend), each on a
+    // veth pair to this namespace, where registry, service and proxy run.
+    let tag = std::process::id() % 100_000;
+    let lab = WgLab { names: [format!("wg{tag}a"), format!("wg{tag}b")] };
+    for (i, ns) in lab.names.iter().enumerate() {
+        let (host, inside) = (format!("{ns}h"), format!("{ns}n"));
+        run_in("", &["ip", "netns", "add", ns]);
+        run_in("", &["ip", "link", "add", &host, "type", "veth", "peer", "name", &inside]);
+        run_in("", &["ip", "link", "set", &inside, "netns", ns]);
+        run_in("", &["ip", "addr", "add", &format!("10.77.{i}.1/24"), "dev", &host]);
+        run_in("", &["ip", "link", "set", &host, "up"]);
+        run_in(ns, &["ip", "addr", "add", &format!("10.77.{i}.2/24"), "dev", &inside]);
+        run_in(ns, &["ip", "link", "set", &inside, "up"]);
+        run_in(ns, &["ip", "link", "set", "lo", "up"]);
+        run_in(ns, &["ip", "route", "add", "default", "via", &format!("10.77.{i}.1")]);
+    }
+    // seaport: the service forwards to b's WireGuard port, the proxy serves
+    // it on a UDP port a reaches.
+    let reg = registry(&[]);
+    let svc = service_with(&reg.target, 51820, "wg@1.0.0", &["--udp", "--host", "10.77.1.2"]);
+    let port = free_udp_port();
+    let proxy = proxy_maps(&reg.target, &[format!("wg@1={port}/udp")], 1, &["--bind", "10.77.0.1"]);
+
+    // b first: a starts its handshake as soon as it has a peer, and a
+    // handshake lost to a peer not up yet is retried only after 5 s.
+    let (a, b) = (&lab.names[0], &lab.names[1]);
+    let pair = WgPair::new();
+    let server = pair.server(b, &format!("{b}w"), 51820);
+    let client = pair.client(a, &format!("{a}w"), &format!("10.77.0.1:{port}"));
+    let rate = wg_ping_and_iperf3(a, b);
+    eprintln!("iperf3 over WireGuard through seaport: {:.0} Mbit/s", rate / 1e6);
+    assert!(proxy.errors().iter().all(|l| !l.contains("ERROR")), "{:#?}", proxy.errors());
+    drop((svc, server, client));
 }

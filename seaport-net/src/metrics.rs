@@ -350,7 +350,11 @@ impl Metrics {
         );
         r.register("punch_attempts", "Hole punching attempts by result: punched, failed", m.punches.clone());
         r.register("udp_flows", "Service and proxy: UDP flows open now", m.udp_flows.clone());
-        r.register("udp_flows_opened", "Service and proxy: UDP flows ever opened", m.udp_flows_opened.clone());
+        r.register(
+            "udp_flows_opened",
+            "Service and proxy: UDP flows ever opened",
+            m.udp_flows_opened.clone(),
+        );
         r.register(
             "datagrams",
             "Datagrams by direction: sent (local socket to link), received (link to local socket)",

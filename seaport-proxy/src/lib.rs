@@ -129,15 +129,17 @@ pub struct Mapping {
 }
 
 fn parse_mapping(text: &str) -> Result<Mapping, String> {
-    let (query, port) = text
-        .rsplit_once('=')
-        .ok_or_else(|| format!("{text:?} is not ROLE@RANGE=PORT[/udp], e.g. couchdb@3.x=6000 or dns@1=5353/udp"))?;
+    let (query, port) = text.rsplit_once('=').ok_or_else(|| {
+        format!("{text:?} is not ROLE@RANGE=PORT[/udp], e.g. couchdb@3.x=6000 or dns@1=5353/udp")
+    })?;
     let query = RoleQuery::parse(query).map_err(|e| e.to_string())?;
     let (port, protocol) = match port.split_once('/') {
         None => (port, Protocol::Tcp),
         Some((port, "tcp")) => (port, Protocol::Tcp),
         Some((port, "udp")) => (port, Protocol::Udp),
-        Some((_, other)) => return Err(format!("{other:?} is not a protocol: write PORT/udp, or PORT for TCP")),
+        Some((_, other)) => {
+            return Err(format!("{other:?} is not a protocol: write PORT/udp, or PORT for TCP"));
+        }
     };
     let port = port.parse().map_err(|_| format!("{port:?} is not a port (0 to 65535)"))?;
     Ok(Mapping { query, port, protocol })
@@ -457,7 +459,8 @@ impl Watcher {
             tracing::warn!(query = %wanted, "no instance matches the query right now");
         }
         if now.is_empty() {
-            readiness().set(&format!("role {wanted}"), Some(format!("no {protocol} instance of {wanted} known")));
+            readiness()
+                .set(&format!("role {wanted}"), Some(format!("no {protocol} instance of {wanted} known")));
         } else {
             readiness().set(&format!("role {wanted}"), None);
         }
@@ -508,7 +511,9 @@ impl ServedPort {
                 break order;
             }
             if any {
-                return Err("the role's instances forward UDP: serve it on a UDP port (--map ROLE=PORT/udp)".into());
+                return Err(
+                    "the role's instances forward UDP: serve it on a UDP port (--map ROLE=PORT/udp)".into()
+                );
             }
             match tokio::time::timeout_at(deadline, self.changed.changed()).await {
                 Ok(Ok(())) => {}

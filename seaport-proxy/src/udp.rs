@@ -110,7 +110,8 @@ impl UdpPort {
     pub async fn serve(self, socket: UdpSocket, stop: impl std::future::Future<Output = ()>) {
         let socket = Arc::new(socket);
         let table: Table = Arc::default();
-        let mut sweep = tokio::time::interval((self.idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)));
+        let mut sweep =
+            tokio::time::interval((self.idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);
         loop {
@@ -245,7 +246,9 @@ impl UdpPort {
         let now = clock::now();
         lock(table).retain(|from, entry| {
             let FlowState::Ready { link, flow } = &entry.state else { return true };
-            let live = link.flow_active_at(*flow).is_some_and(|last| now.saturating_duration_since(last) < self.idle);
+            let live = link
+                .flow_active_at(*flow)
+                .is_some_and(|last| now.saturating_duration_since(last) < self.idle);
             if !live {
                 tracing::debug!(client = %from, "flow ended");
                 link.close_flow(*flow);

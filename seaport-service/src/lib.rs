@@ -413,7 +413,12 @@ struct Health {
 /// sent to a service that cannot answer. A backend that is not up yet keeps
 /// the role from being registered, and says so; only a role that was
 /// registered is reported withdrawn.
-async fn watch_backend(health: Health, reporter: Arc<Reporter>, control: ControlHandle<ServiceClient>, tcp: bool) {
+async fn watch_backend(
+    health: Health,
+    reporter: Arc<Reporter>,
+    control: ControlHandle<ServiceClient>,
+    tcp: bool,
+) {
     // Nothing to connect to on a UDP port.
     if !tcp {
         return std::future::pending().await;

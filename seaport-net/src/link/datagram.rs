@@ -148,7 +148,12 @@ pub(super) fn last_active(state: &State, flow: FlowId) -> Option<Instant> {
 
 /// A datagram from this end's socket for the link: queued for the writer,
 /// or dropped (and counted) when the link cannot carry it now.
-pub(super) fn send(state: &mut State, shared: &Shared, flow: FlowId, bytes: &[u8]) -> Result<(), DatagramDrop> {
+pub(super) fn send(
+    state: &mut State,
+    shared: &Shared,
+    flow: FlowId,
+    bytes: &[u8],
+) -> Result<(), DatagramDrop> {
     let link = &state.link;
     let why = if bytes.len() > MAX_DATAGRAM {
         Some(DatagramDrop::TooLarge)

@@ -322,7 +322,9 @@ async fn read_loop(shared: &Arc<Shared>, rd: OwnedReadHalf, mut opener: Opener, 
             let State { link, streams, .. } = &mut *state;
             match link.handle_frame(clock::now(), plain) {
                 Ok(Some(Incoming::Data { id, bytes })) => deliver(link, streams, id, bytes),
-                Ok(Some(Incoming::Datagram { flow, bytes })) => datagram::deliver(shared, &mut state, flow, bytes),
+                Ok(Some(Incoming::Datagram { flow, bytes })) => {
+                    datagram::deliver(shared, &mut state, flow, bytes)
+                }
                 Ok(_) => {}
                 Err(e) => tracing::info!("link ended: {e}"),
             }

@@ -13,15 +13,15 @@ use std::time::Duration;
 
 use seaport_proto::keys::{Keypair, Seed};
 use seaport_proto::link::{Frame, LinkConfig, MAX_DATAGRAM, RESUME_TOKEN_LEN, Reason};
-use tokio::net::UdpSocket;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UdpSocket;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use super::*;
 use crate::budget::Budget;
-use seaport_proto::role::Protocol;
 use crate::handshake::initiate;
+use seaport_proto::role::Protocol;
 
 const WAIT: Duration = Duration::from_secs(10);
 /// A service's flows end after this without a datagram.
@@ -273,7 +273,8 @@ async fn udp_round_trip(client: &UdpSocket, text: &[u8]) -> u16 {
 async fn udp_flows_carry_whole_datagrams_to_their_own_clients_and_end_when_idle() {
     let (service_key, proxy_key) = (keypair(1), keypair(2));
     let budget = Budget::new(2, 2);
-    let (service_addr, _) = service_of(service_key.clone(), udp_echo_backend().await, Protocol::Udp, budget.clone()).await;
+    let (service_addr, _) =
+        service_of(service_key.clone(), udp_echo_backend().await, Protocol::Udp, budget.clone()).await;
     let remote = service_key.public();
     let dialer = proxy_key.clone();
     let repath: Repath = Arc::new(move || {

@@ -19,10 +19,10 @@
 //! protocol error (the bit says the frame may be sent), as is one above
 //! [`MAX_DATAGRAM`] (it cannot have come from a UDP socket).
 
+use super::Link;
 use super::error::{LinkError, StreamError};
 use super::event::Incoming;
 use super::wire::{self, FlowId, HEADER_LEN, MAX_DATAGRAM};
-use super::Link;
 
 impl Link {
     /// Both ends advertised datagrams: the link sends and takes them.
@@ -40,7 +40,12 @@ impl Link {
     /// buffer). Returns [`HEADER_LEN`]. A datagram never waits for credit:
     /// this fails only when the link cannot carry it at all (closed,
     /// between paths, no datagrams, too long), and the driver drops it.
-    pub fn datagram_header(&mut self, flow: FlowId, len: usize, out: &mut [u8]) -> Result<usize, StreamError> {
+    pub fn datagram_header(
+        &mut self,
+        flow: FlowId,
+        len: usize,
+        out: &mut [u8],
+    ) -> Result<usize, StreamError> {
         self.check_open()?;
         if !self.datagrams {
             return Err(StreamError::NoDatagrams);

@@ -636,7 +636,10 @@ fn datagrams_go_only_where_both_ends_take_them_and_whole() {
     }
     // Too long is refused, never cut; nothing is queued by either side.
     let mut buf = vec![0u8; HEADER_LEN + MAX_DATAGRAM + 1];
-    assert_eq!(p.datagram_header(flow, MAX_DATAGRAM + 1, &mut buf), Err(StreamError::DatagramTooLong(MAX_DATAGRAM + 1)));
+    assert_eq!(
+        p.datagram_header(flow, MAX_DATAGRAM + 1, &mut buf),
+        Err(StreamError::DatagramTooLong(MAX_DATAGRAM + 1))
+    );
     assert_eq!(sent(&mut p), []);
     assert_eq!(events(&mut s), []);
     // The service sends them back on the same flow.
