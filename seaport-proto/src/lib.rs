@@ -71,7 +71,8 @@
 //!   [`message::Message::InstancesPart`], only to a client with
 //!   [`hello::Capabilities::PARTS`]; a link is resumable, with `ACK`,
 //!   `RESUME` and `RESUMED` frames, only when both ends set
-//!   [`hello::Capabilities::RESUME`]). Unknown bits are ignored, and so are bytes
+//!   [`hello::Capabilities::RESUME`]; it carries `DATAGRAM` frames only when
+//!   both set [`hello::Capabilities::DATAGRAM`]). Unknown bits are ignored, and so are bytes
 //!   after the fields a build knows in either handshake payload: a newer
 //!   peer adds fields at the end.
 //! - **A new message** is a new [`message::Message`] variant, appended after
