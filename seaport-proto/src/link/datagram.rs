@@ -39,7 +39,7 @@ impl Link {
     /// bytes into `out[..HEADER_LEN]` (the payload follows it in the same
     /// buffer). Returns [`HEADER_LEN`]. A datagram never waits for credit:
     /// this fails only when the link cannot carry it at all (closed,
-    /// between paths, no datagrams, too long), and the driver drops it.
+    /// between paths, no datagrams, too long, flow 0), and the driver drops it.
     pub fn datagram_header(
         &mut self,
         flow: FlowId,
@@ -55,6 +55,10 @@ impl Link {
         }
         if len > MAX_DATAGRAM {
             return Err(StreamError::DatagramTooLong(len));
+        }
+        // The peer refuses flow 0: never send what it must refuse.
+        if flow.get() == 0 {
+            return Err(StreamError::ZeroFlow);
         }
         wire::write_datagram_header(flow, out).ok_or(StreamError::BufferTooSmall)?;
         Ok(HEADER_LEN)

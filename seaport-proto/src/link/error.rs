@@ -197,6 +197,9 @@ pub enum StreamError {
     /// A datagram above [`super::MAX_DATAGRAM`] bytes: refused, never cut.
     #[error("a datagram of {0} bytes exceeds {max}", max = super::MAX_DATAGRAM)]
     DatagramTooLong(usize),
+    /// A datagram of flow 0, which names no flow.
+    #[error("flow 0 names no flow")]
+    ZeroFlow,
     /// A datagram while the link has no transport (detached): it would
     /// arrive late, so it is dropped rather than kept.
     #[error("the link is between paths")]

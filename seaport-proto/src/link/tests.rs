@@ -640,6 +640,8 @@ fn datagrams_go_only_where_both_ends_take_them_and_whole() {
         p.datagram_header(flow, MAX_DATAGRAM + 1, &mut buf),
         Err(StreamError::DatagramTooLong(MAX_DATAGRAM + 1))
     );
+    // Flow 0 names no flow: the peer would refuse it, so it is never sent.
+    assert_eq!(p.datagram_header(FlowId::new(0), 1, &mut buf), Err(StreamError::ZeroFlow));
     assert_eq!(sent(&mut p), []);
     assert_eq!(events(&mut s), []);
     // The service sends them back on the same flow.
