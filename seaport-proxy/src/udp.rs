@@ -36,6 +36,9 @@ use tokio::net::UdpSocket;
 
 /// Most datagrams a new flow holds while its instance is being reached.
 pub const PENDING: usize = 16;
+/// Most bytes a new flow holds meanwhile: 4,096 flows being set up hold at
+/// most 256 MiB, not 16 largest datagrams each.
+pub const PENDING_BYTES: usize = 64 * 1024;
 /// Most datagrams read from the port in one turn, so that sweeping idle
 /// flows and shutting down are never starved by a flood.
 const READ_BURST: usize = 256;
@@ -77,8 +80,8 @@ struct Entry {
 }
 
 enum FlowState {
-    /// Its instance is being reached; what it sent meanwhile.
-    Pending(Vec<Vec<u8>>),
+    /// Its instance is being reached (since when); what it sent meanwhile.
+    Pending(std::time::Instant, Vec<Vec<u8>>),
     /// Carried on `link` as `flow`.
     Ready { link: LinkHandle, flow: FlowId },
 }
@@ -164,8 +167,9 @@ impl UdpPort {
                 link.close_flow(*flow);
                 flows.remove(&from);
             }
-            Some(FlowState::Pending(held)) => {
-                if held.len() < PENDING {
+            Some(FlowState::Pending(_, held)) => {
+                let bytes_held: usize = held.iter().map(Vec::len).sum();
+                if held.len() < PENDING && bytes_held + bytes.len() <= PENDING_BYTES {
                     held.push(bytes.to_vec());
                 } else {
                     metrics().drop_datagram(DatagramDrop::NoPath);
@@ -179,7 +183,10 @@ impl UdpPort {
             metrics().drop_datagram(DatagramDrop::FlowLimit);
             return;
         };
-        flows.insert(from, Entry { state: FlowState::Pending(vec![bytes.to_vec()]), _slot: slot });
+        flows.insert(
+            from,
+            Entry { state: FlowState::Pending(clock::now(), vec![bytes.to_vec()]), _slot: slot },
+        );
         drop(flows);
         tokio::spawn(self.clone().start_flow(table.clone(), socket.clone(), from));
     }
@@ -224,16 +231,24 @@ impl UdpPort {
                 return;
             };
             let held = std::mem::replace(&mut entry.state, FlowState::Ready { link: link.clone(), flow });
-            if let FlowState::Pending(held) = held {
-                for datagram in held {
-                    let _ = link.send_datagram(flow, &datagram);
+            match held {
+                FlowState::Pending(_, held) => {
+                    for datagram in held {
+                        let _ = link.send_datagram(flow, &datagram);
+                    }
+                }
+                // A search for a later entry of the same client (this one's
+                // was swept) finished first: the newer flow stands.
+                FlowState::Ready { link: other, flow: other_flow } => {
+                    link.close_flow(flow);
+                    entry.state = FlowState::Ready { link: other, flow: other_flow };
                 }
             }
             tracing::debug!(client = %from, service = %instance.key, "flow started");
             return;
         }
         if let Some(entry) = lock(&table).remove(&from)
-            && let FlowState::Pending(held) = entry.state
+            && let FlowState::Pending(_, held) = entry.state
         {
             for _ in held {
                 metrics().drop_datagram(DatagramDrop::NoPath);
@@ -241,11 +256,16 @@ impl UdpPort {
         }
     }
 
-    /// Ends the flows idle for `idle`, and those whose link has ended.
+    /// Ends the flows idle for `idle`, those whose link has ended, and
+    /// those still looking for an instance after `idle` (their slot goes
+    /// back; their search, once it ends, finds them gone).
     fn sweep(&self, table: &Table) {
         let now = clock::now();
         lock(table).retain(|from, entry| {
-            let FlowState::Ready { link, flow } = &entry.state else { return true };
+            let (link, flow) = match &entry.state {
+                FlowState::Ready { link, flow } => (link, flow),
+                FlowState::Pending(since, _) => return now.saturating_duration_since(*since) < self.idle,
+            };
             let live = link
                 .flow_active_at(*flow)
                 .is_some_and(|last| now.saturating_duration_since(last) < self.idle);

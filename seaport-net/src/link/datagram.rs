@@ -112,6 +112,16 @@ impl Datagrams {
         Some(next)
     }
 
+    /// The link lost its path: waiting datagrams are dropped (and counted),
+    /// not delivered late on the next one; flows stay.
+    pub(super) fn drop_waiting(&mut self) {
+        for _ in self.queue.drain(..) {
+            metrics().drop_datagram(DatagramDrop::NoPath);
+        }
+        self.queue = VecDeque::new();
+        self.queued_bytes = 0;
+    }
+
     /// The link ended: every flow ends (a service's sockets and tasks with
     /// them), waiting datagrams are dropped.
     pub(super) fn clear(&mut self) {

@@ -200,7 +200,9 @@ pub(super) fn dispatch(state: &mut State, shared: &Shared) {
             LinkEvent::GoAway | LinkEvent::Drained => {}
             LinkEvent::PathLost { error } => {
                 // The reader sees the link detached and ends the transport.
+                // Datagrams are not kept for a new path: they would arrive late.
                 state.path_lost = Some(error.to_string());
+                state.datagrams.drop_waiting();
             }
             LinkEvent::Closed { error } => {
                 tracing::debug!("link closed: {error}");
@@ -221,5 +223,7 @@ pub(super) fn lose(shared: &Shared, why: &str) {
     }
     state.path_lost = Some(why.to_owned());
     state.link.detach(clock::now());
+    // Datagrams are not kept for a new path: they would arrive late.
+    state.datagrams.drop_waiting();
     changed(&mut state, shared);
 }
