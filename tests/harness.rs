@@ -333,6 +333,12 @@ pub fn proxy_with(target: &str, query: &str, services: usize, extra: &[&str]) ->
     let mut args = vec![target, "-p", &port_text, "-r", query];
     args.extend_from_slice(extra);
     let p = Proc::start("seaport-proxy", &args, &[]);
+    wait_found(&p, services);
+    (p, port)
+}
+
+/// Waits (at most 20 s) until the proxy `p` has found `services` instances.
+pub fn wait_found(p: &Proc, services: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while p.count("found service") < services {
         assert!(
@@ -343,7 +349,6 @@ pub fn proxy_with(target: &str, query: &str, services: usize, extra: &[&str]) ->
         );
         thread::sleep(Duration::from_millis(20));
     }
-    (p, port)
 }
 
 /// An HTTP/1.0 server on loopback that answers every request with `body`.

@@ -42,16 +42,7 @@ fn proxy_maps(target: &str, maps: &[String], services: usize, extra: &[&str]) ->
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let p = Proc::start("seaport-proxy", &args, &[]);
-    let deadline = Instant::now() + WAIT;
-    while p.count("found service") < services {
-        assert!(
-            Instant::now() < deadline,
-            "proxy found {} of {services}: {:#?}",
-            p.count("found"),
-            p.errors()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_found(&p, services);
     p
 }
 
