@@ -262,6 +262,48 @@ impl Drop for Proc {
     }
 }
 
+/// The path of a program a test needs, or a skip (a failure in CI, where
+/// `SEAPORT_TOOLS=require`).
+pub fn tool(path: &str, package: &str) -> Option<String> {
+    if std::path::Path::new(path).exists() {
+        return Some(path.to_owned());
+    }
+    assert!(
+        std::env::var("SEAPORT_TOOLS").as_deref() != Ok("require"),
+        "SEAPORT_TOOLS=require, but {path} is missing: apt-get install {package}"
+    );
+    eprintln!("skipped: needs {path} (Debian {package}); CI runs it");
+    None
+}
+
+/// nginx in the foreground, one process, with `http` (the body of an
+/// `http { }` block) as its configuration, its files in a directory of its
+/// own; `None` (a skip) where nginx is missing. Waits until `port` answers.
+pub fn nginx(http: &str, port: u16) -> Option<(Proc, PathBuf)> {
+    let path = tool("/usr/sbin/nginx", "nginx")?;
+    let dir = std::env::temp_dir().join(format!("seaport-nginx-{}-{port}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let conf = format!(
+        "pid {dir}/nginx.pid;\nerror_log {dir}/logs/error.log info;\nevents {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
+         fastcgi_temp_path {dir}/fcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n{http}\n}}\n",
+        dir = dir.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let mut cmd = Command::new(path);
+    cmd.arg("-p").arg(&dir).arg("-c").arg(dir.join("nginx.conf"));
+    cmd.args(["-g", "daemon off; master_process off;"]);
+    let p = Proc::spawn("nginx", cmd);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        let log = std::fs::read_to_string(dir.join("logs/error.log")).unwrap_or_default();
+        assert!(Instant::now() < deadline, "nginx did not start: {:?}\n{log}", p.errors());
+        thread::sleep(Duration::from_millis(20));
+    }
+    Some((p, dir))
+}
+
 /// A plain HTTP server in its own process (python3), stoppable and restartable
 /// on the same port, serving `dir`.
 pub fn python_http(port: u16, dir: &std::path::Path) -> Proc {

@@ -985,13 +985,16 @@ fn a_relay_the_arranging_registry_refuses_is_carried_by_another() {
             bodies.insert(body);
         }
         assert_eq!(bodies.len(), 2, "both instances served: {bodies:?}");
-        let all = wait_links(&proxy, 2);
-        for link in &all {
-            assert_eq!(
-                (link.path.as_str(), link.addr.as_str()),
-                ("relayed", SECOND_REGISTRY_ADDR),
-                "{all:#?}"
-            );
+        wait_links(&proxy, 2);
+        // The punch runs beside the relay and, through a symmetric NAT facing
+        // a cone one, now and then wins: a link may start (or end) punched.
+        // What must hold is that every relay is carried by the registry that
+        // relays, and that the one that refuses never carries one.
+        let all = routes(&proxy);
+        let relayed: Vec<_> = all.iter().filter(|r| r.path == "relayed").collect();
+        assert!(!relayed.is_empty(), "no link was relayed: {all:#?}");
+        for route in relayed {
+            assert_eq!(route.addr, SECOND_REGISTRY_ADDR, "{all:#?}");
         }
     });
 }

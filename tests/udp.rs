@@ -20,19 +20,6 @@ use seaport_tests::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// The path of a program the test needs, or a skip (a failure in CI).
-fn tool(path: &str, package: &str) -> Option<String> {
-    if std::path::Path::new(path).exists() {
-        return Some(path.to_owned());
-    }
-    assert!(
-        std::env::var("SEAPORT_TOOLS").as_deref() != Ok("require"),
-        "SEAPORT_TOOLS=require, but {path} is missing: apt-get install {package}"
-    );
-    eprintln!("skipped: needs {path} (Debian {package}); CI runs it");
-    None
-}
-
 /// A proxy with `maps` (`--map` values), once it found `services` instances.
 fn proxy_maps(target: &str, maps: &[String], services: usize, extra: &[&str]) -> Proc {
     let mut args = vec![target.to_owned()];

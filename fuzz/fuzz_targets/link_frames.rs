@@ -21,7 +21,7 @@ use seaport_proto::link::{
 #[derive(Arbitrary, Debug)]
 enum Op {
     Raw(Vec<u8>),
-    Open { id: u8, window: u32 },
+    Open { id: u8, window: u32, client: Option<std::net::SocketAddr> },
     Accept { id: u8, window: u32 },
     Data { id: u8, len: u16 },
     End { id: u8 },
@@ -80,7 +80,7 @@ fuzz_target!(|input: (bool, u8, Vec<Op>)| {
     for op in ops.into_iter().take(512) {
         let id = |n: u8| StreamId::new(u32::from(n));
         let peer = match &op {
-            Op::Open { id: n, window } => Some(Frame::Open { id: id(*n), window: *window }),
+            Op::Open { id: n, window, client } => Some(Frame::Open { id: id(*n), window: *window, client: *client }),
             Op::Accept { id: n, window } => Some(Frame::Accept { id: id(*n), window: *window }),
             Op::Data { id: n, len } => {
                 let len = usize::from(*len).clamp(1, MAX_DATA);

@@ -40,6 +40,7 @@
 //! - [`event`]: the stdout event lines (and the counters they move).
 //! - [`metrics`]: the metric families and readiness; [`http`]: the
 //!   operations HTTP server that reports them.
+//! - [`proxy_header`]: the PROXY protocol header a service gives its backend.
 //! - [`cli`]: what every `main` shares: logging, durations, exits.
 //! - [`identity`]: seeds from flags, files or the environment; OS entropy.
 //! - [`clock`]: the one place time is read. [`lock`]: taking a `std` lock.
@@ -71,6 +72,7 @@ pub mod metrics;
 pub mod notify;
 pub mod page;
 pub mod pool;
+pub mod proxy_header;
 pub mod reach;
 pub mod registry;
 pub mod serve;

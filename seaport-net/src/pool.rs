@@ -50,6 +50,8 @@ pub struct Links {
     memo: Arc<PathMemo>,
     /// Per service key, its processes and their links.
     links: Mutex<HashMap<PublicKey, Vec<Process>>>,
+    /// Services are not told where clients connect from (`--hide-client-address`).
+    hide_client_address: bool,
 }
 
 /// One process of a service identity: one identity may run as several
@@ -80,7 +82,15 @@ impl Links {
             introducer: None,
             memo: Arc::default(),
             links: Mutex::new(HashMap::new()),
+            hide_client_address: false,
         }
+    }
+
+    /// Never tells services where a client connected from (their PROXY
+    /// protocol headers then say `UNKNOWN`).
+    pub fn hiding_client_addresses(mut self, hide: bool) -> Links {
+        self.hide_client_address = hide;
+        self
     }
 
     /// Also reaches services through meetings (punched or relayed paths).
@@ -100,7 +110,8 @@ impl Links {
         // A link found with room can fill up before our open lands: try once more.
         for _ in 0..2 {
             let link = self.get(instance).await?;
-            match link.open(client.clone(), timeout).await {
+            let from = if self.hide_client_address { None } else { client.peer_addr().ok() };
+            match link.open(client.clone(), from, timeout).await {
                 Err(OpenError::Link(proto::StreamError::StreamLimit)) => continue,
                 opened => return opened.map(|id| (link, id)),
             }

@@ -64,6 +64,9 @@ impl Capabilities {
     /// Bit 3: datagrams on links ([`crate::link`]'s `DATAGRAM` frame): UDP
     /// flows ride beside the streams, unnumbered and never resent.
     pub const DATAGRAM: Capabilities = Capabilities(1 << 3);
+    /// Bit 4: a service takes the client's address in `OPEN` ([`crate::link`]'s
+    /// wire): for the PROXY protocol header it may give its backend.
+    pub const CLIENT_ADDRESS: Capabilities = Capabilities(1 << 4);
 
     /// Whether every bit of `other` is set here.
     pub fn contains(self, other: Capabilities) -> bool {
@@ -90,7 +93,11 @@ impl Capabilities {
 
 /// What this build supports (see the crate docs, "How the wire grows").
 pub const CAPABILITIES: Capabilities = Capabilities(
-    Capabilities::MEET.0 | Capabilities::PARTS.0 | Capabilities::RESUME.0 | Capabilities::DATAGRAM.0,
+    Capabilities::MEET.0
+        | Capabilities::PARTS.0
+        | Capabilities::RESUME.0
+        | Capabilities::DATAGRAM.0
+        | Capabilities::CLIENT_ADDRESS.0,
 );
 
 /// The initiator's first handshake payload.

@@ -72,7 +72,9 @@
 //!   [`hello::Capabilities::PARTS`]; a link is resumable, with `ACK`,
 //!   `RESUME` and `RESUMED` frames, only when both ends set
 //!   [`hello::Capabilities::RESUME`]; it carries `DATAGRAM` frames only when
-//!   both set [`hello::Capabilities::DATAGRAM`]). Unknown bits are ignored, and so are bytes
+//!   both set [`hello::Capabilities::DATAGRAM`]; a proxy puts its client's
+//!   address in `OPEN` only for a service that set
+//!   [`hello::Capabilities::CLIENT_ADDRESS`]). Unknown bits are ignored, and so are bytes
 //!   after the fields a build knows in either handshake payload: a newer
 //!   peer adds fields at the end.
 //! - **A new message** is a new [`message::Message`] variant, appended after

@@ -167,7 +167,7 @@ impl Pair {
     fn on_event(&mut self, side: Side, event: LinkEvent) {
         let other = other(side);
         match event {
-            LinkEvent::Opened { id } => {
+            LinkEvent::Opened { id, .. } => {
                 assert_eq!(side, Side::Service);
                 let len = self.payload_len();
                 self.lengths.insert((side, id), len);

@@ -105,6 +105,11 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "10s", allow_hyphen_values = true,
           value_parser = duration_in(Duration::ZERO, HOUR))]
     pub drain: Duration,
+    /// Do not tell services where clients connect from. A service started
+    /// with --proxy-protocol then gives its backend `PROXY UNKNOWN` (v1) or
+    /// no address (v2; the proxy's key is still given, the link proves it).
+    #[arg(long)]
+    pub hide_client_address: bool,
     /// UDP ports: how long a client address's flow lives without a datagram
     /// either way (1s to 1h); its next datagram then starts a new flow.
     #[arg(long, value_name = "DURATION", default_value = "60s", allow_hyphen_values = true,
@@ -247,8 +252,11 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     });
     let introducer = Introducer::new(control.handle(), answers).with_punch_after(args.punch_after);
     let link_config = LinkConfig { resume_within: args.resume_within, ..LinkConfig::default() };
-    let links =
-        Arc::new(Links::new(keypair.clone(), link_config, args.dial_timeout).with_introducer(introducer));
+    let links = Arc::new(
+        Links::new(keypair.clone(), link_config, args.dial_timeout)
+            .with_introducer(introducer)
+            .hiding_client_addresses(args.hide_client_address),
+    );
     let _ = watcher.links.set(links.clone());
 
     let (wait, dial) = (args.connect_timeout, args.dial_timeout);

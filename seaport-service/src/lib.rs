@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use seaport_net::allow::AllowList;
 use seaport_net::budget::Budget;
 use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
@@ -28,6 +29,7 @@ use seaport_proto::link::LinkConfig;
 use seaport_proto::meet::Ticket;
 use seaport_proto::registry::Source;
 use seaport_proto::role::{Protocol, RESERVED_TAG_PREFIX, Role, UDP_TAG};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
@@ -53,6 +55,16 @@ pub struct Args {
     /// registered at once.
     #[arg(long, conflicts_with = "udp_port")]
     pub udp: bool,
+    /// Start each backend connection with a PROXY protocol header (v1 or
+    /// v2, as nginx's `listen ... proxy_protocol` and HAProxy's
+    /// `accept-proxy` take): the backend sees the client's address and port
+    /// as the proxy saw them instead of 127.0.0.1, and with v2 the proxy's
+    /// public key (TLV 0xE0, 64 hex characters). Off by default: a backend
+    /// that does not expect the header would take it for data. Health
+    /// checks send a LOCAL (v2) or UNKNOWN (v1) header. TCP only.
+    #[arg(long, value_name = "VERSION", conflicts_with = "udp",
+          value_parser = PossibleValuesParser::new(["v1", "v2"]).try_map(|s| s.parse::<seaport_net::proxy_header::Version>()))]
+    pub proxy_protocol: Option<seaport_net::proxy_header::Version>,
     /// Also forward UDP datagrams of the role to this local UDP port, beside
     /// TCP connections to -p (DNS on 53/tcp and 53/udp): the role is
     /// registered for both, and a proxy's TCP and UDP ports for it share
@@ -190,7 +202,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     // A backend that does not answer yet keeps the role from being
     // registered at all, rather than registered and withdrawn at once. A
     // UDP backend cannot be asked: it counts as up.
-    let backend_up = !tcp || backend_answers(backend, args.check_interval).await;
+    let backend_up = !tcp || backend_answers(backend, args.check_interval, args.proxy_protocol).await;
     if !backend_up {
         tracing::warn!(%backend, "backend does not answer: {role} is registered once it does");
         readiness().set(READY, Some(format!("not registered: backend {backend} does not answer")));
@@ -224,7 +236,14 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let control = ControlSet::spawn(args.client.registry.clone(), resolver, make, on_event);
     let meetings = tokio::spawn(reach::answer_meetings(offers, allow.clone(), met_tx));
     let health = tokio::spawn(watch_backend(
-        Health { role, backend, every: args.check_interval, up: backend_up, available: available.clone() },
+        Health {
+            role,
+            backend,
+            every: args.check_interval,
+            up: backend_up,
+            proxy_protocol: args.proxy_protocol,
+            available: available.clone(),
+        },
         reporter.clone(),
         control.handle(),
         tcp,
@@ -237,7 +256,14 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         idle: args.flow_idle,
         budget: Budget::new(args.max_flows as usize, args.max_flows_per_proxy as usize),
     });
-    let backend = Backend { addr: backend, tcp, connect_timeout: timeout, budget, udp };
+    let backend = Backend {
+        addr: backend,
+        tcp,
+        connect_timeout: timeout,
+        budget,
+        udp,
+        proxy_protocol: args.proxy_protocol,
+    };
     // Turns true on shutdown: every link goes away, its open streams finish.
     let (drain_tx, draining) = watch::channel(false);
     let reloads = tokio::spawn(seaport_net::signal::on_hangup({
@@ -404,6 +430,8 @@ struct Health {
     every: Duration,
     /// Whether it answered the last check.
     up: bool,
+    /// The PROXY protocol the backend expects, if any.
+    proxy_protocol: Option<seaport_net::proxy_header::Version>,
     /// Shared with the factory of the registries' clients.
     available: Arc<AtomicBool>,
 }
@@ -423,10 +451,10 @@ async fn watch_backend(
     if !tcp {
         return std::future::pending().await;
     }
-    let Health { role, backend, every, mut up, available } = health;
+    let Health { role, backend, every, mut up, proxy_protocol, available } = health;
     loop {
         tokio::time::sleep(every).await;
-        let now_up = backend_answers(backend, every).await;
+        let now_up = backend_answers(backend, every, proxy_protocol).await;
         if now_up == up {
             continue;
         }
@@ -448,8 +476,19 @@ async fn watch_backend(
     }
 }
 
-/// Whether the backend accepts a TCP connection within `every` (at least 1 s).
-async fn backend_answers(backend: SocketAddr, every: Duration) -> bool {
-    let check = tokio::time::timeout(every.max(Duration::from_secs(1)), TcpStream::connect(backend)).await;
-    matches!(check, Ok(Ok(_)))
+/// Whether the backend accepts a TCP connection within `every` (at least
+/// 1 s), and the PROXY header it expects if any.
+async fn backend_answers(
+    backend: SocketAddr,
+    every: Duration,
+    proxy_protocol: Option<seaport_net::proxy_header::Version>,
+) -> bool {
+    let check = async {
+        let mut socket = TcpStream::connect(backend).await?;
+        if let Some(version) = proxy_protocol {
+            socket.write_all(&seaport_net::proxy_header::local(version)).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    matches!(tokio::time::timeout(every.max(Duration::from_secs(1)), check).await, Ok(Ok(())))
 }

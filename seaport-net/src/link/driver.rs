@@ -160,7 +160,7 @@ pub(super) async fn drive(
             () = shared.opened.notified(), if service.is_some() => {
                 let opened = std::mem::take(&mut shared.lock().opened);
                 if let Some(side) = &service {
-                    for id in opened {
+                    for (id, client) in opened {
                         // A service of a UDP port takes no streams; the
                         // proxy should not have asked (the registry says
                         // which protocol a role is served over).
@@ -192,7 +192,7 @@ pub(super) async fn drive(
                             }
                         };
                         let span = tracing::info_span!("stream", id = id.get());
-                        let work = connect_stream(shared.clone(), id, side.backend.clone(), share);
+                        let work = connect_stream(shared.clone(), id, client, side.backend.clone(), share);
                         streams.spawn(work.instrument(span));
                     }
                 }

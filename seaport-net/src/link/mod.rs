@@ -117,11 +117,15 @@ impl LinkHandle {
         let remote = session.remote().ok_or(HandshakeError::ClosedEarly)?;
         let resumable = session.remote_capabilities().contains(Capabilities::RESUME);
         let datagrams = session.remote_capabilities().contains(Capabilities::DATAGRAM);
+        let client_addresses = session.remote_capabilities().contains(Capabilities::CLIENT_ADDRESS);
         let (sealer, opener, leftover, hash) = split_session(session)?;
         let token = resumable.then(|| resume_token(&hash));
         let shared = new_shared(Side::Proxy, config, remote, token, Some((path, addr)));
         if datagrams {
             shared.lock().link.allow_datagrams();
+        }
+        if client_addresses {
+            shared.lock().link.allow_client_addresses();
         }
         let span = tracing::info_span!("link", service = %remote);
         let ended = shared.clone();
@@ -194,9 +198,16 @@ impl LinkHandle {
 
     /// Opens a stream for `client` and waits (at most `timeout`) until the
     /// service reached its backend. Nothing of the client's is read before.
-    pub async fn open(&self, client: Arc<TcpStream>, timeout: Duration) -> Result<StreamId, OpenError> {
+    /// `from` is where the client connected from, for the service's PROXY
+    /// protocol header (`None`: not shared).
+    pub async fn open(
+        &self,
+        client: Arc<TcpStream>,
+        from: Option<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<StreamId, OpenError> {
         let started = tokio::time::Instant::now();
-        let opened = self.open_stream(client, timeout).await;
+        let opened = self.open_stream(client, from, timeout).await;
         let m = metrics();
         match &opened {
             Ok(_) => {
@@ -214,14 +225,19 @@ impl LinkHandle {
         opened
     }
 
-    async fn open_stream(&self, client: Arc<TcpStream>, timeout: Duration) -> Result<StreamId, OpenError> {
+    async fn open_stream(
+        &self,
+        client: Arc<TcpStream>,
+        from: Option<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<StreamId, OpenError> {
         let (tx, rx) = oneshot::channel();
         let id = {
             let mut state = self.shared.lock();
             if state.link.is_ended() {
                 return Err(OpenError::Lost);
             }
-            let id = state.link.open(clock::now())?;
+            let id = state.link.open_from(clock::now(), from)?;
             let mut slot = Slot::new(client);
             slot.answer = Some(tx);
             state.streams.insert(id, slot);

@@ -84,8 +84,9 @@ impl Slot {
 pub(super) struct State {
     pub(super) link: Link,
     pub(super) streams: HashMap<StreamId, Slot>,
-    /// Service: streams opened by the proxy, for the driver to connect.
-    pub(super) opened: Vec<StreamId>,
+    /// Service: streams opened by the proxy (and where their clients
+    /// connected from, if the proxy said), for the driver to connect.
+    pub(super) opened: Vec<(StreamId, Option<SocketAddr>)>,
     /// Why the link ended, once it has.
     pub(super) close_reason: Option<String>,
     /// Why its last transport was lost, until the driver says so.
@@ -155,8 +156,8 @@ pub(super) fn changed(state: &mut State, shared: &Shared) {
 pub(super) fn dispatch(state: &mut State, shared: &Shared) {
     while let Some(event) = state.link.poll_event() {
         match event {
-            LinkEvent::Opened { id } => {
-                state.opened.push(id);
+            LinkEvent::Opened { id, client } => {
+                state.opened.push((id, client));
                 shared.opened.notify_one();
             }
             LinkEvent::Accepted { id } => {

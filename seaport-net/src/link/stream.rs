@@ -44,6 +44,8 @@ pub struct Backend {
     pub budget: Arc<Budget>,
     /// Where UDP flows go, if the service forwards UDP.
     pub udp: Option<UdpBackend>,
+    /// The PROXY protocol header each backend connection starts with, if any.
+    pub proxy_protocol: Option<crate::proxy_header::Version>,
 }
 
 /// How a stream ended badly.
@@ -60,8 +62,29 @@ pub enum StreamEnd {
 
 /// Service: connects the backend for stream `id`, accepts or refuses it, and
 /// carries it.
-pub(super) async fn connect_stream(shared: Arc<Shared>, id: StreamId, backend: Backend, _share: StreamShare) {
-    let connected = dial::connect(backend.addr, backend.connect_timeout).await;
+pub(super) async fn connect_stream(
+    shared: Arc<Shared>,
+    id: StreamId,
+    client: Option<SocketAddr>,
+    backend: Backend,
+    _share: StreamShare,
+) {
+    let connected = dial::connect(backend.addr, backend.connect_timeout).await.map_err(|e| e.to_string());
+    // The header goes before the stream is accepted: no byte of the
+    // client's can reach the backend ahead of it, and a backend that
+    // cannot take it is a refusal the proxy can fail over from.
+    let connected = match (connected, backend.proxy_protocol) {
+        (Ok(mut socket), Some(version)) => {
+            let header = crate::proxy_header::header(version, client, backend.addr, &shared.remote);
+            let write = tokio::io::AsyncWriteExt::write_all(&mut socket, &header);
+            match tokio::time::timeout(backend.connect_timeout, write).await {
+                Ok(Ok(())) => Ok(socket),
+                Ok(Err(e)) => Err(format!("writing the PROXY header: {e}")),
+                Err(_) => Err("the backend did not take the PROXY header in time".to_owned()),
+            }
+        }
+        (connected, _) => connected,
+    };
     let socket = {
         let mut state = shared.lock();
         let socket = match connected {

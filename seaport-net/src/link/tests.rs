@@ -68,10 +68,24 @@ async fn service_of(
         resumables: Arc::default(),
     });
     let backend = match protocol {
-        Protocol::Tcp => Backend { addr: backend, tcp: true, connect_timeout: WAIT, budget, udp: None },
+        Protocol::Tcp => Backend {
+            addr: backend,
+            tcp: true,
+            connect_timeout: WAIT,
+            budget,
+            udp: None,
+            proxy_protocol: None,
+        },
         Protocol::Udp => {
             let udp = Some(UdpBackend { addr: backend, idle: FLOW_IDLE, budget });
-            Backend { addr: backend, tcp: false, connect_timeout: WAIT, budget: Budget::new(64, 64), udp }
+            Backend {
+                addr: backend,
+                tcp: false,
+                connect_timeout: WAIT,
+                budget: Budget::new(64, 64),
+                udp,
+                proxy_protocol: None,
+            }
         }
     };
     let (_drain_tx, drain) = watch::channel(false);
@@ -195,7 +209,7 @@ async fn a_stream_lives_through_cuts_and_a_replayed_or_forged_resume_takes_nothi
     let pair = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut app = TcpStream::connect(pair.local_addr().unwrap()).await.unwrap();
     let client = Arc::new(pair.accept().await.unwrap().0);
-    let id = link.open(client, WAIT).await.unwrap();
+    let id = link.open(client, None, WAIT).await.unwrap();
     let carrier = link.clone();
     let running = tokio::spawn(async move { carrier.run(id).await });
     round_trip(&mut app, b"before any cut").await;
@@ -336,7 +350,7 @@ async fn udp_flows_carry_whole_datagrams_to_their_own_clients_and_end_when_idle(
     let pair = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let _app = TcpStream::connect(pair.local_addr().unwrap()).await.unwrap();
     let tcp_client = Arc::new(pair.accept().await.unwrap().0);
-    match link.open(tcp_client, WAIT).await {
+    match link.open(tcp_client, None, WAIT).await {
         Err(OpenError::Refused(reason)) => assert_eq!(reason, Reason::WRONG_PROTOCOL),
         other => panic!("a stream to a UDP service: {other:?}"),
     }

@@ -36,6 +36,9 @@ pub enum LinkEvent {
     Opened {
         /// The stream.
         id: StreamId,
+        /// Where the proxy's client connected from, if the proxy shared it
+        /// (for a PROXY protocol header to the backend).
+        client: Option<std::net::SocketAddr>,
     },
     /// Proxy: the service reached its backend; the stream carries data now.
     Accepted {

@@ -169,6 +169,8 @@ pub struct Link {
     resume: Option<Resume>,
     /// Both ends take `DATAGRAM` frames (`datagram.rs`).
     datagrams: bool,
+    /// The peer takes a client address in `OPEN` (proxy side).
+    client_addresses: bool,
 }
 
 impl Link {
@@ -190,6 +192,7 @@ impl Link {
             phase: Phase::Live,
             resume: None,
             datagrams: false,
+            client_addresses: false,
             config,
         };
         if let Some(increment) = link.config.link_window.checked_sub(INITIAL_LINK_WINDOW).filter(|n| *n > 0) {
@@ -481,6 +484,24 @@ impl Link {
     /// `poll_transmit`. Wait for [`LinkEvent::Accepted`] (or `Refused`)
     /// before sending on it.
     pub fn open(&mut self, now: Instant) -> Result<StreamId, StreamError> {
+        self.open_from(now, None)
+    }
+
+    /// The service advertised
+    /// [`Capabilities::CLIENT_ADDRESS`](crate::hello::Capabilities::CLIENT_ADDRESS):
+    /// [`Link::open_from`] sends it the client's address.
+    pub fn allow_client_addresses(&mut self) {
+        self.client_addresses = true;
+    }
+
+    /// Proxy: as [`Link::open`], telling the service where the client
+    /// connected from (`client`) when it takes that ([`Link::allow_client_addresses`];
+    /// otherwise the address is not sent).
+    pub fn open_from(
+        &mut self,
+        now: Instant,
+        client: Option<std::net::SocketAddr>,
+    ) -> Result<StreamId, StreamError> {
         if self.side != Side::Proxy {
             return Err(StreamError::WrongSide);
         }
@@ -495,7 +516,8 @@ impl Link {
         self.next_id += 1;
         let window = self.config.initial_stream_window;
         self.streams.insert(id, Stream::new(now, 0, window));
-        self.control.push_back(Frame::Open { id, window });
+        let client = client.filter(|_| self.client_addresses);
+        self.control.push_back(Frame::Open { id, window, client });
         Ok(id)
     }
 

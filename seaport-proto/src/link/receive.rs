@@ -47,7 +47,7 @@ impl Link {
             (None, _) => {}
         }
         match frame {
-            Frame::Open { id, window } => self.on_open(now, id, window)?,
+            Frame::Open { id, window, client } => self.on_open(now, id, window, client)?,
             Frame::Accept { id, window } => {
                 if self.side == Side::Service {
                     return Err(LinkError::WrongDirection(kind));
@@ -112,7 +112,13 @@ impl Link {
         Ok(None)
     }
 
-    fn on_open(&mut self, now: Instant, id: StreamId, window: u32) -> Result<(), LinkError> {
+    fn on_open(
+        &mut self,
+        now: Instant,
+        id: StreamId,
+        window: u32,
+        client: Option<std::net::SocketAddr>,
+    ) -> Result<(), LinkError> {
         if self.side == Side::Proxy {
             return Err(LinkError::WrongDirection(FrameKind::Open));
         }
@@ -135,7 +141,7 @@ impl Link {
             return Ok(());
         }
         self.streams.insert(id, Stream::new(now, window, self.config.initial_stream_window));
-        self.events.push_back(LinkEvent::Opened { id });
+        self.events.push_back(LinkEvent::Opened { id, client });
         Ok(())
     }
 

@@ -22,7 +22,7 @@ fn sent(link: &mut Link) -> Vec<Frame<'static>> {
         let f = Frame::decode(&buf).unwrap();
         out.push(match f {
             Frame::Data { .. } => panic!("data from poll_transmit"),
-            Frame::Open { id, window } => Frame::Open { id, window },
+            Frame::Open { id, window, client } => Frame::Open { id, window, client },
             Frame::Accept { id, window } => Frame::Accept { id, window },
             Frame::End { id } => Frame::End { id },
             Frame::Reset { id, reason } => Frame::Reset { id, reason },
@@ -59,8 +59,8 @@ fn small() -> LinkConfig {
 fn service_with_stream(now: Instant, window: u32) -> Link {
     let mut s = Link::new(Side::Service, small(), now);
     sent(&mut s);
-    s.handle_frame(now, &frame(Frame::Open { id: StreamId::new(1), window })).unwrap();
-    assert_eq!(events(&mut s), [LinkEvent::Opened { id: StreamId::new(1) }]);
+    s.handle_frame(now, &frame(Frame::Open { id: StreamId::new(1), window, client: None })).unwrap();
+    assert_eq!(events(&mut s), [LinkEvent::Opened { id: StreamId::new(1), client: None }]);
     s.accept(StreamId::new(1)).unwrap();
     assert_eq!(sent(&mut s), [Frame::Accept { id: StreamId::new(1), window: 100 }]);
     s
@@ -161,7 +161,7 @@ fn windows_are_returned_in_half_window_batches_and_grow_when_drained_fast() {
     config.max_stream_window = 400;
     let mut s = Link::new(Side::Service, config, now);
     sent(&mut s);
-    s.handle_frame(now, &frame(Frame::Open { id, window: 0 })).unwrap();
+    s.handle_frame(now, &frame(Frame::Open { id, window: 0, client: None })).unwrap();
     s.accept(id).unwrap();
     sent(&mut s);
     s.handle_frame(now, &data(1, 100)).unwrap();
@@ -169,7 +169,7 @@ fn windows_are_returned_in_half_window_batches_and_grow_when_drained_fast() {
 
     let mut s = Link::new(Side::Service, LinkConfig { max_stream_window: 400, ..small() }, now);
     sent(&mut s);
-    s.handle_frame(now, &frame(Frame::Open { id, window: 0 })).unwrap();
+    s.handle_frame(now, &frame(Frame::Open { id, window: 0, client: None })).unwrap();
     s.accept(id).unwrap();
     sent(&mut s);
     s.handle_frame(now, &data(1, 100)).unwrap();
@@ -221,7 +221,7 @@ fn the_link_window_bounds_what_a_peer_can_make_us_buffer() {
     config.max_stream_window = 60_000;
     let mut s = Link::new(Side::Service, config, now);
     for n in 1..=2 {
-        s.handle_frame(now, &frame(Frame::Open { id: StreamId::new(n), window: 0 })).unwrap();
+        s.handle_frame(now, &frame(Frame::Open { id: StreamId::new(n), window: 0, client: None })).unwrap();
         s.accept(StreamId::new(n)).unwrap();
     }
     sent(&mut s);
@@ -240,7 +240,11 @@ fn protocol_violations_end_the_link() {
     let kind_data = FrameKind::Data;
     let cases: Vec<(Side, Vec<Vec<u8>>, LinkError)> = vec![
         (Side::Service, vec![vec![0x42, 0, 0, 0, 1]], LinkError::Malformed(FrameError::UnknownType(0x42))),
-        (Side::Proxy, vec![frame(Frame::Open { id, window: 1 })], LinkError::WrongDirection(FrameKind::Open)),
+        (
+            Side::Proxy,
+            vec![frame(Frame::Open { id, window: 1, client: None })],
+            LinkError::WrongDirection(FrameKind::Open),
+        ),
         (
             Side::Service,
             vec![frame(Frame::Accept { id, window: 1 })],
@@ -249,14 +253,17 @@ fn protocol_violations_end_the_link() {
         (
             Side::Service,
             vec![
-                frame(Frame::Open { id: StreamId::new(5), window: 1 }),
-                frame(Frame::Open { id, window: 1 }),
+                frame(Frame::Open { id: StreamId::new(5), window: 1, client: None }),
+                frame(Frame::Open { id, window: 1, client: None }),
             ],
             LinkError::StreamIdReused(id),
         ),
         (
             Side::Service,
-            vec![frame(Frame::Open { id, window: 1 }), frame(Frame::Open { id, window: 1 })],
+            vec![
+                frame(Frame::Open { id, window: 1, client: None }),
+                frame(Frame::Open { id, window: 1, client: None }),
+            ],
             LinkError::StreamIdReused(id),
         ),
         (Side::Service, vec![data(1, 1)], LinkError::UnknownStream { id, kind: kind_data }),
@@ -272,17 +279,20 @@ fn protocol_violations_end_the_link() {
         ),
         (
             Side::Service,
-            vec![frame(Frame::Open { id, window: 1 }), data(1, 1)],
+            vec![frame(Frame::Open { id, window: 1, client: None }), data(1, 1)],
             LinkError::Unexpected { id, kind: kind_data, when: "before ACCEPT" },
         ),
         (
             Side::Service,
-            vec![frame(Frame::Open { id, window: 1 }), frame(Frame::End { id })],
+            vec![frame(Frame::Open { id, window: 1, client: None }), frame(Frame::End { id })],
             LinkError::Unexpected { id, kind: FrameKind::End, when: "before ACCEPT" },
         ),
         (
             Side::Service,
-            vec![frame(Frame::Open { id, window: MAX_WINDOW }), frame(Frame::Window { id, increment: 1 })],
+            vec![
+                frame(Frame::Open { id, window: MAX_WINDOW, client: None }),
+                frame(Frame::Window { id, increment: 1 }),
+            ],
             LinkError::CreditOverflow(id),
         ),
         (
@@ -343,14 +353,14 @@ fn opens_beyond_the_limit_or_after_go_away_are_reset_not_fatal() {
     let mut s = Link::new(Side::Service, small(), now);
     sent(&mut s);
     for n in 1..=3 {
-        s.handle_frame(now, &frame(Frame::Open { id: StreamId::new(n), window: 1 })).unwrap();
+        s.handle_frame(now, &frame(Frame::Open { id: StreamId::new(n), window: 1, client: None })).unwrap();
     }
     assert_eq!(s.stream_count(), 2);
     assert_eq!(sent(&mut s), [Frame::Reset { id: StreamId::new(3), reason: Reason::STREAM_LIMIT }]);
     // Data crossing that reset is dropped quietly.
     assert_eq!(s.handle_frame(now, &data(3, 10)), Ok(None));
     s.go_away();
-    s.handle_frame(now, &frame(Frame::Open { id: StreamId::new(4), window: 1 })).unwrap();
+    s.handle_frame(now, &frame(Frame::Open { id: StreamId::new(4), window: 1, client: None })).unwrap();
     assert_eq!(
         sent(&mut s),
         [
@@ -373,7 +383,9 @@ fn a_peer_that_opens_without_reading_is_cut_off() {
     sent(&mut s);
     let mut result = Ok(());
     for n in 1..=CONTROL_BACKLOG as u32 + 1 {
-        result = s.handle_frame(now, &frame(Frame::Open { id: StreamId::new(n), window: 1 })).map(|_| ());
+        result = s
+            .handle_frame(now, &frame(Frame::Open { id: StreamId::new(n), window: 1, client: None }))
+            .map(|_| ());
         if result.is_err() {
             break;
         }
@@ -391,7 +403,10 @@ fn proxy_sees_refusal_before_accept_and_reset_after() {
     let b = p.open(now).unwrap();
     assert_eq!((a, b), (StreamId::new(1), StreamId::new(2)));
     assert_eq!(p.open(now), Err(StreamError::StreamLimit));
-    assert_eq!(sent(&mut p), [Frame::Open { id: a, window: 100 }, Frame::Open { id: b, window: 100 }]);
+    assert_eq!(
+        sent(&mut p),
+        [Frame::Open { id: a, window: 100, client: None }, Frame::Open { id: b, window: 100, client: None }]
+    );
     assert_eq!(p.send_credit(a), 0);
     assert_eq!(p.want_send(a), Err(StreamError::NotAccepted(a)));
     assert_eq!(p.data_header(Instant::now(), a, 1, &mut [0; 8]), Err(StreamError::NotAccepted(a)));
@@ -453,13 +468,13 @@ fn accepted_stream_sends_only_once_accept_is_out_and_wakes_on_credit() {
     let id = StreamId::new(1);
     let mut s = Link::new(Side::Service, small(), now);
     sent(&mut s);
-    s.handle_frame(now, &frame(Frame::Open { id, window: 10 })).unwrap();
+    s.handle_frame(now, &frame(Frame::Open { id, window: 10, client: None })).unwrap();
     s.accept(id).unwrap();
     s.want_send(id).unwrap();
     assert_eq!(s.next_send(), None, "ACCEPT not transmitted yet");
     assert_eq!(s.data_header(Instant::now(), id, 1, &mut [0; 8]), Err(StreamError::NotAccepted(id)));
     sent(&mut s);
-    assert_eq!(events(&mut s), [LinkEvent::Opened { id }, LinkEvent::Writable { id }]);
+    assert_eq!(events(&mut s), [LinkEvent::Opened { id, client: None }, LinkEvent::Writable { id }]);
     assert_eq!(s.next_send(), Some((id, 10)));
     s.data_header(Instant::now(), id, 10, &mut [0; 8]).unwrap();
     s.want_send(id).unwrap();
@@ -679,4 +694,26 @@ fn datagrams_take_no_credit_and_are_not_numbered() {
     // A closed link carries none.
     s.handle_closed();
     assert_eq!(s.datagram_header(FlowId::new(1), 1, &mut buf), Err(StreamError::LinkClosed));
+}
+
+/// The client's address goes only to a service that advertised taking it
+/// (an older one would refuse the longer `OPEN`), and comes out of the
+/// service's machine with the stream.
+#[test]
+fn the_client_address_goes_only_to_a_service_that_takes_it() {
+    let now = t0();
+    let client: std::net::SocketAddr = "198.51.100.4:6000".parse().unwrap();
+    let mut p = Link::new(Side::Proxy, small(), now);
+    sent(&mut p);
+    let old = p.open_from(now, Some(client)).unwrap();
+    assert_eq!(sent(&mut p), [Frame::Open { id: old, window: 100, client: None }]);
+    p.allow_client_addresses();
+    let new = p.open_from(now, Some(client)).unwrap();
+    let frames = sent(&mut p);
+    assert_eq!(frames, [Frame::Open { id: new, window: 100, client: Some(client) }]);
+
+    let mut s = Link::new(Side::Service, small(), now);
+    events(&mut s);
+    s.handle_frame(now, &frame(frames[0])).unwrap();
+    assert_eq!(events(&mut s), [LinkEvent::Opened { id: new, client: Some(client) }]);
 }

@@ -7,7 +7,7 @@
 //!
 //! | type | name     | id        | body                        |
 //! |------|----------|-----------|-----------------------------|
-//! | 0x01 | `OPEN`   | ≠ 0       | receive window (u32)        |
+//! | 0x01 | `OPEN`   | ≠ 0       | receive window (u32), client address (optional) |
 //! | 0x02 | `ACCEPT` | ≠ 0       | receive window (u32)        |
 //! | 0x03 | `DATA`   | ≠ 0       | 1 to [`MAX_DATA`] bytes     |
 //! | 0x04 | `END`    | ≠ 0       | none                        |
@@ -20,6 +20,13 @@
 //! | 0x0b | `RESUME` | 0         | frames received (u64), token (32 bytes) |
 //! | 0x0c | `RESUMED`| 0         | frames received (u64)       |
 //! | 0x0d | `DATAGRAM`| flow ≠ 0 | 0 to [`MAX_DATAGRAM`] bytes |
+//!
+//! `OPEN` may carry, after the window, the address the proxy's client
+//! connected from: port (u16) then the IPv4 (4 bytes) or IPv6 (16 bytes)
+//! address, so its body is 4, 10 or 22 bytes. Only a peer that advertised
+//! [`Capabilities::CLIENT_ADDRESS`](crate::hello::Capabilities::CLIENT_ADDRESS)
+//! is sent one (a service hands it to its backend in a PROXY protocol
+//! header); a proxy may withhold it (`--hide-client-address`).
 //!
 //! `DATAGRAM` carries one UDP datagram of a flow (`datagram.rs`) and goes
 //! only to a peer that advertised
@@ -44,6 +51,7 @@
 //! and stall a stream forever.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::noise::MAX_PLAINTEXT;
 
@@ -258,6 +266,8 @@ pub enum Frame<'a> {
         id: StreamId,
         /// The opener's initial receive window for the stream.
         window: u32,
+        /// Where the proxy's client connected from, if the proxy shares it.
+        client: Option<SocketAddr>,
     },
     /// Service → proxy: the backend is connected; the service accepts `window` bytes.
     Accept {
@@ -436,8 +446,17 @@ impl<'a> Frame<'a> {
         out.push(self.kind().byte());
         out.extend_from_slice(&id.to_be_bytes());
         match self {
-            Frame::Open { window: n, .. }
-            | Frame::Accept { window: n, .. }
+            Frame::Open { window: n, client, .. } => {
+                out.extend_from_slice(&n.to_be_bytes());
+                if let Some(client) = client {
+                    out.extend_from_slice(&client.port().to_be_bytes());
+                    match client.ip() {
+                        IpAddr::V4(ip) => out.extend_from_slice(&ip.octets()),
+                        IpAddr::V6(ip) => out.extend_from_slice(&ip.octets()),
+                    }
+                }
+            }
+            Frame::Accept { window: n, .. }
             | Frame::Window { increment: n, .. }
             | Frame::Reset { reason: Reason(n), .. }
             | Frame::GoAway { reason: Reason(n) } => out.extend_from_slice(&n.to_be_bytes()),
@@ -483,7 +502,18 @@ impl<'a> Frame<'a> {
         };
         let long = || body.try_into().map(u64::from_be_bytes).map_err(|_| length(kind, body, 8));
         Ok(match kind {
-            FrameKind::Open => Frame::Open { id, window: window()? },
+            FrameKind::Open => {
+                let (head, client) = body.split_at_checked(4).ok_or_else(|| length(kind, body, 4))?;
+                let window = match u32::from_be_bytes(head.try_into().map_err(|_| length(kind, body, 4))?) {
+                    value if value > MAX_WINDOW => return Err(FrameError::WindowTooLarge { kind, value }),
+                    value => value,
+                };
+                Frame::Open {
+                    id,
+                    window,
+                    client: client_address(client).ok_or_else(|| length(kind, body, 4))?,
+                }
+            }
             FrameKind::Accept => Frame::Accept { id, window: window()? },
             FrameKind::Data if body.is_empty() => return Err(FrameError::EmptyData),
             FrameKind::Data if body.len() > MAX_DATA => return Err(FrameError::DataTooLong(body.len())),
@@ -530,6 +560,22 @@ pub(super) fn write_data_header(id: StreamId, out: &mut [u8]) -> Option<()> {
     Some(())
 }
 
+/// An `OPEN`'s optional client address: nothing, or port then IPv4 or IPv6
+/// address; `None` for any other length.
+fn client_address(bytes: &[u8]) -> Option<Option<SocketAddr>> {
+    let (port, ip) = match bytes.split_first_chunk::<2>() {
+        None if bytes.is_empty() => return Some(None),
+        None => return None,
+        Some((port, ip)) => (u16::from_be_bytes(*port), ip),
+    };
+    let ip = match ip.len() {
+        4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(ip).ok()?)),
+        16 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(ip).ok()?)),
+        _ => return None,
+    };
+    Some(Some(SocketAddr::new(ip, port)))
+}
+
 /// Writes the header of a `DATAGRAM` frame of `flow` into `out[..HEADER_LEN]`.
 pub(super) fn write_datagram_header(flow: FlowId, out: &mut [u8]) -> Option<()> {
     let header = out.first_chunk_mut::<HEADER_LEN>()?;
@@ -559,7 +605,7 @@ mod tests {
         fn every_frame_round_trips((kind, id, n, nonce, bytes) in arb_frame()) {
             let id = StreamId(id);
             let frame = match kind {
-                1 => Frame::Open { id, window: n },
+                1 => Frame::Open { id, window: n, client: None },
                 2 => Frame::Accept { id, window: n },
                 3 => Frame::Data { id, bytes: &bytes },
                 4 => Frame::End { id },
@@ -592,6 +638,27 @@ mod tests {
             if let Ok(frame) = Frame::decode(&bytes) {
                 prop_assert_eq!(encoded(frame), bytes);
             }
+        }
+    }
+
+    #[test]
+    fn an_open_carries_a_client_address_of_either_family_or_none() {
+        let id = StreamId(9);
+        for client in
+            [None, Some("192.0.2.7:40000".parse().unwrap()), Some("[2001:db8::1]:1".parse().unwrap())]
+        {
+            let wire = encoded(Frame::Open { id, window: 77, client });
+            assert_eq!(
+                wire.len(),
+                HEADER_LEN + 4 + client.map_or(0, |c: SocketAddr| 2 + if c.is_ipv4() { 4 } else { 16 })
+            );
+            assert_eq!(Frame::decode(&wire), Ok(Frame::Open { id, window: 77, client }));
+        }
+        // Any other length is no address: refused, not guessed at.
+        for extra in [1, 2, 3, 5, 7, 17, 19, 30] {
+            let mut wire = encoded(Frame::Open { id, window: 77, client: None });
+            wire.extend(std::iter::repeat_n(1, extra));
+            assert!(Frame::decode(&wire).is_err(), "{extra} bytes after the window");
         }
     }
 
@@ -649,7 +716,7 @@ mod tests {
             ),
             (vec![0xff, 0, 0, 0, 0], FrameError::UnknownType(0xff)),
             (
-                encoded(Frame::Open { id, window: 1 })[..7].to_vec(),
+                encoded(Frame::Open { id, window: 1, client: None })[..7].to_vec(),
                 FrameError::BodyLength { kind: FrameKind::Open, len: 2, expected: 4 },
             ),
             (
@@ -661,7 +728,10 @@ mod tests {
                 FrameError::BodyLength { kind: FrameKind::Ping, len: 4, expected: 8 },
             ),
             (encoded(Frame::End { id: StreamId(0) }), FrameError::ZeroStream(FrameKind::End)),
-            (encoded(Frame::Open { id: StreamId(0), window: 5 }), FrameError::ZeroStream(FrameKind::Open)),
+            (
+                encoded(Frame::Open { id: StreamId(0), window: 5, client: None }),
+                FrameError::ZeroStream(FrameKind::Open),
+            ),
             (
                 encoded(Frame::Reset { id: StreamId(0), reason: Reason::CANCELLED }),
                 FrameError::ZeroStream(FrameKind::Reset),
