@@ -10,14 +10,14 @@
 // Test code: a panic is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
-use std::net::TcpStream;
-use std::path::Path;
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use seaport_tests::*;
 use serde_json::Value;
+
+#[path = "browser.rs"]
+mod browser;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -250,23 +250,9 @@ async fn wait_text(browser: &fantoccini::Client, what: &str, check: impl Fn(&str
     }
 }
 
-/// Whether the browser test can run here: `Some(reason)` to skip.
-fn browser_missing() -> Option<String> {
-    let missing: Vec<&str> = ["/usr/bin/chromium", "/usr/bin/chromedriver"]
-        .into_iter()
-        .filter(|p| !Path::new(p).exists())
-        .collect();
-    if missing.is_empty() {
-        return None;
-    }
-    let why = format!("{} missing (apt-get install chromium chromium-driver)", missing.join(" and "));
-    assert!(std::env::var("SEAPORT_BROWSER").as_deref() != Ok("require"), "SEAPORT_BROWSER=require: {why}");
-    Some(why)
-}
-
 #[test]
 fn registry_page_updates_itself_in_a_real_browser() {
-    if let Some(why) = browser_missing() {
+    if let Some(why) = browser::browser_missing() {
         eprintln!("skipping the browser test: {why}");
         return;
     }
@@ -281,41 +267,11 @@ fn registry_page_updates_itself_in_a_real_browser() {
     );
     reg.wait_line("Registry listening", WAIT);
 
-    let driver_port = free_port();
-    let mut cmd = Command::new("/usr/bin/chromedriver");
-    cmd.arg(format!("--port={driver_port}"));
-    let _driver = Proc::spawn("chromedriver", cmd);
-    let deadline = Instant::now() + WAIT;
-    while TcpStream::connect(("127.0.0.1", driver_port)).is_err() {
-        assert!(Instant::now() < deadline, "chromedriver did not start");
-        thread::sleep(Duration::from_millis(50));
-    }
-    let profile = std::env::temp_dir().join(format!("seaport-chromium-{}-{driver_port}", std::process::id()));
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
-        let mut caps = serde_json::Map::new();
-        caps.insert(
-            "goog:chromeOptions".into(),
-            serde_json::json!({
-                "binary": "/usr/bin/chromium",
-                "args": [
-                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                    "--disable-sync", "--window-size=1100,900",
-                    format!("--user-data-dir={}", profile.display()),
-                ],
-            }),
-        );
-        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        let browser = fantoccini::ClientBuilder::new(connector)
-            .capabilities(caps)
-            .connect(&format!("http://127.0.0.1:{driver_port}"))
-            .await
-            .expect("a WebDriver session with chromium");
+    browser::with_chromium(&[], async |browser| {
         let run = async {
             browser.goto(&format!("http://{}/", addr(web))).await.unwrap();
             browser.execute("window.marker = 1;", vec![]).await.unwrap();
-            wait_text(&browser, "the registry's key", |b| b.contains(&key)).await;
+            wait_text(browser, "the registry's key", |b| b.contains(&key)).await;
 
             // Services start while the page is open: it shows them by itself.
             let a =
@@ -326,8 +282,8 @@ fn registry_page_updates_itself_in_a_real_browser() {
             // A proxy watching couchdb shows as a session with a watch.
             let (proxy, _) = proxy(&target, "couchdb@3.x", 1);
             let registered = Instant::now();
-            wait_text(&browser, "both services", |t| t.contains(&a_key) && t.contains(&b_key)).await;
-            wait_text(&browser, "three sessions", |t| t.contains("3 sessions")).await;
+            wait_text(browser, "both services", |t| t.contains(&a_key) && t.contains(&b_key)).await;
+            wait_text(browser, "three sessions", |t| t.contains("3 sessions")).await;
             eprintln!("services shown {:?} after they registered", registered.elapsed());
             let png = browser.screenshot().await.unwrap();
             assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "a real screenshot");
@@ -337,9 +293,9 @@ fn registry_page_updates_itself_in_a_real_browser() {
 
             // A service that dies leaves the page, without a reload.
             drop(a);
-            wait_text(&browser, "couchdb gone", |t| !t.contains(&a_key) && t.contains(&b_key)).await;
+            wait_text(browser, "couchdb gone", |t| !t.contains(&a_key) && t.contains(&b_key)).await;
             // One instance is one instance, not "1 instances".
-            wait_text(&browser, "one instance, in the singular", |t| {
+            wait_text(browser, "one instance, in the singular", |t| {
                 t.contains("1 instance") && !t.contains("1 instances")
             })
             .await;
@@ -348,7 +304,5 @@ fn registry_page_updates_itself_in_a_real_browser() {
             drop((b, proxy));
         };
         run.await;
-        browser.close().await.unwrap();
     });
-    let _ = std::fs::remove_dir_all(&profile);
 }

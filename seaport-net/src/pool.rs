@@ -20,11 +20,10 @@ use std::time::Duration;
 use seaport_proto::keys::{Keypair, PublicKey};
 use seaport_proto::link::{self as proto, LinkConfig, StreamId};
 use seaport_proto::message::Instance;
-use tokio::net::TcpStream;
 
 use crate::event::{Event, emit};
 use crate::handshake::HandshakeError;
-use crate::link::{LinkHandle, OpenError, Repath};
+use crate::link::{LinkHandle, OpenError, Repath, StreamSocket};
 use crate::lock::lock;
 use crate::reach::{self, Introducer, Path, PathMemo};
 
@@ -100,17 +99,19 @@ impl Links {
     }
 
     /// Opens a stream for `client` on a link to `instance` and waits (at most
-    /// `timeout`) for the service to accept it.
+    /// `timeout`) for the service to accept it. `from` is where the client
+    /// connected from, told to the service unless this proxy hides it.
     pub async fn open(
         &self,
         instance: &Instance,
-        client: Arc<TcpStream>,
+        client: Arc<StreamSocket>,
+        from: Option<SocketAddr>,
         timeout: Duration,
     ) -> Result<(LinkHandle, StreamId), OpenError> {
+        let from = from.filter(|_| !self.hide_client_address);
         // A link found with room can fill up before our open lands: try once more.
         for _ in 0..2 {
             let link = self.get(instance).await?;
-            let from = if self.hide_client_address { None } else { client.peer_addr().ok() };
             match link.open(client.clone(), from, timeout).await {
                 Err(OpenError::Link(proto::StreamError::StreamLimit)) => continue,
                 opened => return opened.map(|id| (link, id)),

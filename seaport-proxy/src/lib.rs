@@ -5,6 +5,7 @@
 //! reached its backend. A UDP port's client addresses are flows on the same
 //! links (`udp`).
 
+mod gateway;
 mod udp;
 
 use std::collections::BTreeSet;
@@ -24,6 +25,7 @@ use seaport_net::metrics::readiness;
 use seaport_net::pool::Links;
 use seaport_net::reach::{Introducer, MeetAnswer};
 use seaport_net::serve::{accept_until, drain};
+use seaport_proto::client::proxy::{free_slot, take_slot};
 use seaport_proto::client::set::is_same_instance;
 use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, SetView, Strategy};
 use seaport_proto::keys::PublicKey;
@@ -60,6 +62,18 @@ pub struct Args {
     /// instance, whatever the number of roles.
     #[arg(long = "map", value_name = "ROLE@RANGE=PORT[/udp]", value_parser = parse_mapping)]
     pub map: Vec<Mapping>,
+    /// Serve HTTP/1.1 for every role on this address (e.g. 127.0.0.1:8000):
+    /// /role/ROLE@RANGE/PATH to an instance, /instance/KEY/PATH to one
+    /// service, /list/ROLE@RANGE the instances as JSON. Bodies stream both
+    /// ways, WebSocket upgrades pass through.
+    #[arg(long, value_name = "ADDR")]
+    pub gateway: Option<SocketAddr>,
+    /// With --gateway, also route by Host: ROLE.DOMAIN goes to an instance
+    /// of ROLE (any version), the path unchanged (e.g. --gateway-domain
+    /// seaport.localhost, then http://couchdb.seaport.localhost:8000/).
+    #[arg(long, value_name = "DOMAIN", requires = "gateway",
+          value_parser = |s: &str| Ok::<_, String>(s.trim_matches('.').to_ascii_lowercase()))]
+    pub gateway_domain: Option<String>,
     /// The local address to bind the port on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
     pub bind: std::net::IpAddr,
@@ -165,11 +179,17 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         let protocol = if args.udp { Protocol::Udp } else { Protocol::Tcp };
         mappings.insert(0, Mapping { query, port, protocol });
     }
-    if mappings.is_empty() {
+    if mappings.is_empty() && args.gateway.is_none() {
         return Err(Failure::Usage(
-            "nothing to serve: give -p PORT -r ROLE@RANGE, or --map ROLE@RANGE=PORT".into(),
+            "nothing to serve: give -p PORT -r ROLE@RANGE, --map ROLE@RANGE=PORT or --gateway ADDR".into(),
         ));
     }
+    let gateway_listener = match args.gateway {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            format!("cannot listen on {addr} for the gateway: {e}; choose another port or address")
+        })?),
+        None => None,
+    };
     let mut listeners = Vec::new();
     let mut ports = Vec::new();
     for mapping in &mappings {
@@ -210,12 +230,21 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     // Tells this process's sessions from those of others with the same seed;
     // each registry of the set gets its own (slot added).
     let process = seaport_net::identity::random_u64();
+    // What every registry of the set is asked, slot by slot: the ports'
+    // queries first, the gateway's as its requests name them.
+    let slots: Arc<Mutex<Vec<Option<Served>>>> = Arc::new(Mutex::new(
+        mappings
+            .iter()
+            .zip(&ports)
+            .map(|(m, port)| Some(Served { query: m.query.clone(), port: Some(*port), protocol: m.protocol }))
+            .collect(),
+    ));
     let make = {
-        let (keypair, registry, queries) = (keypair.clone(), args.client.registry.key, queries.clone());
+        let (keypair, registry, slots) = (keypair.clone(), args.client.registry.key, slots.clone());
         move |slot: usize| {
             let mut config = ClientConfig::new(keypair.clone(), registry);
             config.process = process.wrapping_add(slot as u64).max(1);
-            ProxyClient::with_queries(config, queries.clone())
+            ProxyClient::with_slots(config, query_slots(&lock(&slots)))
         }
     };
     let view = Arc::new(Mutex::new(SetView::new(queries.len(), args.balance, keypair.public(), args.ban)));
@@ -229,9 +258,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         control: std::sync::OnceLock::new(),
         links: std::sync::OnceLock::new(),
         pinned: pinned.clone(),
-        ports,
-        served: queries.clone(),
-        protocols: mappings.iter().map(|m| m.protocol).collect(),
+        slots,
         answers: answers_tx,
         changed: changed_tx,
         state: Mutex::new(Watched { known: vec![Vec::new(); queries.len()], ..Watched::default() }),
@@ -262,6 +289,25 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let (wait, dial) = (args.connect_timeout, args.dial_timeout);
     // One accept loop per mapping, all stopped by the one shutdown signal.
     let (stop_tx, stop) = watch::channel(false);
+    if let Some(listener) = gateway_listener {
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        tracing::info!(
+            "HTTP gateway on http://{addr}/ (/role/ROLE@RANGE/, /instance/KEY/, /list/ROLE@RANGE)"
+        );
+        let gateway = Arc::new(gateway::Gateway {
+            watcher: watcher.clone(),
+            view: view.clone(),
+            links: links.clone(),
+            pinned: pinned.clone(),
+            changed: changed.clone(),
+            wait,
+            dial,
+            domain: args.gateway_domain.clone(),
+            routes: Mutex::default(),
+            idle: Arc::default(),
+        });
+        tokio::spawn(gateway.serve(listener, stop.clone()));
+    }
     let mut loops = tokio::task::JoinSet::new();
     let mut udp_ports = tokio::task::JoinSet::new();
     let flow_cap = udp::FlowCap::new(args.max_flows as usize);
@@ -349,15 +395,26 @@ struct Watcher {
     links: std::sync::OnceLock<Arc<Links>>,
     /// The service keys this proxy trusts (`--service-key`).
     pinned: Arc<AllowList>,
-    /// The local port of each query.
-    ports: Vec<u16>,
-    served: Vec<RoleQuery>,
-    /// The protocol each query's port serves.
-    protocols: Vec<Protocol>,
+    /// What each query slot is for (`None`: a query dropped).
+    slots: Arc<Mutex<Vec<Option<Served>>>>,
     answers: mpsc::UnboundedSender<MeetAnswer>,
     /// Bumped on every change of the union.
     changed: watch::Sender<u64>,
     state: Mutex<Watched>,
+}
+
+/// What one query slot is asked for and where it is served.
+#[derive(Debug, Clone)]
+struct Served {
+    query: RoleQuery,
+    /// The local port serving it; `None` for a gateway route.
+    port: Option<u16>,
+    protocol: Protocol,
+}
+
+/// The queries of `slots`, for the registries' clients.
+fn query_slots(slots: &[Option<Served>]) -> Vec<Option<RoleQuery>> {
+    slots.iter().map(|s| s.as_ref().map(|s| s.query.clone())).collect()
 }
 
 /// What the watcher reported so far.
@@ -372,6 +429,45 @@ struct Watched {
 }
 
 impl Watcher {
+    /// Asks every registry of the set for `served` too; returns its slot
+    /// (`None` when no slot is left).
+    fn add(&self, served: Served) -> Option<usize> {
+        let queries = {
+            let mut slots = lock(&self.slots);
+            let index = take_slot(&mut slots, served)?;
+            (index, query_slots(&slots))
+        };
+        self.tell_members(&queries.1);
+        Some(queries.0)
+    }
+
+    /// Stops asking for slot `index`; what it found is forgotten.
+    fn remove(&self, index: usize) {
+        let queries = {
+            let mut slots = lock(&self.slots);
+            free_slot(&mut slots, index);
+            query_slots(&slots)
+        };
+        self.tell_members(&queries);
+        if let Some(known) = lock(&self.state).known.get_mut(index) {
+            known.clear();
+        }
+        self.update();
+    }
+
+    /// Gives each member the queries `queries`.
+    fn tell_members(&self, queries: &[Option<RoleQuery>]) {
+        if let Some(control) = self.control.get() {
+            control.change_all(|client| client.set_slots(queries));
+        }
+    }
+
+    /// Whether some registry of the set answered slot `index`.
+    fn answered(&self, index: usize) -> bool {
+        let Some(control) = self.control.get() else { return false };
+        control.members().iter().any(|m| lock(&m.client).is_answered(index))
+    }
+
     fn on_event(&self, at: At<'_>, event: &ProxyEvent) {
         match event {
             ProxyEvent::Connected => {
@@ -398,7 +494,9 @@ impl Watcher {
                 let _ = self.answers.send((at.slot, *id, Err(text.clone())));
             }
             ProxyEvent::Refused { id, code, text } => {
-                let Some(query) = usize::try_from(*id).ok().and_then(|i| self.served.get(i)) else { return };
+                let served =
+                    usize::try_from(*id).ok().and_then(|i| lock(&self.slots).get(i).cloned().flatten());
+                let Some(Served { query, .. }) = &served else { return };
                 // Another registry of the set may answer: what it answers is acted on.
                 tracing::error!(registry = %at.addr, %code, %query, "registry refused the lookup: {text}; asking again after the next reconnect");
                 emit(&Event::WatchRefused { query: query.clone(), text: text.clone() });
@@ -417,8 +515,16 @@ impl Watcher {
         let mut state = lock(&self.state);
         let mut view = lock(&self.view);
         let members = control.members();
+        let slots = lock(&self.slots).clone();
         let changed = {
-            let guards: Vec<_> = members.iter().map(|m| lock(&m.client)).collect();
+            let mut guards: Vec<_> = members.iter().map(|m| lock(&m.client)).collect();
+            // A member made while a query came or went may have missed it.
+            let queries = query_slots(&slots);
+            for client in &mut guards {
+                if !client.slots().eq(queries.iter().map(Option::as_ref)) {
+                    client.set_slots(&queries);
+                }
+            }
             let clients: Vec<&ProxyClient> = guards.iter().map(|g| &**g).collect();
             view.update(&clients)
         };
@@ -426,7 +532,8 @@ impl Watcher {
             return;
         }
         for query in changed {
-            self.report(&mut state, query, view.instances_of(query));
+            let Some(Some(served)) = slots.get(query) else { continue };
+            self.report(&mut state, query, served, view.instances_of(query));
         }
         // Links of instances that left go away: their streams finish.
         if let Some(links) = self.links.get() {
@@ -436,17 +543,21 @@ impl Watcher {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Says which instances of query `query` appeared and left.
-    fn report(&self, state: &mut Watched, query: usize, instances: &[Instance]) {
-        let (Some(port), Some(wanted)) = (self.ports.get(query), self.served.get(query)) else { return };
-        let protocol = self.protocols.get(query).copied().unwrap_or_default();
+    /// Says which instances of query `query` appeared and left. A gateway
+    /// route (no port) is reported as found and lost, but nothing waits for it.
+    fn report(&self, state: &mut Watched, query: usize, served: &Served, instances: &[Instance]) {
+        let Served { query: wanted, port, protocol } = served;
+        let protocol = *protocol;
         // With --service-key, the others do not exist for this proxy.
         let admitted = instances.iter().filter(|i| self.pinned.admits(&i.key));
         // Nor do those of the other protocol, but they are worth a word:
         // the user probably mixed them up.
         let (now, other): (Vec<Instance>, Vec<Instance>) =
             admitted.cloned().partition(|i| i.role.protocol() == protocol);
-        if now.is_empty() && !other.is_empty() {
+        if let Some(port) = port
+            && now.is_empty()
+            && !other.is_empty()
+        {
             let fix = match protocol {
                 Protocol::Tcp => format!("serve it on a UDP port: --map {wanted}=PORT/udp, or -p PORT --udp"),
                 Protocol::Udp => format!("serve it on a TCP port: --map {wanted}=PORT, without /udp"),
@@ -461,24 +572,34 @@ impl Watcher {
         }
         for found in now.iter().filter(|n| !before.iter().any(|b| is_same_instance(b, n))) {
             emit(&Event::Found { key: found.key, role: found.role.clone() });
-            emit(&Event::Serving { port: *port, key: found.key });
+            if let Some(port) = port {
+                emit(&Event::Serving { port: *port, key: found.key });
+            }
         }
-        if now.is_empty() && other.is_empty() {
-            tracing::warn!(query = %wanted, "no instance matches the query right now");
+        if state.known.len() <= query {
+            state.known.resize(query + 1, Vec::new());
         }
-        if now.is_empty() {
-            readiness()
-                .set(&format!("role {wanted}"), Some(format!("no {protocol} instance of {wanted} known")));
-        } else {
-            readiness().set(&format!("role {wanted}"), None);
-        }
+        let empty = now.is_empty();
         if let Some(slot) = state.known.get_mut(query) {
             *slot = now;
         }
-        // Ready once every role served has an instance (systemd's After=).
-        if !state.ready && state.known.iter().all(|k| !k.is_empty()) {
-            state.ready = true;
-            seaport_net::notify::ready();
+        if port.is_none() {
+            return;
+        }
+        if empty && other.is_empty() {
+            tracing::warn!(query = %wanted, "no instance matches the query right now");
+        }
+        let ready = format!("role {wanted}");
+        readiness().set(&ready, empty.then(|| format!("no {protocol} instance of {wanted} known")));
+        // Ready once every port's role has an instance (systemd's After=).
+        if !state.ready {
+            let slots = lock(&self.slots);
+            let ports =
+                slots.iter().enumerate().filter(|(_, s)| s.as_ref().is_some_and(|s| s.port.is_some()));
+            if ports.map(|(i, _)| state.known.get(i)).all(|k| k.is_some_and(|k| !k.is_empty())) {
+                state.ready = true;
+                seaport_net::notify::ready();
+            }
         }
     }
 }
@@ -528,11 +649,12 @@ impl ServedPort {
                 _ => return Err(format!("no instance found within {:?}", self.wait)),
             }
         };
-        let socket = Arc::new(stream);
+        let from = stream.peer_addr().ok();
+        let socket = Arc::new(seaport_net::link::StreamSocket::Tcp(stream));
         let mut failures = Vec::new();
         let mut opened = None;
         for instance in order {
-            match self.links.open(&instance, socket.clone(), self.dial).await {
+            match self.links.open(&instance, socket.clone(), from, self.dial).await {
                 Ok(stream) => {
                     seaport_net::serve::record_peer_key(&instance.key);
                     opened = Some(stream);

@@ -31,6 +31,7 @@
 mod datagram;
 mod driver;
 mod resume;
+mod socket;
 mod state;
 mod stream;
 
@@ -52,6 +53,7 @@ pub use self::datagram::{QUEUE_BYTES, QUEUE_DATAGRAMS, UdpBackend, recv_with};
 use self::driver::{ServiceSide, drive};
 use self::resume::{Carrier, Handover, first_record_len, peek_resume, refuse_resume, split_session};
 pub use self::resume::{Repath, Resumables};
+pub use self::socket::StreamSocket;
 pub use self::state::Moved;
 use self::state::{Shared, Slot, changed, new_shared};
 use self::stream::run_stream;
@@ -202,7 +204,7 @@ impl LinkHandle {
     /// protocol header (`None`: not shared).
     pub async fn open(
         &self,
-        client: Arc<TcpStream>,
+        client: Arc<StreamSocket>,
         from: Option<SocketAddr>,
         timeout: Duration,
     ) -> Result<StreamId, OpenError> {
@@ -227,7 +229,7 @@ impl LinkHandle {
 
     async fn open_stream(
         &self,
-        client: Arc<TcpStream>,
+        client: Arc<StreamSocket>,
         from: Option<SocketAddr>,
         timeout: Duration,
     ) -> Result<StreamId, OpenError> {

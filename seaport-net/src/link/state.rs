@@ -16,9 +16,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::socket::StreamSocket;
 use seaport_proto::keys::PublicKey;
 use seaport_proto::link::{Link, LinkConfig, LinkEvent, RESUME_TOKEN_LEN, Reason, Side, StreamId};
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot};
 
 use super::datagram::Datagrams;
@@ -44,7 +44,7 @@ pub(super) enum Half {
 
 /// One stream as the driver sees it.
 pub(super) struct Slot {
-    pub(super) socket: Arc<TcpStream>,
+    pub(super) socket: Arc<StreamSocket>,
     pub(super) wake: Arc<Notify>,
     /// Proxy: where the service's answer to `OPEN` goes.
     pub(super) answer: Option<oneshot::Sender<Result<(), Reason>>>,
@@ -66,7 +66,7 @@ pub(super) struct Slot {
 }
 
 impl Slot {
-    pub(super) fn new(socket: Arc<TcpStream>) -> Slot {
+    pub(super) fn new(socket: Arc<StreamSocket>) -> Slot {
         Slot {
             socket,
             wake: Arc::new(Notify::new()),

@@ -24,6 +24,7 @@ use std::time::Duration;
 use seaport_proto::link::{Link, Reason, StreamId};
 
 use super::datagram::UdpBackend;
+use super::socket::StreamSocket;
 use super::state::{Half, Moved, Shared, Slot, State, changed};
 use crate::budget::{Budget, StreamShare};
 use crate::clock;
@@ -91,7 +92,7 @@ pub(super) async fn connect_stream(
             Ok(socket) => match state.link.accept(id) {
                 Ok(()) => {
                     metrics().stream_opened("accepted");
-                    let socket = Arc::new(socket);
+                    let socket = Arc::new(StreamSocket::Tcp(socket));
                     state.streams.insert(id, Slot::new(socket.clone()));
                     Some(socket)
                 }
@@ -137,12 +138,12 @@ pub(super) async fn run_stream(shared: &Shared, id: StreamId) -> Result<Moved, S
             if let Some(reason) = slot.reset {
                 streams.remove(&id);
                 drop(state);
-                let _ = socket.set_zero_linger();
+                socket.reset();
                 return Err(StreamEnd::Reset(reason));
             }
             if slot.received == Half::Ended && slot.pending.is_empty() && !shut_write {
                 shut_write = true;
-                let _ = socket2::SockRef::from(&*socket).shutdown(std::net::Shutdown::Write);
+                socket.shutdown_write();
             }
             if slot.sent == Half::Ended && shut_write {
                 let moved = slot.moved;

@@ -208,7 +208,7 @@ async fn a_stream_lives_through_cuts_and_a_replayed_or_forged_resume_takes_nothi
     // A client's stream: the app writes at one end, the link carries the other.
     let pair = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut app = TcpStream::connect(pair.local_addr().unwrap()).await.unwrap();
-    let client = Arc::new(pair.accept().await.unwrap().0);
+    let client = Arc::new(StreamSocket::Tcp(pair.accept().await.unwrap().0));
     let id = link.open(client, None, WAIT).await.unwrap();
     let carrier = link.clone();
     let running = tokio::spawn(async move { carrier.run(id).await });
@@ -349,10 +349,46 @@ async fn udp_flows_carry_whole_datagrams_to_their_own_clients_and_end_when_idle(
     // A stream to a UDP service is refused as the wrong protocol.
     let pair = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let _app = TcpStream::connect(pair.local_addr().unwrap()).await.unwrap();
-    let tcp_client = Arc::new(pair.accept().await.unwrap().0);
+    let tcp_client = Arc::new(StreamSocket::Tcp(pair.accept().await.unwrap().0));
     match link.open(tcp_client, None, WAIT).await {
         Err(OpenError::Refused(reason)) => assert_eq!(reason, Reason::WRONG_PROTOCOL),
         other => panic!("a stream to a UDP service: {other:?}"),
     }
     forward.abort();
+}
+
+/// A stream whose local end is in this process (the gateway's): bytes both
+/// ways, each end's end of file seen as end of file.
+#[tokio::test]
+async fn an_in_process_stream_carries_bytes_both_ways_and_ends_cleanly() {
+    let (service_key, proxy_key) = (keypair(1), keypair(2));
+    let (service_addr, _responder) = service(service_key.clone(), echo_backend().await).await;
+    let remote = service_key.public();
+    let dialer = proxy_key.clone();
+    let repath: Repath = Arc::new(move || {
+        let local = dialer.clone();
+        Box::pin(async move { dial(service_addr, &local, remote).await })
+    });
+    let reached = dial(service_addr, &proxy_key, remote).await.unwrap();
+    let link = LinkHandle::start(reached, LinkConfig::default(), repath).unwrap();
+    let (ours, mut app) = StreamSocket::pair().unwrap();
+    let ours = Arc::new(ours);
+    let id = link.open(ours, None, WAIT).await.unwrap();
+    let carried = tokio::spawn({
+        let link = link.clone();
+        async move { link.run(id).await }
+    });
+    let big: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let (mut rd, mut wr) = app.split();
+    let write = async {
+        wr.write_all(&big).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let read = rd.read_to_end(&mut back);
+    let ((), read) = tokio::time::timeout(WAIT, async { tokio::join!(write, read) }).await.expect("in time");
+    read.unwrap();
+    assert!(back == big, "{} bytes back of {}", back.len(), big.len());
+    let moved = tokio::time::timeout(WAIT, carried).await.unwrap().unwrap().unwrap();
+    assert_eq!((moved.sent, moved.received), (big.len() as u64, big.len() as u64));
 }

@@ -5,7 +5,11 @@
 //!
 //! Invariants: each query's instance set only ever holds instances that
 //! match that query, whatever the registry sends. Query `i` is watch id `i`;
-//! lookups and meetings count from after the last query. An answer that
+//! lookups and meetings count from [`FIRST_REQUEST_ID`], above any watch.
+//! Queries can be added and dropped while the session runs
+//! ([`ProxyClient::set_slots`]): a dropped query's slot is empty and is the
+//! first one a new query takes ([`take_slot`]), so the indices of the
+//! others never move and every member of a set numbers them alike. An answer that
 //! comes in parts ([`Message::InstancesPart`]s, then the last `Instances`)
 //! is reported only once whole, never a part of it; at most one answer is
 //! being assembled at a time (the registry sends an answer's parts one after
@@ -89,6 +93,9 @@ pub const RECONNECT_GRACE: Duration = Duration::from_secs(5);
 /// Most meetings a proxy asks for at once (the registry has its own cap).
 pub const MAX_PENDING_MEETS: usize = 64;
 
+/// The id of the first lookup or meeting: watch ids (query slots) stay below it.
+pub const FIRST_REQUEST_ID: u32 = 1 << 31;
+
 /// One query the proxy serves: what it asks and what matched last.
 struct Watched {
     query: RoleQuery,
@@ -100,12 +107,21 @@ struct Watched {
     /// During a grace: the registry's last answer alone, applied when the
     /// grace ends.
     reported: Option<(Vec<Instance>, bool)>,
+    /// A session has answered it (with no instance, perhaps).
+    answered: bool,
+}
+
+impl Watched {
+    fn new(query: RoleQuery) -> Watched {
+        Watched { query, instances: Vec::new(), before: Vec::new(), reported: None, answered: false }
+    }
 }
 
 /// The proxy side; see the module docs.
 pub struct ProxyClient {
     control_session: ControlSession,
-    watched: Vec<Watched>,
+    /// One slot per query index; `None` for a dropped query.
+    watched: Vec<Option<Watched>>,
     next_lookup: u32,
     /// Meet requests the registry has not answered yet.
     meets: HashSet<u32>,
@@ -134,14 +150,17 @@ impl ProxyClient {
     /// A proxy for several queries at once (one per role it serves), over
     /// one control session.
     pub fn with_queries(config: ClientConfig, queries: Vec<RoleQuery>) -> ProxyClient {
-        let watched: Vec<Watched> = queries
-            .into_iter()
-            .map(|query| Watched { query, instances: Vec::new(), before: Vec::new(), reported: None })
-            .collect();
+        ProxyClient::with_slots(config, queries.into_iter().map(Some).collect())
+    }
+
+    /// A proxy whose query `i` is `slots[i]`, an empty slot for `None` (a
+    /// query dropped before this client was made: new members of a set are
+    /// made with the slots the others have).
+    pub fn with_slots(config: ClientConfig, slots: Vec<Option<RoleQuery>>) -> ProxyClient {
         ProxyClient {
             control_session: ControlSession::new(config),
-            next_lookup: first_request_id(watched.len()),
-            watched,
+            next_lookup: FIRST_REQUEST_ID,
+            watched: slots.into_iter().map(|q| q.map(Watched::new)).collect(),
             meets: HashSet::new(),
             partial: None,
             grace_until: None,
@@ -178,14 +197,57 @@ impl ProxyClient {
 
     fn next_request_id(&mut self) -> u32 {
         let id = self.next_lookup;
-        let first = first_request_id(self.watched.len());
-        self.next_lookup = self.next_lookup.checked_add(1).unwrap_or(first);
+        self.next_lookup = self.next_lookup.checked_add(1).unwrap_or(FIRST_REQUEST_ID);
         id
     }
 
-    /// The queries served, in the order given.
+    /// Makes the queries `slots` (index `i` is watch `i`; `None`: no
+    /// query there): a query that changed is unwatched and watched anew at
+    /// once if the session is open, else with the others when it opens; an
+    /// unchanged one keeps what it found. The indices of the others never
+    /// move, so a proxy gives every member of a set the same list (kept with
+    /// [`take_slot`] and [`free_slot`]) and they number their queries alike.
+    /// Slots past [`FIRST_REQUEST_ID`] are ignored.
+    pub fn set_slots(&mut self, slots: &[Option<RoleQuery>]) {
+        let slots = slots.get(..FIRST_REQUEST_ID as usize).unwrap_or(slots);
+        let open = self.control_session.is_established();
+        for index in 0..slots.len().max(self.watched.len()) {
+            let wanted = slots.get(index).cloned().flatten();
+            let held = self.watched.get(index).and_then(Option::as_ref).map(|w| &w.query);
+            if held == wanted.as_ref() {
+                continue;
+            }
+            let id = u32::try_from(index).unwrap_or(u32::MAX);
+            if open && held.is_some() && wanted.is_none() {
+                self.control_session.send(&Message::Unwatch { id });
+            }
+            if open && let Some(query) = &wanted {
+                // Re-using an id replaces that watch at the registry.
+                self.control_session.send(&Message::Watch { id, query: query.clone() });
+            }
+            if index >= self.watched.len() {
+                self.watched.resize_with(index + 1, || None);
+            }
+            if let Some(slot) = self.watched.get_mut(index) {
+                *slot = wanted.map(Watched::new);
+            }
+        }
+        self.watched.truncate(slots.len());
+    }
+
+    /// The queries' slots, in index order (`None`: dropped).
+    pub fn slots(&self) -> impl Iterator<Item = Option<&RoleQuery>> {
+        self.watched.iter().map(|w| w.as_ref().map(|w| &w.query))
+    }
+
+    /// The queries served, in index order, dropped ones left out.
     pub fn queries(&self) -> impl Iterator<Item = &RoleQuery> {
-        self.watched.iter().map(|w| &w.query)
+        self.watched.iter().flatten().map(|w| &w.query)
+    }
+
+    /// Whether a session has answered query `index` (possibly with nothing).
+    pub fn is_answered(&self, index: usize) -> bool {
+        self.watched.get(index).and_then(Option::as_ref).is_some_and(|w| w.answered)
     }
 
     /// The instances last reported for the first query (kept across
@@ -196,13 +258,13 @@ impl ProxyClient {
 
     /// The instances last reported for query `query`.
     pub fn instances_of(&self, query: usize) -> &[Instance] {
-        self.watched.get(query).map_or(&[], |w| w.instances.as_slice())
+        self.watched.get(query).and_then(Option::as_ref).map_or(&[], |w| w.instances.as_slice())
     }
 
     /// The instances last reported for every query, each once.
     pub fn all_instances(&self) -> Vec<Instance> {
         let mut all: Vec<Instance> = Vec::new();
-        for instance in self.watched.iter().flat_map(|w| &w.instances) {
+        for instance in self.watched.iter().flatten().flat_map(|w| &w.instances) {
             if !all.contains(instance) {
                 all.push(instance.clone());
             }
@@ -213,7 +275,7 @@ impl ProxyClient {
     /// Whether an instance of `key` with `role` is among those last
     /// reported for any query.
     pub fn lists(&self, key: &PublicKey, role: &Role) -> bool {
-        self.watched.iter().flat_map(|w| &w.instances).any(|i| i.key == *key && i.role == *role)
+        self.watched.iter().flatten().flat_map(|w| &w.instances).any(|i| i.key == *key && i.role == *role)
     }
 
     /// Adds a part of answer `id`; a part of another answer than the one
@@ -256,9 +318,11 @@ impl ProxyClient {
             other => other,
         };
         match msg {
-            Message::Instances { id, instances, truncated } if (id as usize) < self.watched.len() => {
+            Message::Instances { id, instances, truncated } if id < FIRST_REQUEST_ID => {
                 let query = id as usize;
-                let Some(watched) = self.watched.get_mut(query) else { return };
+                // A watch dropped since: its answer is nobody's.
+                let Some(Some(watched)) = self.watched.get_mut(query) else { return };
+                watched.answered = true;
                 // Only what we asked for: a confused registry cannot steer us elsewhere.
                 let mut instances: Vec<Instance> =
                     instances.into_iter().filter(|i| watched.query.matches(&i.role)).collect();
@@ -294,7 +358,7 @@ impl ProxyClient {
                 // A watch the registry no longer grants (its ACL was reloaded
                 // without us): what it found is no longer ours to use.
                 if code == ErrorCode::FORBIDDEN
-                    && let Some(watched) = self.watched.get_mut(id as usize)
+                    && let Some(Some(watched)) = self.watched.get_mut(id as usize)
                     && !watched.instances.is_empty()
                 {
                     watched.instances.clear();
@@ -326,6 +390,7 @@ impl ProxyClient {
     fn on_deadline(&mut self, _now: Instant) {
         self.grace_until = None;
         for (query, watched) in self.watched.iter_mut().enumerate() {
+            let Some(watched) = watched else { continue };
             watched.before = Vec::new();
             // A query the new session has not answered yet keeps what it had.
             let Some((reported, truncated)) = watched.reported.take() else { continue };
@@ -342,14 +407,15 @@ impl ProxyClient {
             ControlEvent::Opened { at } => {
                 self.events.push_back(ProxyEvent::Connected);
                 // A reconnect: what was known stays for a while (module docs).
-                if self.watched.iter().any(|w| !w.instances.is_empty()) {
+                if self.watched.iter().flatten().any(|w| !w.instances.is_empty()) {
                     self.grace_until = Some(at + RECONNECT_GRACE);
-                    for watched in &mut self.watched {
+                    for watched in self.watched.iter_mut().flatten() {
                         watched.before.clone_from(&watched.instances);
                         watched.reported = None;
                     }
                 }
                 for (id, watched) in self.watched.iter().enumerate() {
+                    let Some(watched) = watched else { continue };
                     let id = u32::try_from(id).unwrap_or(u32::MAX);
                     self.control_session.send(&Message::Watch { id, query: watched.query.clone() });
                 }
@@ -361,7 +427,7 @@ impl ProxyClient {
                 // A grace belongs to its session: the next one starts its
                 // own from what is known now.
                 self.grace_until = None;
-                for watched in &mut self.watched {
+                for watched in self.watched.iter_mut().flatten() {
                     watched.before = Vec::new();
                     watched.reported = None;
                 }
@@ -375,9 +441,30 @@ impl ProxyClient {
     }
 }
 
-/// The first id after the watches' (one per query).
-fn first_request_id(queries: usize) -> u32 {
-    u32::try_from(queries).unwrap_or(u32::MAX)
+/// Puts `value` in the first empty slot of `slots`, else after the last;
+/// returns its index (`None` with every watch id taken). One rule for a
+/// client's watches and for whoever keeps a copy of their slots, so the
+/// indices agree.
+pub fn take_slot<T>(slots: &mut Vec<Option<T>>, value: T) -> Option<usize> {
+    let index = slots.iter().position(Option::is_none).unwrap_or(slots.len());
+    if index >= FIRST_REQUEST_ID as usize {
+        return None;
+    }
+    if index == slots.len() {
+        slots.push(None);
+    }
+    *slots.get_mut(index)? = Some(value);
+    Some(index)
+}
+
+/// Empties slot `index` of `slots` and returns what it held; trailing empty
+/// slots go, so the list does not only grow.
+pub fn free_slot<T>(slots: &mut Vec<Option<T>>, index: usize) -> Option<T> {
+    let value = slots.get_mut(index)?.take();
+    while slots.last().is_some_and(Option::is_none) {
+        slots.pop();
+    }
+    value
 }
 
 registry_client!(ProxyClient, ProxyEvent);
@@ -466,6 +553,42 @@ mod tests {
         deliver(&mut proxy, &mut registry, now, &[part]);
         proxy.handle_closed();
         assert!(proxy.partial.is_none());
+    }
+
+    #[test]
+    fn queries_come_and_go_without_moving_the_others() {
+        let (mut proxy, mut registry, now) = open_proxy();
+        let q = |text: &str| RoleQuery::parse(text).unwrap();
+        let mut slots = vec![Some(q("db"))];
+        let second = take_slot(&mut slots, q("db@1")).unwrap();
+        let third = take_slot(&mut slots, q("db@^1.0.0")).unwrap();
+        assert_eq!((second, third), (1, 2));
+        proxy.set_slots(&slots);
+        assert!(!proxy.is_answered(second));
+        let answer = |id| Message::Instances { id, instances: instances(10, 2), truncated: false };
+        let events = deliver(&mut proxy, &mut registry, now, &[answer(0), answer(1)]);
+        assert!(matches!(&events[..], [_, ProxyEvent::Instances { query: 1, .. }]), "{events:?}");
+        assert!(proxy.is_answered(second) && !proxy.is_answered(third));
+
+        assert_eq!(free_slot(&mut slots, second), Some(q("db@1")));
+        proxy.set_slots(&slots);
+        assert!(proxy.instances_of(second).is_empty());
+        assert_eq!(proxy.instances_of(0).len(), 2, "an unchanged query keeps what it found");
+        assert_eq!(proxy.slots().count(), 3, "the third keeps its index");
+        // A late answer to the dropped watch is nobody's.
+        assert_eq!(deliver(&mut proxy, &mut registry, now, &[answer(1)]), vec![]);
+        // Its slot is the next one taken; a lookup's id is above every watch.
+        assert_eq!(take_slot(&mut slots, q("other")), Some(1));
+        proxy.set_slots(&slots);
+        assert_eq!(proxy.queries().count(), 3);
+        assert!(proxy.lookup(q("db")).unwrap() >= FIRST_REQUEST_ID);
+        // Dropping the last ones shrinks the list.
+        free_slot(&mut slots, 2);
+        free_slot(&mut slots, 1);
+        assert_eq!(slots.len(), 1);
+        proxy.set_slots(&slots);
+        assert_eq!(proxy.slots().count(), 1);
+        assert_eq!(proxy.instances_of(0).len(), 2);
     }
 
     #[test]

@@ -52,6 +52,10 @@ struct Chosen {
 /// The union of a set's answers, per query; see the module docs.
 pub struct SetView {
     queries: Vec<Chosen>,
+    /// How a query added later balances.
+    strategy: Strategy,
+    me: PublicKey,
+    ban: Duration,
 }
 
 impl SetView {
@@ -61,7 +65,7 @@ impl SetView {
         let queries = (0..queries)
             .map(|_| Chosen { balancer: Balancer::new(strategy, me, ban), instances: Vec::new() })
             .collect();
-        SetView { queries }
+        SetView { queries, strategy, me, ban }
     }
 
     /// Takes each query's union anew from `members` (at most
@@ -71,6 +75,12 @@ impl SetView {
         let connected: Vec<&ProxyClient> = members.iter().copied().filter(|m| m.is_connected()).collect();
         if connected.is_empty() {
             return Vec::new();
+        }
+        // Queries added since ([`ProxyClient::watch`]) get a union too.
+        let slots = members.iter().map(|m| m.slots().count()).max().unwrap_or(0);
+        while self.queries.len() < slots {
+            let balancer = Balancer::new(self.strategy, self.me, self.ban);
+            self.queries.push(Chosen { balancer, instances: Vec::new() });
         }
         let mut changed = Vec::new();
         for (query, chosen) in self.queries.iter_mut().enumerate() {

@@ -1,0 +1,594 @@
+//! The HTTP gateway (`--gateway ADDR`): one local HTTP/1.1 port for every
+//! role, routed by path or by `Host`:
+//! - `/role/<role@range>/<path>` → `<path>` on a matching instance (chosen
+//!   and failed over as a `--map` port's connections are);
+//! - `/instance/<key>/<path>` → `<path>` on that service (one already found
+//!   through a route or a port of this proxy);
+//! - `/list/<role@range>` → the matching instances as JSON;
+//! - `Host: <role>.<suffix>` (with `--gateway-domain SUFFIX`) → the path as
+//!   it is on an instance of `<role>` (any version).
+//!
+//! A route's query is watched like a port's (one slot per distinct query,
+//! at most [`MAX_ROUTES`], the least recently used given up first), so the
+//! second request finds its instances known. Requests go to the backend
+//! with hyper's HTTP/1 client over a link stream whose local end is in this
+//! process ([`StreamSocket::pair`]): bodies stream both ways at any size,
+//! `Upgrade` (WebSocket) becomes a byte pipe after the 101, and a
+//! connection to a backend is kept (at most [`IDLE_PER_SERVICE`] per
+//! service) for the next request.
+//!
+//! Invariants: nothing of a request is sent before a service accepted its
+//! stream, so a refusing instance costs the client nothing but a retry on
+//! the next; a request is never sent twice (once its body started, a
+//! failure is a 502). Errors are HTTP answers with a one-line reason:
+//! 400 for a bad range or key, 404 for a role nothing is registered under or
+//! an unknown path, 502 when no instance answers, 504 when no registry
+//! answers in time.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use seaport_net::allow::AllowList;
+use seaport_net::identity::random_u64;
+use seaport_net::link::StreamSocket;
+use seaport_net::lock::lock;
+use seaport_net::pool::Links;
+use seaport_proto::client::SetView;
+use seaport_proto::keys::PublicKey;
+use seaport_proto::message::Instance;
+use seaport_proto::role::{Protocol, RoleQuery};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::{Served, Watcher};
+
+/// Most distinct queries the gateway watches at once.
+pub const MAX_ROUTES: usize = 256;
+/// Most idle backend connections kept per service.
+pub const IDLE_PER_SERVICE: usize = 16;
+/// How long a client may take to send a request's head.
+const HEAD_WITHIN: Duration = Duration::from_secs(30);
+
+/// What a response carries: a backend's body, or our own answer.
+type Body = Either<Returning, Full<Bytes>>;
+
+/// Idle backend connections, per service and client address: a backend
+/// told the client's address (PROXY protocol) once per connection must not
+/// see another client's requests on it.
+type Idle = Mutex<HashMap<(PublicKey, IpAddr), Vec<SendRequest<Incoming>>>>;
+
+/// A backend's response body that gives its connection back to the idle
+/// ones once it has been read to the end (not before: the connection is
+/// busy until then).
+pub(crate) struct Returning {
+    body: Incoming,
+    back: Option<GoesBack>,
+}
+
+/// Where a connection goes once its response was read: `sender` into
+/// `idle` under `key`.
+struct GoesBack {
+    idle: Arc<Idle>,
+    key: (PublicKey, IpAddr),
+    sender: SendRequest<Incoming>,
+}
+
+/// Why a request goes nowhere: an HTTP status and a line for people.
+struct Refusal(StatusCode, String);
+
+impl From<Refusal> for Response<Body> {
+    fn from(Refusal(status, why): Refusal) -> Response<Body> {
+        text(status, why)
+    }
+}
+
+impl hyper::body::Body for Returning {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        // hyper stops asking after the last byte of a body of known length,
+        // so the end is also when no byte is left.
+        let ended = matches!(polled, std::task::Poll::Ready(None)) || self.body.is_end_stream();
+        if ended && let Some(GoesBack { idle, key, sender }) = self.back.take() {
+            let mut idle = lock(&idle);
+            let kept = idle.entry(key).or_default();
+            kept.retain(|s| !s.is_closed());
+            if kept.len() < IDLE_PER_SERVICE {
+                kept.push(sender);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The gateway's state, shared by its connections.
+pub(crate) struct Gateway {
+    pub(crate) watcher: Arc<Watcher>,
+    pub(crate) view: Arc<Mutex<SetView>>,
+    pub(crate) links: Arc<Links>,
+    pub(crate) pinned: Arc<AllowList>,
+    pub(crate) changed: watch::Receiver<u64>,
+    /// How long a request waits for a registry's answer.
+    pub(crate) wait: Duration,
+    /// How long opening a stream on an instance may take.
+    pub(crate) dial: Duration,
+    /// `Host` routing: `<role>.<domain>`.
+    pub(crate) domain: Option<String>,
+    /// Query → its slot and last use.
+    pub(crate) routes: Mutex<HashMap<String, (usize, Instant)>>,
+    /// Idle backend connections.
+    pub(crate) idle: Arc<Idle>,
+}
+
+/// Where a request goes.
+enum Route {
+    /// An instance of the query, at `path`; `prefix` is what was cut off.
+    Role { query: RoleQuery, prefix: String, path: String },
+    /// The service `key`, at `path`.
+    Instance { key: PublicKey, prefix: String, path: String },
+    /// The instances of the query, as JSON.
+    List(RoleQuery),
+}
+
+impl Gateway {
+    /// Serves HTTP on `listener` until `stop` turns true.
+    pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+        let stopped = async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        };
+        tokio::pin!(stopped);
+        loop {
+            let (stream, client) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!("gateway: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut stopped => return,
+            };
+            let _ = stream.set_nodelay(true);
+            let gateway = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let gateway = gateway.clone();
+                    async move { Ok::<_, std::convert::Infallible>(gateway.handle(request, client).await) }
+                });
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder.timer(TokioTimer::new()).header_read_timeout(HEAD_WITHIN);
+                let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+                if let Err(e) = conn.await {
+                    tracing::debug!(%client, "gateway connection ended: {e}");
+                }
+            });
+        }
+    }
+
+    async fn handle(self: Arc<Self>, request: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+        let route = match self.route(&request) {
+            Ok(route) => route,
+            Err(refusal) => return refusal.into(),
+        };
+        match route {
+            Route::List(query) => match self.instances(&query).await {
+                Ok(instances) => json(&instances),
+                Err(refusal) => refusal.into(),
+            },
+            Route::Role { query, prefix, path } => match self.instances(&query).await {
+                Ok(instances) if instances.is_empty() => {
+                    text(StatusCode::NOT_FOUND, format!("no instance of {query} is registered"))
+                }
+                Ok(instances) => {
+                    let order = self.order(&query, instances);
+                    self.forward(request, client, order, &prefix, &path).await
+                }
+                Err(refusal) => refusal.into(),
+            },
+            Route::Instance { key, prefix, path } => {
+                let found: Vec<Instance> = lock(&self.view)
+                    .all_instances()
+                    .into_iter()
+                    .filter(|i| i.key == key && i.role.protocol() == Protocol::Tcp)
+                    .collect();
+                if found.is_empty() {
+                    let why = format!(
+                        "service {key} is not among the instances this proxy found: \
+                         reach its role through /role/ or /list/ first"
+                    );
+                    return text(StatusCode::NOT_FOUND, why);
+                }
+                self.forward(request, client, found, &prefix, &path).await
+            }
+        }
+    }
+
+    /// Where `request` goes, or the answer saying why nowhere.
+    fn route(&self, request: &Request<Incoming>) -> Result<Route, Refusal> {
+        let path = request.uri().path();
+        let query_string = request.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+        // `/<kind>/<name>[/<rest>]`.
+        let split = |kind: &str| -> Option<(String, String, String)> {
+            let rest = path.strip_prefix(kind)?;
+            let (name, tail) = rest.split_once('/').map_or((rest, ""), |(n, t)| (n, t));
+            let prefix = format!("{kind}{name}");
+            Some((percent_decode(name), prefix, format!("/{tail}{query_string}")))
+        };
+        let parse_query = |name: &str| {
+            RoleQuery::parse(name)
+                .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("{name:?} is not a ROLE@RANGE: {e}")))
+        };
+        if let Some((name, prefix, path)) = split("/role/") {
+            return Ok(Route::Role { query: parse_query(&name)?, prefix, path });
+        }
+        if let Some((name, _, _)) = split("/list/") {
+            return Ok(Route::List(parse_query(&name)?));
+        }
+        if let Some((name, prefix, path)) = split("/instance/") {
+            let key = name.parse::<PublicKey>().map_err(|e| {
+                Refusal(
+                    StatusCode::BAD_REQUEST,
+                    format!("{name:?} is not a service key (64 hex characters): {e}"),
+                )
+            })?;
+            return Ok(Route::Instance { key, prefix, path });
+        }
+        if let Some(role) = self.host_role(request) {
+            let path = format!("{path}{query_string}");
+            return Ok(Route::Role { query: parse_query(&role)?, prefix: String::new(), path });
+        }
+        let hint = match &self.domain {
+            Some(domain) => format!(", or Host: ROLE.{domain}"),
+            None => String::new(),
+        };
+        Err(Refusal(
+            StatusCode::NOT_FOUND,
+            format!("no route: use /role/ROLE@RANGE/PATH, /instance/KEY/PATH or /list/ROLE@RANGE{hint}"),
+        ))
+    }
+
+    /// With `--gateway-domain D`, the role of a `Host: <role>.D[:port]`.
+    fn host_role(&self, request: &Request<Incoming>) -> Option<String> {
+        let domain = self.domain.as_deref()?;
+        let host = request.headers().get(header::HOST)?.to_str().ok()?;
+        let host = host.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(host, |(h, _)| h);
+        let role = host.to_ascii_lowercase().strip_suffix(&format!(".{domain}"))?.to_owned();
+        (!role.is_empty() && !role.contains('.')).then_some(role)
+    }
+
+    /// The instances of `query` once a registry answered (watching it from
+    /// now on), or the answer saying why not.
+    async fn instances(&self, query: &RoleQuery) -> Result<Vec<Instance>, Refusal> {
+        let Some(slot) = self.slot_for(query) else {
+            return Err(Refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("too many routes watched ({MAX_ROUTES})"),
+            ));
+        };
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let mut changed = self.changed.clone();
+        loop {
+            let known: Vec<Instance> = lock(&self.view)
+                .instances_of(slot)
+                .iter()
+                .filter(|i| self.pinned.admits(&i.key) && i.role.protocol() == Protocol::Tcp)
+                .cloned()
+                .collect();
+            if !known.is_empty() || self.watcher.answered(slot) {
+                return Ok(known);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let why = format!("no registry answered for {query} within {:?}", self.wait);
+                return Err(Refusal(StatusCode::GATEWAY_TIMEOUT, why));
+            }
+            // An empty answer changes no union: look again shortly too.
+            let pause = tokio::time::sleep(Duration::from_millis(20));
+            tokio::select! {
+                _ = changed.changed() => {}
+                () = pause => {}
+            }
+        }
+    }
+
+    /// The slot watching `query`, added now if new (the least recently used
+    /// route given up when all are taken).
+    fn slot_for(&self, query: &RoleQuery) -> Option<usize> {
+        let mut routes = lock(&self.routes);
+        let now = Instant::now();
+        let name = query.to_string();
+        if let Some((slot, used)) = routes.get_mut(&name) {
+            *used = now;
+            return Some(*slot);
+        }
+        if routes.len() >= MAX_ROUTES {
+            let oldest = routes.iter().min_by_key(|(_, (_, used))| *used).map(|(q, _)| q.clone());
+            if let Some((slot, _)) = oldest.and_then(|q| routes.remove(&q)) {
+                self.watcher.remove(slot);
+            }
+        }
+        let served = Served { query: query.clone(), port: None, protocol: Protocol::Tcp };
+        let slot = self.watcher.add(served)?;
+        routes.insert(name, (slot, now));
+        Some(slot)
+    }
+
+    /// `instances` in the balance strategy's order for `query`.
+    fn order(&self, query: &RoleQuery, instances: Vec<Instance>) -> Vec<Instance> {
+        let Some(slot) = lock(&self.routes).get(&query.to_string()).map(|(slot, _)| *slot) else {
+            return instances;
+        };
+        let mut order = lock(&self.view).choose_for(slot, seaport_net::clock::now(), random_u64());
+        order.retain(|i| instances.contains(i));
+        order
+    }
+
+    /// Sends `request` to the first of `order` that takes it.
+    async fn forward(
+        &self,
+        mut request: Request<Incoming>,
+        client: SocketAddr,
+        order: Vec<Instance>,
+        prefix: &str,
+        path: &str,
+    ) -> Response<Body> {
+        let upgrade = wants_upgrade(request.headers());
+        let from_client = upgrade.then(|| hyper::upgrade::on(&mut request));
+        if let Err(refusal) = rewrite(&mut request, client, prefix, path, upgrade) {
+            return refusal.into();
+        }
+        let mut failures = Vec::new();
+        for instance in order {
+            let mut sender = match self.sender(&instance, client).await {
+                Ok(sender) => sender,
+                Err(e) => {
+                    tracing::warn!(service = %instance.key, "gateway: instance failed, trying the next: {e}");
+                    lock(&self.view).report_failure(seaport_net::clock::now(), instance.key);
+                    failures.push(e);
+                    continue;
+                }
+            };
+            let answer = match sender.try_send_request(request).await {
+                Ok(answer) => answer,
+                Err(mut e) => match e.take_message() {
+                    // Not sent (the kept connection had closed): the next.
+                    Some(back) => {
+                        request = back;
+                        failures.push(format!("{}: {}", instance.key, e.into_error()));
+                        continue;
+                    }
+                    None => {
+                        let why =
+                            format!("service {} failed during the request: {}", instance.key, e.into_error());
+                        return text(StatusCode::BAD_GATEWAY, why);
+                    }
+                },
+            };
+            seaport_net::serve::record_peer_key(&instance.key);
+            return self.answer(answer, sender, (instance.key, client.ip()), from_client);
+        }
+        text(StatusCode::BAD_GATEWAY, format!("no instance answered: {}", failures.join("; ")))
+    }
+
+    /// The backend's answer to the client: its connection is kept once the
+    /// body is read; after a 101 the two upgraded connections are joined.
+    fn answer(
+        &self,
+        mut answer: Response<Incoming>,
+        sender: SendRequest<Incoming>,
+        key: (PublicKey, IpAddr),
+        from_client: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<Body> {
+        if answer.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let to_backend = hyper::upgrade::on(&mut answer);
+            if let Some(from_client) = from_client {
+                tokio::spawn(async move {
+                    let (Ok(client), Ok(backend)) = tokio::join!(from_client, to_backend) else { return };
+                    let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+                        tracing::debug!("gateway: upgraded connection ended: {e}");
+                    }
+                });
+            }
+            return answer.map(|body| Either::Left(Returning { body, back: None }));
+        }
+        let back = Some(GoesBack { idle: self.idle.clone(), key, sender });
+        answer.map(|body| Either::Left(Returning { body, back }))
+    }
+
+    /// A backend connection to `instance`: a kept one that is free, else a
+    /// new stream on its link (the service connects its backend first).
+    async fn sender(&self, instance: &Instance, client: SocketAddr) -> Result<SendRequest<Incoming>, String> {
+        // A kept connection was idle when put back; it takes a request
+        // once its connection task has noticed (a moment at most).
+        loop {
+            let kept = lock(&self.idle).get_mut(&(instance.key, client.ip())).and_then(Vec::pop);
+            let Some(mut sender) = kept else { break };
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), sender.ready()).await {
+                return Ok(sender);
+            }
+        }
+        let (ours, theirs) = StreamSocket::pair().map_err(|e| e.to_string())?;
+        let (link, id) = self
+            .links
+            .open(instance, Arc::new(ours), Some(client), self.dial)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            if let Err(e) = link.run(id).await {
+                tracing::debug!("gateway stream ended: {e}");
+            }
+        });
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(theirs)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!("gateway: backend connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Whether a request asks to switch protocols (`Connection: upgrade`).
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+/// Readies `request` for the backend: its path with the route cut off,
+/// hop-by-hop headers dropped (but an upgrade's kept), and who asked
+/// (`X-Forwarded-*`, `Forwarded`).
+fn rewrite(
+    request: &mut Request<Incoming>,
+    client: SocketAddr,
+    prefix: &str,
+    path: &str,
+    upgrade: bool,
+) -> Result<(), Refusal> {
+    *request.uri_mut() = path
+        .parse::<Uri>()
+        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("{path:?} is not a path: {e}")))?;
+    let headers = request.headers_mut();
+    // Headers named by Connection are for this hop only (RFC 9110 7.6.1).
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+        .filter(|name| !(upgrade && name == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection", "te", "trailer", "proxy-authorization"] {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+    }
+    let ip = client.ip().to_string();
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(before) => format!("{before}, {ip}"),
+        None => ip.clone(),
+    };
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let node = if client.is_ipv6() { format!("\"[{ip}]\"") } else { ip };
+    let mut forwarded = format!("for={node};proto=http");
+    if !host.is_empty() && host.bytes().all(|b| b.is_ascii_graphic()) {
+        forwarded.push_str(&format!(";host=\"{host}\""));
+    }
+    let values = [
+        ("x-forwarded-for", forwarded_for),
+        ("x-forwarded-proto", "http".to_owned()),
+        ("x-forwarded-host", host),
+        ("x-forwarded-prefix", prefix.to_owned()),
+        ("forwarded", forwarded),
+    ];
+    for (name, value) in values {
+        if value.is_empty() {
+            continue;
+        }
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+    Ok(())
+}
+
+/// `%XX` escapes decoded (a range such as `^3.2.0` or `1.x || 2.x` arrives
+/// escaped); anything else is kept as it is.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (b, hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(decoded)) => {
+                out.push(decoded);
+                i += 3;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A plain-text answer.
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut answer = Response::new(Either::Right(Full::new(Bytes::from(body + "\n"))));
+    *answer.status_mut() = status;
+    answer.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    answer
+}
+
+/// The instances as a JSON array of `{key, role, addrs}`.
+fn json(instances: &[Instance]) -> Response<Body> {
+    let list: Vec<serde_json::Value> = instances
+        .iter()
+        .map(|i| {
+            serde_json::json!({
+                "key": i.key.to_string(),
+                "role": i.role.to_string(),
+                "addrs": i.addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let body = serde_json::Value::Array(list).to_string();
+    let mut answer = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    answer.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    answer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaped_ranges_are_read_as_written() {
+        assert_eq!(percent_decode("web@%5E1.2.0"), "web@^1.2.0");
+        assert_eq!(percent_decode("web@1.x%20%7C%7C%202.x"), "web@1.x || 2.x");
+        assert_eq!(percent_decode("bad%zz%4"), "bad%zz%4");
+    }
+
+    #[test]
+    fn an_upgrade_is_asked_with_both_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(!wants_upgrade(&headers));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(wants_upgrade(&headers));
+    }
+}
