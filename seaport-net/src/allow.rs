@@ -18,8 +18,8 @@ use crate::lock::{read, write};
 /// The keys allowed to open links, or everyone.
 #[derive(Debug)]
 pub struct AllowList {
-    flags: Vec<PublicKey>,
-    file: Option<PathBuf>,
+    /// The `--allow` keys and the `--allow-file`, as last configured.
+    source: RwLock<(Vec<PublicKey>, Option<PathBuf>)>,
     /// `None`: anyone may connect.
     keys: RwLock<Option<HashSet<PublicKey>>>,
 }
@@ -29,7 +29,7 @@ impl AllowList {
     /// everyone when both are empty.
     pub fn new(flags: Vec<PublicKey>, file: Option<PathBuf>) -> Result<AllowList, String> {
         let keys = load(&flags, file.as_deref())?;
-        Ok(AllowList { flags, file, keys: RwLock::new(keys) })
+        Ok(AllowList { source: RwLock::new((flags, file)), keys: RwLock::new(keys) })
     }
 
     /// Whether `key` may open a link.
@@ -44,9 +44,17 @@ impl AllowList {
 
     /// Rereads the file (SIGHUP); on an error the old list stays.
     pub fn reload(&self) -> Result<usize, String> {
-        let keys = load(&self.flags, self.file.as_deref())?;
+        let (flags, file) = read(&self.source).clone();
+        self.reconfigure(flags, file)
+    }
+
+    /// Takes new `--allow` keys and `--allow-file` (a reread config file)
+    /// and reads the file; on an error the old list and source stay.
+    pub fn reconfigure(&self, flags: Vec<PublicKey>, file: Option<PathBuf>) -> Result<usize, String> {
+        let keys = load(&flags, file.as_deref())?;
         let count = keys.as_ref().map_or(0, HashSet::len);
         *write(&self.keys) = keys;
+        *write(&self.source) = (flags, file);
         Ok(count)
     }
 }

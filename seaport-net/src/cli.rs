@@ -54,6 +54,13 @@ pub struct ClientArgs {
     /// powershell) and exit, e.g. `... --completions bash > /etc/bash_completion.d/seaport-proxy`.
     #[arg(long, value_name = "SHELL", exclusive = true)]
     pub completions: Option<clap_complete::Shell>,
+    /// Read settings from this TOML file: a setting is a flag's long name
+    /// (drain = "30s", json = true, allow = ["KEY", ...]; a proxy's ports as
+    /// [[map]] tables with role, port and protocol = "udp"). Flags given
+    /// here override the file's. kill -HUP rereads it: a proxy opens and
+    /// closes ports to match its maps, a service takes its allow list.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 impl ClientArgs {

@@ -41,6 +41,7 @@
 //! - [`metrics`]: the metric families and readiness; [`http`]: the
 //!   operations HTTP server that reports them.
 //! - [`proxy_header`]: the PROXY protocol header a service gives its backend.
+//! - [`config`]: `--config FILE`, the flags from a TOML file.
 //! - [`cli`]: what every `main` shares: logging, durations, exits.
 //! - [`identity`]: seeds from flags, files or the environment; OS entropy.
 //! - [`clock`]: the one place time is read. [`lock`]: taking a `std` lock.
@@ -57,6 +58,7 @@ pub mod allow;
 pub mod budget;
 pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod control;
 pub mod dht;
 pub mod dial;

@@ -6,6 +6,7 @@
 //! links (`udp`).
 
 mod gateway;
+mod ports;
 mod udp;
 
 use std::collections::BTreeSet;
@@ -24,7 +25,7 @@ use seaport_net::lock::lock;
 use seaport_net::metrics::readiness;
 use seaport_net::pool::Links;
 use seaport_net::reach::{Introducer, MeetAnswer};
-use seaport_net::serve::{accept_until, drain};
+use seaport_net::serve::drain;
 use seaport_proto::client::proxy::{free_slot, take_slot};
 use seaport_proto::client::set::is_same_instance;
 use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, SetView, Strategy};
@@ -164,21 +165,32 @@ fn parse_mapping(text: &str) -> Result<Mapping, String> {
     Ok(Mapping { query, port, protocol })
 }
 
-/// A mapping's local socket.
-enum Listener {
-    Tcp(tokio::net::TcpListener),
-    Udp(tokio::net::UdpSocket),
+impl Args {
+    /// What to serve on ports: -p/-r first, then each --map.
+    fn mappings(&self) -> Vec<Mapping> {
+        let mut mappings = self.map.clone();
+        if let (Some(port), Some(query)) = (self.port, self.role.clone()) {
+            let protocol = if self.udp { Protocol::Udp } else { Protocol::Tcp };
+            mappings.insert(0, Mapping { query, port, protocol });
+        }
+        mappings
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
 pub async fn run(args: Args) -> Result<(), Failure> {
     seaport_net::event::use_json(args.client.json);
     let keypair = args.client.keypair()?;
-    let mut mappings = args.map.clone();
-    if let (Some(port), Some(query)) = (args.port, args.role.clone()) {
-        let protocol = if args.udp { Protocol::Udp } else { Protocol::Tcp };
-        mappings.insert(0, Mapping { query, port, protocol });
-    }
+    let mappings = args.mappings();
     if mappings.is_empty() && args.gateway.is_none() {
         return Err(Failure::Usage(
             "nothing to serve: give -p PORT -r ROLE@RANGE, --map ROLE@RANGE=PORT or --gateway ADDR".into(),
@@ -193,28 +205,10 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let mut listeners = Vec::new();
     let mut ports = Vec::new();
     for mapping in &mappings {
-        let addr = SocketAddr::new(args.bind, mapping.port);
-        let cannot = |e: std::io::Error| {
-            format!(
-                "cannot listen on {addr}/{} (for {}): {e}; choose another port or --bind address",
-                mapping.protocol, mapping.query
-            )
-        };
-        let (listener, local) = match mapping.protocol {
-            Protocol::Tcp => {
-                let listener = tokio::net::TcpListener::bind(addr).await.map_err(cannot)?;
-                let local = listener.local_addr().map_err(|e| e.to_string())?;
-                (Listener::Tcp(listener), local)
-            }
-            Protocol::Udp => {
-                let socket = tokio::net::UdpSocket::bind(addr).await.map_err(cannot)?;
-                let local = socket.local_addr().map_err(|e| e.to_string())?;
-                (Listener::Udp(socket), local)
-            }
-        };
-        // With port 0 the kernel picks the port: report that one, not 0.
-        ports.push(local.port());
+        let (listener, port) = ports::bind(mapping, args.bind).await?;
         listeners.push(listener);
+        // With port 0 the kernel picks the port: report that one, not 0.
+        ports.push(port);
     }
     let queries: Vec<RoleQuery> = mappings.iter().map(|m| m.query.clone()).collect();
     // Ready while an instance of every role served is known (`/ready`).
@@ -308,70 +302,58 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         });
         tokio::spawn(gateway.serve(listener, stop.clone()));
     }
-    let mut loops = tokio::task::JoinSet::new();
-    let mut udp_ports = tokio::task::JoinSet::new();
-    let flow_cap = udp::FlowCap::new(args.max_flows as usize);
-    for (query, listener) in listeners.into_iter().enumerate() {
-        let listener = match listener {
-            Listener::Tcp(listener) => listener,
-            Listener::Udp(socket) => {
-                let port = udp::UdpPort {
-                    query,
-                    name: queries.get(query).map(ToString::to_string).unwrap_or_default(),
-                    view: view.clone(),
-                    links: links.clone(),
-                    pinned: pinned.clone(),
-                    idle: args.flow_idle,
-                    cap: flow_cap.clone(),
-                    warned: Arc::default(),
-                };
-                let mut stop = stop.clone();
-                udp_ports.spawn(port.serve(socket, async move {
-                    let _ = stop.wait_for(|stopped| *stopped).await;
-                }));
-                continue;
-            }
-        };
-        let served_port = ServedPort {
-            query,
+    let mut served = ports::Ports::new(ports::PortContext {
+        bind: args.bind,
+        watcher: watcher.clone(),
+        tcp: ServedPort {
+            query: 0,
             view: view.clone(),
             links: links.clone(),
             pinned: pinned.clone(),
             changed: changed.clone(),
             wait,
             dial,
-        };
-        let mut stop = stop.clone();
-        loops.spawn(async move {
-            let shutdown = async move {
-                let _ = stop.wait_for(|stopped| *stopped).await;
-            };
-            accept_until(&listener, None, shutdown, |stream, peer| {
-                let served_port = served_port.clone();
-                async move {
-                    if let Err(e) = served_port.serve_client(stream).await {
-                        tracing::info!(%peer, "connection closed: {e}");
-                    }
-                }
-            })
-            .await
-            // The listener drops here: no new connection is taken.
-        });
+        },
+        udp: udp::UdpPort {
+            query: 0,
+            name: String::new(),
+            view: view.clone(),
+            links: links.clone(),
+            pinned: pinned.clone(),
+            idle: args.flow_idle,
+            cap: udp::FlowCap::new(args.max_flows as usize),
+            warned: Arc::default(),
+        },
+        drain: args.drain,
+    });
+    for (slot, ((mapping, listener), port)) in mappings.iter().zip(listeners).zip(ports).enumerate() {
+        served.serve(mapping.clone(), listener, port, slot);
     }
-    seaport_net::signal::shutdown_signal().await;
+    // With --config, SIGHUP rereads the file: its mappings are served.
+    let (reload_tx, mut reloads) = mpsc::unbounded_channel();
+    let _hangups = AbortOnDrop(tokio::spawn(seaport_net::signal::on_hangup(move || {
+        let _ = reload_tx.send(());
+    })));
+    let shutdown = seaport_net::signal::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(()) = reloads.recv() => match &args.client.config {
+                Some(path) => match seaport_net::config::reread::<Args>(path) {
+                    Ok(new) => served.reconcile(&new.mappings()).await,
+                    Err(e) => tracing::error!("config not reread, the one in force stays: {e}"),
+                },
+                None => tracing::info!("SIGHUP: no --config file to reread"),
+            },
+        }
+    }
     tracing::info!("shutting down: draining open connections");
     emit(&Event::Draining);
     readiness().set("shutdown", Some("shutting down".to_owned()));
     seaport_net::notify::stopping();
     let _ = stop_tx.send(true);
-    // Datagrams have nothing to finish: UDP ports stop at once.
-    while udp_ports.join_next().await.is_some() {}
-    let mut conns = Vec::new();
-    while let Some(open) = loops.join_next().await {
-        if let Ok(open) = open {
-            conns.push(open);
-        }
-    }
+    let conns = served.stop_all().await;
     links.go_away_all();
     control.stop().await;
     let limit = args.drain;

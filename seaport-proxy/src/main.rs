@@ -1,5 +1,4 @@
 //! `seaport-proxy REGISTRY -p PORT -r ROLE@RANGE [--bind ADDR] [--balance STRATEGY]`
-use clap::Parser;
 
 fn main() {
     seaport_net::cli::init_logging();
@@ -7,7 +6,7 @@ fn main() {
     if let Some(shell) = seaport_net::cli::completions_requested() {
         return seaport_net::cli::print_completions::<seaport_proxy::Args>(shell, "seaport-proxy");
     }
-    let args = seaport_proxy::Args::parse();
+    let args = seaport_net::config::parse::<seaport_proxy::Args>();
     let runtime = match seaport_net::cli::runtime(args.client.threads) {
         Ok(runtime) => runtime,
         Err(e) => seaport_net::cli::fatal("seaport-proxy", format!("cannot start the runtime: {e}")),

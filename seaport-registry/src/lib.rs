@@ -49,6 +49,12 @@ pub struct Args {
     /// powershell) and exit.
     #[arg(long, value_name = "SHELL", exclusive = true)]
     pub completions: Option<clap_complete::Shell>,
+    /// Read settings from this TOML file: a setting is a flag's long name
+    /// (listen = "0.0.0.0:4500", seed-file = "...", acl = "..."); flags
+    /// given here override the file's. kill -HUP rereads it, and the --acl
+    /// file it names (which may have changed).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
     /// Do not publish in the DHT (clients then need KEY@HOST:PORT); any
     /// --bootstrap / SEAPORT_BOOTSTRAP is then unused.
     #[arg(long, conflicts_with = "dht_port")]
@@ -232,8 +238,22 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let (commands_tx, commands) = mpsc::unbounded_channel::<Command>();
     // SIGHUP rereads the access list; without one it is only logged (its
     // default action would end the registry, e.g. on `systemctl reload`).
-    let acl_path = args.acl.clone();
+    let (mut acl_path, config) = (args.acl.clone(), args.config.clone());
     tokio::spawn(seaport_net::signal::on_hangup(move || {
+        // With --config, the file says which access list (its path may change).
+        if let Some(config) = &config {
+            match seaport_net::config::reread::<Args>(config) {
+                Ok(new) if new.acl != acl_path => {
+                    tracing::info!(acl = ?new.acl, "config reread: the access list is now another file");
+                    acl_path = new.acl;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!("config not reread, the one in force stays: {e}");
+                    return;
+                }
+            }
+        }
         let Some(path) = &acl_path else {
             tracing::info!("SIGHUP: no --acl file to reread");
             return;

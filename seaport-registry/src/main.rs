@@ -1,11 +1,10 @@
 //! `seaport-registry --seed SEED | --seed-file F [--listen ADDR] [--no-dht] [--dht-port N] [--bootstrap LIST]`
-use clap::Parser;
 
 #[tokio::main]
 async fn main() {
     seaport_net::cli::init_logging();
     seaport_net::cli::raise_fd_limit();
-    let args = seaport_registry::Args::parse();
+    let args = seaport_net::config::parse::<seaport_registry::Args>();
     if let Some(shell) = args.completions {
         return seaport_net::cli::print_completions::<seaport_registry::Args>(shell, "seaport-registry");
     }

@@ -31,6 +31,10 @@ pub struct Args {
     /// powershell) and exit.
     #[arg(long, value_name = "SHELL", exclusive = true)]
     pub completions: Option<clap_complete::Shell>,
+    /// Read settings from this TOML file (json = true, seed-file = "...");
+    /// flags given here override the file's.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
 }
 
 /// The lines to print for `seed`; `file` is where it was written, if it was.

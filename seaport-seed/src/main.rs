@@ -1,9 +1,8 @@
 //! `seaport-seed [--json] [--seed-file PATH | --show PATH]`
-use clap::Parser;
 use seaport_net::cli::{Failure, exit_with};
 
 fn main() {
-    let args = seaport_seed::Args::parse();
+    let args = seaport_net::config::parse::<seaport_seed::Args>();
     if let Some(shell) = args.completions {
         return seaport_net::cli::print_completions::<seaport_seed::Args>(shell, "seaport-seed");
     }

@@ -267,10 +267,20 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     // Turns true on shutdown: every link goes away, its open streams finish.
     let (drain_tx, draining) = watch::channel(false);
     let reloads = tokio::spawn(seaport_net::signal::on_hangup({
-        let allow = allow.clone();
-        move || match allow.reload() {
-            Ok(n) => tracing::info!("allow list reread: {n} keys"),
-            Err(e) => tracing::error!("allow list not reread, the old one stays: {e}"),
+        let (allow, config) = (allow.clone(), args.client.config.clone());
+        move || {
+            // With --config, the file says which keys and which allow file.
+            let reread = match &config {
+                Some(path) => match seaport_net::config::reread::<Args>(path) {
+                    Ok(new) => allow.reconfigure(new.allow, new.allow_file),
+                    Err(e) => Err(e),
+                },
+                None => allow.reload(),
+            };
+            match reread {
+                Ok(n) => tracing::info!("allow list reread: {n} keys"),
+                Err(e) => tracing::error!("allow list not reread, the old one stays: {e}"),
+            }
         }
     }));
     let responder = Arc::new(Responder {

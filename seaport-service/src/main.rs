@@ -1,5 +1,4 @@
 //! `seaport-service REGISTRY -p PORT -r ROLE@VERSION [--host H] [--tag T]... [--seed SEED | --seed-file F]`
-use clap::Parser;
 
 fn main() {
     seaport_net::cli::init_logging();
@@ -7,7 +6,7 @@ fn main() {
     if let Some(shell) = seaport_net::cli::completions_requested() {
         return seaport_net::cli::print_completions::<seaport_service::Args>(shell, "seaport-service");
     }
-    let args = seaport_service::Args::parse();
+    let args = seaport_net::config::parse::<seaport_service::Args>();
     let runtime = match seaport_net::cli::runtime(args.client.threads) {
         Ok(runtime) => runtime,
         Err(e) => seaport_net::cli::fatal("seaport-service", format!("cannot start the runtime: {e}")),
