@@ -164,3 +164,20 @@ fn a_service_and_a_registry_from_files_flags_overriding() {
         let _ = std::fs::remove_file(file);
     }
 }
+
+/// The example files in `contrib/config/` name only settings that exist,
+/// with values of the right kind (the units load them).
+#[test]
+fn the_contrib_examples_are_valid_settings() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../contrib/config");
+    for (binary, file) in [
+        ("seaport-proxy", "proxy.toml"),
+        ("seaport-service", "service.toml"),
+        ("seaport-registry", "registry.toml"),
+    ] {
+        let path = format!("{dir}/{file}");
+        let out =
+            std::process::Command::new(bin(binary)).args(["--config", &path, "--help"]).output().unwrap();
+        assert!(out.status.success(), "{binary} --config {file}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
