@@ -185,6 +185,18 @@ fn list_instance_host_routes_and_the_errors_a_user_meets() {
     assert!(out.contains("GET /echo-headers HTTP/1.1"), "{out}");
     assert!(out.contains(&format!("x-forwarded-host: web.{DOMAIN}")), "{out}");
 
+    // A role's host name is routed by host alone: its pages cannot reach
+    // another role's paths (each role is its own origin).
+    let (out, _) = curl(&["-H", &format!("Host: web.{DOMAIN}"), &format!("{g}/role/other@1/echo-headers")]);
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.starts_with("not here"), "the backend got the path as it was: {out}");
+    // A name that is not the gateway's (DNS rebinding) is refused.
+    let (out, _) =
+        curl(&["-o", "-", "-w", "\n%{http_code}", "-H", "Host: evil.example", &format!("{g}/list/web@1")]);
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.ends_with("421") && out.contains("not a name of this gateway"), "{out}");
+    assert_eq!(status(&format!("http://localhost:{}/list/web@2", s.gateway)).0, 200);
+
     let (code, body) = status(&format!("{g}/role/nothing@1/"));
     assert_eq!(code, 404, "{body}");
     assert!(body.contains("no instance of nothing@1"), "{body}");

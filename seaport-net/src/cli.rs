@@ -56,7 +56,7 @@ pub struct ClientArgs {
     pub completions: Option<clap_complete::Shell>,
     /// Read settings from this TOML file: a setting is a flag's long name
     /// (drain = "30s", json = true, allow = ["KEY", ...]; a proxy's ports as
-    /// [[map]] tables with role, port and protocol = "udp"). Flags given
+    /// `[[map]]` tables with role, port and protocol = "udp"). Flags given
     /// here override the file's. kill -HUP rereads it: a proxy opens and
     /// closes ports to match its maps, a service takes its allow list.
     #[arg(long, value_name = "FILE")]

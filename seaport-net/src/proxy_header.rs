@@ -69,6 +69,8 @@ pub fn header(
     backend: SocketAddr,
     proxy: &PublicKey,
 ) -> Vec<u8> {
+    // An IPv4 client seen through a dual-stack socket is an IPv4 client.
+    let client = client.map(|c| SocketAddr::new(c.ip().to_canonical(), c.port()));
     let pair = client.map(|client| same_family(client, backend));
     match version {
         Version::V1 => v1(pair),
@@ -169,6 +171,11 @@ mod tests {
             b"PROXY TCP6 2001:db8::5 ::ffff:127.0.0.1 1 8080\r\n"
         );
         assert_eq!(header(Version::V1, None, backend, &key()), b"PROXY UNKNOWN\r\n");
+        let mapped = "[::ffff:192.0.2.9]:7".parse().ok();
+        assert_eq!(
+            header(Version::V1, mapped, backend, &key()),
+            b"PROXY TCP4 192.0.2.9 127.0.0.1 7 8080\r\n"
+        );
     }
 
     /// A v2 header as a backend reads it: family byte, addresses, TLVs.

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
@@ -49,22 +49,66 @@ use seaport_proto::role::{Protocol, RoleQuery};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::{Served, Watcher};
+use crate::{Served, Watcher, is_current};
 
-/// Most distinct queries the gateway watches at once.
-pub const MAX_ROUTES: usize = 256;
-/// Most idle backend connections kept per service.
+/// Most distinct queries the gateway watches at once: well below what a
+/// registry grants one session (64 watches by default), which the ports'
+/// queries share.
+pub const MAX_ROUTES: usize = 32;
+/// Most idle backend connections kept per service and client.
 pub const IDLE_PER_SERVICE: usize = 16;
+/// Most idle backend connections kept in all (each holds a link stream and
+/// a backend connection at its service).
+pub const IDLE_IN_ALL: usize = 256;
+/// How long an idle backend connection is kept.
+pub const IDLE_FOR: Duration = Duration::from_secs(30);
 /// How long a client may take to send a request's head.
 const HEAD_WITHIN: Duration = Duration::from_secs(30);
 
 /// What a response carries: a backend's body, or our own answer.
 type Body = Either<Returning, Full<Bytes>>;
 
-/// Idle backend connections, per service and client address: a backend
-/// told the client's address (PROXY protocol) once per connection must not
-/// see another client's requests on it.
-type Idle = Mutex<HashMap<(PublicKey, IpAddr), Vec<SendRequest<Incoming>>>>;
+/// Idle backend connections, per service and client address and port: a
+/// backend told the client's address (PROXY protocol) once per connection
+/// must not see another client's requests on it. Bounded by
+/// [`IDLE_PER_SERVICE`], [`IDLE_IN_ALL`] and [`IDLE_FOR`].
+#[derive(Default)]
+pub(crate) struct Idle(Mutex<HashMap<IdleKey, Vec<Kept>>>);
+
+/// An idle connection and since when.
+type Kept = (SendRequest<Incoming>, Instant);
+
+/// Whose an idle connection is: the service's and the client's.
+type IdleKey = (PublicKey, SocketAddr);
+
+impl Idle {
+    /// Keeps `sender` for the next request of `key`'s client.
+    fn put(&self, key: (PublicKey, SocketAddr), sender: SendRequest<Incoming>) {
+        let mut idle = lock(&self.0);
+        let now = Instant::now();
+        let mut total = 0;
+        idle.retain(|_, kept| {
+            kept.retain(|(s, since)| !s.is_closed() && now.duration_since(*since) < IDLE_FOR);
+            total += kept.len();
+            !kept.is_empty()
+        });
+        let kept = idle.entry(key).or_default();
+        if kept.len() < IDLE_PER_SERVICE && total < IDLE_IN_ALL {
+            kept.push((sender, now));
+        }
+    }
+
+    /// A kept connection for `key`'s client, if any.
+    fn take(&self, key: &(PublicKey, SocketAddr)) -> Option<SendRequest<Incoming>> {
+        let mut idle = lock(&self.0);
+        let kept = idle.get_mut(key)?;
+        let taken = kept.pop().map(|(sender, _)| sender);
+        if kept.is_empty() {
+            idle.remove(key);
+        }
+        taken
+    }
+}
 
 /// A backend's response body that gives its connection back to the idle
 /// ones once it has been read to the end (not before: the connection is
@@ -78,7 +122,7 @@ pub(crate) struct Returning {
 /// `idle` under `key`.
 struct GoesBack {
     idle: Arc<Idle>,
-    key: (PublicKey, IpAddr),
+    key: (PublicKey, SocketAddr),
     sender: SendRequest<Incoming>,
 }
 
@@ -104,12 +148,7 @@ impl hyper::body::Body for Returning {
         // so the end is also when no byte is left.
         let ended = matches!(polled, std::task::Poll::Ready(None)) || self.body.is_end_stream();
         if ended && let Some(GoesBack { idle, key, sender }) = self.back.take() {
-            let mut idle = lock(&idle);
-            let kept = idle.entry(key).or_default();
-            kept.retain(|s| !s.is_closed());
-            if kept.len() < IDLE_PER_SERVICE {
-                kept.push(sender);
-            }
+            idle.put(key, sender);
         }
         polled
     }
@@ -137,9 +176,16 @@ pub(crate) struct Gateway {
     /// `Host` routing: `<role>.<domain>`.
     pub(crate) domain: Option<String>,
     /// Query → its slot and last use.
-    pub(crate) routes: Mutex<HashMap<String, (usize, Instant)>>,
+    pub(crate) routes: Mutex<HashMap<String, (Slot, Instant)>>,
     /// Idle backend connections.
     pub(crate) idle: Arc<Idle>,
+}
+
+/// A route's query slot, and which use of it is the route's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slot {
+    index: usize,
+    generation: u64,
 }
 
 /// Where a request goes.
@@ -195,15 +241,15 @@ impl Gateway {
         };
         match route {
             Route::List(query) => match self.instances(&query).await {
-                Ok(instances) => json(&instances),
+                Ok((instances, _)) => json(&instances),
                 Err(refusal) => refusal.into(),
             },
             Route::Role { query, prefix, path } => match self.instances(&query).await {
-                Ok(instances) if instances.is_empty() => {
+                Ok((instances, _)) if instances.is_empty() => {
                     text(StatusCode::NOT_FOUND, format!("no instance of {query} is registered"))
                 }
-                Ok(instances) => {
-                    let order = self.order(&query, instances);
+                Ok((instances, slot)) => {
+                    let order = self.order(slot, &instances);
                     self.forward(request, client, order, &prefix, &path).await
                 }
                 Err(refusal) => refusal.into(),
@@ -212,7 +258,9 @@ impl Gateway {
                 let found: Vec<Instance> = lock(&self.view)
                     .all_instances()
                     .into_iter()
-                    .filter(|i| i.key == key && i.role.protocol() == Protocol::Tcp)
+                    .filter(|i| {
+                        i.key == key && self.pinned.admits(&i.key) && i.role.protocol() == Protocol::Tcp
+                    })
                     .collect();
                 if found.is_empty() {
                     let why = format!(
@@ -230,16 +278,25 @@ impl Gateway {
     fn route(&self, request: &Request<Incoming>) -> Result<Route, Refusal> {
         let path = request.uri().path();
         let query_string = request.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+        let parse_query = |name: &str| {
+            RoleQuery::parse(name)
+                .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("{name:?} is not a ROLE@RANGE: {e}")))
+        };
+        // A role's own host name is routed by host alone: each role is its
+        // own browser origin, and no page of one reaches another's paths.
+        if let Some(role) = self.host_role(request) {
+            let path = format!("{path}{query_string}");
+            return Ok(Route::Role { query: parse_query(&role)?, prefix: String::new(), path });
+        }
+        // Any other name is refused: a page elsewhere whose name was made to
+        // resolve to this machine (DNS rebinding) reads nothing through it.
+        self.check_host(request)?;
         // `/<kind>/<name>[/<rest>]`.
         let split = |kind: &str| -> Option<(String, String, String)> {
             let rest = path.strip_prefix(kind)?;
             let (name, tail) = rest.split_once('/').map_or((rest, ""), |(n, t)| (n, t));
             let prefix = format!("{kind}{name}");
             Some((percent_decode(name), prefix, format!("/{tail}{query_string}")))
-        };
-        let parse_query = |name: &str| {
-            RoleQuery::parse(name)
-                .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("{name:?} is not a ROLE@RANGE: {e}")))
         };
         if let Some((name, prefix, path)) = split("/role/") {
             return Ok(Route::Role { query: parse_query(&name)?, prefix, path });
@@ -256,10 +313,6 @@ impl Gateway {
             })?;
             return Ok(Route::Instance { key, prefix, path });
         }
-        if let Some(role) = self.host_role(request) {
-            let path = format!("{path}{query_string}");
-            return Ok(Route::Role { query: parse_query(&role)?, prefix: String::new(), path });
-        }
         let hint = match &self.domain {
             Some(domain) => format!(", or Host: ROLE.{domain}"),
             None => String::new(),
@@ -273,32 +326,58 @@ impl Gateway {
     /// With `--gateway-domain D`, the role of a `Host: <role>.D[:port]`.
     fn host_role(&self, request: &Request<Incoming>) -> Option<String> {
         let domain = self.domain.as_deref()?;
-        let host = request.headers().get(header::HOST)?.to_str().ok()?;
-        let host = host.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(host, |(h, _)| h);
-        let role = host.to_ascii_lowercase().strip_suffix(&format!(".{domain}"))?.to_owned();
+        let role = host_name(request)?.strip_suffix(&format!(".{domain}"))?.to_owned();
         (!role.is_empty() && !role.contains('.')).then_some(role)
+    }
+
+    /// Path routes answer only to the names this gateway has: an IP
+    /// address, `localhost` (and its subdomains), the `--gateway-domain`.
+    fn check_host(&self, request: &Request<Incoming>) -> Result<(), Refusal> {
+        let Some(host) = host_name(request) else { return Ok(()) };
+        let ip = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().is_ok();
+        let local = host == "localhost" || host.ends_with(".localhost");
+        let ours = self.domain.as_deref().is_some_and(|d| host == d);
+        if ip || local || ours {
+            return Ok(());
+        }
+        let why = format!(
+            "{host} is not a name of this gateway: use its address, localhost, or name it with --gateway-domain"
+        );
+        Err(Refusal(StatusCode::MISDIRECTED_REQUEST, why))
     }
 
     /// The instances of `query` once a registry answered (watching it from
     /// now on), or the answer saying why not.
-    async fn instances(&self, query: &RoleQuery) -> Result<Vec<Instance>, Refusal> {
+    async fn instances(&self, query: &RoleQuery) -> Result<(Vec<Instance>, Slot), Refusal> {
         let Some(slot) = self.slot_for(query) else {
-            return Err(Refusal(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("too many routes watched ({MAX_ROUTES})"),
-            ));
+            return Err(Refusal(StatusCode::SERVICE_UNAVAILABLE, "no query slot left".to_owned()));
         };
         let deadline = tokio::time::Instant::now() + self.wait;
         let mut changed = self.changed.clone();
         loop {
+            // Evicted meanwhile: its slot may be another query's now.
+            if !is_current(&self.watcher.slots, slot.index, slot.generation) {
+                let why = format!("too many ranges in use at once (at most {MAX_ROUTES}); try again");
+                return Err(Refusal(StatusCode::SERVICE_UNAVAILABLE, why));
+            }
             let known: Vec<Instance> = lock(&self.view)
-                .instances_of(slot)
+                .instances_of(slot.index)
                 .iter()
                 .filter(|i| self.pinned.admits(&i.key) && i.role.protocol() == Protocol::Tcp)
                 .cloned()
                 .collect();
-            if !known.is_empty() || self.watcher.answered(slot) {
-                return Ok(known);
+            if known.is_empty()
+                && let Some(why) = self.watcher.refusal(slot.index)
+            {
+                // Not watched, then: the next request asks again.
+                self.drop_route(query, slot);
+                return Err(Refusal(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the registry refused {query}: {why}"),
+                ));
+            }
+            if !known.is_empty() || self.watcher.answered(slot.index) {
+                return Ok((known, slot));
             }
             if tokio::time::Instant::now() >= deadline {
                 let why = format!("no registry answered for {query} within {:?}", self.wait);
@@ -315,7 +394,7 @@ impl Gateway {
 
     /// The slot watching `query`, added now if new (the least recently used
     /// route given up when all are taken).
-    fn slot_for(&self, query: &RoleQuery) -> Option<usize> {
+    fn slot_for(&self, query: &RoleQuery) -> Option<Slot> {
         let mut routes = lock(&self.routes);
         let now = Instant::now();
         let name = query.to_string();
@@ -326,21 +405,30 @@ impl Gateway {
         if routes.len() >= MAX_ROUTES {
             let oldest = routes.iter().min_by_key(|(_, (_, used))| *used).map(|(q, _)| q.clone());
             if let Some((slot, _)) = oldest.and_then(|q| routes.remove(&q)) {
-                self.watcher.remove(slot);
+                self.watcher.remove(slot.index);
             }
         }
-        let served = Served { query: query.clone(), port: None, protocol: Protocol::Tcp };
-        let slot = self.watcher.add(served)?;
+        let served = Served::new(query.clone(), None, Protocol::Tcp);
+        let generation = served.generation;
+        let index = self.watcher.add(served)?;
+        let slot = Slot { index, generation };
         routes.insert(name, (slot, now));
         Some(slot)
     }
 
-    /// `instances` in the balance strategy's order for `query`.
-    fn order(&self, query: &RoleQuery, instances: Vec<Instance>) -> Vec<Instance> {
-        let Some(slot) = lock(&self.routes).get(&query.to_string()).map(|(slot, _)| *slot) else {
-            return instances;
-        };
-        let mut order = lock(&self.view).choose_for(slot, seaport_net::clock::now(), random_u64());
+    /// Stops watching `query` if `slot` is still its route.
+    fn drop_route(&self, query: &RoleQuery, slot: Slot) {
+        let mut routes = lock(&self.routes);
+        let name = query.to_string();
+        if routes.get(&name).is_some_and(|(s, _)| *s == slot) {
+            routes.remove(&name);
+            self.watcher.remove(slot.index);
+        }
+    }
+
+    /// `instances` in the balance strategy's order for the route `slot`.
+    fn order(&self, slot: Slot, instances: &[Instance]) -> Vec<Instance> {
+        let mut order = lock(&self.view).choose_for(slot.index, seaport_net::clock::now(), random_u64());
         order.retain(|i| instances.contains(i));
         order
     }
@@ -361,33 +449,40 @@ impl Gateway {
         }
         let mut failures = Vec::new();
         for instance in order {
-            let mut sender = match self.sender(&instance, client).await {
-                Ok(sender) => sender,
-                Err(e) => {
-                    tracing::warn!(service = %instance.key, "gateway: instance failed, trying the next: {e}");
-                    lock(&self.view).report_failure(seaport_net::clock::now(), instance.key);
-                    failures.push(e);
-                    continue;
+            // A kept connection first; if it turns out closed before the
+            // request went out, once more on a new stream to the same instance.
+            for fresh in [false, true] {
+                let mut sender = match self.sender(&instance, client, fresh).await {
+                    Ok(sender) => sender,
+                    Err(e) => {
+                        tracing::warn!(service = %instance.key, "gateway: instance failed, trying the next: {e}");
+                        lock(&self.view).report_failure(seaport_net::clock::now(), instance.key);
+                        failures.push(e);
+                        break;
+                    }
+                };
+                match sender.try_send_request(request).await {
+                    Ok(answer) => {
+                        seaport_net::serve::record_peer_key(&instance.key);
+                        return self.answer(answer, sender, (instance.key, client), from_client);
+                    }
+                    Err(mut e) => match e.take_message() {
+                        // Not sent: nothing of it reached the backend.
+                        Some(back) => {
+                            request = back;
+                            failures.push(format!("{}: {}", instance.key, e.into_error()));
+                        }
+                        None => {
+                            let why = format!(
+                                "service {} failed during the request: {}",
+                                instance.key,
+                                e.into_error()
+                            );
+                            return text(StatusCode::BAD_GATEWAY, why);
+                        }
+                    },
                 }
-            };
-            let answer = match sender.try_send_request(request).await {
-                Ok(answer) => answer,
-                Err(mut e) => match e.take_message() {
-                    // Not sent (the kept connection had closed): the next.
-                    Some(back) => {
-                        request = back;
-                        failures.push(format!("{}: {}", instance.key, e.into_error()));
-                        continue;
-                    }
-                    None => {
-                        let why =
-                            format!("service {} failed during the request: {}", instance.key, e.into_error());
-                        return text(StatusCode::BAD_GATEWAY, why);
-                    }
-                },
-            };
-            seaport_net::serve::record_peer_key(&instance.key);
-            return self.answer(answer, sender, (instance.key, client.ip()), from_client);
+            }
         }
         text(StatusCode::BAD_GATEWAY, format!("no instance answered: {}", failures.join("; ")))
     }
@@ -398,7 +493,7 @@ impl Gateway {
         &self,
         mut answer: Response<Incoming>,
         sender: SendRequest<Incoming>,
-        key: (PublicKey, IpAddr),
+        key: (PublicKey, SocketAddr),
         from_client: Option<hyper::upgrade::OnUpgrade>,
     ) -> Response<Body> {
         if answer.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -414,18 +509,28 @@ impl Gateway {
             }
             return answer.map(|body| Either::Left(Returning { body, back: None }));
         }
+        strip_hop_by_hop(answer.headers_mut());
+        // A body that is already over (HEAD, 204, 304, an empty one) is
+        // never read to its end by hyper: the connection is free now.
+        if answer.body().is_end_stream() {
+            self.idle.put(key, sender);
+            return answer.map(|body| Either::Left(Returning { body, back: None }));
+        }
         let back = Some(GoesBack { idle: self.idle.clone(), key, sender });
         answer.map(|body| Either::Left(Returning { body, back }))
     }
 
     /// A backend connection to `instance`: a kept one that is free, else a
     /// new stream on its link (the service connects its backend first).
-    async fn sender(&self, instance: &Instance, client: SocketAddr) -> Result<SendRequest<Incoming>, String> {
+    async fn sender(
+        &self,
+        instance: &Instance,
+        client: SocketAddr,
+        fresh: bool,
+    ) -> Result<SendRequest<Incoming>, String> {
         // A kept connection was idle when put back; it takes a request
         // once its connection task has noticed (a moment at most).
-        loop {
-            let kept = lock(&self.idle).get_mut(&(instance.key, client.ip())).and_then(Vec::pop);
-            let Some(mut sender) = kept else { break };
+        while let Some(mut sender) = self.idle.take(&(instance.key, client)).filter(|_| !fresh) {
             if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), sender.ready()).await {
                 return Ok(sender);
             }
@@ -452,6 +557,16 @@ impl Gateway {
     }
 }
 
+/// The request's `Host` without its port, in lower case.
+fn host_name(request: &Request<Incoming>) -> Option<String> {
+    let host = request.headers().get(header::HOST)?.to_str().ok()?;
+    let host = match host.rsplit_once(':') {
+        Some((name, port)) if port.parse::<u16>().is_ok() && !name.ends_with(':') => name,
+        _ => host,
+    };
+    Some(host.to_ascii_lowercase())
+}
+
 /// Whether a request asks to switch protocols (`Connection: upgrade`).
 fn wants_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
@@ -476,18 +591,20 @@ fn rewrite(
         .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("{path:?} is not a path: {e}")))?;
     let headers = request.headers_mut();
     // Headers named by Connection are for this hop only (RFC 9110 7.6.1).
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()).collect::<Vec<_>>())
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+    // What frames the message (Host, the body's length) is never dropped.
+    let named: Vec<HeaderName> = connection_named(headers)
+        .into_iter()
         .filter(|name| !(upgrade && name == header::UPGRADE))
+        .filter(|name| ![header::HOST, header::CONTENT_LENGTH, header::TRANSFER_ENCODING].contains(name))
         .collect();
     for name in named {
         headers.remove(name);
     }
     for name in ["keep-alive", "proxy-connection", "te", "trailer", "proxy-authorization"] {
+        headers.remove(name);
+    }
+    // Ours alone: a client's own would be taken for the gateway's word.
+    for name in ["x-forwarded-proto", "x-forwarded-host", "x-forwarded-prefix", "forwarded"] {
         headers.remove(name);
     }
     if upgrade {
@@ -503,7 +620,9 @@ fn rewrite(
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let node = if client.is_ipv6() { format!("\"[{ip}]\"") } else { ip };
     let mut forwarded = format!("for={node};proto=http");
-    if !host.is_empty() && host.bytes().all(|b| b.is_ascii_graphic()) {
+    // Only a plain authority goes in: no quote, comma or semicolon that
+    // would end the value and start another.
+    if !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) {
         forwarded.push_str(&format!(";host=\"{host}\""));
     }
     let values = [
@@ -522,6 +641,32 @@ fn rewrite(
         }
     }
     Ok(())
+}
+
+/// The header names a `Connection` header lists (hop-by-hop, RFC 9110 7.6.1).
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+        .collect()
+}
+
+/// Drops a backend response's hop-by-hop headers: the gateway's own
+/// connection to its client has its own.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in connection_named(headers) {
+        if ![header::CONTENT_LENGTH, header::TRANSFER_ENCODING].contains(&name) {
+            headers.remove(name);
+        }
+    }
+    for name in [header::CONNECTION, header::UPGRADE, header::TE, header::TRAILER, header::PROXY_AUTHENTICATE]
+    {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
 }
 
 /// `%XX` escapes decoded (a range such as `^3.2.0` or `1.x || 2.x` arrives

@@ -26,9 +26,9 @@ use seaport_net::metrics::readiness;
 use seaport_net::pool::Links;
 use seaport_net::reach::{Introducer, MeetAnswer};
 use seaport_net::serve::drain;
-use seaport_proto::client::proxy::{free_slot, take_slot};
+use seaport_proto::client::proxy::{free_slot, take_slot, watch_slot};
 use seaport_proto::client::set::is_same_instance;
-use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, SetView, Strategy};
+use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, RegistryClient, SetView, Strategy};
 use seaport_proto::keys::PublicKey;
 use seaport_proto::link::LinkConfig;
 use seaport_proto::message::Instance;
@@ -71,7 +71,7 @@ pub struct Args {
     pub gateway: Option<SocketAddr>,
     /// With --gateway, also route by Host: ROLE.DOMAIN goes to an instance
     /// of ROLE (any version), the path unchanged (e.g. --gateway-domain
-    /// seaport.localhost, then http://couchdb.seaport.localhost:8000/).
+    /// seaport.localhost: then couchdb.seaport.localhost:8000 reaches couchdb).
     #[arg(long, value_name = "DOMAIN", requires = "gateway",
           value_parser = |s: &str| Ok::<_, String>(s.trim_matches('.').to_ascii_lowercase()))]
     pub gateway_domain: Option<String>,
@@ -230,7 +230,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         mappings
             .iter()
             .zip(&ports)
-            .map(|(m, port)| Some(Served { query: m.query.clone(), port: Some(*port), protocol: m.protocol }))
+            .map(|(m, port)| Some(Served::new(m.query.clone(), Some(*port), m.protocol)))
             .collect(),
     ));
     let make = {
@@ -307,6 +307,8 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         watcher: watcher.clone(),
         tcp: ServedPort {
             query: 0,
+            generation: 0,
+            slots: watcher.slots.clone(),
             view: view.clone(),
             links: links.clone(),
             pinned: pinned.clone(),
@@ -392,6 +394,22 @@ struct Served {
     /// The local port serving it; `None` for a gateway route.
     port: Option<u16>,
     protocol: Protocol,
+    /// Tells this use of its slot from an earlier or later one (a slot is
+    /// reused once freed): whoever chose the slot checks it is still theirs.
+    generation: u64,
+}
+
+impl Served {
+    fn new(query: RoleQuery, port: Option<u16>, protocol: Protocol) -> Served {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let generation = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Served { query, port, protocol, generation }
+    }
+}
+
+/// Whether slot `index` of `slots` still holds generation `generation`.
+fn is_current(slots: &Mutex<Vec<Option<Served>>>, index: usize, generation: u64) -> bool {
+    lock(slots).get(index).and_then(Option::as_ref).is_some_and(|s| s.generation == generation)
 }
 
 /// The queries of `slots`, for the registries' clients.
@@ -412,8 +430,13 @@ struct Watched {
 
 impl Watcher {
     /// Asks every registry of the set for `served` too; returns its slot
-    /// (`None` when no slot is left).
+    /// (`None` when no slot is left). A port's role is not ready until an
+    /// instance is known.
     fn add(&self, served: Served) -> Option<usize> {
+        if served.port.is_some() {
+            let query = &served.query;
+            readiness().set(&format!("role {query}"), Some(format!("no instance of {query} known")));
+        }
         let queries = {
             let mut slots = lock(&self.slots);
             let index = take_slot(&mut slots, served)?;
@@ -423,17 +446,27 @@ impl Watcher {
         Some(queries.0)
     }
 
-    /// Stops asking for slot `index`; what it found is forgotten.
+    /// Stops asking for slot `index`; what it found is forgotten (also
+    /// while no registry is connected), and nothing waits for it to be ready.
     fn remove(&self, index: usize) {
-        let queries = {
+        let (queries, gone) = {
             let mut slots = lock(&self.slots);
-            free_slot(&mut slots, index);
-            query_slots(&slots)
+            let gone = free_slot(&mut slots, index);
+            (query_slots(&slots), gone)
         };
         self.tell_members(&queries);
+        if let Some(Served { query, port: Some(_), .. }) = &gone
+            && !lock(&self.slots)
+                .iter()
+                .flatten()
+                .any(|s| s.port.is_some() && s.query.to_string() == query.to_string())
+        {
+            readiness().set(&format!("role {query}"), None);
+        }
         if let Some(known) = lock(&self.state).known.get_mut(index) {
             known.clear();
         }
+        lock(&self.view).clear(index);
         self.update();
     }
 
@@ -444,10 +477,20 @@ impl Watcher {
         }
     }
 
-    /// Whether some registry of the set answered slot `index`.
+    /// Whether some registry of the set answered slot `index` (or refused it).
     fn answered(&self, index: usize) -> bool {
         let Some(control) = self.control.get() else { return false };
         control.members().iter().any(|m| lock(&m.client).is_answered(index))
+    }
+
+    /// Why the registries refused slot `index`, if every connected one did.
+    fn refusal(&self, index: usize) -> Option<String> {
+        let control = self.control.get()?;
+        let members = control.members();
+        let clients: Vec<_> = members.iter().map(|m| lock(&m.client)).collect();
+        let connected: Vec<_> = clients.iter().filter(|c| c.is_connected()).collect();
+        let refusals: Vec<&str> = connected.iter().filter_map(|c| c.refusal(index)).collect();
+        (!refusals.is_empty() && refusals.len() == connected.len()).then(|| refusals.join("; "))
     }
 
     fn on_event(&self, at: At<'_>, event: &ProxyEvent) {
@@ -476,8 +519,7 @@ impl Watcher {
                 let _ = self.answers.send((at.slot, *id, Err(text.clone())));
             }
             ProxyEvent::Refused { id, code, text } => {
-                let served =
-                    usize::try_from(*id).ok().and_then(|i| lock(&self.slots).get(i).cloned().flatten());
+                let served = watch_slot(*id).and_then(|(i, _)| lock(&self.slots).get(i).cloned().flatten());
                 let Some(Served { query, .. }) = &served else { return };
                 // Another registry of the set may answer: what it answers is acted on.
                 tracing::error!(registry = %at.addr, %code, %query, "registry refused the lookup: {text}; asking again after the next reconnect");
@@ -528,7 +570,7 @@ impl Watcher {
     /// Says which instances of query `query` appeared and left. A gateway
     /// route (no port) is reported as found and lost, but nothing waits for it.
     fn report(&self, state: &mut Watched, query: usize, served: &Served, instances: &[Instance]) {
-        let Served { query: wanted, port, protocol } = served;
+        let Served { query: wanted, port, protocol, .. } = served;
         let protocol = *protocol;
         // With --service-key, the others do not exist for this proxy.
         let admitted = instances.iter().filter(|i| self.pinned.admits(&i.key));
@@ -591,6 +633,10 @@ impl Watcher {
 struct ServedPort {
     /// Which of the proxy's queries the port serves.
     query: usize,
+    /// The slot's generation when the port took it.
+    generation: u64,
+    /// Every slot's use, to check the port's is still its own.
+    slots: Arc<Mutex<Vec<Option<Served>>>>,
     /// The union of the registries' answers, and how to choose from it.
     view: Arc<Mutex<SetView>>,
     links: Arc<Links>,
@@ -614,6 +660,11 @@ impl ServedPort {
         let _ = stream.set_nodelay(true);
         let deadline = tokio::time::Instant::now() + self.wait;
         let order = loop {
+            // A port closed by a config reload gives its slot to another
+            // query: its waiting clients are not served that one.
+            if !is_current(&self.slots, self.query, self.generation) {
+                return Err("the port was closed (config reread)".into());
+            }
             let mut order = lock(&self.view).choose_for(self.query, seaport_net::clock::now(), random_u64());
             order.retain(|i| self.pinned.admits(&i.key));
             let any = !order.is_empty();

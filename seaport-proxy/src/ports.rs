@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use seaport_net::lock::lock;
 use seaport_net::serve::{accept_until, drain};
 use seaport_proto::role::Protocol;
 use tokio::sync::watch;
@@ -89,7 +90,11 @@ impl Ports {
         };
         let task = match listener {
             Listener::Tcp(listener) => {
-                let served_port = ServedPort { query: slot, ..self.ctx.tcp.clone() };
+                let generation = lock(&self.ctx.watcher.slots)
+                    .get(slot)
+                    .and_then(Option::as_ref)
+                    .map_or(u64::MAX, |s| s.generation);
+                let served_port = ServedPort { query: slot, generation, ..self.ctx.tcp.clone() };
                 tokio::spawn(async move {
                     accept_until(&listener, None, shutdown, |stream, peer| {
                         let served_port = served_port.clone();
@@ -134,12 +139,11 @@ impl Ports {
             tracing::info!(port = port.port, query = %port.mapping.query, "config reread: port closed");
             let _ = port.stop.send(true);
             self.ctx.watcher.remove(port.slot);
-            let limit = self.ctx.drain;
-            tokio::spawn(async move {
-                if let Ok(open) = port.task.await {
-                    drain(open, limit).await;
-                }
-            });
+            // Its socket is closed once its loop ends: only then may a new
+            // mapping bind the same port.
+            if let Ok(open) = port.task.await {
+                tokio::spawn(drain(open, self.ctx.drain));
+            }
         }
         for mapping in wanted {
             if self.open.iter().any(|p| same(&p.mapping, mapping)) {
@@ -147,8 +151,7 @@ impl Ports {
             }
             match bind(mapping, self.ctx.bind).await {
                 Ok((listener, port)) => {
-                    let served =
-                        Served { query: mapping.query.clone(), port: Some(port), protocol: mapping.protocol };
+                    let served = Served::new(mapping.query.clone(), Some(port), mapping.protocol);
                     let Some(slot) = self.ctx.watcher.add(served) else {
                         tracing::error!(query = %mapping.query, "config reread: no query slot left");
                         continue;

@@ -96,6 +96,23 @@ pub const MAX_PENDING_MEETS: usize = 64;
 /// The id of the first lookup or meeting: watch ids (query slots) stay below it.
 pub const FIRST_REQUEST_ID: u32 = 1 << 31;
 
+/// Most query slots: a watch id is the slot in its low 16 bits and the
+/// slot's generation (how many queries it held before) in the 15 above, so
+/// an answer still on its way for a query a slot held before is told apart
+/// from one for the query it holds now.
+pub const MAX_SLOTS: usize = 1 << 16;
+
+/// The watch id of slot `index` in generation `generation`.
+fn watch_id(index: usize, generation: u16) -> u32 {
+    (u32::from(generation & 0x7fff) << 16) | (index as u32 & 0xffff)
+}
+
+/// The slot and generation a watch id names (`None` for a lookup's or a
+/// meeting's id).
+pub fn watch_slot(id: u32) -> Option<(usize, u16)> {
+    (id < FIRST_REQUEST_ID).then_some(((id & 0xffff) as usize, (id >> 16) as u16))
+}
+
 /// One query the proxy serves: what it asks and what matched last.
 struct Watched {
     query: RoleQuery,
@@ -107,13 +124,29 @@ struct Watched {
     /// During a grace: the registry's last answer alone, applied when the
     /// grace ends.
     reported: Option<(Vec<Instance>, bool)>,
-    /// A session has answered it (with no instance, perhaps).
+    /// A session has answered it (with no instance, perhaps), or refused it.
     answered: bool,
+    /// Why the registry refused it, if it did.
+    refused: Option<String>,
+    /// Which query of its slot this is (see [`MAX_SLOTS`]).
+    generation: u16,
 }
 
 impl Watched {
-    fn new(query: RoleQuery) -> Watched {
-        Watched { query, instances: Vec::new(), before: Vec::new(), reported: None, answered: false }
+    fn new(query: RoleQuery, generation: u16) -> Watched {
+        Watched {
+            query,
+            instances: Vec::new(),
+            before: Vec::new(),
+            reported: None,
+            answered: false,
+            refused: None,
+            generation,
+        }
+    }
+
+    fn id(&self, index: usize) -> u32 {
+        watch_id(index, self.generation)
     }
 }
 
@@ -122,6 +155,8 @@ pub struct ProxyClient {
     control_session: ControlSession,
     /// One slot per query index; `None` for a dropped query.
     watched: Vec<Option<Watched>>,
+    /// Per slot, the generation of its next query.
+    generations: Vec<u16>,
     next_lookup: u32,
     /// Meet requests the registry has not answered yet.
     meets: HashSet<u32>,
@@ -160,7 +195,8 @@ impl ProxyClient {
         ProxyClient {
             control_session: ControlSession::new(config),
             next_lookup: FIRST_REQUEST_ID,
-            watched: slots.into_iter().map(|q| q.map(Watched::new)).collect(),
+            generations: vec![1; slots.len()],
+            watched: slots.into_iter().map(|q| q.map(|q| Watched::new(q, 0))).collect(),
             meets: HashSet::new(),
             partial: None,
             grace_until: None,
@@ -207,29 +243,38 @@ impl ProxyClient {
     /// unchanged one keeps what it found. The indices of the others never
     /// move, so a proxy gives every member of a set the same list (kept with
     /// [`take_slot`] and [`free_slot`]) and they number their queries alike.
-    /// Slots past [`FIRST_REQUEST_ID`] are ignored.
+    /// Slots past [`MAX_SLOTS`] are ignored.
     pub fn set_slots(&mut self, slots: &[Option<RoleQuery>]) {
-        let slots = slots.get(..FIRST_REQUEST_ID as usize).unwrap_or(slots);
+        let slots = slots.get(..MAX_SLOTS).unwrap_or(slots);
         let open = self.control_session.is_established();
+        if self.generations.len() < slots.len() {
+            self.generations.resize(slots.len(), 0);
+        }
         for index in 0..slots.len().max(self.watched.len()) {
             let wanted = slots.get(index).cloned().flatten();
-            let held = self.watched.get(index).and_then(Option::as_ref).map(|w| &w.query);
-            if held == wanted.as_ref() {
+            let held = self.watched.get(index).and_then(Option::as_ref);
+            if held.map(|w| &w.query) == wanted.as_ref() {
                 continue;
             }
-            let id = u32::try_from(index).unwrap_or(u32::MAX);
-            if open && held.is_some() && wanted.is_none() {
-                self.control_session.send(&Message::Unwatch { id });
+            if open && let Some(held) = held {
+                self.control_session.send(&Message::Unwatch { id: held.id(index) });
             }
-            if open && let Some(query) = &wanted {
-                // Re-using an id replaces that watch at the registry.
-                self.control_session.send(&Message::Watch { id, query: query.clone() });
+            let new = wanted.map(|query| {
+                let generation = self.generations.get_mut(index).map_or(0, |g| {
+                    let now = *g;
+                    *g = g.wrapping_add(1) & 0x7fff;
+                    now
+                });
+                Watched::new(query, generation)
+            });
+            if open && let Some(new) = &new {
+                self.control_session.send(&Message::Watch { id: new.id(index), query: new.query.clone() });
             }
             if index >= self.watched.len() {
                 self.watched.resize_with(index + 1, || None);
             }
             if let Some(slot) = self.watched.get_mut(index) {
-                *slot = wanted.map(Watched::new);
+                *slot = new;
             }
         }
         self.watched.truncate(slots.len());
@@ -245,9 +290,15 @@ impl ProxyClient {
         self.watched.iter().flatten().map(|w| &w.query)
     }
 
-    /// Whether a session has answered query `index` (possibly with nothing).
+    /// Whether a session has answered query `index` (possibly with
+    /// nothing), or the registry refused it.
     pub fn is_answered(&self, index: usize) -> bool {
         self.watched.get(index).and_then(Option::as_ref).is_some_and(|w| w.answered)
+    }
+
+    /// Why the registry refused query `index`, if it did.
+    pub fn refusal(&self, index: usize) -> Option<&str> {
+        self.watched.get(index).and_then(Option::as_ref).and_then(|w| w.refused.as_deref())
     }
 
     /// The instances last reported for the first query (kept across
@@ -319,10 +370,10 @@ impl ProxyClient {
         };
         match msg {
             Message::Instances { id, instances, truncated } if id < FIRST_REQUEST_ID => {
-                let query = id as usize;
-                // A watch dropped since: its answer is nobody's.
-                let Some(Some(watched)) = self.watched.get_mut(query) else { return };
+                // A watch dropped or replaced since: its answer is nobody's.
+                let Some((query, watched)) = current(&mut self.watched, id) else { return };
                 watched.answered = true;
+                watched.refused = None;
                 // Only what we asked for: a confused registry cannot steer us elsewhere.
                 let mut instances: Vec<Instance> =
                     instances.into_iter().filter(|i| watched.query.matches(&i.role)).collect();
@@ -355,23 +406,32 @@ impl ProxyClient {
                 self.events.push_back(ProxyEvent::MeetRefused { id, text });
             }
             Message::Error { id: Some(id), code, text } => {
+                let watch = current(&mut self.watched, id);
+                let for_old_watch = watch.is_none() && id < FIRST_REQUEST_ID;
+                if let Some((_, watched)) = watch {
+                    // Refused is answered: nobody waits for more.
+                    watched.answered = true;
+                    watched.refused = Some(text.clone());
+                }
                 // A watch the registry no longer grants (its ACL was reloaded
                 // without us): what it found is no longer ours to use.
                 if code == ErrorCode::FORBIDDEN
-                    && let Some(Some(watched)) = self.watched.get_mut(id as usize)
+                    && let Some((query, watched)) = current(&mut self.watched, id)
                     && !watched.instances.is_empty()
                 {
                     watched.instances.clear();
                     watched.before.clear();
                     watched.reported = None;
-                    let query = id as usize;
                     self.events.push_back(ProxyEvent::Instances {
                         query,
                         instances: Vec::new(),
                         truncated: false,
                     });
                 }
-                self.events.push_back(ProxyEvent::Refused { id, code, text });
+                // A refusal of a query the slot no longer holds is old news.
+                if !for_old_watch {
+                    self.events.push_back(ProxyEvent::Refused { id, code, text });
+                }
             }
             other => self.control_session.fail(ClientError::Unexpected(other.kind())),
         }
@@ -414,9 +474,12 @@ impl ProxyClient {
                         watched.reported = None;
                     }
                 }
-                for (id, watched) in self.watched.iter().enumerate() {
+                for (index, watched) in self.watched.iter_mut().enumerate() {
                     let Some(watched) = watched else { continue };
-                    let id = u32::try_from(id).unwrap_or(u32::MAX);
+                    // A new session asks anew; a refusal was the old one's.
+                    watched.refused = None;
+                    watched.answered = false;
+                    let id = watched.id(index);
                     self.control_session.send(&Message::Watch { id, query: watched.query.clone() });
                 }
             }
@@ -441,13 +504,21 @@ impl ProxyClient {
     }
 }
 
+/// The slot and query a watch with id `id` is for, if that query is the
+/// one its slot holds now.
+fn current(watched: &mut [Option<Watched>], id: u32) -> Option<(usize, &mut Watched)> {
+    let (index, generation) = watch_slot(id)?;
+    let held = watched.get_mut(index)?.as_mut()?;
+    (held.generation == generation).then_some((index, held))
+}
+
 /// Puts `value` in the first empty slot of `slots`, else after the last;
 /// returns its index (`None` with every watch id taken). One rule for a
 /// client's watches and for whoever keeps a copy of their slots, so the
 /// indices agree.
 pub fn take_slot<T>(slots: &mut Vec<Option<T>>, value: T) -> Option<usize> {
     let index = slots.iter().position(Option::is_none).unwrap_or(slots.len());
-    if index >= FIRST_REQUEST_ID as usize {
+    if index >= MAX_SLOTS {
         return None;
     }
     if index == slots.len() {
@@ -581,6 +652,17 @@ mod tests {
         assert_eq!(take_slot(&mut slots, q("other")), Some(1));
         proxy.set_slots(&slots);
         assert_eq!(proxy.queries().count(), 3);
+        // An answer on its way for the slot's old query is not the new one's.
+        assert_eq!(deliver(&mut proxy, &mut registry, now, &[answer(1)]), vec![]);
+        assert!(!proxy.is_answered(1));
+        let refused = Message::Error { id: Some(1), code: ErrorCode::LIMIT, text: "old".into() };
+        assert_eq!(deliver(&mut proxy, &mut registry, now, &[refused]), vec![]);
+        let new_id = 1 | (1 << 16);
+        assert_eq!(watch_slot(new_id), Some((1, 1)));
+        let refused = Message::Error { id: Some(new_id), code: ErrorCode::LIMIT, text: "too many".into() };
+        deliver(&mut proxy, &mut registry, now, &[refused]);
+        assert!(proxy.is_answered(1), "a refusal is an answer: nobody waits");
+        assert_eq!(proxy.refusal(1), Some("too many"));
         assert!(proxy.lookup(q("db")).unwrap() >= FIRST_REQUEST_ID);
         // Dropping the last ones shrinks the list.
         free_slot(&mut slots, 2);

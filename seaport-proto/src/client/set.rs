@@ -93,6 +93,14 @@ impl SetView {
         changed
     }
 
+    /// Forgets query `query`'s union (its slot was freed), whether or not
+    /// a registry is connected to say so.
+    pub fn clear(&mut self, query: usize) {
+        if let Some(chosen) = self.queries.get_mut(query) {
+            chosen.instances.clear();
+        }
+    }
+
     /// The union for query `query`.
     pub fn instances_of(&self, query: usize) -> &[Instance] {
         self.queries.get(query).map_or(&[], |c| c.instances.as_slice())
