@@ -531,6 +531,10 @@ impl Gateway {
         // A kept connection was idle when put back; it takes a request
         // once its connection task has noticed (a moment at most).
         while let Some(mut sender) = self.idle.take(&(instance.key, client)).filter(|_| !fresh) {
+            // Usually ready already: no timer for that case.
+            if sender.is_ready() {
+                return Ok(sender);
+            }
             if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), sender.ready()).await {
                 return Ok(sender);
             }
