@@ -249,3 +249,25 @@ fn chromium_loads_a_page_with_its_assets_and_a_websocket_through_the_gateway() {
         }
     });
 }
+
+/// On SIGTERM the gateway finishes what is under way and closes its idle
+/// keep-alive connections at once: the proxy does not wait out --drain
+/// for a client that merely kept its connection.
+#[test]
+fn shutdown_closes_idle_keep_alive_connections_at_once() {
+    use std::io::{Read, Write};
+    let mut s = setup(&["--drain", "30s"]);
+    let mut conn = TcpStream::connect(("127.0.0.1", s.gateway)).unwrap();
+    conn.write_all(b"GET /role/web@1/echo-headers HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut head = [0u8; 12];
+    conn.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    s.proxy.signal("TERM");
+    // Within 20 s, against a 30 s --drain: it did not wait for the client.
+    let code = s.proxy.wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{:?}", s.proxy.errors());
+    // The rest of the answer, then the end: the connection was closed.
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest).unwrap();
+}

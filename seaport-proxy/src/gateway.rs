@@ -48,6 +48,7 @@ use seaport_proto::message::Instance;
 use seaport_proto::role::{Protocol, RoleQuery};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use crate::{Served, Watcher, is_current};
 
@@ -200,12 +201,23 @@ enum Route {
 
 impl Gateway {
     /// Serves HTTP on `listener` until `stop` turns true.
-    pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    /// Serves HTTP on `listener` until `stop` turns true; returns the
+    /// connections still open, which finish the requests under way (idle
+    /// keep-alive ones close at once), for the proxy's drain.
+    pub(crate) async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        stop: watch::Receiver<bool>,
+    ) -> JoinSet<()> {
+        let mut open = JoinSet::new();
+        let mut stopping = stop.clone();
         let stopped = async move {
-            let _ = stop.wait_for(|stopped| *stopped).await;
+            let _ = stopping.wait_for(|stopped| *stopped).await;
         };
         tokio::pin!(stopped);
         loop {
+            // Reap the finished ones: the set holds only what is open.
+            while open.try_join_next().is_some() {}
             let (stream, client) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -215,11 +227,12 @@ impl Gateway {
                         continue;
                     }
                 },
-                () = &mut stopped => return,
+                () = &mut stopped => return open,
             };
             let _ = stream.set_nodelay(true);
             let gateway = self.clone();
-            tokio::spawn(async move {
+            let mut stop = stop.clone();
+            open.spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
                     let gateway = gateway.clone();
                     async move { Ok::<_, std::convert::Infallible>(gateway.handle(request, client).await) }
@@ -227,7 +240,19 @@ impl Gateway {
                 let mut builder = hyper::server::conn::http1::Builder::new();
                 builder.timer(TokioTimer::new()).header_read_timeout(HEAD_WITHIN);
                 let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
-                if let Err(e) = conn.await {
+                tokio::pin!(conn);
+                let stopped = async move {
+                    let _ = stop.wait_for(|stopped| *stopped).await;
+                };
+                let ended = tokio::select! {
+                    ended = conn.as_mut() => ended,
+                    () = stopped => {
+                        // The request under way finishes; no other is taken.
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = ended {
                     tracing::debug!(%client, "gateway connection ended: {e}");
                 }
             });

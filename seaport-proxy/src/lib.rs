@@ -283,6 +283,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let (wait, dial) = (args.connect_timeout, args.dial_timeout);
     // One accept loop per mapping, all stopped by the one shutdown signal.
     let (stop_tx, stop) = watch::channel(false);
+    let mut gateway_task = None;
     if let Some(listener) = gateway_listener {
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         tracing::info!(
@@ -300,7 +301,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             routes: Mutex::default(),
             idle: Arc::default(),
         });
-        tokio::spawn(gateway.serve(listener, stop.clone()));
+        gateway_task = Some(tokio::spawn(gateway.serve(listener, stop.clone())));
     }
     let mut served = ports::Ports::new(ports::PortContext {
         bind: args.bind,
@@ -355,7 +356,13 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     readiness().set("shutdown", Some("shutting down".to_owned()));
     seaport_net::notify::stopping();
     let _ = stop_tx.send(true);
-    let conns = served.stop_all().await;
+    let mut conns = served.stop_all().await;
+    if let Some(Ok(open)) = match gateway_task {
+        Some(task) => Some(task.await),
+        None => None,
+    } {
+        conns.push(open);
+    }
     links.go_away_all();
     control.stop().await;
     let limit = args.drain;
