@@ -166,6 +166,18 @@ impl Forwarder {
     }
 }
 
+/// A proxy's link to the service `remote` at `to`, dialed as `local`; a
+/// lost path is looked for again at the same address.
+async fn direct_link(to: SocketAddr, remote: PublicKey, local: &Keypair) -> LinkHandle {
+    let dialer = local.clone();
+    let repath: Repath = Arc::new(move || {
+        let local = dialer.clone();
+        Box::pin(async move { dial(to, &local, remote).await })
+    });
+    let reached = dial(to, local, remote).await.unwrap();
+    LinkHandle::start(reached, LinkConfig::default(), repath).unwrap()
+}
+
 /// A link handshake as `local` with `remote` over a new connection to `to`.
 async fn dial(to: SocketAddr, local: &Keypair, remote: PublicKey) -> Result<Reached, HandshakeError> {
     let stream = TcpStream::connect(to).await?;
@@ -289,14 +301,7 @@ async fn udp_flows_carry_whole_datagrams_to_their_own_clients_and_end_when_idle(
     let budget = Budget::new(2, 2);
     let (service_addr, _) =
         service_of(service_key.clone(), udp_echo_backend().await, Protocol::Udp, budget.clone()).await;
-    let remote = service_key.public();
-    let dialer = proxy_key.clone();
-    let repath: Repath = Arc::new(move || {
-        let local = dialer.clone();
-        Box::pin(async move { dial(service_addr, &local, remote).await })
-    });
-    let reached = dial(service_addr, &proxy_key, remote).await.unwrap();
-    let link = LinkHandle::start(reached, LinkConfig::default(), repath).unwrap();
+    let link = direct_link(service_addr, service_key.public(), &proxy_key).await;
 
     // The proxy's port: one socket; each client its own flow.
     let port = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
@@ -363,14 +368,7 @@ async fn udp_flows_carry_whole_datagrams_to_their_own_clients_and_end_when_idle(
 async fn an_in_process_stream_carries_bytes_both_ways_and_ends_cleanly() {
     let (service_key, proxy_key) = (keypair(1), keypair(2));
     let (service_addr, _responder) = service(service_key.clone(), echo_backend().await).await;
-    let remote = service_key.public();
-    let dialer = proxy_key.clone();
-    let repath: Repath = Arc::new(move || {
-        let local = dialer.clone();
-        Box::pin(async move { dial(service_addr, &local, remote).await })
-    });
-    let reached = dial(service_addr, &proxy_key, remote).await.unwrap();
-    let link = LinkHandle::start(reached, LinkConfig::default(), repath).unwrap();
+    let link = direct_link(service_addr, service_key.public(), &proxy_key).await;
     let (ours, mut app) = StreamSocket::pair().unwrap();
     let ours = Arc::new(ours);
     let id = link.open(ours, None, WAIT).await.unwrap();
