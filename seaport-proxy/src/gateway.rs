@@ -564,7 +564,7 @@ impl Gateway {
                 return Ok(sender);
             }
         }
-        let (ours, theirs) = StreamSocket::pair().map_err(|e| e.to_string())?;
+        let (ours, theirs) = StreamSocket::pair();
         let (link, id) = self
             .links
             .open(instance, Arc::new(ours), Some(client), self.dial)

@@ -53,7 +53,7 @@ pub use self::datagram::{QUEUE_BYTES, QUEUE_DATAGRAMS, UdpBackend, recv_with};
 use self::driver::{ServiceSide, drive};
 use self::resume::{Carrier, Handover, first_record_len, peek_resume, refuse_resume, split_session};
 pub use self::resume::{Repath, Resumables};
-pub use self::socket::StreamSocket;
+pub use self::socket::{LocalStream, PIPE_BYTES, StreamSocket};
 pub use self::state::Moved;
 use self::state::{Shared, Slot, changed, new_shared};
 use self::stream::run_stream;

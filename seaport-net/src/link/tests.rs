@@ -369,7 +369,7 @@ async fn an_in_process_stream_carries_bytes_both_ways_and_ends_cleanly() {
     let (service_key, proxy_key) = (keypair(1), keypair(2));
     let (service_addr, _responder) = service(service_key.clone(), echo_backend().await).await;
     let link = direct_link(service_addr, service_key.public(), &proxy_key).await;
-    let (ours, mut app) = StreamSocket::pair().unwrap();
+    let (ours, app) = StreamSocket::pair();
     let ours = Arc::new(ours);
     let id = link.open(ours, None, WAIT).await.unwrap();
     let carried = tokio::spawn({
@@ -377,7 +377,7 @@ async fn an_in_process_stream_carries_bytes_both_ways_and_ends_cleanly() {
         async move { link.run(id).await }
     });
     let big: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
-    let (mut rd, mut wr) = app.split();
+    let (mut rd, mut wr) = tokio::io::split(app);
     let write = async {
         wr.write_all(&big).await.unwrap();
         wr.shutdown().await.unwrap();
