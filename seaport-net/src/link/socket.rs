@@ -12,7 +12,10 @@
 //! Invariants:
 //! - Each direction of a pipe holds at most [`PIPE_BYTES`]; a full one
 //!   pushes back (the link stops reading its end, the program's write
-//!   waits), as a socket buffer would.
+//!   waits), as a socket buffer would. An emptied queue keeps at most
+//!   64 KiB of memory.
+//! - The program's end dropped without shutting its writing down is a
+//!   reset, as a TCP peer's abort is, not a clean end.
 //! - A reset shows: a TCP peer gets a RST; the program's reads and writes
 //!   fail with `ConnectionReset`.
 //! - Either end going away is the other's end of file (reads) and broken
@@ -80,14 +83,20 @@ impl StreamSocket {
             StreamSocket::Local(end) => {
                 let mut state = lock(&end.0.state);
                 if state.from_app.is_empty() {
-                    return if state.from_app_ended || state.app_gone {
+                    return if state.from_app_ended {
                         Ok(0)
+                    } else if state.app_gone {
+                        // Gone without ending its writing: cut, as a TCP
+                        // peer's reset is.
+                        Err(io::ErrorKind::ConnectionReset.into())
                     } else {
                         Err(io::ErrorKind::WouldBlock.into())
                     };
                 }
                 let n = take_into(&mut state.from_app, buf);
-                wake(&mut state.app_writer);
+                let waker = state.app_writer.take();
+                drop(state);
+                wake(waker);
                 Ok(n)
             }
         }
@@ -106,7 +115,9 @@ impl StreamSocket {
                     return Err(io::ErrorKind::WouldBlock.into());
                 }
                 state.to_app.extend(buf.get(..n).unwrap_or_default());
-                wake(&mut state.app_reader);
+                let waker = state.app_reader.take();
+                drop(state);
+                wake(waker);
                 Ok(n)
             }
         }
@@ -122,7 +133,9 @@ impl StreamSocket {
             StreamSocket::Local(end) => {
                 let mut state = lock(&end.0.state);
                 state.to_app_ended = true;
-                wake(&mut state.app_reader);
+                let waker = state.app_reader.take();
+                drop(state);
+                wake(waker);
             }
         }
     }
@@ -137,8 +150,10 @@ impl StreamSocket {
             StreamSocket::Local(end) => {
                 let mut state = lock(&end.0.state);
                 state.reset = true;
-                wake(&mut state.app_reader);
-                wake(&mut state.app_writer);
+                let wakers = (state.app_reader.take(), state.app_writer.take());
+                drop(state);
+                wake(wakers.0);
+                wake(wakers.1);
             }
         }
     }
@@ -209,8 +224,10 @@ impl Drop for LinkEnd {
     fn drop(&mut self) {
         let mut state = lock(&self.0.state);
         state.link_gone = true;
-        wake(&mut state.app_reader);
-        wake(&mut state.app_writer);
+        let wakers = (state.app_reader.take(), state.app_writer.take());
+        drop(state);
+        wake(wakers.0);
+        wake(wakers.1);
     }
 }
 
@@ -245,8 +262,12 @@ impl AsyncRead for LocalStream {
             state.app_reader = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        let n = take_into(&mut state.to_app, buf.initialize_unfilled());
-        buf.advance(n);
+        let n = state.to_app.len().min(buf.remaining());
+        let (front, back) = state.to_app.as_slices();
+        let first = front.len().min(n);
+        buf.put_slice(front.get(..first).unwrap_or_default());
+        buf.put_slice(back.get(..n - first).unwrap_or_default());
+        drain(&mut state.to_app, n);
         drop(state);
         self.0.link_writable.notify_one();
         Poll::Ready(Ok(()))
@@ -295,12 +316,24 @@ fn take_into(queue: &mut VecDeque<u8>, buf: &mut [u8]) -> usize {
     if let (Some(dst), Some(src)) = (buf.get_mut(first..n), back.get(..n - first)) {
         dst.copy_from_slice(src);
     }
-    queue.drain(..n);
+    drain(queue, n);
     n
 }
 
-fn wake(waker: &mut Option<Waker>) {
-    if let Some(waker) = waker.take() {
+/// Drops the first `n` bytes of `queue`. An emptied queue above 64 KiB
+/// gives its memory back (it may have grown to twice [`PIPE_BYTES`] under
+/// push-back), so an idle pipe holds little; smaller ones are kept, so a
+/// stream moving frame after frame does not allocate for each.
+fn drain(queue: &mut VecDeque<u8>, n: usize) {
+    queue.drain(..n);
+    if queue.is_empty() && queue.capacity() > 64 * 1024 {
+        *queue = VecDeque::new();
+    }
+}
+
+/// Wakes a program's task; called with the pipe's lock released.
+fn wake(waker: Option<Waker>) {
+    if let Some(waker) = waker {
         waker.wake();
     }
 }
@@ -338,6 +371,13 @@ mod tests {
         assert_eq!(app.read(&mut buf).await.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
         drop(app);
         assert_eq!(link.try_write(b"x").unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+
+        // A program gone without shutting its writing down cut the stream:
+        // the link resets it rather than end it cleanly.
+        let (link, app) = StreamSocket::pair();
+        drop(app);
+        link.readable().await.unwrap();
+        assert_eq!(link.try_read(&mut buf).unwrap_err().kind(), io::ErrorKind::ConnectionReset);
     }
 
     #[tokio::test]
