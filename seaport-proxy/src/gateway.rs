@@ -37,12 +37,9 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use seaport_net::allow::AllowList;
 use seaport_net::identity::random_u64;
 use seaport_net::link::StreamSocket;
 use seaport_net::lock::lock;
-use seaport_net::pool::Links;
-use seaport_proto::client::SetView;
 use seaport_proto::keys::PublicKey;
 use seaport_proto::message::Instance;
 use seaport_proto::role::{Protocol, RoleQuery};
@@ -50,7 +47,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::{Served, Watcher, is_current};
+use crate::{Reaching, Served, Watcher, is_current};
 
 /// Most distinct queries the gateway watches at once: well below what a
 /// registry grants one session (64 watches by default), which the ports'
@@ -166,14 +163,8 @@ impl hyper::body::Body for Returning {
 /// The gateway's state, shared by its connections.
 pub(crate) struct Gateway {
     pub(crate) watcher: Arc<Watcher>,
-    pub(crate) view: Arc<Mutex<SetView>>,
-    pub(crate) links: Arc<Links>,
-    pub(crate) pinned: Arc<AllowList>,
-    pub(crate) changed: watch::Receiver<u64>,
-    /// How long a request waits for a registry's answer.
-    pub(crate) wait: Duration,
-    /// How long opening a stream on an instance may take.
-    pub(crate) dial: Duration,
+    /// The instances, how to choose, the links and their limits.
+    pub(crate) reach: Reaching,
     /// `Host` routing: `<role>.<domain>`.
     pub(crate) domain: Option<String>,
     /// Query → its slot and last use.
@@ -280,11 +271,11 @@ impl Gateway {
                 Err(refusal) => refusal.into(),
             },
             Route::Instance { key, prefix, path } => {
-                let found: Vec<Instance> = lock(&self.view)
+                let found: Vec<Instance> = lock(&self.reach.view)
                     .all_instances()
                     .into_iter()
                     .filter(|i| {
-                        i.key == key && self.pinned.admits(&i.key) && i.role.protocol() == Protocol::Tcp
+                        i.key == key && self.reach.pinned.admits(&i.key) && i.role.protocol() == Protocol::Tcp
                     })
                     .collect();
                 if found.is_empty() {
@@ -377,18 +368,18 @@ impl Gateway {
         let Some(slot) = self.slot_for(query) else {
             return Err(Refusal(StatusCode::SERVICE_UNAVAILABLE, "no query slot left".to_owned()));
         };
-        let deadline = tokio::time::Instant::now() + self.wait;
-        let mut changed = self.changed.clone();
+        let deadline = tokio::time::Instant::now() + self.reach.wait;
+        let mut changed = self.reach.changed.clone();
         loop {
             // Evicted meanwhile: its slot may be another query's now.
             if !is_current(&self.watcher.slots, slot.index, slot.generation) {
                 let why = format!("too many ranges in use at once (at most {MAX_ROUTES}); try again");
                 return Err(Refusal(StatusCode::SERVICE_UNAVAILABLE, why));
             }
-            let known: Vec<Instance> = lock(&self.view)
+            let known: Vec<Instance> = lock(&self.reach.view)
                 .instances_of(slot.index)
                 .iter()
-                .filter(|i| self.pinned.admits(&i.key) && i.role.protocol() == Protocol::Tcp)
+                .filter(|i| self.reach.pinned.admits(&i.key) && i.role.protocol() == Protocol::Tcp)
                 .cloned()
                 .collect();
             if known.is_empty()
@@ -405,7 +396,7 @@ impl Gateway {
                 return Ok((known, slot));
             }
             if tokio::time::Instant::now() >= deadline {
-                let why = format!("no registry answered for {query} within {:?}", self.wait);
+                let why = format!("no registry answered for {query} within {:?}", self.reach.wait);
                 return Err(Refusal(StatusCode::GATEWAY_TIMEOUT, why));
             }
             // An empty answer changes no union: look again shortly too.
@@ -453,7 +444,8 @@ impl Gateway {
 
     /// `instances` in the balance strategy's order for the route `slot`.
     fn order(&self, slot: Slot, instances: &[Instance]) -> Vec<Instance> {
-        let mut order = lock(&self.view).choose_for(slot.index, seaport_net::clock::now(), random_u64());
+        let mut order =
+            lock(&self.reach.view).choose_for(slot.index, seaport_net::clock::now(), random_u64());
         order.retain(|i| instances.contains(i));
         order
     }
@@ -481,7 +473,7 @@ impl Gateway {
                     Ok(sender) => sender,
                     Err(e) => {
                         tracing::warn!(service = %instance.key, "gateway: instance failed, trying the next: {e}");
-                        lock(&self.view).report_failure(seaport_net::clock::now(), instance.key);
+                        lock(&self.reach.view).report_failure(seaport_net::clock::now(), instance.key);
                         failures.push(e);
                         break;
                     }
@@ -566,8 +558,9 @@ impl Gateway {
         }
         let (ours, theirs) = StreamSocket::pair();
         let (link, id) = self
+            .reach
             .links
-            .open(instance, Arc::new(ours), Some(client), self.dial)
+            .open(instance, Arc::new(ours), Some(client), self.reach.dial)
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(async move {

@@ -283,6 +283,14 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let (wait, dial) = (args.connect_timeout, args.dial_timeout);
     // One accept loop per mapping, all stopped by the one shutdown signal.
     let (stop_tx, stop) = watch::channel(false);
+    let reach = Reaching {
+        view: view.clone(),
+        links: links.clone(),
+        pinned: pinned.clone(),
+        changed: changed.clone(),
+        wait,
+        dial,
+    };
     let mut gateway_task = None;
     if let Some(listener) = gateway_listener {
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -291,12 +299,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         );
         let gateway = Arc::new(gateway::Gateway {
             watcher: watcher.clone(),
-            view: view.clone(),
-            links: links.clone(),
-            pinned: pinned.clone(),
-            changed: changed.clone(),
-            wait,
-            dial,
+            reach: reach.clone(),
             domain: args.gateway_domain.clone(),
             routes: Mutex::default(),
             idle: Arc::default(),
@@ -306,17 +309,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     let mut served = ports::Ports::new(ports::PortContext {
         bind: args.bind,
         watcher: watcher.clone(),
-        tcp: ServedPort {
-            query: 0,
-            generation: 0,
-            slots: watcher.slots.clone(),
-            view: view.clone(),
-            links: links.clone(),
-            pinned: pinned.clone(),
-            changed: changed.clone(),
-            wait,
-            dial,
-        },
+        tcp: ServedPort { query: 0, generation: 0, slots: watcher.slots.clone(), reach: reach.clone() },
         udp: udp::UdpPort {
             query: 0,
             name: String::new(),
@@ -644,6 +637,13 @@ struct ServedPort {
     generation: u64,
     /// Every slot's use, to check the port's is still its own.
     slots: Arc<Mutex<Vec<Option<Served>>>>,
+    reach: Reaching,
+}
+
+/// What a TCP port's connections and the gateway's requests share to reach
+/// an instance: the instances known, how to choose, the links, the limits.
+#[derive(Clone)]
+struct Reaching {
     /// The union of the registries' answers, and how to choose from it.
     view: Arc<Mutex<SetView>>,
     links: Arc<Links>,
@@ -665,15 +665,16 @@ impl ServedPort {
     /// the client seeing it.
     async fn serve_client(mut self, stream: TcpStream) -> Result<(), String> {
         let _ = stream.set_nodelay(true);
-        let deadline = tokio::time::Instant::now() + self.wait;
+        let deadline = tokio::time::Instant::now() + self.reach.wait;
         let order = loop {
             // A port closed by a config reload gives its slot to another
             // query: its waiting clients are not served that one.
             if !is_current(&self.slots, self.query, self.generation) {
                 return Err("the port was closed (config reread)".into());
             }
-            let mut order = lock(&self.view).choose_for(self.query, seaport_net::clock::now(), random_u64());
-            order.retain(|i| self.pinned.admits(&i.key));
+            let mut order =
+                lock(&self.reach.view).choose_for(self.query, seaport_net::clock::now(), random_u64());
+            order.retain(|i| self.reach.pinned.admits(&i.key));
             let any = !order.is_empty();
             order.retain(|i| i.role.protocol() == Protocol::Tcp);
             if !order.is_empty() {
@@ -684,9 +685,9 @@ impl ServedPort {
                     "the role's instances forward UDP: serve it on a UDP port (--map ROLE=PORT/udp)".into()
                 );
             }
-            match tokio::time::timeout_at(deadline, self.changed.changed()).await {
+            match tokio::time::timeout_at(deadline, self.reach.changed.changed()).await {
                 Ok(Ok(())) => {}
-                _ => return Err(format!("no instance found within {:?}", self.wait)),
+                _ => return Err(format!("no instance found within {:?}", self.reach.wait)),
             }
         };
         let from = stream.peer_addr().ok();
@@ -694,7 +695,7 @@ impl ServedPort {
         let mut failures = Vec::new();
         let mut opened = None;
         for instance in order {
-            match self.links.open(&instance, socket.clone(), from, self.dial).await {
+            match self.reach.links.open(&instance, socket.clone(), from, self.reach.dial).await {
                 Ok(stream) => {
                     seaport_net::serve::record_peer_key(&instance.key);
                     opened = Some(stream);
@@ -702,7 +703,7 @@ impl ServedPort {
                 }
                 Err(failure) => {
                     tracing::warn!(service = %instance.key, "instance failed, trying the next: {failure}");
-                    lock(&self.view).report_failure(seaport_net::clock::now(), instance.key);
+                    lock(&self.reach.view).report_failure(seaport_net::clock::now(), instance.key);
                     failures.push(failure.to_string());
                 }
             }

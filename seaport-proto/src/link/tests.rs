@@ -716,4 +716,10 @@ fn the_client_address_goes_only_to_a_service_that_takes_it() {
     events(&mut s);
     s.handle_frame(now, &frame(frames[0])).unwrap();
     assert_eq!(events(&mut s), [LinkEvent::Opened { id: new, client: Some(client) }]);
+
+    // An OPEN as a proxy from before the capability writes it, byte for
+    // byte (type, id, window, nothing after): a stream with no address.
+    let older = [0x01, 0, 0, 0, 9, 0, 0, 0, 100];
+    s.handle_frame(now, &older).unwrap();
+    assert_eq!(events(&mut s), [LinkEvent::Opened { id: StreamId::new(9), client: None }]);
 }
