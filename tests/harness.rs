@@ -31,28 +31,47 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         raise_fd_limit();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-        // `cargo test` sets the package's variables for this process, and
-        // ring's build script tracks some of them: inherited, they make this
-        // build and a plain `cargo build` rebuild ring and all above it in turn.
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_"].iter().any(|p| key.starts_with(p)) {
-                build.env_remove(&*key);
-            }
-        }
-        let status = build
-            .args(["build", "--quiet", "-p", "seaport-seed", "-p", "seaport-registry"])
-            .args(["-p", "seaport-service", "-p", "seaport-proxy"])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building the binaries failed");
+        cargo_build(&[
+            "-p",
+            "seaport-seed",
+            "-p",
+            "seaport-registry",
+            "-p",
+            "seaport-service",
+            "-p",
+            "seaport-proxy",
+        ]);
     });
     let path = target_dir().join(name);
     assert!(path.exists(), "{} missing after build", path.display());
     path
+}
+
+/// Path of an example of the `seaport` crate, built (once per test process) with cargo.
+pub fn example(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| cargo_build(&["-p", "seaport", "--examples"]));
+    let path = target_dir().join("examples").join(name);
+    assert!(path.exists(), "{} missing after build", path.display());
+    path
+}
+
+/// `cargo build --quiet ARGS` in the workspace; fails the test if it fails.
+fn cargo_build(args: &[&str]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    // `cargo test` sets the package's variables for this process, and
+    // ring's build script tracks some of them: inherited, they make this
+    // build and a plain `cargo build` rebuild ring and all above it in turn.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_"].iter().any(|p| key.starts_with(p)) {
+            build.env_remove(&*key);
+        }
+    }
+    let status = build.args(["build", "--quiet"]).args(args).status().expect("run cargo build");
+    assert!(status.success(), "cargo build {args:?} failed");
 }
 
 /// The hostile-input test holds over 2,000 sockets at once: lift the soft
@@ -149,6 +168,14 @@ impl Proc {
         cmd.args(["netns", "exec", netns]).arg(bin(name));
         seaport_env(&mut cmd, args, env);
         Proc::spawn(&format!("{name} in {netns}"), cmd)
+    }
+
+    /// Starts an example of the `seaport` crate with `args`, in the
+    /// environment a binary gets.
+    pub fn example(name: &str, args: &[&str]) -> Proc {
+        let mut cmd = Command::new(example(name));
+        seaport_env(&mut cmd, args, &[]);
+        Proc::spawn(&format!("example {name}"), cmd)
     }
 
     /// Starts any command, with its output collected like a binary's.

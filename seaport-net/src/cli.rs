@@ -132,6 +132,16 @@ impl From<String> for Failure {
     }
 }
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Usage(message) | Failure::Runtime(message) => f.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for Failure {}
+
 /// Ends the process for `failure`: a usage error in clap's form (exit 2), a
 /// runtime error as `binary: message` (exit 1).
 pub fn exit_with<A: clap::CommandFactory>(binary: &str, failure: Failure) -> ! {

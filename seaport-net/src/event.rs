@@ -1,11 +1,13 @@
 //! The events a binary reports on stdout: one type for the registry, the
 //! service and the proxy. As text (the default), `Display` is the
 //! command-line contract: one line per event, stable, scripts read them. With
-//! `--json` ([`use_json`]), every event is one JSON object a line with `ts`
+//! `--json` ([`print_events`]), every event is one JSON object a line with `ts`
 //! (RFC 3339, UTC), `event` (its name, [`Event::name`]) and its fields; a few
 //! events (links, draining, stopped) exist only there, so the text lines stay
 //! exactly as they were. Logs, with their detail, go to stderr through
-//! `tracing`; stdout carries only events.
+//! `tracing`; stdout carries only events. A program that uses the crates
+//! as a library prints nothing unless it calls [`print_events`], and gets
+//! every event as a value from [`subscribe`].
 //!
 //! Invariant: every state change a script would act on has a variant here, and
 //! nothing in the registry, service or proxy prints to stdout except [`emit`].
@@ -15,6 +17,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -22,6 +25,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use seaport_proto::keys::PublicKey;
 use seaport_proto::role::{Role, RoleQuery};
+use tokio::sync::broadcast;
 
 use crate::metrics::{Label, Refusal, label, metrics};
 
@@ -258,12 +262,34 @@ pub(crate) fn rfc3339(at: SystemTime) -> String {
     )
 }
 
+/// Whether [`emit`] prints at all: a binary's `run` turns it on; a
+/// program using the crates as a library keeps its stdout.
+static PRINT: AtomicBool = AtomicBool::new(false);
 /// Whether [`emit`] prints JSON.
 static JSON: AtomicBool = AtomicBool::new(false);
 
-/// Makes [`emit`] print JSON objects instead of text lines (`--json`).
-pub fn use_json(on: bool) {
-    JSON.store(on, Ordering::Relaxed);
+/// Makes [`emit`] print each event on stdout: text lines, or JSON objects
+/// with `json` (`--json`). Off until called: a library prints nothing.
+pub fn print_events(json: bool) {
+    JSON.store(json, Ordering::Relaxed);
+    PRINT.store(true, Ordering::Relaxed);
+}
+
+/// Events a subscriber has not taken yet, at most: a slower one misses the
+/// oldest ([`broadcast::error::RecvError::Lagged`] says how many).
+pub const SUBSCRIBED_EVENTS: usize = 1024;
+
+/// Where [`emit`] sends events for [`subscribe`]rs.
+fn subscribers() -> &'static broadcast::Sender<Event> {
+    static SENDER: OnceLock<broadcast::Sender<Event>> = OnceLock::new();
+    SENDER.get_or_init(|| broadcast::channel(SUBSCRIBED_EVENTS).0)
+}
+
+/// Every event emitted in this process from now on, as values: those of
+/// every service, client and registry it runs (the fields say whose). The
+/// same events the binaries print, whether or not they are printed.
+pub fn subscribe() -> broadcast::Receiver<Event> {
+    subscribers().subscribe()
 }
 
 impl fmt::Display for Event {
@@ -329,11 +355,19 @@ fn count(event: &Event) {
     }
 }
 
-/// Prints `event` as one line on stdout: its text line, or with `--json` its
+/// Counts `event`, hands it to [`subscribe`]rs, and (after [`print_events`])
+/// prints it as one line on stdout: its text line, or with `--json` its
 /// JSON object. Scripts read these, so each is flushed at once (Rust's
 /// stdout is line-buffered).
 pub fn emit(event: &Event) {
     count(event);
+    let subscribers = subscribers();
+    if subscribers.receiver_count() > 0 {
+        let _ = subscribers.send(event.clone());
+    }
+    if !PRINT.load(Ordering::Relaxed) {
+        return;
+    }
     if JSON.load(Ordering::Relaxed) {
         println!("{}", event.to_json(SystemTime::now()));
     } else if event.has_text() {

@@ -8,11 +8,11 @@
 //! - `Host: <role>.<suffix>` (with `--gateway-domain SUFFIX`) → the path as
 //!   it is on an instance of `<role>` (any version).
 //!
-//! A route's query is watched like a port's (one slot per distinct query,
-//! at most [`MAX_ROUTES`], the least recently used given up first), so the
-//! second request finds its instances known. Requests go to the backend
+//! A route's query is the [`Client`]'s route (one slot per distinct query,
+//! at most [`crate::MAX_ROUTES`], the least recently used given up first),
+//! so the second request finds its instances known. Requests go to the backend
 //! with hyper's HTTP/1 client over a link stream whose local end is in this
-//! process ([`StreamSocket::pair`]): bodies stream both ways at any size,
+//! process ([`seaport_net::link::StreamSocket::pair`]): bodies stream both ways at any size,
 //! `Upgrade` (WebSocket) becomes a byte pipe after the 101, and a
 //! connection to a backend is kept (at most [`IDLE_PER_SERVICE`] per
 //! service) for the next request.
@@ -37,8 +37,6 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use seaport_net::identity::random_u64;
-use seaport_net::link::StreamSocket;
 use seaport_net::lock::lock;
 use seaport_proto::keys::PublicKey;
 use seaport_proto::message::Instance;
@@ -47,12 +45,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::{Reaching, Served, Watcher, is_current};
+use crate::client::{Client, LookupError, Slot};
 
-/// Most distinct queries the gateway watches at once: well below what a
-/// registry grants one session (64 watches by default), which the ports'
-/// queries share.
-pub const MAX_ROUTES: usize = 32;
 /// Most idle backend connections kept per service and client.
 pub const IDLE_PER_SERVICE: usize = 16;
 /// Most idle backend connections kept in all (each holds a link stream and
@@ -162,22 +156,12 @@ impl hyper::body::Body for Returning {
 
 /// The gateway's state, shared by its connections.
 pub(crate) struct Gateway {
-    pub(crate) watcher: Arc<Watcher>,
-    /// The instances, how to choose, the links and their limits.
-    pub(crate) reach: Reaching,
+    /// Its lookups, routes and links.
+    pub(crate) client: Arc<Client>,
     /// `Host` routing: `<role>.<domain>`.
     pub(crate) domain: Option<String>,
-    /// Query → its slot and last use.
-    pub(crate) routes: Mutex<HashMap<String, (Slot, Instant)>>,
     /// Idle backend connections.
     pub(crate) idle: Arc<Idle>,
-}
-
-/// A route's query slot, and which use of it is the route's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Slot {
-    index: usize,
-    generation: u64,
 }
 
 /// Where a request goes.
@@ -265,17 +249,19 @@ impl Gateway {
                     text(StatusCode::NOT_FOUND, format!("no instance of {query} is registered"))
                 }
                 Ok((instances, slot)) => {
-                    let order = self.order(slot, &instances);
+                    let order = self.client.order(slot, &instances);
                     self.forward(request, client, order, &prefix, &path).await
                 }
                 Err(refusal) => refusal.into(),
             },
             Route::Instance { key, prefix, path } => {
-                let found: Vec<Instance> = lock(&self.reach.view)
+                let found: Vec<Instance> = lock(&self.client.reach.view)
                     .all_instances()
                     .into_iter()
                     .filter(|i| {
-                        i.key == key && self.reach.pinned.admits(&i.key) && i.role.protocol() == Protocol::Tcp
+                        i.key == key
+                            && self.client.reach.pinned.admits(&i.key)
+                            && i.role.protocol() == Protocol::Tcp
                     })
                     .collect();
                 if found.is_empty() {
@@ -365,89 +351,13 @@ impl Gateway {
     /// The instances of `query` once a registry answered (watching it from
     /// now on), or the answer saying why not.
     async fn instances(&self, query: &RoleQuery) -> Result<(Vec<Instance>, Slot), Refusal> {
-        let Some(slot) = self.slot_for(query) else {
-            return Err(Refusal(StatusCode::SERVICE_UNAVAILABLE, "no query slot left".to_owned()));
-        };
-        let deadline = tokio::time::Instant::now() + self.reach.wait;
-        let mut changed = self.reach.changed.clone();
-        loop {
-            // Evicted meanwhile: its slot may be another query's now.
-            if !is_current(&self.watcher.slots, slot.index, slot.generation) {
-                let why = format!("too many ranges in use at once (at most {MAX_ROUTES}); try again");
-                return Err(Refusal(StatusCode::SERVICE_UNAVAILABLE, why));
-            }
-            let known: Vec<Instance> = lock(&self.reach.view)
-                .instances_of(slot.index)
-                .iter()
-                .filter(|i| self.reach.pinned.admits(&i.key) && i.role.protocol() == Protocol::Tcp)
-                .cloned()
-                .collect();
-            if known.is_empty()
-                && let Some(why) = self.watcher.refusal(slot.index)
-            {
-                // Not watched, then: the next request asks again.
-                self.drop_route(query, slot);
-                return Err(Refusal(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("the registry refused {query}: {why}"),
-                ));
-            }
-            if !known.is_empty() || self.watcher.answered(slot.index) {
-                return Ok((known, slot));
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let why = format!("no registry answered for {query} within {:?}", self.reach.wait);
-                return Err(Refusal(StatusCode::GATEWAY_TIMEOUT, why));
-            }
-            // An empty answer changes no union: look again shortly too.
-            let pause = tokio::time::sleep(Duration::from_millis(20));
-            tokio::select! {
-                _ = changed.changed() => {}
-                () = pause => {}
-            }
-        }
-    }
-
-    /// The slot watching `query`, added now if new (the least recently used
-    /// route given up when all are taken).
-    fn slot_for(&self, query: &RoleQuery) -> Option<Slot> {
-        let mut routes = lock(&self.routes);
-        let now = Instant::now();
-        let name = query.to_string();
-        if let Some((slot, used)) = routes.get_mut(&name) {
-            *used = now;
-            return Some(*slot);
-        }
-        if routes.len() >= MAX_ROUTES {
-            let oldest = routes.iter().min_by_key(|(_, (_, used))| *used).map(|(q, _)| q.clone());
-            if let Some((slot, _)) = oldest.and_then(|q| routes.remove(&q)) {
-                self.watcher.remove(slot.index);
-            }
-        }
-        let served = Served::new(query.clone(), None, Protocol::Tcp);
-        let generation = served.generation;
-        let index = self.watcher.add(served)?;
-        let slot = Slot { index, generation };
-        routes.insert(name, (slot, now));
-        Some(slot)
-    }
-
-    /// Stops watching `query` if `slot` is still its route.
-    fn drop_route(&self, query: &RoleQuery, slot: Slot) {
-        let mut routes = lock(&self.routes);
-        let name = query.to_string();
-        if routes.get(&name).is_some_and(|(s, _)| *s == slot) {
-            routes.remove(&name);
-            self.watcher.remove(slot.index);
-        }
-    }
-
-    /// `instances` in the balance strategy's order for the route `slot`.
-    fn order(&self, slot: Slot, instances: &[Instance]) -> Vec<Instance> {
-        let mut order =
-            lock(&self.reach.view).choose_for(slot.index, seaport_net::clock::now(), random_u64());
-        order.retain(|i| instances.contains(i));
-        order
+        self.client.route(query).await.map_err(|e| {
+            let status = match e {
+                LookupError::NoAnswer { .. } => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            Refusal(status, e.to_string())
+        })
     }
 
     /// Sends `request` to the first of `order` that takes it.
@@ -473,7 +383,7 @@ impl Gateway {
                     Ok(sender) => sender,
                     Err(e) => {
                         tracing::warn!(service = %instance.key, "gateway: instance failed, trying the next: {e}");
-                        lock(&self.reach.view).report_failure(seaport_net::clock::now(), instance.key);
+                        lock(&self.client.reach.view).report_failure(seaport_net::clock::now(), instance.key);
                         failures.push(e);
                         break;
                     }
@@ -556,18 +466,7 @@ impl Gateway {
                 return Ok(sender);
             }
         }
-        let (ours, theirs) = StreamSocket::pair();
-        let (link, id) = self
-            .reach
-            .links
-            .open(instance, Arc::new(ours), Some(client), self.reach.dial)
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            if let Err(e) = link.run(id).await {
-                tracing::debug!("gateway stream ended: {e}");
-            }
-        });
+        let theirs = self.client.open(instance, Some(client)).await?;
         let (sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(theirs)).await.map_err(|e| e.to_string())?;
         tokio::spawn(async move {

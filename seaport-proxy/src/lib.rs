@@ -5,9 +5,12 @@
 //! reached its backend. A UDP port's client addresses are flows on the same
 //! links (`udp`).
 
+mod client;
 mod gateway;
 mod ports;
 mod udp;
+
+pub use client::{Client, ClientOptions, LookupError, MAX_ROUTES, Stream, Watch};
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -18,19 +21,18 @@ use clap::Parser;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use seaport_net::allow::AllowList;
 use seaport_net::cli::{ClientArgs, Failure, HOUR, MINUTE, duration_in};
-use seaport_net::control::{At, ControlHandle, ControlSet};
+use seaport_net::control::{At, ControlHandle};
 use seaport_net::event::{Event, emit};
 use seaport_net::identity::random_u64;
 use seaport_net::lock::lock;
 use seaport_net::metrics::readiness;
 use seaport_net::pool::Links;
-use seaport_net::reach::{Introducer, MeetAnswer};
+use seaport_net::reach::MeetAnswer;
 use seaport_net::serve::drain;
 use seaport_proto::client::proxy::{free_slot, take_slot, watch_slot};
 use seaport_proto::client::set::is_same_instance;
-use seaport_proto::client::{ClientConfig, ProxyClient, ProxyEvent, RegistryClient, SetView, Strategy};
+use seaport_proto::client::{ProxyClient, ProxyEvent, RegistryClient, SetView, Strategy};
 use seaport_proto::keys::PublicKey;
-use seaport_proto::link::LinkConfig;
 use seaport_proto::message::Instance;
 use seaport_proto::role::{Protocol, RoleQuery};
 use tokio::net::TcpStream;
@@ -166,6 +168,21 @@ fn parse_mapping(text: &str) -> Result<Mapping, String> {
 }
 
 impl Args {
+    /// The client these flags ask for.
+    pub fn client_options(&self) -> Result<ClientOptions, Failure> {
+        let mut options = ClientOptions::new(self.client.registry.clone(), self.client.keypair()?);
+        options.bootstrap = self.client.bootstrap.clone().unwrap_or_default().0;
+        options.balance = self.balance;
+        options.connect_timeout = self.connect_timeout;
+        options.dial_timeout = self.dial_timeout;
+        options.service_keys = self.service_keys.clone();
+        options.ban = self.ban;
+        options.punch_after = self.punch_after;
+        options.resume_within = self.resume_within;
+        options.hide_client_address = self.hide_client_address;
+        Ok(options)
+    }
+
     /// What to serve on ports: -p/-r first, then each --map.
     fn mappings(&self) -> Vec<Mapping> {
         let mut mappings = self.map.clone();
@@ -188,14 +205,14 @@ impl Drop for AbortOnDrop {
 
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
 pub async fn run(args: Args) -> Result<(), Failure> {
-    seaport_net::event::use_json(args.client.json);
-    let keypair = args.client.keypair()?;
+    seaport_net::event::print_events(args.client.json);
     let mappings = args.mappings();
     if mappings.is_empty() && args.gateway.is_none() {
         return Err(Failure::Usage(
             "nothing to serve: give -p PORT -r ROLE@RANGE, --map ROLE@RANGE=PORT or --gateway ADDR".into(),
         ));
     }
+    let options = args.client_options()?;
     let gateway_listener = match args.gateway {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             format!("cannot listen on {addr} for the gateway: {e}; choose another port or address")
@@ -203,94 +220,33 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         None => None,
     };
     let mut listeners = Vec::new();
-    let mut ports = Vec::new();
     for mapping in &mappings {
-        let (listener, port) = ports::bind(mapping, args.bind).await?;
-        listeners.push(listener);
         // With port 0 the kernel picks the port: report that one, not 0.
-        ports.push(port);
+        listeners.push(ports::bind(mapping, args.bind).await?);
     }
-    let queries: Vec<RoleQuery> = mappings.iter().map(|m| m.query.clone()).collect();
     // Ready while an instance of every role served is known (`/ready`).
-    for query in &queries {
+    for mapping in &mappings {
+        let query = &mapping.query;
         readiness().set(&format!("role {query}"), Some(format!("no instance of {query} known")));
     }
     // Lives as long as `run`: dropping it stops the HTTP server.
     let (_http_stop, http_stop) = watch::channel(false);
     seaport_net::http::start(args.client.metrics, None, http_stop).await?;
-    let resolver = args.client.resolver();
     // What a service's --allow and a registry's --acl name this proxy by.
-    tracing::info!(key = %keypair.public(), "this proxy's key (for services' --allow lists and the registry's --acl)");
-    // Tells this process's sessions from those of others with the same seed;
-    // each registry of the set gets its own (slot added).
-    let process = seaport_net::identity::random_u64();
-    // What every registry of the set is asked, slot by slot: the ports'
-    // queries first, the gateway's as its requests name them.
-    let slots: Arc<Mutex<Vec<Option<Served>>>> = Arc::new(Mutex::new(
-        mappings
-            .iter()
-            .zip(&ports)
-            .map(|(m, port)| Some(Served::new(m.query.clone(), Some(*port), m.protocol)))
-            .collect(),
-    ));
-    let make = {
-        let (keypair, registry, slots) = (keypair.clone(), args.client.registry.key, slots.clone());
-        move |slot: usize| {
-            let mut config = ClientConfig::new(keypair.clone(), registry);
-            config.process = process.wrapping_add(slot as u64).max(1);
-            ProxyClient::with_slots(config, query_slots(&lock(&slots)))
-        }
-    };
-    let view = Arc::new(Mutex::new(SetView::new(queries.len(), args.balance, keypair.public(), args.ban)));
-    // Bumped on every instance-set change, so waiting clients wake up.
-    let (changed_tx, changed) = watch::channel(0u64);
-    // The registries' answers to meeting requests, for the introducer below.
-    let (answers_tx, answers) = mpsc::unbounded_channel();
-    let pinned = Arc::new(AllowList::new(args.service_keys.clone(), None).map_err(Failure::Usage)?);
-    let watcher = Arc::new(Watcher {
-        view: view.clone(),
-        control: std::sync::OnceLock::new(),
-        links: std::sync::OnceLock::new(),
-        pinned: pinned.clone(),
-        slots,
-        answers: answers_tx,
-        changed: changed_tx,
-        state: Mutex::new(Watched { known: vec![Vec::new(); queries.len()], ..Watched::default() }),
-    });
-    let on_event = {
-        let watcher = watcher.clone();
-        Arc::new(move |at: At<'_>, event: &ProxyEvent| watcher.on_event(at, event))
-    };
-    let control = ControlSet::spawn(args.client.registry.clone(), resolver, make, on_event);
-    let _ = watcher.control.set(control.handle());
-    // A registry let go of (the set no longer lists it) counts no more.
-    let mut members_changed = control.handle().changes();
-    let following = watcher.clone();
-    tokio::spawn(async move {
-        while members_changed.changed().await.is_ok() {
-            following.update();
-        }
-    });
-    let introducer = Introducer::new(control.handle(), answers).with_punch_after(args.punch_after);
-    let link_config = LinkConfig { resume_within: args.resume_within, ..LinkConfig::default() };
-    let links = Arc::new(
-        Links::new(keypair.clone(), link_config, args.dial_timeout)
-            .with_introducer(introducer)
-            .hiding_client_addresses(args.hide_client_address),
-    );
-    let _ = watcher.links.set(links.clone());
+    tracing::info!(key = %options.keypair.public(), "this proxy's key (for services' --allow lists and the registry's --acl)");
+    let client = Arc::new(Client::start(options)?);
+    // The ports' queries take the first slots, the gateway's routes the
+    // next as its requests name them.
+    let mut slots = Vec::new();
+    for (mapping, (_, port)) in mappings.iter().zip(&listeners) {
+        let served = Served::new(mapping.query.clone(), Some(*port), mapping.protocol);
+        slots.push(
+            client.watcher.add(served).ok_or_else(|| Failure::Usage("too many roles to serve".into()))?,
+        );
+    }
 
-    let (wait, dial) = (args.connect_timeout, args.dial_timeout);
     // One accept loop per mapping, all stopped by the one shutdown signal.
     let (stop_tx, stop) = watch::channel(false);
-    let reach = Reaching {
-        view: view.clone(),
-        links: links.clone(),
-        pinned: pinned.clone(),
-        changed: changed.clone(),
-        wait,
-        dial,
-    };
     let mut gateway_task = None;
     if let Some(listener) = gateway_listener {
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -298,31 +254,35 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             "HTTP gateway on http://{addr}/ (/role/ROLE@RANGE/, /instance/KEY/, /list/ROLE@RANGE)"
         );
         let gateway = Arc::new(gateway::Gateway {
-            watcher: watcher.clone(),
-            reach: reach.clone(),
+            client: client.clone(),
             domain: args.gateway_domain.clone(),
-            routes: Mutex::default(),
             idle: Arc::default(),
         });
         gateway_task = Some(tokio::spawn(gateway.serve(listener, stop.clone())));
     }
+    let reach = &client.reach;
     let mut served = ports::Ports::new(ports::PortContext {
         bind: args.bind,
-        watcher: watcher.clone(),
-        tcp: ServedPort { query: 0, generation: 0, slots: watcher.slots.clone(), reach: reach.clone() },
+        watcher: client.watcher.clone(),
+        tcp: ServedPort {
+            query: 0,
+            generation: 0,
+            slots: client.watcher.slots.clone(),
+            reach: reach.clone(),
+        },
         udp: udp::UdpPort {
             query: 0,
             name: String::new(),
-            view: view.clone(),
-            links: links.clone(),
-            pinned: pinned.clone(),
+            view: reach.view.clone(),
+            links: reach.links.clone(),
+            pinned: reach.pinned.clone(),
             idle: args.flow_idle,
             cap: udp::FlowCap::new(args.max_flows as usize),
             warned: Arc::default(),
         },
         drain: args.drain,
     });
-    for (slot, ((mapping, listener), port)) in mappings.iter().zip(listeners).zip(ports).enumerate() {
+    for ((mapping, (listener, port)), slot) in mappings.iter().zip(listeners).zip(slots) {
         served.serve(mapping.clone(), listener, port, slot);
     }
     // With --config, SIGHUP rereads the file: its mappings are served.
@@ -356,8 +316,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
     } {
         conns.push(open);
     }
-    links.go_away_all();
-    control.stop().await;
+    client.close().await;
     let limit = args.drain;
     let deadline = tokio::time::Instant::now() + limit;
     for open in conns {

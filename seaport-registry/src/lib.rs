@@ -154,7 +154,7 @@ pub struct Args {
 
 /// Runs until SIGINT/SIGTERM; errors are one line for the user.
 pub async fn run(args: Args) -> Result<(), Failure> {
-    seaport_net::event::use_json(args.json);
+    seaport_net::event::print_events(args.json);
     let seed = load_seed(args.seed.as_deref(), args.seed_file.as_deref())
         .map_err(|e| Failure::Usage(e.to_string()))?;
     let seed = seed.unwrap_or_else(|| {

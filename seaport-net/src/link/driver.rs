@@ -164,7 +164,7 @@ pub(super) async fn drive(
                         // A service of a UDP port takes no streams; the
                         // proxy should not have asked (the registry says
                         // which protocol a role is served over).
-                        if !side.backend.tcp {
+                        if matches!(side.backend.streams, super::StreamBackend::Refused) {
                             let mut state = shared.lock();
                             let _ = state.link.refuse(id, Reason::WRONG_PROTOCOL);
                             changed(&mut state, &shared);

@@ -57,7 +57,7 @@ pub use self::socket::{LocalStream, PIPE_BYTES, StreamSocket};
 pub use self::state::Moved;
 use self::state::{Shared, Slot, changed, new_shared};
 use self::stream::run_stream;
-pub use self::stream::{Backend, StreamEnd};
+pub use self::stream::{Accepted, Backend, StreamBackend, StreamEnd};
 use crate::allow::AllowList;
 use crate::clock;
 use crate::event::{Event, emit};

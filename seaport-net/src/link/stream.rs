@@ -17,14 +17,22 @@
 //!   can fail over before its client saw a byte.
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use seaport_proto::keys::PublicKey;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use seaport_proto::link::{Link, Reason, StreamId};
 
 use super::datagram::UdpBackend;
-use super::socket::StreamSocket;
+use super::socket::{LocalStream, StreamSocket};
 use super::state::{Half, Moved, Shared, Slot, State, changed};
 use crate::budget::{Budget, StreamShare};
 use crate::clock;
@@ -34,19 +42,78 @@ use crate::metrics::{Refusal, metrics};
 /// What a service needs to connect the streams (and flows) of its links.
 #[derive(Debug, Clone)]
 pub struct Backend {
-    /// The TCP backend's address.
-    pub addr: SocketAddr,
-    /// Whether streams go to `addr`; a service of a UDP port only refuses
-    /// them ([`Reason::WRONG_PROTOCOL`]).
-    pub tcp: bool,
-    /// How long connecting to it may take before the stream is refused.
+    /// Where streams go.
+    pub streams: StreamBackend,
+    /// How long connecting to the TCP backend may take before the stream is refused.
     pub connect_timeout: Duration,
     /// The streams the service's proxies may hold at once, shared by every link.
     pub budget: Arc<Budget>,
     /// Where UDP flows go, if the service forwards UDP.
     pub udp: Option<UdpBackend>,
-    /// The PROXY protocol header each backend connection starts with, if any.
+    /// The PROXY protocol header each TCP backend connection starts with, if any.
     pub proxy_protocol: Option<crate::proxy_header::Version>,
+}
+
+/// Where a service's streams go.
+#[derive(Debug, Clone)]
+pub enum StreamBackend {
+    /// One TCP connection to this address per stream.
+    Tcp(SocketAddr),
+    /// Handed to the program in this process, through a bounded queue: a
+    /// stream that finds it full (or closed) is refused, so the proxy tries
+    /// another instance.
+    InProcess(mpsc::Sender<Accepted>),
+    /// None: a service of a UDP port only refuses them
+    /// ([`Reason::WRONG_PROTOCOL`]).
+    Refused,
+}
+
+/// A stream a proxy opened, handed to the program (a service whose streams
+/// are [`StreamBackend::InProcess`]): the program's end of it, which reads
+/// what the proxy's client sends and writes what it receives. Dropping it
+/// without `shutdown` resets the stream, as a TCP abort does.
+#[derive(Debug)]
+pub struct Accepted {
+    stream: LocalStream,
+    proxy: PublicKey,
+    client: Option<SocketAddr>,
+}
+
+impl Accepted {
+    /// The key of the proxy whose link carries the stream (the link's
+    /// handshake proved it).
+    pub fn proxy(&self) -> PublicKey {
+        self.proxy
+    }
+
+    /// The client's address as the proxy saw it, if the proxy told it.
+    pub fn client(&self) -> Option<SocketAddr> {
+        self.client
+    }
+}
+
+impl AsyncRead for Accepted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Accepted {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 /// How a stream ended badly.
@@ -70,21 +137,24 @@ pub(super) async fn connect_stream(
     backend: Backend,
     _share: StreamShare,
 ) {
-    let connected = dial::connect(backend.addr, backend.connect_timeout).await.map_err(|e| e.to_string());
-    // The header goes before the stream is accepted: no byte of the
-    // client's can reach the backend ahead of it, and a backend that
-    // cannot take it is a refusal the proxy can fail over from.
-    let connected = match (connected, backend.proxy_protocol) {
-        (Ok(mut socket), Some(version)) => {
-            let header = crate::proxy_header::header(version, client, backend.addr, &shared.remote);
-            let write = tokio::io::AsyncWriteExt::write_all(&mut socket, &header);
-            match tokio::time::timeout(backend.connect_timeout, write).await {
-                Ok(Ok(())) => Ok(socket),
-                Ok(Err(e)) => Err(format!("writing the PROXY header: {e}")),
-                Err(_) => Err("the backend did not take the PROXY header in time".to_owned()),
+    let connected = match &backend.streams {
+        StreamBackend::Tcp(addr) => {
+            connect_tcp(*addr, &shared, client, &backend).await.map(StreamSocket::Tcp)
+        }
+        StreamBackend::InProcess(queue) => {
+            let (ours, theirs) = StreamSocket::pair();
+            let accepted = Accepted { stream: theirs, proxy: shared.remote, client };
+            match queue.try_send(accepted) {
+                Ok(()) => Ok(ours),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    Err("the program's queue of new streams is full".to_owned())
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    Err("the program takes no more streams".to_owned())
+                }
             }
         }
-        (connected, _) => connected,
+        StreamBackend::Refused => Err("this service takes no streams".to_owned()),
     };
     let socket = {
         let mut state = shared.lock();
@@ -92,7 +162,7 @@ pub(super) async fn connect_stream(
             Ok(socket) => match state.link.accept(id) {
                 Ok(()) => {
                     metrics().stream_opened("accepted");
-                    let socket = Arc::new(StreamSocket::Tcp(socket));
+                    let socket = Arc::new(socket);
                     state.streams.insert(id, Slot::new(socket.clone()));
                     Some(socket)
                 }
@@ -102,7 +172,7 @@ pub(super) async fn connect_stream(
                 }
             },
             Err(e) => {
-                tracing::info!(backend = %backend.addr, "cannot reach the backend: {e}");
+                tracing::info!("cannot reach the backend: {e}");
                 let _ = state.link.refuse(id, Reason::REFUSED);
                 metrics().stream_opened("refused");
                 metrics().refuse(Refusal::Stream);
@@ -119,6 +189,31 @@ pub(super) async fn connect_stream(
             Err(e) => tracing::debug!("stream ended: {e}"),
         }
     }
+}
+
+/// A connection to the TCP backend at `addr`, with its PROXY protocol
+/// header written if the service sends one.
+async fn connect_tcp(
+    addr: SocketAddr,
+    shared: &Shared,
+    client: Option<SocketAddr>,
+    backend: &Backend,
+) -> Result<TcpStream, String> {
+    let mut socket =
+        dial::connect(addr, backend.connect_timeout).await.map_err(|e| format!("{addr}: {e}"))?;
+    // The header goes before the stream is accepted: no byte of the
+    // client's can reach the backend ahead of it, and a backend that
+    // cannot take it is a refusal the proxy can fail over from.
+    if let Some(version) = backend.proxy_protocol {
+        let header = crate::proxy_header::header(version, client, addr, &shared.remote);
+        let write = tokio::io::AsyncWriteExt::write_all(&mut socket, &header);
+        match tokio::time::timeout(backend.connect_timeout, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("{addr}: writing the PROXY header: {e}")),
+            Err(_) => return Err(format!("{addr} did not take the PROXY header in time")),
+        }
+    }
+    Ok(socket)
 }
 
 /// The stream's waiting: asks for turns to send when its socket is readable,

@@ -69,8 +69,7 @@ async fn service_of(
     });
     let backend = match protocol {
         Protocol::Tcp => Backend {
-            addr: backend,
-            tcp: true,
+            streams: StreamBackend::Tcp(backend),
             connect_timeout: WAIT,
             budget,
             udp: None,
@@ -79,8 +78,7 @@ async fn service_of(
         Protocol::Udp => {
             let udp = Some(UdpBackend { addr: backend, idle: FLOW_IDLE, budget });
             Backend {
-                addr: backend,
-                tcp: false,
+                streams: StreamBackend::Refused,
                 connect_timeout: WAIT,
                 budget: Budget::new(64, 64),
                 udp,
