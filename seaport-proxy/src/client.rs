@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -41,6 +42,10 @@ use crate::{AbortOnDrop, Reaching, Served, Watched, Watcher, is_current, query_s
 /// gateway) keep watching at once, below a registry's default of 64 per
 /// session so that a proxy's ports keep theirs.
 pub const MAX_ROUTES: usize = 32;
+
+/// Most [`Watch`]es of one client at once: with the routes, below a
+/// registry's default of 64 watched ranges per session.
+pub const MAX_WATCHES: usize = 16;
 
 /// How a [`Client`] finds and reaches services. [`ClientOptions::new`] has
 /// `seaport-proxy`'s defaults; change a field to change one.
@@ -100,8 +105,9 @@ impl ClientOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum LookupError {
-    /// Too many ranges are in use at once (see [`MAX_ROUTES`]), or this
-    /// range's route was given up to a newer one while it waited.
+    /// Too many ranges are in use at once (see [`MAX_ROUTES`] and
+    /// [`MAX_WATCHES`]), or this range's route was given up to a newer one
+    /// while it waited.
     Busy,
     /// Every registry that answered refused the lookup (its ACL, say).
     Refused {
@@ -121,6 +127,8 @@ pub enum LookupError {
     NotFound(RoleQuery),
     /// Instances were known, and each failed to take a stream.
     Unreachable(String),
+    /// The client was closed (or dropped).
+    Closed,
 }
 
 impl std::fmt::Display for LookupError {
@@ -135,6 +143,7 @@ impl std::fmt::Display for LookupError {
             }
             LookupError::NotFound(query) => write!(f, "no instance of {query} is registered"),
             LookupError::Unreachable(why) => write!(f, "every instance failed: {why}"),
+            LookupError::Closed => f.write_str("the client was closed"),
         }
     }
 }
@@ -150,7 +159,8 @@ pub(crate) struct Slot {
 
 /// Sessions with a registry set, and links to the instances found there.
 /// Dropping it closes the sessions (without waiting; [`Client::close`]
-/// waits) and the links once their streams are gone.
+/// waits), ends its [`Watch`]es, and closes each link once its streams
+/// are gone.
 pub struct Client {
     pub(crate) watcher: Arc<Watcher>,
     /// The instances, how to choose, the links and their limits.
@@ -159,6 +169,10 @@ pub struct Client {
     control: Mutex<Option<ControlSet<ProxyClient>>>,
     /// Range → its slot and last use.
     routes: Mutex<HashMap<String, (Slot, Instant)>>,
+    /// Watches live now (at most [`MAX_WATCHES`]).
+    watches: Arc<AtomicUsize>,
+    /// True once closed; its drop (the client's) ends every [`Watch`] too.
+    closed: watch::Sender<bool>,
     key: PublicKey,
     _following: AbortOnDrop,
 }
@@ -206,9 +220,15 @@ impl Client {
             changed: changed_tx,
             state: Mutex::new(Watched::default()),
         });
+        // Weak: the sessions' shared state outlives nothing of the client's
+        // (the watcher holds the sessions, not the other way round).
         let on_event = {
-            let watcher = watcher.clone();
-            Arc::new(move |at: At<'_>, event: &ProxyEvent| watcher.on_event(at, event))
+            let watcher = Arc::downgrade(&watcher);
+            Arc::new(move |at: At<'_>, event: &ProxyEvent| {
+                if let Some(watcher) = watcher.upgrade() {
+                    watcher.on_event(at, event);
+                }
+            })
         };
         let control = ControlSet::spawn(registry.clone(), resolver, make, on_event);
         let _ = watcher.control.set(control.handle());
@@ -241,6 +261,8 @@ impl Client {
             reach,
             control: Mutex::new(Some(control)),
             routes: Mutex::default(),
+            watches: Arc::default(),
+            closed: watch::channel(false).0,
             key: keypair.public(),
             _following: following,
         })
@@ -302,23 +324,41 @@ impl Client {
     /// the [`Watch`] is dropped.
     ///
     /// # Errors
-    /// [`LookupError::Busy`] when no query slot is left.
+    /// [`LookupError::Busy`] with [`MAX_WATCHES`] watches already;
+    /// [`LookupError::Closed`] once closed.
     pub fn watch(&self, query: &RoleQuery) -> Result<Watch, LookupError> {
+        self.check_open()?;
+        let taken = self
+            .watches
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_WATCHES).then_some(n + 1));
+        if taken.is_err() {
+            return Err(LookupError::Busy);
+        }
+        let count = WatchCount(self.watches.clone());
         let served = Served::new(query.clone(), None, Protocol::Tcp);
         let generation = served.generation;
         let index = self.watcher.add(served).ok_or(LookupError::Busy)?;
         Ok(Watch {
             watcher: self.watcher.clone(),
             slot: Slot { index, generation },
+            query: query.clone(),
             changed: self.reach.changed.clone(),
+            closed: self.closed.subscribe(),
             last: None,
+            _count: count,
         })
+    }
+
+    /// [`LookupError::Closed`] once closed.
+    fn check_open(&self) -> Result<(), LookupError> {
+        if *self.closed.borrow() { Err(LookupError::Closed) } else { Ok(()) }
     }
 
     /// Closes the registry sessions (each sends what it queued last) and
     /// asks every link to go away once its streams finish. Streams open now
     /// keep working until they end.
     pub async fn close(&self) {
+        self.closed.send_replace(true);
         self.reach.links.go_away_all();
         let control = lock(&self.control).take();
         if let Some(control) = control {
@@ -351,6 +391,7 @@ impl Client {
     /// The TCP instances of `query` once a registry answered (watching it
     /// from now on), with its route.
     pub(crate) async fn route(&self, query: &RoleQuery) -> Result<(Vec<Instance>, Slot), LookupError> {
+        self.check_open()?;
         let slot = self.slot_for(query).ok_or(LookupError::Busy)?;
         let deadline = tokio::time::Instant::now() + self.reach.wait;
         let mut changed = self.reach.changed.clone();
@@ -432,6 +473,8 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
+        // Each link closes once its streams are gone.
+        self.reach.links.go_away_all();
         // Not closed: the sessions are told to stop; nobody waits for them.
         if let Some(control) = lock(&self.control).take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
@@ -492,25 +535,43 @@ impl AsyncWrite for Stream {
 pub struct Watch {
     watcher: Arc<Watcher>,
     slot: Slot,
+    query: RoleQuery,
     changed: watch::Receiver<u64>,
+    closed: watch::Receiver<bool>,
     /// What was yielded last.
     last: Option<Vec<Instance>>,
+    _count: WatchCount,
+}
+
+/// Counts a live watch against [`MAX_WATCHES`] until dropped.
+struct WatchCount(Arc<AtomicUsize>);
+
+impl Drop for WatchCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Watch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Watch").field("slot", &self.slot).field("last", &self.last).finish_non_exhaustive()
+        f.debug_struct("Watch").field("query", &self.query).field("last", &self.last).finish_non_exhaustive()
     }
 }
 
 impl Watch {
     /// The instances once they differ from those yielded last (the first
-    /// call: once a registry answered, even with none). `None` once the
-    /// client is gone.
-    pub async fn changed(&mut self) -> Option<Vec<Instance>> {
+    /// call: once a registry answered, even with none).
+    ///
+    /// # Errors
+    /// [`LookupError::Refused`] when every registry refused the range (it
+    /// is asked again after the next reconnect: call again to wait for
+    /// that); [`LookupError::Closed`] once the client is closed or dropped.
+    pub async fn changed(&mut self) -> Result<Vec<Instance>, LookupError> {
         loop {
-            if !is_current(&self.watcher.slots, self.slot.index, self.slot.generation) {
-                return None;
+            if *self.closed.borrow()
+                || !is_current(&self.watcher.slots, self.slot.index, self.slot.generation)
+            {
+                return Err(LookupError::Closed);
             }
             let now: Vec<Instance> = lock(&self.watcher.view)
                 .instances_of(self.slot.index)
@@ -518,21 +579,32 @@ impl Watch {
                 .filter(|i| self.watcher.pinned.admits(&i.key))
                 .cloned()
                 .collect();
+            if now.is_empty()
+                && let Some(why) = self.watcher.refusal(self.slot.index)
+                && self.last.is_none()
+            {
+                // Reported once; then it waits as for any change.
+                self.last = Some(Vec::new());
+                return Err(LookupError::Refused { query: self.query.clone(), why });
+            }
             let answered = !now.is_empty() || self.watcher.answered(self.slot.index);
             if answered && self.last.as_ref() != Some(&now) {
                 self.last = Some(now.clone());
-                return Some(now);
+                return Ok(now);
             }
-            if self.last.is_some() {
-                if self.changed.changed().await.is_err() {
-                    return None;
+            // Before the first answer an empty one changes no union: look
+            // again shortly too.
+            let first = self.last.is_none();
+            let pause = async {
+                if first {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                } else {
+                    std::future::pending::<()>().await;
                 }
-                continue;
-            }
-            // Before the first answer, which changes no union when empty.
-            let pause = tokio::time::sleep(Duration::from_millis(20));
+            };
             tokio::select! {
-                changed = self.changed.changed() => if changed.is_err() { return None },
+                changed = self.changed.changed() => if changed.is_err() { return Err(LookupError::Closed) },
+                closed = self.closed.changed() => if closed.is_err() { return Err(LookupError::Closed) },
                 () = pause => {}
             }
         }

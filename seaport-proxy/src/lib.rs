@@ -10,7 +10,7 @@ mod gateway;
 mod ports;
 mod udp;
 
-pub use client::{Client, ClientOptions, LookupError, MAX_ROUTES, Stream, Watch};
+pub use client::{Client, ClientOptions, LookupError, MAX_ROUTES, MAX_WATCHES, Stream, Watch};
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

@@ -16,7 +16,7 @@ use seaport_proto::keys::PublicKey;
 use seaport_proto::role::Role;
 use tokio::sync::watch;
 
-pub use service::{ACCEPT_QUEUE, Service, ServiceOptions, Streams};
+pub use service::{ACCEPT_QUEUE, Incoming, Service, ServiceOptions, Streams};
 
 /// Expose a local TCP port under a role: proxies anywhere that look the role
 /// up in the registry reach it over an encrypted link.
@@ -198,7 +198,6 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         }
     }));
     seaport_net::signal::shutdown_signal().await;
-    readiness().set(service::READY, Some("shutting down".to_owned()));
     seaport_net::notify::stopping();
     reloads.abort();
     service.shutdown(args.drain).await;

@@ -146,7 +146,7 @@ pub struct Service {
     key: PublicKey,
     link_addr: SocketAddr,
     allow: Arc<AllowList>,
-    incoming: Option<mpsc::Receiver<Accepted>>,
+    incoming: Option<Incoming>,
     /// `None` once shut down.
     control: Option<ControlSet<ServiceClient>>,
     available: Arc<AtomicBool>,
@@ -174,10 +174,16 @@ impl Service {
     /// [`seaport_net::event::subscribe`] reports as [`Event::Registered`]),
     /// and starts answering links. Must be called within a tokio runtime.
     ///
+    /// A TCP backend is checked once first (waiting up to `check_interval`,
+    /// at least 1 s): one that does not answer yet is registered once it
+    /// does. Readiness (`/ready`) and systemd's notification are the
+    /// process's, as for the binary: several services in one process share
+    /// them.
+    ///
     /// # Errors
     /// [`Failure::Usage`] for options that cannot work (a reserved tag, a
-    /// bad allow file); [`Failure::Runtime`] when the link port cannot be
-    /// opened or the backend's host not resolved.
+    /// bad allow file, nothing to serve); [`Failure::Runtime`] when the
+    /// link port cannot be opened.
     pub async fn start(options: ServiceOptions) -> Result<Service, Failure> {
         if let Some(tag) = options.role.tags().iter().find(|t| t.starts_with(RESERVED_TAG_PREFIX)) {
             return Err(Failure::Usage(format!(
@@ -282,7 +288,7 @@ impl Service {
         let (queue, incoming) = match options.streams {
             Streams::InProcess => {
                 let (queue, incoming) = mpsc::channel(ACCEPT_QUEUE);
-                (Some(queue), Some(incoming))
+                (Some(queue), Some(Incoming(incoming)))
             }
             Streams::Tcp(_) | Streams::None => (None, None),
         };
@@ -361,38 +367,62 @@ impl Service {
     }
 
     /// The next stream a proxy opened, with [`Streams::InProcess`]; `None`
-    /// with another backend, or once shut down.
+    /// with another backend, or once [`Service::incoming`] took the queue.
     pub async fn accept(&mut self) -> Option<Accepted> {
-        self.incoming.as_mut()?.recv().await
+        self.incoming.as_mut()?.accept().await
     }
 
-    /// Withdraws the role from every registry, stops taking links, and
-    /// lets the streams open now finish within `drain` before it ends them.
+    /// The queue of new streams ([`Streams::InProcess`]) as a handle of its
+    /// own, to accept from another task while this one keeps the service
+    /// (to shut it down). `None` with another backend, or if taken already.
+    pub fn incoming(&mut self) -> Option<Incoming> {
+        self.incoming.take()
+    }
+
+    /// Stops taking links, withdraws the role from every registry, and
+    /// lets the streams open now finish within `drain_within` before it
+    /// ends them. Streams still queued for [`Service::accept`] are taken
+    /// until then too; an [`Incoming`] handle yields `None` once every link
+    /// is gone.
     pub async fn shutdown(mut self, drain_within: Duration) {
-        // Unregister first, so no proxy picks us while we drain.
         tracing::info!("shutting down: unregistering, then draining open links");
         emit(&Event::Draining);
-        // No new stream is handed over; those queued are dropped (reset).
-        self.incoming = None;
+        readiness().set(READY, Some("shutting down".to_owned()));
+        // No new link from here on; the listener stays open (a proxy that
+        // dials now waits, rather than being refused) until unregistered.
+        let _ = self.stop.send(true);
+        let accepted = match self.accepting.take() {
+            Some(task) => task.await.ok(),
+            None => None,
+        };
         for helper in self.helpers.drain(..) {
             helper.abort();
         }
-        // Also for a registry of the set followed from now on.
+        // Unregister first, so no proxy picks us while we drain. Also for
+        // a registry of the set followed from now on.
         self.available.store(false, Ordering::Relaxed);
         if let Some(control) = self.control.take() {
             control.handle().change_all(|c| c.set_available(false));
             control.stop().await;
         }
-        let _ = self.stop.send(true);
-        let open = match self.accepting.take() {
-            Some(task) => task.await.ok().map(|(links, _listener)| links),
-            None => None,
-        };
         let _ = self.draining.send(true);
-        if let Some(open) = open {
+        if let Some((open, listener)) = accepted {
+            drop(listener);
             drain(open, drain_within).await;
         }
         emit(&Event::Stopped);
+    }
+}
+
+/// The queue of new in-process streams ([`Service::incoming`]).
+#[derive(Debug)]
+pub struct Incoming(mpsc::Receiver<Accepted>);
+
+impl Incoming {
+    /// The next stream a proxy opened; `None` once the service is shut
+    /// down (or dropped) and every link is gone.
+    pub async fn accept(&mut self) -> Option<Accepted> {
+        self.0.recv().await
     }
 }
 

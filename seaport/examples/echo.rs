@@ -16,7 +16,6 @@ use seaport::{
     Accepted, Client, ClientOptions, RegistryTarget, Role, RoleQuery, Service, ServiceOptions, Streams,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
@@ -30,19 +29,13 @@ async fn main() -> Result<(), Box<dyn Error>> {
         ServiceOptions::new(registry.clone(), seaport::generate_keypair(), role, Streams::InProcess);
     let mut service = Service::start(options).await?;
     println!("service {} offers echo@1.0.0", service.key());
-    let (stop, mut stopped) = oneshot::channel::<()>();
+    // Streams are accepted in a task of their own; this one keeps the
+    // service, to shut it down at the end.
+    let mut incoming = service.incoming().ok_or("the service's streams are not in-process")?;
     let serving = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                accepted = service.accept() => match accepted {
-                    Some(stream) => { tokio::spawn(echo(stream)); }
-                    None => break,
-                },
-                _ = &mut stopped => break,
-            }
+        while let Some(stream) = incoming.accept().await {
+            tokio::spawn(echo(stream));
         }
-        // The role is withdrawn first; streams under way get a second.
-        service.shutdown(Duration::from_secs(1)).await;
     });
 
     // The client: any echo@1.x, found through the registry.
@@ -69,7 +62,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
         println!("echoed {} bytes through service {service}", back.len());
     }
     client.close().await;
-    let _ = stop.send(());
+    // The role is withdrawn first; streams under way get a second. The
+    // accept loop ends once every link is gone.
+    service.shutdown(Duration::from_secs(1)).await;
     serving.await?;
 
     // What happened, as values (the binaries print the same events).

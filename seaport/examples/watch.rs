@@ -24,7 +24,15 @@ async fn main() -> Result<(), Box<dyn Error>> {
             changed = watch.changed() => changed,
             _ = tokio::signal::ctrl_c() => break,
         };
-        let Some(instances) = changed else { break };
+        let instances = match changed {
+            Ok(instances) => instances,
+            // Asked again after the registry's next reconnect.
+            Err(seaport::LookupError::Refused { why, .. }) => {
+                eprintln!("the registry refused {query}: {why}");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         println!("{query}: {} instances", instances.len());
         for instance in &instances {
             println!("  {} {}", instance.key, instance.role);

@@ -32,8 +32,9 @@
 //! let role = Role::parse("echo@1.0.0")?;
 //! let options = ServiceOptions::new(registry.clone(), seaport::generate_keypair(), role, Streams::InProcess);
 //! let mut service = Service::start(options).await?;
+//! let mut incoming = service.incoming().expect("streams are in-process");
 //! tokio::spawn(async move {
-//!     while let Some(mut stream) = service.accept().await {
+//!     while let Some(mut stream) = incoming.accept().await {
 //!         tokio::spawn(async move {
 //!             let (mut reader, mut writer) = tokio::io::split(&mut stream);
 //!             let _ = tokio::io::copy(&mut reader, &mut writer).await;
@@ -48,6 +49,10 @@
 //! let mut answer = [0; 5];
 //! stream.read_exact(&mut answer).await?;
 //! assert_eq!(&answer, b"hello");
+//!
+//! // Withdraw the role, let streams finish for up to a second.
+//! client.close().await;
+//! service.shutdown(std::time::Duration::from_secs(1)).await;
 //! # Ok(())
 //! # }
 //! ```
@@ -74,8 +79,8 @@ pub use seaport_proto::client::Strategy;
 pub use seaport_proto::keys::{Keypair, PublicKey, Seed};
 pub use seaport_proto::message::Instance;
 pub use seaport_proto::role::{Protocol, Role, RoleQuery};
-pub use seaport_proxy::{Client, ClientOptions, LookupError, MAX_ROUTES, Stream, Watch};
-pub use seaport_service::{ACCEPT_QUEUE, Service, ServiceOptions, Streams};
+pub use seaport_proxy::{Client, ClientOptions, LookupError, MAX_ROUTES, MAX_WATCHES, Stream, Watch};
+pub use seaport_service::{ACCEPT_QUEUE, Incoming, Service, ServiceOptions, Streams};
 
 /// A fresh identity from the operating system's randomness. Keep its seed
 /// ([`random_seed`], then [`Keypair::from_seed`]) to have the same key at

@@ -86,7 +86,9 @@ impl Accepted {
         self.proxy
     }
 
-    /// The client's address as the proxy saw it, if the proxy told it.
+    /// The client's address as the proxy saw it, if the proxy told it: the
+    /// proxy's word (its key is proved, the address is not), as in a PROXY
+    /// protocol header.
     pub fn client(&self) -> Option<SocketAddr> {
         self.client
     }
@@ -137,23 +139,25 @@ pub(super) async fn connect_stream(
     backend: Backend,
     _share: StreamShare,
 ) {
+    // An in-process stream holds a place in the program's queue first, and
+    // is handed over only once accepted: a stream the proxy cancels before
+    // that never reaches the program (nor takes its queue).
+    let mut handover = None;
     let connected = match &backend.streams {
         StreamBackend::Tcp(addr) => {
             connect_tcp(*addr, &shared, client, &backend).await.map(StreamSocket::Tcp)
         }
-        StreamBackend::InProcess(queue) => {
-            let (ours, theirs) = StreamSocket::pair();
-            let accepted = Accepted { stream: theirs, proxy: shared.remote, client };
-            match queue.try_send(accepted) {
-                Ok(()) => Ok(ours),
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    Err("the program's queue of new streams is full".to_owned())
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    Err("the program takes no more streams".to_owned())
-                }
+        StreamBackend::InProcess(queue) => match queue.try_reserve() {
+            Ok(place) => {
+                let (ours, theirs) = StreamSocket::pair();
+                handover = Some((place, Accepted { stream: theirs, proxy: shared.remote, client }));
+                Ok(ours)
             }
-        }
+            Err(mpsc::error::TrySendError::Full(())) => {
+                Err("the program's queue of new streams is full".to_owned())
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => Err("the program takes no more streams".to_owned()),
+        },
         StreamBackend::Refused => Err("this service takes no streams".to_owned()),
     };
     let socket = {
@@ -164,6 +168,9 @@ pub(super) async fn connect_stream(
                     metrics().stream_opened("accepted");
                     let socket = Arc::new(socket);
                     state.streams.insert(id, Slot::new(socket.clone()));
+                    if let Some((place, accepted)) = handover.take() {
+                        place.send(accepted);
+                    }
                     Some(socket)
                 }
                 Err(e) => {
