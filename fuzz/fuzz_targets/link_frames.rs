@@ -6,7 +6,8 @@
 //! resumable link, with acknowledgements, detaching and resuming at
 //! arbitrary points: its resend buffer stays within its limit. Inputs with
 //! an odd shape take datagrams, which never spend credit nor fill the
-//! resend buffer.
+//! resend buffer; half take early data (a service takes `DATA` before it
+//! accepts, a proxy sends some with each open).
 #![no_main]
 
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use seaport_proto::link::{
-    FlowId, Frame, HEADER_LEN, Incoming, Link, LinkConfig, LinkEvent, MAX_DATA, MAX_DATAGRAM, RESEND_SLACK,
+    EARLY_DATA, FlowId, Frame, HEADER_LEN, Incoming, Link, LinkConfig, LinkEvent, MAX_DATA, MAX_DATAGRAM, RESEND_SLACK,
     Reason, Side, StreamId,
 };
 
@@ -72,6 +73,11 @@ fuzz_target!(|input: (bool, u8, Vec<Op>)| {
     if shape % 2 == 1 {
         link.allow_datagrams();
     }
+    // Early data: a service takes DATA before it accepts, a proxy sends
+    // some with its opens.
+    if shape % 4 >= 2 {
+        link.allow_early_data();
+    }
     let resend_limit = link.config().resend_limit;
     let window = link.config().link_window as usize;
     let payload = vec![0x5a; MAX_DATA];
@@ -124,7 +130,7 @@ fuzz_target!(|input: (bool, u8, Vec<Op>)| {
                 assert_eq!(handover.is_some(), link.is_resumable());
                 drop(link.attach(now, received % 64));
             }
-            Op::LocalOpen => drop(link.open(now)),
+            Op::LocalOpen => drop(link.open_early(now, None, &payload[..usize::from(shape) * 97])),
             Op::LocalAccept { id: n } => drop(link.accept(id(n))),
             Op::LocalRefuse { id: n } => drop(link.refuse(id(n), Reason::REFUSED)),
             Op::Send { id: n, len } => {
@@ -172,10 +178,19 @@ fuzz_target!(|input: (bool, u8, Vec<Op>)| {
         // The driver's duty: drain what the link wants to send, then its events.
         let mut sent = Vec::new();
         let mut frames = 0;
+        let mut opened = None;
         while link.poll_transmit(now, &mut sent) {
             let f = Frame::decode(&sent).expect("the link sent a frame that does not decode");
-            // Resent data comes from here; new data never does.
-            assert!(resumable || !matches!(f, Frame::Data { .. }), "data from poll_transmit");
+            // Resent data comes from here, and early data right after its
+            // stream's OPEN; other new data never does.
+            if let Frame::Data { id, bytes } = f {
+                let early = opened == Some(id) && bytes.len() <= EARLY_DATA && link.takes_early_data();
+                assert!(resumable || early, "data from poll_transmit");
+            }
+            opened = match f {
+                Frame::Open { id, .. } => Some(id),
+                _ => None,
+            };
             sent.clear();
             frames += 1;
             assert!(frames <= 4096 + 16, "control queue grew without bound");

@@ -67,6 +67,11 @@ impl Capabilities {
     /// Bit 4: a service takes the client's address in `OPEN` ([`crate::link`]'s
     /// wire): for the PROXY protocol header it may give its backend.
     pub const CLIENT_ADDRESS: Capabilities = Capabilities(1 << 4);
+    /// Bit 5: a service takes early data ([`crate::link`]'s wire): one
+    /// `DATA` of at most [`crate::link::EARLY_DATA`] bytes right after a
+    /// stream's `OPEN`, before its `ACCEPT`: the client's first bytes, which
+    /// then reach the backend without waiting a round trip for the `ACCEPT`.
+    pub const EARLY_DATA: Capabilities = Capabilities(1 << 5);
 
     /// Whether every bit of `other` is set here.
     pub fn contains(self, other: Capabilities) -> bool {
@@ -97,7 +102,8 @@ pub const CAPABILITIES: Capabilities = Capabilities(
         | Capabilities::PARTS.0
         | Capabilities::RESUME.0
         | Capabilities::DATAGRAM.0
-        | Capabilities::CLIENT_ADDRESS.0,
+        | Capabilities::CLIENT_ADDRESS.0
+        | Capabilities::EARLY_DATA.0,
 );
 
 /// The initiator's first handshake payload.

@@ -319,9 +319,9 @@ async fn read_loop(shared: &Arc<Shared>, rd: OwnedReadHalf, mut opener: Opener, 
                 return;
             };
             let mut state = shared.lock();
-            let State { link, streams, .. } = &mut *state;
+            let State { link, streams, early, .. } = &mut *state;
             match link.handle_frame(clock::now(), plain) {
-                Ok(Some(Incoming::Data { id, bytes })) => deliver(link, streams, id, bytes),
+                Ok(Some(Incoming::Data { id, bytes })) => deliver(link, streams, early, id, bytes),
                 Ok(Some(Incoming::Datagram { flow, bytes })) => {
                     datagram::deliver(shared, &mut state, flow, bytes)
                 }

@@ -87,6 +87,24 @@ pub enum OpenError {
     /// No link to the service could be opened.
     #[error(transparent)]
     Dial(#[from] HandshakeError),
+    /// The client's own connection failed while its stream opened.
+    #[error("the client's connection failed: {0}")]
+    Client(std::io::Error),
+}
+
+/// Reads and drops `n` bytes of `client`: early data that went with the
+/// `OPEN` and still waits in the socket, peeked.
+async fn skip(client: &StreamSocket, mut n: usize) -> std::io::Result<()> {
+    let mut scratch = vec![0; n];
+    while n > 0 {
+        match client.try_read(scratch.get_mut(..n).unwrap_or_default()) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(read) => n -= read,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => client.readable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// A live link seen from the proxy: open streams on it while it is usable.
@@ -120,6 +138,7 @@ impl LinkHandle {
         let resumable = session.remote_capabilities().contains(Capabilities::RESUME);
         let datagrams = session.remote_capabilities().contains(Capabilities::DATAGRAM);
         let client_addresses = session.remote_capabilities().contains(Capabilities::CLIENT_ADDRESS);
+        let early_data = session.remote_capabilities().contains(Capabilities::EARLY_DATA);
         let (sealer, opener, leftover, hash) = split_session(session)?;
         let token = resumable.then(|| resume_token(&hash));
         let shared = new_shared(Side::Proxy, config, remote, token, Some((path, addr)));
@@ -128,6 +147,9 @@ impl LinkHandle {
         }
         if client_addresses {
             shared.lock().link.allow_client_addresses();
+        }
+        if early_data {
+            shared.lock().link.allow_early_data();
         }
         let span = tracing::info_span!("link", service = %remote);
         let ended = shared.clone();
@@ -199,7 +221,11 @@ impl LinkHandle {
     }
 
     /// Opens a stream for `client` and waits (at most `timeout`) until the
-    /// service reached its backend. Nothing of the client's is read before.
+    /// service reached its backend. Nothing of the client's is read before:
+    /// what it sent already goes with the `OPEN` as early data (to a
+    /// service that takes it), peeked, and is read from the socket only once
+    /// the stream is accepted, so a refused stream leaves it for the next
+    /// instance.
     /// `from` is where the client connected from, for the service's PROXY
     /// protocol header (`None`: not shared).
     pub async fn open(
@@ -234,20 +260,39 @@ impl LinkHandle {
         timeout: Duration,
     ) -> Result<StreamId, OpenError> {
         let (tx, rx) = oneshot::channel();
-        let id = {
+        let takes_early = self.shared.lock().link.takes_early_data();
+        let early = if takes_early { client.peek_waiting(proto::EARLY_DATA) } else { Vec::new() };
+        let (id, taken) = {
             let mut state = self.shared.lock();
             if state.link.is_ended() {
                 return Err(OpenError::Lost);
             }
-            let id = state.link.open_from(clock::now(), from)?;
-            let mut slot = Slot::new(client);
+            let (id, taken) = state.link.open_early(clock::now(), from, &early)?;
+            let mut slot = Slot::new(client.clone());
             slot.answer = Some(tx);
             state.streams.insert(id, slot);
             changed(&mut state, &self.shared);
-            id
+            (id, taken)
         };
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Ok(()))) => Ok(id),
+            Ok(Ok(Ok(()))) => {
+                // The early bytes went: take them off the socket (they wait
+                // there, peeked), before the stream reads on after them.
+                if let Err(e) = skip(&client, early.len().min(taken)).await {
+                    let mut state = self.shared.lock();
+                    let _ = state.link.reset(id, Reason::CANCELLED);
+                    state.streams.remove(&id);
+                    changed(&mut state, &self.shared);
+                    return Err(OpenError::Client(e));
+                }
+                if taken > 0
+                    && let Some(slot) = self.shared.lock().streams.get_mut(&id)
+                {
+                    slot.moved.sent += taken as u64;
+                    metrics().stream_sent.inc_by(taken as u64);
+                }
+                Ok(id)
+            }
             Ok(Ok(Err(reason))) => Err(OpenError::Refused(reason)),
             Ok(Err(_)) => Err(OpenError::Lost),
             Err(_) => {
@@ -415,6 +460,9 @@ pub async fn serve(
         if datagrams {
             state.link.allow_datagrams();
         }
+        // This build advertises taking early data to every proxy; a proxy
+        // from before it sends none.
+        state.link.allow_early_data();
         state.datagrams.backend.clone_from(&backend.udp);
     }
     let (handovers, resumed) = mpsc::channel(1);

@@ -77,6 +77,20 @@ impl StreamSocket {
         }
     }
 
+    /// Up to `limit` bytes waiting on a TCP socket, left there (`MSG_PEEK`):
+    /// a client's first bytes, for early data. Nothing from an in-process
+    /// end, or when none is waiting.
+    pub(super) fn peek_waiting(&self, limit: usize) -> Vec<u8> {
+        let StreamSocket::Tcp(s) = self else { return Vec::new() };
+        let mut buf = vec![0; limit];
+        let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+        match rustix::net::recv(s, &mut buf[..], flags) {
+            Ok((n, _)) => buf.truncate(n),
+            Err(_) => buf.clear(),
+        }
+        buf
+    }
+
     pub(super) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             StreamSocket::Tcp(s) => s.try_read(buf),

@@ -87,6 +87,9 @@ pub(super) struct State {
     /// Service: streams opened by the proxy (and where their clients
     /// connected from, if the proxy said), for the driver to connect.
     pub(super) opened: Vec<(StreamId, Option<SocketAddr>)>,
+    /// Service: early data of streams not accepted yet, for their backend
+    /// once it is connected (at most `EARLY_DATA` each, the machine checks).
+    pub(super) early: HashMap<StreamId, Vec<u8>>,
     /// Why the link ended, once it has.
     pub(super) close_reason: Option<String>,
     /// Why its last transport was lost, until the driver says so.
@@ -131,6 +134,7 @@ pub(super) fn new_shared(
         link,
         streams: HashMap::new(),
         opened: Vec::new(),
+        early: HashMap::new(),
         close_reason: None,
         path_lost: None,
         datagrams: Datagrams::default(),
@@ -179,6 +183,7 @@ pub(super) fn dispatch(state: &mut State, shared: &Shared) {
                 }
             }
             LinkEvent::Reset { id, reason } => {
+                state.early.remove(&id);
                 let unanswered = state.streams.get(&id).is_some_and(|s| s.answer.is_some());
                 if unanswered {
                     // No task carries it yet: the opener hears "lost" as its

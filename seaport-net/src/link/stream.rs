@@ -167,7 +167,10 @@ pub(super) async fn connect_stream(
                 Ok(()) => {
                     metrics().stream_opened("accepted");
                     let socket = Arc::new(socket);
-                    state.streams.insert(id, Slot::new(socket.clone()));
+                    let mut slot = Slot::new(socket.clone());
+                    // Its early data goes to the backend first.
+                    slot.pending = state.early.remove(&id).unwrap_or_default();
+                    state.streams.insert(id, slot);
                     if let Some((place, accepted)) = handover.take() {
                         place.send(accepted);
                     }
@@ -180,6 +183,7 @@ pub(super) async fn connect_stream(
             },
             Err(e) => {
                 tracing::info!("cannot reach the backend: {e}");
+                state.early.remove(&id);
                 let _ = state.link.refuse(id, Reason::REFUSED);
                 metrics().stream_opened("refused");
                 metrics().refuse(Refusal::Stream);
@@ -316,7 +320,18 @@ fn abandon(shared: &Shared, id: StreamId) {
 
 /// Bytes for stream `id`: straight to its socket if it takes them, the rest
 /// kept (bounded by the stream's window) for the stream task to write.
-pub(super) fn deliver(link: &mut Link, streams: &mut HashMap<StreamId, Slot>, id: StreamId, bytes: &[u8]) {
+pub(super) fn deliver(
+    link: &mut Link,
+    streams: &mut HashMap<StreamId, Slot>,
+    early: &mut HashMap<StreamId, Vec<u8>>,
+    id: StreamId,
+    bytes: &[u8],
+) {
+    // Service: early data waits for its backend (the machine bounds it).
+    if link.is_opening(id) {
+        early.entry(id).or_default().extend_from_slice(bytes);
+        return;
+    }
     let Some(slot) = streams.get_mut(&id) else {
         // A stream we already dropped: its credit goes back at once.
         let _ = link.consumed(clock::now(), id, bytes.len());

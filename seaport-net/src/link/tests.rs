@@ -388,3 +388,43 @@ async fn an_in_process_stream_carries_bytes_both_ways_and_ends_cleanly() {
     let moved = tokio::time::timeout(WAIT, carried).await.unwrap().unwrap().unwrap();
     assert_eq!((moved.sent, moved.received), (big.len() as u64, big.len() as u64));
 }
+
+/// A client's first bytes, sent before its stream opened, go with the
+/// `OPEN` as early data: a service whose backend is down refuses the stream
+/// and they stay in the client's socket, peeked; the next service's backend
+/// gets them once, in order, then the rest.
+#[tokio::test]
+async fn a_clients_first_bytes_go_early_and_stay_for_the_next_instance_after_a_refusal() {
+    let (service_key, refusing_key, proxy_key) = (keypair(1), keypair(4), keypair(2));
+    let down = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let (refusing_addr, _) = service(refusing_key.clone(), down).await;
+    let (service_addr, _) = service(service_key.clone(), echo_backend().await).await;
+    let refusing = direct_link(refusing_addr, refusing_key.public(), &proxy_key).await;
+    let link = direct_link(service_addr, service_key.public(), &proxy_key).await;
+    assert!(link.shared.lock().link.takes_early_data());
+
+    let pair = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut app = TcpStream::connect(pair.local_addr().unwrap()).await.unwrap();
+    let client = Arc::new(StreamSocket::Tcp(pair.accept().await.unwrap().0));
+    app.write_all(b"first bytes, ").await.unwrap();
+    client.readable().await.unwrap();
+    let refused = refusing.open(client.clone(), None, WAIT).await;
+    assert!(matches!(refused, Err(OpenError::Refused(Reason::REFUSED))), "{refused:?}");
+    assert_eq!(client.peek_waiting(100), b"first bytes, ");
+
+    let id = link.open(client.clone(), None, WAIT).await.unwrap();
+    // Accepted: the early bytes are off the client's socket.
+    assert_eq!(client.peek_waiting(100), b"");
+    let carrier = link.clone();
+    let running = tokio::spawn(async move { carrier.run(id).await });
+    app.write_all(b"then the rest").await.unwrap();
+    let mut back = vec![0u8; 26];
+    tokio::time::timeout(WAIT, app.read_exact(&mut back)).await.unwrap().unwrap();
+    assert_eq!(back, b"first bytes, then the rest");
+    app.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, app.read_to_end(&mut rest)).await.unwrap().unwrap();
+    assert!(rest.is_empty());
+    let moved = tokio::time::timeout(WAIT, running).await.unwrap().unwrap().unwrap();
+    assert_eq!((moved.sent, moved.received), (26, 26));
+}

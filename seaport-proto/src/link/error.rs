@@ -50,6 +50,17 @@ pub enum LinkError {
         /// Credit it had left.
         allowed: u32,
     },
+    /// An `ACCEPT` whose window does not cover the early data already sent
+    /// (a service that takes early data grants at least [`super::EARLY_DATA`]).
+    #[error("stream {id} was accepted with a window of {window} bytes after {sent} bytes of early data")]
+    EarlyDataOverWindow {
+        /// The stream.
+        id: StreamId,
+        /// The window its `ACCEPT` granted.
+        window: u32,
+        /// Early bytes sent.
+        sent: u32,
+    },
     /// More bytes on the link than the credit we granted.
     #[error("peer sent {len} bytes with {allowed} bytes of link credit")]
     LinkWindowExceeded {

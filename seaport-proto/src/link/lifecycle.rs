@@ -79,6 +79,8 @@ impl Link {
         }
         self.phase = Phase::Closed;
         self.control.clear();
+        self.early_queued.clear();
+        self.early_next = None;
         self.schedule.clear();
         self.keepalive.close();
         if let Some(r) = &mut self.resume {

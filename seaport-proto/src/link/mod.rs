@@ -133,6 +133,12 @@ use resume::Resume;
 use schedule::RoundRobin;
 use stream::{Acceptance, Half, Stream};
 
+/// Most early data a stream carries (the wire's "Early data"): enough for
+/// a request's first bytes (an HTTP head, a TLS ClientHello, a Redis
+/// command), and small enough to keep for a retry on another instance.
+pub const EARLY_DATA: usize = 16 * 1024;
+const _: () = assert!(EARLY_DATA <= u16::MAX as usize);
+
 /// Round-trip time assumed for window auto-tuning until the first pong.
 const INITIAL_RTT: Duration = Duration::from_millis(100);
 
@@ -171,6 +177,13 @@ pub struct Link {
     datagrams: bool,
     /// The peer takes a client address in `OPEN` (proxy side).
     client_addresses: bool,
+    /// Proxy: the service takes early data. Service: we take it.
+    early_data: bool,
+    /// Proxy: early data to go right after its stream's `OPEN`, in the
+    /// order of the `OPEN`s (at most [`EARLY_DATA`] for each stream opening).
+    early_queued: VecDeque<(StreamId, Box<[u8]>)>,
+    /// Proxy: the stream whose `OPEN` went last, its early data next.
+    early_next: Option<StreamId>,
 }
 
 impl Link {
@@ -193,6 +206,9 @@ impl Link {
             resume: None,
             datagrams: false,
             client_addresses: false,
+            early_data: false,
+            early_queued: VecDeque::new(),
+            early_next: None,
             config,
         };
         if let Some(increment) = link.config.link_window.checked_sub(INITIAL_LINK_WINDOW).filter(|n| *n > 0) {
@@ -448,6 +464,22 @@ impl Link {
                 return true;
             }
         }
+        // A stream's early data right after its OPEN.
+        if let Some(id) = self.early_next.take()
+            && self.early_queued.front().is_some_and(|(queued, _)| *queued == id)
+            && let Some((_, bytes)) = self.early_queued.pop_front()
+            && let Some(s) = self.streams.get_mut(&id)
+        {
+            // At most EARLY_DATA.
+            s.early = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
+            Frame::Data { id, bytes: &bytes }.encode(buf);
+            if let Some(r) = &mut self.resume
+                && let Err(e) = r.sent(now, buf.get(start..).unwrap_or_default())
+            {
+                self.close(e);
+            }
+            return true;
+        }
         let frame = match self.keepalive.take_pong() {
             Some(nonce) => Frame::Pong { nonce },
             None => match self.control.pop_front() {
@@ -460,6 +492,11 @@ impl Link {
         {
             s.acceptance = Acceptance::Accepted;
             self.unblock(id);
+        }
+        if let Frame::Open { id, .. } = frame
+            && self.early_queued.front().is_some_and(|(queued, _)| *queued == id)
+        {
+            self.early_next = Some(id);
         }
         frame.encode(buf);
         if !self.phase_is_closed()
@@ -502,6 +539,41 @@ impl Link {
         now: Instant,
         client: Option<std::net::SocketAddr>,
     ) -> Result<StreamId, StreamError> {
+        self.open_early(now, client, &[]).map(|(id, _)| id)
+    }
+
+    /// The service advertised
+    /// [`Capabilities::EARLY_DATA`](crate::hello::Capabilities::EARLY_DATA)
+    /// (proxy), or this end takes early data (service: its streams' windows
+    /// start at [`EARLY_DATA`] at least, so `ACCEPT` always covers it).
+    pub fn allow_early_data(&mut self) {
+        self.early_data = true;
+        if self.side == Side::Service {
+            let least = EARLY_DATA as u32;
+            self.config.initial_stream_window = self.config.initial_stream_window.max(least);
+            self.config.max_stream_window = self.config.max_stream_window.max(least);
+        }
+    }
+
+    /// Whether [`Link::open_early`] sends early data (proxy), or this end
+    /// takes it (service).
+    pub fn takes_early_data(&self) -> bool {
+        self.early_data
+    }
+
+    /// Proxy: as [`Link::open_from`], with the first bytes of `early` (the
+    /// client's, already received) sent right after the `OPEN` as early
+    /// data when the service takes it: at most [`EARLY_DATA`] bytes, and
+    /// what the link's credit allows. Returns the stream and how many
+    /// bytes of `early` went: once [`LinkEvent::Accepted`], the stream's
+    /// data continues after them; on [`LinkEvent::Refused`] none of them
+    /// reached the backend.
+    pub fn open_early(
+        &mut self,
+        now: Instant,
+        client: Option<std::net::SocketAddr>,
+        early: &[u8],
+    ) -> Result<(StreamId, usize), StreamError> {
         if self.side != Side::Proxy {
             return Err(StreamError::WrongSide);
         }
@@ -518,7 +590,20 @@ impl Link {
         self.streams.insert(id, Stream::new(now, 0, window));
         let client = client.filter(|_| self.client_addresses);
         self.control.push_back(Frame::Open { id, window, client });
-        Ok(id)
+        let take =
+            if self.early_data { early.len().min(EARLY_DATA).min(self.send_limit() as usize) } else { 0 };
+        if let Some(bytes) = early.get(..take).filter(|b| !b.is_empty()) {
+            self.early_queued.push_back((id, bytes.into()));
+            // At most EARLY_DATA and the link's credit: fits a u32.
+            self.send_credit -= take as u32;
+        }
+        Ok((id, take))
+    }
+
+    /// Service: whether `id` is opened and not accepted yet (its early
+    /// data waits for the backend).
+    pub fn is_opening(&self, id: StreamId) -> bool {
+        self.streams.get(&id).is_some_and(|s| !s.accepted())
     }
 
     /// Service: the backend is connected; `ACCEPT` goes out next and the
@@ -772,6 +857,13 @@ impl Link {
     /// their link credit goes back to the peer.
     fn forget(&mut self, id: StreamId) {
         if let Some(s) = self.streams.remove(&id) {
+            // Early data that never went gives its link credit back.
+            if let Some(at) = self.early_queued.iter().position(|(queued, _)| *queued == id)
+                && let Some((_, bytes)) = self.early_queued.remove(at)
+            {
+                let len = u32::try_from(bytes.len()).unwrap_or(0);
+                self.send_credit = self.send_credit.saturating_add(len);
+            }
             // Keeps the ready queue no longer than the live streams.
             self.schedule.remove(id, &s.turn);
             self.window.consume(s.window.recv.unconsumed);

@@ -13,7 +13,7 @@ use super::event::{Incoming, LinkEvent};
 use super::flow::add_credit;
 use super::stream::{Acceptance, Half, Stream};
 use super::wire::{Frame, FrameKind, Reason, StreamId};
-use super::{Link, Side};
+use super::{EARLY_DATA, Link, Side};
 
 impl Link {
     /// Handles one decoded frame of `len` bytes.
@@ -56,8 +56,11 @@ impl Link {
                 if s.accepted() {
                     return Err(LinkError::Unexpected { id, kind, when: "after ACCEPT" });
                 }
+                // The window counts the early data sent before it.
+                let sent = u32::from(std::mem::take(&mut s.early));
                 s.acceptance = Acceptance::Accepted;
-                s.credit.available = window;
+                s.credit.available =
+                    window.checked_sub(sent).ok_or(LinkError::EarlyDataOverWindow { id, window, sent })?;
                 self.events.push_back(LinkEvent::Accepted { id });
             }
             Frame::Data { id, bytes } => return self.on_data(id, bytes),
@@ -151,6 +154,7 @@ impl Link {
         self.window
             .take(len)
             .map_err(|allowed| LinkError::LinkWindowExceeded { len: bytes.len(), allowed })?;
+        let early_data = self.early_data && self.side == Side::Service;
         let Some(s) = self.live(id, FrameKind::Data)? else {
             // A stream we already forgot: the bytes are dropped, the credit returned.
             self.window.discard(len);
@@ -158,7 +162,14 @@ impl Link {
             return Ok(None);
         };
         if s.before_accept() {
-            return Err(LinkError::Unexpected { id, kind: FrameKind::Data, when: "before ACCEPT" });
+            // Early data: from a proxy told we take it, one frame's worth
+            // (the wire's "Early data"), whether or not we accepted since.
+            let early =
+                u16::try_from(u32::from(s.early) + len).ok().filter(|n| usize::from(*n) <= EARLY_DATA);
+            let Some(early) = early.filter(|_| early_data) else {
+                return Err(LinkError::Unexpected { id, kind: FrameKind::Data, when: "before ACCEPT" });
+            };
+            s.early = early;
         }
         if s.recv == Half::Ended {
             return Err(LinkError::Unexpected { id, kind: FrameKind::Data, when: "after END" });

@@ -40,6 +40,10 @@ pub(super) struct Stream {
     /// What we grant.
     pub(super) window: StreamWindow,
     pub(super) turn: Turn,
+    /// Early data (the wire's "Early data"): proxy, bytes sent before an
+    /// `ACCEPT` covered them; service, bytes received before accepting.
+    /// At most [`super::EARLY_DATA`], which fits.
+    pub(super) early: u16,
 }
 
 impl Stream {
@@ -51,6 +55,7 @@ impl Stream {
             credit: SendCredit::new(send_credit),
             window: StreamWindow::new(now, recv_window),
             turn: Turn::default(),
+            early: 0,
         }
     }
 

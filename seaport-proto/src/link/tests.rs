@@ -723,3 +723,114 @@ fn the_client_address_goes_only_to_a_service_that_takes_it() {
     s.handle_frame(now, &older).unwrap();
     assert_eq!(events(&mut s), [LinkEvent::Opened { id: StreamId::new(9), client: None }]);
 }
+
+/// Every frame `link` wants to send, as bytes (early data included).
+fn transmitted(link: &mut Link) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    while link.poll_transmit(Instant::now(), &mut buf) {
+        out.push(std::mem::take(&mut buf));
+    }
+    out
+}
+
+/// A proxy and a service that take early data, start-up frames drained.
+fn early_pair(now: Instant) -> (Link, Link) {
+    let mut p = Link::new(Side::Proxy, small(), now);
+    let mut s = Link::new(Side::Service, small(), now);
+    transmitted(&mut p);
+    transmitted(&mut s);
+    p.allow_early_data();
+    s.allow_early_data();
+    (p, s)
+}
+
+/// Early data goes right after its `OPEN`, comes out of the service's
+/// machine before it accepts, and the `ACCEPT`'s window covers it: the
+/// proxy may send the window less what went early.
+#[test]
+fn early_data_follows_its_open_and_the_accept_covers_it() {
+    let now = t0();
+    let (mut p, mut s) = early_pair(now);
+    let link_credit = p.link_credit();
+    let (id, taken) = p.open_early(now, None, b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    assert_eq!(taken, 18);
+    assert_eq!(p.link_credit(), link_credit - 18);
+    let frames = transmitted(&mut p);
+    assert_eq!(Frame::decode(&frames[0]).unwrap(), Frame::Open { id, window: 100, client: None });
+    assert_eq!(Frame::decode(&frames[1]).unwrap(), Frame::Data { id, bytes: b"GET / HTTP/1.1\r\n\r\n" });
+    assert_eq!(frames.len(), 2);
+    // The service: opened, its early data delivered before the backend is up.
+    s.handle_frame(now, &frames[0]).unwrap();
+    assert!(s.is_opening(id));
+    assert_eq!(
+        s.handle_frame(now, &frames[1]).unwrap(),
+        Some(Incoming::Data { id, bytes: b"GET / HTTP/1.1\r\n\r\n" })
+    );
+    s.accept(id).unwrap();
+    assert!(!s.is_opening(id));
+    s.consumed(now, id, 18).unwrap();
+    // Its windows start at EARLY_DATA at least, so the ACCEPT covers it.
+    let accept = transmitted(&mut s);
+    assert_eq!(Frame::decode(&accept[0]).unwrap(), Frame::Accept { id, window: EARLY_DATA as u32 });
+    p.handle_frame(now, &accept[0]).unwrap();
+    assert_eq!(events(&mut p).last(), Some(&LinkEvent::Accepted { id }));
+    assert_eq!(p.send_credit(id), EARLY_DATA - 18);
+}
+
+/// Without the capability no early data goes, and a service that does not
+/// take it ends a link that sends some anyway; a service that does takes at
+/// most EARLY_DATA before it accepts.
+#[test]
+fn early_data_goes_only_where_it_is_taken_and_no_more_than_its_limit() {
+    let now = t0();
+    let mut p = Link::new(Side::Proxy, small(), now);
+    transmitted(&mut p);
+    let (id, taken) = p.open_early(now, None, b"hello").unwrap();
+    assert_eq!(taken, 0);
+    assert_eq!(sent(&mut p), [Frame::Open { id, window: 100, client: None }]);
+
+    let mut old = Link::new(Side::Service, small(), now);
+    old.handle_frame(now, &frame(Frame::Open { id: StreamId::new(1), window: 100, client: None })).unwrap();
+    let when = "before ACCEPT";
+    fails(&mut old, &data(1, 5), LinkError::Unexpected { id: StreamId::new(1), kind: FrameKind::Data, when });
+
+    // A proxy takes at most EARLY_DATA of what it is given.
+    let (mut p, mut s) = early_pair(now);
+    let (id, taken) = p.open_early(now, None, &vec![1; EARLY_DATA + 100]).unwrap();
+    assert_eq!(taken, EARLY_DATA);
+    let frames = transmitted(&mut p);
+    assert_eq!(frames.len(), 2);
+    s.handle_frame(now, &frames[0]).unwrap();
+    s.handle_frame(now, &frames[1]).unwrap();
+    // One byte more before the ACCEPT is the proxy's error.
+    fails(&mut s, &data(id.get(), 1), LinkError::Unexpected { id, kind: FrameKind::Data, when });
+}
+
+/// A stream cancelled before its `OPEN` went sends no early data and gives
+/// its link credit back; a refused one tells the proxy so, which still has
+/// the bytes to send elsewhere (the link has none of them).
+#[test]
+fn early_data_of_a_cancelled_or_refused_stream() {
+    let now = t0();
+    let (mut p, mut s) = early_pair(now);
+    let link_credit = p.link_credit();
+    let (id, _) = p.open_early(now, None, b"abc").unwrap();
+    p.reset(id, Reason::CANCELLED).unwrap();
+    assert_eq!(p.link_credit(), link_credit);
+    let kinds: Vec<FrameKind> =
+        transmitted(&mut p).iter().map(|f| Frame::decode(f).unwrap().kind()).collect();
+    assert_eq!(kinds, [FrameKind::Open, FrameKind::Reset]);
+
+    let (id, _) = p.open_early(now, None, b"abc").unwrap();
+    for f in transmitted(&mut p) {
+        s.handle_frame(now, &f).unwrap();
+    }
+    s.refuse(id, Reason::REFUSED).unwrap();
+    for f in transmitted(&mut s) {
+        p.handle_frame(now, &f).unwrap();
+    }
+    assert_eq!(events(&mut p).last(), Some(&LinkEvent::Refused { id, reason: Reason::REFUSED }));
+    // The service credited the refused stream's early bytes back to the link.
+    assert_eq!(s.buffered(), 0);
+}

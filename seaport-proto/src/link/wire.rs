@@ -28,6 +28,14 @@
 //! is sent one (a service hands it to its backend in a PROXY protocol
 //! header); a proxy may withhold it (`--hide-client-address`).
 //!
+//! Early data: right after a stream's `OPEN`, before its `ACCEPT`, a proxy
+//! may send one `DATA` of at most [`crate::link::EARLY_DATA`] bytes (the
+//! first bytes its client sent), only to a service that advertised
+//! [`Capabilities::EARLY_DATA`](crate::hello::Capabilities::EARLY_DATA).
+//! It counts against the stream's window like any `DATA`: such a service
+//! grants at least that much in `ACCEPT`. A refused stream's early data
+//! is dropped with it, and the proxy still has it to send elsewhere.
+//!
 //! `DATAGRAM` carries one UDP datagram of a flow (`datagram.rs`) and goes
 //! only to a peer that advertised
 //! [`Capabilities::DATAGRAM`](crate::hello::Capabilities::DATAGRAM). It is
