@@ -74,7 +74,9 @@
 //!   [`hello::Capabilities::RESUME`]; it carries `DATAGRAM` frames only when
 //!   both set [`hello::Capabilities::DATAGRAM`]; a proxy puts its client's
 //!   address in `OPEN` only for a service that set
-//!   [`hello::Capabilities::CLIENT_ADDRESS`]). Unknown bits are ignored, and so are bytes
+//!   [`hello::Capabilities::CLIENT_ADDRESS`], and sends `DATA` before
+//!   `ACCEPT` (early data) only to one that set
+//!   [`hello::Capabilities::EARLY_DATA`]). Unknown bits are ignored, and so are bytes
 //!   after the fields a build knows in either handshake payload: a newer
 //!   peer adds fields at the end.
 //! - **A new message** is a new [`message::Message`] variant, appended after
