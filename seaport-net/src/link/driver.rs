@@ -486,6 +486,7 @@ async fn write_loop(shared: &Shared, mut wr: OwnedWriteHalf, mut sealer: Sealer)
             let now = tokio::time::Instant::now();
             if release.is_some_and(|r| now >= r) {
                 batch.release();
+                shared.lock().link.release_buffers();
             }
             if deadline.is_some_and(|d| now >= d) {
                 let mut state = shared.lock();

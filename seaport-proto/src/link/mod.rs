@@ -240,6 +240,15 @@ impl Link {
         link
     }
 
+    /// The link is idle: buffers kept for reuse (a resumable link's spare
+    /// journal buffers) are given back. The driver calls this when it
+    /// frees its own.
+    pub fn release_buffers(&mut self) {
+        if let Some(r) = &mut self.resume {
+            r.journal.release_spares();
+        }
+    }
+
     /// Whether the link can continue on a new transport.
     pub fn is_resumable(&self) -> bool {
         self.resume.is_some() && !self.is_closed()

@@ -53,6 +53,7 @@ use std::time::{Duration, Instant};
 
 use super::error::LinkError;
 use super::wire::RESUME_TOKEN_LEN;
+use crate::noise::MAX_PLAINTEXT;
 
 /// Longest an `ACK` waits for more frames to cover.
 pub const ACK_DELAY: Duration = Duration::from_millis(20);
@@ -91,14 +92,32 @@ pub fn token(handshake_hash: &[u8]) -> [u8; RESUME_TOKEN_LEN] {
     out
 }
 
+/// A frame at least this long is kept in a buffer of [`MAX_PLAINTEXT`]
+/// bytes that the journal reuses once the frame is acknowledged. Under bulk
+/// every `DATA` frame would otherwise be a fresh 64 KiB allocation, which
+/// the allocator takes from the kernel and gives back in turn: page faults,
+/// zeroing and unmapping were about 9 % of a busy service's CPU (its
+/// profile, BENCHMARKS.md). A reused buffer holds at most twice its frame;
+/// a smaller frame gets an allocation of its own size.
+const REUSED_FROM: usize = MAX_PLAINTEXT / 2;
 /// The frames sent and not yet acknowledged, oldest first, with where
-/// resending stands on the current transport. Each frame is kept in an
-/// allocation of its own size: memory follows what is kept, with no ring
-/// to double, and an acknowledged frame gives its memory back at once.
+/// resending stands on the current transport. A small frame is kept in an
+/// allocation of its own size, a large one in a buffer reused from an
+/// acknowledged one ([`REUSED_FROM`]): memory follows what is kept, with no
+/// ring to double. Buffers wait for reuse until the link is idle
+/// ([`Journal::release_spares`]), as many as the resend limit holds at
+/// most: kept and spare frames together never take more than the journal
+/// held at its fullest, which the resend limit bounds. (Fewer spares
+/// measured no better: acknowledgements free frames in bursts, and each
+/// buffer not kept was allocated again, page by page, moments later.)
 #[derive(Debug, Default)]
 pub(super) struct Journal {
     /// The frames kept.
-    frames: VecDeque<Box<[u8]>>,
+    frames: VecDeque<Vec<u8>>,
+    /// Buffers of acknowledged large frames, for the next ones.
+    spares: Vec<Vec<u8>>,
+    /// Most spare buffers kept.
+    max_spares: usize,
     /// Their bytes in all.
     bytes: usize,
     /// The number of the oldest frame kept.
@@ -130,7 +149,15 @@ impl Journal {
     /// Keeps a frame just sent.
     pub(super) fn push(&mut self, frame: &[u8]) {
         let at_end = !self.resending();
-        self.frames.push_back(frame.into());
+        let kept = if frame.len() >= REUSED_FROM {
+            let mut buffer = self.spares.pop().unwrap_or_else(|| Vec::with_capacity(MAX_PLAINTEXT));
+            buffer.clear();
+            buffer.extend_from_slice(frame);
+            buffer
+        } else {
+            frame.to_vec()
+        };
+        self.frames.push_back(kept);
         self.bytes += charge(frame.len());
         if at_end {
             self.resend = self.next();
@@ -145,8 +172,12 @@ impl Journal {
         }
         let freed = n > self.first;
         while self.first < n {
-            self.bytes -= self.frames.pop_front().map_or(0, |f| charge(f.len()));
+            let Some(frame) = self.frames.pop_front() else { break };
+            self.bytes -= charge(frame.len());
             self.first += 1;
+            if frame.len() >= REUSED_FROM && self.spares.len() < self.max_spares {
+                self.spares.push(frame);
+            }
         }
         if self.frames.is_empty() {
             // An idle link keeps no memory.
@@ -179,9 +210,24 @@ impl Journal {
         true
     }
 
+    /// Gives back the buffers kept for reuse (the link is idle).
+    pub(super) fn release_spares(&mut self) {
+        self.spares = Vec::new();
+    }
+
+    /// A journal whose `DATA` is bounded by `limit` bytes.
+    pub(super) fn new(limit: usize) -> Journal {
+        Journal { max_spares: limit.div_ceil(MAX_PLAINTEXT), ..Journal::default() }
+    }
+
     /// Forgets everything (the link ended).
     pub(super) fn clear(&mut self) {
-        *self = Journal { first: self.next(), resend: self.next(), ..Journal::default() };
+        *self = Journal {
+            first: self.next(),
+            resend: self.next(),
+            max_spares: self.max_spares,
+            ..Journal::default()
+        };
     }
 }
 
@@ -222,7 +268,7 @@ impl Resume {
     pub(super) fn new(token: [u8; RESUME_TOKEN_LEN], limit: usize, within: Duration) -> Resume {
         Resume {
             token,
-            journal: Journal::default(),
+            journal: Journal::new(limit),
             received: 0,
             told: 0,
             untold_bytes: 0,
@@ -407,6 +453,34 @@ mod tests {
             let want: Vec<Vec<u8>> = (4..7u8).map(|k| vec![round ^ k; usize::from(k) * 3 + 1]).collect();
             assert_eq!(got, want);
         }
+    }
+
+    /// Large frames' buffers are reused once acknowledged, at most
+    /// SPARES of them wait, a reused buffer resends its new frame whole,
+    /// and an idle link gives them back.
+    #[test]
+    fn a_journal_reuses_large_buffers_and_gives_them_back() {
+        const SPARES: usize = 8;
+        let mut j = Journal::new(SPARES * MAX_PLAINTEXT);
+        for i in 0..2 * SPARES {
+            j.push(&vec![i as u8; MAX_PLAINTEXT - i]);
+        }
+        j.push(&[1, 2, 3]);
+        j.ack(j.next()).unwrap();
+        assert_eq!(j.spares.len(), SPARES);
+        assert!(j.spares.iter().all(|b| b.capacity() >= MAX_PLAINTEXT));
+        let reused = j.spares.last().map(Vec::as_ptr);
+        let n = j.next();
+        j.push(&vec![7; REUSED_FROM]);
+        assert_eq!(j.spares.len(), SPARES - 1);
+        assert_eq!(j.frames.back().map(Vec::as_ptr), reused, "a spare buffer was taken");
+        j.restart(n).unwrap();
+        assert_eq!(frames(&mut j), [vec![7; REUSED_FROM]]);
+        // Small frames take no spare.
+        j.push(&[5; 100]);
+        assert_eq!(j.spares.len(), SPARES - 1);
+        j.release_spares();
+        assert_eq!(j.spares.capacity(), 0);
     }
 
     #[test]
