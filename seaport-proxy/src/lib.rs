@@ -660,6 +660,10 @@ impl ServedPort {
                     opened = Some(stream);
                     break;
                 }
+                Err(failure) if !failure.may_try_another() => {
+                    lock(&self.reach.view).report_failure(seaport_net::clock::now(), instance.key);
+                    return Err(format!("service {}: {failure}", instance.key));
+                }
                 Err(failure) => {
                     tracing::warn!(service = %instance.key, "instance failed, trying the next: {failure}");
                     lock(&self.reach.view).report_failure(seaport_net::clock::now(), instance.key);

@@ -166,7 +166,7 @@ pub(super) async fn drive(
                         // which protocol a role is served over).
                         if matches!(side.backend.streams, super::StreamBackend::Refused) {
                             let mut state = shared.lock();
-                            let _ = state.link.refuse(id, Reason::WRONG_PROTOCOL);
+                            super::stream::refuse(&mut state, id, Reason::WRONG_PROTOCOL);
                             changed(&mut state, &shared);
                             metrics().stream_opened("refused");
                             continue;
@@ -184,7 +184,7 @@ pub(super) async fn drive(
                             Err(e) => {
                                 tracing::debug!("stream refused: {e}");
                                 let mut state = shared.lock();
-                                let _ = state.link.refuse(id, Reason::STREAM_LIMIT);
+                                super::stream::refuse(&mut state, id, Reason::STREAM_LIMIT);
                                 changed(&mut state, &shared);
                                 metrics().stream_opened("refused");
                                 metrics().refuse(Refusal::Stream);
@@ -472,7 +472,10 @@ async fn write_loop(shared: &Shared, mut wr: OwnedWriteHalf, mut sealer: Sealer)
         // reader, asleep until an older deadline, does not know of: the
         // writer times it too (handling a timeout twice changes nothing).
         let deadline = shared.lock().link.poll_timeout().map(tokio::time::Instant::from_std);
-        let release = batch.holds_buffer().then(|| tokio::time::Instant::now() + IDLE_RELEASE);
+        // The journal's spares too: the last acknowledgements of a transfer
+        // can come after the batch was given back.
+        let holds = batch.holds_buffer() || shared.lock().link.holds_buffers();
+        let release = holds.then(|| tokio::time::Instant::now() + IDLE_RELEASE);
         let wake = [deadline, release].into_iter().flatten().min();
         let notified = shared.work.notified();
         let timed_out = match wake {

@@ -90,6 +90,20 @@ pub enum OpenError {
     /// The client's own connection failed while its stream opened.
     #[error("the client's connection failed: {0}")]
     Client(std::io::Error),
+    /// The stream failed after its early data went out, without a refusal:
+    /// the service may have handed it to its backend, so it must not be
+    /// sent to another instance.
+    #[error("{0}, after the client's first bytes went out: not tried elsewhere")]
+    MaybeDelivered(String),
+}
+
+impl OpenError {
+    /// Whether another instance may be tried for the same client: not when
+    /// its first bytes may have reached a backend, nor when the client
+    /// itself failed.
+    pub fn may_try_another(&self) -> bool {
+        !matches!(self, OpenError::MaybeDelivered(_) | OpenError::Client(_))
+    }
 }
 
 /// Reads and drops `n` bytes of `client`: early data that went with the
@@ -293,14 +307,18 @@ impl LinkHandle {
                 }
                 Ok(id)
             }
+            // A refusal is the one answer that says the early data reached
+            // no backend: the service refuses before it writes any.
             Ok(Ok(Err(reason))) => Err(OpenError::Refused(reason)),
+            Ok(Err(_)) if taken > 0 => Err(OpenError::MaybeDelivered(OpenError::Lost.to_string())),
             Ok(Err(_)) => Err(OpenError::Lost),
             Err(_) => {
                 let mut state = self.shared.lock();
                 let _ = state.link.reset(id, Reason::CANCELLED);
                 state.streams.remove(&id);
                 changed(&mut state, &self.shared);
-                Err(OpenError::Timeout(timeout))
+                let timed_out = OpenError::Timeout(timeout);
+                if taken > 0 { Err(OpenError::MaybeDelivered(timed_out.to_string())) } else { Err(timed_out) }
             }
         }
     }

@@ -183,8 +183,7 @@ pub(super) async fn connect_stream(
             },
             Err(e) => {
                 tracing::info!("cannot reach the backend: {e}");
-                state.early.remove(&id);
-                let _ = state.link.refuse(id, Reason::REFUSED);
+                refuse(&mut state, id, Reason::REFUSED);
                 metrics().stream_opened("refused");
                 metrics().refuse(Refusal::Stream);
                 None
@@ -200,6 +199,13 @@ pub(super) async fn connect_stream(
             Err(e) => tracing::debug!("stream ended: {e}"),
         }
     }
+}
+
+/// Service: refuses stream `id` with `reason`, dropping the early data it
+/// brought (every refusal goes through here, so none is kept).
+pub(super) fn refuse(state: &mut State, id: StreamId, reason: Reason) {
+    state.early.remove(&id);
+    let _ = state.link.refuse(id, reason);
 }
 
 /// A connection to the TCP backend at `addr`, with its PROXY protocol

@@ -428,3 +428,39 @@ async fn a_clients_first_bytes_go_early_and_stay_for_the_next_instance_after_a_r
     let moved = tokio::time::timeout(WAIT, running).await.unwrap().unwrap().unwrap();
     assert_eq!((moved.sent, moved.received), (26, 26));
 }
+
+/// A stream whose early data went out and that then fails without a
+/// refusal (here: no answer in time, its service still connecting a
+/// backend that does not take connections) may have reached a backend: the
+/// proxy must not send the same bytes to another instance.
+#[tokio::test]
+async fn an_open_that_fails_after_its_early_data_went_is_not_tried_elsewhere() {
+    // A backend whose accept queue is full: connects to it hang.
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    full.listen(0).unwrap();
+    let backend = full.local_addr().unwrap().as_socket().unwrap();
+    let _queued: Vec<std::net::TcpStream> = (0..2)
+        .filter_map(|_| std::net::TcpStream::connect_timeout(&backend, Duration::from_millis(200)).ok())
+        .collect();
+    let (service_key, proxy_key) = (keypair(1), keypair(2));
+    let (service_addr, _) = service(service_key.clone(), backend).await;
+    let link = direct_link(service_addr, service_key.public(), &proxy_key).await;
+
+    let pair = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut app = TcpStream::connect(pair.local_addr().unwrap()).await.unwrap();
+    let client = Arc::new(StreamSocket::Tcp(pair.accept().await.unwrap().0));
+    app.write_all(b"POST /once").await.unwrap();
+    client.readable().await.unwrap();
+    let failed = link.open(client.clone(), None, Duration::from_millis(300)).await;
+    assert!(matches!(failed, Err(OpenError::MaybeDelivered(_))), "{failed:?}");
+    assert!(!failed.unwrap_err().may_try_another());
+
+    // Without early data the same failure is an ordinary timeout.
+    let pair = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _quiet = TcpStream::connect(pair.local_addr().unwrap()).await.unwrap();
+    let client = Arc::new(StreamSocket::Tcp(pair.accept().await.unwrap().0));
+    let failed = link.open(client, None, Duration::from_millis(300)).await;
+    assert!(matches!(failed, Err(OpenError::Timeout(_))), "{failed:?}");
+    assert!(failed.unwrap_err().may_try_another());
+}

@@ -80,6 +80,7 @@ impl Link {
         self.phase = Phase::Closed;
         self.control.clear();
         self.early_queued.clear();
+        self.early_queued_bytes = 0;
         self.early_next = None;
         self.schedule.clear();
         self.keepalive.close();

@@ -182,6 +182,8 @@ pub struct Link {
     /// Proxy: early data to go right after its stream's `OPEN`, in the
     /// order of the `OPEN`s (at most [`EARLY_DATA`] for each stream opening).
     early_queued: VecDeque<(StreamId, Box<[u8]>)>,
+    /// Their bytes in all.
+    early_queued_bytes: usize,
     /// Proxy: the stream whose `OPEN` went last, its early data next.
     early_next: Option<StreamId>,
 }
@@ -208,6 +210,7 @@ impl Link {
             client_addresses: false,
             early_data: false,
             early_queued: VecDeque::new(),
+            early_queued_bytes: 0,
             early_next: None,
             config,
         };
@@ -247,6 +250,11 @@ impl Link {
         if let Some(r) = &mut self.resume {
             r.journal.release_spares();
         }
+    }
+
+    /// Whether [`Link::release_buffers`] has anything to give back.
+    pub fn holds_buffers(&self) -> bool {
+        self.resume.as_ref().is_some_and(|r| r.journal.holds_spares())
     }
 
     /// Whether the link can continue on a new transport.
@@ -477,10 +485,8 @@ impl Link {
         if let Some(id) = self.early_next.take()
             && self.early_queued.front().is_some_and(|(queued, _)| *queued == id)
             && let Some((_, bytes)) = self.early_queued.pop_front()
-            && let Some(s) = self.streams.get_mut(&id)
         {
-            // At most EARLY_DATA.
-            s.early = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
+            self.early_queued_bytes = self.early_queued_bytes.saturating_sub(bytes.len());
             Frame::Data { id, bytes: &bytes }.encode(buf);
             if let Some(r) = &mut self.resume
                 && let Err(e) = r.sent(now, buf.get(start..).unwrap_or_default())
@@ -603,8 +609,14 @@ impl Link {
             if self.early_data { early.len().min(EARLY_DATA).min(self.send_limit() as usize) } else { 0 };
         if let Some(bytes) = early.get(..take).filter(|b| !b.is_empty()) {
             self.early_queued.push_back((id, bytes.into()));
+            self.early_queued_bytes += take;
             // At most EARLY_DATA and the link's credit: fits a u32.
             self.send_credit -= take as u32;
+            // Counted from now: an ACCEPT (even one that overtakes the data
+            // on a resumed link) grants the window less these bytes.
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.early = u16::try_from(take).unwrap_or(u16::MAX);
+            }
         }
         Ok((id, take))
     }
@@ -768,7 +780,11 @@ impl Link {
     fn send_limit(&self) -> u32 {
         match &self.resume {
             Some(r) if r.paused() => 0,
-            Some(r) => self.send_credit.min(u32::try_from(r.room()).unwrap_or(u32::MAX)),
+            // Early data queued will take room when it goes.
+            Some(r) => {
+                let room = r.room().saturating_sub(self.early_queued_bytes);
+                self.send_credit.min(u32::try_from(room).unwrap_or(u32::MAX))
+            }
             None => self.send_credit,
         }
     }
@@ -870,6 +886,7 @@ impl Link {
             if let Some(at) = self.early_queued.iter().position(|(queued, _)| *queued == id)
                 && let Some((_, bytes)) = self.early_queued.remove(at)
             {
+                self.early_queued_bytes = self.early_queued_bytes.saturating_sub(bytes.len());
                 let len = u32::try_from(bytes.len()).unwrap_or(0);
                 self.send_credit = self.send_credit.saturating_add(len);
             }

@@ -106,10 +106,12 @@ const REUSED_FROM: usize = MAX_PLAINTEXT / 2;
 /// acknowledged one ([`REUSED_FROM`]): memory follows what is kept, with no
 /// ring to double. Buffers wait for reuse until the link is idle
 /// ([`Journal::release_spares`]), as many as the resend limit holds at
-/// most: kept and spare frames together never take more than the journal
-/// held at its fullest, which the resend limit bounds. (Fewer spares
-/// measured no better: acknowledgements free frames in bursts, and each
-/// buffer not kept was allocated again, page by page, moments later.)
+/// most: kept and spare buffers together are never more than the journal
+/// held at its fullest. In bytes that is at most twice the resend limit
+/// and its slack (a reused buffer holds at least half its size), and in
+/// bulk, with full frames, about the limit. (Fewer spares measured no
+/// better: acknowledgements free frames in bursts, and each buffer not
+/// kept was allocated again, page by page, moments later.)
 #[derive(Debug, Default)]
 pub(super) struct Journal {
     /// The frames kept.
@@ -208,6 +210,11 @@ impl Journal {
         out.extend_from_slice(frame);
         self.resend += 1;
         true
+    }
+
+    /// Whether buffers wait for reuse.
+    pub(super) fn holds_spares(&self) -> bool {
+        !self.spares.is_empty()
     }
 
     /// Gives back the buffers kept for reuse (the link is idle).

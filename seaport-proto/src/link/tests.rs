@@ -834,3 +834,34 @@ fn early_data_of_a_cancelled_or_refused_stream() {
     // The service credited the refused stream's early bytes back to the link.
     assert_eq!(s.buffered(), 0);
 }
+
+/// On a resumable link early data takes the resend room it will need: opens
+/// queued together never promise more than the journal may keep, and an
+/// `ACCEPT` that overtakes the early data (a resumed link resending its
+/// `OPEN`) still grants the window less it.
+#[test]
+fn early_data_counts_against_the_resend_room_and_the_window_from_the_open() {
+    let now = t0();
+    let config = LinkConfig { resend_limit: 0, ..LinkConfig::default() };
+    let mut p = Link::new_resumable(Side::Proxy, config, now, [3; RESUME_TOKEN_LEN]);
+    p.allow_early_data();
+    let room = p.config().resend_limit;
+    let mut taken = 0;
+    for _ in 0..20 {
+        taken += p.open_early(now, None, &[1; EARLY_DATA]).unwrap().1;
+    }
+    assert!(taken <= room, "{taken} bytes promised early, the journal keeps {room}");
+    assert!(taken > 0);
+    transmitted(&mut p);
+    assert!(p.resend_buffered() <= room + resume::RESEND_SLACK, "{}", p.resend_buffered());
+
+    let (mut p, _) = early_pair(now);
+    let (id, taken) = p.open_early(now, None, b"early").unwrap();
+    // The ACCEPT is handled before the early data was transmitted.
+    p.handle_frame(now, &frame(Frame::Accept { id, window: EARLY_DATA as u32 })).unwrap();
+    assert_eq!(p.send_credit(id), EARLY_DATA - taken);
+    // The driver drains poll_transmit before it sends stream data: the
+    // early data still goes first.
+    let frames = transmitted(&mut p);
+    assert!(frames.iter().any(|f| Frame::decode(f) == Ok(Frame::Data { id, bytes: b"early" })));
+}

@@ -34,7 +34,10 @@
 //! [`Capabilities::EARLY_DATA`](crate::hello::Capabilities::EARLY_DATA).
 //! It counts against the stream's window like any `DATA`: such a service
 //! grants at least that much in `ACCEPT`. A refused stream's early data
-//! is dropped with it, and the proxy still has it to send elsewhere.
+//! is dropped with it (a service refuses before it writes any to its
+//! backend), and the proxy still has it to send elsewhere; a stream that
+//! fails otherwise after its early data went (no answer in time, a lost
+//! link) may have delivered it, and is not tried elsewhere.
 //!
 //! `DATAGRAM` carries one UDP datagram of a flow (`datagram.rs`) and goes
 //! only to a peer that advertised
