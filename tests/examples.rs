@@ -36,7 +36,9 @@ fn echo_example_registers_finds_and_echoes_through_the_registry() {
     };
     assert!(at("service_started") < at("registered"), "{events:?}");
     assert!(at("instance_found") < at("link_up"), "{events:?}");
-    assert_eq!(events.last(), Some(&"stopped"), "{events:?}");
+    // The service's own shutdown, in order (the client's link may report
+    // its end on either side of it: both live in the one process).
+    assert!(at("registered") < at("draining") && at("draining") < at("stopped"), "{events:?}");
     // The library printed no event line of its own on stdout.
     assert!(!lines.iter().any(|l| l.starts_with("registered service")), "{lines:#?}");
 }
