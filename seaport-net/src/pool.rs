@@ -51,6 +51,8 @@ pub struct Links {
     links: Mutex<HashMap<PublicKey, Vec<Process>>>,
     /// Services are not told where clients connect from (`--hide-client-address`).
     hide_client_address: bool,
+    /// Streams carry their client's first bytes with the open.
+    early_data: bool,
 }
 
 /// One process of a service identity: one identity may run as several
@@ -82,6 +84,7 @@ impl Links {
             memo: Arc::default(),
             links: Mutex::new(HashMap::new()),
             hide_client_address: false,
+            early_data: false,
         }
     }
 
@@ -89,6 +92,13 @@ impl Links {
     /// protocol headers then say `UNKNOWN`).
     pub fn hiding_client_addresses(mut self, hide: bool) -> Links {
         self.hide_client_address = hide;
+        self
+    }
+
+    /// Streams carry their client's first bytes with the open
+    /// ([`LinkHandle::send_early_data`], and the trade it makes).
+    pub fn sending_early_data(mut self, on: bool) -> Links {
+        self.early_data = on;
         self
     }
 
@@ -112,6 +122,9 @@ impl Links {
         // A link found with room can fill up before our open lands: try once more.
         for _ in 0..2 {
             let link = self.get(instance).await?;
+            if self.early_data {
+                link.send_early_data();
+            }
             match link.open(client.clone(), from, timeout).await {
                 Err(OpenError::Link(proto::StreamError::StreamLimit)) => continue,
                 opened => return opened.map(|id| (link, id)),

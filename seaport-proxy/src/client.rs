@@ -79,6 +79,8 @@ pub struct ClientOptions {
     pub resume_within: Duration,
     /// Do not tell services where clients connect from (`--hide-client-address`).
     pub hide_client_address: bool,
+    /// Streams opened for TCP clients carry their first bytes (`--early-data`).
+    pub early_data: bool,
 }
 
 impl ClientOptions {
@@ -97,6 +99,7 @@ impl ClientOptions {
             punch_after: Duration::ZERO,
             resume_within: Duration::from_secs(10),
             hide_client_address: false,
+            early_data: false,
         }
     }
 }
@@ -245,7 +248,8 @@ impl Client {
         let links = Arc::new(
             Links::new(keypair.clone(), link_config, options.dial_timeout)
                 .with_introducer(introducer)
-                .hiding_client_addresses(options.hide_client_address),
+                .hiding_client_addresses(options.hide_client_address)
+                .sending_early_data(options.early_data),
         );
         let _ = watcher.links.set(links.clone());
         let reach = Reaching {

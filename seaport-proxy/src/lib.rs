@@ -127,6 +127,14 @@ pub struct Args {
     /// no address (v2; the proxy's key is still given, the link proves it).
     #[arg(long)]
     pub hide_client_address: bool,
+    /// Send what a client has sent when its connection opens (a request, a
+    /// command, a TLS ClientHello: up to 16 KiB) with the stream's open, so
+    /// the backend has it a round trip sooner. The trade: a client whose
+    /// service dies or does not answer in --dial-timeout after those bytes
+    /// went is disconnected rather than sent to another instance (the bytes
+    /// may have reached the backend). A refused stream still fails over.
+    #[arg(long)]
+    pub early_data: bool,
     /// UDP ports: how long a client address's flow lives without a datagram
     /// either way (1s to 1h); its next datagram then starts a new flow.
     #[arg(long, value_name = "DURATION", default_value = "60s", allow_hyphen_values = true,
@@ -180,6 +188,7 @@ impl Args {
         options.punch_after = self.punch_after;
         options.resume_within = self.resume_within;
         options.hide_client_address = self.hide_client_address;
+        options.early_data = self.early_data;
         Ok(options)
     }
 

@@ -108,6 +108,9 @@ pub(super) struct Shared {
     pub(super) work: Notify,
     /// Wakes the service driver: streams were opened.
     pub(super) opened: Notify,
+    /// Proxy: streams carry their client's first bytes as early data (the
+    /// service must take it too). Off unless asked: see `LinkHandle::open`.
+    pub(super) send_early: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -145,6 +148,7 @@ pub(super) fn new_shared(
         route: Mutex::new(route),
         work: Notify::new(),
         opened: Notify::new(),
+        send_early: std::sync::atomic::AtomicBool::new(false),
     })
 }
 

@@ -402,6 +402,8 @@ async fn a_clients_first_bytes_go_early_and_stay_for_the_next_instance_after_a_r
     let refusing = direct_link(refusing_addr, refusing_key.public(), &proxy_key).await;
     let link = direct_link(service_addr, service_key.public(), &proxy_key).await;
     assert!(link.shared.lock().link.takes_early_data());
+    refusing.send_early_data();
+    link.send_early_data();
 
     let pair = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut app = TcpStream::connect(pair.local_addr().unwrap()).await.unwrap();
@@ -446,6 +448,7 @@ async fn an_open_that_fails_after_its_early_data_went_is_not_tried_elsewhere() {
     let (service_key, proxy_key) = (keypair(1), keypair(2));
     let (service_addr, _) = service(service_key.clone(), backend).await;
     let link = direct_link(service_addr, service_key.public(), &proxy_key).await;
+    link.send_early_data();
 
     let pair = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut app = TcpStream::connect(pair.local_addr().unwrap()).await.unwrap();
