@@ -2,7 +2,9 @@
 //! side by side in one run on loopback:
 //! - **direct**: straight to the backend (this machine's physical limit);
 //! - **relay**: two hops of a plain TCP relay (proxy + service's shape, no crypto);
-//! - **seaport**: through `seaport-proxy` and `seaport-service`.
+//! - **seaport**: through `seaport-proxy` and `seaport-service`;
+//! - **bore**, with `--bore PATH`: the plain TCP tunnel bore (bulk and new
+//!   connections only), the bar the performance issue names.
 //!
 //! `cargo run --release -p seaport-bench -- [--quick] [--json]`. It builds the
 //! release binaries, starts every process itself, and prints a table with
@@ -53,6 +55,11 @@ struct Args {
     /// change, lookups/s, churn, and every session back after a restart).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// A bore executable (`cargo install bore-cli --root DIR`, for the bench
+    /// only): adds bore, a plain TCP tunnel (server + local client, 8 KiB
+    /// copies, no encryption), as a fourth path to bulk and connect.
+    #[arg(long, value_name = "PATH")]
+    bore: Option<std::path::PathBuf>,
     #[command(subcommand)]
     role: Option<Role>,
 }
@@ -82,17 +89,26 @@ struct Row {
     direct: Option<f64>,
     relay: Option<f64>,
     seaport: Option<f64>,
+    bore: Option<f64>,
 }
 
 impl Row {
     /// A figure measured on all three paths.
     fn all(name: String, unit: &'static str, better: Better, [direct, relay, seaport]: [f64; 3]) -> Row {
-        Row { name, unit, better, direct: Some(direct), relay: Some(relay), seaport: Some(seaport) }
+        Row {
+            name,
+            unit,
+            better,
+            direct: Some(direct),
+            relay: Some(relay),
+            seaport: Some(seaport),
+            bore: None,
+        }
     }
 
     /// A figure only seaport has (lower is better unless changed).
     fn seaport(name: String, unit: &'static str, value: f64) -> Row {
-        Row { name, unit, better: Better::Lower, direct: None, relay: None, seaport: Some(value) }
+        Row { name, unit, better: Better::Lower, direct: None, relay: None, seaport: Some(value), bore: None }
     }
 }
 
@@ -193,10 +209,21 @@ async fn run(args: &Args) -> Vec<Row> {
     );
     other_proxy.wait_line("proxy from");
     let other_addr: SocketAddr = format!("127.0.0.1:{other_port}").parse().unwrap();
+    // A third proxy with early data (opt-in), for the new-connection figure.
+    let early_port = free_port();
+    let mut early_proxy = Peer::start(
+        "early-data proxy",
+        &bin.join("seaport-proxy"),
+        &[&target, "-p", &early_port.to_string(), "-r", "bench", "--early-data"],
+    );
+    early_proxy.wait_line("proxy from");
+    let early_addr: SocketAddr = format!("127.0.0.1:{early_port}").parse().unwrap();
     let targets = [backend_addr, relay_addr, seaport_addr];
+    let bore = args.bore.as_deref().map(|path| peers::start_bore(path, backend_addr));
+    let bore_addr = bore.as_ref().map(|(_, _, addr)| *addr);
 
     // Warm up every path.
-    for addr in targets {
+    for addr in targets.into_iter().chain([early_addr]).chain(bore_addr) {
         measure::new_connections(addr, 20).await.unwrap();
     }
 
@@ -206,20 +233,30 @@ async fn run(args: &Args) -> Vec<Row> {
     if wants("bulk") {
         // Rounds alternate the three paths, so a burst of load from elsewhere on
         // this shared machine hits all of them; each figure is the median round.
-        let (mut up, mut down) = ([(); 3].map(|()| Vec::new()), [(); 3].map(|()| Vec::new()));
+        let (mut up, mut down) = ([(); 4].map(|()| Vec::new()), [(); 4].map(|()| Vec::new()));
         let mut peak = (0, 0);
         proxy.reset_peak();
         service.reset_peak();
         for _ in 0..rounds_bulk {
-            for (i, addr) in targets.into_iter().enumerate() {
+            for (i, addr) in targets.into_iter().chain(bore_addr).enumerate() {
                 up[i].push(measure::bulk_up(addr, bytes).await.unwrap());
                 down[i].push(measure::bulk_down(addr, bytes).await.unwrap());
             }
             peak = (peak.0.max(proxy.memory_kib().1), peak.1.max(service.memory_kib().1));
         }
         let size = bytes >> 20;
-        rows.push(Row::all(format!("bulk upload, {size} MiB"), "MB/s", Better::Higher, up.map(median)));
-        rows.push(Row::all(format!("bulk download, {size} MiB"), "MB/s", Better::Higher, down.map(median)));
+        for (name, rounds) in [("upload", up), ("download", down)] {
+            let [direct, relay, seaport, bore] = rounds.map(median);
+            rows.push(Row {
+                bore: bore_addr.map(|_| bore),
+                ..Row::all(
+                    format!("bulk {name}, {size} MiB"),
+                    "MB/s",
+                    Better::Higher,
+                    [direct, relay, seaport],
+                )
+            });
+        }
         rows.push(Row::seaport("peak RSS during bulk: proxy".into(), "MB", peak.0 as f64 / 1024.0));
         rows.push(Row::seaport("peak RSS during bulk: service".into(), "MB", peak.1 as f64 / 1024.0));
     }
@@ -236,16 +273,24 @@ async fn run(args: &Args) -> Vec<Row> {
     }
 
     if wants("connect") {
-        let (mut p50, mut p99) = ([0.0; 3], [0.0; 3]);
+        // Paths in turn: direct, relay, seaport, seaport with early data, bore.
+        let (mut p50, mut p99) = ([f64::NAN; 5], [f64::NAN; 5]);
         let before = measure::stream_open_totals(proxy_metrics).await.unwrap();
-        for (i, addr) in targets.into_iter().enumerate() {
+        for (i, addr) in targets.into_iter().chain([early_addr]).chain(bore_addr).enumerate() {
             let mut times = measure::new_connections(addr, fresh).await.unwrap();
             p50[i] = measure::percentile_us(&mut times, 50.0);
             p99[i] = measure::percentile_us(&mut times, 99.0);
         }
         let after = measure::stream_open_totals(proxy_metrics).await.unwrap();
-        rows.push(Row::all("new connection to first byte, p50".into(), "µs", Better::Lower, p50));
-        rows.push(Row::all("new connection to first byte, p99".into(), "µs", Better::Lower, p99));
+        for (name, [direct, relay, seaport, early, bore]) in [("p50", p50), ("p99", p99)] {
+            let row = format!("new connection to first byte, {name}");
+            rows.push(Row {
+                bore: bore_addr.map(|_| bore),
+                ..Row::all(row, "µs", Better::Lower, [direct, relay, seaport])
+            });
+            let row = format!("  … with seaport-proxy --early-data, {name}");
+            rows.push(Row::all(row, "µs", Better::Lower, [direct, relay, early]));
+        }
         // What the open itself costs (OPEN out to ACCEPT in, the service's
         // backend connect included), as the proxy measured it.
         let open_us = (after.0 - before.0) / (after.1 - before.1) * 1e6;
@@ -323,6 +368,7 @@ async fn run(args: &Args) -> Vec<Row> {
                 direct: None,
                 relay: Some(per_conn[0][side]),
                 seaport: Some(per_conn[1][side]),
+                bore: None,
             });
         }
     }
@@ -338,7 +384,7 @@ async fn run(args: &Args) -> Vec<Row> {
             ..Row::seaport(format!("registry lookups, {instances} instances"), "/s", rate)
         });
     }
-    drop((backend, hop1, hop2, registry, service, proxy, other_proxy));
+    drop((backend, hop1, hop2, registry, service, proxy, other_proxy, early_proxy, bore));
 
     if wants("scale") {
         let size = scale::Size::new(quick, args.sessions);
@@ -431,18 +477,33 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 }
 
 fn print_table(rows: &[Row]) {
+    // bore's columns only when the run measured it.
+    let with_bore = rows.iter().any(|r| r.bore.is_some());
+    let (bore_head, bore_rule) = if with_bore {
+        (format!(" {:>9} | {:>10} |", "bore", "vs bore"), format!("{:->11}|{:->12}|", "", ""))
+    } else {
+        Default::default()
+    };
     println!(
-        "| {:<44} | {:>5} | {:>9} | {:>9} | {:>9} | {:>10} | {:>10} |",
+        "| {:<44} | {:>5} | {:>9} | {:>9} | {:>9} | {:>10} | {:>10} |{bore_head}",
         "measure", "unit", "direct", "relay", "seaport", "vs direct", "vs relay"
     );
-    println!("|{:-<46}|{:->7}|{:->11}|{:->11}|{:->11}|{:->12}|{:->12}|", "", "", "", "", "", "", "");
+    println!(
+        "|{:-<46}|{:->7}|{:->11}|{:->11}|{:->11}|{:->12}|{:->12}|{bore_rule}",
+        "", "", "", "", "", "", ""
+    );
     for r in rows {
         let arrow = match r.better {
             Better::Higher => "↑",
             Better::Lower => "↓",
         };
+        let bore = if with_bore {
+            format!(" {:>9} | {:>10} |", fmt(r.bore), ratio(r.seaport, r.bore))
+        } else {
+            String::new()
+        };
         println!(
-            "| {:<44} | {:>5} | {:>9} | {:>9} | {:>9} | {:>10} | {:>10} |",
+            "| {:<44} | {:>5} | {:>9} | {:>9} | {:>9} | {:>10} | {:>10} |{bore}",
             format!("{} {arrow}", r.name),
             r.unit,
             fmt(r.direct),
@@ -463,13 +524,14 @@ fn print_json(rows: &[Row]) {
         .iter()
         .map(|r| {
             format!(
-                "{{\"measure\": \"{}\", \"unit\": \"{}\", \"higher_is_better\": {}, \"direct\": {}, \"relay\": {}, \"seaport\": {}}}",
+                "{{\"measure\": \"{}\", \"unit\": \"{}\", \"higher_is_better\": {}, \"direct\": {}, \"relay\": {}, \"seaport\": {}, \"bore\": {}}}",
                 r.name,
                 r.unit,
                 matches!(r.better, Better::Higher),
                 num(r.direct),
                 num(r.relay),
-                num(r.seaport)
+                num(r.seaport),
+                num(r.bore)
             )
         })
         .collect();

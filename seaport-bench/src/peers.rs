@@ -181,3 +181,37 @@ pub fn build_binaries() -> PathBuf {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
+
+/// bore (`cargo install bore-cli`), the plain TCP tunnel the performance
+/// issue names as the bar: its server and its local client on loopback,
+/// tunnelling to `backend`. bore's control port is fixed (7835), so one
+/// bench with `--bore` runs at a time. Returns both processes and the
+/// tunnel's address.
+pub fn start_bore(bore: &Path, backend: SocketAddr) -> (Peer, Peer, SocketAddr) {
+    let tunnel_port = free_port();
+    let port = tunnel_port.to_string();
+    let server = Peer::start(
+        "bore server",
+        bore,
+        &["server", "--bind-addr", "127.0.0.1", "--min-port", &port, "--max-port", &port],
+    );
+    wait_listening("bore server", SocketAddr::from(([127, 0, 0, 1], 7835)));
+    let local_port = backend.port().to_string();
+    let client = Peer::start(
+        "bore local",
+        bore,
+        &["local", &local_port, "--local-host", "127.0.0.1", "--to", "127.0.0.1", "--port", &port],
+    );
+    let tunnel = SocketAddr::from(([127, 0, 0, 1], tunnel_port));
+    wait_listening("bore local", tunnel);
+    (server, client, tunnel)
+}
+
+/// Waits (up to 10 s) until `addr` takes a connection.
+fn wait_listening(name: &str, addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{name}: nothing listening on {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
