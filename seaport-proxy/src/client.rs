@@ -13,10 +13,8 @@
 //! but its link: [`Stream`] is the in-process end of the link's stream.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use seaport_net::allow::AllowList;
@@ -33,7 +31,6 @@ use seaport_proto::keys::{Keypair, PublicKey};
 use seaport_proto::link::LinkConfig;
 use seaport_proto::message::Instance;
 use seaport_proto::role::{Protocol, RoleQuery};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, watch};
 
 use crate::{AbortOnDrop, Reaching, Served, Watched, Watcher, is_current, query_slots};
@@ -506,33 +503,7 @@ impl Stream {
     }
 }
 
-impl AsyncRead for Stream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.local).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.local).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.local).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.local).poll_shutdown(cx)
-    }
-}
+seaport_net::local_stream_io!(Stream, local);
 
 /// A range watched: [`Watch::changed`] yields its instances each time they
 /// change. Dropping it stops watching.

@@ -319,6 +319,50 @@ impl AsyncWrite for LocalStream {
     }
 }
 
+/// Gives a type that wraps a [`LocalStream`] in its field `$field` the
+/// stream's `AsyncRead` and `AsyncWrite`, every call handed to the field:
+/// the one place the library's stream types (a service's
+/// [`Accepted`](crate::link::Accepted), a client's `Stream`) get their I/O.
+/// The caller's crate needs tokio.
+#[macro_export]
+macro_rules! local_stream_io {
+    ($ty:ty, $field:ident) => {
+        impl ::tokio::io::AsyncRead for $ty {
+            fn poll_read(
+                mut self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+                buf: &mut ::tokio::io::ReadBuf<'_>,
+            ) -> ::std::task::Poll<::std::io::Result<()>> {
+                ::tokio::io::AsyncRead::poll_read(::std::pin::Pin::new(&mut self.$field), cx, buf)
+            }
+        }
+
+        impl ::tokio::io::AsyncWrite for $ty {
+            fn poll_write(
+                mut self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+                buf: &[u8],
+            ) -> ::std::task::Poll<::std::io::Result<usize>> {
+                ::tokio::io::AsyncWrite::poll_write(::std::pin::Pin::new(&mut self.$field), cx, buf)
+            }
+
+            fn poll_flush(
+                mut self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+            ) -> ::std::task::Poll<::std::io::Result<()>> {
+                ::tokio::io::AsyncWrite::poll_flush(::std::pin::Pin::new(&mut self.$field), cx)
+            }
+
+            fn poll_shutdown(
+                mut self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+            ) -> ::std::task::Poll<::std::io::Result<()>> {
+                ::tokio::io::AsyncWrite::poll_shutdown(::std::pin::Pin::new(&mut self.$field), cx)
+            }
+        }
+    };
+}
+
 /// Moves the front of `queue` into `buf`; returns how much.
 fn take_into(queue: &mut VecDeque<u8>, buf: &mut [u8]) -> usize {
     let n = queue.len().min(buf.len());
