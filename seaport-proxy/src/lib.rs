@@ -631,7 +631,8 @@ impl ServedPort {
     /// its link (the service has reached its backend), and carry it. Nothing
     /// of the client's is read before that, so any instance may fail without
     /// the client seeing it.
-    async fn serve_client(mut self, stream: TcpStream) -> Result<(), String> {
+    /// `peer` is the client's address as `accept` gave it.
+    async fn serve_client(mut self, stream: TcpStream, peer: std::net::SocketAddr) -> Result<(), String> {
         let _ = stream.set_nodelay(true);
         let deadline = tokio::time::Instant::now() + self.reach.wait;
         let order = loop {
@@ -658,7 +659,7 @@ impl ServedPort {
                 _ => return Err(format!("no instance found within {:?}", self.reach.wait)),
             }
         };
-        let from = stream.peer_addr().ok();
+        let from = Some(peer);
         let socket = Arc::new(seaport_net::link::StreamSocket::Tcp(stream));
         let mut failures = Vec::new();
         let mut opened = None;

@@ -99,7 +99,7 @@ impl Ports {
                     accept_until(&listener, None, shutdown, |stream, peer| {
                         let served_port = served_port.clone();
                         async move {
-                            if let Err(e) = served_port.serve_client(stream).await {
+                            if let Err(e) = served_port.serve_client(stream, peer).await {
                                 tracing::info!(%peer, "connection closed: {e}");
                             }
                         }

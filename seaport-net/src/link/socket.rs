@@ -93,7 +93,7 @@ impl StreamSocket {
 
     pub(super) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            StreamSocket::Tcp(s) => s.try_read(buf),
+            StreamSocket::Tcp(s) => read_tcp(s, buf),
             StreamSocket::Local(end) => {
                 let mut state = lock(&end.0.state);
                 if state.from_app.is_empty() {
@@ -243,6 +243,36 @@ impl Drop for LinkEnd {
         wake(wakers.0);
         wake(wakers.1);
     }
+}
+
+/// Reads what `stream` holds into `buf`, as `try_read` does, and when the
+/// read comes back short also forgets the socket's read readiness, as
+/// tokio's own `poll_read` does: with epoll (edge-triggered), a short read
+/// shows the socket drained, so the next read could only say `WouldBlock`.
+/// That read was one system call in three a link's reader and writer made
+/// on a proxied connection. Bytes that arrive after the read are a new
+/// edge: tokio keeps the readiness they bring.
+pub(super) fn read_tcp(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let mut short = None;
+        let read = stream.try_io(tokio::io::Interest::READABLE, || {
+            let (n, _) = rustix::net::recv(stream, &mut *buf, rustix::net::RecvFlags::empty())?;
+            if n > 0 && n < buf.len() {
+                short = Some(n);
+                // `try_io` clears the readiness on `WouldBlock`; the bytes
+                // read are returned below all the same.
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match short {
+            Some(n) => Ok(n),
+            None => read,
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    stream.try_read(buf)
 }
 
 /// The program's end of an in-process stream: bytes written here go out on
