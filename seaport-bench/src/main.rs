@@ -93,7 +93,7 @@ struct Row {
 }
 
 impl Row {
-    /// A figure measured on all three paths.
+    /// A figure measured on direct, relay and seaport (bore added by the caller, when measured).
     fn all(name: String, unit: &'static str, better: Better, [direct, relay, seaport]: [f64; 3]) -> Row {
         Row {
             name,

@@ -44,20 +44,25 @@ pub fn entropy() -> [u8; 32] {
     bytes
 }
 
-/// A random u64 for jitter, instance choice and telling processes apart;
-/// never for keys or anything a peer must not guess. SplitMix64 on a
+/// A random u64 from the OS, each call: for a value that leaves the
+/// process (a process's stamp in its registry sessions), where the
+/// generator of [`random_u64`] would give its state away.
+pub fn entropy_u64() -> u64 {
+    let e = entropy();
+    let mut eight = [0u8; 8];
+    eight.copy_from_slice(e.get(..8).unwrap_or(&[0; 8]));
+    u64::from_le_bytes(eight)
+}
+
+/// A random u64 for jitter and instance choice; never for a value that
+/// leaves the process or that anyone must not guess. SplitMix64 on a
 /// per-thread state seeded once from the OS: a proxy asks for one per new
 /// connection (its balance order), and a system call each time was a
 /// measurable share of a connection's cost on a machine where syscalls are
 /// dear.
 pub fn random_u64() -> u64 {
     thread_local! {
-        static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
-            let e = entropy();
-            let mut eight = [0u8; 8];
-            eight.copy_from_slice(e.get(..8).unwrap_or(&[0; 8]));
-            u64::from_le_bytes(eight)
-        });
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new(entropy_u64());
     }
     STATE.with(|state| {
         let next = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -80,3 +80,7 @@ pub mod registry;
 pub mod serve;
 pub mod signal;
 pub mod target;
+
+/// tokio, for [`local_stream_io!`]'s expansion in other crates.
+#[doc(hidden)]
+pub use tokio as __tokio;

@@ -194,7 +194,7 @@ impl Client {
         let resolver = Resolver::for_target(registry, bootstrap);
         // Tells this process's sessions from those of others with the same
         // seed; each registry of the set gets its own (slot added).
-        let process = random_u64();
+        let process = seaport_net::identity::entropy_u64();
         let slots: Arc<Mutex<Vec<Option<Served>>>> = Arc::default();
         let make = {
             let (keypair, registry, slots) = (keypair.clone(), registry.key, slots.clone());

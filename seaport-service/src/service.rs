@@ -222,7 +222,7 @@ impl Service {
         // Tells this process's sessions from those of others with the same seed;
         // each registry of the set gets its own (slot added), so two names of one
         // registry do not supersede each other's session.
-        let process = seaport_net::identity::random_u64();
+        let process = seaport_net::identity::entropy_u64();
         // A backend that does not answer yet keeps the role from being
         // registered at all, rather than registered and withdrawn at once. A
         // UDP backend cannot be asked, and the program is up while it runs:

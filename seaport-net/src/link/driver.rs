@@ -34,7 +34,6 @@ use tracing::Instrument;
 
 use super::datagram;
 use super::resume::{Carrier, Handover, Repath, SEARCH_AGAIN_AFTER, resume_as_proxy, resume_as_service};
-use super::socket::read_tcp;
 use super::state::{Half, Shared, State, changed, dispatch, lose};
 use super::stream::{Backend, connect_stream, deliver};
 use crate::budget::{LinkShare, OverBudget};
@@ -344,7 +343,7 @@ async fn read_loop(shared: &Arc<Shared>, rd: OwnedReadHalf, mut opener: Opener, 
                     lose(shared, &e.to_string());
                     return;
                 }
-                match read_tcp(rd.as_ref(), decoder.spare_mut()) {
+                match rd.try_read(decoder.spare_mut()) {
                     Ok(0) => {
                         lose(shared, "transport closed");
                         return;

@@ -93,7 +93,7 @@ impl StreamSocket {
 
     pub(super) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            StreamSocket::Tcp(s) => read_tcp(s, buf),
+            StreamSocket::Tcp(s) => s.try_read(buf),
             StreamSocket::Local(end) => {
                 let mut state = lock(&end.0.state);
                 if state.from_app.is_empty() {
@@ -245,36 +245,6 @@ impl Drop for LinkEnd {
     }
 }
 
-/// Reads what `stream` holds into `buf`, as `try_read` does, and when the
-/// read comes back short also forgets the socket's read readiness, as
-/// tokio's own `poll_read` does: with epoll (edge-triggered), a short read
-/// shows the socket drained, so the next read could only say `WouldBlock`.
-/// That read was one system call in three a link's reader and writer made
-/// on a proxied connection. Bytes that arrive after the read are a new
-/// edge: tokio keeps the readiness they bring.
-pub(super) fn read_tcp(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        let mut short = None;
-        let read = stream.try_io(tokio::io::Interest::READABLE, || {
-            let (n, _) = rustix::net::recv(stream, &mut *buf, rustix::net::RecvFlags::empty())?;
-            if n > 0 && n < buf.len() {
-                short = Some(n);
-                // `try_io` clears the readiness on `WouldBlock`; the bytes
-                // read are returned below all the same.
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        match short {
-            Some(n) => Ok(n),
-            None => read,
-        }
-    }
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    stream.try_read(buf)
-}
-
 /// The program's end of an in-process stream: bytes written here go out on
 /// the link; bytes the service sends are read here.
 pub struct LocalStream(Arc<Pipe>);
@@ -353,41 +323,41 @@ impl AsyncWrite for LocalStream {
 /// stream's `AsyncRead` and `AsyncWrite`, every call handed to the field:
 /// the one place the library's stream types (a service's
 /// [`Accepted`](crate::link::Accepted), a client's `Stream`) get their I/O.
-/// The caller's crate needs tokio.
+#[doc(hidden)]
 #[macro_export]
 macro_rules! local_stream_io {
     ($ty:ty, $field:ident) => {
-        impl ::tokio::io::AsyncRead for $ty {
+        impl $crate::__tokio::io::AsyncRead for $ty {
             fn poll_read(
                 mut self: ::std::pin::Pin<&mut Self>,
                 cx: &mut ::std::task::Context<'_>,
-                buf: &mut ::tokio::io::ReadBuf<'_>,
+                buf: &mut $crate::__tokio::io::ReadBuf<'_>,
             ) -> ::std::task::Poll<::std::io::Result<()>> {
-                ::tokio::io::AsyncRead::poll_read(::std::pin::Pin::new(&mut self.$field), cx, buf)
+                $crate::__tokio::io::AsyncRead::poll_read(::std::pin::Pin::new(&mut self.$field), cx, buf)
             }
         }
 
-        impl ::tokio::io::AsyncWrite for $ty {
+        impl $crate::__tokio::io::AsyncWrite for $ty {
             fn poll_write(
                 mut self: ::std::pin::Pin<&mut Self>,
                 cx: &mut ::std::task::Context<'_>,
                 buf: &[u8],
             ) -> ::std::task::Poll<::std::io::Result<usize>> {
-                ::tokio::io::AsyncWrite::poll_write(::std::pin::Pin::new(&mut self.$field), cx, buf)
+                $crate::__tokio::io::AsyncWrite::poll_write(::std::pin::Pin::new(&mut self.$field), cx, buf)
             }
 
             fn poll_flush(
                 mut self: ::std::pin::Pin<&mut Self>,
                 cx: &mut ::std::task::Context<'_>,
             ) -> ::std::task::Poll<::std::io::Result<()>> {
-                ::tokio::io::AsyncWrite::poll_flush(::std::pin::Pin::new(&mut self.$field), cx)
+                $crate::__tokio::io::AsyncWrite::poll_flush(::std::pin::Pin::new(&mut self.$field), cx)
             }
 
             fn poll_shutdown(
                 mut self: ::std::pin::Pin<&mut Self>,
                 cx: &mut ::std::task::Context<'_>,
             ) -> ::std::task::Poll<::std::io::Result<()>> {
-                ::tokio::io::AsyncWrite::poll_shutdown(::std::pin::Pin::new(&mut self.$field), cx)
+                $crate::__tokio::io::AsyncWrite::poll_shutdown(::std::pin::Pin::new(&mut self.$field), cx)
             }
         }
     };
