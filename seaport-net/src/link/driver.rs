@@ -64,6 +64,56 @@ const NOTSENT_LOWAT: u32 = 2 * MAX_WIRE_RECORD as u32;
 /// How long the reader and the writer keep their buffers while idle.
 const IDLE_RELEASE: Duration = Duration::from_millis(100);
 
+/// One reusable timer for a loop that waits on a deadline each turn. A fresh
+/// `sleep` per wait took the runtime's timer lock twice (insert and remove),
+/// and when it was earlier than the runtime's next wake-up, a write to the
+/// runtime's eventfd and a spurious turn of its event loop: 10,000 such
+/// writes per GiB through a link. Moving a registered timer later is one
+/// atomic store; only an earlier instant goes back to the timer wheel.
+struct Alarm {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+}
+
+impl Alarm {
+    fn new() -> Alarm {
+        Alarm { sleep: Box::pin(tokio::time::sleep_until(Self::never())), armed: false }
+    }
+
+    /// An instant no wait reaches (a disarmed timer rests there, so it
+    /// never fires unasked).
+    fn never() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
+    }
+
+    /// Arms for `at`, or disarms for `None`.
+    fn set(&mut self, at: Option<tokio::time::Instant>) {
+        match at {
+            Some(at) => {
+                if !self.armed || self.sleep.deadline() != at {
+                    self.sleep.as_mut().reset(at);
+                }
+                self.armed = true;
+            }
+            None if self.armed => {
+                self.sleep.as_mut().reset(Self::never());
+                self.armed = false;
+            }
+            None => {}
+        }
+    }
+
+    /// Resolves when the armed instant passes; never while disarmed.
+    async fn fired(&mut self) {
+        if self.armed {
+            self.sleep.as_mut().await;
+            self.armed = false;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// A service's side of a link: where streams go, when to stop taking them,
 /// and the link's share of the budget.
 pub(super) struct ServiceSide {
@@ -312,6 +362,7 @@ async fn draining(service: &mut Option<ServiceSide>) {
 
 /// Link socket in, frames to the state machine, data to stream sockets.
 async fn read_loop(shared: &Arc<Shared>, rd: OwnedReadHalf, mut opener: Opener, mut decoder: RecordDecoder) {
+    let (mut timeout, mut idle) = (Alarm::new(), Alarm::new());
     loop {
         while let Some(body) = decoder.next_record() {
             let Ok(plain) = opener.open_in_place(body) else {
@@ -333,11 +384,12 @@ async fn read_loop(shared: &Arc<Shared>, rd: OwnedReadHalf, mut opener: Opener, 
                 return;
             }
         }
-        let deadline = shared.lock().link.poll_timeout().map(tokio::time::Instant::from_std);
+        timeout.set(shared.lock().link.poll_timeout().map(tokio::time::Instant::from_std));
         // An idle link holds no read buffer (a partial frame must stay).
         let releasable = decoder.holds_buffer() && decoder.buffered() == 0;
+        idle.set(releasable.then(|| tokio::time::Instant::now() + IDLE_RELEASE));
         tokio::select! {
-            () = tokio::time::sleep(IDLE_RELEASE), if releasable => decoder.release(),
+            () = idle.fired() => decoder.release(),
             ready = rd.readable() => {
                 if let Err(e) = ready {
                     lose(shared, &e.to_string());
@@ -356,7 +408,7 @@ async fn read_loop(shared: &Arc<Shared>, rd: OwnedReadHalf, mut opener: Opener, 
                     }
                 }
             }
-            () = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+            () = timeout.fired() => {
                 let mut state = shared.lock();
                 state.link.handle_timeout(clock::now());
                 changed(&mut state, shared);
@@ -427,6 +479,7 @@ async fn write_loop(shared: &Shared, mut wr: OwnedWriteHalf, mut sealer: Sealer)
     use tokio::io::AsyncWriteExt;
     let mut batch = Batch::new();
     let mut plain = Vec::new();
+    let mut alarm = Alarm::new();
     // A peer that stops reading must not hold the link for ever.
     let stuck_after = shared.lock().link.config().dead_after;
     loop {
@@ -440,14 +493,19 @@ async fn write_loop(shared: &Shared, mut wr: OwnedWriteHalf, mut sealer: Sealer)
             tokio::pin!(write);
             loop {
                 let deadline = shared.lock().link.poll_timeout().map(tokio::time::Instant::from_std);
-                let until = deadline.map_or(stuck, |d| d.min(stuck));
-                match tokio::time::timeout_at(until, &mut write).await {
-                    Ok(Ok(())) => break,
-                    Ok(Err(e)) => return lose(shared, &e.to_string()),
-                    Err(_) if tokio::time::Instant::now() >= stuck => {
+                alarm.set(Some(deadline.map_or(stuck, |d| d.min(stuck))));
+                let written = tokio::select! {
+                    biased;
+                    written = &mut write => Some(written),
+                    () = alarm.fired() => None,
+                };
+                match written {
+                    Some(Ok(())) => break,
+                    Some(Err(e)) => return lose(shared, &e.to_string()),
+                    None if tokio::time::Instant::now() >= stuck => {
                         return lose(shared, "the peer stopped reading");
                     }
-                    Err(_) => {
+                    None => {
                         let mut state = shared.lock();
                         state.link.handle_timeout(clock::now());
                         dispatch(&mut state, shared);
@@ -476,14 +534,11 @@ async fn write_loop(shared: &Shared, mut wr: OwnedWriteHalf, mut sealer: Sealer)
         // can come after the batch was given back.
         let holds = batch.holds_buffer() || shared.lock().link.holds_buffers();
         let release = holds.then(|| tokio::time::Instant::now() + IDLE_RELEASE);
-        let wake = [deadline, release].into_iter().flatten().min();
-        let notified = shared.work.notified();
-        let timed_out = match wake {
-            Some(at) => tokio::time::timeout_at(at, notified).await.is_err(),
-            None => {
-                notified.await;
-                false
-            }
+        alarm.set([deadline, release].into_iter().flatten().min());
+        let timed_out = tokio::select! {
+            biased;
+            () = shared.work.notified() => false,
+            () = alarm.fired() => true,
         };
         if timed_out {
             let now = tokio::time::Instant::now();
