@@ -68,8 +68,9 @@ const IDLE_RELEASE: Duration = Duration::from_millis(100);
 /// `sleep` per wait took the runtime's timer lock twice (insert and remove),
 /// and when it was earlier than the runtime's next wake-up, a write to the
 /// runtime's eventfd and a spurious turn of its event loop: 10,000 such
-/// writes per GiB through a link. Moving a registered timer later is one
-/// atomic store; only an earlier instant goes back to the timer wheel.
+/// writes per GiB through a link. Moving a timer that has not fired later
+/// is one atomic update; an earlier instant, or any instant after it fired,
+/// goes back to the timer wheel.
 struct Alarm {
     sleep: Pin<Box<tokio::time::Sleep>>,
     armed: bool,
@@ -77,16 +78,13 @@ struct Alarm {
 
 impl Alarm {
     fn new() -> Alarm {
-        Alarm { sleep: Box::pin(tokio::time::sleep_until(Self::never())), armed: false }
+        // Never polled before it is armed, so never registered until then.
+        Alarm { sleep: Box::pin(tokio::time::sleep(Duration::ZERO)), armed: false }
     }
 
-    /// An instant no wait reaches (a disarmed timer rests there, so it
-    /// never fires unasked).
-    fn never() -> tokio::time::Instant {
-        tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
-    }
-
-    /// Arms for `at`, or disarms for `None`.
+    /// Arms for `at`, or disarms for `None`. A disarmed timer is left where
+    /// it was: it can wake the loop once for nothing, and arming it again
+    /// for a later instant stays an atomic update.
     fn set(&mut self, at: Option<tokio::time::Instant>) {
         match at {
             Some(at) => {
@@ -95,11 +93,7 @@ impl Alarm {
                 }
                 self.armed = true;
             }
-            None if self.armed => {
-                self.sleep.as_mut().reset(Self::never());
-                self.armed = false;
-            }
-            None => {}
+            None => self.armed = false,
         }
     }
 
