@@ -57,9 +57,7 @@ pub fn entropy_u64() -> u64 {
 /// A random u64 for jitter and instance choice; never for a value that
 /// leaves the process or that anyone must not guess. SplitMix64 on a
 /// per-thread state seeded once from the OS: a proxy asks for one per new
-/// connection (its balance order), and a system call each time was a
-/// measurable share of a connection's cost on a machine where syscalls are
-/// dear.
+/// connection (its balance order), which needs no system call of its own.
 pub fn random_u64() -> u64 {
     thread_local! {
         static STATE: std::cell::Cell<u64> = std::cell::Cell::new(entropy_u64());
