@@ -184,6 +184,15 @@ async fn dial(to: SocketAddr, local: &Keypair, remote: PublicKey) -> Result<Reac
 }
 
 /// One echo round trip on the app's end of a stream.
+/// A client's stream: the app's end to write and read at, and the end a
+/// link carries.
+async fn client_pair() -> (TcpStream, Arc<StreamSocket>) {
+    let pair = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = TcpStream::connect(pair.local_addr().unwrap()).await.unwrap();
+    let client = Arc::new(StreamSocket::Tcp(pair.accept().await.unwrap().0));
+    (app, client)
+}
+
 async fn round_trip(app: &mut TcpStream, text: &[u8]) {
     app.write_all(text).await.unwrap();
     let mut back = vec![0u8; text.len()];
@@ -216,9 +225,7 @@ async fn a_stream_lives_through_cuts_and_a_replayed_or_forged_resume_takes_nothi
     assert!(link.is_resumable());
 
     // A client's stream: the app writes at one end, the link carries the other.
-    let pair = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut app = TcpStream::connect(pair.local_addr().unwrap()).await.unwrap();
-    let client = Arc::new(StreamSocket::Tcp(pair.accept().await.unwrap().0));
+    let (mut app, client) = client_pair().await;
     let id = link.open(client, None, WAIT).await.unwrap();
     let carrier = link.clone();
     let running = tokio::spawn(async move { carrier.run(id).await });
@@ -350,9 +357,7 @@ async fn udp_flows_carry_whole_datagrams_to_their_own_clients_and_end_when_idle(
     assert_ne!(udp_round_trip(&a, b"after idle").await, seen_a);
 
     // A stream to a UDP service is refused as the wrong protocol.
-    let pair = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let _app = TcpStream::connect(pair.local_addr().unwrap()).await.unwrap();
-    let tcp_client = Arc::new(StreamSocket::Tcp(pair.accept().await.unwrap().0));
+    let (_app, tcp_client) = client_pair().await;
     match link.open(tcp_client, None, WAIT).await {
         Err(OpenError::Refused(reason)) => assert_eq!(reason, Reason::WRONG_PROTOCOL),
         other => panic!("a stream to a UDP service: {other:?}"),
@@ -405,9 +410,7 @@ async fn a_clients_first_bytes_go_early_and_stay_for_the_next_instance_after_a_r
     refusing.send_early_data();
     link.send_early_data();
 
-    let pair = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut app = TcpStream::connect(pair.local_addr().unwrap()).await.unwrap();
-    let client = Arc::new(StreamSocket::Tcp(pair.accept().await.unwrap().0));
+    let (mut app, client) = client_pair().await;
     app.write_all(b"first bytes, ").await.unwrap();
     client.readable().await.unwrap();
     let refused = refusing.open(client.clone(), None, WAIT).await;
@@ -450,9 +453,7 @@ async fn an_open_that_fails_after_its_early_data_went_is_not_tried_elsewhere() {
     let link = direct_link(service_addr, service_key.public(), &proxy_key).await;
     link.send_early_data();
 
-    let pair = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut app = TcpStream::connect(pair.local_addr().unwrap()).await.unwrap();
-    let client = Arc::new(StreamSocket::Tcp(pair.accept().await.unwrap().0));
+    let (mut app, client) = client_pair().await;
     app.write_all(b"POST /once").await.unwrap();
     client.readable().await.unwrap();
     let failed = link.open(client.clone(), None, Duration::from_millis(300)).await;
@@ -460,9 +461,7 @@ async fn an_open_that_fails_after_its_early_data_went_is_not_tried_elsewhere() {
     assert!(!failed.unwrap_err().may_try_another());
 
     // Without early data the same failure is an ordinary timeout.
-    let pair = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let _quiet = TcpStream::connect(pair.local_addr().unwrap()).await.unwrap();
-    let client = Arc::new(StreamSocket::Tcp(pair.accept().await.unwrap().0));
+    let (_quiet, client) = client_pair().await;
     let failed = link.open(client, None, Duration::from_millis(300)).await;
     assert!(matches!(failed, Err(OpenError::Timeout(_))), "{failed:?}");
     assert!(failed.unwrap_err().may_try_another());
