@@ -68,6 +68,39 @@ fn echoed(c: &UdpSocket, bytes: &[u8]) -> Vec<u8> {
     panic!("no echo of {} bytes", bytes.len());
 }
 
+/// dnsmasq answering a.example.lan and b.example.lan on a free port, once
+/// it says it started. It listens on TCP as well as UDP at that port, and a
+/// port free for UDP may be taken for TCP by another test's connection: a
+/// start that fails so is tried again on another port (without this, 1,000
+/// queries to nobody held the test for dig's timeouts, 50 minutes).
+fn start_dnsmasq(dnsmasq: &str) -> (Proc, u16) {
+    for _ in 0..5 {
+        let port = free_udp_port();
+        let mut cmd = Command::new(dnsmasq);
+        cmd.args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
+            .args(["--listen-address=127.0.0.1", &format!("--port={port}"), "--log-facility=-"])
+            .args(["--address=/a.example.lan/10.0.0.1", "--address=/b.example.lan/10.0.0.2"]);
+        // As root dnsmasq would drop to `nobody`, which may not exist in a container.
+        if rustix::process::geteuid().is_root() {
+            cmd.arg("--user=root");
+        }
+        let proc = Proc::spawn("dnsmasq", cmd);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let log = proc.errors();
+            if log.iter().any(|l| l.contains("started")) {
+                return (proc, port);
+            }
+            if log.iter().any(|l| l.contains("failed")) {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("dnsmasq did not start on port {port}, trying another: {:#?}", proc.errors());
+    }
+    panic!("dnsmasq did not start on any of five free ports");
+}
+
 #[test]
 fn dns_through_seaport_answers_every_query_and_each_client_its_own() {
     let (Some(dnsmasq), Some(dig)) =
@@ -75,16 +108,7 @@ fn dns_through_seaport_answers_every_query_and_each_client_its_own() {
     else {
         return;
     };
-    let dns_port = free_udp_port();
-    let mut cmd = Command::new(dnsmasq);
-    cmd.args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
-        .args(["--listen-address=127.0.0.1", &format!("--port={dns_port}"), "--log-facility=-"])
-        .args(["--address=/a.example.lan/10.0.0.1", "--address=/b.example.lan/10.0.0.2"]);
-    // As root dnsmasq would drop to `nobody`, which may not exist in a container.
-    if rustix::process::geteuid().is_root() {
-        cmd.arg("--user=root");
-    }
-    let _dnsmasq = Proc::spawn("dnsmasq", cmd);
+    let (_dnsmasq, dns_port) = start_dnsmasq(&dnsmasq);
     let reg = registry(&[]);
     let svc = service_with(&reg.target, dns_port, "dns@1.0.0", &["--udp"]);
     let port = free_udp_port();
