@@ -134,7 +134,10 @@ fn dns_through_seaport_answers_every_query_and_each_client_its_own() {
     let b = batch("b.example.lan");
     let a = a.join().unwrap();
     for (answers, expected) in [(&a, "10.0.0.1"), (&b, "10.0.0.2")] {
-        let lines: Vec<&str> = answers.lines().collect();
+        // dig's own ";;" notes aside: a query retried after a datagram was
+        // lost gets two answers, and the second reaches a later query's
+        // socket as an "ID mismatch" that dig reports and ignores.
+        let lines: Vec<&str> = answers.lines().filter(|l| !l.starts_with(";;")).collect();
         assert_eq!(lines.len(), 500, "every query answered: {answers}");
         assert!(lines.iter().all(|l| *l == expected), "each client its own answer: {answers}");
     }
